@@ -1,0 +1,65 @@
+"""Tiny randomly initialised models of each family, for tests, examples and benchmarks.
+
+No weights can be downloaded in CI, so every test builds its models here: real architectures,
+real checkpoint format, random (seeded) weights. The output head is scaled up so that logits
+spread over a useful range (top-1 minus top-2 gaps of several units), as a trained model's do;
+otherwise decoding rules and Prophet's thresholds would see nothing but near-ties.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from foretell.models.dream import DreamModel
+from foretell.models.llada import LLaDAModelLM
+from foretell.models.registry import LoadedModel, resolve_dtype
+from foretell.models.tokenizer import build_char_tokenizer
+from foretell.models.transformer import TransformerConfig
+
+TINY_ALPHABET = string.ascii_lowercase + string.digits + " +-*=:.,?!\n"
+FAMILIES = {"llada": LLaDAModelLM, "dream": DreamModel}
+
+
+def tiny_model(
+    family: str = "llada",
+    *,
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    logit_scale: float = 8.0,
+) -> LoadedModel:
+    """A seeded random model with a character tokenizer (vocabulary of about 50 tokens)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family: unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    tokenizer = build_char_tokenizer(TINY_ALPHABET)
+    cfg = TransformerConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        qkv_bias=family == "dream",
+    )
+    cls = FAMILIES[family]
+    generator = torch.Generator().manual_seed(seed)
+    model = cls(cfg, mask_token_id=tokenizer.mask_token_id, eos_token_ids=(tokenizer.eos_token_id,))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+        model.lm_head.weight.mul_(logit_scale)
+    model = model.to(resolve_dtype(dtype)).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=None)

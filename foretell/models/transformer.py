@@ -1,0 +1,267 @@
+"""The bidirectional transformer body that LLaDA and Dream share (LLaMA-style blocks).
+
+Both families are RMSNorm + rotary + SwiGLU blocks with (grouped) multi-head attention and no
+causal mask; they differ in weight names, q/k/v biases and whether logits are shifted. The
+families (``llada.py``, ``dream.py``) map their checkpoint formats onto this one body, so that
+the numerics live in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from foretell.models.attention import packed_attention, padded_attention, resolve_backend
+
+
+@dataclass
+class TransformerConfig:
+    """Shape of the body; the family-specific config.json is translated into this."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """A config's token-id field (one id, a list, or null) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in at least float32, as both reference implementations do.
+        dtype = x.dtype
+        h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in the rotate-half layout used by LLaMA, LLaDA and Qwen2."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        # Angles in float32 (the references' "full precision" rope), then cast. No buffer: the
+        # frequencies are cheap to recompute and then survive meta-device construction.
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device)
+        inv_freq = 1.0 / (self.theta ** (steps.float() / self.head_dim))
+        freqs = positions.float()[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+# attend(q [..., H, D], k, v) -> [..., H, D], closing over the batch layout (packed or padded).
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(h).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(*lead, self.num_kv_heads, self.head_dim)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        x = x + self.o_proj(attend(q, k, v).reshape(*lead, -1))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DiffusionLM(nn.Module):
+    """A loaded diffusion LM: the transformer body plus what decoding needs to know about it.
+
+    Two entry points:
+    - ``forward(input_ids [B, L], attention_mask=None)`` returns the raw logits ``[B, L, V]``
+      exactly as the family's Hugging Face model does (for Dream that means *unshifted*).
+    - ``forward_packed`` + ``logits_at`` run many canvases packed into one flat tensor and give
+      logits only where asked, already aligned: row ``i`` is the prediction *for* the position
+      asked (Dream's one-position shift is applied here).
+
+    Subclasses set ``family``, ``shifted_logits`` and the weight-name mapping.
+    """
+
+    family: str = "base"
+    architecture: str = "DiffusionLM"
+    shifted_logits: bool = False
+    # (checkpoint name, internal name) templates; "{i}" stands for a layer index.
+    weight_names: tuple[tuple[str, str], ...] = ()
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        *,
+        mask_token_id: int,
+        eos_token_ids: tuple[int, ...] = (),
+        hf_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = cfg
+        self.mask_token_id = mask_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.hf_config = dict(hf_config or {})
+        self.attention_backend = "sdpa"
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    # -- configuration -------------------------------------------------------------------
+    def set_attention_backend(self, name: str) -> str:
+        device = self.embed.weight.device
+        self.attention_backend = resolve_backend(name, device)
+        return self.attention_backend
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    # -- whole canvases (HF style) -------------------------------------------------------
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            positions = positions.expand_as(input_ids)
+        else:
+            # Left padding: real tokens count positions from 0, as packed sequences do.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # [B, L, H, D] <-> [B, H, L, D]
+            out = padded_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask
+            )
+            return out.transpose(1, 2)
+
+        return self.lm_logits(self._body(input_ids, positions, attend))
+
+    # -- packed canvases (engine) ---------------------------------------------------------
+    def forward_packed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
+    ) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` for canvases packed back to back (no padding)."""
+        backend = self.attention_backend
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return packed_attention(q, k, v, seq_lens, backend)
+
+        return self._body(input_ids, positions, attend)
+
+    def logits_at(
+        self, hidden: torch.Tensor, positions: torch.Tensor, flat_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Aligned logits for the packed tokens at ``flat_index`` (the LM head runs only there).
+
+        ``positions`` are the packed tokens' positions within their own sequence.
+        """
+        rows = flat_index
+        if self.shifted_logits:
+            # Dream predicts position i from position i-1; position 0 reads itself.
+            rows = flat_index - (positions[flat_index] > 0).long()
+        return self.lm_logits(hidden[rows])
+
+    # -- shared pieces -------------------------------------------------------------------
+    def _body(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn):
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, attend)
+        return self.norm(x)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    # -- checkpoint names ----------------------------------------------------------------
+    @staticmethod
+    def _match(template: str, name: str) -> dict[str, str] | None:
+        pattern = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
+        m = re.fullmatch(pattern, name)
+        return None if m is None else m.groupdict()
+
+    @classmethod
+    def to_internal_name(cls, name: str) -> str | None:
+        """Internal parameter name for a checkpoint tensor name (None: not one of ours)."""
+        for checkpoint, internal in cls.weight_names:
+            groups = cls._match(checkpoint, name)
+            if groups is not None:
+                return internal.format(**groups)
+        return None
+
+    @classmethod
+    def to_checkpoint_name(cls, internal_name: str) -> str:
+        for checkpoint, internal in cls.weight_names:
+            groups = cls._match(internal, internal_name)
+            if groups is not None:
+                return checkpoint.format(**groups)
+        raise KeyError(f"no checkpoint name for parameter {internal_name!r}")
+
+    def checkpoint_config(self) -> dict:
+        """The family's config.json for this model (see each family)."""
+        raise NotImplementedError
