@@ -181,6 +181,14 @@ class DiffusionLM(nn.Module):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def max_length(self) -> int | None:
+        """Longest canvas the checkpoint was made for (None: not recorded)."""
+        limit = self.hf_config.get("max_sequence_length") or self.hf_config.get(
+            "max_position_embeddings"
+        )
+        return None if limit is None else int(limit)
+
     # -- whole canvases (HF style) -------------------------------------------------------
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -1,0 +1,172 @@
+"""One denoising step of one request, given the logits the runner gathered for it.
+
+The runner asks ``positions_needed`` which canvas positions each request wants logits for,
+runs the model once for the whole batch, and hands each request its rows; ``advance`` then
+applies the early-commit test and the reveal rule and moves the request's cursor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from foretell.decoding.early_commit import answer_region, logit_gap, should_commit
+from foretell.decoding.unmask import (
+    above_threshold,
+    candidates,
+    choose,
+    dream_transfer_count,
+    llada_block_schedule,
+)
+from foretell.scheduler.request import Request
+
+# more_logits(positions) -> aligned logits at those canvas positions (after cfg): for the rare
+# rows not gathered up front (a commit that fills masks outside the current block).
+MoreLogits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _decoding_window(req: Request) -> torch.Tensor:
+    """Masked positions the reveal rule may touch this step."""
+    start, end = req.block_bounds()
+    return req.masked_positions(start, end)
+
+
+def positions_needed(req: Request) -> torch.Tensor:
+    """Canvas positions whose logits this step needs, sorted and unique."""
+    window = _decoding_window(req)
+    policy = req.params.early_commit
+    if policy is None:
+        return window
+    masked = req.masked_positions(req.prompt_len)
+    region = answer_region(policy, req.prompt_len, req.canvas_len, masked)
+    if policy.answer_start is None:
+        return masked  # the window is inside it, and a commit needs every mask anyway
+    return torch.cat([window, region]).unique()
+
+
+def _rows(positions: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Indices into the sorted ``positions`` of each ``wanted`` position."""
+    return torch.searchsorted(positions, wanted)
+
+
+def advance(
+    req: Request, positions: torch.Tensor, logits: torch.Tensor, more_logits: MoreLogits
+) -> None:
+    """Apply one step to ``req`` (its forward pass has run): commit early, or reveal."""
+    p = req.params
+    req.global_step += 1
+    if req.uses_blocks and req.step_in_block == 0 and p.remasking != "confidence_threshold":
+        start, end = req.block_bounds()
+        req.block_schedule = llada_block_schedule(
+            int(req.masked_positions(start, end).numel()), p.steps_per_block
+        )
+    if p.early_commit is not None and _try_commit(req, positions, logits, more_logits):
+        return
+    window = _decoding_window(req)
+    window_logits = logits[_rows(positions, window)]
+    if req.uses_blocks:
+        _reveal_llada(req, window, window_logits)
+    else:
+        _reveal_dream(req, window, window_logits)
+    req.apply_constraints()
+
+
+def _try_commit(
+    req: Request, positions: torch.Tensor, logits: torch.Tensor, more_logits: MoreLogits
+) -> bool:
+    policy = req.params.early_commit
+    masked = req.masked_positions(req.prompt_len)
+    region = answer_region(policy, req.prompt_len, req.canvas_len, masked)
+    gap = logit_gap(logits[_rows(positions, region)], policy.statistic)
+    req.last_gap = gap
+    if not should_commit(policy, gap, req.global_step, req.params.steps):
+        return False
+    # Every remaining mask, in every block, takes this step's prediction.
+    have = torch.isin(masked, positions)
+    fill_logits = torch.empty(len(masked), logits.shape[-1], dtype=logits.dtype)
+    fill_logits[have] = logits[_rows(positions, masked[have])]
+    if not bool(have.all()):
+        fill_logits[~have] = more_logits(masked[~have])
+    x0, _ = _candidates(req, fill_logits, "random")
+    req.canvas[masked] = x0
+    req.revealed_last_step = masked.tolist()
+    req.apply_constraints()
+    req.commit_step = req.global_step
+    req.finish("early_commit")
+    return True
+
+
+def _candidates(req: Request, logits: torch.Tensor, rule: str):
+    p = req.params
+    return candidates(
+        logits,
+        family=req.family,
+        rule=rule,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        generator=req.generator,
+    )
+
+
+def _reveal(req: Request, window: torch.Tensor, x0: torch.Tensor, chosen: torch.Tensor) -> None:
+    req.canvas[window[chosen]] = x0[chosen]
+    req.revealed_last_step = window[chosen].tolist()
+
+
+def _reveal_llada(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:
+    p = req.params
+    x0, scores = _candidates(req, logits, p.remasking)
+    if p.remasking == "confidence_threshold":
+        if window.numel():
+            _reveal(req, window, x0, above_threshold(scores, p.threshold))
+        _next_nonempty_block(req)
+        return
+    if p.remasking == "random":
+        # The reference draws one uniform per canvas position every step.
+        scores = torch.rand(req.canvas_len, generator=req.generator)[window]
+    count = req.block_schedule[req.step_in_block]
+    _reveal(req, window, x0, choose(scores, count, None, req.generator))
+    req.step_in_block += 1
+    if req.step_in_block == p.steps_per_block:
+        req.block += 1
+        req.step_in_block = 0
+        if req.block == p.num_blocks:
+            req.finish("steps")
+
+
+def _next_nonempty_block(req: Request) -> None:
+    """Threshold decoding moves on once a block has no masks left."""
+    while req.block < req.params.num_blocks:
+        start, end = req.block_bounds()
+        if req.masked_positions(start, end).numel():
+            return
+        req.block += 1
+    req.finish("steps")
+
+
+def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:
+    p = req.params
+    step = req.global_step - 1
+    if p.remasking == "origin":
+        t, s = req.timesteps[step], req.timesteps[step + 1]
+        p_transfer = 1 - s / t if step < p.steps - 1 else 1
+        transfer = torch.rand(window.shape[0], generator=req.generator) < p_transfer
+        x0, _ = _candidates(req, logits[transfer], "origin")
+        _reveal(req, window[transfer], x0, torch.arange(x0.shape[0]))
+    elif p.remasking == "confidence_threshold":
+        x0, scores = _candidates(req, logits, p.remasking)
+        if window.numel():
+            _reveal(req, window, x0, above_threshold(scores, p.threshold))
+        if req.masked_positions(req.prompt_len).numel() == 0:
+            req.finish("steps")
+        return
+    else:
+        x0, scores = _candidates(req, logits, p.remasking)
+        if p.remasking == "random":
+            scores = torch.rand(window.shape[0], generator=req.generator)
+        count = dream_transfer_count(int(window.numel()), step, p.steps, req.timesteps)
+        _reveal(req, window, x0, choose(scores, count, p.alg_temp, req.generator))
+    if req.global_step == p.steps:
+        req.finish("steps")

@@ -1,0 +1,117 @@
+"""Which masked tokens to reveal at a step, and with what: LLaDA's and Dream's rules exactly.
+
+Everything here works on the logits the runner gathered for one request (rows = positions,
+already aligned to the position they predict), never on the full ``[canvas, vocab]`` matrix.
+Random draws come from the request's own generator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def llada_block_schedule(masked: int, steps: int) -> list[int]:
+    """LLaDA's reveal counts within a block: ``m // s`` each, plus one for the first ``m % s``."""
+    base, extra = divmod(masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def dream_transfer_count(num_masked: int, step: int, steps: int, timesteps: torch.Tensor) -> int:
+    """Dream's count for step ``step`` (from 0), computed in float32 tensors as Dream does so
+    that ``int()`` truncates at exactly the same places."""
+    if step >= steps - 1:
+        return num_masked
+    num = torch.tensor(num_masked) / 1  # Dream: mask_index.sum() / batch size -> float32
+    t, s = timesteps[step], timesteps[step + 1]
+    return int(num * (1 - s / t))
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None
+) -> torch.Tensor:
+    """Temperature, nucleus and top-k filtering as Dream's ``sample_tokens`` applies them."""
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        remove = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1) > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        mask = torch.zeros_like(remove).scatter_(-1, sorted_idx, remove)
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Greedy at temperature 0; otherwise a draw from ``softmax(logits / temperature)``.
+
+    Gumbel-max in float64, like LLaDA's reference, but noise is drawn only for the rows given
+    (the reference draws it over the whole canvas x vocabulary).
+    """
+    if temperature == 0 or logits.shape[0] == 0:
+        return logits.argmax(dim=-1)
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logits.double() / temperature + gumbel).argmax(dim=-1)
+
+
+def confidence(probs: torch.Tensor, x0: torch.Tensor, rule: str) -> torch.Tensor:
+    """Score of each candidate: higher = reveal first."""
+    if rule in ("low_confidence", "confidence_threshold"):
+        return probs.gather(-1, x0[:, None]).squeeze(-1)
+    if rule == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if rule == "entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(-1)
+    raise ValueError(f"remasking: {rule!r} has no confidence score")
+
+
+def candidates(
+    logits: torch.Tensor,
+    *,
+    family: str,
+    rule: str,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This step's proposed token for each row and its confidence (None for random rules).
+
+    LLaDA scores with the softmax of the raw logits (in float64, as its reference does); Dream
+    with the softmax of the temperature/top-p/top-k filtered logits, as ``sample_tokens`` does.
+    """
+    filtered = filter_logits(logits, temperature, top_p, top_k)
+    # ``filtered`` is already divided by the temperature.
+    x0 = sample(filtered, 1.0 if temperature > 0 else 0.0, generator)
+    probs = torch.softmax(filtered, dim=-1) if family == "dream" else F.softmax(logits.double(), -1)
+    if rule in ("random", "origin"):
+        return x0, None
+    return x0, confidence(probs, x0, rule)
+
+
+def choose(
+    scores: torch.Tensor, count: int, alg_temp: float | None, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices of the ``count`` rows to reveal: the top scores, or (Dream's ``alg_temp``) a
+    draw without replacement from ``softmax(scores / alg_temp)``."""
+    count = min(count, scores.shape[0])
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long)
+    if not alg_temp:
+        return torch.topk(scores, count).indices
+    weights = F.softmax(scores.double() / alg_temp, dim=-1)
+    return torch.multinomial(weights, count, generator=generator)
+
+
+def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fast-dLLM's parallel rule: every row above ``threshold``, and at least the best one."""
+    chosen = (scores > threshold).nonzero().flatten()
+    if chosen.numel() == 0:
+        chosen = scores.argmax().reshape(1)
+    return chosen

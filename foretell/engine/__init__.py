@@ -1,0 +1,6 @@
+"""The engine: offline ``generate``, and ``add_request`` / ``step`` / ``abort`` for embedding."""
+
+from foretell.engine.engine import Engine
+from foretell.engine.outputs import RequestOutput
+
+__all__ = ["Engine", "RequestOutput"]

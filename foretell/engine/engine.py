@@ -1,0 +1,311 @@
+"""Engine: continuous batching of diffusion requests with early-commit eviction.
+
+One ``step()`` = the scheduler picks the batch (admitting waiting requests into free slots),
+the runner does one packed forward pass, each request applies its own decoding rule, and every
+request that finished (steps spent, or Prophet committed) is evicted at once so the next step
+backfills its slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from foretell.decoding import advance
+from foretell.engine.metrics import EngineMetrics
+from foretell.engine.outputs import RequestOutput
+from foretell.engine.runner import ModelRunner
+from foretell.models.registry import LoadedModel, load_model, resolve_dtype
+from foretell.models.transformer import DiffusionLM
+from foretell.params import DecodeParams
+from foretell.scheduler import Request, Scheduler
+
+Prompt = str | list[int] | list[dict]
+
+
+def _resolve_model(model, tokenizer, dtype, device, attention_backend) -> LoadedModel:
+    if model is None:
+        from foretell.models.default import DEFAULT_MODEL_DIR
+
+        model = DEFAULT_MODEL_DIR
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, dtype=dtype, device=device, attention_backend=attention_backend)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif isinstance(model, DiffusionLM):
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, path=None)
+    else:
+        raise ValueError(f"model: expected a path, a LoadedModel or a DiffusionLM, got {model!r}")
+    if tokenizer is not None:
+        loaded.tokenizer = tokenizer
+    loaded.model = loaded.model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+    loaded.model.set_attention_backend(attention_backend)
+    return loaded
+
+
+class Engine:
+    """Offline and embedded generation over one model.
+
+    ``model`` is a checkpoint directory (or hub id), a ``LoadedModel``, a ``DiffusionLM`` (with
+    ``tokenizer``), or None for the small model shipped with foretell.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | LoadedModel | DiffusionLM | None = None,
+        *,
+        tokenizer: object | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 16384,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        attention_backend: str = "auto",
+    ) -> None:
+        loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
+        self.model: DiffusionLM = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.mask_token_id: int = self.model.mask_token_id
+        self.model_path = loaded.path
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, device)
+        self.metrics = EngineMetrics()
+        self._ids = itertools.count()
+        self._live: dict[str, Request] = {}
+        self._ready: list[RequestOutput] = []  # aborted or unclaimed, returned by next step()
+
+    # -- requests ------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: is empty")
+            self._need_tokenizer("a text prompt")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            self._need_tokenizer("a chat prompt")
+            try:
+                encoded = self.tokenizer.apply_chat_template(
+                    list(prompt), add_generation_prompt=True, tokenize=True
+                )
+            except Exception as err:
+                raise ValueError(f"prompt: cannot apply the chat template: {err}") from err
+            ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in ids):
+                raise ValueError(
+                    f"prompt: token ids must be integers in [0, {self.model.vocab_size})"
+                )
+        else:
+            raise ValueError(f"prompt: expected text, token ids or chat messages, got {prompt!r}")
+        if not ids:
+            raise ValueError("prompt: is empty")
+        if self.mask_token_id in ids:
+            raise ValueError(f"prompt: contains the mask token {self.mask_token_id}")
+        return ids
+
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"prompt: {what} needs a tokenizer; pass token ids instead")
+
+    def _constraint_ids(self, params: DecodeParams) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for pos, value in (params.constraints or {}).items():
+            if isinstance(value, int):
+                out[pos] = value
+                continue
+            self._need_tokenizer("a text constraint")
+            offset = pos
+            for word in value.split():
+                # As Prophet's evaluation: each word tokenized with a leading space.
+                for token in self.tokenizer.encode(" " + word, add_special_tokens=False):
+                    if offset >= params.gen_length:
+                        raise ValueError(
+                            f"constraints: {value!r} at {pos} runs past gen_length "
+                            f"{params.gen_length}"
+                        )
+                    out[offset] = token
+                    offset += 1
+        if any(t >= self.model.vocab_size or t == self.mask_token_id for t in out.values()):
+            raise ValueError("constraints: token ids must be in the vocabulary and not the mask")
+        return out
+
+    def make_request(
+        self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Validate and build a request without queueing it (errors name the field)."""
+        params = params if params is not None else DecodeParams()
+        if not isinstance(params, DecodeParams):
+            raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
+        family = self.model.family
+        if family == "dream" and params.block_length != params.gen_length:
+            raise ValueError("block_length: Dream decodes the whole generation as one block")
+        if family != "dream" and params.remasking == "origin":
+            raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
+        ids = self._encode(prompt)
+        limit = self.model.max_length
+        if limit is not None and len(ids) + params.gen_length > limit:
+            raise ValueError(
+                f"prompt: {len(ids)} prompt tokens + gen_length {params.gen_length} exceed the "
+                f"model's maximum length {limit}"
+            )
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._live:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        req = Request(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=ids,
+            params=params,
+            mask_token_id=self.mask_token_id,
+            family=family,
+            constraint_ids=self._constraint_ids(params),
+        )
+        self.scheduler.check_fits(req)
+        return req
+
+    def add_request(
+        self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request; it joins the batch at the next ``step()`` with a free slot."""
+        return self._enqueue(self.make_request(prompt, params, request_id))
+
+    def _enqueue(self, req: Request) -> str:
+        if req.request_id in self._live:
+            raise ValueError(f"request_id: {req.request_id!r} is already running")
+        self.scheduler.add(req)
+        self._live[req.request_id] = req
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; its slot is free at the next step. Idempotent."""
+        req = self.scheduler.abort(str(request_id))
+        if req is not None:
+            self._live.pop(req.request_id, None)
+            self.metrics.finished[req.finish_reason] += 1
+            self._ready.append(self.output(req))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._ready)
+
+    # -- stepping ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass for the whole batch; returns the requests that finished."""
+        start = time.perf_counter()
+        ready, self._ready = self._ready, []
+        batch = self.scheduler.schedule()
+        if batch:
+            self._step_batch(batch)
+        for req in self.scheduler.update():
+            self._live.pop(req.request_id, None)
+            self.metrics.finished[req.finish_reason] += 1
+            if req.finish_reason in ("steps", "early_commit"):
+                self.metrics.generated_tokens += req.params.gen_length
+            ready.append(self.output(req))
+        self.metrics.step_seconds += time.perf_counter() - start
+        return ready
+
+    def _step_batch(self, batch: list[Request]) -> None:
+        self.metrics.steps += 1
+        self.metrics.sequences_in_passes += len(batch)
+        self.metrics.tokens_in_passes += sum(r.cost for r in batch)
+        try:
+            results = self.runner.run(batch)
+        except Exception as err:  # the pass itself failed: nothing to attribute it to
+            for req in batch:
+                req.finish("error", f"forward pass failed: {err!r}")
+            return
+        for req, res in zip(batch, results, strict=True):
+            try:
+                advance(req, res.positions, res.logits, res.more)
+            except Exception as err:  # one request's failure must not stop the others
+                req.finish("error", f"decoding failed: {err!r}")
+
+    def output(self, req: Request) -> RequestOutput:
+        """The caller's view of a request (finished or in flight)."""
+        token_ids = req.generated_ids
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(
+                token_ids, skip_special_tokens=req.params.skip_special_tokens
+            )
+            for stop in req.params.stop:
+                cut = text.find(stop)
+                if cut != -1:
+                    text = text[:cut]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=list(req.prompt_token_ids),
+            token_ids=token_ids,
+            text=text,
+            num_forward_passes=req.global_step,
+            finish_reason=req.finish_reason,
+            committed_early=req.finish_reason == "early_commit",
+            commit_step=req.commit_step,
+            error=req.error,
+            arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
+            finished_time=req.finished_time,
+            revealed=list(req.revealed_last_step),
+        )
+
+    # -- offline -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: DecodeParams | Sequence[DecodeParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        All-or-nothing admission: if any prompt or params is invalid, none runs and the error
+        names its index.
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, DecodeParams):
+            params_list = [params] * len(prompts)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"params: {len(params_list)} params for {len(prompts)} prompts")
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            try:
+                requests.append(self.make_request(prompt, p, request_id=f"gen-{next(self._ids)}"))
+            except ValueError as err:
+                raise ValueError(f"prompts[{i}]: {err}") from None
+        order = {r.request_id: i for i, r in enumerate(requests)}
+        for req in requests:
+            self._enqueue(req)
+        results: list[RequestOutput | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm)
+        start, passes, tokens, remaining = time.perf_counter(), 0, 0, len(requests)
+        unclaimed = []
+        try:
+            while remaining:
+                outputs = self.step()
+                passes += 1
+                for out in outputs:
+                    if out.request_id not in order:
+                        unclaimed.append(out)
+                        continue
+                    results[order[out.request_id]] = out
+                    remaining -= 1
+                    tokens += len(out.token_ids)
+                    bar.update(1)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{tokens / elapsed:.0f}", passes_s=f"{passes / elapsed:.1f}")
+        finally:
+            bar.close()
+            self._ready.extend(unclaimed)
+        return results

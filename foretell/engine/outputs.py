@@ -1,0 +1,42 @@
+"""What a finished (or streamed) request hands back to the caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request.
+
+    ``token_ids`` is the whole generated part of the final canvas (``gen_length`` ids, special
+    tokens included); ``text`` is its decoding, with special tokens skipped as the params say and
+    cut at the first ``stop`` string. ``num_forward_passes`` counts the steps this request took
+    part in; ``commit_step`` is the step at which Prophet committed (None if it did not).
+    """
+
+    request_id: str
+    prompt: object
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    num_forward_passes: int
+    finish_reason: str | None  # "steps" | "early_commit" | "aborted" | "error"; None: running
+    committed_early: bool = False
+    commit_step: int | None = None
+    error: str | None = None
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    finished_time: float | None = None
+    revealed: list[int] = field(default_factory=list)  # positions revealed in the last step
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from arrival to finish."""
+        if self.finished_time is None or self.arrival_time is None:
+            return None
+        return self.finished_time - self.arrival_time

@@ -1,0 +1,206 @@
+"""Per-request decoding parameters and the early-commit policy, validated on construction.
+
+Every request carries its own ``DecodeParams``, so one batch can mix lengths, step budgets,
+remasking rules and policies. Errors are ``ValueError``s that name the offending field, raised
+before the request can join a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+REMASKING = ("low_confidence", "random", "margin", "entropy", "confidence_threshold", "origin")
+# Dream's names for the same confidence rules.
+REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
+STATISTICS = ("mean", "min")
+
+
+@dataclass(frozen=True)
+class Prophet:
+    """Prophet's early-commit rule (arXiv 2508.19982).
+
+    At each step the top-1 minus top-2 logit gap is taken over the answer region; once its
+    ``statistic`` reaches the threshold of the current phase, every remaining mask is filled
+    with its prediction and decoding stops. Phases are thirds of the step budget by default:
+    progress ``p = step / steps`` below ``bounds[0]`` uses ``thresholds[0]``, below
+    ``bounds[1]`` ``thresholds[1]``, else ``thresholds[2]``.
+
+    ``answer_start`` (relative to the generation) and ``answer_length`` give an explicit span,
+    as the reference does (it puts the span two positions after the last constraint); with
+    ``answer_start=None`` the region is every still-masked position of the generation, i.e.
+    commit once the model is confident about everything left.
+    """
+
+    thresholds: tuple[float, float, float] = (7.5, 5.0, 2.5)
+    bounds: tuple[float, float] = (0.33, 0.67)
+    answer_start: int | None = None
+    answer_length: int = 5
+    statistic: str = "mean"
+
+    def __post_init__(self) -> None:
+        thresholds = tuple(float(t) for t in self.thresholds)
+        bounds = tuple(float(b) for b in self.bounds)
+        object.__setattr__(self, "thresholds", thresholds)
+        object.__setattr__(self, "bounds", bounds)
+        if len(thresholds) != 3 or not all(math.isfinite(t) for t in thresholds):
+            raise ValueError(f"early_commit.thresholds: need 3 finite numbers, got {thresholds}")
+        if not thresholds[0] >= thresholds[1] >= thresholds[2]:
+            raise ValueError(
+                f"early_commit.thresholds: must not rise as decoding progresses, got {thresholds}"
+            )
+        if len(bounds) != 2 or not 0.0 < bounds[0] <= bounds[1] <= 1.0:
+            raise ValueError(f"early_commit.bounds: need 0 < b1 <= b2 <= 1, got {bounds}")
+        if self.answer_start is not None and (
+            not isinstance(self.answer_start, int) or self.answer_start < 0
+        ):
+            raise ValueError(
+                f"early_commit.answer_start: must be a position >= 0 or None, "
+                f"got {self.answer_start!r}"
+            )
+        if not isinstance(self.answer_length, int) or self.answer_length < 1:
+            raise ValueError(f"early_commit.answer_length: must be >= 1, got {self.answer_length}")
+        if self.statistic not in STATISTICS:
+            raise ValueError(
+                f"early_commit.statistic: unknown {self.statistic!r}; choose one of {STATISTICS}"
+            )
+
+    def threshold(self, step: int, steps: int) -> float:
+        """The gap needed at global step ``step`` (counted from 1) of a budget of ``steps``."""
+        progress = step / steps
+        if progress < self.bounds[0]:
+            return self.thresholds[0]
+        if progress < self.bounds[1]:
+            return self.thresholds[1]
+        return self.thresholds[2]
+
+
+EarlyCommit = Prophet | str | dict | None
+
+
+def _as_policy(value: EarlyCommit) -> Prophet | None:
+    if value is None or isinstance(value, Prophet):
+        return value
+    if isinstance(value, str):
+        if value.lower() == "prophet":
+            return Prophet()
+        if value.lower() in ("none", "off", ""):
+            return None
+        raise ValueError(f"early_commit: unknown policy {value!r}; use 'prophet' or None")
+    if isinstance(value, dict):
+        known = {"thresholds", "bounds", "answer_start", "answer_length", "statistic"}
+        unknown = set(value) - known - {"policy"}
+        if unknown:
+            raise ValueError(f"early_commit: unknown fields {sorted(unknown)}")
+        if value.get("policy", "prophet") != "prophet":
+            raise ValueError(f"early_commit.policy: unknown policy {value['policy']!r}")
+        return Prophet(**{k: v for k, v in value.items() if k in known})
+    raise ValueError(f"early_commit: expected 'prophet', a Prophet or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """How to denoise one request's canvas.
+
+    ``steps`` defaults to ``gen_length`` (one token per step), ``block_length`` to
+    ``gen_length`` (no semi-autoregressive blocks). The reveal schedule follows the model's
+    family: LLaDA's per-block schedule, or Dream's ``eps`` schedule over the whole generation.
+    ``remasking`` accepts Dream's names too (``maskgit_plus``, ``topk_margin``); ``origin`` is
+    Dream's random-transfer rule. ``constraints`` maps generation positions to a token id or a
+    text whose words are tokenized with a leading space and placed from that position on (the
+    Prophet evaluation's "The answer is" trick).
+    """
+
+    gen_length: int = 64
+    steps: int | None = None
+    block_length: int | None = None
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float = 0.9
+    cfg_scale: float = 0.0
+    constraints: dict[int, int | str] | None = None
+    early_commit: EarlyCommit = None
+    seed: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    skip_special_tokens: bool = True
+    # Dream's knobs.
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"{name}: {why}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.gen_length) or self.gen_length < 1:
+            fail("gen_length", f"must be a positive integer, got {self.gen_length!r}")
+        steps = self.gen_length if self.steps is None else self.steps
+        block = self.gen_length if self.block_length is None else self.block_length
+        if not is_int(block) or block < 1:
+            fail("block_length", f"must be a positive integer, got {block!r}")
+        if self.gen_length % block:
+            fail("block_length", f"gen_length {self.gen_length} is not a multiple of {block}")
+        if not is_int(steps) or steps < 1:
+            fail("steps", f"must be a positive integer, got {steps!r}")
+        if steps > self.gen_length:
+            fail("steps", f"{steps} is more than gen_length {self.gen_length}")
+        num_blocks = self.gen_length // block
+        if steps % num_blocks:
+            fail("steps", f"{steps} is not a multiple of the number of blocks {num_blocks}")
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "block_length", block)
+
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            fail("temperature", f"must be >= 0, got {self.temperature!r}")
+        remasking = REMASKING_ALIASES.get(self.remasking, self.remasking)
+        if remasking not in REMASKING:
+            fail("remasking", f"unknown rule {self.remasking!r}; choose one of {REMASKING}")
+        object.__setattr__(self, "remasking", remasking)
+        if not 0.0 < self.threshold <= 1.0:
+            fail("threshold", f"must be in (0, 1], got {self.threshold!r}")
+        if not isinstance(self.cfg_scale, (int, float)) or not self.cfg_scale >= 0:
+            fail("cfg_scale", f"must be >= 0, got {self.cfg_scale!r}")
+        if self.constraints is not None:
+            for pos, value in self.constraints.items():
+                if not is_int(pos) or not 0 <= pos < self.gen_length:
+                    fail(
+                        "constraints",
+                        f"position {pos!r} is outside the generation [0, {self.gen_length})",
+                    )
+                if not ((is_int(value) and value >= 0) or (isinstance(value, str) and value)):
+                    fail("constraints", f"position {pos}: need a token id or text, got {value!r}")
+        object.__setattr__(self, "early_commit", _as_policy(self.early_commit))
+        policy = self.early_commit
+        start = None if policy is None else policy.answer_start
+        if start is not None and start >= self.gen_length:
+            fail("early_commit.answer_start", f"{start} is outside the generation")
+        if not is_int(self.seed):
+            fail("seed", f"must be an integer, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            fail("stop", f"must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        if self.alg_temp is not None and not self.alg_temp >= 0:
+            fail("alg_temp", f"must be >= 0, got {self.alg_temp!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            fail("top_k", f"must be a positive integer, got {self.top_k!r}")
+        if not 0.0 < self.eps < 1.0:
+            fail("eps", f"must be in (0, 1), got {self.eps!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    def replace(self, **changes: object) -> DecodeParams:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)

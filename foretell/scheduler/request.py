@@ -1,0 +1,125 @@
+"""A request in flight: its canvas, where decoding stands, and its own random generator.
+
+The request is the state; the rules that move it forward live in ``foretell.decoding``. It
+never touches the model, and its random draws come only from its own generator, so its result
+cannot depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from foretell.params import DecodeParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: object
+    prompt_token_ids: list[int]
+    params: DecodeParams
+    mask_token_id: int
+    family: str
+    # Resolved constraints: generation position -> token id.
+    constraint_ids: dict[int, int] = field(default_factory=dict)
+
+    status: Status = Status.WAITING
+    canvas: torch.Tensor = field(init=False)
+    generator: torch.Generator = field(init=False)
+    # Positions whose tokens the unconditional (cfg) copy hides: the prompt and constraints.
+    given: torch.Tensor = field(init=False)
+    # Decoding cursor.
+    global_step: int = 0
+    block: int = 0
+    step_in_block: int = 0
+    block_schedule: list[int] = field(default_factory=list)
+    # Dream's timestep grid (float32, exactly as ``diffusion_generate`` builds it).
+    timesteps: torch.Tensor | None = None
+    # Outcome.
+    finish_reason: str | None = None
+    error: str | None = None
+    commit_step: int | None = None
+    last_gap: float | None = None
+    revealed_last_step: list[int] = field(default_factory=list)
+    # Timing (time.monotonic seconds).
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    finished_time: float | None = None
+
+    def __post_init__(self) -> None:
+        p = self.params
+        prompt = torch.tensor(self.prompt_token_ids, dtype=torch.long)
+        self.canvas = torch.cat([prompt, torch.full((p.gen_length,), self.mask_token_id)])
+        self.apply_constraints()
+        self.given = self.canvas != self.mask_token_id
+        self.generator = torch.Generator().manual_seed(p.seed)
+        if self.family == "dream":
+            self.timesteps = torch.linspace(1, p.eps, p.steps + 1)
+
+    # -- geometry ------------------------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def canvas_len(self) -> int:
+        return self.prompt_len + self.params.gen_length
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences this request puts in a forward pass (2 with classifier-free guidance)."""
+        return 2 if self.params.cfg_scale > 0 else 1
+
+    @property
+    def cost(self) -> int:
+        """Tokens this request adds to every forward pass."""
+        return self.canvas_len * self.num_sequences
+
+    @property
+    def uses_blocks(self) -> bool:
+        """LLaDA-style semi-autoregressive blocks (Dream decodes the whole generation at once)."""
+        return self.family != "dream"
+
+    def block_bounds(self) -> tuple[int, int]:
+        """Canvas positions ``[start, end)`` of the block being decoded."""
+        if not self.uses_blocks:
+            return self.prompt_len, self.canvas_len
+        start = self.prompt_len + self.block * self.params.block_length
+        return start, start + self.params.block_length
+
+    def masked_positions(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        window = self.canvas[start:end]
+        return (window == self.mask_token_id).nonzero().flatten() + start
+
+    def apply_constraints(self) -> None:
+        for pos, token in self.constraint_ids.items():
+            self.canvas[self.prompt_len + pos] = token
+
+    def unconditional_canvas(self) -> torch.Tensor:
+        """The cfg input: the canvas with the prompt (and constraints) masked."""
+        return self.canvas.masked_fill(self.given, self.mask_token_id)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.finished_time = time.monotonic()
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.canvas[self.prompt_len :].tolist()
