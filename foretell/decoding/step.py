@@ -27,9 +27,14 @@ MoreLogits = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _decoding_window(req: Request) -> torch.Tensor:
-    """Masked positions the reveal rule may touch this step."""
-    start, end = req.block_bounds()
-    return req.masked_positions(start, end)
+    """Masked positions the reveal rule may touch this step.
+
+    Up to the end of the current block, not just within it: a position whose prediction was
+    the mask token itself stays masked and, as in LLaDA's reference, remains a candidate while
+    later blocks decode.
+    """
+    _, end = req.block_bounds()
+    return req.masked_positions(req.prompt_len, end)
 
 
 def positions_needed(req: Request) -> torch.Tensor:
@@ -127,7 +132,7 @@ def _reveal_llada(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         # The reference draws one uniform per canvas position every step.
         scores = torch.rand(req.canvas_len, generator=req.generator)[window]
     count = req.block_schedule[req.step_in_block]
-    _reveal(req, window, x0, choose(scores, count, None, req.generator))
+    _reveal(req, window, x0, choose(scores, count, None, req.generator, window, req.canvas_len))
     req.step_in_block += 1
     if req.step_in_block == p.steps_per_block:
         req.block += 1
@@ -167,6 +172,7 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         if p.remasking == "random":
             scores = torch.rand(window.shape[0], generator=req.generator)
         count = dream_transfer_count(int(window.numel()), step, p.steps, req.timesteps)
-        _reveal(req, window, x0, choose(scores, count, p.alg_temp, req.generator))
+        chosen = choose(scores, count, p.alg_temp, req.generator, window, req.canvas_len)
+        _reveal(req, window, x0, chosen)
     if req.global_step == p.steps:
         req.finish("steps")

@@ -96,17 +96,29 @@ def candidates(
 
 
 def choose(
-    scores: torch.Tensor, count: int, alg_temp: float | None, generator: torch.Generator
+    scores: torch.Tensor,
+    count: int,
+    alg_temp: float | None,
+    generator: torch.Generator,
+    window: torch.Tensor,
+    canvas_len: int,
 ) -> torch.Tensor:
-    """Indices of the ``count`` rows to reveal: the top scores, or (Dream's ``alg_temp``) a
-    draw without replacement from ``softmax(scores / alg_temp)``."""
+    """Indices (into ``window``) of the ``count`` rows to reveal: the top scores, or (Dream's
+    ``alg_temp``) a draw without replacement from ``softmax(scores / alg_temp)``.
+
+    The top-k runs over a canvas-length row holding ``-inf`` outside ``window``, exactly the
+    tensor the references rank: saturated confidences (probability 1.0) tie, and torch breaks
+    ties by the row's layout, so ranking only the window could pick different positions.
+    """
     count = min(count, scores.shape[0])
     if count <= 0:
         return torch.empty(0, dtype=torch.long)
-    if not alg_temp:
-        return torch.topk(scores, count).indices
-    weights = F.softmax(scores.double() / alg_temp, dim=-1)
-    return torch.multinomial(weights, count, generator=generator)
+    if alg_temp:
+        weights = F.softmax(scores.double() / alg_temp, dim=-1)
+        return torch.multinomial(weights, count, generator=generator)
+    row = torch.full((canvas_len,), float("-inf"), dtype=scores.dtype)
+    row[window] = scores
+    return torch.searchsorted(window, torch.topk(row, count).indices)
 
 
 def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:

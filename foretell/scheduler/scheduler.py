@@ -32,10 +32,6 @@ class Scheduler:
                 f"prompt: {what} = {req.cost} tokens exceeds max_num_batched_tokens "
                 f"{self.max_num_batched_tokens}"
             )
-        if req.num_sequences > self.max_num_seqs:
-            raise ValueError(
-                f"cfg_scale: needs 2 sequences but max_num_seqs is {self.max_num_seqs}"
-            )
 
     def add(self, req: Request) -> None:
         self.check_fits(req)
@@ -43,12 +39,12 @@ class Scheduler:
 
     def schedule(self) -> list[Request]:
         """The batch for the next forward pass: the running set plus whatever fits (FCFS)."""
-        seqs = sum(r.num_sequences for r in self.running)
+        seqs = len(self.running)  # requests; a cfg copy counts in the token budget only
         tokens = sum(r.cost for r in self.running)
         now = time.monotonic()
         while self.waiting:
             nxt = self.waiting[0]
-            if seqs + nxt.num_sequences > self.max_num_seqs:
+            if seqs + 1 > self.max_num_seqs:
                 break
             if tokens + nxt.cost > self.max_num_batched_tokens:
                 break
@@ -56,7 +52,7 @@ class Scheduler:
             nxt.status = Status.RUNNING
             nxt.first_scheduled_time = now
             self.running.append(nxt)
-            seqs += nxt.num_sequences
+            seqs += 1
             tokens += nxt.cost
         return list(self.running)
 

@@ -1,0 +1,220 @@
+"""Train the default model: ``python -m foretell.models.default.train`` (docs/training.md).
+
+LLaDA's SFT objective: per example t ~ U(eps, 1), every generation token is masked with
+probability t (the prompt never is), and the loss is the cross-entropy on masked positions
+weighted by 1/t, summed and divided by the generation length. AdamW with linear warmup and
+cosine decay; every random choice comes from ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from foretell.models.default import (
+    BLOCK_LENGTH,
+    DEFAULT_MODEL_DIR,
+    HELDOUT_SEED,
+    STEPS,
+    answer_constraints,
+)
+from foretell.models.default.data import accuracy, make_batch
+from foretell.models.llada import LLaDAModelLM
+from foretell.models.registry import save_model
+from foretell.models.tokenizer import build_char_tokenizer
+from foretell.models.transformer import TransformerConfig
+from foretell.tasks import ALPHABET, get_task
+
+MASK_EPS = 1e-3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--tasks", default="countdown:3,twosum:1", help="name:weight,...")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--heldout", type=int, default=250, help="held-out prompts per task")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-n", type=int, default=100, help="held-out prompts per task per eval")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, tokenizer: object) -> LLaDAModelLM:
+    """A LLaDA-architecture model with small-transformer init (std 0.02, scaled residuals)."""
+    cfg = TransformerConfig(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+    )
+    model = LLaDAModelLM(
+        cfg,
+        mask_token_id=tokenizer.mask_token_id,  # type: ignore[attr-defined]
+        eos_token_ids=(tokenizer.eos_token_id,),  # type: ignore[attr-defined]
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            std = 0.02
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                std /= math.sqrt(2 * args.layers)
+            p.normal_(0.0, std)
+    return model
+
+
+def masked_diffusion_loss(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    is_gen: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """LLaDA SFT loss for one batch (see the module docstring)."""
+    b = ids.shape[0]
+    t = torch.rand(b, 1, generator=generator)
+    p_mask = (1 - MASK_EPS) * t + MASK_EPS
+    masked = (torch.rand(ids.shape, generator=generator) < p_mask) & is_gen
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    logits = model(noisy, attention_mask=attention)
+    token_loss = F.cross_entropy(logits[masked], ids[masked], reduction="none")
+    weights = p_mask.expand_as(ids)[masked]
+    gen_length = is_gen.sum(1, keepdim=True).expand_as(ids)[masked]
+    return (token_loss / weights / gen_length).sum() / b
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = build_model(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    weights = {}
+    for item in args.tasks.split(","):
+        name, _, w = item.partition(":")
+        weights[name] = float(w or 1)
+    tasks = {name: get_task(name) for name in weights}
+    heldout = {name: t.heldout(args.heldout, HELDOUT_SEED) for name, t in tasks.items()}
+    streams = {
+        name: t.train_stream(args.seed, {t.key(ex.prompt) for ex in heldout[name]})
+        for name, t in tasks.items()
+    }
+    constraints = answer_constraints(tokenizer)
+    names = list(weights)
+    probs = [weights[n] for n in names]
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    print(f"params {n_params} tasks {weights} args {vars(args)}", flush=True)
+    log: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params}
+    log["curve"] = []
+    start = time.time()
+    running: list[float] = []
+    last_loss: float | None = None
+
+    def evaluate(step: int, loss: float | None) -> None:
+        model.eval()
+        row: dict = {"step": step, "loss": loss, "minutes": (time.time() - start) / 60}
+        for name, task in tasks.items():
+            subset = heldout[name][: args.eval_n]
+            full, _ = accuracy(
+                model,
+                tokenizer,
+                task,
+                subset,
+                steps=STEPS,
+                block_length=BLOCK_LENGTH,
+                constraints=constraints,
+            )
+            one, _ = accuracy(
+                model,
+                tokenizer,
+                task,
+                subset,
+                steps=1,
+                block_length=STEPS,
+                constraints=constraints,
+            )
+            row[name] = {"full": full, "one_step": one}
+        model.train()
+        log["curve"].append(row)
+        print("eval", json.dumps(row), flush=True)
+
+    model.train()
+    for step in range(args.steps):
+        name = rng.choices(names, probs)[0]
+        batch = [next(streams[name]) for _ in range(args.batch_size)]
+        ids, attention, is_gen = make_batch(tokenizer, batch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = masked_diffusion_loss(
+            model, ids, attention, is_gen, tokenizer.mask_token_id, generator
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % args.log_every == 0:
+            mean = sum(running) / len(running)
+            running.clear()
+            elapsed = (time.time() - start) / 60
+            print(
+                f"step {step + 1} loss {mean:.4f} lr {lr_at(step, args):.2e} min {elapsed:.1f}",
+                flush=True,
+            )
+            last_loss = mean
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            evaluate(step + 1, last_loss)
+    log["minutes"] = (time.time() - start) / 60
+    save_model(model, args.out, tokenizer)
+    print(f"saved {args.out} after {log['minutes']:.1f} min", flush=True)
+    if args.log_json is not None:
+        args.log_json.write_text(json.dumps(log, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The task suite: checkers accept every valid answer and only those; splits are seeded and
+disjoint."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from foretell.tasks import (
+    ANSWER_START,
+    GEN_LENGTH,
+    MARKER_POSITION,
+    TASKS,
+    Example,
+    chat_prompt,
+    get_task,
+    parse_answer,
+    render_generation,
+)
+from foretell.tasks.arith import evaluate
+
+
+def gen(answer: str, scratch: str = "") -> str:
+    return render_generation(scratch, answer)
+
+
+def test_registry() -> None:
+    assert set(TASKS) == {"countdown", "twosum"}
+    assert get_task("countdown") is TASKS["countdown"]
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nope")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_samples_fit_the_layout_and_pass_their_own_check(name: str) -> None:
+    task = get_task(name)
+    rng = random.Random(0)
+    for _ in range(2000):
+        ex = task.sample(rng)
+        text = ex.generation
+        assert len(text) <= GEN_LENGTH
+        assert text[MARKER_POSITION:ANSWER_START] == "answer: "
+        assert text[ANSWER_START:] == ex.answer
+        assert task.check(ex, text)
+        assert task.check(ex.prompt, text)  # the prompt alone is enough
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_generators_are_seeded(name: str) -> None:
+    task = get_task(name)
+    a = [task.sample(random.Random(7)) for _ in range(3)]
+    b = [task.sample(random.Random(7)) for _ in range(3)]
+    assert a == b
+    assert task.heldout(20, 1) == task.heldout(20, 1)
+    assert task.heldout(20, 1) != task.heldout(20, 2)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_heldout_is_disjoint_from_training(name: str) -> None:
+    task = get_task(name)
+    heldout = task.heldout(100, 1234)
+    keys = {task.key(ex.prompt) for ex in heldout}
+    assert len(keys) == 100
+    stream = task.train_stream(0, keys)
+    train = list(itertools.islice(stream, 3000))
+    assert not keys & {task.key(ex.prompt) for ex in train}
+    assert not {ex.prompt for ex in heldout} & {ex.prompt for ex in train}
+    # The filter really removed something: held-out problems do occur in the raw stream.
+    rng = random.Random(f"{name}/train/0")
+    raw = {task.key(task.sample(rng).prompt) for _ in range(3000)}
+    assert raw & keys or name == "twosum"
+
+
+def test_parse_answer() -> None:
+    assert parse_answer("5*7=35,35+3=38  answer: 5*7+3") == "5*7+3"
+    assert parse_answer("junk answer: 12 trailing") == "12"
+    assert parse_answer("answer: a answer: 3+4") == "3+4"
+    assert parse_answer("answer:") == ""
+    assert parse_answer("no marker 5*7+3") is None
+
+
+def test_chat_prompt_matches_the_tokenizer_template() -> None:
+    from foretell.models.tokenizer import build_char_tokenizer
+    from foretell.tasks import ALPHABET
+
+    tok = build_char_tokenizer(ALPHABET)
+    messages = [{"role": "user", "content": "3 5 7>38"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == chat_prompt("3 5 7>38")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.pad_token_id not in ids  # every character is in the alphabet
+    assert tok.decode(ids) == text
+
+
+def test_countdown_checker() -> None:
+    task = get_task("countdown")
+    ex = Example(prompt="3 5 7>38", answer="5*7+3")
+    for valid in ("5*7+3", "3+5*7", "7*5+3", "3+7*5", "(5*7)+3", "3+(7*5)"):
+        assert task.check(ex, gen(valid)), valid
+    for wrong in (
+        "5*7+4",  # a number not given
+        "5*7",  # a number left out
+        "5*7+3+3",  # a number used twice
+        "5*7-3",  # wrong value
+        "35+3",  # an intermediate result is not a given number
+        "5*7+3)",  # malformed
+        "(5*7+3",
+        "5**7+3",
+        "5*07+3",
+        "",
+    ):
+        assert not task.check(ex, gen(wrong)), wrong
+    assert not task.check(ex, "5*7+3")  # no marker
+    # Precedence and parentheses are evaluated exactly.
+    assert task.check("2 1 4>6", gen("2*(4-1)"))
+    assert not task.check("2 1 4>6", gen("2*4-1"))
+    assert task.check("9 8 7>8", gen("9-(8-7)"))
+    assert task.check("9 8 7>8", gen("9-8+7"))
+    assert not task.check("9 8 7>8", gen("9-8-7"))
+    # Repeated numbers must be used as often as given.
+    assert task.check("4 4 8>36", gen("4+4*8"))
+    assert not task.check("4 4 8>36", gen("4*8+4+0"))
+
+
+def test_countdown_key_ignores_order() -> None:
+    task = get_task("countdown")
+    assert task.key("3 5 7>38") == task.key("7 3 5>38") != task.key("3 5 7>22")
+
+
+def test_twosum_checker() -> None:
+    task = get_task("twosum")
+    prompt = "4 12 7 9 15+11"
+    for valid in ("4+7", "7+4"):
+        assert task.check(prompt, gen(valid, "11-4=7")), valid
+    assert task.check("2 9 5 6 1+11", gen("2+9"))
+    assert task.check("2 9 5 6 1+11", gen("5+6"))  # another pair
+    for wrong in ("4+8", "12+-1", "4+7+0", "11", "04+7", "4-7", "3+8", ""):
+        assert not task.check(prompt, gen(wrong)), wrong
+    # A number may not be used twice, even when doubling it hits the target.
+    assert not task.check("4 12 7 9 15+24", gen("12+12"))
+    assert task.check("4 12 7 9 15+24", gen("9+15"))
+
+
+def test_evaluate() -> None:
+    assert evaluate("2*(3+4)-5") == (9, [2, 3, 4, 5])
+    assert evaluate("10-2-3") == (5, [10, 2, 3])
+    for bad in ("", "2+", "(2", "2)", "2 3", "+2", "a"):
+        assert evaluate(bad) is None, bad
