@@ -204,3 +204,12 @@ class DecodeParams:
     def replace(self, **changes: object) -> DecodeParams:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+def as_params(fields: dict) -> DecodeParams:
+    """DecodeParams from a plain mapping (JSON bodies, JSONL files); unknown keys are errors."""
+    known = DecodeParams.__dataclass_fields__
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown decoding parameter (known: {sorted(known)})")
+    return DecodeParams(**fields)

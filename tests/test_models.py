@@ -158,7 +158,9 @@ def test_load_errors_name_the_problem(tmp_path) -> None:
 
     wider = dict(config, d_model=128)
     (tmp_path / "config.json").write_text(json.dumps(wider))
-    with pytest.raises(ValueError, match=r"tensor 'model\.transformer\.[a-z0-9_.]+' has shape \(64,\)"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'model\.transformer\.[a-z0-9_.]+' has shape \(64,\)"
+    ):
         load_model(tmp_path)
 
     alibi = dict(config, alibi=True)
@@ -168,5 +170,5 @@ def test_load_errors_name_the_problem(tmp_path) -> None:
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match="model.safetensors"):
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
         load_model(tmp_path)

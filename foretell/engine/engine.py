@@ -22,7 +22,7 @@ from foretell.engine.outputs import RequestOutput
 from foretell.engine.runner import ModelRunner
 from foretell.models.registry import LoadedModel, load_model, resolve_dtype
 from foretell.models.transformer import DiffusionLM
-from foretell.params import DecodeParams
+from foretell.params import DecodeParams, as_params
 from foretell.scheduler import Request, Scheduler
 
 Prompt = str | list[int] | list[dict]
@@ -139,6 +139,8 @@ class Engine:
     ) -> Request:
         """Validate and build a request without queueing it (errors name the field)."""
         params = params if params is not None else DecodeParams()
+        if isinstance(params, dict):
+            params = as_params(params)
         if not isinstance(params, DecodeParams):
             raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
         family = self.model.family

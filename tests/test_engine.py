@@ -1,0 +1,206 @@
+"""Engine and scheduler behaviour: backfill, abort, budgets, failures, offline generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import foretell.engine.engine as engine_module
+from foretell import DecodeParams, Engine, Prophet
+
+
+def _commits_at(step: int, steps: int = 10) -> DecodeParams:
+    """Params whose Prophet test fires exactly at ``step``: the late phase starts there and its
+    threshold is below any possible gap."""
+    bound = step / steps
+    policy = Prophet(thresholds=(1e9, 1e9, -1.0), bounds=(bound, bound))
+    return DecodeParams(gen_length=20, block_length=10, steps=steps, early_commit=policy)
+
+
+def test_backfill_step_by_step(llada64) -> None:
+    engine = Engine(llada64, dtype="float64", max_num_seqs=4)
+    commit_steps = [2, 5, 3, 7, 4, 6, 2, 3, 1, 4]
+    ids = [engine.add_request("12+34=", _commits_at(k)) for k in commit_steps]
+
+    # Expected FCFS schedule with 4 slots, a finished request leaving in its own step.
+    expected_batches, expected_done = [], []
+    waiting, running, t = list(range(len(ids))), {}, 0
+    while waiting or running:
+        t += 1
+        while waiting and len(running) < 4:
+            running[waiting.pop(0)] = t
+        expected_batches.append({ids[i] for i in running})
+        done = {i for i, start in running.items() if t - start + 1 == commit_steps[i]}
+        expected_done.append({ids[i] for i in done})
+        for i in done:
+            del running[i]
+
+    step = 0
+    while engine.has_unfinished_requests():
+        before = {r.request_id for r in engine.scheduler.running}
+        before |= {r.request_id for r in list(engine.scheduler.waiting)[: 4 - len(before)]}
+        finished = engine.step()
+        assert before == expected_batches[step], f"step {step + 1}"
+        assert {o.request_id for o in finished} == expected_done[step], f"step {step + 1}"
+        for out in finished:
+            assert out.finish_reason == "early_commit"
+            assert (
+                out.num_forward_passes == out.commit_step == commit_steps[ids.index(out.request_id)]
+            )
+        # Evicted at once: none of the finished is still running.
+        assert not {o.request_id for o in finished} & {
+            r.request_id for r in engine.scheduler.running
+        }
+        step += 1
+    assert step == len(expected_batches)
+
+
+def test_abort_frees_the_slot_and_is_idempotent(llada64) -> None:
+    engine = Engine(llada64, dtype="float64", max_num_seqs=2)
+    params = DecodeParams(gen_length=16, steps=16)
+    a, b, c = (engine.add_request("1+1=", params) for _ in range(3))
+    engine.step()
+    assert [r.request_id for r in engine.scheduler.running] == [a, b]
+    engine.abort(a)
+    engine.abort(a)  # again: nothing happens
+    engine.abort("no-such-request")
+    outputs = engine.step()
+    assert [o.request_id for o in outputs] == [a]
+    assert outputs[0].finish_reason == "aborted" and outputs[0].num_forward_passes == 1
+    assert [r.request_id for r in engine.scheduler.running] == [b, c]
+    engine.abort(c)  # a waiting-or-running request mid-run
+    rest = []
+    while engine.has_unfinished_requests():
+        rest += engine.step()
+    assert {o.request_id: o.finish_reason for o in rest} == {b: "steps", c: "aborted"}
+
+
+def test_request_too_large_for_the_budget_is_refused_at_add(llada64) -> None:
+    engine = Engine(llada64, dtype="float64", max_num_batched_tokens=40)
+    with pytest.raises(ValueError, match=r"prompt: .*exceeds max_num_batched_tokens 40"):
+        engine.add_request("12+34=", DecodeParams(gen_length=40))
+    with pytest.raises(ValueError, match="cfg"):
+        engine.add_request("12+34=", DecodeParams(gen_length=24, cfg_scale=1.0))
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_failing_request_finishes_with_error_and_the_others_complete(llada64, monkeypatch):
+    engine = Engine(llada64, dtype="float64", max_num_seqs=4)
+    real_advance = engine_module.advance
+
+    def advance_failing_one(req, *args):
+        if req.request_id == "bad" and req.global_step == 2:
+            raise RuntimeError("injected fault")
+        return real_advance(req, *args)
+
+    monkeypatch.setattr(engine_module, "advance", advance_failing_one)
+    params = DecodeParams(gen_length=16, steps=8)
+    engine.add_request("1+1=", params, request_id="good-1")
+    engine.add_request("2+2=", params, request_id="bad")
+    engine.add_request("3+3=", params, request_id="good-2")
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs["bad"].finish_reason == "error" and "injected fault" in outs["bad"].error
+    assert outs["good-1"].finish_reason == outs["good-2"].finish_reason == "steps"
+    alone = Engine(llada64, dtype="float64").generate(["1+1="], params, use_tqdm=False)[0]
+    assert outs["good-1"].token_ids == alone.token_ids
+
+
+def test_generate_keeps_input_order_and_is_all_or_nothing(llada64) -> None:
+    engine = Engine(llada64, dtype="float64", max_num_seqs=3)
+    prompts = ["1+1=", "22+22=", "333+333=", "4444+4444=", "a", "bb"]
+    params = [DecodeParams(gen_length=8 * (1 + i % 3), steps=8, seed=i) for i in range(6)]
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    assert [len(o.token_ids) for o in outs] == [p.gen_length for p in params]
+
+    with pytest.raises(ValueError, match=r"prompts\[2\]: prompt: is empty"):
+        engine.generate(["1+1=", "2+2=", ""], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: block_length"):
+        engine.generate(
+            ["1+1=", "2+2="], [DecodeParams(), {"gen_length": 3, "block_length": 2}], use_tqdm=False
+        )
+    with pytest.raises(ValueError, match="params: 1 params for 2 prompts"):
+        engine.generate(["1+1=", "2+2="], [DecodeParams()], use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+
+
+def test_prompt_forms_stop_strings_and_text_constraints(llada64) -> None:
+    engine = Engine(llada64, dtype="float64")
+    tok = engine.tokenizer
+    params = DecodeParams(gen_length=24, steps=12, constraints={4: "ab c"})
+    text_out, ids_out, chat_out = engine.generate(
+        ["12+34=", tok("12+34=")["input_ids"], [{"role": "user", "content": "12+34="}]],
+        params,
+        use_tqdm=False,
+    )
+    assert text_out.token_ids == ids_out.token_ids
+    templated = tok.apply_chat_template(
+        [{"role": "user", "content": "12+34="}], add_generation_prompt=True, tokenize=False
+    )
+    assert templated == "user: 12+34=\nassistant: "
+    assert tok.decode(chat_out.prompt_token_ids) == templated
+    # " ab" then " c", each word with a leading space, from generation position 4 on.
+    assert tok.decode(text_out.token_ids[4:9]) == " ab c"
+
+    full = engine.generate(["9+9="], DecodeParams(gen_length=24, steps=24), use_tqdm=False)[0]
+    stop = full.text[5:7]
+    cut = engine.generate(
+        ["9+9="], DecodeParams(gen_length=24, steps=24, stop=[stop]), use_tqdm=False
+    )[0]
+    assert cut.token_ids == full.token_ids
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_bad_prompts_name_the_field(llada64, dream64) -> None:
+    engine = Engine(llada64, dtype="float64")
+    with pytest.raises(ValueError, match="prompt: is empty"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match="prompt: token ids"):
+        engine.add_request([1, 10_000])
+    with pytest.raises(ValueError, match="prompt: contains the mask token"):
+        engine.add_request([5, engine.mask_token_id])
+    with pytest.raises(ValueError, match="remasking: 'origin'"):
+        engine.add_request("1+1=", DecodeParams(remasking="origin"))
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("1+1=", request_id="x")
+        engine.add_request("1+1=", request_id="x")
+    with pytest.raises(ValueError, match="block_length"):
+        Engine(dream64, dtype="float64").add_request(
+            "1", DecodeParams(gen_length=8, block_length=4)
+        )
+    with pytest.raises(ValueError, match="model"):
+        Engine(object())
+
+
+def test_confidence_threshold_reveals_in_parallel(llada64) -> None:
+    engine = Engine(llada64, dtype="float64")
+    strict, loose = engine.generate(
+        ["12+34=", "12+34="],
+        [
+            DecodeParams(
+                gen_length=32, block_length=8, remasking="confidence_threshold", threshold=1.0
+            ),
+            DecodeParams(
+                gen_length=32, block_length=8, remasking="confidence_threshold", threshold=0.3
+            ),
+        ],
+        use_tqdm=False,
+    )
+    # Nothing can exceed 1.0: one token (the most confident) per step.
+    assert strict.num_forward_passes == 32
+    assert loose.num_forward_passes < 32
+    assert engine.mask_token_id not in loose.token_ids[:8]
+
+
+def test_requests_do_not_depend_on_their_batch(llada64) -> None:
+    params = DecodeParams(gen_length=16, steps=16, temperature=0.8, remasking="random", seed=9)
+    alone = Engine(llada64, dtype="float64").generate(["5*5="], params, use_tqdm=False)[0]
+    crowd = Engine(llada64, dtype="float64").generate(
+        ["1", "5*5=", "22"],
+        [params.replace(seed=1), params, params.replace(seed=2)],
+        use_tqdm=False,
+    )
+    assert crowd[1].token_ids == alone.token_ids
+    torch.testing.assert_close(torch.tensor(crowd[1].token_ids), torch.tensor(alone.token_ids))

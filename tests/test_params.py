@@ -1,0 +1,73 @@
+"""DecodeParams and Prophet refuse bad values with a ValueError naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from foretell import DecodeParams, Prophet
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"gen_length": 0}, "gen_length"),
+        ({"gen_length": 64, "block_length": 24}, "block_length"),
+        ({"gen_length": 64, "block_length": 16, "steps": 30}, "steps"),
+        ({"gen_length": 16, "steps": 32}, "steps"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"remasking": "lowest_confidence"}, "remasking"),
+        ({"threshold": 0.0, "remasking": "confidence_threshold"}, "threshold"),
+        ({"cfg_scale": -1.0}, "cfg_scale"),
+        ({"gen_length": 32, "constraints": {32: 5}}, "constraints"),
+        ({"constraints": {-1: 5}}, "constraints"),
+        ({"constraints": {3: ""}}, "constraints"),
+        ({"early_commit": "oracle"}, "early_commit"),
+        ({"early_commit": {"thresholds": (2.0, 5.0, 7.5)}}, "early_commit.thresholds"),
+        ({"gen_length": 32, "early_commit": Prophet(answer_start=40)}, "answer_start"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"eps": 1.0}, "eps"),
+    ],
+)
+def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        DecodeParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"thresholds": (3.0, 5.0, 1.0)}, "thresholds"),
+        ({"thresholds": (3.0, float("nan"), 1.0)}, "thresholds"),
+        ({"thresholds": (3.0, 2.0)}, "thresholds"),
+        ({"bounds": (0.7, 0.3)}, "bounds"),
+        ({"bounds": (0.0, 0.5)}, "bounds"),
+        ({"answer_length": 0}, "answer_length"),
+        ({"answer_start": -2}, "answer_start"),
+        ({"statistic": "median"}, "statistic"),
+    ],
+)
+def test_invalid_prophet_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        Prophet(**kwargs)
+
+
+def test_defaults_follow_the_references() -> None:
+    p = DecodeParams(gen_length=256, block_length=32, steps=256, early_commit="prophet")
+    assert p.steps_per_block == 32 and p.num_blocks == 8
+    assert p.early_commit == Prophet(thresholds=(7.5, 5.0, 2.5), bounds=(0.33, 0.67))
+    assert DecodeParams(gen_length=48).steps == 48
+    assert DecodeParams(gen_length=48).block_length == 48
+    assert DecodeParams(remasking="maskgit_plus").remasking == "low_confidence"
+    assert DecodeParams(remasking="topk_margin").remasking == "margin"
+    assert DecodeParams(stop="\n").stop == ("\n",)
+
+
+def test_prophet_phases_by_progress() -> None:
+    policy = Prophet()
+    steps = 30
+    phases = [policy.threshold(step, steps) for step in range(1, steps + 1)]
+    # p = step / steps: < 0.33 -> 7.5 (steps 1-9), < 0.67 -> 5.0 (10-20), else 2.5 (21-30).
+    assert phases == [7.5] * 9 + [5.0] * 11 + [2.5] * 10
