@@ -191,6 +191,13 @@ class Engine:
             self.metrics.finished[req.finish_reason] += 1
             self._ready.append(self.output(req))
 
+    def snapshot(self, request_id: str) -> RequestOutput | None:
+        """The current state of a request still in flight (``finish_reason`` None): its
+        partly denoised canvas and the positions revealed in its last step. None if unknown or
+        finished."""
+        req = self._live.get(str(request_id))
+        return None if req is None or req.is_finished else self.output(req)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._ready)
 
