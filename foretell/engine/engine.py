@@ -22,7 +22,7 @@ from foretell.engine.outputs import RequestOutput
 from foretell.engine.runner import ModelRunner
 from foretell.models.registry import LoadedModel, load_model, resolve_dtype
 from foretell.models.transformer import DiffusionLM
-from foretell.params import DecodeParams, as_params
+from foretell.params import DecodeParams, Prophet, as_params
 from foretell.scheduler import Request, Scheduler
 
 Prompt = str | list[int] | list[dict]
@@ -67,6 +67,15 @@ class Engine:
         attention_backend: str = "auto",
     ) -> None:
         loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
+        # What ``generate`` uses when given no params: the shipped model's own layout, else
+        # DecodeParams' defaults.
+        self.default_params = DecodeParams()
+        self.default_prophet = Prophet()  # what "early_commit: prophet" means for this model
+        if model is None:
+            from foretell.models.default.params import default_decode_params, default_prophet
+
+            self.default_params = default_decode_params(loaded.tokenizer)
+            self.default_prophet = default_prophet()
         self.model: DiffusionLM = loaded.model
         self.tokenizer = loaded.tokenizer
         self.mask_token_id: int = self.model.mask_token_id
@@ -138,7 +147,7 @@ class Engine:
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
     ) -> Request:
         """Validate and build a request without queueing it (errors name the field)."""
-        params = params if params is not None else DecodeParams()
+        params = params if params is not None else self.default_params
         if isinstance(params, dict):
             params = as_params(params)
         if not isinstance(params, DecodeParams):

@@ -153,11 +153,18 @@ def load_model(
     tokenizer = None
     if load_tokenizer:
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        # transformers does not know the dLLM model types and warns about it while looking
+        # for the tokenizer class; the tokenizer itself loads fine.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         except Exception as err:
             raise ValueError(f"model: cannot load the tokenizer from {directory}: {err}") from err
+        finally:
+            hf_logging.set_verbosity(verbosity)
     return LoadedModel(model=model, tokenizer=tokenizer, path=directory)
 
 

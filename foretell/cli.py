@@ -1,0 +1,161 @@
+"""The ``foretell`` command: generate | bench | eval | serve (also ``python -m foretell``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from foretell.params import DecodeParams, Prophet
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (defaults: the model's own, else DecodeParams')")
+    g.add_argument("--gen-length", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--block-length", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument(
+        "--remasking",
+        help="low_confidence | random | margin | entropy | confidence_threshold | origin (Dream)",
+    )
+    g.add_argument("--threshold", type=float, help="for confidence_threshold")
+    g.add_argument("--cfg-scale", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--early-commit", choices=["prophet", "none"])
+    g.add_argument("--thresholds", help="Prophet's early,mid,late gap thresholds, e.g. 7.5,5,2.5")
+    g.add_argument("--stop", action="append", help="cut the text at this string (repeatable)")
+
+
+def _decode_params(args: argparse.Namespace, engine) -> DecodeParams:
+    base: DecodeParams = engine.default_params
+    changes = {
+        name: getattr(args, name)
+        for name in (
+            "gen_length",
+            "steps",
+            "block_length",
+            "temperature",
+            "remasking",
+            "threshold",
+            "cfg_scale",
+            "seed",
+            "stop",
+        )
+        if getattr(args, name, None) is not None
+    }
+    if "gen_length" in changes:  # derived defaults follow the new length unless given
+        changes.setdefault("steps", min(base.steps, changes["gen_length"]))
+        changes.setdefault("block_length", changes["gen_length"])
+        if base.constraints and max(base.constraints) >= changes["gen_length"]:
+            changes["constraints"] = None
+    policy = base.early_commit
+    if args.early_commit == "none":
+        policy = None
+    elif args.early_commit == "prophet" or args.thresholds:
+        policy = policy or engine.default_prophet
+        if args.thresholds:
+            values = tuple(float(v) for v in args.thresholds.split(","))
+            policy = Prophet(**{**policy.__dict__, "thresholds": values})
+    changes["early_commit"] = policy
+    return base.replace(**changes)
+
+
+def _engine(args: argparse.Namespace):
+    from foretell.engine import Engine
+
+    return Engine(
+        args.model,
+        max_num_seqs=args.max_num_seqs,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    params = _decode_params(args, engine)
+    if args.file:
+        lines = Path(args.file).read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        prompts, plist = [], []
+        for i, rec in enumerate(records):
+            if "prompt" not in rec:
+                raise ValueError(f"{args.file} line {i + 1}: prompt: missing")
+            prompts.append(_as_prompt(engine, rec["prompt"], args.raw))
+            plist.append(params.replace(**rec.get("params", {})))
+        outputs = engine.generate(prompts, plist, use_tqdm=True)
+        sink = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
+        try:
+            for rec, out in zip(records, outputs, strict=True):
+                sink.write(json.dumps({**rec, **_summary(out)}) + "\n")
+        finally:
+            if args.out:
+                sink.close()
+        return 0
+    if not args.prompt:
+        raise ValueError("prompt: give a PROMPT or --file prompts.jsonl")
+    (out,) = engine.generate([_as_prompt(engine, args.prompt, args.raw)], params, use_tqdm=False)
+    print(out.text)
+    early = f"yes, at step {out.commit_step}" if out.committed_early else "no"
+    print(
+        f"[forward passes: {out.num_forward_passes}/{params.steps}, committed early: {early}, "
+        f"finish: {out.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0 if out.finish_reason != "error" else 1
+
+
+def _as_prompt(engine, text: object, raw: bool) -> object:
+    """Text goes through the tokenizer's chat template when it has one (instruct models and
+    the shipped model were trained on it), unless ``--raw``."""
+    has_template = bool(getattr(engine.tokenizer, "chat_template", None))
+    if isinstance(text, str) and has_template and not raw:
+        return [{"role": "user", "content": text}]
+    return text
+
+
+def _summary(out) -> dict:
+    return {
+        "text": out.text,
+        "num_forward_passes": out.num_forward_passes,
+        "committed_early": out.committed_early,
+        "commit_step": out.commit_step,
+        "finish_reason": out.finish_reason,
+        "error": out.error,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foretell", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def engine_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="checkpoint directory or hub id (default: shipped model)")
+        p.add_argument("--max-num-seqs", type=int, default=64)
+        p.add_argument("--dtype", default="float32")
+        p.add_argument("--attention-backend", default="auto")
+
+    gen = sub.add_parser("generate", help="generate text for one prompt or a JSONL file")
+    gen.add_argument("prompt", nargs="?")
+    gen.add_argument("--file", help='JSONL, one {"prompt": ..., "params": {...}} per line')
+    gen.add_argument("--out", help="write JSONL results here (default: stdout)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    engine_args(gen)
+    _add_decode_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

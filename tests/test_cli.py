@@ -1,0 +1,117 @@
+"""The ``foretell`` command on a saved tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from foretell.cli import main
+from foretell.models import save_model
+from foretell.models.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llada")
+    loaded = tiny_model("llada", seed=11)
+    save_model(loaded.model, path, loaded.tokenizer)
+    return path
+
+
+def test_generate_one_prompt(checkpoint, capsys) -> None:
+    rc = main(
+        [
+            "generate",
+            "12+34=",
+            "--model",
+            str(checkpoint),
+            "--gen-length",
+            "16",
+            "--steps",
+            "8",
+            "--early-commit",
+            "prophet",
+            "--thresholds",
+            "0,0,0",
+        ]
+    )
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "committed early: yes, at step 1" in captured.err
+    assert captured.out.strip() != ""
+
+
+def test_generate_jsonl_file(checkpoint, tmp_path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "1+1=", "id": 1})
+        + "\n"
+        + json.dumps({"prompt": "2+2=", "params": {"seed": 3, "steps": 4}})
+        + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(checkpoint),
+            "--file",
+            str(prompts),
+            "--out",
+            str(out),
+            "--gen-length",
+            "8",
+        ]
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["1+1=", "2+2="]
+    assert rows[0]["id"] == 1
+    assert [r["num_forward_passes"] for r in rows] == [8, 4]
+    assert all(r["finish_reason"] == "steps" for r in rows)
+
+
+def test_bad_input_is_a_clear_error(checkpoint, capsys) -> None:
+    assert (
+        main(
+            [
+                "generate",
+                "1+1=",
+                "--model",
+                str(checkpoint),
+                "--gen-length",
+                "10",
+                "--block-length",
+                "4",
+            ]
+        )
+        == 2
+    )
+    assert "block_length" in capsys.readouterr().err
+    assert main(["generate", "1+1=", "--model", "/no/such/dir"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_python_dash_m(checkpoint) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "foretell",
+            "generate",
+            "9+9=",
+            "--model",
+            str(checkpoint),
+            "--gen-length",
+            "8",
+            "--raw",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "forward passes: 8/8" in run.stderr
