@@ -127,6 +127,51 @@ def _summary(out) -> dict:
     }
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from foretell import evaluation
+    from foretell.models.default import TASK_NAMES
+
+    if args.model is not None:
+        raise ValueError("model: eval runs the shipped model's tasks; omit --model")
+    engine = _engine(args)
+    tasks = args.task or list(TASK_NAMES)
+    report = evaluation.evaluate(
+        engine, tasks, n=args.n, curve_n=min(args.curve_n, args.n), seed=args.seed
+    )
+    print(evaluation.format_table(report))
+    if args.out:
+        evaluation.save(report, args.out)
+    if args.plot:
+        evaluation.plot_convergence(report, args.plot)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Throughput of the scheduling modes side by side (see foretell/bench, docs/benchmarks.md)."""
+    from foretell.bench.cli import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from foretell.server import run_server
+    except ImportError as err:
+        raise ValueError(
+            f"serve: needs the server extra (pip install 'foretell[server]'): {err}"
+        ) from err
+    run_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        model_name=args.served_model_name,
+        max_num_seqs=args.max_num_seqs,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foretell", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(gen)
     _add_decode_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="Full vs Half vs Prophet accuracy on the shipped tasks")
+    ev.add_argument("--task", action="append", help="task name (repeatable; default: all)")
+    ev.add_argument("--n", type=int, default=500, help="held-out prompts per task")
+    ev.add_argument("--curve-n", type=int, default=100, help="prompts for the convergence curve")
+    ev.add_argument("--seed", type=int, help="held-out seed (default: the documented one)")
+    ev.add_argument("--out", help="write the report as JSON")
+    ev.add_argument("--plot", help="write the convergence curve as PNG")
+    engine_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/serving.md)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="the id /v1/models reports")
+    engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    from foretell.bench.cli import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="throughput of batch-1, static and engine, side by side")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

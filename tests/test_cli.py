@@ -115,3 +115,52 @@ def test_python_dash_m(checkpoint) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "forward passes: 8/8" in run.stderr
+
+
+def test_serve_command_answers_openai_requests(checkpoint) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "foretell",
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        body = {"model": "tiny", "prompt": "1+1=", "max_tokens": 8, "steps": 4}
+        reply = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
+        assert reply["choices"][0]["foretell"]["num_forward_passes"] == 4
+        bad = httpx.post(f"{base}/v1/completions", json={**body, "steps": 9}, timeout=30)
+        assert bad.status_code == 400 and "steps" in bad.text
+        assert httpx.get(f"{base}/v1/models", timeout=5).json()["data"][0]["id"] == "tiny"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -183,9 +183,10 @@ class Engine:
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
     ) -> str:
         """Queue a request; it joins the batch at the next ``step()`` with a free slot."""
-        return self._enqueue(self.make_request(prompt, params, request_id))
+        return self.enqueue(self.make_request(prompt, params, request_id))
 
-    def _enqueue(self, req: Request) -> str:
+    def enqueue(self, req: Request) -> str:
+        """Queue a request built (and validated) by ``make_request``."""
         if req.request_id in self._live:
             raise ValueError(f"request_id: {req.request_id!r} is already running")
         self.scheduler.add(req)
@@ -246,15 +247,15 @@ class Engine:
     def output(self, req: Request) -> RequestOutput:
         """The caller's view of a request (finished or in flight)."""
         token_ids = req.generated_ids
-        text = ""
+        text, stop_string = "", None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(
                 token_ids, skip_special_tokens=req.params.skip_special_tokens
             )
-            for stop in req.params.stop:
-                cut = text.find(stop)
-                if cut != -1:
-                    text = text[:cut]
+            cuts = [(text.find(s), s) for s in req.params.stop if s in text]
+            if cuts:
+                cut, stop_string = min(cuts)
+                text = text[:cut]
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -266,6 +267,7 @@ class Engine:
             committed_early=req.finish_reason == "early_commit",
             commit_step=req.commit_step,
             error=req.error,
+            stop_string=stop_string,
             arrival_time=req.arrival_time,
             first_scheduled_time=req.first_scheduled_time,
             finished_time=req.finished_time,
@@ -304,7 +306,7 @@ class Engine:
                 raise ValueError(f"prompts[{i}]: {err}") from None
         order = {r.request_id: i for i, r in enumerate(requests)}
         for req in requests:
-            self._enqueue(req)
+            self.enqueue(req)
         results: list[RequestOutput | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm)
         start, passes, tokens, remaining = time.perf_counter(), 0, 0, len(requests)

@@ -25,6 +25,7 @@ class RequestOutput:
     committed_early: bool = False
     commit_step: int | None = None
     error: str | None = None
+    stop_string: str | None = None  # the ``stop`` string that cut ``text``, if one did
     arrival_time: float | None = None
     first_scheduled_time: float | None = None
     finished_time: float | None = None

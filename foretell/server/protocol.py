@@ -1,0 +1,237 @@
+"""Request bodies of the OpenAI-compatible endpoints, and their mapping to DecodeParams.
+
+Bodies are parsed strictly (unknown fields are refused) so that a mistyped diffusion field such
+as ``step`` gets a 400 naming it instead of being silently ignored. OpenAI fields foretell cannot
+honour are accepted only at their neutral values, for the same reason.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from foretell.params import DecodeParams
+
+FIELD_RE = re.compile(r"^([A-Za-z_][\w.]*(?:\[\d+\])?(?:\.[\w]+)*): ")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.type = type
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @classmethod
+    def from_value_error(cls, err: ValueError, rename: dict[str, str] | None = None) -> APIError:
+        """Turn foretell's ``"field: why"`` errors into a 400 that names the API field."""
+        message = str(err)
+        match = FIELD_RE.match(message)
+        param = match.group(1) if match else None
+        if param is not None and rename and param in rename:
+            param = rename[param]
+            message = f"{param}: {message[match.end() :]}"
+        return cls(message, param=param)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class DiffusionFields(BaseModel):
+    """foretell's extra body fields (``extra_body=`` in the openai client); see DecodeParams."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gen_length: int | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    remasking: str | None = None
+    threshold: float | None = None
+    cfg_scale: float | None = None
+    constraints: dict[int, int | str] | None = None
+    early_commit: str | dict[str, Any] | None = None
+    top_k: int | None = None
+    alg_temp: float | None = None
+    eps: float | None = None
+    skip_special_tokens: bool | None = None
+    # Streaming only: also send a chunk every step carrying the whole canvas (masks shown).
+    stream_canvas: bool = False
+
+    # OpenAI fields shared by both endpoints.
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def check_supported(self) -> None:
+        """Refuse OpenAI options that would be silently wrong for a diffusion decoder."""
+        if self.n not in (None, 1):
+            raise APIError(f"n: only n=1 is supported, got {self.n}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise APIError(f"{name}: not supported by diffusion decoding", param=name)
+        if self.logit_bias:
+            raise APIError("logit_bias: not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError("stream_options: only allowed with stream=true", param="stream_options")
+
+    def length_field(self) -> tuple[str, int | None]:
+        return "max_tokens", self.max_tokens
+
+    def to_params(self) -> DecodeParams:
+        """DecodeParams for this body; an APIError (400) naming the field if invalid."""
+        self.check_supported()
+        length_name, length = self.length_field()
+        kwargs: dict[str, Any] = {}
+        if length is not None:
+            if self.gen_length is not None and self.gen_length != length:
+                raise APIError(
+                    f"{length_name}: {length} conflicts with gen_length {self.gen_length}",
+                    param=length_name,
+                )
+            kwargs["gen_length"] = length
+        for name in (
+            "gen_length",
+            "steps",
+            "block_length",
+            "remasking",
+            "threshold",
+            "cfg_scale",
+            "constraints",
+            "temperature",
+            "top_p",
+            "top_k",
+            "alg_temp",
+            "eps",
+            "seed",
+            "skip_special_tokens",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        if "early_commit" in self.model_fields_set:
+            kwargs["early_commit"] = self.early_commit
+        if self.stop is not None:
+            kwargs["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        rename = {"gen_length": length_name} if self.gen_length is None else None
+        try:
+            return DecodeParams(**kwargs)
+        except (ValueError, TypeError) as err:
+            if isinstance(err, TypeError) or not FIELD_RE.match(str(err)):
+                # Only the policy's own conversions fail without naming a field, e.g.
+                # early_commit={"thresholds": 3}.
+                err = ValueError(f"early_commit: {err}")
+            raise APIError.from_value_error(err, rename) from None
+
+
+class CompletionRequest(DiffusionFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError("echo: not supported", param="echo")
+        if self.logprobs is not None:
+            raise APIError("logprobs: not supported", param="logprobs")
+        if self.best_of not in (None, 1):
+            raise APIError(f"best_of: only 1 is supported, got {self.best_of}", param="best_of")
+        if self.suffix:
+            raise APIError("suffix: not supported (no infilling endpoint)", param="suffix")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt per choice: OpenAI's batch forms (a list of texts or of id lists)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError("prompt: is empty", param="prompt")
+        if isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients echo back e.g. refusal=None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(DiffusionFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs is not None:
+            raise APIError("logprobs: not supported", param="logprobs")
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise APIError(
+                "max_completion_tokens: conflicts with max_tokens",
+                param="max_completion_tokens",
+            )
+
+    def length_field(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        """Messages as the tokenizer's chat template expects them."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
