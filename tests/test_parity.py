@@ -192,6 +192,7 @@ def test_still_masked_region_commits_on_the_remaining_masks(llada64) -> None:
     req.params = req.params.replace(early_commit=Prophet((gap - 1e-6,) * 3))
     (out,) = engine.step()
     assert out.finish_reason == "early_commit" and out.commit_step == 6
+    assert out.last_gap == pytest.approx(gap)
     expected = canvas_before.clone()
     expected[masked] = logits[masked].argmax(-1)
     assert out.token_ids == expected[len(out.prompt_token_ids) :].tolist()

@@ -266,6 +266,7 @@ class Engine:
             finish_reason=req.finish_reason,
             committed_early=req.finish_reason == "early_commit",
             commit_step=req.commit_step,
+            last_gap=req.last_gap,
             error=req.error,
             stop_string=stop_string,
             arrival_time=req.arrival_time,

@@ -24,6 +24,7 @@ class RequestOutput:
     finish_reason: str | None  # "steps" | "early_commit" | "aborted" | "error"; None: running
     committed_early: bool = False
     commit_step: int | None = None
+    last_gap: float | None = None  # Prophet's gap statistic at the last step it was measured
     error: str | None = None
     stop_string: str | None = None  # the ``stop`` string that cut ``text``, if one did
     arrival_time: float | None = None

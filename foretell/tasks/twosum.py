@@ -1,6 +1,6 @@
-"""Two-sum: pick two of five distinct numbers (1-19) that add up to the target.
+"""Two-sum: pick two of five distinct digits (1-9) that add up to the target.
 
-Prompt ``4 12 7 9 15+11``; generation ``11-4=7`` (worked step), then ``answer: 4+7``. Both
+Prompt ``4 2 7 9 5+11``; generation ``11-4=7`` (worked step), then ``answer: 4+7``. Both
 orders and every other matching pair are valid, so, as in Countdown, the answer tokens must agree
 with each other and with the scratch.
 """
@@ -12,14 +12,14 @@ import re
 
 from foretell.tasks.base import Example, Task
 
-NUMBERS = range(1, 20)
+NUMBERS = range(1, 10)
 COUNT = 5
 _PROMPT = re.compile(r"^((?:\d+ ){4}\d+)\+(\d+)$")
 _ANSWER = re.compile(r"^(\d+)\+(\d+)$")
 
 
 def sample(rng: random.Random) -> Example:
-    """Five distinct numbers and the sum of a random pair; the answer is a random valid pair."""
+    """Five distinct digits and the sum of a random pair; the answer is a random valid pair."""
     shown = rng.sample(NUMBERS, COUNT)
     a, b = rng.sample(shown, 2)
     target = a + b
