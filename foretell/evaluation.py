@@ -1,11 +1,12 @@
 """``foretell eval``: reproduce the Prophet paper's findings on the shipped model's tasks.
 
 On held-out prompts (never trained on) it measures accuracy and mean forward passes for Full
-(the whole step budget), Half (half the budget) and Prophet, under low-confidence and random
-remasking, and the answer-convergence curve of the paper's Figure 1: the fraction of prompts
-whose answer would already be right if every remaining mask were filled with its current argmax
-after k% of the steps. That "fill now" is exactly a Prophet commit, so the curve is measured by
-forcing a commit at a fixed step (a policy whose late phase starts there with a threshold no gap
+(the whole step budget), Half (half the budget), Prophet, and One step (every token at once:
+how much the task needs step-by-step decoding), under low-confidence and random remasking; and
+the answer-convergence curve of the paper's Figure 1: the fraction of prompts whose answer would
+already be right if every remaining mask were filled with its current argmax after k% of the
+steps. That "fill now" is exactly a Prophet commit, so the curve is measured by forcing a commit
+at a fixed step (a policy whose late phase starts there with a threshold no gap
 can miss) and running the engine unchanged.
 """
 
@@ -25,7 +26,7 @@ CURVE_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 @dataclass(frozen=True)
 class Config:
-    name: str  # "Full" | "Half" | "Prophet"
+    name: str  # "Full" | "Half" | "Prophet" | "One step"
     remasking: str
 
     @property
@@ -48,6 +49,8 @@ def _params(engine: Engine, config: Config, seed: int) -> DecodeParams:
     base = engine.default_params.replace(remasking=config.remasking, seed=seed)
     if config.name == "Half":
         return base.replace(steps=base.steps // 2)
+    if config.name == "One step":
+        return base.replace(steps=1, block_length=base.gen_length)
     if config.name == "Prophet":
         return base.replace(early_commit=engine.default_prophet)
     return base
@@ -67,7 +70,8 @@ def evaluate(
     from foretell.tasks import get_task
 
     seed = HELDOUT_SEED if seed is None else seed
-    configs = [Config(name, r) for r in REMASKINGS for name in ("Full", "Half", "Prophet")]
+    names = ("Full", "Half", "Prophet", "One step")
+    configs = [Config(name, r) for r in REMASKINGS for name in names]
     report: dict = {"n": n, "curve_n": curve_n, "heldout_seed": seed, "tasks": {}}
     start = time.perf_counter()
     for task_name in task_names:

@@ -27,7 +27,7 @@ def gen(answer: str, scratch: str = "") -> str:
 
 
 def test_registry() -> None:
-    assert set(TASKS) == {"countdown", "twosum"}
+    assert set(TASKS) == {"countdown", "pick", "twosum"}
     assert get_task("countdown") is TASKS["countdown"]
     with pytest.raises(ValueError, match="unknown task"):
         get_task("nope")
@@ -70,7 +70,8 @@ def test_heldout_is_disjoint_from_training(name: str) -> None:
     # The filter really removed something: held-out problems do occur in the raw stream.
     rng = random.Random(f"{name}/train/0")
     raw = {task.key(task.sample(rng).prompt) for _ in range(3000)}
-    assert raw & keys or name == "twosum"
+    # (twosum's and pick's problem spaces are too large for a collision in 3000 draws)
+    assert raw & keys or name in ("twosum", "pick")
 
 
 def test_parse_answer() -> None:
@@ -83,9 +84,10 @@ def test_parse_answer() -> None:
 
 def test_chat_prompt_matches_the_tokenizer_template() -> None:
     from foretell.models.tokenizer import build_char_tokenizer
-    from foretell.tasks import ALPHABET
+    from foretell.tasks import ALPHABET, CHAT_TEMPLATE
 
     tok = build_char_tokenizer(ALPHABET)
+    tok.chat_template = CHAT_TEMPLATE
     messages = [{"role": "user", "content": "3 5 7>38"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == chat_prompt("3 5 7>38")
@@ -148,3 +150,18 @@ def test_evaluate() -> None:
     assert evaluate("10-2-3") == (5, [10, 2, 3])
     for bad in ("", "2+", "(2", "2)", "2 3", "+2", "a"):
         assert evaluate(bad) is None, bad
+
+
+def test_pick_accepts_every_listed_word_and_nothing_else() -> None:
+    task = get_task("pick")
+    ex = task.sample(random.Random(3))
+    words = ex.prompt.split()[1:]
+    assert len(words) == 3 and len(set(words)) == 3 and ex.answer in words
+    for word in words:
+        assert task.check(ex, f"answer: {word}")
+    # A mixture of the listed words, as one-step decoding spells it, is wrong.
+    mixed = words[0][:2] + words[1][2:]
+    assert mixed in words or not task.check(ex, f"answer: {mixed}")
+    assert not task.check(ex, "answer: ")
+    assert not task.check(ex, words[0])  # no marker, no answer
+    assert task.key("pick ab cd ef") == task.key("pick ef ab cd")

@@ -8,12 +8,13 @@ answer after the fixed ``answer:`` marker, and the seeded train / held-out split
 
 from __future__ import annotations
 
-from foretell.tasks import countdown, twosum
+from foretell.tasks import countdown, pick, twosum
 from foretell.tasks.base import (
     ALPHABET,
     ANSWER_LENGTH,
     ANSWER_MARKER,
     ANSWER_START,
+    CHAT_TEMPLATE,
     GEN_LENGTH,
     MARKER_POSITION,
     Example,
@@ -23,7 +24,7 @@ from foretell.tasks.base import (
     render_generation,
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (countdown.TASK, twosum.TASK)}
+TASKS: dict[str, Task] = {t.name: t for t in (countdown.TASK, pick.TASK, twosum.TASK)}
 
 
 def get_task(name: str) -> Task:
@@ -38,6 +39,7 @@ __all__ = [
     "ANSWER_LENGTH",
     "ANSWER_MARKER",
     "ANSWER_START",
+    "CHAT_TEMPLATE",
     "GEN_LENGTH",
     "MARKER_POSITION",
     "TASKS",

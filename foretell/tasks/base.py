@@ -59,9 +59,14 @@ def parse_answer(generated: str) -> str | None:
     return tail.split()[0] if tail else ""
 
 
+# The default model's chat template: the user's text as is. A "user: ... assistant: " frame
+# would cost 18 canvas tokens per request on a model whose whole generation is 32.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
 def chat_prompt(prompt: str) -> str:
-    """The prompt as the default model saw it in training: its tokenizer's chat template."""
-    return f"user: {prompt}\nassistant: "
+    """The prompt as the default model saw it in training (what ``CHAT_TEMPLATE`` renders)."""
+    return prompt
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from foretell.tasks import (
 )
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
-# Tasks the shipped model reaches >= 85% held-out accuracy on with full decoding.
-TASK_NAMES = ("countdown", "twosum")
+# Tasks the shipped model was trained on (docs/training.md has its measured accuracy).
+TASK_NAMES = ("twosum",)
 # Full decoding as measured in docs/training.md: LLaDA semi-autoregressive blocks, one token
 # revealed per step, greedy, low-confidence remasking.
 BLOCK_LENGTH = 8

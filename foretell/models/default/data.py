@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from foretell.models.default.decode import generate
 from foretell.tasks import GEN_LENGTH, Example, Task, chat_prompt
 
 
@@ -47,17 +46,24 @@ def accuracy(
     block_length: int,
     constraints: dict[int, int] | None,
 ) -> tuple[float, list[str]]:
-    """Fraction of ``examples`` whose greedy generation the task's checker accepts."""
-    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
-    gens = generate(
-        model,  # type: ignore[arg-type]
-        prompts,
-        gen_length=GEN_LENGTH,
-        block_length=block_length,
-        steps=steps,
-        pad_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
-        constraints=constraints,
+    """Fraction of ``examples`` whose greedy generation the task's checker accepts.
+
+    Decodes with the engine itself (one decoder in the project), on the model being trained.
+    """
+    from foretell.engine import Engine
+    from foretell.models.registry import LoadedModel
+    from foretell.params import DecodeParams
+
+    was_training = model.training
+    engine = Engine(LoadedModel(model=model, tokenizer=tokenizer, path=None), max_num_seqs=128)
+    params = DecodeParams(
+        gen_length=GEN_LENGTH, block_length=block_length, steps=steps, constraints=constraints
     )
-    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        outputs = engine.generate(
+            [encode_prompt(tokenizer, ex.prompt) for ex in examples], params, use_tqdm=False
+        )
+    model.train(was_training)
+    texts = [out.text for out in outputs]
     correct = sum(task.check(ex, t) for ex, t in zip(examples, texts, strict=True))
     return correct / len(examples), texts

@@ -30,7 +30,7 @@ from foretell.models.llada import LLaDAModelLM
 from foretell.models.registry import save_model
 from foretell.models.tokenizer import build_char_tokenizer
 from foretell.models.transformer import TransformerConfig
-from foretell.tasks import ALPHABET, get_task
+from foretell.tasks import ALPHABET, CHAT_TEMPLATE, get_task
 
 MASK_EPS = 1e-3
 
@@ -38,20 +38,20 @@ MASK_EPS = 1e-3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
-    p.add_argument("--tasks", default="countdown:2,twosum:1", help="name:weight,...")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--tasks", default="twosum", help="name:weight,...")
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--layers", type=int, default=5)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--heldout", type=int, default=250, help="held-out prompts per task")
-    p.add_argument("--eval-every", type=int, default=450)
+    p.add_argument("--eval-every", type=int, default=600)
     p.add_argument("--eval-n", type=int, default=100, help="held-out prompts per task per eval")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--log-json", type=Path, default=None)
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     tokenizer = build_char_tokenizer(ALPHABET)
+    tokenizer.chat_template = CHAT_TEMPLATE
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             row[name] = {"full": full, "one_step": one}
         model.train()
+        save_model(model, args.out, tokenizer)  # a usable checkpoint at every eval
         log["curve"].append(row)
         print("eval", json.dumps(row), flush=True)
 
