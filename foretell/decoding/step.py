@@ -68,13 +68,17 @@ def advance(
         )
     if p.early_commit is not None and _try_commit(req, positions, logits, more_logits):
         return
-    window = _decoding_window(req)
-    window_logits = logits[_rows(positions, window)]
+    if p.early_commit is None:  # positions_needed gave exactly the window
+        window, window_logits = positions, logits
+    else:
+        window = _decoding_window(req)
+        window_logits = logits[_rows(positions, window)]
     if req.uses_blocks:
         _reveal_llada(req, window, window_logits)
     else:
         _reveal_dream(req, window, window_logits)
-    req.apply_constraints()
+    # The references write the constraints again after every reveal; that is a no-op here (a
+    # constrained position is never masked, so never revealed), and is skipped.
 
 
 def _try_commit(
@@ -95,8 +99,7 @@ def _try_commit(
         fill_logits[~have] = more_logits(masked[~have])
     x0, _ = _candidates(req, fill_logits, "random")
     req.canvas[masked] = x0
-    req.revealed_last_step = masked.tolist()
-    req.apply_constraints()
+    req.revealed_last_step = masked
     req.commit_step = req.global_step
     req.finish("early_commit")
     return True
@@ -117,7 +120,7 @@ def _candidates(req: Request, logits: torch.Tensor, rule: str):
 
 def _reveal(req: Request, window: torch.Tensor, x0: torch.Tensor, chosen: torch.Tensor) -> None:
     req.canvas[window[chosen]] = x0[chosen]
-    req.revealed_last_step = window[chosen].tolist()
+    req.revealed_last_step = window[chosen]
 
 
 def _reveal_llada(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:

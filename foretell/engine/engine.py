@@ -272,7 +272,7 @@ class Engine:
             arrival_time=req.arrival_time,
             first_scheduled_time=req.first_scheduled_time,
             finished_time=req.finished_time,
-            revealed=list(req.revealed_last_step),
+            revealed=[] if req.revealed_last_step is None else req.revealed_last_step.tolist(),
         )
 
     # -- offline -------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class Request:
     error: str | None = None
     commit_step: int | None = None
     last_gap: float | None = None
-    revealed_last_step: list[int] = field(default_factory=list)
+    revealed_last_step: torch.Tensor | None = None  # canvas positions revealed last step
     # Timing (time.monotonic seconds).
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
