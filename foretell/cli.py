@@ -63,7 +63,12 @@ def _decode_params(args: argparse.Namespace, engine) -> DecodeParams:
 
 
 def _engine(args: argparse.Namespace):
+    import torch
+
     from foretell.engine import Engine
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
     return Engine(
         args.model,
@@ -181,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-num-seqs", type=int, default=64)
         p.add_argument("--dtype", default="float32")
         p.add_argument("--attention-backend", default="auto")
+        p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
 
     gen = sub.add_parser("generate", help="generate text for one prompt or a JSONL file")
     gen.add_argument("prompt", nargs="?")
