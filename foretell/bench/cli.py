@@ -1,0 +1,242 @@
+"""``foretell bench``: the scheduling modes side by side on one workload, in one run.
+
+Arguments are defined here (not in foretell/cli.py) so that the benchmark owns its options;
+nothing heavy is imported until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+MODE_NAMES = "reference,static,static-prophet,engine,engine-prophet"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options."""
+    p.add_argument(
+        "--model",
+        help="checkpoint directory or hub id (default: the shipped model); 'tiny' = a tiny "
+        "random model (smoke tests: throughput only, accuracy meaningless)",
+    )
+    p.add_argument(
+        "--default-layout",
+        action="store_true",
+        help="decode --model with the shipped model's layout (answer marker, Prophet span), "
+        "for checkpoints trained by foretell.models.default.train",
+    )
+    p.add_argument("--n", type=int, default=200, help="requests in the workload (default 200)")
+    p.add_argument(
+        "--batch-size",
+        "--max-num-seqs",
+        dest="batch_size",
+        type=int,
+        default=32,
+        help="static batch size B and the engine's max_num_seqs (default 32)",
+    )
+    p.add_argument("--modes", default=MODE_NAMES, help=f"comma-separated (default {MODE_NAMES})")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    p.add_argument("--workload", help="JSONL of requests instead of drawn ones (see docs)")
+    p.add_argument("--save-workload", help="write the workload used as JSONL here")
+    p.add_argument("--tasks", help="comma-separated task names (default: the model's tasks)")
+    p.add_argument(
+        "--block-lengths", type=_ints, help="block lengths to mix (default: model-dependent)"
+    )
+    p.add_argument(
+        "--step-budgets", type=_ints, help="step budgets to mix (default: model-dependent)"
+    )
+    p.add_argument(
+        "--gen-lengths",
+        type=_ints,
+        help="generation lengths to mix (the shipped model's layout is fixed at its own)",
+    )
+    p.add_argument(
+        "--thresholds", type=_floats, help="Prophet's early,mid,late gap thresholds (7.5,5,2.5)"
+    )
+    p.add_argument(
+        "--prophet-statistic",
+        choices=["mean", "min"],
+        help="Prophet's gap statistic over the answer span (default: the model's, mean)",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="round-robin repeats; fastest kept")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up passes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG chart here")
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also: wall time for N in --scaling-n and throughput against max_num_seqs",
+    )
+    p.add_argument("--scaling-n", type=_ints, default=[100, 200, 400])
+    p.add_argument("--scaling-seqs", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--scaling-sweep-n", type=int, help="requests per max_num_seqs point (--n)")
+    p.add_argument("--scaling-mode", default="engine-prophet")
+    p.add_argument("--scaling-repeats", type=int, default=2, help="fastest of R per point")
+    p.add_argument("--scaling-plot", help="PNG for the scaling run")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; prints the table, writes JSON / PNG."""
+    import torch
+
+    from foretell.bench.report import (
+        evaluate_targets,
+        format_table,
+        format_targets,
+        machine_info,
+        model_info,
+        plot_modes,
+        plot_scaling,
+    )
+    from foretell.bench.run import parse_modes, run_modes, work_units
+    from foretell.bench.scaling import format_scaling, run_scaling
+    from foretell.bench.setup import configure_prophet, load_for_bench
+    from foretell.bench.workload import describe, load_workload, make_workload, save_workload
+
+    modes = parse_modes(args.modes)
+    if args.n < 1:
+        raise ValueError(f"n: must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {args.batch_size}")
+    if args.repeats < 1:
+        raise ValueError(f"repeats: must be >= 1, got {args.repeats}")
+    if args.threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    setup = load_for_bench(args.model, dtype=args.dtype, default_layout=args.default_layout)
+    prophet = configure_prophet(setup.prophet, args.thresholds, args.prophet_statistic)
+    tasks = args.tasks.split(",") if args.tasks else list(setup.tasks)
+
+    def draw(n: int) -> list:
+        return make_workload(
+            setup.base,
+            n,
+            seed=args.seed,
+            tasks=tasks,
+            block_lengths=args.block_lengths or setup.block_lengths,
+            step_budgets=args.step_budgets or setup.step_budgets,
+            gen_lengths=args.gen_lengths or setup.gen_lengths,
+        )
+
+    if args.workload:
+        chat = bool(getattr(setup.loaded.tokenizer, "chat_template", None))
+        requests = load_workload(args.workload, setup.base, chat_template=chat)
+        source = {"file": str(args.workload)}
+    else:
+        requests = draw(args.n)
+        source = {
+            "drawn": {
+                "seed": args.seed,
+                "tasks": tasks,
+                "block_lengths": args.block_lengths or setup.block_lengths,
+                "step_budgets": args.step_budgets or setup.step_budgets,
+                "gen_lengths": args.gen_lengths or setup.gen_lengths or [setup.base.gen_length],
+                "prompts": "held-out task prompts, chat template",
+            }
+        }
+    if args.save_workload:
+        save_workload(requests, args.save_workload)
+
+    machine = machine_info()
+    print(
+        f"foretell bench: {len(requests)} requests, modes {', '.join(modes)}, B={args.batch_size}"
+        f", model {setup.name} ({model_info(setup.loaded.model, setup.loaded.path)['parameters']:,}"
+        f" params), {machine['cpu_count']} CPUs, {args.threads} torch thread(s), torch "
+        f"{machine['torch']}",
+        file=sys.stderr,
+    )
+    result = run_modes(
+        setup.loaded,
+        requests,
+        modes,
+        batch_size=args.batch_size,
+        prophet=prophet,
+        repeats=args.repeats,
+        warmup=not args.no_warmup,
+    )
+    first = next(iter(result["modes"].values()))
+    result["workload"] = {**describe(requests), "prompt_tokens": first["prompt_tokens"], **source}
+    result["config"] = {
+        "batch_size": args.batch_size,
+        "modes": modes,
+        "prophet": prophet.__dict__,
+        "repeats": args.repeats,
+        "warmup": not args.no_warmup,
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "base_params": {k: v for k, v in setup.base.__dict__.items() if k != "early_commit"},
+    }
+    result["model"] = {"name": setup.name, **model_info(setup.loaded.model, setup.loaded.path)}
+    result["machine"] = machine
+    result["work_units_full_steps"] = work_units(setup.loaded, result["modes"])
+    result["targets"] = evaluate_targets(result["modes"])
+    result["args"] = {k: v for k, v in vars(args).items() if not callable(v)}
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    print()
+    print(format_table(result["modes"]))
+    if result["targets"]:
+        print("\ntargets:")
+        print(format_targets(result["targets"]))
+    print(f"\nevery mode ran the same {len(requests)} requests: {result['request_hash'][:16]}")
+
+    if args.scaling:
+        print("\nscaling:", file=sys.stderr)
+        sweep_n = args.scaling_sweep_n or args.n
+        pool = draw(max([*args.scaling_n, sweep_n])) if not args.workload else requests
+
+        def prefix(n: int) -> list:
+            if n > len(pool):
+                raise ValueError(f"scaling: {n} requests asked, the workload has {len(pool)}")
+            return pool[:n]
+
+        result["scaling"] = run_scaling(
+            setup.loaded,
+            prefix,
+            mode=args.scaling_mode,
+            ns=args.scaling_n,
+            batch_size=args.batch_size,
+            max_num_seqs=args.scaling_seqs,
+            sweep_n=sweep_n,
+            prophet=prophet,
+            repeats=args.scaling_repeats,
+        )
+        print()
+        print(format_scaling(result["scaling"]))
+        if args.scaling_plot:
+            plot_scaling(result["scaling"], args.scaling_plot)
+
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.plot:
+        plot_modes(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

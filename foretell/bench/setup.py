@@ -1,0 +1,106 @@
+"""What to benchmark: the model, its decoding layout and the workload mix it supports.
+
+The shipped model has a fixed layout (GEN_LENGTH tokens, the ``answer:`` marker forced by
+constraints, Prophet's span right after it), so its workload mixes block lengths and step
+budgets but not generation lengths. Other checkpoints get generic choices derived from
+``DecodeParams``' defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from foretell.models.registry import LoadedModel
+from foretell.params import DecodeParams, Prophet
+
+# The default model's mix: its trained block length (8) and coarser blocks, full and half step
+# budgets (docs/training.md measures each).
+DEFAULT_BLOCK_LENGTHS = (8, 16, 32)
+DEFAULT_STEP_BUDGETS = (32, 16)
+
+
+@dataclass
+class BenchSetup:
+    name: str
+    loaded: LoadedModel
+    base: DecodeParams  # the model's own decoding; the workload varies lengths and budgets
+    prophet: Prophet  # what "Prophet" means for this model
+    tasks: tuple[str, ...]
+    block_lengths: list[int] = field(default_factory=list)
+    step_budgets: list[int] = field(default_factory=list)
+    gen_lengths: list[int] = field(default_factory=list)
+
+
+def configure_prophet(
+    prophet: Prophet,
+    thresholds: tuple[float, ...] | None = None,
+    statistic: str | None = None,
+) -> Prophet:
+    """The model's Prophet with the benchmark's overrides (validated by ``Prophet``)."""
+    changes: dict = {}
+    if thresholds:
+        changes["thresholds"] = tuple(thresholds)
+    if statistic:
+        changes["statistic"] = statistic
+    return dataclasses.replace(prophet, **changes) if changes else prophet
+
+
+def _default_layout(loaded: LoadedModel) -> tuple[DecodeParams, Prophet]:
+    from foretell.models.default.params import default_decode_params, default_prophet
+
+    return default_decode_params(loaded.tokenizer), default_prophet()
+
+
+def load_for_bench(
+    model: str | None, *, dtype: str = "float32", default_layout: bool = False
+) -> BenchSetup:
+    """Load ``model`` (None: the shipped model; ``"tiny"``: a tiny random LLaDA) with the
+    workload choices that suit it."""
+    from foretell.engine import Engine
+    from foretell.models.default import DEFAULT_MODEL_DIR, TASK_NAMES
+
+    if model == "tiny":
+        from foretell.models.tiny import tiny_model
+
+        loaded = tiny_model("llada", seed=0, dtype=dtype)
+        base = DecodeParams(gen_length=32, block_length=8, steps=32)
+        return BenchSetup(
+            "tiny (random llada)",
+            loaded,
+            base,
+            Prophet(),
+            TASK_NAMES,
+            [8, 16, 32],
+            [32, 16],
+            [16, 32],
+        )
+    engine = Engine(model, dtype=dtype)
+    loaded = LoadedModel(model=engine.model, tokenizer=engine.tokenizer, path=engine.model_path)
+    is_default = model is None or Path(model).resolve() == DEFAULT_MODEL_DIR.resolve()
+    if is_default or default_layout:
+        base, prophet = (
+            _default_layout(loaded)
+            if model is not None
+            else (
+                engine.default_params,
+                engine.default_prophet,
+            )
+        )
+        name = "default" if is_default else f"{model} (default layout)"
+        return BenchSetup(
+            name,
+            loaded,
+            base,
+            prophet,
+            TASK_NAMES,
+            list(DEFAULT_BLOCK_LENGTHS),
+            list(DEFAULT_STEP_BUDGETS),
+            [base.gen_length],
+        )
+    base = engine.default_params
+    gen = base.gen_length
+    blocks = sorted({b for b in (gen // 4, gen // 2, gen) if b >= 1 and gen % b == 0})
+    steps = sorted({gen, max(1, gen // 2)}, reverse=True)
+    return BenchSetup(str(model), loaded, base, engine.default_prophet, TASK_NAMES, blocks, steps)

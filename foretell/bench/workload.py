@@ -1,0 +1,204 @@
+"""The benchmark's workload: one seeded list of requests that every mode runs unchanged.
+
+Requests are held-out task prompts (never trained on), chat-templated as the default model was
+trained, with a seeded mix of block lengths, step budgets and (where the model allows it)
+generation lengths. A workload can also be read from, and written to, JSONL, so that a run can be
+repeated on exactly the same requests. Each request carries its task so that accuracy can be
+checked exactly; the early-commit policy is *not* part of a request: it belongs to the mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from foretell.params import DecodeParams, as_params
+from foretell.tasks import get_task
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request of the workload: what the engine gets, plus what the checker needs."""
+
+    prompt: Prompt
+    params: DecodeParams  # without an early-commit policy: the mode decides that
+    task: str | None = None  # name in foretell.tasks, for accuracy
+    task_prompt: str | None = None  # the raw task prompt the checker parses
+
+    def to_json(self) -> dict:
+        fields = params_dict(self.params)
+        return {
+            "prompt": self.prompt,
+            "params": fields,
+            "task": self.task,
+            "task_prompt": self.task_prompt,
+        }
+
+
+def params_dict(params: DecodeParams) -> dict:
+    """DecodeParams as plain JSON-able fields, without the early-commit policy."""
+    fields = dataclasses.asdict(params)
+    fields.pop("early_commit", None)
+    fields["stop"] = list(fields["stop"])
+    if fields.get("constraints") is not None:
+        fields["constraints"] = {str(k): v for k, v in sorted(fields["constraints"].items())}
+    return fields
+
+
+def request_hash(requests: Sequence[tuple[Prompt, DecodeParams]]) -> str:
+    """sha256 of the (prompt, params-without-policy) list, in order: equal hashes mean two
+    modes ran exactly the same requests."""
+    payload = [[prompt, params_dict(params)] for prompt, params in requests]
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_workload(
+    base: DecodeParams,
+    n: int,
+    *,
+    seed: int = 0,
+    tasks: Sequence[str] = ("countdown", "twosum"),
+    block_lengths: Sequence[int] | None = None,
+    step_budgets: Sequence[int] | None = None,
+    gen_lengths: Sequence[int] | None = None,
+    heldout_seed: int = 1234,
+) -> list[BenchRequest]:
+    """``n`` seeded requests over ``tasks``' held-out prompts.
+
+    Each request draws its task, generation length, block length and step budget uniformly from
+    the given choices (combinations that ``DecodeParams`` refuses, e.g. a block length that does
+    not divide the generation, are never drawn). ``base`` supplies everything else (the model's
+    own layout and constraints). The draws are sequential, so the first ``k`` requests of a
+    workload of ``n > k`` are the workload of ``k``: scaling runs grow one list.
+    """
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    if not tasks:
+        raise ValueError("tasks: need at least one task")
+    task_objs = [get_task(name) for name in tasks]
+    gen_lengths = list(gen_lengths or [base.gen_length])
+    block_lengths = list(block_lengths or [base.block_length])
+    step_budgets = list(step_budgets or [base.steps])
+    rng = random.Random(f"foretell-bench/{seed}")
+    # Held-out streams are distinct by key and prefix-stable, so drawing from them in order
+    # never repeats a problem.
+    pools = {t.name: iter(t.heldout(n, heldout_seed)) for t in task_objs}
+    out: list[BenchRequest] = []
+    for _ in range(n):
+        task = rng.choice(task_objs)
+        example = next(pools[task.name])
+        gen = rng.choice(gen_lengths)
+        combos = [
+            (b, s)
+            for b in block_lengths
+            for s in step_budgets
+            if gen % b == 0 and s <= gen and s % (gen // b) == 0
+        ]
+        if not combos:
+            raise ValueError(
+                f"block_lengths {block_lengths} x step_budgets {step_budgets}: no valid "
+                f"combination for gen_length {gen} (block lengths must divide it: "
+                f"{_divisors(gen)}; steps must be a multiple of the number of blocks)"
+            )
+        block, steps = rng.choice(combos)
+        constraints = base.constraints
+        if constraints and gen != base.gen_length:
+            # The model's layout (e.g. a forced answer marker) is tied to its own length.
+            constraints = None
+        params = base.replace(
+            gen_length=gen,
+            block_length=block,
+            steps=steps,
+            constraints=constraints,
+            early_commit=None,
+            seed=rng.randrange(2**31),
+        )
+        prompt = [{"role": "user", "content": example.prompt}]
+        out.append(BenchRequest(prompt, params, task.name, example.prompt))
+    return out
+
+
+def save_workload(requests: Sequence[BenchRequest], path: str | Path) -> None:
+    """Write the workload as JSONL (one request a line), readable by ``load_workload``."""
+    with open(path, "w") as f:
+        for req in requests:
+            f.write(json.dumps(req.to_json()) + "\n")
+
+
+def load_workload(
+    path: str | Path, base: DecodeParams, *, chat_template: bool = True
+) -> list[BenchRequest]:
+    """Read a JSONL workload: ``{"prompt": ..., "params": {...}, "task": ..., "task_prompt":
+    ...}`` a line; only ``prompt`` is required.
+
+    ``params`` override the model's defaults (``base``); ``early_commit`` is refused (the mode
+    sets it). A text prompt is wrapped as a chat message when the model has a chat template,
+    unless the line says ``"raw": true`` (as ``foretell generate --file`` does). With a
+    ``task``, accuracy is checked against ``task_prompt`` (default: the text prompt).
+    """
+    out: list[BenchRequest] = []
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        where = f"{path} line {i + 1}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON: {err}") from None
+        if not isinstance(rec, dict) or "prompt" not in rec:
+            raise ValueError(f"{where}: prompt: missing")
+        fields = dict(rec.get("params") or {})
+        if "early_commit" in fields:
+            raise ValueError(f"{where}: params.early_commit: set by the mode, not the workload")
+        if fields.get("constraints") is not None:
+            fields["constraints"] = {int(k): v for k, v in fields["constraints"].items()}
+        if "stop" in fields:
+            fields["stop"] = tuple(fields["stop"])
+        try:
+            own = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+            params = as_params({**own, **fields, "early_commit": None})
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}: params: {err}") from None
+        prompt = rec["prompt"]
+        task = rec.get("task")
+        task_prompt = rec.get("task_prompt")
+        if task is not None:
+            get_task(task)  # unknown names fail here, not after the run
+            if task_prompt is None and isinstance(prompt, str):
+                task_prompt = prompt
+        if isinstance(prompt, str) and chat_template and not rec.get("raw", False):
+            prompt = [{"role": "user", "content": prompt}]
+        out.append(BenchRequest(prompt, params, task, task_prompt))
+    if not out:
+        raise ValueError(f"{path}: no requests")
+    return out
+
+
+def describe(requests: Sequence[BenchRequest]) -> dict:
+    """What the workload is made of (for the JSON): counts of each drawn choice."""
+
+    def counts(values: list) -> dict:
+        return {str(k): v for k, v in sorted(Counter(values).items(), key=lambda kv: str(kv[0]))}
+
+    return {
+        "n": len(requests),
+        "tasks": counts([r.task for r in requests]),
+        "gen_lengths": counts([r.params.gen_length for r in requests]),
+        "block_lengths": counts([r.params.block_length for r in requests]),
+        "steps": counts([r.params.steps for r in requests]),
+        "request_hash": request_hash([(r.prompt, r.params) for r in requests]),
+    }
