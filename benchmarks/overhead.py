@@ -33,7 +33,6 @@ import foretell.engine.runner as runner_module
 from foretell.bench.report import machine_info, model_info
 from foretell.bench.run import mode_params, share_model, warm_up
 from foretell.bench.setup import configure_prophet, load_for_bench
-from foretell.bench.workload import make_workload
 
 
 class Buckets:
@@ -194,15 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = load_for_bench(args.model, default_layout=args.default_layout)
     thresholds = tuple(float(v) for v in args.thresholds.split(",")) if args.thresholds else None
     prophet = configure_prophet(setup.prophet, thresholds, args.prophet_statistic)
-    requests = make_workload(
-        setup.base,
-        args.n,
-        seed=args.seed,
-        tasks=setup.tasks,
-        block_lengths=setup.block_lengths,
-        step_budgets=setup.step_budgets,
-        gen_lengths=setup.gen_lengths,
-    )
+    requests = setup.workload(args.n, args.seed)
     warm_up(setup.loaded, requests, args.batch_size)
     records = []
     for mode in args.modes.split(","):

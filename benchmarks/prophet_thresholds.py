@@ -22,7 +22,6 @@ import torch
 from foretell.bench.report import machine_info, model_info
 from foretell.bench.run import run_mode
 from foretell.bench.setup import configure_prophet, load_for_bench
-from foretell.bench.workload import make_workload
 
 GRID = (
     ("mean", (7.5, 5.0, 2.5)),
@@ -47,15 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     setup = load_for_bench(args.model, default_layout=args.default_layout)
-    requests = make_workload(
-        setup.base,
-        args.n,
-        seed=args.seed,
-        tasks=setup.tasks,
-        block_lengths=setup.block_lengths,
-        step_budgets=setup.step_budgets,
-        gen_lengths=setup.gen_lengths,
-    )
+    requests = setup.workload(args.n, args.seed)
     full = run_mode(setup.loaded, requests, "engine", batch_size=args.batch_size, prophet=None)
     rows = []
     print(

@@ -23,7 +23,6 @@ from foretell.bench.report import machine_info, model_info, plot_scaling
 from foretell.bench.run import warm_up
 from foretell.bench.scaling import format_scaling, run_scaling
 from foretell.bench.setup import configure_prophet, load_for_bench
-from foretell.bench.workload import make_workload
 
 
 def _ints(text: str) -> list[int]:
@@ -51,15 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = load_for_bench(args.model, default_layout=args.default_layout)
     thresholds = tuple(float(v) for v in args.thresholds.split(",")) if args.thresholds else None
     prophet = configure_prophet(setup.prophet, thresholds, args.prophet_statistic)
-    pool = make_workload(
-        setup.base,
-        max([*args.ns, args.sweep_n]),
-        seed=args.seed,
-        tasks=setup.tasks,
-        block_lengths=setup.block_lengths,
-        step_budgets=setup.step_budgets,
-        gen_lengths=setup.gen_lengths,
-    )
+    pool = setup.workload(max([*args.ns, args.sweep_n]), args.seed)
     warm_up(setup.loaded, pool, args.batch_size)
     scaling = run_scaling(
         setup.loaded,

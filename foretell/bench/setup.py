@@ -32,6 +32,20 @@ class BenchSetup:
     step_budgets: list[int] = field(default_factory=list)
     gen_lengths: list[int] = field(default_factory=list)
 
+    def workload(self, n: int, seed: int) -> list:
+        """``n`` seeded requests in this setup's mix (the same list for every mode)."""
+        from foretell.bench.workload import make_workload
+
+        return make_workload(
+            self.base,
+            n,
+            seed=seed,
+            tasks=self.tasks,
+            block_lengths=self.block_lengths,
+            step_budgets=self.step_budgets,
+            gen_lengths=self.gen_lengths,
+        )
+
 
 def configure_prophet(
     prophet: Prophet,
