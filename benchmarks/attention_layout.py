@@ -14,16 +14,14 @@ both alike.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from foretell.bench.report import machine_info, model_info
+from foretell.bench.report import machine_info, model_info, write_json
 from foretell.models.registry import LoadedModel, load_model
 
 
@@ -165,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "command": "python benchmarks/attention_layout.py " + " ".join(sys.argv[1:]),
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_json(args.out, result)
     return 0
 
 

@@ -17,7 +17,6 @@ import argparse
 import cProfile
 import dataclasses
 import io
-import json
 import pstats
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 import foretell.engine.engine as engine_module
 import foretell.engine.runner as runner_module
-from foretell.bench.report import machine_info, model_info
+from foretell.bench.report import machine_info, model_info, write_json
 from foretell.bench.run import mode_params, share_model, warm_up
 from foretell.bench.setup import configure_prophet, load_for_bench
 
@@ -213,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": {"name": setup.name, **model_info(setup.loaded.model, setup.loaded.path)},
             "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_json(args.out, result)
     return 0
 
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-from foretell.bench.report import machine_info, model_info
+from foretell.bench.report import machine_info, model_info, write_json
 from foretell.bench.run import run_mode
 from foretell.bench.setup import configure_prophet, load_for_bench
 
@@ -87,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": {"name": setup.name, **model_info(setup.loaded.model, setup.loaded.path)},
             "machine": machine_info(),
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_json(args.out, result)
     return 0
 
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-from foretell.bench.report import machine_info, model_info, plot_scaling
+from foretell.bench.report import machine_info, model_info, plot_scaling, write_json
 from foretell.bench.run import warm_up
 from foretell.bench.scaling import format_scaling, run_scaling
 from foretell.bench.setup import configure_prophet, load_for_bench
@@ -72,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "args": vars(args),
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_json(args.out, result)
     if args.plot:
         plot_scaling(scaling, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -7,10 +7,8 @@ nothing heavy is imported until the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 MODE_NAMES = "reference,static,static-prophet,engine,engine-prophet"
 
@@ -113,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
         model_info,
         plot_modes,
         plot_scaling,
+        write_json,
     )
     from foretell.bench.run import parse_modes, run_modes, work_units
     from foretell.bench.scaling import format_scaling, run_scaling
@@ -233,9 +232,7 @@ def main(args: argparse.Namespace) -> int:
             plot_scaling(result["scaling"], args.scaling_plot)
 
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_json(args.out, result)
     if args.plot:
         plot_modes(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -8,6 +8,7 @@ them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -26,6 +27,13 @@ TARGETS = (
         1.25,
     ),
 )
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    """Write a benchmark result (creating its folder) and say where, on stderr."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def machine_info() -> dict:
