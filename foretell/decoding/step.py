@@ -98,7 +98,7 @@ def _try_commit(
     if not bool(have.all()):
         fill_logits[~have] = more_logits(masked[~have])
     x0, _ = _candidates(req, fill_logits, "random")
-    req.canvas[masked] = x0
+    req.write(masked, x0)
     req.revealed_last_step = masked
     req.commit_step = req.global_step
     req.finish("early_commit")
@@ -119,7 +119,7 @@ def _candidates(req: Request, logits: torch.Tensor, rule: str):
 
 
 def _reveal(req: Request, window: torch.Tensor, x0: torch.Tensor, chosen: torch.Tensor) -> None:
-    req.canvas[window[chosen]] = x0[chosen]
+    req.write(window[chosen], x0[chosen])
     req.revealed_last_step = window[chosen]
 
 

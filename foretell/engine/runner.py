@@ -45,9 +45,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> list[RequestLogits]:
         seqs: list[torch.Tensor] = []
-        offsets: list[tuple[int, int | None]] = []  # (conditional, unconditional) starts
+        offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)  # (cond, uncond) starts
         total = 0
-        for req in batch:
+        # Packed by canvas length, so that equal lengths are neighbours and attention runs
+        # once per length (packed_attention batches runs of equal lengths).
+        for i in sorted(range(len(batch)), key=lambda i: batch[i].canvas_len):
+            req = batch[i]
             cond = total
             seqs.append(req.canvas)
             total += req.canvas_len
@@ -56,7 +59,7 @@ class ModelRunner:
                 uncond = total
                 seqs.append(req.unconditional_canvas())
                 total += req.canvas_len
-            offsets.append((cond, uncond))
+            offsets[i] = (cond, uncond)
         seq_lens = [len(s) for s in seqs]
         ids = torch.cat(seqs).to(self.device)
         positions = torch.cat([self._arange(n) for n in seq_lens]).to(self.device)

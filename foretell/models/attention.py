@@ -3,9 +3,10 @@
 The engine packs every running canvas into one flat ``[tokens, heads, head_dim]`` tensor with
 per-sequence boundaries, so attention must never cross a boundary. Backends:
 
-- ``sdpa`` (default, CPU and GPU): torch's scaled_dot_product_attention run per sequence on views
-  of the packed tensor. On CPU this beat a padded batch with a boolean mask (see
-  docs/benchmarks.md), because no work is spent on padding.
+- ``sdpa`` (default, CPU and GPU): torch's scaled_dot_product_attention run on views of the
+  packed tensor, one batched call per run of consecutive equal-length sequences (the runner
+  packs canvases ordered by length, so a run is usually every canvas of one length). On CPU
+  this beat a padded batch with a boolean mask (see docs/benchmarks.md): no work on padding.
 - ``flash``: flash-attn's varlen kernel (CUDA only; untested on the CPU machines we develop on).
 - ``xformers``: xformers' memory-efficient attention with a block-diagonal mask (CUDA only;
   untested here).
@@ -78,13 +79,28 @@ def packed_attention(
         return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
     out = torch.empty_like(q)
     start = 0
-    for length in seq_lens:
-        end = start + length
-        # [L, H, D] -> [1, H, L, D]: a view, so the only copy is SDPA's output.
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+    for length, count in _runs(seq_lens):
+        end = start + length * count
+        # A run of ``count`` equal-length sequences is one batched call:
+        # [count * L, H, D] -> [count, H, L, D] (a view; the only copy is SDPA's output).
+        qs, ks, vs = (
+            t[start:end].reshape(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
+        )
+        res = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+        out[start:end] = res.reshape(count * length, *q.shape[1:])
         start = end
     return out
+
+
+def _runs(seq_lens: list[int]) -> list[tuple[int, int]]:
+    """``(length, count)`` for each run of consecutive equal lengths."""
+    runs: list[tuple[int, int]] = []
+    for length in seq_lens:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        else:
+            runs.append((length, 1))
+    return runs
 
 
 def padded_attention(

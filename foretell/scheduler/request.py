@@ -7,6 +7,7 @@ cannot depend on what else shares the batch.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None
+    # Sorted masked canvas positions, recomputed only after the canvas changes (``write``): the
+    # decoding step asks for them several times per step.
+    _masked: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _masked_list: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -98,12 +103,23 @@ class Request:
         return start, start + self.params.block_length
 
     def masked_positions(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        window = self.canvas[start:end]
-        return (window == self.mask_token_id).nonzero().flatten() + start
+        """Sorted canvas positions in ``[start, end)`` that still hold the mask token."""
+        if self._masked is None:
+            self._masked = (self.canvas == self.mask_token_id).nonzero().flatten()
+            self._masked_list = self._masked.tolist()
+        lo = bisect.bisect_left(self._masked_list, start)
+        hi = len(self._masked_list) if end is None else bisect.bisect_left(self._masked_list, end)
+        return self._masked[lo:hi]
+
+    def write(self, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Put ``tokens`` at canvas ``positions``: the only way decoding changes a canvas."""
+        self.canvas[positions] = tokens
+        self._masked = None
 
     def apply_constraints(self) -> None:
         for pos, token in self.constraint_ids.items():
             self.canvas[self.prompt_len + pos] = token
+        self._masked = None
 
     def unconditional_canvas(self) -> torch.Tensor:
         """The cfg input: the canvas with the prompt (and constraints) masked."""
