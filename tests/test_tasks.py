@@ -27,7 +27,7 @@ def gen(answer: str, scratch: str = "") -> str:
 
 
 def test_registry() -> None:
-    assert set(TASKS) == {"countdown", "pick", "twosum"}
+    assert set(TASKS) == {"countdown", "pick", "shuffle", "twosum"}
     assert get_task("countdown") is TASKS["countdown"]
     with pytest.raises(ValueError, match="unknown task"):
         get_task("nope")
@@ -143,6 +143,37 @@ def test_twosum_checker() -> None:
     # A number may not be used twice, even when doubling it hits the target.
     assert not task.check("4 2 7 9 5+14", gen("7+7"))
     assert task.check("4 2 7 9 5+14", gen("9+5"))
+
+
+def test_shuffle_accepts_every_other_order_and_nothing_else() -> None:
+    task = get_task("shuffle")
+    prompt = "shuffle dca"
+    valid = {"".join(p) for p in itertools.permutations("dca")} - {"dca"}
+    assert len(valid) == 5
+    for answer in valid:
+        assert task.check(prompt, gen(answer, answer)), answer
+    # The given order, a repeated letter (what one-step decoding spells), a missing or foreign
+    # letter, and no marker are all wrong.
+    for wrong in ("dca", "dda", "aac", "dc", "dcab", "dcx", "", "DCA"):
+        assert not task.check(prompt, gen(wrong)), wrong
+    assert not task.check(prompt, "acd")
+    assert task.key("shuffle dca") == task.key("shuffle acd") != task.key("shuffle acb")
+    for bad in ("shuffle dd", "shuffle dda", "shuffle abcd", "dca"):
+        with pytest.raises(ValueError, match="not a shuffle prompt"):
+            task.check(bad, gen("abc"))
+
+
+def test_shuffle_samples_are_uniform_over_valid_orders() -> None:
+    task = get_task("shuffle")
+    rng = random.Random(0)
+    counts: dict[int, int] = {}
+    for _ in range(3000):
+        ex = task.sample(rng)
+        letters = ex.prompt.split()[1]
+        assert ex.scratch == ex.answer != letters and sorted(ex.answer) == sorted(letters)
+        pattern = tuple(letters.index(c) for c in ex.answer)
+        counts[hash(pattern)] = counts.get(hash(pattern), 0) + 1
+    assert len(counts) == 5 and min(counts.values()) > 500  # 600 expected each
 
 
 def test_evaluate() -> None:
