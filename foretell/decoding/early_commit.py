@@ -7,6 +7,8 @@ step's prediction and the request is done: the scheduler evicts it in the same s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from foretell.params import Prophet
@@ -22,7 +24,12 @@ def answer_region(policy: Prophet, prompt_len: int, canvas_len: int, masked: tor
     if policy.answer_start is None:
         return masked
     start = prompt_len + policy.answer_start
-    end = min(start + policy.answer_length, canvas_len)
+    return _span(start, min(start + policy.answer_length, canvas_len))
+
+
+@functools.lru_cache(maxsize=1024)
+def _span(start: int, end: int) -> torch.Tensor:
+    """``arange(start, end)``, built once per span (callers only index with it)."""
     return torch.arange(start, end)
 
 
@@ -31,7 +38,13 @@ def logit_gap(logits: torch.Tensor, statistic: str) -> float | None:
     if logits.shape[0] == 0:
         return None
     top2 = logits.topk(2, dim=-1).values
-    gaps = top2[:, 0] - top2[:, 1]
+    return reduce_gaps(top2[:, 0] - top2[:, 1], statistic)
+
+
+def reduce_gaps(gaps: torch.Tensor, statistic: str) -> float | None:
+    """Per-row gaps reduced by ``statistic`` (None for no rows)."""
+    if gaps.shape[0] == 0:
+        return None
     return float(gaps.mean() if statistic == "mean" else gaps.min())
 
 

@@ -11,12 +11,14 @@ from collections.abc import Callable
 
 import torch
 
-from foretell.decoding.early_commit import answer_region, logit_gap, should_commit
+from foretell.decoding.early_commit import answer_region, logit_gap, reduce_gaps, should_commit
 from foretell.decoding.unmask import (
+    RowStats,
     above_threshold,
     candidates,
     choose,
     dream_transfer_count,
+    greedy_llada,
     llada_block_schedule,
 )
 from foretell.scheduler.request import Request
@@ -47,7 +49,12 @@ def positions_needed(req: Request) -> torch.Tensor:
     region = answer_region(policy, req.prompt_len, req.canvas_len, masked)
     if policy.answer_start is None:
         return masked  # the window is inside it, and a commit needs every mask anyway
-    return torch.cat([window, region]).unique()
+    if region.numel() == 0:
+        return window
+    # The span is contiguous: keep the window's positions before and after it.
+    bounds = torch.tensor([int(region[0]), int(region[-1]) + 1])
+    lo, hi = torch.searchsorted(window, bounds).tolist()
+    return torch.cat([window[:lo], region, window[hi:]])
 
 
 def _rows(positions: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -56,9 +63,17 @@ def _rows(positions: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
 
 
 def advance(
-    req: Request, positions: torch.Tensor, logits: torch.Tensor, more_logits: MoreLogits
+    req: Request,
+    positions: torch.Tensor,
+    logits: torch.Tensor,
+    more_logits: MoreLogits,
+    stats: RowStats | None = None,
 ) -> None:
-    """Apply one step to ``req`` (its forward pass has run): commit early, or reveal."""
+    """Apply one step to ``req`` (its forward pass has run): commit early, or reveal.
+
+    ``stats``, when the runner computed them for the whole pass, are ``logits``' greedy
+    statistics; they give the same result as ``logits`` and save per-request work.
+    """
     p = req.params
     req.global_step += 1
     if req.uses_blocks and req.step_in_block == 0 and p.remasking != "confidence_threshold":
@@ -66,15 +81,19 @@ def advance(
         req.block_schedule = llada_block_schedule(
             int(req.masked_positions(start, end).numel()), p.steps_per_block
         )
-    if p.early_commit is not None and _try_commit(req, positions, logits, more_logits):
+    if p.early_commit is not None and _try_commit(req, positions, logits, more_logits, stats):
         return
+    window_stats = None
     if p.early_commit is None:  # positions_needed gave exactly the window
         window, window_logits = positions, logits
+        window_stats = stats
     else:
         window = _decoding_window(req)
-        window_logits = logits[_rows(positions, window)]
+        rows = _rows(positions, window)
+        window_logits = logits[rows]
+        window_stats = None if stats is None else stats.take(rows)
     if req.uses_blocks:
-        _reveal_llada(req, window, window_logits)
+        _reveal_llada(req, window, window_logits, window_stats)
     else:
         _reveal_dream(req, window, window_logits)
     # The references write the constraints again after every reveal; that is a no-op here (a
@@ -82,12 +101,20 @@ def advance(
 
 
 def _try_commit(
-    req: Request, positions: torch.Tensor, logits: torch.Tensor, more_logits: MoreLogits
+    req: Request,
+    positions: torch.Tensor,
+    logits: torch.Tensor,
+    more_logits: MoreLogits,
+    stats: RowStats | None,
 ) -> bool:
     policy = req.params.early_commit
     masked = req.masked_positions(req.prompt_len)
     region = answer_region(policy, req.prompt_len, req.canvas_len, masked)
-    gap = logit_gap(logits[_rows(positions, region)], policy.statistic)
+    rows = _rows(positions, region)
+    if stats is None:
+        gap = logit_gap(logits[rows], policy.statistic)
+    else:
+        gap = reduce_gaps(stats.gap[rows], policy.statistic)
     req.last_gap = gap
     if not should_commit(policy, gap, req.global_step, req.params.steps):
         return False
@@ -123,9 +150,14 @@ def _reveal(req: Request, window: torch.Tensor, x0: torch.Tensor, chosen: torch.
     req.revealed_last_step = window[chosen]
 
 
-def _reveal_llada(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:
+def _reveal_llada(
+    req: Request, window: torch.Tensor, logits: torch.Tensor, stats: RowStats | None
+) -> None:
     p = req.params
-    x0, scores = _candidates(req, logits, p.remasking)
+    if stats is not None and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k):
+        x0, scores = stats.argmax, (None if p.remasking == "random" else stats.prob)
+    else:
+        x0, scores = _candidates(req, logits, p.remasking)
     if p.remasking == "confidence_threshold":
         if window.numel():
             _reveal(req, window, x0, above_threshold(scores, p.threshold))

@@ -7,8 +7,47 @@ Random draws come from the request's own generator.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """Greedy statistics of logits rows, computed once for a whole forward pass.
+
+    Greedy LLaDA decoding and Prophet's gap need only these per row; computing them in a few
+    batched ops instead of a few ops per request keeps the engine's per-step overhead small.
+    Row ``i`` equals what :func:`candidates` (greedy, no filtering) and the gap of
+    :func:`foretell.decoding.early_commit.logit_gap` compute from that row alone.
+    """
+
+    argmax: torch.Tensor  # [rows] the greedy token
+    prob: torch.Tensor  # [rows] float64 softmax probability of the greedy token
+    gap: torch.Tensor  # [rows] top-1 minus top-2 logit
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> RowStats:
+        argmax = logits.argmax(dim=-1)
+        prob = F.softmax(logits.double(), -1).gather(-1, argmax[:, None]).squeeze(-1)
+        top2 = logits.topk(2, dim=-1).values
+        return cls(argmax, prob, top2[:, 0] - top2[:, 1])
+
+    def take(self, rows: torch.Tensor | slice) -> RowStats:
+        return RowStats(self.argmax[rows], self.prob[rows], self.gap[rows])
+
+
+def greedy_llada(family: str, rule: str, temperature: float, top_p, top_k) -> bool:
+    """Whether :class:`RowStats` give this decoding's candidates exactly (LLaDA's greedy rules
+    without filtering; Dream scores with filtered float32 probabilities)."""
+    return (
+        family != "dream"
+        and temperature == 0
+        and (top_p is None or top_p >= 1)
+        and top_k is None
+        and rule in ("low_confidence", "confidence_threshold", "random")
+    )
 
 
 def llada_block_schedule(masked: int, steps: int) -> list[int]:

@@ -240,7 +240,7 @@ class Engine:
             return
         for req, res in zip(batch, results, strict=True):
             try:
-                advance(req, res.positions, res.logits, res.more)
+                advance(req, res.positions, res.logits, res.more, res.stats)
             except Exception as err:  # one request's failure must not stop the others
                 req.finish("error", f"decoding failed: {err!r}")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from foretell.decoding import positions_needed
+from foretell.decoding.unmask import RowStats
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
 
@@ -27,6 +28,7 @@ class RequestLogits:
     positions: torch.Tensor  # canvas positions, sorted
     logits: torch.Tensor  # [len(positions), vocab], aligned, cfg applied
     more: Callable[[torch.Tensor], torch.Tensor]  # logits at other positions of this pass
+    stats: RowStats | None = None  # greedy statistics of ``logits`` (None with cfg)
 
 
 class ModelRunner:
@@ -72,6 +74,9 @@ class ModelRunner:
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
         gathered = gathered.cpu()
+        # One batched computation of what greedy decoding and Prophet read from each row; cfg
+        # rows are guided per request first, so they do without.
+        stats = RowStats.of(gathered) if any(r.params.cfg_scale <= 0 for r in batch) else None
 
         def more(pos: torch.Tensor, req: Request, rows: tuple[int, int | None]) -> torch.Tensor:
             with torch.inference_mode():
@@ -83,8 +88,12 @@ class ModelRunner:
         for req, starts, pos in zip(batch, offsets, needed, strict=True):
             n = len(pos) * req.num_sequences
             logits = self._guided(req, gathered[cursor : cursor + n])
+            own = None
+            if stats is not None and req.params.cfg_scale <= 0:
+                own = stats.take(slice(cursor, cursor + n))
             cursor += n
-            out.append(RequestLogits(pos, logits, functools.partial(more, req=req, rows=starts)))
+            more_fn = functools.partial(more, req=req, rows=starts)
+            out.append(RequestLogits(pos, logits, more_fn, own))
         return out
 
     @staticmethod

@@ -27,7 +27,11 @@ from foretell.tasks import (
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 # Tasks the shipped model was trained on (docs/training.md has its measured accuracy).
-TASK_NAMES = ("twosum",)
+TASK_NAMES = ("shuffle",)
+# Prophet's answer span: the shipped task's answer, three letters from ANSWER_START. Not the whole
+# tail: the EOS after the answer is certain from the first step, and its large gaps would lift
+# the mean over the tail past the threshold before the answer itself is settled.
+PROPHET_ANSWER_LENGTH = 3
 # Full decoding as measured in docs/training.md: LLaDA semi-autoregressive blocks, one token
 # revealed per step, greedy, low-confidence remasking.
 BLOCK_LENGTH = 8
@@ -50,6 +54,7 @@ __all__ = [
     "GEN_LENGTH",
     "HELDOUT_SEED",
     "MARKER_POSITION",
+    "PROPHET_ANSWER_LENGTH",
     "STEPS",
     "TASK_NAMES",
     "answer_constraints",

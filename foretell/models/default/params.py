@@ -25,6 +25,6 @@ def default_decode_params(tokenizer: object) -> DecodeParams:
 
 def default_prophet() -> Prophet:
     """Prophet over the default model's answer span (the reference's placement)."""
-    from foretell.models.default import ANSWER_LENGTH, ANSWER_START
+    from foretell.models.default import ANSWER_START, PROPHET_ANSWER_LENGTH
 
-    return Prophet(answer_start=ANSWER_START, answer_length=ANSWER_LENGTH)
+    return Prophet(answer_start=ANSWER_START, answer_length=PROPHET_ANSWER_LENGTH)
