@@ -52,6 +52,8 @@ def bench_json(tmp_path_factory) -> dict:
             "8,16",
             "--step-budgets",
             "8,16",
+            "--remaskings",
+            "low_confidence,random",
             "--no-warmup",
             "--save-workload",
             str(out.with_suffix(".jsonl")),
@@ -99,6 +101,16 @@ def test_every_mode_saw_the_same_requests(bench_json: dict) -> None:
     )
 
 
+def test_the_workload_mixes_the_remaskings_asked_for(bench_json: dict) -> None:
+    assert set(bench_json["workload"]["remasking"]) == {"low_confidence", "random"}
+
+
+def test_an_unknown_remasking_is_refused_by_name(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "tiny", "--remaskings", "low_confidence,nope"])
+    assert "nope" in capsys.readouterr().err
+
+
 def test_a_mode_with_other_requests_is_caught() -> None:
     with pytest.raises(RuntimeError, match="different requests"):
         check_same_requests(
@@ -111,12 +123,21 @@ def test_a_mode_with_other_requests_is_caught() -> None:
 
 def test_workload_is_seeded_prefix_stable_and_round_trips(tmp_path) -> None:
     base = DecodeParams(gen_length=32, block_length=8, steps=32, constraints={16: 5})
-    kw = {"block_lengths": [8, 16, 32], "step_budgets": [32, 16]}
+    kw = {
+        "block_lengths": [8, 16, 32],
+        "step_budgets": [32, 16],
+        "remaskings": ["low_confidence", "random"],
+    }
     small, big = make_workload(base, 10, seed=3, **kw), make_workload(base, 20, seed=3, **kw)
     assert small == big[:10]
     assert make_workload(base, 10, seed=4, **kw) != small
     assert all(r.params.early_commit is None for r in big)
     assert {r.params.block_length for r in big} == {8, 16, 32}
+    assert {r.params.remasking for r in big} == {"low_confidence", "random"}
+    # One choice draws nothing: the requests are those of a workload without the option.
+    one = make_workload(base, 10, seed=3, **{**kw, "remaskings": ["low_confidence"]})
+    plain = make_workload(base, 10, seed=3, block_lengths=[8, 16, 32], step_budgets=[32, 16])
+    assert one == plain
     path = tmp_path / "w.jsonl"
     save_workload(big, path)
     again = load_workload(path, DecodeParams())

@@ -25,6 +25,19 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _names(text: str) -> list[str]:
+    """Comma-separated remasking rules, checked against DecodeParams' own list."""
+    from foretell.params import REMASKING, REMASKING_ALIASES
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in REMASKING and v not in REMASKING_ALIASES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(
+            f"unknown remasking {unknown or text!r}; choose from {', '.join(REMASKING)}"
+        )
+    return values
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -66,6 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--step-budgets", type=_ints, help="step budgets to mix (default: model-dependent)"
+    )
+    p.add_argument(
+        "--remaskings",
+        type=_names,
+        help="remasking rules to mix, e.g. low_confidence,random (default: model-dependent)",
     )
     p.add_argument(
         "--gen-lengths",
@@ -141,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
             block_lengths=args.block_lengths or setup.block_lengths,
             step_budgets=args.step_budgets or setup.step_budgets,
             gen_lengths=args.gen_lengths or setup.gen_lengths,
+            remaskings=args.remaskings or setup.remaskings,
         )
 
     if args.workload:
@@ -156,6 +175,7 @@ def main(args: argparse.Namespace) -> int:
                 "block_lengths": args.block_lengths or setup.block_lengths,
                 "step_budgets": args.step_budgets or setup.step_budgets,
                 "gen_lengths": args.gen_lengths or setup.gen_lengths or [setup.base.gen_length],
+                "remaskings": args.remaskings or setup.remaskings or [setup.base.remasking],
                 "prompts": "held-out task prompts, chat template",
             }
         }

@@ -31,6 +31,7 @@ class BenchSetup:
     block_lengths: list[int] = field(default_factory=list)
     step_budgets: list[int] = field(default_factory=list)
     gen_lengths: list[int] = field(default_factory=list)
+    remaskings: list[str] = field(default_factory=list)
 
     def workload(self, n: int, seed: int) -> list:
         """``n`` seeded requests in this setup's mix (the same list for every mode)."""
@@ -44,6 +45,7 @@ class BenchSetup:
             block_lengths=self.block_lengths,
             step_budgets=self.step_budgets,
             gen_lengths=self.gen_lengths,
+            remaskings=self.remaskings,
         )
 
 

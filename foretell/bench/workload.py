@@ -70,28 +70,35 @@ def make_workload(
     n: int,
     *,
     seed: int = 0,
-    tasks: Sequence[str] = ("countdown", "twosum"),
+    tasks: Sequence[str] | None = None,
     block_lengths: Sequence[int] | None = None,
     step_budgets: Sequence[int] | None = None,
     gen_lengths: Sequence[int] | None = None,
+    remaskings: Sequence[str] | None = None,
     heldout_seed: int = 1234,
 ) -> list[BenchRequest]:
-    """``n`` seeded requests over ``tasks``' held-out prompts.
+    """``n`` seeded requests over ``tasks``' held-out prompts (default: the shipped model's).
 
-    Each request draws its task, generation length, block length and step budget uniformly from
-    the given choices (combinations that ``DecodeParams`` refuses, e.g. a block length that does
-    not divide the generation, are never drawn). ``base`` supplies everything else (the model's
-    own layout and constraints). The draws are sequential, so the first ``k`` requests of a
-    workload of ``n > k`` are the workload of ``k``: scaling runs grow one list.
+    Each request draws its task, generation length, block length, step budget and remasking
+    rule uniformly from the given choices (combinations that ``DecodeParams`` refuses, e.g. a
+    block length that does not divide the generation, are never drawn). ``base`` supplies
+    everything else (the model's own layout and constraints). The draws are sequential, so the
+    first ``k`` requests of a workload of ``n > k`` are the workload of ``k``: scaling runs grow
+    one list.
     """
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
+    if tasks is None:
+        from foretell.models.default import TASK_NAMES
+
+        tasks = TASK_NAMES
     if not tasks:
         raise ValueError("tasks: need at least one task")
     task_objs = [get_task(name) for name in tasks]
     gen_lengths = list(gen_lengths or [base.gen_length])
     block_lengths = list(block_lengths or [base.block_length])
     step_budgets = list(step_budgets or [base.steps])
+    remaskings = list(remaskings or [base.remasking])
     rng = random.Random(f"foretell-bench/{seed}")
     # Held-out streams are distinct by key and prefix-stable, so drawing from them in order
     # never repeats a problem.
@@ -114,6 +121,7 @@ def make_workload(
                 f"{_divisors(gen)}; steps must be a multiple of the number of blocks)"
             )
         block, steps = rng.choice(combos)
+        remasking = rng.choice(remaskings) if len(remaskings) > 1 else remaskings[0]
         constraints = base.constraints
         if constraints and gen != base.gen_length:
             # The model's layout (e.g. a forced answer marker) is tied to its own length.
@@ -122,6 +130,7 @@ def make_workload(
             gen_length=gen,
             block_length=block,
             steps=steps,
+            remasking=remasking,
             constraints=constraints,
             early_commit=None,
             seed=rng.randrange(2**31),
@@ -200,5 +209,6 @@ def describe(requests: Sequence[BenchRequest]) -> dict:
         "gen_lengths": counts([r.params.gen_length for r in requests]),
         "block_lengths": counts([r.params.block_length for r in requests]),
         "steps": counts([r.params.steps for r in requests]),
+        "remasking": counts([r.params.remasking for r in requests]),
         "request_hash": request_hash([(r.prompt, r.params) for r in requests]),
     }
