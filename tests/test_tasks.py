@@ -27,7 +27,7 @@ def gen(answer: str, scratch: str = "") -> str:
 
 
 def test_registry() -> None:
-    assert set(TASKS) == {"countdown", "pick", "shuffle", "twosum"}
+    assert set(TASKS) == {"arrange", "countdown", "pick", "shuffle", "twosum"}
     assert get_task("countdown") is TASKS["countdown"]
     with pytest.raises(ValueError, match="unknown task"):
         get_task("nope")
@@ -174,6 +174,17 @@ def test_shuffle_samples_are_uniform_over_valid_orders() -> None:
         pattern = tuple(letters.index(c) for c in ex.answer)
         counts[hash(pattern)] = counts.get(hash(pattern), 0) + 1
     assert len(counts) == 5 and min(counts.values()) > 500  # 600 expected each
+
+
+def test_arrange_accepts_every_order_including_the_given_one() -> None:
+    task = get_task("arrange")
+    prompt = "arrange dca"
+    for answer in ("".join(p) for p in itertools.permutations("dca")):
+        assert task.check(prompt, gen(answer, answer)), answer
+    for wrong in ("dda", "dc", "dcab", "dcx", ""):
+        assert not task.check(prompt, gen(wrong)), wrong
+    with pytest.raises(ValueError, match="not an arrange prompt"):
+        task.check("shuffle dca", gen("dca"))
 
 
 def test_evaluate() -> None:

@@ -8,7 +8,7 @@ answer after the fixed ``answer:`` marker, and the seeded train / held-out split
 
 from __future__ import annotations
 
-from foretell.tasks import countdown, pick, shuffle, twosum
+from foretell.tasks import arrange, countdown, pick, shuffle, twosum
 from foretell.tasks.base import (
     ALPHABET,
     ANSWER_LENGTH,
@@ -24,7 +24,9 @@ from foretell.tasks.base import (
     render_generation,
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (countdown.TASK, pick.TASK, shuffle.TASK, twosum.TASK)}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (arrange.TASK, countdown.TASK, pick.TASK, shuffle.TASK, twosum.TASK)
+}
 
 
 def get_task(name: str) -> Task:

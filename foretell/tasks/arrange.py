@@ -1,0 +1,53 @@
+"""Arrange: write three given letters in any order (the given one included).
+
+Prompt ``arrange dca``; generation ``adc`` (the arrangement, in the scratch region), then
+``answer: adc``. All six orders are valid. The letters depend on each other exactly as in
+:mod:`foretell.tasks.shuffle` (each position's marginal is spread over the letters, so one-step
+decoding repeats letters), without shuffle's extra rule that the given order is wrong: a model
+only needs exclusion, not also to steer away from one particular order.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+
+from foretell.tasks.base import Example, Task
+
+COUNT = 3
+_PROMPT = re.compile(rf"^arrange ([a-z]{{{COUNT}}})$")
+
+
+def sample(rng: random.Random) -> Example:
+    """Distinct random letters; the shown answer is a uniformly random order of them."""
+    letters = rng.sample(string.ascii_lowercase, COUNT)
+    order = rng.sample(letters, COUNT)
+    word = "".join(order)
+    return Example(prompt="arrange " + "".join(letters), answer=word, scratch=word)
+
+
+def parse_prompt(prompt: str) -> str:
+    m = _PROMPT.match(prompt)
+    if m is None or len(set(m.group(1))) != COUNT:
+        raise ValueError(f"not an arrange prompt: {prompt!r}")
+    return m.group(1)
+
+
+def check_answer(prompt: str, answer: str) -> bool:
+    """Valid iff the answer uses each given letter exactly once."""
+    return sorted(answer) == sorted(parse_prompt(prompt))
+
+
+def key(prompt: str) -> str:
+    """The same letters in another order are the same problem."""
+    return "".join(sorted(parse_prompt(prompt)))
+
+
+TASK = Task(
+    name="arrange",
+    sample=sample,
+    check_answer=check_answer,
+    key=key,
+    description="write the three given letters in any order",
+)
