@@ -66,10 +66,11 @@ def evaluate(
     use_tqdm: bool = True,
 ) -> dict:
     """Accuracy / forward passes per task and configuration, and the convergence curves."""
-    from foretell.models.default import HELDOUT_SEED
+    from foretell.models.default import HELDOUT_SEED, check_heldout_size
     from foretell.tasks import get_task
 
     seed = HELDOUT_SEED if seed is None else seed
+    check_heldout_size(max(n, curve_n), seed)
     names = ("Full", "Half", "Prophet", "One step")
     configs = [Config(name, r) for r in REMASKINGS for name in names]
     report: dict = {"n": n, "curve_n": curve_n, "heldout_seed": seed, "tasks": {}}

@@ -146,6 +146,13 @@ def test_workload_is_seeded_prefix_stable_and_round_trips(tmp_path) -> None:
     assert [r.task_prompt for r in again] == [r.task_prompt for r in big]
 
 
+def test_workload_refuses_prompts_training_did_not_hold_out() -> None:
+    base = DecodeParams(gen_length=32, block_length=8, steps=32)
+    with pytest.raises(ValueError, match="n: 501"):
+        make_workload(base, 501)
+    assert len(make_workload(base, 3, heldout_seed=7)) == 3  # another stream: no limit
+
+
 def test_workload_file_refuses_a_policy(tmp_path) -> None:
     path = tmp_path / "w.jsonl"
     path.write_text(json.dumps({"prompt": "hi", "params": {"early_commit": "prophet"}}) + "\n")

@@ -164,3 +164,22 @@ def test_serve_command_answers_openai_requests(checkpoint) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_eval_on_a_small_n(tmp_path, capsys) -> None:
+    out, plot = tmp_path / "eval.json", tmp_path / "curve.png"
+    args = ["eval", "--n", "4", "--curve-n", "2", "--threads", "1"]
+    assert main([*args, "--out", str(out), "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    for name in ("Full", "Half", "Prophet", "One step"):
+        assert f"{name} / low_confidence" in table and f"{name} / random" in table
+    report = json.loads(out.read_text())
+    assert report["n"] == 4
+    (task,) = report["tasks"].values()
+    assert plot.stat().st_size > 0
+    assert json.dumps(task)  # the per-configuration table and the curve are plain JSON
+
+
+def test_eval_refuses_prompts_training_did_not_hold_out(capsys) -> None:
+    assert main(["eval", "--n", "501"]) == 2
+    assert "n: 501" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from foretell.models.default import HELDOUT_SEED, TASK_NAMES, check_heldout_size
 from foretell.params import DecodeParams, as_params
 from foretell.tasks import get_task
 
@@ -75,7 +76,7 @@ def make_workload(
     step_budgets: Sequence[int] | None = None,
     gen_lengths: Sequence[int] | None = None,
     remaskings: Sequence[str] | None = None,
-    heldout_seed: int = 1234,
+    heldout_seed: int = HELDOUT_SEED,
 ) -> list[BenchRequest]:
     """``n`` seeded requests over ``tasks``' held-out prompts (default: the shipped model's).
 
@@ -89,12 +90,11 @@ def make_workload(
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
     if tasks is None:
-        from foretell.models.default import TASK_NAMES
-
         tasks = TASK_NAMES
     if not tasks:
         raise ValueError("tasks: need at least one task")
     task_objs = [get_task(name) for name in tasks]
+    check_heldout_size(n, heldout_seed)
     gen_lengths = list(gen_lengths or [base.gen_length])
     block_lengths = list(block_lengths or [base.block_length])
     step_budgets = list(step_budgets or [base.steps])

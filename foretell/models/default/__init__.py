@@ -36,7 +36,19 @@ PROPHET_ANSWER_LENGTH = 3
 # revealed per step, greedy, low-confidence remasking.
 BLOCK_LENGTH = 8
 STEPS = GEN_LENGTH
-HELDOUT_SEED = 1234  # seed of the held-out prompts (docs/training.md); never trained on
+HELDOUT_SEED = 1234  # seed of the held-out prompts (docs/training.md)
+# Training drops every problem among the first HELDOUT_SIZE prompts of each task's held-out
+# stream; later prompts of that stream may have been trained on (a task has only so many).
+HELDOUT_SIZE = 500
+
+
+def check_heldout_size(n: int, seed: int = HELDOUT_SEED) -> None:
+    """Refuse to evaluate on more held-out prompts than training held out."""
+    if seed == HELDOUT_SEED and n > HELDOUT_SIZE:
+        raise ValueError(
+            f"n: {n} held-out prompts asked for, but training held out only the first "
+            f"{HELDOUT_SIZE} of each task (HELDOUT_SIZE); later ones may have been trained on"
+        )
 
 
 def answer_constraints(tokenizer: object) -> dict[int, int]:
@@ -53,10 +65,12 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "GEN_LENGTH",
     "HELDOUT_SEED",
+    "HELDOUT_SIZE",
     "MARKER_POSITION",
     "PROPHET_ANSWER_LENGTH",
     "STEPS",
     "TASK_NAMES",
     "answer_constraints",
     "chat_prompt",
+    "check_heldout_size",
 ]

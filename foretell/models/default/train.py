@@ -25,6 +25,7 @@ from foretell.models.default import (
     BLOCK_LENGTH,
     DEFAULT_MODEL_DIR,
     HELDOUT_SEED,
+    HELDOUT_SIZE,
     STEPS,
     answer_constraints,
 )
@@ -54,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=384)
-    p.add_argument("--heldout", type=int, default=250, help="held-out prompts per task")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=HELDOUT_SIZE,
+        help=f"held-out prompts per task, never trained on (default {HELDOUT_SIZE})",
+    )
     p.add_argument("--eval-every", type=int, default=600)
     p.add_argument("--eval-n", type=int, default=100, help="held-out prompts per task per eval")
     p.add_argument("--log-every", type=int, default=50)
