@@ -27,7 +27,7 @@ from foretell.tasks import (
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 # Tasks the shipped model was trained on (docs/training.md has its measured accuracy).
-TASK_NAMES = ("shuffle",)
+TASK_NAMES = ("arrange",)
 # Prophet's answer span: the shipped task's answer, three letters from ANSWER_START. Not the whole
 # tail: the EOS after the answer is certain from the first step, and its large gaps would lift
 # the mean over the tail past the threshold before the answer itself is settled.
