@@ -54,6 +54,14 @@ def _fastest(
     return best
 
 
+def _row(rec: dict) -> dict:
+    """What a point's table row keeps of its fastest run."""
+    row = {k: rec[k] for k in KEEP}
+    row["wall_s_runs"] = rec["wall_s_runs"]
+    row["cpu_ms_per_sequence_pass"] = rec["cpu_ms_per_sequence_pass"]
+    return row
+
+
 def run_scaling(
     loaded: LoadedModel,
     requests: Callable[[int], Sequence[BenchRequest]],
@@ -83,11 +91,9 @@ def run_scaling(
     )
     for n in ns:
         rec = best[(n, batch_size)]
-        row = {k: rec[k] for k in KEEP}
-        row["wall_s_runs"] = rec["wall_s_runs"]
+        row = _row(rec)
         row["ms_per_request"] = 1000 * rec["wall_s"] / n
         row["cpu_ms_per_request"] = 1000 * rec["cpu_s"] / n
-        row["cpu_ms_per_sequence_pass"] = rec["cpu_ms_per_sequence_pass"]
         by_n.append(row)
         log(
             f"  N={n:<5} {rec['wall_s']:7.1f} s  {row['ms_per_request']:7.1f} ms/request  "
@@ -104,10 +110,8 @@ def run_scaling(
     )
     for size in max_num_seqs:
         rec = best[(sweep_n, size)]
-        row = {k: rec[k] for k in KEEP}
-        row["wall_s_runs"] = rec["wall_s_runs"]
+        row = _row(rec)
         row["max_num_seqs"] = size
-        row["cpu_ms_per_sequence_pass"] = rec["cpu_ms_per_sequence_pass"]
         by_seqs.append(row)
         log(
             f"  max_num_seqs={size:<3} {rec['tokens_per_s']:8.1f} tok/s  "
@@ -126,9 +130,7 @@ def format_scaling(scaling: dict) -> str:
     """Two small tables: cost per request against N, throughput against max_num_seqs."""
     lines = [f"{scaling['mode']}: cost per request against N (B={scaling['batch_size']})"]
     lines.append(f"{'N':>6} {'wall s':>8} {'ms/req':>8} {'CPU ms/req':>11} {'tok/s':>8}")
-    first = None
     for r in scaling["by_n"]:
-        first = first or r["ms_per_request"]
         lines.append(
             f"{r['n']:>6} {r['wall_s']:>8.1f} {r['ms_per_request']:>8.1f} "
             f"{r['cpu_ms_per_request']:>11.1f} {r['tokens_per_s']:>8.1f}"
