@@ -16,22 +16,31 @@ import string
 from foretell.tasks.base import Example, Task
 
 COUNT = 3
-_PROMPT = re.compile(rf"^arrange ([a-z]{{{COUNT}}})$")
+
+
+def distinct_letters(rng: random.Random) -> list[str]:
+    """``COUNT`` distinct random letters: the problem of ``arrange`` and ``shuffle``."""
+    return rng.sample(string.ascii_lowercase, COUNT)
+
+
+def parse_letters(prompt: str, command: str) -> str:
+    """The letters of ``"<command> <COUNT distinct letters>"``; a ValueError names the task."""
+    m = re.match(rf"^{command} ([a-z]{{{COUNT}}})$", prompt)
+    if m is None or len(set(m.group(1))) != COUNT:
+        article = "an" if command[0] in "aeiou" else "a"
+        raise ValueError(f"not {article} {command} prompt: {prompt!r}")
+    return m.group(1)
 
 
 def sample(rng: random.Random) -> Example:
     """Distinct random letters; the shown answer is a uniformly random order of them."""
-    letters = rng.sample(string.ascii_lowercase, COUNT)
-    order = rng.sample(letters, COUNT)
-    word = "".join(order)
+    letters = distinct_letters(rng)
+    word = "".join(rng.sample(letters, COUNT))
     return Example(prompt="arrange " + "".join(letters), answer=word, scratch=word)
 
 
 def parse_prompt(prompt: str) -> str:
-    m = _PROMPT.match(prompt)
-    if m is None or len(set(m.group(1))) != COUNT:
-        raise ValueError(f"not an arrange prompt: {prompt!r}")
-    return m.group(1)
+    return parse_letters(prompt, "arrange")
 
 
 def check_answer(prompt: str, answer: str) -> bool:

@@ -12,18 +12,14 @@ positional attention and exclusion, which a sub-million-parameter model learns i
 from __future__ import annotations
 
 import random
-import re
-import string
 
+from foretell.tasks.arrange import distinct_letters, parse_letters
 from foretell.tasks.base import Example, Task
-
-COUNT = 3
-_PROMPT = re.compile(rf"^shuffle ([a-z]{{{COUNT}}})$")
 
 
 def sample(rng: random.Random) -> Example:
     """Distinct random letters; the shown answer is a uniform order other than the given one."""
-    letters = rng.sample(string.ascii_lowercase, COUNT)
+    letters = distinct_letters(rng)
     order = letters[:]
     while order == letters:
         rng.shuffle(order)
@@ -32,10 +28,7 @@ def sample(rng: random.Random) -> Example:
 
 
 def parse_prompt(prompt: str) -> str:
-    m = _PROMPT.match(prompt)
-    if m is None or len(set(m.group(1))) != COUNT:
-        raise ValueError(f"not a shuffle prompt: {prompt!r}")
-    return m.group(1)
+    return parse_letters(prompt, "shuffle")
 
 
 def check_answer(prompt: str, answer: str) -> bool:
