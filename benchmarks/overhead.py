@@ -25,13 +25,11 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 import foretell.engine.engine as engine_module
 import foretell.engine.runner as runner_module
 from foretell.bench.report import machine_info, model_info, write_json
 from foretell.bench.run import mode_params, share_model, warm_up
-from foretell.bench.setup import configure_prophet, load_for_bench
+from foretell.bench.setup import add_setup_args, setup_from_args
 
 
 class Buckets:
@@ -176,22 +174,15 @@ def format_report(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="checkpoint (default: the shipped model); 'tiny' for a smoke")
-    p.add_argument("--default-layout", action="store_true")
+    add_setup_args(p)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="engine,engine-prophet")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--thresholds", help="Prophet's early,mid,late gap thresholds")
-    p.add_argument("--prophet-statistic", choices=["mean", "min"])
     p.add_argument("--profile", help="write the cProfile report (engine-prophet) here")
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    setup = load_for_bench(args.model, default_layout=args.default_layout)
-    thresholds = tuple(float(v) for v in args.thresholds.split(",")) if args.thresholds else None
-    prophet = configure_prophet(setup.prophet, thresholds, args.prophet_statistic)
+    setup, prophet = setup_from_args(args)
     requests = setup.workload(args.n, args.seed)
     warm_up(setup.loaded, requests, args.batch_size)
     records = []

@@ -15,11 +15,9 @@ import argparse
 import dataclasses
 import sys
 
-import torch
-
 from foretell.bench.report import machine_info, model_info, write_json
 from foretell.bench.run import run_mode
-from foretell.bench.setup import configure_prophet, load_for_bench
+from foretell.bench.setup import add_setup_args, configure_prophet, setup_from_args
 
 GRID = (
     ("mean", (7.5, 5.0, 2.5)),
@@ -34,16 +32,13 @@ GRID = (
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="checkpoint (default: the shipped model)")
-    p.add_argument("--default-layout", action="store_true")
+    add_setup_args(p, prophet=False)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=1, help="workload seed (bench reports seed 0)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    setup = load_for_bench(args.model, default_layout=args.default_layout)
+    setup, _ = setup_from_args(args)
     requests = setup.workload(args.n, args.seed)
     full = run_mode(setup.loaded, requests, "engine", batch_size=args.batch_size, prophet=None)
     rows = []

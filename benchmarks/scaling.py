@@ -15,12 +15,10 @@ import argparse
 import dataclasses
 import sys
 
-import torch
-
 from foretell.bench.report import machine_info, model_info, plot_scaling, write_json
 from foretell.bench.run import warm_up
 from foretell.bench.scaling import format_scaling, run_scaling
-from foretell.bench.setup import configure_prophet, load_for_bench
+from foretell.bench.setup import add_setup_args, setup_from_args
 
 
 def _ints(text: str) -> list[int]:
@@ -29,8 +27,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="checkpoint (default: the shipped model); 'tiny' for a smoke")
-    p.add_argument("--default-layout", action="store_true")
+    add_setup_args(p)
     p.add_argument("--mode", default="engine-prophet")
     p.add_argument("--ns", type=_ints, default=[100, 200, 400])
     p.add_argument("--batch-size", type=int, default=32, help="max_num_seqs for the N sweep")
@@ -38,16 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-n", type=int, default=200, help="requests per max_num_seqs point")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="fastest of R runs per point")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--thresholds", help="Prophet's early,mid,late gap thresholds")
-    p.add_argument("--prophet-statistic", choices=["mean", "min"])
     p.add_argument("--out", help="write JSON here")
     p.add_argument("--plot", help="write a PNG here")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    setup = load_for_bench(args.model, default_layout=args.default_layout)
-    thresholds = tuple(float(v) for v in args.thresholds.split(",")) if args.thresholds else None
-    prophet = configure_prophet(setup.prophet, thresholds, args.prophet_statistic)
+    setup, prophet = setup_from_args(args)
     pool = setup.workload(max([*args.ns, args.sweep_n]), args.seed)
     warm_up(setup.loaded, pool, args.batch_size)
     scaling = run_scaling(

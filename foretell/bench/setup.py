@@ -8,9 +8,12 @@ budgets but not generation lengths. Other checkpoints get generic choices derive
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from foretell.models.registry import LoadedModel
 from foretell.params import DecodeParams, Prophet
@@ -62,6 +65,27 @@ def configure_prophet(
     if statistic:
         changes["statistic"] = statistic
     return dataclasses.replace(prophet, **changes) if changes else prophet
+
+
+def add_setup_args(p: argparse.ArgumentParser, *, prophet: bool = True) -> None:
+    """The options every benchmark script shares: model, threads and Prophet overrides."""
+    p.add_argument("--model", help="checkpoint (default: the shipped model); 'tiny' for a smoke")
+    p.add_argument("--default-layout", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    if prophet:
+        p.add_argument("--thresholds", help="Prophet's early,mid,late gap thresholds")
+        p.add_argument("--prophet-statistic", choices=["mean", "min"])
+
+
+def setup_from_args(args: argparse.Namespace) -> tuple[BenchSetup, Prophet]:
+    """Set the torch threads, load the setup and apply the Prophet overrides of ``args``
+    (options from :func:`add_setup_args`)."""
+    torch.set_num_threads(args.threads)
+    setup = load_for_bench(args.model, default_layout=args.default_layout)
+    text = getattr(args, "thresholds", None)
+    thresholds = tuple(float(v) for v in text.split(",")) if text else None
+    statistic = getattr(args, "prophet_statistic", None)
+    return setup, configure_prophet(setup.prophet, thresholds, statistic)
 
 
 def _default_layout(loaded: LoadedModel) -> tuple[DecodeParams, Prophet]:
