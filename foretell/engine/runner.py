@@ -16,9 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from foretell.decoding import positions_needed
-from foretell.decoding.unmask import RowStats
+from foretell.decoding.unmask import RowStats, greedy_llada
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
+
+
+def _reads_stats(req: Request) -> bool:
+    """Whether ``advance`` uses :class:`RowStats` for this request (Prophet's gap, or the
+    greedy LLaDA reveal)."""
+    p = req.params
+    greedy = greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k)
+    return p.cfg_scale <= 0 and (p.early_commit is not None or greedy)
 
 
 @dataclass
@@ -74,9 +82,9 @@ class ModelRunner:
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
         gathered = gathered.cpu()
-        # One batched computation of what greedy decoding and Prophet read from each row; cfg
-        # rows are guided per request first, so they do without.
-        stats = RowStats.of(gathered) if any(r.params.cfg_scale <= 0 for r in batch) else None
+        # One batched computation of what greedy decoding and Prophet read from each row, when
+        # some request reads it; cfg rows are guided per request first, so they do without.
+        stats = RowStats.of(gathered) if any(_reads_stats(r) for r in batch) else None
 
         def more(pos: torch.Tensor, req: Request, rows: tuple[int, int | None]) -> torch.Tensor:
             with torch.inference_mode():
