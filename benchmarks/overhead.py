@@ -5,7 +5,8 @@
 Runs the ``engine`` and ``engine-prophet`` modes of ``foretell bench`` on the default model's
 workload and splits each run's wall time into buckets by wrapping (at run time, not in the
 source) the engine's own functions with timers: the scheduler, the runner's packing around the
-forward pass, the per-request decoding step (``advance``), building the outputs (detokenising),
+forward pass, the per-request decoding step (``advance``), the greedy batch's step for all
+greedy LLaDA requests at once (``GreedyBatch.advance``), building the outputs (detokenising),
 and the ``generate`` loop around ``step()``. ``--profile`` adds a cProfile of the engine-prophet
 run: top functions by own time, then the engine's own Python (decoding, scheduler, runner,
 engine) by cumulative time, so that the time outside the forward pass can be traced to lines.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import foretell.decoding.batched as batched_module
 import foretell.engine.engine as engine_module
 import foretell.engine.runner as runner_module
 from foretell.bench.report import machine_info, model_info, write_json
@@ -58,7 +60,11 @@ def instrumented(engine, buckets: Buckets):
     saved = {
         "advance": engine_module.advance,
         "positions_needed": runner_module.positions_needed,
+        "greedy": batched_module.GreedyBatch.advance,
     }
+    batched_module.GreedyBatch.advance = buckets.wrap(
+        "decode: greedy batch (all greedy requests at once)", saved["greedy"]
+    )
     engine_module.advance = buckets.wrap("decode: advance (per request)", saved["advance"])
     runner_module.positions_needed = buckets.wrap(
         "runner: positions_needed (per request)", saved["positions_needed"]
@@ -74,6 +80,7 @@ def instrumented(engine, buckets: Buckets):
     finally:
         engine_module.advance = saved["advance"]
         runner_module.positions_needed = saved["positions_needed"]
+        batched_module.GreedyBatch.advance = saved["greedy"]
 
 
 def breakdown(engine, buckets: Buckets, wall: float) -> list[dict]:
@@ -88,6 +95,10 @@ def breakdown(engine, buckets: Buckets, wall: float) -> list[dict]:
         ("runner: packing, gathering, splitting", run - forward - needed),
         ("runner: positions_needed (per request)", needed),
         ("decode: advance (per request)", s["decode: advance (per request)"]),
+        (
+            "decode: greedy batch (all greedy requests at once)",
+            s["decode: greedy batch (all greedy requests at once)"],
+        ),
         ("scheduler: schedule", s["scheduler: schedule"]),
         ("scheduler: update (evict)", s["scheduler: update (evict)"]),
         ("outputs: RequestOutput + detokenise", s["outputs: RequestOutput + detokenise"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import foretell.decoding.batched as batched_module
 import foretell.engine.engine as engine_module
 from foretell import DecodeParams, Engine, Prophet
 
@@ -84,27 +85,65 @@ def test_request_too_large_for_the_budget_is_refused_at_add(llada64) -> None:
     assert not engine.has_unfinished_requests()
 
 
-def test_a_failing_request_finishes_with_error_and_the_others_complete(llada64, monkeypatch):
-    engine = Engine(llada64, dtype="float64", max_num_seqs=4)
-    real_advance = engine_module.advance
-
-    def advance_failing_one(req, *args):
-        if req.request_id == "bad" and req.global_step == 2:
-            raise RuntimeError("injected fault")
-        return real_advance(req, *args)
-
-    monkeypatch.setattr(engine_module, "advance", advance_failing_one)
-    params = DecodeParams(gen_length=16, steps=8)
+def _run_three(engine: Engine, params: DecodeParams) -> dict:
     engine.add_request("1+1=", params, request_id="good-1")
     engine.add_request("2+2=", params, request_id="bad")
     engine.add_request("3+3=", params, request_id="good-2")
     outs = {}
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step()})
+    return outs
+
+
+@pytest.mark.parametrize("path", ["per-request", "batched"])
+def test_a_failing_request_finishes_with_error_and_the_others_complete(llada64, monkeypatch, path):
+    """A fault in one request's step (the per-request ``advance``, or its part of the greedy
+    batch's step) ends that request only."""
+    engine = Engine(llada64, dtype="float64", max_num_seqs=4)
+    if path == "per-request":
+        params = DecodeParams(gen_length=16, steps=8, temperature=0.7, seed=3)
+        real = engine_module.advance
+
+        def failing(req, *args):
+            if req.request_id == "bad" and req.global_step == 2:
+                raise RuntimeError("injected fault")
+            return real(req, *args)
+
+        monkeypatch.setattr(engine_module, "advance", failing)
+    else:
+        params = DecodeParams(gen_length=16, steps=8)
+        real = batched_module.GreedyBatch._apply
+
+        def failing(self, j, req, *args):
+            if req.request_id == "bad" and req.global_step == 2:
+                raise RuntimeError("injected fault")
+            return real(self, j, req, *args)
+
+        monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
+    outs = _run_three(engine, params)
     assert outs["bad"].finish_reason == "error" and "injected fault" in outs["bad"].error
     assert outs["good-1"].finish_reason == outs["good-2"].finish_reason == "steps"
+    monkeypatch.undo()
     alone = Engine(llada64, dtype="float64").generate(["1+1="], params, use_tqdm=False)[0]
     assert outs["good-1"].token_ids == alone.token_ids
+
+
+def test_a_failing_greedy_batch_step_spares_the_per_request_path(llada64, monkeypatch):
+    """A fault while planning the greedy batch's step (before any request changed) ends the
+    batch's members; requests on the per-request path in the same pass complete."""
+
+    def broken(self, *args):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(batched_module.GreedyBatch, "_plan", broken)
+    engine = Engine(llada64, dtype="float64", max_num_seqs=4)
+    greedy = engine.add_request("1+1=", DecodeParams(gen_length=16, steps=8))
+    sampled = engine.add_request("2+2=", DecodeParams(gen_length=16, steps=8, temperature=0.7))
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs[greedy].finish_reason == "error" and "injected fault" in outs[greedy].error
+    assert outs[sampled].finish_reason == "steps"
 
 
 def test_generate_keeps_input_order_and_is_all_or_nothing(llada64) -> None:

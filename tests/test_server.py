@@ -16,7 +16,7 @@ import openai
 import pytest
 import uvicorn
 
-import foretell.engine.engine as engine_module
+import foretell.decoding.batched as batched_module
 from foretell import AsyncEngine, DecodeParams, Engine
 from foretell.server import create_app
 
@@ -312,15 +312,16 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, client, refer
 
 
 def test_a_failing_request_answers_500_and_others_go_on(server, client, reference, monkeypatch):
-    """A fault injected into one request's decoding (the engine's own failure path)."""
-    real_advance = engine_module.advance
+    """A fault injected into one request's decoding (the engine's own failure path; greedy
+    requests are stepped by the greedy batch)."""
+    real_apply = batched_module.GreedyBatch._apply
 
-    def advance_failing(req, *args):
+    def apply_failing(self, j, req, *args):
         if req.prompt == "boom" and req.global_step == 3:
             raise RuntimeError("injected fault")
-        return real_advance(req, *args)
+        return real_apply(self, j, req, *args)
 
-    monkeypatch.setattr(engine_module, "advance", advance_failing)
+    monkeypatch.setattr(batched_module.GreedyBatch, "_apply", apply_failing)
     with pytest.raises(openai.InternalServerError, match="injected fault"):
         client.completions.create(model=MODEL, prompt="boom", max_tokens=16, extra_body=EXTRA)
     stream = client.completions.create(

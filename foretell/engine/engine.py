@@ -233,16 +233,17 @@ class Engine:
         self.metrics.sequences_in_passes += len(batch)
         self.metrics.tokens_in_passes += sum(r.cost for r in batch)
         try:
-            results = self.runner.run(batch)
+            result = self.runner.run(batch)
         except Exception as err:  # the pass itself failed: nothing to attribute it to
             for req in batch:
                 req.finish("error", f"forward pass failed: {err!r}")
             return
-        for req, res in zip(batch, results, strict=True):
+        for req, res in result.per_request:
             try:
                 advance(req, res.positions, res.logits, res.more, res.stats)
             except Exception as err:  # one request's failure must not stop the others
                 req.finish("error", f"decoding failed: {err!r}")
+        result.advance_batched()  # errors are attributed inside, per request where possible
 
     def output(self, req: Request) -> RequestOutput:
         """The caller's view of a request (finished or in flight)."""

@@ -3,7 +3,9 @@
 Every running canvas (and, for classifier-free guidance, its prompt-masked copy) is laid back
 to back in one flat token tensor with per-sequence boundaries: no padding, so mixed lengths
 cost only their own tokens. The LM head then runs once, on just the rows the decoders asked
-for (still-masked positions and Prophet's answer region), not on the whole canvas.
+for (still-masked positions and Prophet's answer region), not on the whole canvas. Greedy
+LLaDA requests get their rows and their step from one ``GreedyBatch``; the others ask per
+request (``positions_needed``) and are stepped per request (``advance``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from foretell.decoding import positions_needed
+from foretell.decoding.batched import GreedyBatch, batchable
 from foretell.decoding.unmask import RowStats, greedy_llada
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
@@ -39,10 +42,29 @@ class RequestLogits:
     stats: RowStats | None = None  # greedy statistics of ``logits`` (None with cfg)
 
 
+@dataclass
+class PassOutput:
+    """A forward pass's results: per request for the general path, and the greedy LLaDA
+    requests as one :class:`GreedyBatch` with the pass's rows to step together."""
+
+    per_request: list[tuple[Request, RequestLogits]]
+    batched: GreedyBatch | None = None
+    rows: torch.Tensor | None = None  # gathered flat token indices, sorted
+    stats: RowStats | None = None  # greedy statistics of every gathered row
+    more: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits at other flat rows
+
+    def advance_batched(self) -> None:
+        if self.batched is not None:
+            self.batched.advance(self.rows, self.stats, self.more)
+
+
 class ModelRunner:
-    def __init__(self, model: DiffusionLM, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, model: DiffusionLM, device: torch.device | str = "cpu", *, batched: bool = True
+    ) -> None:
         self.model = model
         self.device = torch.device(device)
+        self.batched = batched  # step greedy LLaDA requests together (GreedyBatch)
         self.forward_seconds = 0.0  # time inside the model, for overhead accounting
         self.forward_passes = 0
         self._aranges: dict[int, torch.Tensor] = {}
@@ -53,15 +75,17 @@ class ModelRunner:
         return self._aranges[n]
 
     @torch.inference_mode()
-    def run(self, batch: list[Request]) -> list[RequestLogits]:
+    def run(self, batch: list[Request]) -> PassOutput:
         seqs: list[torch.Tensor] = []
         offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)  # (cond, uncond) starts
+        seq_of: list[int] = [0] * len(batch)  # packed sequence holding each request's canvas
         total = 0
         # Packed by canvas length, so that equal lengths are neighbours and attention runs
         # once per length (packed_attention batches runs of equal lengths).
         for i in sorted(range(len(batch)), key=lambda i: batch[i].canvas_len):
             req = batch[i]
             cond = total
+            seq_of[i] = len(seqs)
             seqs.append(req.canvas)
             total += req.canvas_len
             uncond = None
@@ -71,38 +95,71 @@ class ModelRunner:
                 total += req.canvas_len
             offsets[i] = (cond, uncond)
         seq_lens = [len(s) for s in seqs]
-        ids = torch.cat(seqs).to(self.device)
-        positions = torch.cat([self._arange(n) for n in seq_lens]).to(self.device)
-        needed = [positions_needed(req) for req in batch]
-        rows = [self._rows(pos, starts) for pos, starts in zip(needed, offsets, strict=True)]
+        ids = torch.cat(seqs)
+        positions = torch.cat([self._arange(n) for n in seq_lens])
+
+        group = [i for i, req in enumerate(batch) if self.batched and batchable(req)]
+        greedy = None
+        if group:
+            greedy = GreedyBatch(
+                [batch[i] for i in group],
+                [seq_of[i] for i in group],
+                seq_lens,
+                ids,
+                positions,
+                batch[group[0]].mask_token_id,
+            )
+            needed = greedy.needed.clone()
+        else:
+            needed = torch.zeros(total, dtype=torch.bool)
+        in_group = set(group)
+        others = [i for i in range(len(batch)) if i not in in_group]
+        wanted = {i: positions_needed(batch[i]) for i in others}
+        for i, pos in wanted.items():
+            needed[self._rows(pos, offsets[i])] = True
+        # Rows in packed order: each request's rows are contiguous, conditional copy first.
+        rows = needed.nonzero().flatten()
 
         start = time.perf_counter()
-        hidden = self.model.forward_packed(ids, positions, seq_lens)
-        gathered = self.model.logits_at(hidden, positions, torch.cat(rows).to(self.device))
+        ids_d, positions_d = ids.to(self.device), positions.to(self.device)
+        hidden = self.model.forward_packed(ids_d, positions_d, seq_lens)
+        gathered = self.model.logits_at(hidden, positions_d, rows.to(self.device))
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
         gathered = gathered.cpu()
         # One batched computation of what greedy decoding and Prophet read from each row, when
         # some request reads it; cfg rows are guided per request first, so they do without.
-        stats = RowStats.of(gathered) if any(_reads_stats(r) for r in batch) else None
+        reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
+        stats = RowStats.of(gathered) if reads else None
+
+        def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                idx = flat_rows.to(self.device)
+                return self.model.logits_at(hidden, positions_d, idx).cpu()
 
         def more(pos: torch.Tensor, req: Request, rows: tuple[int, int | None]) -> torch.Tensor:
-            with torch.inference_mode():
-                idx = self._rows(pos, rows).to(self.device)
-                return self._guided(req, self.model.logits_at(hidden, positions, idx).cpu())
+            return self._guided(req, more_flat(self._rows(pos, rows)))
 
-        out = []
-        cursor = 0
-        for req, starts, pos in zip(batch, offsets, needed, strict=True):
-            n = len(pos) * req.num_sequences
-            logits = self._guided(req, gathered[cursor : cursor + n])
-            own = None
-            if stats is not None and req.params.cfg_scale <= 0:
-                own = stats.take(slice(cursor, cursor + n))
-            cursor += n
-            more_fn = functools.partial(more, req=req, rows=starts)
-            out.append(RequestLogits(pos, logits, more_fn, own))
-        return out
+        per_request = []
+        if others:
+            first_row = self._first_rows(rows, seq_lens)
+            for i in others:
+                req, pos = batch[i], wanted[i]
+                cursor = first_row[seq_of[i]]
+                n = len(pos) * req.num_sequences
+                logits = self._guided(req, gathered[cursor : cursor + n])
+                own = None
+                if stats is not None and req.params.cfg_scale <= 0:
+                    own = stats.take(slice(cursor, cursor + n))
+                more_fn = functools.partial(more, req=req, rows=offsets[i])
+                per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
+        return PassOutput(per_request, greedy, rows, stats, more_flat)
+
+    @staticmethod
+    def _first_rows(rows: torch.Tensor, seq_lens: list[int]) -> list[int]:
+        """Index into ``rows`` of each packed sequence's first gathered row."""
+        ends = torch.tensor(seq_lens).cumsum(0)
+        return [0, *torch.searchsorted(rows, ends[:-1]).tolist()]
 
     @staticmethod
     def _rows(pos: torch.Tensor, starts: tuple[int, int | None]) -> torch.Tensor:

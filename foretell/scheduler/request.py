@@ -116,6 +116,11 @@ class Request:
         self.canvas[positions] = tokens
         self._masked = None
 
+    def set_canvas(self, canvas: torch.Tensor) -> None:
+        """Take a whole new canvas (the batched step writes every canvas of a pass at once)."""
+        self.canvas = canvas
+        self._masked = None
+
     def apply_constraints(self) -> None:
         for pos, token in self.constraint_ids.items():
             self.canvas[self.prompt_len + pos] = token

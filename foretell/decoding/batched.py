@@ -1,0 +1,248 @@
+"""One denoising step for every greedy LLaDA request of a pass at once.
+
+The per-request step (:mod:`foretell.decoding.step`) runs a few dozen small tensor ops per
+request; with a small model that is a large share of each pass. Greedy LLaDA decoding (the
+common case: temperature 0, no classifier-free guidance, low-confidence or random remasking,
+with or without Prophet) reads only :class:`RowStats` from its rows, so the whole step can run
+as a fixed number of ops over the packed batch, however many requests it holds.
+
+The result equals the per-request step exactly: the same rows are gathered, Prophet's statistic
+is reduced row by row with the same kernel (a ``[requests, span]`` mean or min), and top-k ranks
+the same canvas-length rows with the same ``k`` (``tests/test_batched_step.py`` runs both paths
+side by side).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from foretell.decoding.early_commit import should_commit
+from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule
+from foretell.scheduler.request import Request
+
+# Columns of the per-sequence geometry table (canvas positions).
+_PROMPT_END, _BLOCK_START, _BLOCK_END, _SPAN_START, _SPAN_END, _MASKED_REGION = range(6)
+
+
+def batchable(req: Request) -> bool:
+    """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path)."""
+    p = req.params
+    return (
+        req.uses_blocks
+        and p.cfg_scale <= 0
+        and p.remasking in ("low_confidence", "random")
+        and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k)
+    )
+
+
+class GreedyBatch:
+    """The batchable requests of one packed pass: which rows they need, then their step.
+
+    ``ids`` and ``positions`` are the pass's flat tokens and their positions within their own
+    canvas; ``seq_index[i]`` is the packed sequence holding ``reqs[i]``'s canvas.
+    """
+
+    def __init__(
+        self,
+        reqs: Sequence[Request],
+        seq_index: Sequence[int],
+        seq_lens: Sequence[int],
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask_token_id: int,
+    ) -> None:
+        self.reqs = list(reqs)
+        self.seq_index = list(seq_index)
+        self.seq_starts = [0] * len(seq_lens)
+        for s in range(1, len(seq_lens)):
+            self.seq_starts[s] = self.seq_starts[s - 1] + seq_lens[s - 1]
+        self.ids = ids
+        # Every other sequence gets a geometry that selects nothing.
+        table = [[0] * 6 for _ in seq_lens]
+        for req, s in zip(self.reqs, self.seq_index, strict=True):
+            start, end = req.block_bounds()
+            row = table[s]
+            row[_PROMPT_END], row[_BLOCK_START], row[_BLOCK_END] = req.prompt_len, start, end
+            policy = req.params.early_commit
+            if policy is not None and policy.answer_start is None:
+                row[_MASKED_REGION] = 1
+            elif policy is not None:
+                row[_SPAN_START] = req.prompt_len + policy.answer_start
+                row[_SPAN_END] = min(row[_SPAN_START] + policy.answer_length, req.canvas_len)
+        lens = torch.tensor(list(seq_lens))
+        per_token = torch.tensor(table).repeat_interleave(lens, dim=0)
+        prompt_end, block_start, block_end, span_start, span_end, masked_region = per_token.T
+        self.seq_of_token = torch.arange(len(seq_lens)).repeat_interleave(lens)
+        masked = ids == mask_token_id
+        generated = masked & (positions >= prompt_end)
+        # The reveal window (masked, up to the end of the current block), Prophet's answer
+        # region (an explicit span, masked or not, or every masked generated position), the
+        # current block's masks (its reveal schedule), and what a commit fills.
+        self.window = generated & (positions < block_end)
+        self.region = ((positions >= span_start) & (positions < span_end)) | (
+            generated & masked_region.bool()
+        )
+        self.in_block = masked & (positions >= block_start) & (positions < block_end)
+        self.generated = generated
+        self.needed = self.window | self.region
+
+    def advance(
+        self, rows: torch.Tensor, stats: RowStats, more: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Step every request, given the pass's gathered ``rows`` (sorted flat token indices,
+        including this batch's ``needed``), their ``stats``, and ``more(flat_rows)`` for the
+        logits of rows not gathered. A failure before any request changes finishes them all
+        with an error; a failure while one changes finishes only that one."""
+        try:
+            plan = self._plan(rows, stats, more)
+        except Exception as err:  # nothing was changed: attribute it to the whole group
+            for req in self.reqs:
+                req.finish("error", f"decoding failed: {err!r}")
+            return
+        new_ids, gaps, commits, schedules, revealed = plan
+        for j, req in enumerate(self.reqs):
+            try:
+                self._apply(j, req, new_ids, gaps[j], commits[j], schedules[j], revealed[j])
+            except Exception as err:
+                req.finish("error", f"decoding failed: {err!r}")
+
+    # -- planning: tensors only, no request changes except the random draws ---------------
+    def _plan(self, rows, stats, more):
+        seq_of_row = self.seq_of_token[rows]
+        num_seqs = len(self.seq_starts)
+        gaps = self._gaps(rows, seq_of_row, stats, num_seqs)
+        commits = []
+        for req, gap in zip(self.reqs, gaps, strict=True):
+            policy, step = req.params.early_commit, req.global_step + 1
+            commits.append(
+                policy is not None and should_commit(policy, gap, step, req.params.steps)
+            )
+        schedules: list[list[int] | None] = [None] * len(self.reqs)
+        if any(req.step_in_block == 0 for req in self.reqs):
+            counts = torch.bincount(self.seq_of_token[self.in_block], minlength=num_seqs).tolist()
+            for j, (req, s) in enumerate(zip(self.reqs, self.seq_index, strict=True)):
+                if req.step_in_block == 0:
+                    schedules[j] = llada_block_schedule(counts[s], req.params.steps_per_block)
+
+        x0 = torch.zeros_like(self.ids)
+        x0[rows] = stats.argmax
+        new_ids = self.ids.clone()
+        revealed: list[torch.Tensor | None] = [None] * len(self.reqs)
+        for j, (req, s) in enumerate(zip(self.reqs, self.seq_index, strict=True)):
+            if commits[j]:
+                revealed[j] = self._fill(req, s, x0, new_ids, more)
+
+        reveal = [j for j in range(len(self.reqs)) if not commits[j]]
+        if reveal:
+            self._reveal(reveal, rows, seq_of_row, stats, schedules, x0, new_ids, revealed)
+        return new_ids, gaps, commits, schedules, revealed
+
+    def _gaps(self, rows, seq_of_row, stats, num_seqs) -> list[float | None]:
+        """Prophet's statistic per request (None without a policy or without region rows).
+
+        A request's region rows are contiguous and in position order, so requests with the same
+        number of rows reduce as one ``[requests, rows]`` matrix: row by row this is the kernel
+        the per-request path runs on one row.
+        """
+        gaps: list[float | None] = [None] * len(self.reqs)
+        policies = [req.params.early_commit for req in self.reqs]
+        if all(p is None for p in policies):
+            return gaps
+        in_region = self.region[rows]
+        region_seq = seq_of_row[in_region]
+        region_gap = stats.gap[in_region]
+        counts = torch.bincount(region_seq, minlength=num_seqs)
+        count_of = counts.tolist()
+        by_count: dict[int, list[int]] = defaultdict(list)  # rows per request -> requests
+        for j, s in enumerate(self.seq_index):
+            if policies[j] is not None and count_of[s] > 0:
+                by_count[count_of[s]].append(j)
+        row_count = counts[region_seq]
+        for count, members in by_count.items():
+            block = region_gap[row_count == count].view(-1, count)
+            # The block's rows come in packed order: sort its requests the same way.
+            members.sort(key=lambda j: self.seq_index[j])
+            reduced = {}
+            for statistic in {policies[j].statistic for j in members}:
+                values = block.mean(1) if statistic == "mean" else block.amin(1)
+                reduced[statistic] = values.tolist()
+            for i, j in enumerate(members):
+                gaps[j] = reduced[policies[j].statistic][i]
+        return gaps
+
+    def _fill(self, req: Request, s: int, x0, new_ids, more) -> torch.Tensor:
+        """A commit: every generated mask takes this step's argmax (logits for rows outside the
+        gathered ones come from ``more``, called per request as the per-request path does)."""
+        start = self.seq_starts[s]
+        end = start + req.canvas_len
+        fill = self.generated[start:end].nonzero().flatten()
+        missing = fill[~self.needed[start:end][fill]]
+        if missing.numel():
+            x0[missing + start] = more(missing + start).argmax(dim=-1)
+        new_ids[fill + start] = x0[fill + start]
+        return fill
+
+    def _reveal(self, reveal, rows, seq_of_row, stats, schedules, x0, new_ids, revealed) -> None:
+        """LLaDA's reveal: the top-``k`` scores of each canvas-length row (``-inf`` outside the
+        window), grouped by canvas length, rule and ``k`` so each group is one ``topk``."""
+        in_window = self.window[rows]
+        num_seqs = len(self.seq_starts)
+        window_size = torch.bincount(seq_of_row[in_window], minlength=num_seqs).tolist()
+        prob = None
+        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+        for j in reveal:
+            req = self.reqs[j]
+            groups[(req.canvas_len, req.params.remasking)].append(j)
+            if req.params.remasking == "low_confidence" and prob is None:
+                prob = torch.full(self.ids.shape, float("-inf"), dtype=stats.prob.dtype)
+                prob[rows[in_window]] = stats.prob[in_window]
+        for (length, rule), members in groups.items():
+            starts = torch.tensor([self.seq_starts[self.seq_index[j]] for j in members])
+            flat = starts[:, None] + torch.arange(length)
+            if rule == "low_confidence":
+                scores = prob[flat]
+            else:  # the reference draws one uniform per canvas position every step
+                draws = [torch.rand(length, generator=self.reqs[j].generator) for j in members]
+                scores = torch.stack(draws).masked_fill(~self.window[flat], float("-inf"))
+            by_k: dict[int, list[int]] = defaultdict(list)
+            for i, j in enumerate(members):
+                req = self.reqs[j]
+                schedule = schedules[j] or req.block_schedule
+                k = min(schedule[req.step_in_block], window_size[self.seq_index[j]])
+                by_k[k].append(i)
+            for k, idx in by_k.items():
+                if k <= 0:
+                    for i in idx:
+                        revealed[members[i]] = torch.empty(0, dtype=torch.long)
+                    continue
+                sel = torch.tensor(idx)
+                chosen = scores[sel].topk(k, dim=1).indices
+                targets = flat[sel].gather(1, chosen)
+                new_ids[targets] = x0[targets]
+                for i, picked in zip(idx, chosen, strict=True):
+                    revealed[members[i]] = picked
+
+    # -- applying: one request at a time ---------------------------------------------------
+    def _apply(self, j, req: Request, new_ids, gap, commit, schedule, revealed) -> None:
+        p = req.params
+        req.global_step += 1
+        if schedule is not None:
+            req.block_schedule = schedule
+        if p.early_commit is not None:
+            req.last_gap = gap
+        start = self.seq_starts[self.seq_index[j]]
+        req.set_canvas(new_ids[start : start + req.canvas_len])
+        req.revealed_last_step = revealed
+        if commit:
+            req.commit_step = req.global_step
+            req.finish("early_commit")
+            return
+        req.step_in_block += 1
+        if req.step_in_block == p.steps_per_block:
+            req.block += 1
+            req.step_in_block = 0
+            if req.block == p.num_blocks:
+                req.finish("steps")

@@ -1,0 +1,122 @@
+"""The greedy batch's step equals the per-request step, request for request and step by step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import foretell.decoding.batched as batched_module
+from foretell import DecodeParams, Engine, Prophet
+from foretell.models.tiny import tiny_model
+
+PROMPTS = ["1+1=", "22+22=", "333+333=", "4444+4444=", "a", "bb", "ccc+d", "9"]
+
+
+def _mixed_params(n: int, seed: int) -> list[DecodeParams]:
+    """Greedy LLaDA requests of every shape the greedy batch takes (lengths, blocks, budgets,
+    both remaskings, Prophet spans and masked regions with mean and min, constraints that leave
+    steps with nothing to reveal), plus requests it must leave to the per-request path."""
+    rng = random.Random(seed)
+    policies = [
+        None,
+        Prophet(answer_start=2, answer_length=3, thresholds=(3.0, 2.0, 1.0)),
+        Prophet(answer_start=0, answer_length=4, thresholds=(2.0, 1.0, 0.5), statistic="min"),
+        Prophet(thresholds=(2.5, 1.5, 0.5)),
+        Prophet(thresholds=(1.5, 1.0, 0.5), statistic="min"),
+    ]
+    out = []
+    for i in range(n):
+        gen = rng.choice([8, 16, 24, 32])
+        block = rng.choice([b for b in (4, 8, 16, 32) if gen % b == 0])
+        blocks = gen // block
+        steps = rng.choice([s for s in range(blocks, gen + 1, blocks)])
+        kwargs = dict(
+            gen_length=gen,
+            block_length=block,
+            steps=steps,
+            remasking=rng.choice(["low_confidence", "random"]),
+            # The last policy's span runs past the canvas and is clipped.
+            early_commit=rng.choice([*policies, Prophet(answer_start=gen - 2, answer_length=8)]),
+            seed=rng.randrange(1000),
+        )
+        if rng.random() < 0.3:
+            kwargs["constraints"] = {0: "x", gen // 2: "y"}
+        kind = i % 7
+        if kind == 5:
+            kwargs["temperature"] = 0.8  # sampled: per-request path
+        elif kind == 6:
+            kwargs["remasking"] = rng.choice(["confidence_threshold", "low_confidence"])
+            if kwargs["remasking"] == "low_confidence":
+                kwargs["cfg_scale"] = 1.0  # guided: per-request path
+        out.append(DecodeParams(**kwargs))
+    return out
+
+
+def _state(out) -> tuple:
+    return (
+        out.token_ids,
+        out.revealed,
+        out.finish_reason,
+        out.num_forward_passes,
+        out.commit_step,
+        out.last_gap,
+        out.error,
+    )
+
+
+@pytest.mark.parametrize(
+    ("logit_scale", "dtype"),
+    [(8.0, "float64"), (400.0, "float64"), (8.0, "float32")],
+    ids=["float64", "saturated-ties", "float32"],
+)
+def test_greedy_batch_equals_per_request_step(logit_scale, dtype, monkeypatch) -> None:
+    """Two engines over the same model, one stepping greedy requests together and one per
+    request, agree on every request's canvas, revealed positions, gap and outcome after every
+    step. With a huge logit scale many probabilities are exactly 1.0, so top-k breaks ties."""
+    loaded = tiny_model("llada", seed=5, dtype=dtype, logit_scale=logit_scale)
+    members = []
+    real_advance = batched_module.GreedyBatch.advance
+
+    def counting(self, *args):
+        members.append(len(self.reqs))
+        return real_advance(self, *args)
+
+    monkeypatch.setattr(batched_module.GreedyBatch, "advance", counting)
+    engines = [Engine(loaded, dtype=dtype, max_num_seqs=6) for _ in range(2)]
+    engines[1].runner.batched = False
+    params = _mixed_params(40, seed=int(logit_scale))
+    for i, p in enumerate(params):
+        for engine in engines:
+            engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
+    finished = [{}, {}]
+    steps = 0
+    while engines[0].has_unfinished_requests() or engines[1].has_unfinished_requests():
+        for engine, done in zip(engines, finished, strict=True):
+            done.update({o.request_id: _state(o) for o in engine.step()})
+        assert finished[0] == finished[1], f"step {steps}"
+        live = [r.request_id for r in engines[0].scheduler.running]
+        for rid in live:
+            assert _state(engines[0].snapshot(rid)) == _state(engines[1].snapshot(rid)), rid
+        steps += 1
+    assert len(finished[0]) == len(params)
+    outcomes = {state[2] for state in finished[0].values()}
+    assert outcomes == {"steps", "early_commit"}, outcomes
+    greedy = [p for p in params if p.temperature == 0 and p.cfg_scale == 0]
+    greedy = [p for p in greedy if p.remasking != "confidence_threshold"]
+    assert sum(members) >= len(greedy) > len(params) // 2  # every greedy one took the batch
+
+
+def test_batchable_covers_greedy_llada_only() -> None:
+    from foretell.scheduler.request import Request
+
+    def req(family="llada", **kw) -> Request:
+        return Request("r", "p", [1, 2], DecodeParams(gen_length=8, **kw), 0, family)
+
+    assert batched_module.batchable(req())
+    assert batched_module.batchable(req(remasking="random", early_commit=Prophet()))
+    assert not batched_module.batchable(req(temperature=0.5))
+    assert not batched_module.batchable(req(cfg_scale=1.0))
+    assert not batched_module.batchable(req(remasking="confidence_threshold"))
+    assert not batched_module.batchable(req(top_k=3))
+    assert not batched_module.batchable(req(family="dream", remasking="entropy"))
