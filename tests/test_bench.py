@@ -85,6 +85,19 @@ def test_json_has_every_mode_and_field(bench_json: dict) -> None:
     assert bench_json["targets"]
 
 
+def test_per_setting_breakdown_adds_up(bench_json: dict) -> None:
+    """Each mode splits its requests by decoding setting, and the parts make the whole."""
+    for name, rec in bench_json["modes"].items():
+        parts = rec["by_setting"]
+        assert sum(cell["n"] for cell in parts.values()) == rec["n"], name
+        passes = sum(cell["n"] * cell["mean_forward_passes"] for cell in parts.values())
+        assert passes == pytest.approx(rec["n"] * rec["mean_forward_passes"]), name
+        right = sum(cell["n"] * cell["accuracy"] for cell in parts.values())
+        assert right == pytest.approx(rec["n"] * rec["accuracy"]), name
+    labels = set(bench_json["modes"]["static"]["by_setting"])
+    assert all(label.startswith("gen ") and " block " in label for label in labels)
+
+
 def test_every_mode_saw_the_same_requests(bench_json: dict) -> None:
     hashes = {rec["request_hash"] for rec in bench_json["modes"].values()}
     assert hashes == {bench_json["request_hash"]} == {bench_json["workload"]["request_hash"]}

@@ -91,12 +91,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generation lengths to mix (the shipped model's layout is fixed at its own)",
     )
     p.add_argument(
-        "--thresholds", type=_floats, help="Prophet's early,mid,late gap thresholds (7.5,5,2.5)"
+        "--thresholds",
+        type=_floats,
+        help="Prophet's early,mid,late gap thresholds (default: the model's)",
     )
     p.add_argument(
         "--prophet-statistic",
         choices=["mean", "min"],
-        help="Prophet's gap statistic over the answer span (default: the model's, mean)",
+        help="Prophet's gap statistic over the answer span (default: the model's)",
     )
     p.add_argument("--repeats", type=int, default=1, help="round-robin repeats; fastest kept")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up passes")
@@ -123,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
 
     from foretell.bench.report import (
         evaluate_targets,
+        format_settings,
         format_table,
         format_targets,
         machine_info,
@@ -220,6 +223,10 @@ def main(args: argparse.Namespace) -> int:
 
     print()
     print(format_table(result["modes"]))
+    settings = format_settings(result["modes"])
+    if settings:
+        print("\nper setting:")
+        print(settings)
     if result["targets"]:
         print("\ntargets:")
         print(format_targets(result["targets"]))

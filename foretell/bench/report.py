@@ -171,6 +171,30 @@ def format_table(modes: dict[str, dict], against: str = "static") -> str:
     return "\n".join(lines)
 
 
+def format_settings(modes: dict[str, dict]) -> str:
+    """Accuracy and passes per decoding setting: full steps against Prophet, side by side (a
+    mode's accuracy depends only on its policy, so one full and one Prophet mode suffice)."""
+    full = next((modes[m] for m in ("static", "engine", "reference") if m in modes), None)
+    early = next((modes[m] for m in ("engine-prophet", "static-prophet") if m in modes), None)
+    shown = [(label, rec) for label, rec in (("full", full), ("prophet", early)) if rec]
+    if not shown or not all(rec.get("by_setting") for _, rec in shown):
+        return ""
+    settings = list(shown[0][1]["by_setting"])
+    head = f"{'setting':<48} {'n':>4}" + "".join(
+        f" {label + ' acc':>12} {label + ' passes':>15}" for label, _ in shown
+    )
+    lines = [head, "-" * len(head)]
+    for name in settings:
+        row = f"{name:<48} {shown[0][1]['by_setting'][name]['n']:>4}"
+        for _, rec in shown:
+            cell = rec["by_setting"].get(name, {})
+            acc = cell.get("accuracy")
+            row += f" {'' if acc is None else f'{100 * acc:.1f}%':>12}"
+            row += f" {cell.get('mean_forward_passes', float('nan')):>15.1f}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def format_targets(targets: Sequence[dict]) -> str:
     lines = []
     for t in targets:

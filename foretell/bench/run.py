@@ -169,6 +169,7 @@ def _summarise(
         for r, o in zip(requests, outputs, strict=True)
         if r.task is not None
     ]
+    by_setting = _by_setting(requests, outputs)
     commits = [o.commit_step for o in outputs if o.committed_early]
     policy = submitted[0][1].early_commit if submitted else None
     forward = engine.runner.forward_seconds
@@ -209,12 +210,38 @@ def _summarise(
             "mean": statistics.fmean(prompt_tokens),
             "max": max(prompt_tokens),
         },
+        "by_setting": by_setting,
         "early_commit": None if policy is None else dataclasses.asdict(policy),
         "request_hash": request_hash([(p, q.replace(early_commit=None)) for p, q in submitted]),
         "prompt_ids_hash": _ids_hash(outputs),
         # Other load on the machine while this ran (1-minute average, read at the end).
         "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def setting_name(params: DecodeParams) -> str:
+    """The workload's knobs of one request, as a short label."""
+    return (
+        f"gen {params.gen_length} block {params.block_length} steps {params.steps} "
+        f"{params.remasking}"
+    )
+
+
+def _by_setting(requests: Sequence[BenchRequest], outputs: Sequence) -> dict[str, dict]:
+    """Accuracy and forward passes per decoding setting: where a policy gains or loses."""
+    groups: dict[str, list] = {}
+    for r, o in zip(requests, outputs, strict=True):
+        groups.setdefault(setting_name(r.params), []).append((r, o))
+    out = {}
+    for name in sorted(groups):
+        pairs = groups[name]
+        checked = [get_task(r.task).check(r.task_prompt or "", o.text) for r, o in pairs if r.task]
+        out[name] = {
+            "n": len(pairs),
+            "accuracy": statistics.fmean(checked) if checked else None,
+            "mean_forward_passes": statistics.fmean(o.num_forward_passes for _, o in pairs),
+        }
+    return out
 
 
 RATIO_KEYS = (
