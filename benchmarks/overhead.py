@@ -55,13 +55,18 @@ class Buckets:
 
 @contextmanager
 def instrumented(engine, buckets: Buckets):
-    """Time the engine's parts without editing its source: instance attributes for methods,
-    module globals for the functions the engine and runner call by name."""
+    """Time the engine's parts without editing its source: instance attributes for the
+    engine's and scheduler's methods, class attributes for the greedy batch's, module globals
+    for the functions the engine and runner call by name."""
     saved = {
         "advance": engine_module.advance,
         "positions_needed": runner_module.positions_needed,
         "greedy": batched_module.GreedyBatch.advance,
+        "greedy_init": batched_module.GreedyBatch.__init__,
     }
+    batched_module.GreedyBatch.__init__ = buckets.wrap(
+        "runner: greedy batch geometry", saved["greedy_init"]
+    )
     batched_module.GreedyBatch.advance = buckets.wrap(
         "decode: greedy batch (all greedy requests at once)", saved["greedy"]
     )
@@ -81,6 +86,7 @@ def instrumented(engine, buckets: Buckets):
         engine_module.advance = saved["advance"]
         runner_module.positions_needed = saved["positions_needed"]
         batched_module.GreedyBatch.advance = saved["greedy"]
+        batched_module.GreedyBatch.__init__ = saved["greedy_init"]
 
 
 def breakdown(engine, buckets: Buckets, wall: float) -> list[dict]:
@@ -89,11 +95,13 @@ def breakdown(engine, buckets: Buckets, wall: float) -> list[dict]:
     forward = engine.runner.forward_seconds
     run = s["runner: run (incl. forward)"]
     needed = s["runner: positions_needed (per request)"]
+    geometry = s["runner: greedy batch geometry"]
     step = s["engine: step (total)"]
     rows = [
         ("model forward pass (forward_packed + logits_at)", forward),
-        ("runner: packing, gathering, splitting", run - forward - needed),
+        ("runner: packing, gathering, splitting", run - forward - needed - geometry),
         ("runner: positions_needed (per request)", needed),
+        ("runner: greedy batch geometry", geometry),
         ("decode: advance (per request)", s["decode: advance (per request)"]),
         (
             "decode: greedy batch (all greedy requests at once)",

@@ -75,14 +75,19 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, monkeypatch) -
     request, agree on every request's canvas, revealed positions, gap and outcome after every
     step. With a huge logit scale many probabilities are exactly 1.0, so top-k breaks ties."""
     loaded = tiny_model("llada", seed=5, dtype=dtype, logit_scale=logit_scale)
-    members = []
-    real_advance = batched_module.GreedyBatch.advance
+    members, fills = [], []
+    real_bind = batched_module.GreedyBatch.bind
 
-    def counting(self, *args):
+    def counting(self, rows, stats, more):
         members.append(len(self.reqs))
-        return real_advance(self, *args)
 
-    monkeypatch.setattr(batched_module.GreedyBatch, "advance", counting)
+        def counted_more(flat_rows):
+            fills.append(len(flat_rows))
+            return more(flat_rows)
+
+        return real_bind(self, rows, stats, counted_more)
+
+    monkeypatch.setattr(batched_module.GreedyBatch, "bind", counting)
     engines = [Engine(loaded, dtype=dtype, max_num_seqs=6) for _ in range(2)]
     engines[1].runner.batched = False
     params = _mixed_params(40, seed=int(logit_scale))
@@ -90,14 +95,17 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, monkeypatch) -
         for engine in engines:
             engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
     finished = [{}, {}]
-    steps = 0
+    steps, idle_random_steps = 0, 0
     while engines[0].has_unfinished_requests() or engines[1].has_unfinished_requests():
         for engine, done in zip(engines, finished, strict=True):
             done.update({o.request_id: _state(o) for o in engine.step()})
         assert finished[0] == finished[1], f"step {steps}"
         live = [r.request_id for r in engines[0].scheduler.running]
         for rid in live:
-            assert _state(engines[0].snapshot(rid)) == _state(engines[1].snapshot(rid)), rid
+            state = _state(engines[0].snapshot(rid))
+            assert state == _state(engines[1].snapshot(rid)), rid
+            if not state[1] and params[int(rid)].remasking == "random":
+                idle_random_steps += 1  # a step that revealed nothing still drew
         steps += 1
     assert len(finished[0]) == len(params)
     outcomes = {state[2] for state in finished[0].values()}
@@ -105,6 +113,24 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, monkeypatch) -
     greedy = [p for p in params if p.temperature == 0 and p.cfg_scale == 0]
     greedy = [p for p in greedy if p.remasking != "confidence_threshold"]
     assert sum(members) >= len(greedy) > len(params) // 2  # every greedy one took the batch
+    # The rare paths ran too: a commit filling rows outside the gathered ones, and random
+    # remasking on a step with nothing to reveal.
+    assert fills and idle_random_steps
+
+
+def test_a_greedy_batch_that_cannot_be_built_falls_back_to_the_per_request_path(
+    llada64, monkeypatch
+) -> None:
+    params = [DecodeParams(gen_length=16, steps=8, seed=i) for i in range(3)]
+    expected = Engine(llada64, dtype="float64").generate(PROMPTS[:3], params, use_tqdm=False)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(batched_module.GreedyBatch, "__init__", broken)
+    outs = Engine(llada64, dtype="float64").generate(PROMPTS[:3], params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert {o.finish_reason for o in outs} == {"steps"}
 
 
 def test_batchable_covers_greedy_llada_only() -> None:

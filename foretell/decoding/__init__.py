@@ -1,4 +1,5 @@
-"""Per-request decoding rules: reveal schedules, remasking, and Prophet early commit."""
+"""Decoding rules: reveal schedules, remasking, and Prophet early commit; per request
+(``advance``) and, for greedy LLaDA requests, for a whole pass at once (``GreedyBatch``)."""
 
 from foretell.decoding.step import advance, positions_needed
 

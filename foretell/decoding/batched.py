@@ -16,39 +16,54 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from foretell.decoding.early_commit import should_commit
+from foretell.decoding.step import mark_committed, move_block_cursor
 from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule
 from foretell.scheduler.request import Request
 
 # Columns of the per-sequence geometry table (canvas positions).
-_PROMPT_END, _BLOCK_START, _BLOCK_END, _SPAN_START, _SPAN_END, _MASKED_REGION = range(6)
+_PROMPT_END, _BLOCK_START, _BLOCK_END, _SPAN_START, _SPAN_END, _REGION_IS_MASKED = range(6)
 
 
 def batchable(req: Request) -> bool:
     """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path)."""
     p = req.params
     return (
-        req.uses_blocks
-        and p.cfg_scale <= 0
+        p.cfg_scale <= 0
         and p.remasking in ("low_confidence", "random")
         and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k)
     )
+
+
+@dataclass
+class _Plan:
+    """A pass's decisions for every request of the group, before any request changes."""
+
+    new_ids: torch.Tensor  # the pass's flat tokens with every reveal written
+    x0: torch.Tensor  # flat greedy tokens of the gathered rows (commits add theirs)
+    gaps: list[float | None]
+    commits: list[bool]
+    schedules: list[list[int] | None]  # a new block's reveal counts, where one starts
+    revealed: list[torch.Tensor | None]  # canvas positions revealed (None: commits, for now)
 
 
 class GreedyBatch:
     """The batchable requests of one packed pass: which rows they need, then their step.
 
     ``ids`` and ``positions`` are the pass's flat tokens and their positions within their own
-    canvas; ``seq_index[i]`` is the packed sequence holding ``reqs[i]``'s canvas.
+    canvas; ``seq_index[i]`` is the packed sequence holding ``reqs[i]``'s canvas and
+    ``starts[i]`` its first flat token.
     """
 
     def __init__(
         self,
         reqs: Sequence[Request],
         seq_index: Sequence[int],
+        starts: Sequence[int],
         seq_lens: Sequence[int],
         ids: torch.Tensor,
         positions: torch.Tensor,
@@ -56,10 +71,10 @@ class GreedyBatch:
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index = list(seq_index)
-        self.seq_starts = [0] * len(seq_lens)
-        for s in range(1, len(seq_lens)):
-            self.seq_starts[s] = self.seq_starts[s - 1] + seq_lens[s - 1]
+        self.starts = list(starts)
+        self.num_seqs = len(seq_lens)
         self.ids = ids
+        self._pass: tuple | None = None  # (rows, stats, more), once the forward pass has run
         # Every other sequence gets a geometry that selects nothing.
         table = [[0] * 6 for _ in seq_lens]
         for req, s in zip(self.reqs, self.seq_index, strict=True):
@@ -68,14 +83,14 @@ class GreedyBatch:
             row[_PROMPT_END], row[_BLOCK_START], row[_BLOCK_END] = req.prompt_len, start, end
             policy = req.params.early_commit
             if policy is not None and policy.answer_start is None:
-                row[_MASKED_REGION] = 1
+                row[_REGION_IS_MASKED] = 1
             elif policy is not None:
                 row[_SPAN_START] = req.prompt_len + policy.answer_start
                 row[_SPAN_END] = min(row[_SPAN_START] + policy.answer_length, req.canvas_len)
         lens = torch.tensor(list(seq_lens))
         per_token = torch.tensor(table).repeat_interleave(lens, dim=0)
-        prompt_end, block_start, block_end, span_start, span_end, masked_region = per_token.T
-        self.seq_of_token = torch.arange(len(seq_lens)).repeat_interleave(lens)
+        prompt_end, block_start, block_end, span_start, span_end, region_is_masked = per_token.T
+        self.seq_of_token = torch.arange(self.num_seqs).repeat_interleave(lens)
         masked = ids == mask_token_id
         generated = masked & (positions >= prompt_end)
         # The reveal window (masked, up to the end of the current block), Prophet's answer
@@ -83,37 +98,40 @@ class GreedyBatch:
         # current block's masks (its reveal schedule), and what a commit fills.
         self.window = generated & (positions < block_end)
         self.region = ((positions >= span_start) & (positions < span_end)) | (
-            generated & masked_region.bool()
+            generated & region_is_masked.bool()
         )
         self.in_block = masked & (positions >= block_start) & (positions < block_end)
         self.generated = generated
         self.needed = self.window | self.region
 
-    def advance(
+    def bind(
         self, rows: torch.Tensor, stats: RowStats, more: Callable[[torch.Tensor], torch.Tensor]
     ) -> None:
-        """Step every request, given the pass's gathered ``rows`` (sorted flat token indices,
-        including this batch's ``needed``), their ``stats``, and ``more(flat_rows)`` for the
-        logits of rows not gathered. A failure before any request changes finishes them all
-        with an error; a failure while one changes finishes only that one."""
+        """The pass's results: gathered ``rows`` (sorted flat token indices, including this
+        batch's ``needed``), their ``stats``, and ``more(flat_rows)`` for rows not gathered."""
+        self._pass = (rows, stats, more)
+
+    def advance(self) -> None:
+        """Step every request. A failure while planning (before any request changes, though
+        random remasking has drawn) finishes every member with an error; a failure while one
+        request's step is applied finishes only that one."""
+        rows, stats, more = self._pass
         try:
-            plan = self._plan(rows, stats, more)
-        except Exception as err:  # nothing was changed: attribute it to the whole group
+            plan = self._plan(rows, stats)
+        except Exception as err:  # not attributable to one request
             for req in self.reqs:
                 req.finish("error", f"decoding failed: {err!r}")
             return
-        new_ids, gaps, commits, schedules, revealed = plan
         for j, req in enumerate(self.reqs):
             try:
-                self._apply(j, req, new_ids, gaps[j], commits[j], schedules[j], revealed[j])
+                self._apply(j, req, plan, more)
             except Exception as err:
                 req.finish("error", f"decoding failed: {err!r}")
 
-    # -- planning: tensors only, no request changes except the random draws ---------------
-    def _plan(self, rows, stats, more):
+    # -- planning: tensors only; no request changes except random remasking's draws --------
+    def _plan(self, rows: torch.Tensor, stats: RowStats) -> _Plan:
         seq_of_row = self.seq_of_token[rows]
-        num_seqs = len(self.seq_starts)
-        gaps = self._gaps(rows, seq_of_row, stats, num_seqs)
+        gaps = self._gaps(seq_of_row, rows, stats)
         commits = []
         for req, gap in zip(self.reqs, gaps, strict=True):
             policy, step = req.params.early_commit, req.global_step + 1
@@ -122,30 +140,27 @@ class GreedyBatch:
             )
         schedules: list[list[int] | None] = [None] * len(self.reqs)
         if any(req.step_in_block == 0 for req in self.reqs):
-            counts = torch.bincount(self.seq_of_token[self.in_block], minlength=num_seqs).tolist()
+            in_block = self.seq_of_token[self.in_block]
+            counts = torch.bincount(in_block, minlength=self.num_seqs).tolist()
             for j, (req, s) in enumerate(zip(self.reqs, self.seq_index, strict=True)):
                 if req.step_in_block == 0:
                     schedules[j] = llada_block_schedule(counts[s], req.params.steps_per_block)
-
         x0 = torch.zeros_like(self.ids)
         x0[rows] = stats.argmax
-        new_ids = self.ids.clone()
-        revealed: list[torch.Tensor | None] = [None] * len(self.reqs)
-        for j, (req, s) in enumerate(zip(self.reqs, self.seq_index, strict=True)):
-            if commits[j]:
-                revealed[j] = self._fill(req, s, x0, new_ids, more)
-
+        plan = _Plan(self.ids.clone(), x0, gaps, commits, schedules, [None] * len(self.reqs))
         reveal = [j for j in range(len(self.reqs)) if not commits[j]]
         if reveal:
-            self._reveal(reveal, rows, seq_of_row, stats, schedules, x0, new_ids, revealed)
-        return new_ids, gaps, commits, schedules, revealed
+            self._reveal(reveal, rows, seq_of_row, stats, plan)
+        return plan
 
-    def _gaps(self, rows, seq_of_row, stats, num_seqs) -> list[float | None]:
+    def _gaps(
+        self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats
+    ) -> list[float | None]:
         """Prophet's statistic per request (None without a policy or without region rows).
 
         A request's region rows are contiguous and in position order, so requests with the same
         number of rows reduce as one ``[requests, rows]`` matrix: row by row this is the kernel
-        the per-request path runs on one row.
+        the per-request path runs on one row (both on the CPU, where ``RowStats`` live).
         """
         gaps: list[float | None] = [None] * len(self.reqs)
         policies = [req.params.early_commit for req in self.reqs]
@@ -154,7 +169,7 @@ class GreedyBatch:
         in_region = self.region[rows]
         region_seq = seq_of_row[in_region]
         region_gap = stats.gap[in_region]
-        counts = torch.bincount(region_seq, minlength=num_seqs)
+        counts = torch.bincount(region_seq, minlength=self.num_seqs)
         count_of = counts.tolist()
         by_count: dict[int, list[int]] = defaultdict(list)  # rows per request -> requests
         for j, s in enumerate(self.seq_index):
@@ -173,24 +188,19 @@ class GreedyBatch:
                 gaps[j] = reduced[policies[j].statistic][i]
         return gaps
 
-    def _fill(self, req: Request, s: int, x0, new_ids, more) -> torch.Tensor:
-        """A commit: every generated mask takes this step's argmax (logits for rows outside the
-        gathered ones come from ``more``, called per request as the per-request path does)."""
-        start = self.seq_starts[s]
-        end = start + req.canvas_len
-        fill = self.generated[start:end].nonzero().flatten()
-        missing = fill[~self.needed[start:end][fill]]
-        if missing.numel():
-            x0[missing + start] = more(missing + start).argmax(dim=-1)
-        new_ids[fill + start] = x0[fill + start]
-        return fill
-
-    def _reveal(self, reveal, rows, seq_of_row, stats, schedules, x0, new_ids, revealed) -> None:
-        """LLaDA's reveal: the top-``k`` scores of each canvas-length row (``-inf`` outside the
-        window), grouped by canvas length, rule and ``k`` so each group is one ``topk``."""
+    def _reveal(
+        self,
+        reveal: list[int],
+        rows: torch.Tensor,
+        seq_of_row: torch.Tensor,
+        stats: RowStats,
+        plan: _Plan,
+    ) -> None:
+        """LLaDA's reveal for the requests ``reveal``, written into ``plan``: the top-``k``
+        scores of each canvas-length row (``-inf`` outside the window), grouped by canvas
+        length, rule and ``k`` so that each group is one ``topk``."""
         in_window = self.window[rows]
-        num_seqs = len(self.seq_starts)
-        window_size = torch.bincount(seq_of_row[in_window], minlength=num_seqs).tolist()
+        window_size = torch.bincount(seq_of_row[in_window], minlength=self.num_seqs).tolist()
         prob = None
         groups: dict[tuple[int, str], list[int]] = defaultdict(list)
         for j in reveal:
@@ -200,8 +210,7 @@ class GreedyBatch:
                 prob = torch.full(self.ids.shape, float("-inf"), dtype=stats.prob.dtype)
                 prob[rows[in_window]] = stats.prob[in_window]
         for (length, rule), members in groups.items():
-            starts = torch.tensor([self.seq_starts[self.seq_index[j]] for j in members])
-            flat = starts[:, None] + torch.arange(length)
+            flat = torch.tensor([self.starts[j] for j in members])[:, None] + torch.arange(length)
             if rule == "low_confidence":
                 scores = prob[flat]
             else:  # the reference draws one uniform per canvas position every step
@@ -210,39 +219,49 @@ class GreedyBatch:
             by_k: dict[int, list[int]] = defaultdict(list)
             for i, j in enumerate(members):
                 req = self.reqs[j]
-                schedule = schedules[j] or req.block_schedule
+                schedule = plan.schedules[j]
+                if schedule is None:
+                    schedule = req.block_schedule
                 k = min(schedule[req.step_in_block], window_size[self.seq_index[j]])
                 by_k[k].append(i)
             for k, idx in by_k.items():
                 if k <= 0:
                     for i in idx:
-                        revealed[members[i]] = torch.empty(0, dtype=torch.long)
+                        plan.revealed[members[i]] = torch.empty(0, dtype=torch.long)
                     continue
                 sel = torch.tensor(idx)
                 chosen = scores[sel].topk(k, dim=1).indices
                 targets = flat[sel].gather(1, chosen)
-                new_ids[targets] = x0[targets]
+                plan.new_ids[targets] = plan.x0[targets]
                 for i, picked in zip(idx, chosen, strict=True):
-                    revealed[members[i]] = picked
+                    plan.revealed[members[i]] = picked
 
     # -- applying: one request at a time ---------------------------------------------------
-    def _apply(self, j, req: Request, new_ids, gap, commit, schedule, revealed) -> None:
+    def _apply(
+        self, j: int, req: Request, plan: _Plan, more: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         p = req.params
         req.global_step += 1
-        if schedule is not None:
-            req.block_schedule = schedule
+        if plan.schedules[j] is not None:
+            req.block_schedule = plan.schedules[j]
         if p.early_commit is not None:
-            req.last_gap = gap
-        start = self.seq_starts[self.seq_index[j]]
-        req.set_canvas(new_ids[start : start + req.canvas_len])
-        req.revealed_last_step = revealed
-        if commit:
-            req.commit_step = req.global_step
-            req.finish("early_commit")
+            req.last_gap = plan.gaps[j]
+        start, end = self.starts[j], self.starts[j] + req.canvas_len
+        if plan.commits[j]:
+            # Every generated mask takes this step's argmax; rows not gathered come from
+            # ``more``, per request, as the per-request path asks for them.
+            fill = self.generated[start:end].nonzero().flatten()
+            missing = fill[~self.needed[start:end][fill]] + start
+            if missing.numel():
+                plan.x0[missing] = more(missing).argmax(dim=-1)
+            plan.new_ids[fill + start] = plan.x0[fill + start]
+            # Finished: its own copy, not a view that keeps the whole pass's tokens alive.
+            req.set_canvas(plan.new_ids[start:end].clone())
+            req.revealed_last_step = fill
+            mark_committed(req)
             return
-        req.step_in_block += 1
-        if req.step_in_block == p.steps_per_block:
-            req.block += 1
-            req.step_in_block = 0
-            if req.block == p.num_blocks:
-                req.finish("steps")
+        req.set_canvas(plan.new_ids[start:end])
+        req.revealed_last_step = plan.revealed[j]
+        move_block_cursor(req)
+        if req.is_finished:
+            req.set_canvas(req.canvas.clone())

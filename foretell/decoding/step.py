@@ -2,7 +2,9 @@
 
 The runner asks ``positions_needed`` which canvas positions each request wants logits for,
 runs the model once for the whole batch, and hands each request its rows; ``advance`` then
-applies the early-commit test and the reveal rule and moves the request's cursor.
+applies the early-commit test and the reveal rule and moves the request's cursor. This is the
+general path (any family, rule, sampling, cfg); greedy LLaDA requests take the equivalent
+batched step of :mod:`foretell.decoding.batched`.
 """
 
 from __future__ import annotations
@@ -127,9 +129,25 @@ def _try_commit(
     x0, _ = _candidates(req, fill_logits, "random")
     req.write(masked, x0)
     req.revealed_last_step = masked
+    mark_committed(req)
+    return True
+
+
+def mark_committed(req: Request) -> None:
+    """End ``req`` by early commit at this step (its canvas is already filled)."""
     req.commit_step = req.global_step
     req.finish("early_commit")
-    return True
+
+
+def move_block_cursor(req: Request) -> None:
+    """After a LLaDA reveal: the next step of the block, or the next block; done after the
+    last one."""
+    req.step_in_block += 1
+    if req.step_in_block == req.params.steps_per_block:
+        req.block += 1
+        req.step_in_block = 0
+        if req.block == req.params.num_blocks:
+            req.finish("steps")
 
 
 def _candidates(req: Request, logits: torch.Tensor, rule: str):
@@ -168,12 +186,7 @@ def _reveal_llada(
         scores = torch.rand(req.canvas_len, generator=req.generator)[window]
     count = req.block_schedule[req.step_in_block]
     _reveal(req, window, x0, choose(scores, count, None, req.generator, window, req.canvas_len))
-    req.step_in_block += 1
-    if req.step_in_block == p.steps_per_block:
-        req.block += 1
-        req.step_in_block = 0
-        if req.block == p.num_blocks:
-            req.finish("steps")
+    move_block_cursor(req)
 
 
 def _next_nonempty_block(req: Request) -> None:

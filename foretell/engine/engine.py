@@ -243,7 +243,8 @@ class Engine:
                 advance(req, res.positions, res.logits, res.more, res.stats)
             except Exception as err:  # one request's failure must not stop the others
                 req.finish("error", f"decoding failed: {err!r}")
-        result.advance_batched()  # errors are attributed inside, per request where possible
+        if result.batched is not None:
+            result.batched.advance()  # errors are attributed inside, per request where possible
 
     def output(self, req: Request) -> RequestOutput:
         """The caller's view of a request (finished or in flight)."""

@@ -11,6 +11,7 @@ request (``positions_needed``) and are stepped per request (``advance``).
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from foretell.decoding.batched import GreedyBatch, batchable
 from foretell.decoding.unmask import RowStats, greedy_llada
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 def _reads_stats(req: Request) -> bool:
@@ -45,17 +48,10 @@ class RequestLogits:
 @dataclass
 class PassOutput:
     """A forward pass's results: per request for the general path, and the greedy LLaDA
-    requests as one :class:`GreedyBatch` with the pass's rows to step together."""
+    requests as one :class:`GreedyBatch`, stepped together."""
 
     per_request: list[tuple[Request, RequestLogits]]
     batched: GreedyBatch | None = None
-    rows: torch.Tensor | None = None  # gathered flat token indices, sorted
-    stats: RowStats | None = None  # greedy statistics of every gathered row
-    more: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits at other flat rows
-
-    def advance_batched(self) -> None:
-        if self.batched is not None:
-            self.batched.advance(self.rows, self.stats, self.more)
 
 
 class ModelRunner:
@@ -101,17 +97,20 @@ class ModelRunner:
         group = [i for i, req in enumerate(batch) if self.batched and batchable(req)]
         greedy = None
         if group:
-            greedy = GreedyBatch(
-                [batch[i] for i in group],
-                [seq_of[i] for i in group],
-                seq_lens,
-                ids,
-                positions,
-                batch[group[0]].mask_token_id,
-            )
-            needed = greedy.needed.clone()
-        else:
-            needed = torch.zeros(total, dtype=torch.bool)
+            try:
+                greedy = GreedyBatch(
+                    [batch[i] for i in group],
+                    [seq_of[i] for i in group],
+                    [offsets[i][0] for i in group],
+                    seq_lens,
+                    ids,
+                    positions,
+                    batch[group[0]].mask_token_id,
+                )
+            except Exception:  # nothing has changed: the per-request path can take them
+                logger.exception("greedy batch failed; stepping its requests one by one")
+                group = []
+        needed = greedy.needed.clone() if greedy else torch.zeros(total, dtype=torch.bool)
         in_group = set(group)
         others = [i for i in range(len(batch)) if i not in in_group]
         wanted = {i: positions_needed(batch[i]) for i in others}
@@ -137,8 +136,8 @@ class ModelRunner:
                 idx = flat_rows.to(self.device)
                 return self.model.logits_at(hidden, positions_d, idx).cpu()
 
-        def more(pos: torch.Tensor, req: Request, rows: tuple[int, int | None]) -> torch.Tensor:
-            return self._guided(req, more_flat(self._rows(pos, rows)))
+        def more(pos: torch.Tensor, req: Request, starts: tuple[int, int | None]) -> torch.Tensor:
+            return self._guided(req, more_flat(self._rows(pos, starts)))
 
         per_request = []
         if others:
@@ -151,9 +150,11 @@ class ModelRunner:
                 own = None
                 if stats is not None and req.params.cfg_scale <= 0:
                     own = stats.take(slice(cursor, cursor + n))
-                more_fn = functools.partial(more, req=req, rows=offsets[i])
+                more_fn = functools.partial(more, req=req, starts=offsets[i])
                 per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
-        return PassOutput(per_request, greedy, rows, stats, more_flat)
+        if greedy is not None:
+            greedy.bind(rows, stats, more_flat)
+        return PassOutput(per_request, greedy)
 
     @staticmethod
     def _first_rows(rows: torch.Tensor, seq_lens: list[int]) -> list[int]:

@@ -117,7 +117,10 @@ class Request:
         self._masked = None
 
     def set_canvas(self, canvas: torch.Tensor) -> None:
-        """Take a whole new canvas (the batched step writes every canvas of a pass at once)."""
+        """Take a whole new canvas (the batched step writes every canvas of a pass at once).
+
+        ``canvas`` may be a view into a tensor that other requests' canvases share: writes
+        (``write``) stay within it."""
         self.canvas = canvas
         self._masked = None
 
