@@ -22,22 +22,7 @@ import time
 import torch
 
 from foretell.bench.report import machine_info, model_info, write_json
-from foretell.models.registry import LoadedModel, load_model
-
-
-def default_size_model() -> tuple[LoadedModel, str]:
-    """The shipped model, or a random model of exactly its training shape."""
-    from foretell.models.default import DEFAULT_MODEL_DIR
-
-    if (DEFAULT_MODEL_DIR / "model.safetensors").exists():
-        return load_model(DEFAULT_MODEL_DIR), "default (trained weights)"
-    from foretell.models.default.train import build_model, parse_args
-    from foretell.models.tokenizer import build_char_tokenizer
-    from foretell.tasks import ALPHABET
-
-    tokenizer = build_char_tokenizer(ALPHABET)
-    model = build_model(parse_args([]), tokenizer).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, path=None), "default shape, random"
+from foretell.bench.setup import default_size_model
 
 
 def workload_lengths(tokenizer, n: int, seed: int) -> list[int]:

@@ -75,6 +75,7 @@ def _engine(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
+        forward_chunk_tokens=args.forward_chunk_tokens,
     )
 
 
@@ -173,11 +174,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
+        forward_chunk_tokens=args.forward_chunk_tokens,
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from foretell.bench.cli import add_arguments as add_bench_arguments
+    from foretell.bench.cli import chunk_tokens
+
     parser = argparse.ArgumentParser(prog="foretell", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -186,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-num-seqs", type=int, default=64)
         p.add_argument("--dtype", default="float32")
         p.add_argument("--attention-backend", default="auto")
+        p.add_argument(
+            "--forward-chunk-tokens",
+            type=chunk_tokens,
+            default="auto",
+            help="tokens per forward chunk: an integer, 'auto' (640 on CPU) or 'none'",
+        )
         p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
 
     gen = sub.add_parser("generate", help="generate text for one prompt or a JSONL file")
@@ -213,8 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="the id /v1/models reports")
     engine_args(srv)
     srv.set_defaults(func=cmd_serve)
-
-    from foretell.bench.cli import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="throughput of batch-1, static and engine, side by side")
     add_bench_arguments(bench)

@@ -50,6 +50,9 @@ def _mixed_params(n: int, seed: int) -> list[DecodeParams]:
             if kwargs["remasking"] == "low_confidence":
                 kwargs["cfg_scale"] = 1.0  # guided: per-request path
         out.append(DecodeParams(**kwargs))
+    # Constraints leave 7 masks for 8 steps per block: one step per block reveals nothing.
+    idle = {"gen_length": 16, "block_length": 8, "steps": 16, "constraints": {0: "x", 8: "y"}}
+    out[0] = DecodeParams(**idle, remasking="random", seed=1)
     return out
 
 

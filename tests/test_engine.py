@@ -243,3 +243,68 @@ def test_requests_do_not_depend_on_their_batch(llada64) -> None:
     )
     assert crowd[1].token_ids == alone.token_ids
     torch.testing.assert_close(torch.tensor(crowd[1].token_ids), torch.tensor(alone.token_ids))
+
+
+def test_forward_chunks_split_whole_sequences_evenly() -> None:
+    from foretell.engine.runner import chunk_bounds
+
+    def sizes(lens, budget):
+        return [sum(lens[i:j]) for i, j in chunk_bounds(lens, budget)]
+
+    assert sizes([43] * 28, 640) == [602, 602]
+    assert sizes([43] * 29, 640) == [430, 430, 387]  # three balanced, not 14 + 14 + 1
+    assert sizes([43] * 8, 640) == [344]
+    assert sizes([43] * 28, None) == [1204]
+    assert sizes([700, 10, 10], 640) == [700, 20]  # a longer sequence is a chunk of its own
+    bounds = chunk_bounds([5, 9, 3, 7, 11, 2, 8], 12)
+    assert [i for i, _ in bounds][1:] == [j for _, j in bounds][:-1]  # consecutive, complete
+    assert bounds[0][0] == 0 and bounds[-1][1] == 7
+    assert all(sum([5, 9, 3, 7, 11, 2, 8][i:j]) <= 12 for i, j in bounds)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_forward_chunks_do_not_change_results(dtype) -> None:
+    """A tiny chunk budget splits every pass (a cfg request's two sequences too) and gives the
+    same tokens and passes as one piece, and gaps equal up to rounding (a matrix product's last
+    bits can depend on how many rows it has, as with any other batch composition)."""
+    from foretell.models.tiny import tiny_model
+
+    loaded = tiny_model("llada", seed=3, dtype=dtype)
+    prompts = ["1+1=", "22+22=", "333+333=", "a", "bb+c", "9", "77+8=", "x"]
+    policy = Prophet(thresholds=(3.0, 2.0, 1.0))
+    params = [
+        DecodeParams(
+            gen_length=8 * (1 + i % 3),
+            steps=8,
+            seed=i,
+            cfg_scale=1.0 if i % 4 == 1 else 0.0,
+            temperature=0.7 if i % 4 == 2 else 0.0,
+            early_commit=policy if i % 2 else None,
+        )
+        for i in range(len(prompts))
+    ]
+    runs = []
+    for budget in (None, 20):
+        engine = Engine(loaded, dtype=dtype, max_num_seqs=8, forward_chunk_tokens=budget)
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        runs.append(outs)
+    one_piece, chunked = runs
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in one_piece]
+    assert [o.num_forward_passes for o in chunked] == [o.num_forward_passes for o in one_piece]
+    gaps = [(a.last_gap, b.last_gap) for a, b in zip(one_piece, chunked, strict=True)]
+    assert all((a is None) == (b is None) for a, b in gaps)
+    assert [b for _, b in gaps if b is not None] == pytest.approx(
+        [a for a, _ in gaps if a is not None], rel=1e-6
+    )
+    assert any(a is not None for a, _ in gaps)
+
+
+def test_forward_chunk_tokens_is_validated(llada64) -> None:
+    for bad in (0, -5, "fast", 2.5, True):
+        with pytest.raises(ValueError, match="forward_chunk_tokens"):
+            Engine(llada64, dtype="float64", forward_chunk_tokens=bad)
+    assert Engine(llada64, dtype="float64").runner.forward_chunk_tokens == 640  # CPU default
+    assert (
+        Engine(llada64, dtype="float64", forward_chunk_tokens=None).runner.forward_chunk_tokens
+        is None
+    )

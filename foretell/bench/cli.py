@@ -47,6 +47,21 @@ def _floats(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def chunk_tokens(text: str) -> int | str | None:
+    """``--forward-chunk-tokens``: an integer, ``auto`` or ``none``."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"need an integer, 'auto' or 'none', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"need a positive integer, got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
     p.add_argument(
@@ -104,6 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up passes")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--forward-chunk-tokens",
+        type=chunk_tokens,
+        default="auto",
+        help="the engine's forward chunk: an integer, 'auto' (640 on CPU, the default) or 'none'",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG chart here")
     p.add_argument(
@@ -201,6 +222,7 @@ def main(args: argparse.Namespace) -> int:
         prophet=prophet,
         repeats=args.repeats,
         warmup=not args.no_warmup,
+        forward_chunk_tokens=args.forward_chunk_tokens,
     )
     first = next(iter(result["modes"].values()))
     result["workload"] = {**describe(requests), "prompt_tokens": first["prompt_tokens"], **source}
@@ -212,6 +234,7 @@ def main(args: argparse.Namespace) -> int:
         "warmup": not args.no_warmup,
         "threads": args.threads,
         "dtype": args.dtype,
+        "forward_chunk_tokens": args.forward_chunk_tokens,
         "base_params": {k: v for k, v in setup.base.__dict__.items() if k != "early_commit"},
     }
     result["model"] = {"name": setup.name, **model_info(setup.loaded.model, setup.loaded.path)}
@@ -252,6 +275,7 @@ def main(args: argparse.Namespace) -> int:
             sweep_n=sweep_n,
             prophet=prophet,
             repeats=args.scaling_repeats,
+            forward_chunk_tokens=args.forward_chunk_tokens,
         )
         print()
         print(format_scaling(result["scaling"]))

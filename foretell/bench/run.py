@@ -35,6 +35,8 @@ from foretell.models.registry import LoadedModel
 from foretell.params import DecodeParams, Prophet
 from foretell.tasks import get_task
 
+ChunkTokens = int | str | None  # Engine's forward_chunk_tokens
+
 MODES = ("reference", "static", "static-prophet", "engine", "engine-prophet")
 PROPHET_MODES = frozenset({"static-prophet", "engine-prophet"})
 CONTINUOUS_MODES = frozenset({"engine", "engine-prophet"})
@@ -69,21 +71,32 @@ def mode_params(
     return [r.params.replace(early_commit=policy) for r in requests]
 
 
-def share_model(loaded: LoadedModel, max_num_seqs: int, dtype: str = "float32") -> Engine:
+def share_model(
+    loaded: LoadedModel,
+    max_num_seqs: int,
+    dtype: str = "float32",
+    forward_chunk_tokens: ChunkTokens = "auto",
+) -> Engine:
     """A fresh engine (fresh scheduler, runner and metrics) over an already loaded model."""
     return Engine(
         LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, path=loaded.path),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=UNLIMITED_TOKENS,
         dtype=dtype,
+        forward_chunk_tokens=forward_chunk_tokens,
     )
 
 
-def warm_up(loaded: LoadedModel, requests: Sequence[BenchRequest], batch_size: int) -> None:
+def warm_up(
+    loaded: LoadedModel,
+    requests: Sequence[BenchRequest],
+    batch_size: int,
+    forward_chunk_tokens: ChunkTokens = "auto",
+) -> None:
     """A few untimed passes at batch 1 and at batch B, so the first timed mode does not pay
     for allocator and thread-pool start-up."""
     for size in sorted({1, batch_size}):
-        engine = share_model(loaded, size, dtype=_dtype(loaded))
+        engine = share_model(loaded, size, _dtype(loaded), forward_chunk_tokens)
         ids = [engine.add_request(r.prompt, r.params) for r in requests[:size]]
         for _ in range(3):
             engine.step()
@@ -109,6 +122,7 @@ def run_mode(
     *,
     batch_size: int,
     prophet: Prophet | None,
+    forward_chunk_tokens: ChunkTokens = "auto",
 ) -> dict:
     """Run every request under ``mode`` and measure it; returns the mode's JSON record."""
     if mode not in MODES:
@@ -116,7 +130,7 @@ def run_mode(
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     size = 1 if mode == "reference" else batch_size
-    engine = share_model(loaded, size, dtype=_dtype(loaded))
+    engine = share_model(loaded, size, _dtype(loaded), forward_chunk_tokens)
     prompts = [r.prompt for r in requests]
     params = mode_params(requests, mode, prophet)
     submitted: list[tuple] = []
@@ -282,6 +296,7 @@ def run_modes(
     repeats: int = 1,
     warmup: bool = True,
     log: Log | None = stderr_log,
+    forward_chunk_tokens: ChunkTokens = "auto",
 ) -> dict:
     """Every mode on the same requests, side by side in one process.
 
@@ -292,11 +307,18 @@ def run_modes(
     prophet = prophet or Prophet()
     log = log or (lambda _msg: None)
     if warmup:
-        warm_up(loaded, requests, batch_size)
+        warm_up(loaded, requests, batch_size, forward_chunk_tokens)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(repeats):
         for mode in modes:
-            rec = run_mode(loaded, requests, mode, batch_size=batch_size, prophet=prophet)
+            rec = run_mode(
+                loaded,
+                requests,
+                mode,
+                batch_size=batch_size,
+                prophet=prophet,
+                forward_chunk_tokens=forward_chunk_tokens,
+            )
             runs[mode].append(rec)
             rep = f" (run {r + 1}/{repeats})" if repeats > 1 else ""
             log(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from foretell.bench.run import Log, run_mode, stderr_log
+from foretell.bench.run import ChunkTokens, Log, run_mode, stderr_log
 from foretell.bench.workload import BenchRequest
 from foretell.models.registry import LoadedModel
 from foretell.params import Prophet
@@ -40,13 +40,21 @@ def _fastest(
     mode: str,
     prophet: Prophet,
     repeats: int,
+    forward_chunk_tokens: ChunkTokens,
 ) -> dict[tuple[int, int], dict]:
     """Run every (n, max_num_seqs) point ``repeats`` times round-robin and keep each point's
     fastest run: a slow phase of the machine then spoils one run of a point, not all of them."""
     best: dict[tuple[int, int], dict] = {}
     for _ in range(repeats):
         for n, size in points:
-            rec = run_mode(loaded, requests(n), mode, batch_size=size, prophet=prophet)
+            rec = run_mode(
+                loaded,
+                requests(n),
+                mode,
+                batch_size=size,
+                prophet=prophet,
+                forward_chunk_tokens=forward_chunk_tokens,
+            )
             runs = [*best.get((n, size), {}).get("wall_s_runs", []), rec["wall_s"]]
             if (n, size) not in best or rec["wall_s"] < best[(n, size)]["wall_s"]:
                 best[(n, size)] = rec
@@ -74,6 +82,7 @@ def run_scaling(
     prophet: Prophet | None = None,
     repeats: int = 2,
     log: Log | None = stderr_log,
+    forward_chunk_tokens: ChunkTokens = "auto",
 ) -> dict:
     """Wall time against N at ``batch_size``, then throughput against ``max_num_seqs`` at
     ``sweep_n`` requests. ``requests(n)`` returns the first ``n`` requests of the workload.
@@ -88,6 +97,7 @@ def run_scaling(
         mode=mode,
         prophet=prophet,
         repeats=repeats,
+        forward_chunk_tokens=forward_chunk_tokens,
     )
     for n in ns:
         rec = best[(n, batch_size)]
@@ -107,6 +117,7 @@ def run_scaling(
         mode=mode,
         prophet=prophet,
         repeats=repeats,
+        forward_chunk_tokens=forward_chunk_tokens,
     )
     for size in max_num_seqs:
         rec = best[(sweep_n, size)]

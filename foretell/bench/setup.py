@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from foretell.models.registry import LoadedModel
+from foretell.models.registry import LoadedModel, load_model
 from foretell.params import DecodeParams, Prophet
 
 # The default model's mix: semi-autoregressive blocks (a quarter and a half of the generation,
@@ -150,3 +150,18 @@ def load_for_bench(
     blocks = sorted({b for b in (gen // 4, gen // 2, gen) if b >= 1 and gen % b == 0})
     steps = sorted({gen, max(1, gen // 2)}, reverse=True)
     return BenchSetup(str(model), loaded, base, engine.default_prophet, TASK_NAMES, blocks, steps)
+
+
+def default_size_model() -> tuple[LoadedModel, str]:
+    """The shipped model, or a random model of exactly its training shape."""
+    from foretell.models.default import DEFAULT_MODEL_DIR
+
+    if (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+        return load_model(DEFAULT_MODEL_DIR), "default (trained weights)"
+    from foretell.models.default.train import build_model, parse_args
+    from foretell.models.tokenizer import build_char_tokenizer
+    from foretell.tasks import ALPHABET
+
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = build_model(parse_args([]), tokenizer).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=None), "default shape, random"

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from foretell.decoding import advance
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
-from foretell.engine.runner import ModelRunner
+from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
 from foretell.models.registry import LoadedModel, load_model, resolve_dtype
 from foretell.models.transformer import DiffusionLM
 from foretell.params import DecodeParams, Prophet, as_params
@@ -53,6 +53,10 @@ class Engine:
 
     ``model`` is a checkpoint directory (or hub id), a ``LoadedModel``, a ``DiffusionLM`` (with
     ``tokenizer``), or None for the small model shipped with foretell.
+    ``forward_chunk_tokens`` runs each step's packed batch through the model in chunks of whole
+    sequences of at most that many tokens (``"auto"``: 640 on a CPU, where it keeps activations
+    in cache, none on a GPU; None: never). Sequences never attend across chunks, so results are
+    the same up to floating-point rounding, as with any other batch composition.
     """
 
     def __init__(
@@ -65,7 +69,9 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         attention_backend: str = "auto",
+        forward_chunk_tokens: int | str | None = "auto",
     ) -> None:
+        resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))  # fail early
         loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
         # What ``generate`` uses when given no params: the shipped model's own layout, else
         # DecodeParams' defaults.
@@ -81,7 +87,7 @@ class Engine:
         self.mask_token_id: int = self.model.mask_token_id
         self.model_path = loaded.path
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, device)
+        self.runner = ModelRunner(self.model, device, forward_chunk_tokens=forward_chunk_tokens)
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self._live: dict[str, Request] = {}

@@ -54,13 +54,70 @@ class PassOutput:
     batched: GreedyBatch | None = None
 
 
+# The CPU default of ``forward_chunk_tokens``: on the 2-core machine of docs/benchmarks.md a
+# full batch of the shipped model ran 1.2 to 1.3x faster per sequence in chunks of about this
+# many tokens than in one piece, and never slower (benchmarks/forward_chunks.py). For a large
+# model a chunk of this size is still a large matrix product, so the cost is only re-reading
+# the weights once per chunk.
+CPU_FORWARD_CHUNK_TOKENS = 640
+
+
+def resolve_forward_chunk_tokens(value: int | str | None, device: torch.device) -> int | None:
+    """``"auto"``: :data:`CPU_FORWARD_CHUNK_TOKENS` on a CPU, no chunking elsewhere (a GPU
+    wants the whole batch in one piece); an int >= 1; or None for no chunking."""
+    if value == "auto":
+        return CPU_FORWARD_CHUNK_TOKENS if device.type == "cpu" else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"forward_chunk_tokens: need a positive integer, 'auto' or None, got {value!r}"
+        )
+    return value
+
+
+def chunk_bounds(seq_lens: list[int], budget: int | None) -> list[tuple[int, int]]:
+    """Split packed sequences into the fewest consecutive runs ``[i, j)`` of about equal tokens
+    with at most ``budget`` tokens each (a longer sequence is a run of its own); None: one run.
+    Balanced, so that no chunk is a thin, fixed-cost tail."""
+    total = sum(seq_lens)
+    if budget is None or total <= budget:
+        return [(0, len(seq_lens))]
+    for pieces in range(-(-total // budget), len(seq_lens) + 1):
+        bounds = _balanced(seq_lens, total / pieces)
+        if all(j - i == 1 or sum(seq_lens[i:j]) <= budget for i, j in bounds):
+            return bounds
+    return [(i, i + 1) for i in range(len(seq_lens))]
+
+
+def _balanced(seq_lens: list[int], target: float) -> list[tuple[int, int]]:
+    """Runs cut wherever adding the next sequence would leave the run further from ``target``."""
+    bounds, i, tokens = [], 0, 0
+    for j, length in enumerate(seq_lens):
+        if j > i and tokens + length / 2 > target:
+            bounds.append((i, j))
+            i, tokens = j, 0
+        tokens += length
+    bounds.append((i, len(seq_lens)))
+    return bounds
+
+
 class ModelRunner:
     def __init__(
-        self, model: DiffusionLM, device: torch.device | str = "cpu", *, batched: bool = True
+        self,
+        model: DiffusionLM,
+        device: torch.device | str = "cpu",
+        *,
+        batched: bool = True,
+        forward_chunk_tokens: int | str | None = "auto",
     ) -> None:
         self.model = model
         self.device = torch.device(device)
         self.batched = batched  # step greedy LLaDA requests together (GreedyBatch)
+        # Run the packed batch through the model in chunks of whole sequences of at most this
+        # many tokens (None: in one piece); sequences never see each other, so results equal
+        # up to rounding.
+        self.forward_chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, self.device)
         self.forward_seconds = 0.0  # time inside the model, for overhead accounting
         self.forward_passes = 0
         self._aranges: dict[int, torch.Tensor] = {}
@@ -121,7 +178,7 @@ class ModelRunner:
 
         start = time.perf_counter()
         ids_d, positions_d = ids.to(self.device), positions.to(self.device)
-        hidden = self.model.forward_packed(ids_d, positions_d, seq_lens)
+        hidden = self._forward(ids_d, positions_d, seq_lens)
         gathered = self.model.logits_at(hidden, positions_d, rows.to(self.device))
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
@@ -155,6 +212,22 @@ class ModelRunner:
         if greedy is not None:
             greedy.bind(rows, stats, more_flat)
         return PassOutput(per_request, greedy)
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
+    ) -> torch.Tensor:
+        """Hidden states of the packed batch, chunk by chunk (see ``forward_chunk_tokens``)."""
+        bounds = chunk_bounds(seq_lens, self.forward_chunk_tokens)
+        if len(bounds) == 1:
+            return self.model.forward_packed(ids, positions, seq_lens)
+        parts, start = [], 0
+        for i, j in bounds:
+            end = start + sum(seq_lens[i:j])
+            parts.append(
+                self.model.forward_packed(ids[start:end], positions[start:end], seq_lens[i:j])
+            )
+            start = end
+        return torch.cat(parts)
 
     @staticmethod
     def _first_rows(rows: torch.Tensor, seq_lens: list[int]) -> list[int]:
