@@ -31,3 +31,4 @@ python benchmarks/overhead.py --profile "$out/overhead_profile.txt" --out "$out/
   | tee "$out/overhead.txt"
 python benchmarks/attention_layout.py --out "$out/attention_layout.json" \
   | tee "$out/attention_layout.txt"
+python benchmarks/forward_chunks.py --out "$out/forward_chunks.json" | tee "$out/forward_chunks.txt"
