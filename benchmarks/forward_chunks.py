@@ -8,6 +8,8 @@ batches (the shipped model, or its shape with random weights) go through ``Model
 with each chunk budget in turn, interleaved so that background load hits every budget alike,
 and the median of the repeats is kept. The largest difference in hidden states between a
 budget and one piece is reported too (rounding at most: sequences never attend across chunks).
+Then the engine itself: ``static-prophet`` and ``engine-prophet`` of ``foretell bench`` on its
+default workload at B=32, with and without chunking, round-robin, fastest of ``--repeats-engine``.
 """
 
 from __future__ import annotations
@@ -53,9 +55,35 @@ def measure(model, length: int, seqs: int, repeats: int) -> dict:
     return {"canvas_len": length, "sequences": seqs, "ms_per_sequence": ms, "max_abs_diff": diff}
 
 
+def engine_ab(repeats: int) -> dict:
+    """Generated tokens/s of the Prophet modes at B=32, one piece against the CPU default."""
+    from foretell.bench.run import run_mode, warm_up
+    from foretell.bench.setup import load_for_bench
+
+    setup = load_for_bench(None)
+    requests = setup.workload(200, 0)
+    warm_up(setup.loaded, requests, 32)
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for mode in ("static-prophet", "engine-prophet"):
+            for budget in (None, "auto"):
+                rec = run_mode(
+                    setup.loaded,
+                    requests,
+                    mode,
+                    batch_size=32,
+                    prophet=setup.prophet,
+                    forward_chunk_tokens=budget,
+                )
+                key = f"{mode}, {'one piece' if budget is None else 'chunked (auto)'}"
+                runs.setdefault(key, []).append(rec["tokens_per_s"])
+    return {key: {"tokens_per_s": max(v), "runs": v} for key, v in runs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats-engine", type=int, default=3, help="0: skip the engine runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)
@@ -82,12 +110,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{CPU_FORWARD_CHUNK_TOKENS} tokens; largest hidden-state difference from one piece: "
         f"{max(row['max_abs_diff'] for row in rows):.1e}"
     )
+    engine = engine_ab(args.repeats_engine) if args.repeats_engine > 0 else {}
+    if engine:
+        lines.append("")
+        lines.append(
+            f"engine, default workload, B=32, generated tokens/s (fastest of "
+            f"{args.repeats_engine}):"
+        )
+        for key, rec in engine.items():
+            lines.append(f"  {key:<32} {rec['tokens_per_s']:8.1f}")
     print("\n".join(lines))
     if args.out:
         write_json(
             args.out,
             {
                 "rows": rows,
+                "engine": engine,
                 "default_cpu_budget": CPU_FORWARD_CHUNK_TOKENS,
                 "model": {"name": which, **model_info(model, loaded.path)},
                 "machine": machine_info(),

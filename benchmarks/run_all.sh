@@ -32,3 +32,10 @@ python benchmarks/overhead.py --profile "$out/overhead_profile.txt" --out "$out/
 python benchmarks/attention_layout.py --out "$out/attention_layout.json" \
   | tee "$out/attention_layout.txt"
 python benchmarks/forward_chunks.py --out "$out/forward_chunks.json" | tee "$out/forward_chunks.txt"
+# One block of 32 with low-confidence remasking: where the reference rule's mean lets an open
+# letter through, against the default min rule.
+foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \
+  --remaskings low_confidence --thresholds 7.5,5,2.5 --prophet-statistic mean \
+  --out "$out/single_block_reference_rule.json" | tee "$out/single_block_reference_rule.txt"
+foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \
+  --remaskings low_confidence --out "$out/single_block.json" | tee "$out/single_block.txt"
