@@ -10,6 +10,11 @@ mkdir -p "$out"
 foretell bench --repeats 3 --out "$out/bench.json" --plot "$out/bench.png" | tee "$out/bench.txt"
 foretell bench --batch-size 8 --repeats 3 --out "$out/bench_b8.json" --plot "$out/bench_b8.png" \
   | tee "$out/bench_b8.txt"
+# The backfill ratio at B=8 again, alone, on two workload seeds (how much it moves).
+for seed in 0 1; do
+  foretell bench --batch-size 8 --modes static-prophet,engine-prophet --repeats 3 --seed "$seed" \
+    --out "$out/bench_b8_backfill_seed$seed.json"
+done
 # Prophet's reference rule (mean gap, 7.5/5/2.5) on the same workload.
 foretell bench --repeats 3 --modes static,static-prophet,engine,engine-prophet \
   --thresholds 7.5,5,2.5 --prophet-statistic mean \
