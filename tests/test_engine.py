@@ -96,7 +96,9 @@ def _run_three(engine: Engine, params: DecodeParams) -> dict:
 
 
 @pytest.mark.parametrize("path", ["per-request", "batched"])
-def test_a_failing_request_finishes_with_error_and_the_others_complete(llada64, monkeypatch, path):
+def test_a_failing_request_finishes_with_error_and_the_others_complete(
+    llada64, monkeypatch, fail_greedy_step, path
+):
     """A fault in one request's step (the per-request ``advance``, or its part of the greedy
     batch's step) ends that request only."""
     engine = Engine(llada64, dtype="float64", max_num_seqs=4)
@@ -112,14 +114,7 @@ def test_a_failing_request_finishes_with_error_and_the_others_complete(llada64, 
         monkeypatch.setattr(engine_module, "advance", failing)
     else:
         params = DecodeParams(gen_length=16, steps=8)
-        real = batched_module.GreedyBatch._apply
-
-        def failing(self, j, req, *args):
-            if req.request_id == "bad" and req.global_step == 2:
-                raise RuntimeError("injected fault")
-            return real(self, j, req, *args)
-
-        monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
+        fail_greedy_step(lambda req: req.request_id == "bad" and req.global_step == 2)
     outs = _run_three(engine, params)
     assert outs["bad"].finish_reason == "error" and "injected fault" in outs["bad"].error
     assert outs["good-1"].finish_reason == outs["good-2"].finish_reason == "steps"

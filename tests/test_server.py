@@ -16,7 +16,6 @@ import openai
 import pytest
 import uvicorn
 
-import foretell.decoding.batched as batched_module
 from foretell import AsyncEngine, DecodeParams, Engine
 from foretell.server import create_app
 
@@ -311,17 +310,12 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, client, refer
     assert httpx.post(url, json=good).json()["choices"][0]["text"] == ref.text
 
 
-def test_a_failing_request_answers_500_and_others_go_on(server, client, reference, monkeypatch):
+def test_a_failing_request_answers_500_and_others_go_on(
+    server, client, reference, fail_greedy_step
+):
     """A fault injected into one request's decoding (the engine's own failure path; greedy
     requests are stepped by the greedy batch)."""
-    real_apply = batched_module.GreedyBatch._apply
-
-    def apply_failing(self, j, req, *args):
-        if req.prompt == "boom" and req.global_step == 3:
-            raise RuntimeError("injected fault")
-        return real_apply(self, j, req, *args)
-
-    monkeypatch.setattr(batched_module.GreedyBatch, "_apply", apply_failing)
+    fail_greedy_step(lambda req: req.prompt == "boom" and req.global_step == 3)
     with pytest.raises(openai.InternalServerError, match="injected fault"):
         client.completions.create(model=MODEL, prompt="boom", max_tokens=16, extra_body=EXTRA)
     stream = client.completions.create(
