@@ -21,9 +21,9 @@ from foretell.params import DecodeParams, Prophet
 # The default model's mix: semi-autoregressive blocks (a quarter and a half of the generation,
 # as LLaDA decodes with its instruct models), a full and a three-quarter step budget, and both
 # remasking rules of the paper. These are the settings whose full decoding the model does well
-# (83-98% per setting); half budgets (16: 12-17% with low-confidence remasking) and a single
-# block of 32 (where Prophet can commit only late) are measured on their own in
-# docs/benchmarks.md.
+# (82-100% per setting); half budgets with blocks of 8 or 16 (0-7% with low-confidence
+# remasking) and a single block of 32 (where Prophet can commit only late) are measured on
+# their own in docs/benchmarks.md.
 DEFAULT_BLOCK_LENGTHS = (8, 16)
 DEFAULT_STEP_BUDGETS = (32, 24)
 DEFAULT_REMASKINGS = ("low_confidence", "random")

@@ -25,7 +25,7 @@ def default_decode_params(tokenizer: object) -> DecodeParams:
 
 # Prophet's gap statistic and thresholds for this model. The answer is three letters that
 # depend on each other, and the reference's *mean* gap can pass while one letter is still open
-# (a single block of 32 with low-confidence remasking lost 20 to 50 points with it); ``min``
+# (a single block of 32 with low-confidence remasking lost 25 to 52 points with it); ``min``
 # commits only once every letter is settled. The thresholds are the best of a sweep that kept
 # accuracy, chosen on a workload drawn with seed 1 (benchmarks/prophet_thresholds.py), not on
 # the numbers reported (seed 0, and docs/results.md's held-out prompts).
