@@ -181,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from foretell.bench.cli import add_arguments as add_bench_arguments
-    from foretell.bench.cli import chunk_tokens
+    from foretell.bench.cli import add_forward_chunk_argument
 
     parser = argparse.ArgumentParser(prog="foretell", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,12 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-num-seqs", type=int, default=64)
         p.add_argument("--dtype", default="float32")
         p.add_argument("--attention-backend", default="auto")
-        p.add_argument(
-            "--forward-chunk-tokens",
-            type=chunk_tokens,
-            default="auto",
-            help="tokens per forward chunk: an integer, 'auto' (640 on CPU) or 'none'",
-        )
+        add_forward_chunk_argument(p)
         p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
 
     gen = sub.add_parser("generate", help="generate text for one prompt or a JSONL file")

@@ -62,6 +62,16 @@ def chunk_tokens(text: str) -> int | str | None:
     return value
 
 
+def add_forward_chunk_argument(p: argparse.ArgumentParser) -> None:
+    """``--forward-chunk-tokens``, for every command that builds an engine."""
+    p.add_argument(
+        "--forward-chunk-tokens",
+        type=chunk_tokens,
+        default="auto",
+        help="tokens per forward chunk: an integer, 'auto' (640 on CPU, the default) or 'none'",
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
     p.add_argument(
@@ -119,12 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up passes")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument(
-        "--forward-chunk-tokens",
-        type=chunk_tokens,
-        default="auto",
-        help="the engine's forward chunk: an integer, 'auto' (640 on CPU, the default) or 'none'",
-    )
+    add_forward_chunk_argument(p)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG chart here")
     p.add_argument(
