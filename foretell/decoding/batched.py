@@ -255,13 +255,12 @@ class GreedyBatch:
             if missing.numel():
                 plan.x0[missing] = more(missing).argmax(dim=-1)
             plan.new_ids[fill + start] = plan.x0[fill + start]
-            # Finished: its own copy, not a view that keeps the whole pass's tokens alive.
-            req.set_canvas(plan.new_ids[start:end].clone())
+            req.set_canvas(plan.new_ids[start:end].clone())  # finished: its own copy (below)
             req.revealed_last_step = fill
             mark_committed(req)
             return
-        req.set_canvas(plan.new_ids[start:end])
         req.revealed_last_step = plan.revealed[j]
         move_block_cursor(req)
-        if req.is_finished:
-            req.set_canvas(req.canvas.clone())
+        # A finished request takes its own copy, not a view that keeps the pass's tokens alive.
+        canvas = plan.new_ids[start:end]
+        req.set_canvas(canvas.clone() if req.is_finished else canvas)

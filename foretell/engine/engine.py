@@ -71,7 +71,8 @@ class Engine:
         attention_backend: str = "auto",
         forward_chunk_tokens: int | str | None = "auto",
     ) -> None:
-        resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))  # fail early
+        # Resolved (and validated) before the model loads, so a bad value fails at once.
+        chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))
         loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
         # What ``generate`` uses when given no params: the shipped model's own layout, else
         # DecodeParams' defaults.
@@ -87,7 +88,7 @@ class Engine:
         self.mask_token_id: int = self.model.mask_token_id
         self.model_path = loaded.path
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, device, forward_chunk_tokens=forward_chunk_tokens)
+        self.runner = ModelRunner(self.model, device, forward_chunk_tokens=chunk_tokens)
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self._live: dict[str, Request] = {}
