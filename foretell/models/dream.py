@@ -7,7 +7,49 @@ shift so the decoders always see the logits *for* the position they reveal.
 
 from __future__ import annotations
 
+from foretell.models.config_keys import HF_GENERIC_KEYS, check_keys
 from foretell.models.transformer import DiffusionLM, TransformerConfig, token_ids
+
+# Every key of Dream's config.json (``configuration_dream.DreamConfig``), by what foretell does
+# with it; a missing key takes DreamConfig's default. docs/guide.md lists them.
+DEFAULTS = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "rope_scaling": None,
+}
+HONOURED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+)
+# Implemented for these values only (rope_scaling: none, or the default rotary by name).
+REQUIRED = {
+    "hidden_act": ("silu",),
+    "rope_scaling": (None, {"rope_type": "default"}, {"type": "default"}),
+}
+IGNORED = {
+    "max_position_embeddings": "the longest canvas, checked at admission",
+    "use_sliding_window": "Dream's code only warns about it; attention stays full",
+    "sliding_window": "Dream's code only warns about it; attention stays full",
+    "max_window_layers": "read only with a sliding window",
+    "initializer_range": "initialisation",
+    "attention_dropout": "dropout, training only",
+    "mask_token_id": "token id",
+}
 
 
 class DreamModel(DiffusionLM):
@@ -34,26 +76,31 @@ class DreamModel(DiffusionLM):
 
     @classmethod
     def from_checkpoint_config(cls, hf: dict) -> DreamModel:
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported")
-        if hf.get("rope_scaling"):
-            raise ValueError("config.json: rope_scaling is not supported")
+        check_keys("Dream", hf, (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS))
+        c = {**DEFAULTS, **hf}
+        for key, allowed in REQUIRED.items():
+            if c[key] not in allowed:
+                raise ValueError(
+                    f"config.json: Dream option {key}={c[key]!r} is not supported "
+                    f"(only {' or '.join(repr(v) for v in allowed)})"
+                )
         try:
-            heads = int(hf["num_attention_heads"])
+            heads = int(c["num_attention_heads"])
+            kv_heads = c["num_key_value_heads"]
             cfg = TransformerConfig(
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=int(hf["hidden_size"]),
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
+                vocab_size=int(c["vocab_size"]),
+                hidden_size=int(c["hidden_size"]),
+                intermediate_size=int(c["intermediate_size"]),
+                num_layers=int(c["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                num_kv_heads=heads if kv_heads is None else int(kv_heads),
+                rope_theta=float(c["rope_theta"]),
+                rms_norm_eps=float(c["rms_norm_eps"]),
                 qkv_bias=True,
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                tie_embeddings=bool(c["tie_word_embeddings"]),
             )
-        except KeyError as err:
-            raise ValueError(f"config.json: Dream config is missing {err.args[0]!r}") from None
+        except (TypeError, KeyError) as err:
+            raise ValueError(f"config.json: Dream config is invalid: {err}") from None
         return cls(
             cfg,
             mask_token_id=int(hf.get("mask_token_id", 151666)),

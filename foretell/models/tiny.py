@@ -48,6 +48,7 @@ def tiny_model(
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         qkv_bias=family == "dream",
+        rope_full_precision=family == "llada",  # LLaDA-8B's setting; Dream has no such option
     )
     cls = FAMILIES[family]
     generator = torch.Generator().manual_seed(seed)

@@ -33,6 +33,10 @@ class TransformerConfig:
     rms_norm_eps: float = 1e-5
     qkv_bias: bool = False
     tie_embeddings: bool = False
+    # LLaDA's ``rope_full_precision``: rotate q and k in float32 and cast back (whatever the
+    # model's dtype). False: rotate in the model's dtype with float32 angles cast to it, as
+    # Qwen2/Dream and LLaDA with the option off do.
+    rope_full_precision: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -63,28 +67,48 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in at least float32, as both reference implementations do.
+        # Normalise in float32 whatever the model's dtype (float64 included), as both
+        # reference implementations do, then scale in the model's dtype.
         dtype = x.dtype
-        h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding in the rotate-half layout used by LLaMA, LLaDA and Qwen2."""
+    """Rotary position embedding in the rotate-half layout used by LLaMA, LLaDA and Qwen2.
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    The angles' cosines and sines are computed in float32 for positions ``[0, length)`` in one
+    piece, as LLaDA's ``RotaryEmbedding`` builds its table, and looked up by position; the
+    caller casts them to the dtype it rotates in.
+    """
+
+    def __init__(self, head_dim: int, theta: float, min_length: int = 0) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.min_length = head_dim, theta, min_length
+        # Not a buffer: the table is cheap to build and then survives meta-device construction.
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` of shape ``[>= length, head_dim]`` on ``device``. Its length is
+        a multiple of 64 (and at least ``min_length``), so that every element is computed by the
+        same vectorised kernel as in a reference table of the checkpoint's maximum length."""
+        cached = self._table
+        if cached is None or cached[0].shape[0] < length or cached[0].device != device:
+            n = -(-max(length, self.min_length) // 64) * 64
+            steps = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device)
+            inv_freq = 1.0 / (self.theta ** (steps / self.head_dim))
+            freqs = torch.arange(n, dtype=torch.float, device=device)[:, None] * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cached = self._table = (emb.cos(), emb.sin())
+        return cached
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        # Angles in float32 (the references' "full precision" rope), then cast. No buffer: the
-        # frequencies are cheap to recompute and then survive meta-device construction.
-        steps = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device)
-        inv_freq = 1.0 / (self.theta ** (steps.float() / self.head_dim))
-        freqs = positions.float()[..., None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """``(cos, sin)`` at ``positions`` in ``dtype``. Every position is smaller than the
+        positions' last dimension (a packed sequence is no longer than the pack, a padded row
+        no longer than the row), which sizes the table without reading a value."""
+        cos, sin = self.table(positions.shape[-1], positions.device)
+        return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +148,9 @@ class Block(nn.Module):
         k = self.k_proj(h).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(h).view(*lead, self.num_kv_heads, self.head_dim)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        # In the angles' dtype (float32 with rope_full_precision), then back.
+        q = _apply_rotary(q.to(cos.dtype), cos, sin).to(v.dtype)
+        k = _apply_rotary(k.to(cos.dtype), cos, sin).to(v.dtype)
         x = x + self.o_proj(attend(q, k, v).reshape(*lead, -1))
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -169,7 +195,7 @@ class DiffusionLM(nn.Module):
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, self.max_length or 0)
 
     # -- configuration -------------------------------------------------------------------
     def set_attention_backend(self, name: str) -> str:
@@ -237,7 +263,8 @@ class DiffusionLM(nn.Module):
     # -- shared pieces -------------------------------------------------------------------
     def _body(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn):
         x = self.embed(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        rope_dtype = torch.float32 if self.config.rope_full_precision else x.dtype
+        cos, sin = self.rotary(positions, rope_dtype)
         for block in self.blocks:
             x = block(x, cos, sin, attend)
         return self.norm(x)

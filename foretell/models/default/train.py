@@ -79,6 +79,7 @@ def build_model(args: argparse.Namespace, tokenizer: object) -> LLaDAModelLM:
         num_kv_heads=args.heads,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
+        rope_full_precision=True,  # LLaDA's default (a no-op in float32)
     )
     model = LLaDAModelLM(
         cfg,

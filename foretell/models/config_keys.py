@@ -1,0 +1,49 @@
+"""Every config.json key is known: honoured, refused unless it has the one supported value, or
+known not to change an inference forward pass. Anything else fails to load, naming the key,
+because a key foretell has never seen may change the numerics (a fork's option, a quantisation
+config) and ignoring it would decode with a different model than the checkpoint describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# transformers' PretrainedConfig fields that checkpoints carry and that no forward pass reads:
+# bookkeeping, output switches, labels, token ids, the saved dtype (foretell's is chosen at
+# load) and the attention kernel choice.
+HF_GENERIC_KEYS = (
+    "_name_or_path",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "is_encoder_decoder",
+    "chunk_size_feed_forward",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "tokenizer_class",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attn_implementation",
+    "_attn_implementation_autoset",
+)
+
+
+def check_keys(family: str, config: dict, known: Iterable[str]) -> None:
+    """Refuse a config with a key outside ``known``, naming it."""
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(
+            f"config.json: unknown {family} config key {unknown[0]!r}"
+            f"{f' (and {unknown[1:]})' if unknown[1:] else ''}: foretell cannot tell whether "
+            "it changes the model's numerics, so it does not load it (docs/guide.md lists the "
+            "keys it knows)"
+        )
