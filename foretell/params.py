@@ -14,6 +14,8 @@ REMASKING = ("low_confidence", "random", "margin", "entropy", "confidence_thresh
 # Dream's names for the same confidence rules.
 REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 STATISTICS = ("mean", "min")
+# The dtype of the low-confidence softmax: None follows the reference of the rule in use.
+CONFIDENCE_DTYPES = (None, "model", "float64")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,13 @@ class DecodeParams:
     Dream's random-transfer rule. ``constraints`` maps generation positions to a token id or a
     text whose words are tokenized with a leading space and placed from that position on (the
     Prophet evaluation's "The answer is" trick).
+
+    ``confidence_dtype`` is the dtype of the softmax that scores candidates: None follows the
+    reference of the rule (the model's dtype for LLaDA's rules and Prophet, as LLaDA's current
+    ``generate.py``; float64 where Fast-dLLM's rules are matched); ``"model"`` or
+    ``"float64"`` force one. ``logits_eos_inf`` and ``confidence_eos_eot_inf`` are LLaDA's
+    ``generate.py`` options of the same names (keep EOS from being predicted; zero the
+    confidence of EOS/EOT predictions).
     """
 
     gen_length: int = 64
@@ -128,6 +137,10 @@ class DecodeParams:
     top_p: float | None = None
     top_k: int | None = None
     eps: float = 1e-3
+    # Fidelity knobs (LLaDA's generate.py options; the confidence softmax's dtype).
+    confidence_dtype: str | None = None
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -192,6 +205,14 @@ class DecodeParams:
             fail("top_k", f"must be a positive integer, got {self.top_k!r}")
         if not 0.0 < self.eps < 1.0:
             fail("eps", f"must be in (0, 1), got {self.eps!r}")
+        if self.confidence_dtype not in CONFIDENCE_DTYPES:
+            fail(
+                "confidence_dtype",
+                f"unknown {self.confidence_dtype!r}; choose one of {CONFIDENCE_DTYPES}",
+            )
+        for name in ("logits_eos_inf", "confidence_eos_eot_inf"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"must be true or false, got {getattr(self, name)!r}")
 
     @property
     def num_blocks(self) -> int:

@@ -175,8 +175,18 @@ def llada_generate(
     constraints: dict[int, int] | None = None,
     early_exit: dict | None = None,
     statistic: str = "mean",
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """LLaDA's ``generate`` (``early_exit=None``) or Prophet's ``generate_earlyexit``.
+
+    As LLaDA's current ``generate.py`` and Prophet's code, the low-confidence softmax runs in
+    the model's dtype (the logits' own). ``logits_eos_inf`` / ``confidence_eos_eot_inf`` are
+    ``generate.py``'s options (ids given here; LLaDA-8B's are 126081 and 126348; an ``eot_id``
+    of None skips EOT). Prophet's gap reads the logits after ``logits_eos_inf`` and before
+    ``confidence_eos_eot_inf`` (no reference combines them; this is foretell's rule).
 
     Returns the final canvas [1, P + gen_length] and the number of forward passes (model calls;
     one per step, cfg included, since both cfg rows go in one call).
@@ -211,19 +221,30 @@ def llada_generate(
             global_step += 1
             mask_index = x == mask_id
             logits = llada_logits(model, x, prompt_index, cfg_scale, mask_id)
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
 
             logits_with_noise = add_gumbel_noise(logits, temperature)
             x0 = torch.argmax(logits_with_noise, dim=-1)
+            gap = None
+            if exit_cfg is not None:
+                gap = answer_gap(logits, exit_cfg[0], statistic)
+
+            if confidence_eos_eot_inf:
+                # generate.py's chained assignment: EOS in the noisy logits (the same tensor as
+                # the logits at temperature 0), EOT in the logits.
+                logits_with_noise[:, :, eos_id] = -torch.inf
+                if eot_id is not None:
+                    logits[:, :, eot_id] = -torch.inf
 
             if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
+                p = F.softmax(logits, dim=-1)
                 x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
             else:
                 x0_p = torch.rand((x0.shape[0], x0.shape[1]))
 
             if exit_cfg is not None:
-                positions, thresholds, bounds = exit_cfg
-                gap = answer_gap(logits, positions, statistic)
+                _, thresholds, bounds = exit_cfg
                 if should_early_exit(global_step, max_steps, gap, thresholds, bounds):
                     remaining_mask = x == mask_id
                     x[remaining_mask] = x0[remaining_mask]

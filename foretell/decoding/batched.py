@@ -22,7 +22,7 @@ import torch
 
 from foretell.decoding.early_commit import should_commit
 from foretell.decoding.step import mark_committed, move_block_cursor
-from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule
+from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule, suppress
 from foretell.scheduler.request import Request
 
 # Columns of the per-sequence geometry table (canvas positions).
@@ -130,14 +130,15 @@ class GreedyBatch:
 
     # -- planning: tensors only; no request changes except random remasking's draws --------
     def _plan(self, rows: torch.Tensor, stats: RowStats) -> _Plan:
+        """Every request's Prophet statistic and reveal, computed on the logits' device; then
+        two transfers for the whole pass, whatever its size: the token ids (every gathered
+        row's argmax and the positions picked) and the gaps.
+
+        The reveal is computed for every request, also those whose gap will commit them
+        (they discard it): so nothing waits for the gaps to reach the host first.
+        """
         seq_of_row = self.seq_of_token[rows]
-        gaps = self._gaps(seq_of_row, rows, stats)
-        commits = []
-        for req, gap in zip(self.reqs, gaps, strict=True):
-            policy, step = req.params.early_commit, req.global_step + 1
-            commits.append(
-                policy is not None and should_commit(policy, gap, step, req.params.steps)
-            )
+        gap_parts = self._gaps(seq_of_row, rows, stats)
         schedules: list[list[int] | None] = [None] * len(self.reqs)
         if any(req.step_in_block == 0 for req in self.reqs):
             in_block = self.seq_of_token[self.in_block]
@@ -145,30 +146,58 @@ class GreedyBatch:
             for j, (req, s) in enumerate(zip(self.reqs, self.seq_index, strict=True)):
                 if req.step_in_block == 0:
                     schedules[j] = llada_block_schedule(counts[s], req.params.steps_per_block)
+        picks = self._reveal(rows, seq_of_row, stats, schedules)
+        # The pass's only device -> host transfers.
+        ids = torch.cat([stats.argmax, *(targets.flatten() for _, targets in picks)]).cpu()
+        values = torch.cat([v for _, v in gap_parts]).tolist() if gap_parts else []
+
+        gaps: list[float | None] = [None] * len(self.reqs)
+        at = 0
+        for members, _ in gap_parts:
+            for j in members:
+                gaps[j] = values[at]
+                at += 1
+        commits = []
+        for req, gap in zip(self.reqs, gaps, strict=True):
+            policy, step = req.params.early_commit, req.global_step + 1
+            commits.append(
+                policy is not None and should_commit(policy, gap, step, req.params.steps)
+            )
         x0 = torch.zeros_like(self.ids)
-        x0[rows] = stats.argmax
+        x0[rows] = ids[: len(rows)]
         plan = _Plan(self.ids.clone(), x0, gaps, commits, schedules, [None] * len(self.reqs))
-        reveal = [j for j in range(len(self.reqs)) if not commits[j]]
-        if reveal:
-            self._reveal(reveal, rows, seq_of_row, stats, plan)
+        at = len(rows)
+        for members, targets in picks:
+            k = targets.shape[1]
+            chosen = ids[at : at + len(members) * k].view(len(members), k)
+            at += len(members) * k
+            for j, flat in zip(members, chosen, strict=True):
+                if commits[j]:
+                    continue
+                plan.new_ids[flat] = x0[flat]
+                plan.revealed[j] = flat - self.starts[j]
+        for j in range(len(self.reqs)):
+            if plan.revealed[j] is None and not commits[j]:
+                plan.revealed[j] = torch.empty(0, dtype=torch.long)
         return plan
 
     def _gaps(
         self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats
-    ) -> list[float | None]:
-        """Prophet's statistic per request (None without a policy or without region rows).
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Prophet's statistic, on the device: ``(requests, values)`` per group of requests
+        with the same number of region rows (none without a policy or without region rows).
 
         A request's region rows are contiguous and in position order, so requests with the same
         number of rows reduce as one ``[requests, rows]`` matrix: row by row this is the kernel
-        the per-request path runs on one row (both on the CPU, where ``RowStats`` live).
+        the per-request path runs on one row.
         """
-        gaps: list[float | None] = [None] * len(self.reqs)
         policies = [req.params.early_commit for req in self.reqs]
         if all(p is None for p in policies):
-            return gaps
+            return []
+        device = stats.gap.device
         in_region = self.region[rows]
         region_seq = seq_of_row[in_region]
-        region_gap = stats.gap[in_region]
+        region_gap = stats.gap[in_region.nonzero().flatten().to(device)]
         counts = torch.bincount(region_seq, minlength=self.num_seqs)
         count_of = counts.tolist()
         by_count: dict[int, list[int]] = defaultdict(list)  # rows per request -> requests
@@ -176,65 +205,68 @@ class GreedyBatch:
             if policies[j] is not None and count_of[s] > 0:
                 by_count[count_of[s]].append(j)
         row_count = counts[region_seq]
+        parts = []
         for count, members in by_count.items():
-            block = region_gap[row_count == count].view(-1, count)
+            sel = (row_count == count).nonzero().flatten().to(device)
+            block = region_gap[sel].view(-1, count)
             # The block's rows come in packed order: sort its requests the same way.
             members.sort(key=lambda j: self.seq_index[j])
-            reduced = {}
-            for statistic in {policies[j].statistic for j in members}:
+            for statistic in sorted({policies[j].statistic for j in members}):
+                own = [i for i, j in enumerate(members) if policies[j].statistic == statistic]
                 values = block.mean(1) if statistic == "mean" else block.amin(1)
-                reduced[statistic] = values.tolist()
-            for i, j in enumerate(members):
-                gaps[j] = reduced[policies[j].statistic][i]
-        return gaps
+                if len(own) < len(members):
+                    values = values[torch.tensor(own, device=device)]
+                parts.append(([members[i] for i in own], values))
+        return parts
 
     def _reveal(
         self,
-        reveal: list[int],
         rows: torch.Tensor,
         seq_of_row: torch.Tensor,
         stats: RowStats,
-        plan: _Plan,
-    ) -> None:
-        """LLaDA's reveal for the requests ``reveal``, written into ``plan``: the top-``k``
-        scores of each canvas-length row (``-inf`` outside the window), grouped by canvas
-        length, rule and ``k`` so that each group is one ``topk``."""
+        schedules: list[list[int] | None],
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """LLaDA's reveal for every request, on the device: ``(requests, flat positions
+        [requests, k])`` per group, the top-``k`` scores of each canvas-length row (``-inf``
+        outside the window), grouped by canvas length, rule and ``k`` so that each group is one
+        ``topk``. A request whose ``k`` is 0 is in no group."""
+        device = stats.prob.device
         in_window = self.window[rows]
         window_size = torch.bincount(seq_of_row[in_window], minlength=self.num_seqs).tolist()
         prob = None
         groups: dict[tuple[int, str], list[int]] = defaultdict(list)
-        for j in reveal:
-            req = self.reqs[j]
+        for j, req in enumerate(self.reqs):
             groups[(req.canvas_len, req.params.remasking)].append(j)
             if req.params.remasking == "low_confidence" and prob is None:
-                prob = torch.full(self.ids.shape, float("-inf"), dtype=stats.prob.dtype)
-                prob[rows[in_window]] = stats.prob[in_window]
+                prob = torch.full(
+                    self.ids.shape, float("-inf"), dtype=stats.prob.dtype, device=device
+                )
+                window_rows = in_window.nonzero().flatten()
+                prob[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)]
+        picks = []
         for (length, rule), members in groups.items():
             flat = torch.tensor([self.starts[j] for j in members])[:, None] + torch.arange(length)
             if rule == "low_confidence":
-                scores = prob[flat]
+                scores = prob[flat.to(device)]
             else:  # the reference draws one uniform per canvas position every step
                 draws = [torch.rand(length, generator=self.reqs[j].generator) for j in members]
                 scores = torch.stack(draws).masked_fill(~self.window[flat], float("-inf"))
+                scores = scores.to(device)
             by_k: dict[int, list[int]] = defaultdict(list)
             for i, j in enumerate(members):
                 req = self.reqs[j]
-                schedule = plan.schedules[j]
+                schedule = schedules[j]
                 if schedule is None:
                     schedule = req.block_schedule
                 k = min(schedule[req.step_in_block], window_size[self.seq_index[j]])
                 by_k[k].append(i)
             for k, idx in by_k.items():
                 if k <= 0:
-                    for i in idx:
-                        plan.revealed[members[i]] = torch.empty(0, dtype=torch.long)
                     continue
                 sel = torch.tensor(idx)
-                chosen = scores[sel].topk(k, dim=1).indices
-                targets = flat[sel].gather(1, chosen)
-                plan.new_ids[targets] = plan.x0[targets]
-                for i, picked in zip(idx, chosen, strict=True):
-                    plan.revealed[members[i]] = picked
+                chosen = scores[sel.to(device)].topk(k, dim=1).indices
+                picks.append(([members[i] for i in idx], flat[sel].to(device).gather(1, chosen)))
+        return picks
 
     # -- applying: one request at a time ---------------------------------------------------
     def _apply(
@@ -252,8 +284,9 @@ class GreedyBatch:
             # ``more``, per request, as the per-request path asks for them.
             fill = self.generated[start:end].nonzero().flatten()
             missing = fill[~self.needed[start:end][fill]] + start
-            if missing.numel():
-                plan.x0[missing] = more(missing).argmax(dim=-1)
+            if missing.numel():  # rare (an explicit span commits): this request's transfer
+                logits = suppress(more(missing), req.logits_suppress)
+                plan.x0[missing] = logits.argmax(dim=-1).cpu()
             plan.new_ids[fill + start] = plan.x0[fill + start]
             req.set_canvas(plan.new_ids[start:end].clone())  # finished: its own copy (below)
             req.revealed_last_step = fill

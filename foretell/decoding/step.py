@@ -19,6 +19,7 @@ from foretell.decoding.unmask import (
     above_threshold,
     candidates,
     choose,
+    confidence_dtype,
     dream_transfer_count,
     greedy_llada,
     llada_block_schedule,
@@ -122,10 +123,12 @@ def _try_commit(
         return False
     # Every remaining mask, in every block, takes this step's prediction.
     have = torch.isin(masked, positions)
-    fill_logits = torch.empty(len(masked), logits.shape[-1], dtype=logits.dtype)
-    fill_logits[have] = logits[_rows(positions, masked[have])]
+    fill_logits = torch.empty(
+        len(masked), logits.shape[-1], dtype=logits.dtype, device=logits.device
+    )
+    fill_logits[have.to(logits.device)] = logits[_rows(positions, masked[have])]
     if not bool(have.all()):
-        fill_logits[~have] = more_logits(masked[~have])
+        fill_logits[(~have).to(logits.device)] = more_logits(masked[~have])
     x0, _ = _candidates(req, fill_logits, "random")
     req.write(masked, x0)
     req.revealed_last_step = masked
@@ -151,8 +154,10 @@ def move_block_cursor(req: Request) -> None:
 
 
 def _candidates(req: Request, logits: torch.Tensor, rule: str):
+    """Proposed tokens and their scores, brought to the host (the canvas lives there): one
+    request's ``[rows]`` ids and scores cross, never its logits."""
     p = req.params
-    return candidates(
+    x0, scores = candidates(
         logits,
         family=req.family,
         rule=rule,
@@ -160,7 +165,10 @@ def _candidates(req: Request, logits: torch.Tensor, rule: str):
         top_p=p.top_p,
         top_k=p.top_k,
         generator=req.generator,
+        prob_dtype=confidence_dtype(p, req.family, logits.dtype),
+        suppressed=req.confidence_suppress,
     )
+    return x0.cpu(), (None if scores is None else scores.cpu())
 
 
 def _reveal(req: Request, window: torch.Tensor, x0: torch.Tensor, chosen: torch.Tensor) -> None:
@@ -173,7 +181,8 @@ def _reveal_llada(
 ) -> None:
     p = req.params
     if stats is not None and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k):
-        x0, scores = stats.argmax, (None if p.remasking == "random" else stats.prob)
+        x0 = stats.argmax.cpu()
+        scores = None if p.remasking == "random" else stats.prob.cpu()
     else:
         x0, scores = _candidates(req, logits, p.remasking)
     if p.remasking == "confidence_threshold":

@@ -7,10 +7,57 @@ Random draws come from the request's own generator.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+def confidence_dtype(params: object, family: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax that scores candidates, following the reference of the decoding
+    in use: the model's dtype for LLaDA's rules and Prophet (LLaDA's ``generate.py`` since
+    2025-06-02, Prophet's ``generate_earlyexit.py``) and for Dream (``sample_tokens``); float64
+    where Fast-dLLM's rules are matched (``remasking="confidence_threshold"``, or a KV cache
+    mode) for the LLaDA family. ``params.confidence_dtype`` overrides."""
+    chosen = getattr(params, "confidence_dtype", None)
+    if chosen == "float64":
+        return torch.float64
+    if chosen == "model":
+        return model_dtype
+    fast_dllm = (
+        getattr(params, "remasking", None) == "confidence_threshold"
+        or getattr(params, "kv_cache", None) is not None
+    )
+    return torch.float64 if fast_dllm and family != "dream" else model_dtype
+
+
+def suppress(logits: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """``logits`` with the columns ``token_ids`` set to ``-inf`` (a copy; the input as is when
+    there is nothing to suppress)."""
+    if not token_ids:
+        return logits
+    out = logits.clone()
+    out[:, list(token_ids)] = float("-inf")
+    return out
+
+
+def confidence_probs(
+    logits: torch.Tensor, dtype: torch.dtype, suppressed: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """LLaDA's low-confidence probabilities: the softmax, in ``dtype``, of the logits with the
+    ``suppressed`` columns at ``-inf`` (``confidence_eos_eot_inf``)."""
+    return F.softmax(suppress(logits, suppressed).to(dtype), dim=-1)
+
+
+@dataclass(frozen=True)
+class ProbVariant:
+    """Rows of a pass whose confidence differs from the default (the model's dtype, nothing
+    suppressed): another softmax dtype, or suppressed columns."""
+
+    rows: torch.Tensor  # indices into the gathered rows, on their device
+    dtype: torch.dtype
+    suppressed: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -20,22 +67,37 @@ class RowStats:
     Greedy LLaDA decoding and Prophet's gap need only these per row; computing them in a few
     batched ops instead of a few ops per request keeps the engine's per-step overhead small.
     Row ``i`` equals what :func:`candidates` (greedy, no filtering) and the gap of
-    :func:`foretell.decoding.early_commit.logit_gap` compute from that row alone.
+    :func:`foretell.decoding.early_commit.logit_gap` compute from that row alone. They stay on
+    the logits' device.
     """
 
     argmax: torch.Tensor  # [rows] the greedy token
-    prob: torch.Tensor  # [rows] float64 softmax probability of the greedy token
+    prob: torch.Tensor  # [rows] softmax probability of the greedy token (see ``of``)
     gap: torch.Tensor  # [rows] top-1 minus top-2 logit
 
     @classmethod
-    def of(cls, logits: torch.Tensor) -> RowStats:
+    def of(cls, logits: torch.Tensor, variants: Sequence[ProbVariant] = ()) -> RowStats:
+        """``prob`` is in the logits' dtype (the default confidence), or in float64 when a
+        variant asks for it (the other rows' values are then exactly those of their dtype)."""
         argmax = logits.argmax(dim=-1)
-        prob = F.softmax(logits.double(), -1).gather(-1, argmax[:, None]).squeeze(-1)
+        prob = _greedy_prob(logits, argmax, logits.dtype, ())
+        if any(v.dtype != prob.dtype for v in variants):
+            prob = prob.double()
+        for v in variants:
+            own = _greedy_prob(logits[v.rows], argmax[v.rows], v.dtype, v.suppressed)
+            prob[v.rows] = own.to(prob.dtype)
         top2 = logits.topk(2, dim=-1).values
         return cls(argmax, prob, top2[:, 0] - top2[:, 1])
 
     def take(self, rows: torch.Tensor | slice) -> RowStats:
         return RowStats(self.argmax[rows], self.prob[rows], self.gap[rows])
+
+
+def _greedy_prob(
+    logits: torch.Tensor, argmax: torch.Tensor, dtype: torch.dtype, suppressed: tuple[int, ...]
+) -> torch.Tensor:
+    probs = confidence_probs(logits, dtype, suppressed)
+    return probs.gather(-1, argmax[:, None]).squeeze(-1)
 
 
 def greedy_llada(family: str, rule: str, temperature: float, top_p, top_k) -> bool:
@@ -93,7 +155,7 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator)
     """
     if temperature == 0 or logits.shape[0] == 0:
         return logits.argmax(dim=-1)
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logits.double() / temperature + gumbel).argmax(dim=-1)
 
@@ -119,18 +181,26 @@ def candidates(
     top_p: float | None,
     top_k: int | None,
     generator: torch.Generator,
+    prob_dtype: torch.dtype | None = None,
+    suppressed: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This step's proposed token for each row and its confidence (None for random rules).
 
-    LLaDA scores with the softmax of the raw logits (in float64, as its reference does); Dream
-    with the softmax of the temperature/top-p/top-k filtered logits, as ``sample_tokens`` does.
+    LLaDA scores with the softmax of the raw logits in ``prob_dtype`` (see
+    :func:`confidence_dtype`; default the logits' dtype) with the ``suppressed`` columns at
+    ``-inf``; Dream with the softmax of the temperature/top-p/top-k filtered logits, as
+    ``sample_tokens`` does (in float64 only if ``prob_dtype`` asks for it).
     """
     filtered = filter_logits(logits, temperature, top_p, top_k)
     # ``filtered`` is already divided by the temperature.
     x0 = sample(filtered, 1.0 if temperature > 0 else 0.0, generator)
-    probs = torch.softmax(filtered, dim=-1) if family == "dream" else F.softmax(logits.double(), -1)
     if rule in ("random", "origin"):
         return x0, None
+    dtype = logits.dtype if prob_dtype is None else prob_dtype
+    if family == "dream":
+        probs = torch.softmax(filtered.to(dtype), dim=-1)
+    else:
+        probs = confidence_probs(logits, dtype, suppressed)
     return x0, confidence(probs, x0, rule)
 
 

@@ -150,6 +150,45 @@ class Engine:
             raise ValueError("constraints: token ids must be in the vocabulary and not the mask")
         return out
 
+    def _special_ids(self) -> tuple[int | None, int | None]:
+        """The model's EOS id (its config's ``eos_token_id``: 126081 for LLaDA-8B) and EOT id
+        (the tokenizer's ``<|eot_id|>``: 126348), as LLaDA's ``generate.py`` hard-codes them."""
+        eos = self.model.eos_token_ids[0] if self.model.eos_token_ids else None
+        eot = None
+        convert = getattr(self.tokenizer, "convert_tokens_to_ids", None)
+        if convert is not None:
+            found = convert("<|eot_id|>")
+            unknown = getattr(self.tokenizer, "unk_token_id", None)
+            if isinstance(found, int) and found != unknown and 0 <= found < self.model.vocab_size:
+                eot = found
+        return eos, eot
+
+    def _suppressed_ids(self, params: DecodeParams) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Columns set to -inf in the logits, and left out of the confidence softmax.
+
+        As LLaDA's ``generate.py``: ``logits_eos_inf`` sets EOS's logit to -inf before the
+        token is chosen; ``confidence_eos_eot_inf`` then sets EOT's logit to -inf in the logits
+        the confidence softmax reads, and EOS's in the (noisy) logits the token was drawn from,
+        which at temperature 0 are the same tensor: so EOS and EOT greedily, EOT alone when
+        sampling. A prediction of a left-out token keeps its place with probability 0.
+        """
+        wanted = params.logits_eos_inf or params.confidence_eos_eot_inf
+        if not wanted:
+            return (), ()
+        name = "logits_eos_inf" if params.logits_eos_inf else "confidence_eos_eot_inf"
+        if self.model.family == "dream":
+            raise ValueError(f"{name}: an option of LLaDA's generate.py; Dream's has none")
+        eos, eot = self._special_ids()
+        if eos is None:
+            raise ValueError(f"{name}: the model's config names no eos_token_id")
+        logits = (eos,) if params.logits_eos_inf else ()
+        confidence: tuple[int, ...] = ()
+        if params.confidence_eos_eot_inf:
+            # A tokenizer without <|eot_id|> (foretell's small models) leaves out EOS alone.
+            left_out = (eos, eot) if params.temperature == 0 else (eot,)
+            confidence = tuple(dict.fromkeys(t for t in left_out if t is not None))
+        return logits, confidence
+
     def make_request(
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
     ) -> Request:
@@ -164,6 +203,7 @@ class Engine:
             raise ValueError("block_length: Dream decodes the whole generation as one block")
         if family != "dream" and params.remasking == "origin":
             raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
+        logits_suppress, confidence_suppress = self._suppressed_ids(params)
         ids = self._encode(prompt)
         limit = self.model.max_length
         if limit is not None and len(ids) + params.gen_length > limit:
@@ -182,6 +222,8 @@ class Engine:
             mask_token_id=self.mask_token_id,
             family=family,
             constraint_ids=self._constraint_ids(params),
+            logits_suppress=logits_suppress,
+            confidence_suppress=confidence_suppress,
         )
         self.scheduler.check_fits(req)
         return req

@@ -20,7 +20,13 @@ import torch
 
 from foretell.decoding import positions_needed
 from foretell.decoding.batched import GreedyBatch, batchable
-from foretell.decoding.unmask import RowStats, greedy_llada
+from foretell.decoding.unmask import (
+    ProbVariant,
+    RowStats,
+    confidence_dtype,
+    greedy_llada,
+    suppress,
+)
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
 
@@ -179,36 +185,46 @@ class ModelRunner:
         start = time.perf_counter()
         ids_d, positions_d = ids.to(self.device), positions.to(self.device)
         hidden = self._forward(ids_d, positions_d, seq_lens)
+        # The gathered logits stay on the model's device, and so does everything computed from
+        # them; decoding brings only token ids, counts and gaps to the host.
         gathered = self.model.logits_at(hidden, positions_d, rows.to(self.device))
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
-        gathered = gathered.cpu()
+        first_row = self._first_rows(rows, seq_lens)
+        # Each request's gathered rows: conditional copy, then the cfg copy when there is one.
+        spans = {
+            i: (first_row[seq_of[i]], first_row[seq_of[i] + req.num_sequences])
+            for i, req in enumerate(batch)
+        }
+        self._suppress_logits(gathered, batch, spans)
         # One batched computation of what greedy decoding and Prophet read from each row, when
         # some request reads it; cfg rows are guided per request first, so they do without.
         reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
-        stats = RowStats.of(gathered) if reads else None
+        stats = None
+        if reads:
+            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, spans))
 
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 idx = flat_rows.to(self.device)
-                return self.model.logits_at(hidden, positions_d, idx).cpu()
+                return self.model.logits_at(hidden, positions_d, idx)
 
         def more(pos: torch.Tensor, req: Request, starts: tuple[int, int | None]) -> torch.Tensor:
-            return self._guided(req, more_flat(self._rows(pos, starts)))
+            logits = self._guided(req, more_flat(self._rows(pos, starts)))
+            return suppress(logits, req.logits_suppress)
 
         per_request = []
-        if others:
-            first_row = self._first_rows(rows, seq_lens)
-            for i in others:
-                req, pos = batch[i], wanted[i]
-                cursor = first_row[seq_of[i]]
-                n = len(pos) * req.num_sequences
-                logits = self._guided(req, gathered[cursor : cursor + n])
-                own = None
-                if stats is not None and req.params.cfg_scale <= 0:
-                    own = stats.take(slice(cursor, cursor + n))
-                more_fn = functools.partial(more, req=req, starts=offsets[i])
-                per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
+        for i in others:
+            req, pos = batch[i], wanted[i]
+            cursor, end = spans[i]
+            logits = self._guided(req, gathered[cursor:end])
+            own = None
+            if stats is not None and req.params.cfg_scale <= 0:
+                own = stats.take(slice(cursor, end))
+            else:  # guided here, so suppressed here (non-cfg rows were, in place)
+                logits = suppress(logits, req.logits_suppress)
+            more_fn = functools.partial(more, req=req, starts=offsets[i])
+            per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
         if greedy is not None:
             greedy.bind(rows, stats, more_flat)
         return PassOutput(per_request, greedy)
@@ -231,9 +247,49 @@ class ModelRunner:
 
     @staticmethod
     def _first_rows(rows: torch.Tensor, seq_lens: list[int]) -> list[int]:
-        """Index into ``rows`` of each packed sequence's first gathered row."""
+        """Index into ``rows`` of each packed sequence's first gathered row, and the number of
+        rows last (host tensors only)."""
         ends = torch.tensor(seq_lens).cumsum(0)
-        return [0, *torch.searchsorted(rows, ends[:-1]).tolist()]
+        return [0, *torch.searchsorted(rows, ends[:-1]).tolist(), len(rows)]
+
+    def _suppress_logits(
+        self, gathered: torch.Tensor, batch: list[Request], spans: dict[int, tuple[int, int]]
+    ) -> None:
+        """``logits_eos_inf``: -inf in place at the suppressed columns of every unguided
+        request's rows (one op for the pass); guided rows are suppressed after guidance."""
+        cells = [
+            (start, end, token)
+            for i, (start, end) in spans.items()
+            if batch[i].params.cfg_scale <= 0
+            for token in batch[i].logits_suppress
+        ]
+        if not cells:
+            return
+        row_idx = torch.cat([torch.arange(a, b) for a, b, _ in cells])
+        col_idx = torch.cat([torch.full((b - a,), t) for a, b, t in cells])
+        gathered.index_put_(
+            (row_idx.to(gathered.device), col_idx.to(gathered.device)),
+            torch.tensor(float("-inf"), dtype=gathered.dtype, device=gathered.device),
+        )
+
+    def _prob_variants(
+        self, gathered: torch.Tensor, batch: list[Request], spans: dict[int, tuple[int, int]]
+    ) -> list[ProbVariant]:
+        """The rows whose confidence is not the default one (the model's dtype, nothing left
+        out), grouped by dtype and left-out columns."""
+        groups: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
+        for i, (start, end) in spans.items():
+            req = batch[i]
+            if req.params.cfg_scale > 0 or start == end:
+                continue
+            dtype = confidence_dtype(req.params, req.family, gathered.dtype)
+            if dtype == gathered.dtype and not req.confidence_suppress:
+                continue
+            groups.setdefault((dtype, req.confidence_suppress), []).append(torch.arange(start, end))
+        return [
+            ProbVariant(torch.cat(parts).to(gathered.device), dtype, left_out)
+            for (dtype, left_out), parts in groups.items()
+        ]
 
     @staticmethod
     def _rows(pos: torch.Tensor, starts: tuple[int, int | None]) -> torch.Tensor:

@@ -33,6 +33,10 @@ class Request:
     family: str
     # Resolved constraints: generation position -> token id.
     constraint_ids: dict[int, int] = field(default_factory=dict)
+    # Token ids whose logits are -inf before anything reads them (``logits_eos_inf``), and
+    # whose columns the confidence softmax leaves out (``confidence_eos_eot_inf``).
+    logits_suppress: tuple[int, ...] = ()
+    confidence_suppress: tuple[int, ...] = ()
 
     status: Status = Status.WAITING
     canvas: torch.Tensor = field(init=False)
