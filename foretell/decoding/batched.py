@@ -22,7 +22,7 @@ import torch
 
 from foretell.decoding.early_commit import should_commit
 from foretell.decoding.step import mark_committed, move_block_cursor
-from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule, suppress
+from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule
 from foretell.scheduler.request import Request
 
 # Columns of the per-sequence geometry table (canvas positions).
@@ -117,22 +117,25 @@ class GreedyBatch:
         request's step is applied finishes only that one."""
         rows, stats, more = self._pass
         try:
-            plan = self._plan(rows, stats)
+            plan = self._plan(rows, stats, more)
         except Exception as err:  # not attributable to one request
             for req in self.reqs:
                 req.finish("error", f"decoding failed: {err!r}")
             return
         for j, req in enumerate(self.reqs):
             try:
-                self._apply(j, req, plan, more)
+                self._apply(j, req, plan)
             except Exception as err:
                 req.finish("error", f"decoding failed: {err!r}")
 
     # -- planning: tensors only; no request changes except random remasking's draws --------
-    def _plan(self, rows: torch.Tensor, stats: RowStats) -> _Plan:
+    def _plan(
+        self, rows: torch.Tensor, stats: RowStats, more: Callable[[torch.Tensor], torch.Tensor]
+    ) -> _Plan:
         """Every request's Prophet statistic and reveal, computed on the logits' device; then
         two transfers for the whole pass, whatever its size: the token ids (every gathered
-        row's argmax and the positions picked) and the gaps.
+        row's argmax and the positions picked) and the gaps; and a third when a commit fills
+        masks whose rows were not gathered (an explicit answer span), for all such commits.
 
         The reveal is computed for every request, also those whose gap will commit them
         (they discard it): so nothing waits for the gaps to reach the host first.
@@ -179,7 +182,36 @@ class GreedyBatch:
         for j in range(len(self.reqs)):
             if plan.revealed[j] is None and not commits[j]:
                 plan.revealed[j] = torch.empty(0, dtype=torch.long)
+        self._fill_commits(plan, more)
         return plan
+
+    def _fill_commits(self, plan: _Plan, more: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The argmax at every generated mask of the committing requests whose rows were not
+        gathered, from one LM-head call for all of them (with each one's suppressed ids)."""
+        missing, cells = [], []
+        at = 0
+        for j, req in enumerate(self.reqs):
+            if not plan.commits[j]:
+                continue
+            start, end = self.starts[j], self.starts[j] + req.canvas_len
+            fill = self.generated[start:end].nonzero().flatten()
+            rows = fill[~self.needed[start:end][fill]] + start
+            if rows.numel():
+                missing.append(rows)
+                cells += [(at, at + rows.numel(), t) for t in req.logits_suppress]
+                at += rows.numel()
+        if not missing:
+            return
+        flat = torch.cat(missing)
+        logits = more(flat)
+        if cells:
+            row_idx = torch.cat([torch.arange(a, b) for a, b, _ in cells])
+            col_idx = torch.cat([torch.full((b - a,), t) for a, b, t in cells])
+            logits = logits.index_put(
+                (row_idx.to(logits.device), col_idx.to(logits.device)),
+                logits.new_full((), float("-inf")),
+            )
+        plan.x0[flat] = logits.argmax(dim=-1).cpu()
 
     def _gaps(
         self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats
@@ -238,9 +270,7 @@ class GreedyBatch:
         for j, req in enumerate(self.reqs):
             groups[(req.canvas_len, req.params.remasking)].append(j)
             if req.params.remasking == "low_confidence" and prob is None:
-                prob = torch.full(
-                    self.ids.shape, float("-inf"), dtype=stats.prob.dtype, device=device
-                )
+                prob = stats.prob.new_full(self.ids.shape, float("-inf"))
                 window_rows = in_window.nonzero().flatten()
                 prob[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)]
         picks = []
@@ -269,9 +299,7 @@ class GreedyBatch:
         return picks
 
     # -- applying: one request at a time ---------------------------------------------------
-    def _apply(
-        self, j: int, req: Request, plan: _Plan, more: Callable[[torch.Tensor], torch.Tensor]
-    ) -> None:
+    def _apply(self, j: int, req: Request, plan: _Plan) -> None:
         p = req.params
         req.global_step += 1
         if plan.schedules[j] is not None:
@@ -280,13 +308,9 @@ class GreedyBatch:
             req.last_gap = plan.gaps[j]
         start, end = self.starts[j], self.starts[j] + req.canvas_len
         if plan.commits[j]:
-            # Every generated mask takes this step's argmax; rows not gathered come from
-            # ``more``, per request, as the per-request path asks for them.
+            # Every generated mask takes this step's argmax (rows not gathered were filled in
+            # while planning).
             fill = self.generated[start:end].nonzero().flatten()
-            missing = fill[~self.needed[start:end][fill]] + start
-            if missing.numel():  # rare (an explicit span commits): this request's transfer
-                logits = suppress(more(missing), req.logits_suppress)
-                plan.x0[missing] = logits.argmax(dim=-1).cpu()
             plan.new_ids[fill + start] = plan.x0[fill + start]
             req.set_canvas(plan.new_ids[start:end].clone())  # finished: its own copy (below)
             req.revealed_last_step = fill
