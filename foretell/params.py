@@ -14,6 +14,9 @@ REMASKING = ("low_confidence", "random", "margin", "entropy", "confidence_thresh
 # Dream's names for the same confidence rules.
 REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 STATISTICS = ("mean", "min")
+# Fast-dLLM's block KV cache modes (``DecodeParams.kv_cache``), and the reveal rules they run.
+KV_CACHE_MODES = ("prefix", "dual")
+KV_CACHE_RULES = ("low_confidence", "random", "confidence_threshold")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,11 @@ class DecodeParams:
     Dream's random-transfer rule. ``constraints`` maps generation positions to a token id or a
     text whose words are tokenized with a leading space and placed from that position on (the
     Prophet evaluation's "The answer is" trick).
+
+    ``kv_cache`` is Fast-dLLM's block cache: ``"prefix"`` (later steps of a block recompute
+    only the canvas from the block on, reading the cached keys/values before it) or ``"dual"``
+    (only the block, reading the cached rest of the canvas); each block's first step is a full
+    forward that refreshes the cache. None (the default) recomputes the whole canvas every step.
     """
 
     gen_length: int = 64
@@ -128,6 +136,7 @@ class DecodeParams:
     top_p: float | None = None
     top_k: int | None = None
     eps: float = 1e-3
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -192,6 +201,30 @@ class DecodeParams:
             fail("top_k", f"must be a positive integer, got {self.top_k!r}")
         if not 0.0 < self.eps < 1.0:
             fail("eps", f"must be in (0, 1), got {self.eps!r}")
+        self._check_kv_cache(fail)
+
+    def _check_kv_cache(self, fail) -> None:
+        """The combinations Fast-dLLM's cached decoders define; anything else is refused."""
+        mode = self.kv_cache
+        if mode is None:
+            return
+        if mode not in KV_CACHE_MODES:
+            fail("kv_cache", f"unknown mode {mode!r}; choose one of {KV_CACHE_MODES} or None")
+        if self.cfg_scale > 0:
+            fail("kv_cache", "classifier-free guidance (cfg_scale > 0) is not supported")
+        if self.remasking not in KV_CACHE_RULES:
+            fail(
+                "kv_cache",
+                f"remasking {self.remasking!r} is not supported with a cache; "
+                f"choose one of {KV_CACHE_RULES}",
+            )
+        if self.remasking != "confidence_threshold" and self.steps_per_block < 2:
+            # Fast-dLLM's cached loop always runs a step after the block's first (refresh) one.
+            fail(
+                "kv_cache",
+                f"needs at least 2 steps per block (steps {self.steps} over "
+                f"{self.num_blocks} blocks gives {self.steps_per_block})",
+            )
 
     @property
     def num_blocks(self) -> int:

@@ -35,10 +35,10 @@ def _decoding_window(req: Request) -> torch.Tensor:
 
     Up to the end of the current block, not just within it: a position whose prediction was
     the mask token itself stays masked and, as in LLaDA's reference, remains a candidate while
-    later blocks decode.
+    later blocks decode. A cached step (Fast-dLLM) only sees its own block's masks.
     """
-    _, end = req.block_bounds()
-    return req.masked_positions(req.prompt_len, end)
+    start, end = req.block_bounds()
+    return req.masked_positions(start if req.cached_step else req.prompt_len, end)
 
 
 def positions_needed(req: Request) -> torch.Tensor:
@@ -176,17 +176,45 @@ def _reveal_llada(
         x0, scores = stats.argmax, (None if p.remasking == "random" else stats.prob)
     else:
         x0, scores = _candidates(req, logits, p.remasking)
+    cached = p.kv_cache is not None
     if p.remasking == "confidence_threshold":
         if window.numel():
             _reveal(req, window, x0, above_threshold(scores, p.threshold))
-        _next_nonempty_block(req)
+        if cached:
+            move_cached_cursor(req)
+        else:
+            _next_nonempty_block(req)
         return
+    # The references rank (and draw random scores over) the rows the step computed: the canvas,
+    # or a cached step's span.
+    lo, hi = req.query_span()
     if p.remasking == "random":
-        # The reference draws one uniform per canvas position every step.
-        scores = torch.rand(req.canvas_len, generator=req.generator)[window]
+        # The reference draws one uniform per computed position every step.
+        scores = torch.rand(hi - lo, generator=req.generator)[window - lo]
     count = req.block_schedule[req.step_in_block]
-    _reveal(req, window, x0, choose(scores, count, None, req.generator, window, req.canvas_len))
-    move_block_cursor(req)
+    _reveal(req, window, x0, choose(scores, count, None, req.generator, window - lo, hi - lo))
+    if cached:
+        move_cached_cursor(req)
+    else:
+        move_block_cursor(req)
+
+
+def move_cached_cursor(req: Request) -> None:
+    """Fast-dLLM's block loop: the refresh step is always followed by cached steps until the
+    block has no masks. Its step schedule has ``steps_per_block`` entries; should masks remain
+    when it runs out (a revealed token that is the mask token itself), where the reference
+    would fail, decoding moves on to the next block, whose refresh step sees them."""
+    start, end = req.block_bounds()
+    p = req.params
+    emptied = req.step_in_block > 0 and req.masked_positions(start, end).numel() == 0
+    spent = p.remasking != "confidence_threshold" and req.step_in_block + 1 >= p.steps_per_block
+    if not (emptied or spent):
+        req.step_in_block += 1
+        return
+    req.block += 1
+    req.step_in_block = 0
+    if req.block == p.num_blocks:
+        req.finish("steps")
 
 
 def _next_nonempty_block(req: Request) -> None:

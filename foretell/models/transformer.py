@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foretell.models.attention import packed_attention, padded_attention, resolve_backend
+from foretell.models.attention import (
+    CacheUse,
+    packed_attention,
+    padded_attention,
+    resolve_backend,
+)
 
 
 @dataclass
@@ -98,6 +103,8 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 # attend(q [..., H, D], k, v) -> [..., H, D], closing over the batch layout (packed or padded).
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend_at(layer) -> that layer's AttendFn (a KV cache is per layer).
+AttendAt = Callable[[int], AttendFn]
 
 
 class Block(nn.Module):
@@ -207,19 +214,30 @@ class DiffusionLM(nn.Module):
             )
             return out.transpose(1, 2)
 
-        return self.lm_logits(self._body(input_ids, positions, attend))
+        return self.lm_logits(self._body(input_ids, positions, lambda layer: attend))
 
     # -- packed canvases (engine) ---------------------------------------------------------
     def forward_packed(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        caches: list[CacheUse | None] | None = None,
     ) -> torch.Tensor:
-        """Final hidden states ``[T, hidden]`` for canvases packed back to back (no padding)."""
+        """Final hidden states ``[T, hidden]`` for sequences packed back to back (no padding).
+
+        ``positions`` are canvas positions (rotary angles), so a sequence may be any set of
+        positions of its canvas; ``caches`` says which sequences write and read a KV cache.
+        """
         backend = self.attention_backend
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return packed_attention(q, k, v, seq_lens, backend)
+        def attend_at(layer: int) -> AttendFn:
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return packed_attention(q, k, v, seq_lens, backend, caches, layer)
 
-        return self._body(input_ids, positions, attend)
+            return attend
+
+        return self._body(input_ids, positions, attend_at)
 
     def logits_at(
         self, hidden: torch.Tensor, positions: torch.Tensor, flat_index: torch.Tensor
@@ -235,11 +253,11 @@ class DiffusionLM(nn.Module):
         return self.lm_logits(hidden[rows])
 
     # -- shared pieces -------------------------------------------------------------------
-    def _body(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn):
+    def _body(self, input_ids: torch.Tensor, positions: torch.Tensor, attend_at: AttendAt):
         x = self.embed(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin, attend)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attend_at(layer))
         return self.norm(x)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
