@@ -178,10 +178,13 @@ def _reveal_llada(
         x0, scores = _candidates(req, logits, p.remasking)
     cached = p.kv_cache is not None
     if p.remasking == "confidence_threshold":
+        stalled = True
         if window.numel():
-            _reveal(req, window, x0, above_threshold(scores, p.threshold))
+            chosen = above_threshold(scores, p.threshold)
+            _reveal(req, window, x0, chosen)
+            stalled = bool((x0[chosen] == req.mask_token_id).all())
         if cached:
-            move_cached_cursor(req)
+            move_cached_cursor(req, stalled)
         else:
             _next_nonempty_block(req)
         return
@@ -199,16 +202,21 @@ def _reveal_llada(
         move_block_cursor(req)
 
 
-def move_cached_cursor(req: Request) -> None:
+def move_cached_cursor(req: Request, stalled: bool = False) -> None:
     """Fast-dLLM's block loop: the refresh step is always followed by cached steps until the
-    block has no masks. Its step schedule has ``steps_per_block`` entries; should masks remain
-    when it runs out (a revealed token that is the mask token itself), where the reference
-    would fail, decoding moves on to the next block, whose refresh step sees them."""
+    block has no masks.
+
+    Where the reference would fail or never end, because a revealed token was the mask token
+    itself, decoding moves on to the next block (whose refresh step sees the masks left): when
+    the step schedule (``steps_per_block`` entries) runs out with masks left, or when a cached
+    threshold step changed nothing (``stalled``), as every later step would then be the same.
+    """
     start, end = req.block_bounds()
     p = req.params
-    emptied = req.step_in_block > 0 and req.masked_positions(start, end).numel() == 0
+    cached = req.step_in_block > 0
+    emptied = cached and req.masked_positions(start, end).numel() == 0
     spent = p.remasking != "confidence_threshold" and req.step_in_block + 1 >= p.steps_per_block
-    if not (emptied or spent):
+    if not (emptied or spent or (cached and stalled)):
         req.step_in_block += 1
         return
     req.block += 1
