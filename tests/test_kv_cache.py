@@ -3,6 +3,7 @@ Fast-dLLM's cached decoders, in one mixed batch, and the cache's memory lifecycl
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -268,3 +269,28 @@ def test_admission_waits_for_cache_memory(llada64) -> None:
     # FCFS: the second waits for the first's cache, and the third waits behind it.
     assert done[first] == 16 and done[second] == 32 and done[third] == 32
     assert engine.metrics.kv_cache_peak_bytes <= budget
+
+
+def test_server_takes_kv_cache_and_reports_its_bytes(llada64) -> None:
+    from foretell.engine.async_engine import AsyncEngine
+    from foretell.server.app import render_metrics
+    from foretell.server.protocol import APIError, CompletionRequest
+
+    body = CompletionRequest(model="m", prompt="12+34=", max_tokens=16, kv_cache="dual")
+    assert body.to_params().kv_cache == "dual"
+    with pytest.raises(APIError) as err:
+        CompletionRequest(model="m", prompt="x", max_tokens=16, kv_cache="bogus").to_params()
+    assert err.value.param == "kv_cache" and err.value.status == 400
+
+    async def main() -> dict:
+        engine = AsyncEngine(llada64, dtype="float64")
+        try:
+            out = await engine.generate("12+34=", body.to_params())
+            assert out.finish_reason == "steps"
+            return engine.stats()
+        finally:
+            await engine.shutdown()
+
+    stats = asyncio.run(main())
+    assert stats["kv_cache_bytes"] == 0 and stats["kv_cache_peak_bytes"] > 0
+    assert "\nforetell_kv_cache_bytes 0\n" in render_metrics(stats)
