@@ -16,7 +16,7 @@ REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 STATISTICS = ("mean", "min")
 # Fast-dLLM's block KV cache modes (``DecodeParams.kv_cache``), and the reveal rules they run.
 KV_CACHE_MODES = ("prefix", "dual")
-KV_CACHE_RULES = ("low_confidence", "random", "confidence_threshold")
+KV_CACHE_RULES = ("low_confidence", "random", "entropy", "confidence_threshold")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from reference_cache import LLaDAReference, cached_generate
+from reference_cache import LLaDAReference, cached_generate, dream_cached_generate
 
 import foretell.engine.engine as engine_module
 from foretell import DecodeParams, Engine, Prophet
@@ -157,10 +157,77 @@ def test_unsupported_kv_cache_is_refused_naming_the_field(fields) -> None:
         as_params(fields)
 
 
-def test_dream_refuses_kv_cache(dream_engine) -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"remasking": "low_confidence"},
+        {"remasking": "entropy", "early_commit": "prophet"},
+        {"remasking": "entropy", "alg_temp": 0.5},
+    ],
+)
+def test_dream_refuses_what_fast_dllm_does_not_define(dream_engine, fields) -> None:
+    p = DecodeParams(gen_length=16, block_length=8, steps=8, kv_cache="dual", **fields)
     with pytest.raises(ValueError, match=r"^kv_cache: "):
-        dream_engine.add_request("12+34=", DecodeParams(gen_length=16, kv_cache="dual"))
+        dream_engine.add_request("12+34=", p)
     assert not dream_engine.has_unfinished_requests()
+
+
+def test_llada_refuses_entropy_with_a_cache(llada_engine) -> None:
+    p = DecodeParams(gen_length=16, block_length=8, steps=8, kv_cache="dual", remasking="entropy")
+    with pytest.raises(ValueError, match=r"^kv_cache: "):
+        llada_engine.add_request("12+34=", p)
+
+
+DREAM_SHAPES = [(32, 8, 16), (32, 4, 32), (48, 16, 24), (32, 32, 32), (32, 8, 32)]
+
+
+def test_dream_mixed_batch_equals_reference_and_alone(dream64) -> None:
+    cases = []
+    for n, (mode, shape, rule) in enumerate(
+        itertools.product(
+            ["prefix", "dual"],
+            DREAM_SHAPES,
+            [("entropy", 0.9), ("confidence_threshold", 0.6), ("confidence_threshold", 0.9)],
+        )
+    ):
+        gen, block, steps = shape
+        p = DecodeParams(
+            gen_length=gen,
+            block_length=block,
+            steps=steps,
+            remasking=rule[0],
+            threshold=rule[1],
+            kv_cache=mode,
+            seed=n,
+        )
+        cases.append((PROMPTS[n % len(PROMPTS)], p))
+    cases.append((PROMPTS[0], DecodeParams(gen_length=32, steps=16, remasking="entropy")))
+    cases.append((PROMPTS[1], DecodeParams(gen_length=16, steps=16)))
+    engine = Engine(dream64, dtype="float64", max_num_seqs=5)
+    mixed = engine.generate([c[0] for c in cases], [c[1] for c in cases], use_tqdm=False)
+    ref = LLaDAReference(dream64.model)
+    for (prompt, p), out in zip(cases, mixed, strict=True):
+        solo = Engine(dream64, dtype="float64", max_num_seqs=1)
+        alone = solo.generate([prompt], p, use_tqdm=False)[0]
+        assert (out.token_ids, out.num_forward_passes) == (
+            alone.token_ids,
+            alone.num_forward_passes,
+        )
+        if p.kv_cache is None:
+            continue
+        x, nfe = dream_cached_generate(
+            ref,
+            torch.tensor([out.prompt_token_ids]),
+            mode=p.kv_cache,
+            steps=p.steps,
+            gen_length=p.gen_length,
+            block_length=p.block_length,
+            alg=p.remasking,
+            threshold=p.threshold,
+            mask_id=dream64.model.mask_token_id,
+        )
+        assert out.token_ids == x[0, len(out.prompt_token_ids) :].tolist(), (prompt, p)
+        assert out.num_forward_passes == nfe, (prompt, p)
 
 
 def test_budget_smaller_than_one_request_is_refused(llada64) -> None:
