@@ -117,6 +117,7 @@ class DecodeParams:
     only the canvas from the block on, reading the cached keys/values before it) or ``"dual"``
     (only the block, reading the cached rest of the canvas); each block's first step is a full
     forward that refreshes the cache. None (the default) recomputes the whole canvas every step.
+    With a cache, Dream models decode in blocks too (Fast-dLLM's Dream block decoding).
     """
 
     gen_length: int = 64

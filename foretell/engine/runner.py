@@ -165,8 +165,9 @@ class ModelRunner:
         seq_lens = [len(s) for s in seqs]
         ids = torch.cat(seqs)
         positions = torch.cat(seq_positions)
-        # Each row's index within its sequence: where a shifted (Dream) head reads from.
-        in_seq = torch.cat([self._arange(n) for n in seq_lens])
+        # Each row's index within its sequence: where a shifted (Dream) head reads from. Only a
+        # cached step's span differs from its canvas positions.
+        in_seq = torch.cat([self._arange(n) for n in seq_lens]) if wanted else positions
         spans = {i: layouts[i][0] for i in wanted}  # a cached step's positions, sorted
 
         group = [i for i, req in enumerate(batch) if self.batched and batchable(req)]
@@ -273,7 +274,8 @@ class ModelRunner:
         return pos, CacheUse(req.kv_buffer, len(before), lo, hi - lo, length)
 
     def _read_only(self, req: Request, pos: torch.Tensor) -> torch.Tensor:
-        """Logits at canvas ``pos`` of a cached request, as read-only rows against its cache."""
+        """Logits at canvas ``pos`` of a cached request, as read-only rows against its cache
+        (LLaDA: no shift; Prophet with a cache is refused for Dream)."""
         cache = CacheUse(req.kv_buffer, 0, 0, 0, req.canvas_len)
         pos_d = pos.to(self.device)
         hidden = self.model.forward_packed(
