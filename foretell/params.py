@@ -16,6 +16,9 @@ REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 STATISTICS = ("mean", "min")
 # The dtype of the low-confidence softmax: None follows the reference of the rule in use.
 CONFIDENCE_DTYPES = (None, "model", "float64")
+# Fast-dLLM's block KV cache modes (``DecodeParams.kv_cache``), and the reveal rules they run.
+KV_CACHE_MODES = ("prefix", "dual")
+KV_CACHE_RULES = ("low_confidence", "random", "entropy", "confidence_threshold")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ class DecodeParams:
     ``"float64"`` force one. ``logits_eos_inf`` and ``confidence_eos_eot_inf`` are LLaDA's
     ``generate.py`` options of the same names (keep EOS from being predicted; zero the
     confidence of EOS/EOT predictions).
+    ``kv_cache`` is Fast-dLLM's block cache: ``"prefix"`` (later steps of a block recompute
+    only the canvas from the block on, reading the cached keys/values before it) or ``"dual"``
+    (only the block, reading the cached rest of the canvas); each block's first step is a full
+    forward that refreshes the cache. None (the default) recomputes the whole canvas every step.
+    With a cache, Dream models decode in blocks too (Fast-dLLM's Dream block decoding).
     """
 
     gen_length: int = 64
@@ -141,6 +149,7 @@ class DecodeParams:
     confidence_dtype: str | None = None
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -213,6 +222,30 @@ class DecodeParams:
         for name in ("logits_eos_inf", "confidence_eos_eot_inf"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        self._check_kv_cache(fail)
+
+    def _check_kv_cache(self, fail) -> None:
+        """The combinations Fast-dLLM's cached decoders define; anything else is refused."""
+        mode = self.kv_cache
+        if mode is None:
+            return
+        if mode not in KV_CACHE_MODES:
+            fail("kv_cache", f"unknown mode {mode!r}; choose one of {KV_CACHE_MODES} or None")
+        if self.cfg_scale > 0:
+            fail("kv_cache", "classifier-free guidance (cfg_scale > 0) is not supported")
+        if self.remasking not in KV_CACHE_RULES:
+            fail(
+                "kv_cache",
+                f"remasking {self.remasking!r} is not supported with a cache; "
+                f"choose one of {KV_CACHE_RULES}",
+            )
+        if self.remasking != "confidence_threshold" and self.steps_per_block < 2:
+            # Fast-dLLM's cached loop always runs a step after the block's first (refresh) one.
+            fail(
+                "kv_cache",
+                f"needs at least 2 steps per block (steps {self.steps} over "
+                f"{self.num_blocks} blocks gives {self.steps_per_block})",
+            )
 
     @property
     def num_blocks(self) -> int:

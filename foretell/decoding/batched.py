@@ -34,6 +34,7 @@ def batchable(req: Request) -> bool:
     p = req.params
     return (
         p.cfg_scale <= 0
+        and p.kv_cache is None
         and p.remasking in ("low_confidence", "random")
         and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k)
     )

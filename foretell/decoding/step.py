@@ -23,6 +23,7 @@ from foretell.decoding.unmask import (
     dream_transfer_count,
     greedy_llada,
     llada_block_schedule,
+    ranked_threshold,
 )
 from foretell.scheduler.request import Request
 
@@ -36,10 +37,12 @@ def _decoding_window(req: Request) -> torch.Tensor:
 
     Up to the end of the current block, not just within it: a position whose prediction was
     the mask token itself stays masked and, as in LLaDA's reference, remains a candidate while
-    later blocks decode.
+    later blocks decode. A cached step (Fast-dLLM) only sees its own block's masks.
     """
-    _, end = req.block_bounds()
-    return req.masked_positions(req.prompt_len, end)
+    start, end = req.block_bounds()
+    if req.family == "dream" and req.params.kv_cache is not None and not req.cached_step:
+        return req.masked_positions(start, start + 1)  # Fast-dLLM: the block's first position
+    return req.masked_positions(start if req.cached_step else req.prompt_len, end)
 
 
 def positions_needed(req: Request) -> torch.Tensor:
@@ -79,7 +82,13 @@ def advance(
     """
     p = req.params
     req.global_step += 1
-    if req.uses_blocks and req.step_in_block == 0 and p.remasking != "confidence_threshold":
+    dream_cached = req.family == "dream" and p.kv_cache is not None
+    if (
+        req.uses_blocks
+        and not dream_cached
+        and req.step_in_block == 0
+        and p.remasking != "confidence_threshold"
+    ):
         start, end = req.block_bounds()
         req.block_schedule = llada_block_schedule(
             int(req.masked_positions(start, end).numel()), p.steps_per_block
@@ -95,7 +104,9 @@ def advance(
         rows = _rows(positions, window)
         window_logits = logits[rows]
         window_stats = None if stats is None else stats.take(rows)
-    if req.uses_blocks:
+    if dream_cached:
+        _reveal_dream_cached(req, window, window_logits)
+    elif req.uses_blocks:
         _reveal_llada(req, window, window_logits, window_stats)
     else:
         _reveal_dream(req, window, window_logits)
@@ -185,17 +196,56 @@ def _reveal_llada(
         scores = None if p.remasking == "random" else stats.prob.cpu()
     else:
         x0, scores = _candidates(req, logits, p.remasking)
+    cached = p.kv_cache is not None
+    lo, hi = req.query_span()
     if p.remasking == "confidence_threshold":
+        stalled = True
         if window.numel():
-            _reveal(req, window, x0, above_threshold(scores, p.threshold))
-        _next_nonempty_block(req)
+            if cached:
+                chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
+            else:
+                chosen = above_threshold(scores, p.threshold)
+            _reveal(req, window, x0, chosen)
+            stalled = bool((x0[chosen] == req.mask_token_id).all())
+        if cached:
+            move_cached_cursor(req, stalled)
+        else:
+            _next_nonempty_block(req)
         return
+    # The references rank (and draw random scores over) the rows the step computed: the canvas,
+    # or a cached step's span.
     if p.remasking == "random":
-        # The reference draws one uniform per canvas position every step.
-        scores = torch.rand(req.canvas_len, generator=req.generator)[window]
+        # The reference draws one uniform per computed position every step.
+        scores = torch.rand(hi - lo, generator=req.generator)[window - lo]
     count = req.block_schedule[req.step_in_block]
-    _reveal(req, window, x0, choose(scores, count, None, req.generator, window, req.canvas_len))
-    move_block_cursor(req)
+    _reveal(req, window, x0, choose(scores, count, None, req.generator, window - lo, hi - lo))
+    if cached:
+        move_cached_cursor(req)
+    else:
+        move_block_cursor(req)
+
+
+def move_cached_cursor(req: Request, stalled: bool = False) -> None:
+    """Fast-dLLM's block loop: the refresh step is always followed by cached steps until the
+    block has no masks.
+
+    Where the reference would fail or never end, because a revealed token was the mask token
+    itself, decoding moves on to the next block (whose refresh step sees the masks left): when
+    the step schedule (``steps_per_block`` entries) runs out with masks left, or when a cached
+    threshold step changed nothing (``stalled``), as every later step would then be the same.
+    """
+    start, end = req.block_bounds()
+    p = req.params
+    cached = req.step_in_block > 0
+    emptied = cached and req.masked_positions(start, end).numel() == 0
+    spent = p.remasking != "confidence_threshold" and req.step_in_block + 1 >= p.steps_per_block
+    if not (emptied or spent or (cached and stalled)):
+        req.step_in_block += 1
+        return
+    req.block += 1
+    req.step_in_block = 0
+    if req.block == p.num_blocks:
+        req.finish("steps")
 
 
 def _next_nonempty_block(req: Request) -> None:
@@ -206,6 +256,37 @@ def _next_nonempty_block(req: Request) -> None:
             return
         req.block += 1
     req.finish("steps")
+
+
+def _reveal_dream_cached(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:
+    """Fast-dLLM's cached Dream block step (``generation_utils_block.py``).
+
+    The refresh step reveals the block's first position; later steps reveal by the threshold
+    rule, or the top negative entropies, as many as Dream's ``eps`` schedule over the block's
+    steps gives (all the remaining masks at the block's last step)."""
+    p = req.params
+    stalled = True
+    if not req.cached_step:
+        if window.numel():
+            x0, _ = _candidates(req, logits, "random")
+            _reveal(req, window, x0, torch.arange(window.numel()))
+            stalled = bool((x0 == req.mask_token_id).all())
+    elif p.remasking == "confidence_threshold":
+        if window.numel():
+            x0, scores = _candidates(req, logits, p.remasking)
+            lo, hi = req.query_span()
+            chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
+            _reveal(req, window, x0, chosen)
+            stalled = bool((x0[chosen] == req.mask_token_id).all())
+    else:
+        stalled = False  # the schedule bounds the block
+        x0, scores = _candidates(req, logits, "entropy")
+        step = req.step_in_block
+        count = dream_transfer_count(int(window.numel()), step, p.steps_per_block, req.timesteps)
+        lo, hi = req.query_span()
+        chosen = choose(scores, count, None, req.generator, window - lo, hi - lo)
+        _reveal(req, window, x0, chosen)
+    move_cached_cursor(req, stalled)
 
 
 def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:

@@ -506,6 +506,8 @@ class AsyncEngine:
             "tokens_in_passes": m.tokens_in_passes,
             "generated_tokens": m.generated_tokens,
             "step_seconds": m.step_seconds,
+            "kv_cache_bytes": m.kv_cache_bytes,
+            "kv_cache_peak_bytes": m.kv_cache_peak_bytes,
             "finished": finished,
             "early_commits": finished["early_commit"],
             "batch_size": self._last_batch,

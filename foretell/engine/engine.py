@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from foretell.decoding import advance
+from foretell.engine import kv_cache
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
 from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
@@ -48,6 +49,26 @@ def _resolve_model(model, tokenizer, dtype, device, attention_backend) -> Loaded
     return loaded
 
 
+def _check_kv_cache(family: str, params: DecodeParams) -> None:
+    """What Fast-dLLM's cached decoders define for each family (the rest is refused)."""
+    if family == "dream":
+        # Fast-dLLM's Dream block loop ranks by negative entropy unless it runs the threshold.
+        if params.remasking not in ("entropy", "confidence_threshold"):
+            raise ValueError(
+                "kv_cache: Dream's cached decoding ranks by entropy: use remasking 'entropy' "
+                f"or 'confidence_threshold', got {params.remasking!r}"
+            )
+        if params.early_commit is not None:
+            raise ValueError("kv_cache: early commit with a cache is LLaDA only for now")
+        if params.alg_temp:
+            raise ValueError("kv_cache: alg_temp is not supported with a cache")
+    elif params.remasking == "entropy":
+        raise ValueError(
+            "kv_cache: LLaDA's cached decoding (Fast-dLLM) ranks by 'low_confidence', 'random' "
+            "or 'confidence_threshold', not 'entropy'"
+        )
+
+
 class Engine:
     """Offline and embedded generation over one model.
 
@@ -57,6 +78,11 @@ class Engine:
     sequences of at most that many tokens (``"auto"``: 640 on a CPU, where it keeps activations
     in cache, none on a GPU; None: never). Sequences never attend across chunks, so results are
     the same up to floating-point rounding, as with any other batch composition.
+    ``kv_cache_memory`` is the byte budget of all requests' KV caches (``DecodeParams.kv_cache``):
+    ``"auto"`` sizes it from the device's free memory (half of MemAvailable on a CPU, 80% of the
+    free memory on CUDA, measured once the weights are loaded), an int is bytes, None is no
+    limit. Admission reserves each cached request's whole cache; a request that would not fit
+    waits, and one that could never fit is refused by ``add_request``.
     """
 
     def __init__(
@@ -70,10 +96,14 @@ class Engine:
         device: str | torch.device = "cpu",
         attention_backend: str = "auto",
         forward_chunk_tokens: int | str | None = "auto",
+        kv_cache_memory: int | str | None = "auto",
     ) -> None:
         # Resolved (and validated) before the model loads, so a bad value fails at once.
         chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))
+        if kv_cache_memory != "auto":
+            kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device))
         loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
+        kv_budget = kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device))
         # What ``generate`` uses when given no params: the shipped model's own layout, else
         # DecodeParams' defaults.
         self.default_params = DecodeParams()
@@ -87,7 +117,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.mask_token_id: int = self.model.mask_token_id
         self.model_path = loaded.path
-        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
+        self.kv_bytes_per_token = kv_cache.bytes_per_token(self.model)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, kv_budget)
         self.runner = ModelRunner(self.model, device, forward_chunk_tokens=chunk_tokens)
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
@@ -199,8 +230,13 @@ class Engine:
         if not isinstance(params, DecodeParams):
             raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
         family = self.model.family
-        if family == "dream" and params.block_length != params.gen_length:
-            raise ValueError("block_length: Dream decodes the whole generation as one block")
+        if params.kv_cache is not None:
+            _check_kv_cache(family, params)
+        elif family == "dream" and params.block_length != params.gen_length:
+            raise ValueError(
+                "block_length: Dream decodes the whole generation as one block (blocks need "
+                "kv_cache, Fast-dLLM's block decoding)"
+            )
         if family != "dream" and params.remasking == "origin":
             raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
         logits_suppress, confidence_suppress = self._suppressed_ids(params)
@@ -225,6 +261,8 @@ class Engine:
             logits_suppress=logits_suppress,
             confidence_suppress=confidence_suppress,
         )
+        if params.kv_cache is not None:
+            req.kv_reserved = req.canvas_len * self.kv_bytes_per_token
         self.scheduler.check_fits(req)
         return req
 
@@ -249,6 +287,12 @@ class Engine:
             self._live.pop(req.request_id, None)
             self.metrics.finished[req.finish_reason] += 1
             self._ready.append(self.output(req))
+            self._track_kv_cache()
+
+    def _track_kv_cache(self) -> None:
+        used = self.scheduler.kv_cache_bytes
+        self.metrics.kv_cache_bytes = used
+        self.metrics.kv_cache_peak_bytes = max(self.metrics.kv_cache_peak_bytes, used)
 
     def snapshot(self, request_id: str) -> RequestOutput | None:
         """The current state of a request still in flight (``finish_reason`` None): its
@@ -268,19 +312,21 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch:
             self._step_batch(batch)
+            # Peak: while the pass's caches are all alive, before the finished ones are freed.
+            self._track_kv_cache()
         for req in self.scheduler.update():
             self._live.pop(req.request_id, None)
             self.metrics.finished[req.finish_reason] += 1
             if req.finish_reason in ("steps", "early_commit"):
                 self.metrics.generated_tokens += req.params.gen_length
             ready.append(self.output(req))
+        self._track_kv_cache()
         self.metrics.step_seconds += time.perf_counter() - start
         return ready
 
     def _step_batch(self, batch: list[Request]) -> None:
         self.metrics.steps += 1
         self.metrics.sequences_in_passes += len(batch)
-        self.metrics.tokens_in_passes += sum(r.cost for r in batch)
         try:
             result = self.runner.run(batch)
         except Exception as err:  # the pass itself failed: nothing to attribute it to
@@ -294,6 +340,8 @@ class Engine:
                 req.finish("error", f"decoding failed: {err!r}")
         if result.batched is not None:
             result.batched.advance()  # errors are attributed inside, per request where possible
+        # Counted after decoding: a commit's read-only rows of a cached request run then.
+        self.metrics.tokens_in_passes += result.query_tokens
 
     def output(self, req: Request) -> RequestOutput:
         """The caller's view of a request (finished or in flight)."""

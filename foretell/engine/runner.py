@@ -27,6 +27,8 @@ from foretell.decoding.unmask import (
     greedy_llada,
     suppress,
 )
+from foretell.engine import kv_cache
+from foretell.models.attention import CacheUse
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
 
@@ -58,6 +60,9 @@ class PassOutput:
 
     per_request: list[tuple[Request, RequestLogits]]
     batched: GreedyBatch | None = None
+    # Query tokens the model ran for this pass: canvases, cached spans and read-only rows
+    # (a commit's read-only rows, asked for while decoding, are added then).
+    query_tokens: int = 0
 
 
 # The CPU default of ``forward_chunk_tokens``: on the 2-core machine of docs/benchmarks.md a
@@ -135,27 +140,41 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
+        # A cached step's sequence is its recomputed span plus the read-only rows it needs
+        # outside it (Prophet's region), so its positions are known before packing.
+        wanted = {i: positions_needed(r) for i, r in enumerate(batch) if r.cached_step}
+        layouts = [self._layout(req, wanted.get(i)) for i, req in enumerate(batch)]
         seqs: list[torch.Tensor] = []
+        seq_positions: list[torch.Tensor] = []
+        caches: list[CacheUse | None] = []
         offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)  # (cond, uncond) starts
         seq_of: list[int] = [0] * len(batch)  # packed sequence holding each request's canvas
         total = 0
-        # Packed by canvas length, so that equal lengths are neighbours and attention runs
-        # once per length (packed_attention batches runs of equal lengths).
-        for i in sorted(range(len(batch)), key=lambda i: batch[i].canvas_len):
-            req = batch[i]
+        # Packed by length, so that equal lengths are neighbours and attention runs once per
+        # length (packed_attention batches runs of equal lengths).
+        for i in sorted(range(len(batch)), key=lambda i: len(layouts[i][0])):
+            req, (pos, cache) = batch[i], layouts[i]
             cond = total
             seq_of[i] = len(seqs)
-            seqs.append(req.canvas)
-            total += req.canvas_len
+            seqs.append(req.canvas if cache is None or cache.read_len is None else req.canvas[pos])
+            seq_positions.append(pos)
+            caches.append(cache)
+            total += len(pos)
             uncond = None
             if req.params.cfg_scale > 0:
                 uncond = total
                 seqs.append(req.unconditional_canvas())
+                seq_positions.append(pos)
+                caches.append(None)
                 total += req.canvas_len
             offsets[i] = (cond, uncond)
         seq_lens = [len(s) for s in seqs]
         ids = torch.cat(seqs)
-        positions = torch.cat([self._arange(n) for n in seq_lens])
+        positions = torch.cat(seq_positions)
+        # Each row's index within its sequence: where a shifted (Dream) head reads from. Only a
+        # cached step's span differs from its canvas positions.
+        in_seq = torch.cat([self._arange(n) for n in seq_lens]) if wanted else positions
+        spans = {i: layouts[i][0] for i in wanted}  # a cached step's positions, sorted
 
         group = [i for i, req in enumerate(batch) if self.batched and batchable(req)]
         greedy = None
@@ -176,71 +195,133 @@ class ModelRunner:
         needed = greedy.needed.clone() if greedy else torch.zeros(total, dtype=torch.bool)
         in_group = set(group)
         others = [i for i in range(len(batch)) if i not in in_group]
-        wanted = {i: positions_needed(batch[i]) for i in others}
-        for i, pos in wanted.items():
-            needed[self._rows(pos, offsets[i])] = True
+        for i in others:
+            if i not in wanted:
+                wanted[i] = positions_needed(batch[i])
+        for i in others:
+            needed[self._rows(wanted[i], offsets[i], spans.get(i))] = True
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
         rows = needed.nonzero().flatten()
 
         start = time.perf_counter()
         ids_d, positions_d = ids.to(self.device), positions.to(self.device)
-        hidden = self._forward(ids_d, positions_d, seq_lens)
+        in_seq_d = in_seq.to(self.device)
+        use_caches = caches if any(c is not None for c in caches) else None
+        hidden = self._forward(ids_d, positions_d, seq_lens, use_caches)
         # The gathered logits stay on the model's device, and so does everything computed from
         # them; decoding brings only token ids, counts and gaps to the host.
-        gathered = self.model.logits_at(hidden, positions_d, rows.to(self.device))
+        gathered = self.model.logits_at(hidden, in_seq_d, rows.to(self.device))
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
         first_row = self._first_rows(rows, seq_lens)
         # Each request's gathered rows: conditional copy, then the cfg copy when there is one.
-        spans = {
+        row_ranges = {
             i: (first_row[seq_of[i]], first_row[seq_of[i] + req.num_sequences])
             for i, req in enumerate(batch)
         }
-        self._suppress_logits(gathered, batch, spans)
+        self._suppress_logits(gathered, batch, row_ranges)
         # One batched computation of what greedy decoding and Prophet read from each row, when
         # some request reads it; cfg rows are guided per request first, so they do without.
         reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
         stats = None
         if reads:
-            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, spans))
+            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, row_ranges))
+        out = PassOutput([], None, total)
 
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 idx = flat_rows.to(self.device)
-                return self.model.logits_at(hidden, positions_d, idx)
+                return self.model.logits_at(hidden, in_seq_d, idx)
 
-        def more(pos: torch.Tensor, req: Request, starts: tuple[int, int | None]) -> torch.Tensor:
-            logits = self._guided(req, more_flat(self._rows(pos, starts)))
+        def more(pos: torch.Tensor, req: Request, i: int) -> torch.Tensor:
+            span = spans.get(i)
+            if span is None:
+                logits = self._guided(req, more_flat(self._rows(pos, offsets[i])))
+                return suppress(logits, req.logits_suppress)
+            # A cached step: rows of its sequence from this pass; any other position is a
+            # read-only query against the cache as this pass left it (the same numbers as if
+            # it had been one of the pass's read-only rows).
+            logits = torch.empty(
+                len(pos), self.model.vocab_size, dtype=gathered.dtype, device=gathered.device
+            )
+            at = torch.searchsorted(span, pos).clamp(max=len(span) - 1)
+            inside = span[at] == pos
+            if bool(inside.any()):
+                logits[inside.to(gathered.device)] = more_flat(offsets[i][0] + at[inside])
+            if not bool(inside.all()):
+                logits[(~inside).to(gathered.device)] = self._read_only(req, pos[~inside])
+                out.query_tokens += int((~inside).sum())
             return suppress(logits, req.logits_suppress)
 
-        per_request = []
         for i in others:
             req, pos = batch[i], wanted[i]
-            cursor, end = spans[i]
+            cursor, end = row_ranges[i]
             logits = self._guided(req, gathered[cursor:end])
             own = None
             if stats is not None and req.params.cfg_scale <= 0:
                 own = stats.take(slice(cursor, end))
             else:  # guided here, so suppressed here (non-cfg rows were, in place)
                 logits = suppress(logits, req.logits_suppress)
-            more_fn = functools.partial(more, req=req, starts=offsets[i])
-            per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
+            more_fn = functools.partial(more, req=req, i=i)
+            out.per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
         if greedy is not None:
             greedy.bind(rows, stats, more_flat)
-        return PassOutput(per_request, greedy)
+        out.batched = greedy
+        return out
+
+    def _layout(
+        self, req: Request, needed: torch.Tensor | None
+    ) -> tuple[torch.Tensor, CacheUse | None]:
+        """Canvas positions of ``req``'s sequence in this pass, and how it uses its cache.
+
+        Uncached: the canvas. A cached request's block start: the canvas, whose keys and
+        values refresh its cache (allocated now if it has none). A cached step: the span it
+        recomputes (its keys/values go into the cache) plus read-only rows for ``needed``
+        positions outside it, attending to the cache."""
+        if req.params.kv_cache is None:
+            return self._arange(req.canvas_len), None
+        if req.kv_buffer is None:
+            req.kv_buffer = kv_cache.allocate(self.model, req.canvas_len, self.device)
+        length = req.canvas_len
+        if not req.cached_step:
+            return self._arange(length), CacheUse(req.kv_buffer, 0, 0, length, None)
+        lo, hi = req.query_span()
+        outside = needed[(needed < lo) | (needed >= hi)]
+        before = outside[outside < lo]
+        pos = torch.cat([before, torch.arange(lo, hi), outside[outside >= hi]])
+        return pos, CacheUse(req.kv_buffer, len(before), lo, hi - lo, length)
+
+    def _read_only(self, req: Request, pos: torch.Tensor) -> torch.Tensor:
+        """Logits at canvas ``pos`` of a cached request, as read-only rows against its cache
+        (LLaDA: no shift; Prophet with a cache is refused for Dream)."""
+        cache = CacheUse(req.kv_buffer, 0, 0, 0, req.canvas_len)
+        pos_d = pos.to(self.device)
+        hidden = self.model.forward_packed(
+            req.canvas[pos].to(self.device), pos_d, [len(pos)], [cache]
+        )
+        return self.model.logits_at(hidden, pos_d, torch.arange(len(pos), device=self.device))
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        caches: list[CacheUse | None] | None = None,
     ) -> torch.Tensor:
         """Hidden states of the packed batch, chunk by chunk (see ``forward_chunk_tokens``)."""
         bounds = chunk_bounds(seq_lens, self.forward_chunk_tokens)
         if len(bounds) == 1:
-            return self.model.forward_packed(ids, positions, seq_lens)
+            return self.model.forward_packed(ids, positions, seq_lens, caches)
         parts, start = [], 0
         for i, j in bounds:
             end = start + sum(seq_lens[i:j])
             parts.append(
-                self.model.forward_packed(ids[start:end], positions[start:end], seq_lens[i:j])
+                self.model.forward_packed(
+                    ids[start:end],
+                    positions[start:end],
+                    seq_lens[i:j],
+                    None if caches is None else caches[i:j],
+                )
             )
             start = end
         return torch.cat(parts)
@@ -292,9 +373,14 @@ class ModelRunner:
         ]
 
     @staticmethod
-    def _rows(pos: torch.Tensor, starts: tuple[int, int | None]) -> torch.Tensor:
-        """Flat rows of canvas positions ``pos``: conditional copy, then the cfg copy."""
+    def _rows(
+        pos: torch.Tensor, starts: tuple[int, int | None], span: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Flat rows of canvas positions ``pos``: conditional copy, then the cfg copy; for a
+        cached step, rows of its sequence's positions ``span``."""
         cond, uncond = starts
+        if span is not None:
+            return torch.searchsorted(span, pos) + cond
         return pos + cond if uncond is None else torch.cat([pos + cond, pos + uncond])
 
     @staticmethod

@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foretell.models.attention import packed_attention, padded_attention, resolve_backend
+from foretell.models.attention import (
+    CacheUse,
+    packed_attention,
+    padded_attention,
+    resolve_backend,
+)
 
 
 @dataclass
@@ -103,11 +108,14 @@ class Rotary(nn.Module):
             cached = self._table = (emb.cos(), emb.sin())
         return cached
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """``(cos, sin)`` at ``positions`` in ``dtype``. Every position is smaller than the
-        positions' last dimension (a packed sequence is no longer than the pack, a padded row
-        no longer than the row), which sizes the table without reading a value."""
-        cos, sin = self.table(positions.shape[-1], positions.device)
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """``(cos, sin)`` at ``positions`` in ``dtype``. Every position is smaller than
+        ``span``, by default the positions' last dimension (a packed canvas is no longer than
+        the pack, a padded row no longer than the row): the table is sized without reading a
+        value from the device."""
+        cos, sin = self.table(positions.shape[-1] if span is None else span, positions.device)
         return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
@@ -122,6 +130,8 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 # attend(q [..., H, D], k, v) -> [..., H, D], closing over the batch layout (packed or padded).
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend_at(layer) -> that layer's AttendFn (a KV cache is per layer).
+AttendAt = Callable[[int], AttendFn]
 
 
 class Block(nn.Module):
@@ -233,40 +243,63 @@ class DiffusionLM(nn.Module):
             )
             return out.transpose(1, 2)
 
-        return self.lm_logits(self._body(input_ids, positions, attend))
+        return self.lm_logits(self._body(input_ids, positions, lambda layer: attend))
 
     # -- packed canvases (engine) ---------------------------------------------------------
     def forward_packed(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        caches: list[CacheUse | None] | None = None,
     ) -> torch.Tensor:
-        """Final hidden states ``[T, hidden]`` for canvases packed back to back (no padding)."""
+        """Final hidden states ``[T, hidden]`` for sequences packed back to back (no padding).
+
+        ``positions`` are canvas positions (rotary angles), so a sequence may be any set of
+        positions of its canvas; ``caches`` says which sequences write and read a KV cache.
+        """
         backend = self.attention_backend
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return packed_attention(q, k, v, seq_lens, backend)
+        def attend_at(layer: int) -> AttendFn:
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return packed_attention(q, k, v, seq_lens, backend, caches, layer)
 
-        return self._body(input_ids, positions, attend)
+            return attend
+
+        # A cached span's positions reach to the end of its canvas, past the pack's length.
+        span = max([len(input_ids), *(c.buffer.shape[2] for c in caches or () if c is not None)])
+        return self._body(input_ids, positions, attend_at, span)
 
     def logits_at(
         self, hidden: torch.Tensor, positions: torch.Tensor, flat_index: torch.Tensor
     ) -> torch.Tensor:
         """Aligned logits for the packed tokens at ``flat_index`` (the LM head runs only there).
 
-        ``positions`` are the packed tokens' positions within their own sequence.
+        ``positions`` are the packed tokens' indices within their own sequence (for a whole
+        canvas, its positions).
         """
         rows = flat_index
         if self.shifted_logits:
-            # Dream predicts position i from position i-1; position 0 reads itself.
+            # Dream predicts position i from position i-1; a sequence's first row reads itself
+            # (position 0 of a canvas; the first row of a cached span, as in Fast-dLLM).
             rows = flat_index - (positions[flat_index] > 0).long()
         return self.lm_logits(hidden[rows])
 
     # -- shared pieces -------------------------------------------------------------------
-    def _body(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn):
+    def _body(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend_at: AttendAt,
+        span: int | None = None,
+    ):
+        """``span`` bounds the positions (every one is smaller); None: the positions' last
+        dimension does (a whole canvas, packed or padded)."""
         x = self.embed(input_ids)
         rope_dtype = torch.float32 if self.config.rope_full_precision else x.dtype
-        cos, sin = self.rotary(positions, rope_dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin, attend)
+        cos, sin = self.rotary(positions, rope_dtype, span)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attend_at(layer))
         return self.norm(x)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

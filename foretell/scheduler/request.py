@@ -56,6 +56,10 @@ class Request:
     commit_step: int | None = None
     last_gap: float | None = None
     revealed_last_step: torch.Tensor | None = None  # canvas positions revealed last step
+    # Block KV cache (``params.kv_cache``): bytes reserved at admission, and the buffer, from
+    # the first refresh until the request finishes (see foretell.engine.kv_cache).
+    kv_reserved: int = 0
+    kv_buffer: torch.Tensor | None = None
     # Timing (time.monotonic seconds).
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -73,7 +77,9 @@ class Request:
         self.given = self.canvas != self.mask_token_id
         self.generator = torch.Generator().manual_seed(p.seed)
         if self.family == "dream":
-            self.timesteps = torch.linspace(1, p.eps, p.steps + 1)
+            # Fast-dLLM's cached Dream decoding runs the grid within each block.
+            steps = p.steps if p.kv_cache is None else p.steps_per_block
+            self.timesteps = torch.linspace(1, p.eps, steps + 1)
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -96,8 +102,9 @@ class Request:
 
     @property
     def uses_blocks(self) -> bool:
-        """LLaDA-style semi-autoregressive blocks (Dream decodes the whole generation at once)."""
-        return self.family != "dream"
+        """Semi-autoregressive blocks: LLaDA, and Dream with a KV cache (Fast-dLLM); Dream
+        otherwise decodes the whole generation at once."""
+        return self.family != "dream" or self.params.kv_cache is not None
 
     def block_bounds(self) -> tuple[int, int]:
         """Canvas positions ``[start, end)`` of the block being decoded."""
@@ -105,6 +112,21 @@ class Request:
             return self.prompt_len, self.canvas_len
         start = self.prompt_len + self.block * self.params.block_length
         return start, start + self.params.block_length
+
+    @property
+    def cached_step(self) -> bool:
+        """Whether this step reads the KV cache: a cached request after its block's first
+        (refresh) step."""
+        return self.params.kv_cache is not None and self.step_in_block > 0
+
+    def query_span(self) -> tuple[int, int]:
+        """Canvas positions ``[start, end)`` this step recomputes: the whole canvas, or in a
+        cached step from the block's start to the canvas end (``prefix``) or the block's end
+        (``dual``), as Fast-dLLM's cached decoders."""
+        if not self.cached_step:
+            return 0, self.canvas_len
+        start, end = self.block_bounds()
+        return start, (self.canvas_len if self.params.kv_cache == "prefix" else end)
 
     def masked_positions(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Sorted canvas positions in ``[start, end)`` that still hold the mask token."""
@@ -147,6 +169,16 @@ class Request:
         self.finish_reason = reason
         self.error = error
         self.finished_time = time.monotonic()
+
+    def release_cache(self) -> None:
+        """Drop the KV cache (finished, aborted or failed: it is never read again)."""
+        self.kv_buffer = None
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the request's cache holds now (0 before its first refresh and after it ends)."""
+        b = self.kv_buffer
+        return 0 if b is None else b.numel() * b.element_size()
 
     @property
     def generated_ids(self) -> list[int]:

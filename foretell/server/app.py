@@ -310,6 +310,7 @@ def render_metrics(stats: dict[str, Any]) -> str:
     metric("requests_running", "gauge", "Requests in the batch.", [("", stats["running"])])
     metric("requests_waiting", "gauge", "Requests queued for a slot.", [("", stats["waiting"])])
     metric("max_num_seqs", "gauge", "Batch slots.", [("", stats["max_num_seqs"])])
+    metric("kv_cache_bytes", "gauge", "Bytes held by KV caches.", [("", stats["kv_cache_bytes"])])
     metric(
         "batch_occupancy",
         "gauge",

@@ -80,6 +80,7 @@ class DiffusionFields(BaseModel):
     top_k: int | None = None
     alg_temp: float | None = None
     eps: float | None = None
+    kv_cache: str | None = None
     skip_special_tokens: bool | None = None
     # Streaming only: also send a chunk every step carrying the whole canvas (masks shown).
     stream_canvas: bool = False
@@ -139,6 +140,7 @@ class DiffusionFields(BaseModel):
             "top_k",
             "alg_temp",
             "eps",
+            "kv_cache",
             "seed",
             "skip_special_tokens",
         ):
