@@ -78,9 +78,9 @@ class LLaDAReference:
         length = -(-(int(positions.max()) + 1) // 64) * 64
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.hd, 2, dtype=torch.float) / self.hd))
         freqs = torch.einsum("i,j->ij", torch.arange(length, dtype=torch.float), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)[positions]
+        angles = torch.cat((freqs, freqs), dim=-1)
         dtype = torch.float32 if self.full_precision else t.dtype
-        sin, cos = angles.sin().to(dtype), angles.cos().to(dtype)
+        sin, cos = angles.sin()[positions].to(dtype), angles.cos()[positions].to(dtype)
         x = t.to(dtype)
         x1, x2 = x[..., : self.hd // 2], x[..., self.hd // 2 :]
         return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(t.dtype)
