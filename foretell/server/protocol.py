@@ -81,6 +81,9 @@ class DiffusionFields(BaseModel):
     alg_temp: float | None = None
     eps: float | None = None
     skip_special_tokens: bool | None = None
+    confidence_dtype: str | None = None
+    logits_eos_inf: bool | None = None
+    confidence_eos_eot_inf: bool | None = None
     # Streaming only: also send a chunk every step carrying the whole canvas (masks shown).
     stream_canvas: bool = False
 
@@ -141,6 +144,9 @@ class DiffusionFields(BaseModel):
             "eps",
             "seed",
             "skip_special_tokens",
+            "confidence_dtype",
+            "logits_eos_inf",
+            "confidence_eos_eot_inf",
         ):
             value = getattr(self, name)
             if value is not None:
