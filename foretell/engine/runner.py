@@ -5,7 +5,8 @@ to back in one flat token tensor with per-sequence boundaries: no padding, so mi
 cost only their own tokens. The LM head then runs once, on just the rows the decoders asked
 for (still-masked positions and Prophet's answer region), not on the whole canvas. Greedy
 LLaDA requests get their rows and their step from one ``GreedyBatch``; the others ask per
-request (``positions_needed``) and are stepped per request (``advance``).
+request (``positions_needed``) and are stepped per request (``advance``). The gathered logits
+stay on the model's device; decoding brings only token ids, counts and gaps to the host.
 """
 
 from __future__ import annotations
@@ -218,11 +219,11 @@ class ModelRunner:
             req, pos = batch[i], wanted[i]
             cursor, end = spans[i]
             logits = self._guided(req, gathered[cursor:end])
+            if req.params.cfg_scale > 0:  # guided here, so suppressed here
+                logits = suppress(logits, req.logits_suppress)
             own = None
             if stats is not None and req.params.cfg_scale <= 0:
                 own = stats.take(slice(cursor, end))
-            else:  # guided here, so suppressed here (non-cfg rows were, in place)
-                logits = suppress(logits, req.logits_suppress)
             more_fn = functools.partial(more, req=req, starts=offsets[i])
             per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
         if greedy is not None:
