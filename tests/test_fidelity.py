@@ -306,3 +306,27 @@ def test_eos_options_are_llada_only_and_need_an_eos(dream64) -> None:
     engine = Engine(dream64, dtype="float64")
     with pytest.raises(ValueError, match="logits_eos_inf"):
         engine.add_request("ab", DecodeParams(gen_length=8, logits_eos_inf=True))
+
+
+def test_eos_and_eot_ids_come_from_the_config_and_the_tokenizer() -> None:
+    """EOS is the config's eos_token_id, EOT the tokenizer's <|eot_id|>; confidence_eos_eot_inf
+    leaves out both when greedy and EOT alone when sampling, as generate.py's lines do."""
+    from foretell.models.tiny import TINY_ALPHABET
+    from foretell.models.tokenizer import build_char_tokenizer
+
+    loaded = tiny_model("llada", seed=23)
+    tokenizer = build_char_tokenizer(TINY_ALPHABET[:-1])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot < loaded.model.vocab_size
+    engine = Engine(loaded.model, tokenizer=tokenizer)
+    eos = loaded.model.eos_token_ids[0]
+    assert engine._special_ids() == (eos, eot)
+    both = DecodeParams(gen_length=8, logits_eos_inf=True, confidence_eos_eot_inf=True)
+    req = engine.make_request("ab", both)
+    assert (req.logits_suppress, req.confidence_suppress) == ((eos,), (eos, eot))
+    req = engine.make_request("ab", both.replace(temperature=0.7))
+    assert (req.logits_suppress, req.confidence_suppress) == ((eos,), (eot,))
+    # Without <|eot_id|> (the small models' tokenizers) only EOS is left out.
+    req = Engine(loaded).make_request("ab", DecodeParams(gen_length=8, confidence_eos_eot_inf=True))
+    assert (req.logits_suppress, req.confidence_suppress) == ((), (eos,))
