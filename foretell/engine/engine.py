@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from foretell.decoding import advance
+from foretell.decoding.unmask import confidence_dtype
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
 from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
@@ -189,6 +190,12 @@ class Engine:
             confidence = tuple(dict.fromkeys(t for t in left_out if t is not None))
         return logits, confidence
 
+    def _confidence_dtype(self, params: DecodeParams, family: str) -> torch.dtype | None:
+        """The request's confidence dtype, None where it is the model's (the common case)."""
+        model_dtype = self.model.embed.weight.dtype
+        chosen = confidence_dtype(params, family, model_dtype)
+        return None if chosen == model_dtype else chosen
+
     def make_request(
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
     ) -> Request:
@@ -224,6 +231,7 @@ class Engine:
             constraint_ids=self._constraint_ids(params),
             logits_suppress=logits_suppress,
             confidence_suppress=confidence_suppress,
+            confidence_dtype=self._confidence_dtype(params, family),
         )
         self.scheduler.check_fits(req)
         return req

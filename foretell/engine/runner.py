@@ -24,7 +24,6 @@ from foretell.decoding.batched import GreedyBatch, batchable
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
-    confidence_dtype,
     greedy_llada,
     suppress,
 )
@@ -197,7 +196,8 @@ class ModelRunner:
             i: (first_row[seq_of[i]], first_row[seq_of[i] + req.num_sequences])
             for i, req in enumerate(batch)
         }
-        self._suppress_logits(gathered, batch, spans)
+        if any(req.logits_suppress for req in batch):
+            self._suppress_logits(gathered, batch, spans)
         # One batched computation of what greedy decoding and Prophet read from each row, when
         # some request reads it; cfg rows are guided per request first, so they do without.
         reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
@@ -281,11 +281,11 @@ class ModelRunner:
         groups: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
         for i, (start, end) in spans.items():
             req = batch[i]
+            if req.confidence_dtype is None and not req.confidence_suppress:
+                continue  # the default (the engine resolved the dtype at admission)
             if req.params.cfg_scale > 0 or start == end:
                 continue
-            dtype = confidence_dtype(req.params, req.family, gathered.dtype)
-            if dtype == gathered.dtype and not req.confidence_suppress:
-                continue
+            dtype = req.confidence_dtype or gathered.dtype
             groups.setdefault((dtype, req.confidence_suppress), []).append(torch.arange(start, end))
         return [
             ProbVariant(torch.cat(parts).to(gathered.device), dtype, left_out)
