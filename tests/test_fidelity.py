@@ -189,6 +189,10 @@ def _cases(eos: int) -> list[tuple[str, DecodeParams]]:
                 )
                 cases.append((prompts[i % len(prompts)], params))
                 i += 1
+    # Fast-dLLM's rule scores in float64 in the same pass as the others' model-dtype scores.
+    for j, threshold in enumerate((0.5, 0.9)):
+        params = DecodeParams(gen_length=16, block_length=8, remasking="confidence_threshold")
+        cases.append((prompts[j], params.replace(threshold=threshold, logits_eos_inf=j == 1)))
     return cases
 
 
@@ -245,6 +249,8 @@ def _parity(loaded, dtype: str, cases) -> list:
         assert out.num_forward_passes == alone.num_forward_passes
         if params.early_commit is not None and params.early_commit.answer_start is None:
             continue  # foretell's still-masked region: the reference has none
+        if params.remasking == "confidence_threshold":
+            continue  # Fast-dLLM's rule: branch kv-cache brings its reference
         tokens, passes = _reference(loaded, out.prompt_token_ids, params, eos)
         assert out.token_ids == tokens, (prompt, params)
         assert out.num_forward_passes == passes, (prompt, params)
@@ -300,3 +306,27 @@ def test_eos_options_are_llada_only_and_need_an_eos(dream64) -> None:
     engine = Engine(dream64, dtype="float64")
     with pytest.raises(ValueError, match="logits_eos_inf"):
         engine.add_request("ab", DecodeParams(gen_length=8, logits_eos_inf=True))
+
+
+def test_eos_and_eot_ids_come_from_the_config_and_the_tokenizer() -> None:
+    """EOS is the config's eos_token_id, EOT the tokenizer's <|eot_id|>; confidence_eos_eot_inf
+    leaves out both when greedy and EOT alone when sampling, as generate.py's lines do."""
+    from foretell.models.tiny import TINY_ALPHABET
+    from foretell.models.tokenizer import build_char_tokenizer
+
+    loaded = tiny_model("llada", seed=23)
+    tokenizer = build_char_tokenizer(TINY_ALPHABET[:-1])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot < loaded.model.vocab_size
+    engine = Engine(loaded.model, tokenizer=tokenizer)
+    eos = loaded.model.eos_token_ids[0]
+    assert engine._special_ids() == (eos, eot)
+    both = DecodeParams(gen_length=8, logits_eos_inf=True, confidence_eos_eot_inf=True)
+    req = engine.make_request("ab", both)
+    assert (req.logits_suppress, req.confidence_suppress) == ((eos,), (eos, eot))
+    req = engine.make_request("ab", both.replace(temperature=0.7))
+    assert (req.logits_suppress, req.confidence_suppress) == ((eos,), (eot,))
+    # Without <|eot_id|> (the small models' tokenizers) only EOS is left out.
+    req = Engine(loaded).make_request("ab", DecodeParams(gen_length=8, confidence_eos_eot_inf=True))
+    assert (req.logits_suppress, req.confidence_suppress) == ((), (eos,))

@@ -58,3 +58,52 @@ def test_greedy_draws_nothing_and_top_k_limits_the_support() -> None:
         generator=g,
     )
     assert set(x0.tolist()) == {1, 2}
+
+
+def _official_llada_samples(logits: torch.Tensor, temperature: float, n: int) -> torch.Tensor:
+    """LLaDA's generate.py: Gumbel-max in float64 over the whole row, exp(l) / (-log u)^T."""
+    torch.manual_seed(99)
+    rows = logits.to(torch.float64).expand(n, -1)
+    noise = torch.rand_like(rows, dtype=torch.float64)
+    return torch.argmax(rows.exp() / (-torch.log(noise)) ** temperature, dim=-1)
+
+
+def _official_dream_samples(logits: torch.Tensor, temperature: float, n: int) -> torch.Tensor:
+    """Dream's sample_tokens: Categorical(softmax(logits / T)).sample()."""
+    torch.manual_seed(98)
+    probs = torch.softmax(logits.expand(n, -1) / temperature, dim=-1)
+    return torch.distributions.Categorical(probs=probs).sample()
+
+
+def homogeneity_chi2(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Two-sample chi-square statistic (k - 1 degrees of freedom) of two samples of [0, k)."""
+    counts = torch.stack([torch.bincount(a, minlength=k), torch.bincount(b, minlength=k)])
+    counts = counts.double()
+    expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_sampling_is_distribution_equal_to_the_official_not_token_equal(
+    family: str, temperature: float
+) -> None:
+    """foretell draws its noise per needed row (Gumbel-max) where LLaDA draws it over the whole
+    canvas x vocabulary and Dream samples a Categorical: the same distribution (a two-sample
+    chi-square test cannot tell them apart), but not the same tokens for the same seed."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.5], dtype=torch.float64)
+    n = 20000
+    ours, _ = candidates(
+        logits.expand(n, -1),
+        family=family,
+        rule="low_confidence",
+        temperature=temperature,
+        top_p=None,
+        top_k=None,
+        generator=torch.Generator().manual_seed(1234),
+    )
+    official = (_official_llada_samples if family == "llada" else _official_dream_samples)(
+        logits, temperature, n
+    )
+    assert homogeneity_chi2(ours, official, 6) < CHI2_CRIT_DF5
+    assert (ours != official).float().mean() > 0.2  # not token-equal

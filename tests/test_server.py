@@ -286,6 +286,7 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, client, refer
         "stepz": {"stepz": 4},  # a typo is an error, not silently ignored
         "prompt": {"prompt": "x" * 3000},  # longer than max_num_batched_tokens
         "logprobs": {"logprobs": 2},
+        "confidence_dtype": {"confidence_dtype": "float16"},
     }
     for param, change in cases.items():
         error = _error(httpx.post(url, json={**good, **change}))

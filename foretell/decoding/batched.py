@@ -175,11 +175,15 @@ class GreedyBatch:
             k = targets.shape[1]
             chosen = ids[at : at + len(members) * k].view(len(members), k)
             at += len(members) * k
-            for j, flat in zip(members, chosen, strict=True):
-                if commits[j]:
-                    continue
-                plan.new_ids[flat] = x0[flat]
-                plan.revealed[j] = flat - self.starts[j]
+            if any(commits[j] for j in members):
+                keep = [i for i, j in enumerate(members) if not commits[j]]
+                members, chosen = [members[i] for i in keep], chosen[keep]
+            if not members:
+                continue
+            plan.new_ids[chosen] = x0[chosen]
+            starts = torch.tensor([self.starts[j] for j in members])
+            for j, picked in zip(members, (chosen - starts[:, None]).unbind(0), strict=True):
+                plan.revealed[j] = picked
         for j in range(len(self.reqs)):
             if plan.revealed[j] is None and not commits[j]:
                 plan.revealed[j] = torch.empty(0, dtype=torch.long)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from foretell.decoding import advance
 from foretell.engine import kv_cache
+from foretell.decoding.unmask import confidence_dtype
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
 from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
@@ -220,6 +221,12 @@ class Engine:
             confidence = tuple(dict.fromkeys(t for t in left_out if t is not None))
         return logits, confidence
 
+    def _confidence_dtype(self, params: DecodeParams, family: str) -> torch.dtype | None:
+        """The request's confidence dtype, None where it is the model's (the common case)."""
+        model_dtype = self.model.embed.weight.dtype
+        chosen = confidence_dtype(params, family, model_dtype)
+        return None if chosen == model_dtype else chosen
+
     def make_request(
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
     ) -> Request:
@@ -260,6 +267,7 @@ class Engine:
             constraint_ids=self._constraint_ids(params),
             logits_suppress=logits_suppress,
             confidence_suppress=confidence_suppress,
+            confidence_dtype=self._confidence_dtype(params, family),
         )
         if params.kv_cache is not None:
             req.kv_reserved = req.canvas_len * self.kv_bytes_per_token

@@ -5,7 +5,8 @@ to back in one flat token tensor with per-sequence boundaries: no padding, so mi
 cost only their own tokens. The LM head then runs once, on just the rows the decoders asked
 for (still-masked positions and Prophet's answer region), not on the whole canvas. Greedy
 LLaDA requests get their rows and their step from one ``GreedyBatch``; the others ask per
-request (``positions_needed``) and are stepped per request (``advance``).
+request (``positions_needed``) and are stepped per request (``advance``). The gathered logits
+stay on the model's device; decoding brings only token ids, counts and gaps to the host.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from foretell.decoding.batched import GreedyBatch, batchable
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
-    confidence_dtype,
     greedy_llada,
     suppress,
 )
@@ -219,7 +219,8 @@ class ModelRunner:
             i: (first_row[seq_of[i]], first_row[seq_of[i] + req.num_sequences])
             for i, req in enumerate(batch)
         }
-        self._suppress_logits(gathered, batch, row_ranges)
+        if any(req.logits_suppress for req in batch):
+            self._suppress_logits(gathered, batch, row_ranges)
         # One batched computation of what greedy decoding and Prophet read from each row, when
         # some request reads it; cfg rows are guided per request first, so they do without.
         reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
@@ -257,11 +258,11 @@ class ModelRunner:
             req, pos = batch[i], wanted[i]
             cursor, end = row_ranges[i]
             logits = self._guided(req, gathered[cursor:end])
+            if req.params.cfg_scale > 0:  # guided here, so suppressed here
+                logits = suppress(logits, req.logits_suppress)
             own = None
             if stats is not None and req.params.cfg_scale <= 0:
                 own = stats.take(slice(cursor, end))
-            else:  # guided here, so suppressed here (non-cfg rows were, in place)
-                logits = suppress(logits, req.logits_suppress)
             more_fn = functools.partial(more, req=req, i=i)
             out.per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
         if greedy is not None:
@@ -361,11 +362,11 @@ class ModelRunner:
         groups: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
         for i, (start, end) in spans.items():
             req = batch[i]
+            if req.confidence_dtype is None and not req.confidence_suppress:
+                continue  # the default (the engine resolved the dtype at admission)
             if req.params.cfg_scale > 0 or start == end:
                 continue
-            dtype = confidence_dtype(req.params, req.family, gathered.dtype)
-            if dtype == gathered.dtype and not req.confidence_suppress:
-                continue
+            dtype = req.confidence_dtype or gathered.dtype
             groups.setdefault((dtype, req.confidence_suppress), []).append(torch.arange(start, end))
         return [
             ProbVariant(torch.cat(parts).to(gathered.device), dtype, left_out)

@@ -37,6 +37,8 @@ class Request:
     # whose columns the confidence softmax leaves out (``confidence_eos_eot_inf``).
     logits_suppress: tuple[int, ...] = ()
     confidence_suppress: tuple[int, ...] = ()
+    # The confidence softmax's dtype where it is not the model's (``unmask.confidence_dtype``).
+    confidence_dtype: torch.dtype | None = None
 
     status: Status = Status.WAITING
     canvas: torch.Tensor = field(init=False)

@@ -82,6 +82,9 @@ class DiffusionFields(BaseModel):
     eps: float | None = None
     kv_cache: str | None = None
     skip_special_tokens: bool | None = None
+    confidence_dtype: str | None = None
+    logits_eos_inf: bool | None = None
+    confidence_eos_eot_inf: bool | None = None
     # Streaming only: also send a chunk every step carrying the whole canvas (masks shown).
     stream_canvas: bool = False
 
@@ -143,6 +146,9 @@ class DiffusionFields(BaseModel):
             "kv_cache",
             "seed",
             "skip_special_tokens",
+            "confidence_dtype",
+            "logits_eos_inf",
+            "confidence_eos_eot_inf",
         ):
             value = getattr(self, name)
             if value is not None:
