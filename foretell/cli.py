@@ -181,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queued_requests=_unbounded(args.max_queued_requests),
         max_queued_tokens=_unbounded(args.max_queued_tokens),
         max_gen_length=_unbounded(args.max_gen_length),
+        max_model_len=_unbounded(args.max_model_len),
         enable_docs=not args.disable_docs,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -74,6 +74,13 @@ def test_limits_are_checked_before_anything_is_allocated(llada64) -> None:
         Engine(llada64, dtype="float64", max_num_batched_tokens=64).make_request(
             "1", DecodeParams(gen_length=64)
         )
+    short = Engine(llada64, dtype="float64", max_model_len=64)
+    with pytest.raises(ValueError, match=r"^gen_length: 64 leaves no room .* maximum length 64"):
+        short.make_request("1", DecodeParams(gen_length=64))
+    with pytest.raises(ValueError, match=r"^prompt: 60 prompt tokens \+ gen_length 16 exceed"):
+        short.make_request([5] * 60, SHORT)
+    with pytest.raises(ValueError, match=r"^prompt: .* characters cannot fit"):
+        short.make_request("x" * (63 * 32 + 1), SHORT)
     with pytest.raises(ValueError, match=r"^prompt: not valid Unicode"):
         engine.make_request("a\ud800", SHORT)
     with pytest.raises(ValueError, match=r"^constraints: not valid Unicode"):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,41 +11,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
+from serving import MODEL, metrics, serve
 
 from foretell import AsyncEngine, DecodeParams, Engine
-from foretell.server import create_app
 
-MODEL = "tiny-llada"
 # max_tokens=16 + this extra body = DecodeParams(gen_length=16, block_length=8), 16 steps.
 EXTRA = {"block_length": 8}
 PARAMS = DecodeParams(gen_length=16, block_length=8)
 JSON = {"content-type": "application/json"}
-
-
-@contextlib.contextmanager
-def serve(model, **engine_kwargs) -> Iterator[tuple[str, AsyncEngine]]:
-    """A real server on a free port, in a thread; stopped (and the engine shut down) after."""
-    engine = AsyncEngine(model, dtype="float64", **engine_kwargs)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, MODEL), log_level="warning", timeout_graceful_shutdown=2)
-    )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", engine
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        asyncio.run(engine.shutdown())
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +41,6 @@ def reference(llada64):
         return engine.generate(prompts, params, use_tqdm=False)
 
     return generate
-
-
-def metrics(base: str) -> dict[str, float]:
-    text = httpx.get(base + "/metrics").text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def test_models_health_metrics(server, client) -> None:

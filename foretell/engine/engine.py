@@ -71,9 +71,10 @@ class Engine:
     sequences of at most that many tokens (``"auto"``: 640 on a CPU, where it keeps activations
     in cache, none on a GPU; None: never). Sequences never attend across chunks, so results are
     the same up to floating-point rounding, as with any other batch composition.
-    ``max_gen_length`` caps a request's ``gen_length`` (and so its ``steps``); None: the
-    model's maximum length, else ``max_num_batched_tokens``. Every limit is checked before a
-    request allocates anything.
+    ``max_model_len`` caps a request's canvas (prompt + ``gen_length``) below the model's own
+    maximum length, and ``max_gen_length`` its ``gen_length`` (and so its ``steps``); None: no
+    cap but the model's and ``max_num_batched_tokens``. Every limit is checked before a request
+    allocates anything.
     """
 
     def __init__(
@@ -88,13 +89,13 @@ class Engine:
         attention_backend: str = "auto",
         forward_chunk_tokens: int | str | None = "auto",
         max_gen_length: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
-        if max_gen_length is not None and (
-            not isinstance(max_gen_length, int)
-            or isinstance(max_gen_length, bool)
-            or max_gen_length < 1
-        ):
-            raise ValueError(f"max_gen_length: must be a positive integer, got {max_gen_length!r}")
+        for name, value in (("max_gen_length", max_gen_length), ("max_model_len", max_model_len)):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 2
+            ):
+                raise ValueError(f"{name}: must be an integer >= 2, got {value!r}")
         # Resolved (and validated) before the model loads, so a bad value fails at once.
         chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))
         loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
@@ -112,7 +113,11 @@ class Engine:
         self.mask_token_id: int = self.model.mask_token_id
         self.model_path = loaded.path
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
-        limits = [max_num_batched_tokens, self.model.max_length, max_gen_length]
+        # The longest canvas (prompt + generation) a request may have; None: no bound but the
+        # batch's token budget.
+        limits = [self.model.max_length, max_model_len]
+        self.max_model_len: int | None = min((x for x in limits if x is not None), default=None)
+        limits = [max_num_batched_tokens, self.max_model_len, max_gen_length]
         self.max_gen_length: int = min(x for x in limits if x is not None)
         self.runner = ModelRunner(self.model, device, forward_chunk_tokens=chunk_tokens)
         self.metrics = EngineMetrics()
@@ -172,7 +177,7 @@ class Engine:
     @property
     def max_prompt_tokens(self) -> int:
         """The longest prompt any request can have (with gen_length 1 and no cfg)."""
-        limits = [self.scheduler.max_num_batched_tokens, self.model.max_length]
+        limits = [self.scheduler.max_num_batched_tokens, self.max_model_len]
         return min(x for x in limits if x is not None) - 1
 
     def _check_gen_length(self, params: DecodeParams) -> None:
@@ -182,6 +187,11 @@ class Engine:
                 f"gen_length: {params.gen_length} exceeds this engine's maximum "
                 f"{self.max_gen_length}"
             )
+        if self.max_model_len is not None and params.gen_length >= self.max_model_len:
+            raise ValueError(
+                f"gen_length: {params.gen_length} leaves no room for a prompt in the maximum "
+                f"length {self.max_model_len}"
+            )
         copies = 2 if params.cfg_scale > 0 else 1
         if (params.gen_length + 1) * copies > self.scheduler.max_num_batched_tokens:
             raise ValueError(
@@ -190,11 +200,11 @@ class Engine:
             )
 
     def _check_length(self, ids: list[int], params: DecodeParams) -> None:
-        limit = self.model.max_length
+        limit = self.max_model_len
         if limit is not None and len(ids) + params.gen_length > limit:
             raise ValueError(
                 f"prompt: {len(ids)} prompt tokens + gen_length {params.gen_length} exceed the "
-                f"model's maximum length {limit}"
+                f"maximum length {limit}"
             )
         copies = 2 if params.cfg_scale > 0 else 1
         cost = (len(ids) + params.gen_length) * copies

@@ -40,6 +40,7 @@ from foretell.engine.outputs import RequestOutput
 from foretell.server.limits import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_GEN_LENGTH,
+    DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MAX_PROMPTS_PER_REQUEST,
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_REQUEST_TIMEOUT,
@@ -64,6 +65,9 @@ MAX_INT_DIGITS = 40  # longer integers are read as infinity, which every numeric
 JSON_TYPES = ("application/json",)
 # Names pydantic puts in an error's location for the member of a union that failed.
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|dict|list|none|constrained-\w+)$|[\[\]\-]")
+
+
+MAPPING_FIELDS = ("constraints", "logit_bias", "early_commit")
 
 
 def _parse_int(text: str) -> int | float:
@@ -96,7 +100,10 @@ def _check_tree(data: Any) -> None:
 
 def _param(loc: tuple) -> str | None:
     """A pydantic error location as an API field name, e.g. ``messages.0.role``; the union
-    member tags pydantic adds (``prompt.list[int]``) are left out."""
+    member tags pydantic adds (``prompt.list[int]``) are left out, and so are the keys of
+    mapping fields (``constraints``), which are data, not field names."""
+    if loc and loc[0] in MAPPING_FIELDS:
+        return str(loc[0])
     parts = []
     for part in loc:
         if isinstance(part, str) and _UNION_TAGS.search(part):
@@ -714,6 +721,7 @@ def run_server(
     max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS,
     max_queued_tokens: int | None = None,
     max_gen_length: int | None = DEFAULT_MAX_GEN_LENGTH,
+    max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
     enable_docs: bool = True,
     **engine_kwargs: Any,
 ) -> None:
@@ -721,7 +729,8 @@ def run_server(
 
     ``engine_kwargs`` go to ``Engine`` (max_num_seqs, max_num_batched_tokens, dtype, device,
     attention_backend, forward_chunk_tokens) plus ``mask_text`` for AsyncEngine;
-    ``max_gen_length`` caps a request's canvas (None: the model's maximum length). The limits
+    ``max_gen_length`` caps a request's ``max_tokens`` and ``max_model_len`` its prompt plus
+    ``max_tokens`` (None: the model's own maximum, if any; see ``Engine``). The limits
     are ``create_app``'s and ``AsyncEngine``'s (``max_queued_tokens`` None: four times the
     token budget of a batch). On Ctrl-C, requests in flight get ``graceful_timeout`` seconds to
     finish (None: as long as they need); then the rest are aborted and the step thread is
@@ -737,6 +746,7 @@ def run_server(
         max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens,
         max_gen_length=max_gen_length,
+        max_model_len=max_model_len,
         **engine_kwargs,
     )
     app = create_app(

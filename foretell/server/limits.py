@@ -12,6 +12,7 @@ DEFAULT_REQUEST_TIMEOUT = 600.0
 DEFAULT_MAX_QUEUED_REQUESTS = 256
 QUEUED_TOKENS_PER_BATCH_BUDGET = 4  # default max_queued_tokens: 4 x max_num_batched_tokens
 DEFAULT_MAX_GEN_LENGTH = 1024
+DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_SHUTDOWN_GRACE = 10.0
 RETRY_AFTER_SECONDS = 1
 
@@ -38,6 +39,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_GEN_LENGTH,
         help="longest canvas (max_tokens) a request may ask for",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=DEFAULT_MAX_MODEL_LEN,
+        help="longest prompt + max_tokens of a request (below the model's own maximum)",
     )
     g.add_argument(
         "--max-queued-requests",
