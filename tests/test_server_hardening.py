@@ -111,6 +111,14 @@ def test_every_bad_input_gets_a_json_4xx_naming_the_field(server, reference) -> 
         ("prompt", 400, {"content": raw(prompt='"\\ud800"')}),
         ("constraints", 400, {"content": raw(constraints='{"0": "\\udc00"}')}),
         ("constraints", 400, {"json": {**GOOD, "constraints": {"x": 1}}}),
+        (
+            "messages",
+            400,
+            {
+                "json": chat(messages=[{"role": "user", "content": HUGE_PROMPT}]),
+                "path": "/chat/completions",
+            },
+        ),
         ("prompt", 400, {"json": {**GOOD, "prompt": True}}),
         ("prompt", 400, {"json": {**GOOD, "prompt": ["12+34="] * 10_000}}),
         ("prompt", 400, {"json": {**GOOD, "prompt": HUGE_PROMPT}}),

@@ -590,7 +590,10 @@ def create_app(
         try:
             handles = await engine.add_requests(prompts, params, stream=bool(body.stream))
         except ValueError as err:
-            raise _prompt_error(err, {"gen_length": length_name}) from None
+            rename = {"gen_length": length_name}
+            if chat:  # the chat prompt is rendered from the messages
+                rename["prompt"] = "messages"
+            raise _prompt_error(err, rename) from None
         except QueueFullError as err:
             raise APIError(
                 str(err),
