@@ -290,6 +290,13 @@ def test_api_key_origins_and_docs(llada64) -> None:
         assert preflight.status_code == 200
         response = httpx.post(url, json=GOOD, headers={**key, "origin": "http://evil.example"})
         check_error(response, 403, None)
+        # The server's own pages (same origin, by a loopback name) may call it; a DNS-rebinding
+        # page is same-origin too, but under its own name.
+        own = base.replace("127.0.0.1", "localhost")
+        headers = {**key, "origin": own, "host": own.split("//")[1]}
+        assert httpx.post(url, json=GOOD, headers=headers).status_code == 200
+        rebound = {**key, "origin": "http://evil.example:80", "host": "evil.example:80"}
+        check_error(httpx.post(url, json=GOOD, headers=rebound), 403, None)
     with serve(llada64) as (base, _):  # defaults: no key, docs on, no cross-origin calls
         assert httpx.get(base + "/docs").status_code == 200
         assert httpx.post(base + "/v1/completions", json=GOOD).status_code == 200

@@ -227,6 +227,11 @@ class AsyncEngine:
         self._stats: dict[str, Any] = {}
         self._last_batch = 0
         self._publish_stats()
+        if tok is not None:
+            # A fast tokenizer resets its truncation state on its first call, which must not
+            # race with the step loop's decoding: make that call now, before either thread runs.
+            with contextlib.suppress(Exception):
+                tok("warm up")
         # Validation and tokenization run here, one request at a time, off the step loop.
         self._prepare = ThreadPoolExecutor(1, thread_name_prefix="foretell-prepare")
         self._thread = threading.Thread(target=self._run, name="foretell-engine", daemon=True)

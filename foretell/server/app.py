@@ -398,6 +398,20 @@ class _Streamer:
 
 
 # -- the app -----------------------------------------------------------------------------
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _origin_allowed(origin: str, request: Request, allowed: set[str]) -> bool:
+    """An allowed origin, or the server's own pages (e.g. /docs) reached by a loopback name.
+    Same-origin under any other name is not enough: a DNS-rebinding page is "same-origin"
+    with the server under the attacker's name."""
+    if origin in allowed or "*" in allowed:
+        return True
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name in LOOPBACK_HOSTS and origin == f"{request.url.scheme}://{host}"
+
+
 def render_metrics(stats: dict[str, Any]) -> str:
     """Prometheus text exposition (version 0.0.4) of ``AsyncEngine.stats()``."""
     lines: list[str] = []
@@ -508,7 +522,7 @@ def create_app(
     def guard(request: Request) -> None:
         """Refuse foreign browser origins (403) and, with a key, unauthenticated calls (401)."""
         origin = request.headers.get("origin")
-        if origin is not None and origin not in origins and "*" not in origins:
+        if origin is not None and not _origin_allowed(origin, request, origins):
             raise APIError(
                 f"origin: {origin[:100]!r} is not allowed (see --allowed-origins)",
                 status=403,
