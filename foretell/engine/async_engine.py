@@ -298,7 +298,7 @@ class AsyncEngine:
 
         try:
             built = await loop.run_in_executor(self._prepare, prepare)
-        except ValueError as err:
+        except Exception as err:  # a ValueError naming the field, or a tokenizer's own failure
             raise _bare(err) from None
         handles = [RequestHandle(self, rid, stream, loop) for rid in rids]
         queued: asyncio.Future[None] = loop.create_future()
@@ -325,7 +325,11 @@ class AsyncEngine:
                 for rid in rids:
                     engine.abort(rid)
 
-        self._submit(add)
+        try:
+            self._submit(add)
+        except EngineClosedError:
+            built.clear()
+            raise
         try:
             await queued
         except asyncio.CancelledError:

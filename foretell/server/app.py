@@ -65,8 +65,7 @@ MAX_INT_DIGITS = 40  # longer integers are read as infinity, which every numeric
 JSON_TYPES = ("application/json",)
 # Names pydantic puts in an error's location for the member of a union that failed.
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|dict|list|none|constrained-\w+)$|[\[\]\-]")
-
-
+# Body fields whose keys are data: errors inside them name the field itself.
 MAPPING_FIELDS = ("constraints", "logit_bias", "early_commit")
 
 
