@@ -194,8 +194,9 @@ class Engine:
             )
         copies = 2 if params.cfg_scale > 0 else 1
         if (params.gen_length + 1) * copies > self.scheduler.max_num_batched_tokens:
+            cfg = " (x2 for cfg)" if copies == 2 else ""
             raise ValueError(
-                f"gen_length: {params.gen_length} (x2 for cfg) leaves no room for a prompt in "
+                f"gen_length: {params.gen_length}{cfg} leaves no room for a prompt in "
                 f"max_num_batched_tokens {self.scheduler.max_num_batched_tokens}"
             )
 
