@@ -239,7 +239,7 @@ def test_a_full_queue_answers_429(llada64) -> None:
 
 
 def test_a_request_timeout_aborts_and_frees_the_slot(llada64, reference) -> None:
-    long = {"model": MODEL, "prompt": "hello", "max_tokens": 1024}  # 1024 steps: many seconds
+    long = {"model": MODEL, "prompt": "hello", "max_tokens": 2048}  # 2048 steps: many seconds
     with serve(llada64, {"request_timeout": 1.5}, max_num_seqs=1) as (base, _):
         url = base + "/v1/completions"
         start = time.monotonic()
