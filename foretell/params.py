@@ -47,7 +47,8 @@ class Prophet:
     def __post_init__(self) -> None:
         for name in ("thresholds", "bounds"):
             values = getattr(self, name)
-            if isinstance(values, (str, bytes)) or not all(_is_real(v) for v in values):
+            iterable = hasattr(values, "__iter__") and not isinstance(values, (str, bytes))
+            if not iterable or not all(_is_real(v) for v in values):
                 raise ValueError(f"early_commit.{name}: need numbers, got {values!r}")
         thresholds = tuple(float(t) for t in self.thresholds)
         bounds = tuple(float(b) for b in self.bounds)

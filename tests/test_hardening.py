@@ -44,6 +44,8 @@ def test_params_refuse_non_finite_and_out_of_range_numbers(field, value) -> None
 def test_prophet_refuses_text_and_infinite_thresholds() -> None:
     with pytest.raises(ValueError, match=r"^early_commit.thresholds: need numbers"):
         Prophet(thresholds=("7", "5", "2"))
+    with pytest.raises(ValueError, match=r"^early_commit.bounds: need numbers"):
+        Prophet(bounds=7)
     with pytest.raises(ValueError, match=r"^early_commit.thresholds: need 3 finite"):
         Prophet(thresholds=(math.inf, 5.0, 2.0))
     with pytest.raises(ValueError, match=r"^early_commit.answer_length"):
