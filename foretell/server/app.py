@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -65,6 +66,8 @@ MAX_INT_DIGITS = 40  # longer integers are read as infinity, which every numeric
 JSON_TYPES = ("application/json",)
 # Names pydantic puts in an error's location for the member of a union that failed.
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|dict|list|none|constrained-\w+)$|[\[\]\-]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 # Body fields whose keys are data: errors inside them name the field itself.
 MAPPING_FIELDS = ("constraints", "logit_bias", "early_commit")
 
@@ -74,27 +77,37 @@ def _parse_int(text: str) -> int | float:
     return int(text) if digits <= MAX_INT_DIGITS else math.inf
 
 
-def _check_tree(data: Any) -> None:
+def _max_depth(raw: bytes) -> int:
+    """An upper bound of the body's nesting depth, at C speed (brackets inside strings count
+    too, so only a high value needs the exact walk)."""
+    brackets = raw.translate(None, _NOT_BRACKETS)
+    if brackets.count(b"[") + brackets.count(b"{") <= MAX_DEPTH:
+        return MAX_DEPTH
+    steps = torch.frombuffer(bytearray(brackets), dtype=torch.uint8)
+    opening = (steps == ord("[")) | (steps == ord("{"))
+    return int(torch.cumsum(opening.to(torch.int32) * 2 - 1, 0).max())
+
+
+def _check_tree(raw: bytes, data: dict[str, Any]) -> None:
     """Refuse nesting deeper than MAX_DEPTH and strings no encoder can take (lone surrogates),
-    naming the field."""
-    stack: list[tuple[Any, tuple, int]] = [(data, (), 0)]
-    while stack:
-        node, path, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise APIError(f"body: nested deeper than {MAX_DEPTH} levels")
-        if isinstance(node, dict):
-            stack.extend((v, (*path, k), depth + 1) for k, v in node.items())
-            stack.extend((k, (*path, k), depth + 1) for k in node)
-        elif isinstance(node, list):
-            stack.extend((v, (*path, i), depth + 1) for i, v in enumerate(node))
-        elif isinstance(node, str):
-            try:
-                node.encode("utf-8")
-            except UnicodeEncodeError:
-                param = str(path[0]) if path else None
-                raise APIError(
-                    f"{param or 'body'}: not valid Unicode (a lone surrogate)", param=param
-                ) from None
+    naming the field. The common case costs two C-speed scans of the raw body."""
+    if _max_depth(raw) > MAX_DEPTH:
+        stack = [(v, 1) for v in data.values() if isinstance(v, (dict, list))]
+        while stack:
+            node, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise APIError(f"body: nested deeper than {MAX_DEPTH} levels")
+            values = node.values() if isinstance(node, dict) else node
+            stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
+    # A lone surrogate can only come from a \uD800-\uDFFF escape: look further only then.
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    for key, value in data.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            param = key.encode("utf-8", "replace").decode()
+            raise APIError(f"{param}: not valid Unicode (a lone surrogate)", param=param) from None
 
 
 def _param(loc: tuple) -> str | None:
@@ -139,6 +152,11 @@ async def _parse(request: Request, model: type[BaseModel], limit: int | None = N
             code="unsupported_media_type",
         )
     raw = await _read_body(request, limit)
+    # Decoding and validating up to max_body_bytes takes a while: not on the event loop.
+    return await asyncio.to_thread(_decode, raw, model)
+
+
+def _decode(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -149,7 +167,7 @@ async def _parse(request: Request, model: type[BaseModel], limit: int | None = N
         raise APIError(f"body: unreadable JSON ({err})") from None
     if not isinstance(data, dict):
         raise APIError("body: expected a JSON object")
-    _check_tree(data)
+    _check_tree(raw, data)
     try:
         return model.model_validate(data)
     except ValidationError as err:
