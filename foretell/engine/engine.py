@@ -27,8 +27,9 @@ from foretell.params import DecodeParams, Prophet, as_params
 from foretell.scheduler import Request, Scheduler
 
 Prompt = str | list[int] | list[dict]
-# A text longer than this many characters per token of room is refused before tokenizing it
-# (no tokenizer foretell supports averages more characters per token).
+# A text longer than this many characters per token of room is refused before tokenizing it:
+# a generous bound (subword vocabularies average a few characters per token), so that a huge
+# text costs no tokenizer time.
 MAX_CHARS_PER_TOKEN = 32
 
 logger = logging.getLogger(__name__)
