@@ -121,6 +121,8 @@ def test_every_bad_input_gets_a_json_4xx_naming_the_field(server, reference) -> 
             },
         ),
         ("prompt", 400, {"json": {**GOOD, "prompt": True}}),
+        ("stop", 400, {"json": {**GOOD, "stop": ["x"] * 100_000}}),
+        ("stop", 400, {"json": {**GOOD, "stop": "x" * 5000}}),
         ("prompt", 400, {"json": {**GOOD, "prompt": ["12+34="] * 10_000}}),
         ("prompt", 400, {"json": {**GOOD, "prompt": HUGE_PROMPT}}),
         ("prompt", 400, {"json": {**GOOD, "prompt": [5] * 100_000}}),

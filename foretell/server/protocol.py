@@ -62,6 +62,7 @@ class APIError(Exception):
         return cls(message, param=param)
 
 
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # OpenAI takes at most 4 stop strings
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 # JSON object keys are strings: a constraint position is a key, so it is parsed from one.
 Position = Annotated[int, Field(strict=False)]
@@ -117,6 +118,13 @@ class DiffusionFields(BaseModel):
                 raise APIError(f"{name}: not supported by diffusion decoding", param=name)
         if self.logit_bias:
             raise APIError("logit_bias: not supported", param="logit_bias")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            # Every step of a stream checks each stop string against the text: bounded work.
+            raise APIError(
+                f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                param="stop",
+            )
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options: only allowed with stream=true", param="stream_options")
 
