@@ -145,6 +145,8 @@ def test_queue_limits_refuse_with_queue_full(llada64) -> None:
             queued = await engine.add_request("b", long)  # nothing waits: always admitted
             with pytest.raises(QueueFullError, match="max_queued_tokens 300"):
                 await engine.add_request("c", long)
+            with pytest.raises(ValueError, match=r"^prompts: 2 prompts of .* exceed"):
+                await engine.add_requests(["c", "d"], long)  # could never be admitted
             await running.abort()
             await queued.abort()
 

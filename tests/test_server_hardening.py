@@ -225,8 +225,16 @@ def test_small_requests_are_not_slowed_by_refused_huge_ones(server) -> None:
 
 def test_a_full_queue_answers_429(llada64) -> None:
     long = {"model": MODEL, "prompt": "hello", "max_tokens": 512, "stream": True}
-    with serve(llada64, max_num_seqs=1, max_queued_requests=1) as (base, _):
+    limits = {"max_queued_requests": 1, "max_queued_tokens": 2000}
+    with serve(llada64, max_num_seqs=1, **limits) as (base, _):
         url = base + "/v1/completions"
+        # Batches that could never be admitted are a 400, not a 429 to retry.
+        batch = {**long, "prompt": ["a", "b"], "max_tokens": 1024, "stream": False}
+        error = check_error(httpx.post(url, json=batch), 400, "prompt")
+        assert "exceed max_queued_tokens 2000" in error["message"]
+        batch = {**GOOD, "prompt": ["a", "b", "c"]}
+        error = check_error(httpx.post(url, json=batch), 400, "prompt")
+        assert "exceed max_num_seqs + max_queued_requests 2" in error["message"]
         with (
             httpx.Client(timeout=30) as c1,
             httpx.Client(timeout=30) as c2,

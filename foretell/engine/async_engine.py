@@ -342,6 +342,12 @@ class AsyncEngine:
         """Refuse requests that would overfill the queue (engine thread)."""
         scheduler = self.engine.scheduler
         if self.max_queued_requests is not None:
+            most = scheduler.max_num_seqs + self.max_queued_requests
+            if len(built) > most:  # would never fit
+                raise ValueError(
+                    f"prompts: {len(built)} prompts exceed max_num_seqs + max_queued_requests "
+                    f"{most}"
+                )
             free = max(0, scheduler.max_num_seqs - scheduler.num_running)
             queued = max(0, scheduler.num_waiting - free)
             new = max(0, scheduler.num_waiting + len(built) - free) - queued
@@ -353,7 +359,15 @@ class AsyncEngine:
         if self.max_queued_tokens is not None:
             queued_tokens = sum(r.cost for r in scheduler.waiting)
             new_tokens = sum(r.cost for r in built)
-            if queued_tokens and queued_tokens + new_tokens > self.max_queued_tokens:
+            if len(built) > 1 and new_tokens > self.max_queued_tokens:  # would never fit
+                raise ValueError(
+                    f"prompts: {len(built)} prompts of {new_tokens} canvas tokens in all exceed "
+                    f"max_queued_tokens {self.max_queued_tokens}"
+                )
+            # One request is always admitted when nothing waits, whatever its size.
+            if (queued_tokens or len(built) > 1) and (
+                queued_tokens + new_tokens > self.max_queued_tokens
+            ):
                 raise QueueFullError(
                     f"queue full: {queued_tokens} tokens waiting for a slot "
                     f"(max_queued_tokens {self.max_queued_tokens}); retry later"

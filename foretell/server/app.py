@@ -244,6 +244,8 @@ def _check_outputs(outputs: list[RequestOutput]) -> None:
 def _prompt_error(err: ValueError, rename: dict[str, str] | None = None) -> APIError:
     """A 400 for a refused prompt; a batch's ``prompts[i]: prompt: why`` becomes
     ``prompt[i]: why`` (OpenAI's field is ``prompt``)."""
+    if str(err).startswith("prompts: "):  # the batch as a whole
+        return APIError(f"prompt: {str(err)[len('prompts: ') :]}", param="prompt")
     match = re.match(r"^prompts\[(\d+)\]: (.*)$", str(err), re.S)
     if match is None:
         return APIError.from_value_error(err, rename)
