@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -171,12 +172,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         model_name=args.served_model_name,
+        graceful_timeout=args.shutdown_grace,
+        api_key=args.api_key or os.environ.get("FORETELL_API_KEY") or None,
+        allowed_origins=args.allowed_origins,
+        max_body_bytes=_unbounded(args.max_body_bytes),
+        max_prompts_per_request=_unbounded(args.max_prompts_per_request),
+        request_timeout=_unbounded(args.request_timeout),
+        max_queued_requests=_unbounded(args.max_queued_requests),
+        max_queued_tokens=_unbounded(args.max_queued_tokens),
+        max_gen_length=_unbounded(args.max_gen_length),
+        max_model_len=_unbounded(args.max_model_len),
+        enable_docs=not args.disable_docs,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
         forward_chunk_tokens=args.forward_chunk_tokens,
     )
     return 0
+
+
+def _unbounded(value):
+    """0 on the command line lifts a limit."""
+    return None if value == 0 else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", help="the id /v1/models reports")
     engine_args(srv)
+    from foretell.server.limits import add_serve_arguments
+
+    add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="throughput of batch-1, static and engine, side by side")

@@ -19,6 +19,12 @@ CONFIDENCE_DTYPES = (None, "model", "float64")
 # Fast-dLLM's block KV cache modes (``DecodeParams.kv_cache``), and the reveal rules they run.
 KV_CACHE_MODES = ("prefix", "dual")
 KV_CACHE_RULES = ("low_confidence", "random", "entropy", "confidence_threshold")
+# What torch.Generator.manual_seed takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ class Prophet:
     statistic: str = "mean"
 
     def __post_init__(self) -> None:
+        for name in ("thresholds", "bounds"):
+            values = getattr(self, name)
+            iterable = hasattr(values, "__iter__") and not isinstance(values, (str, bytes))
+            if not iterable or not all(_is_real(v) for v in values):
+                raise ValueError(f"early_commit.{name}: need numbers, got {values!r}")
         thresholds = tuple(float(t) for t in self.thresholds)
         bounds = tuple(float(b) for b in self.bounds)
         object.__setattr__(self, "thresholds", thresholds)
@@ -57,13 +68,19 @@ class Prophet:
         if len(bounds) != 2 or not 0.0 < bounds[0] <= bounds[1] <= 1.0:
             raise ValueError(f"early_commit.bounds: need 0 < b1 <= b2 <= 1, got {bounds}")
         if self.answer_start is not None and (
-            not isinstance(self.answer_start, int) or self.answer_start < 0
+            not isinstance(self.answer_start, int)
+            or isinstance(self.answer_start, bool)
+            or self.answer_start < 0
         ):
             raise ValueError(
                 f"early_commit.answer_start: must be a position >= 0 or None, "
                 f"got {self.answer_start!r}"
             )
-        if not isinstance(self.answer_length, int) or self.answer_length < 1:
+        if (
+            not isinstance(self.answer_length, int)
+            or isinstance(self.answer_length, bool)
+            or self.answer_length < 1
+        ):
             raise ValueError(f"early_commit.answer_length: must be >= 1, got {self.answer_length}")
         if self.statistic not in STATISTICS:
             raise ValueError(
@@ -176,15 +193,24 @@ class DecodeParams:
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "block_length", block)
 
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+        def finite(name: str, v: object) -> None:
+            # bool is an int, but True as a temperature is a caller's mistake.
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok:
+                fail(name, f"must be a finite number, got {v!r}")
+
+        finite("temperature", self.temperature)
+        if not self.temperature >= 0:
             fail("temperature", f"must be >= 0, got {self.temperature!r}")
         remasking = REMASKING_ALIASES.get(self.remasking, self.remasking)
         if remasking not in REMASKING:
             fail("remasking", f"unknown rule {self.remasking!r}; choose one of {REMASKING}")
         object.__setattr__(self, "remasking", remasking)
+        finite("threshold", self.threshold)
         if not 0.0 < self.threshold <= 1.0:
             fail("threshold", f"must be in (0, 1], got {self.threshold!r}")
-        if not isinstance(self.cfg_scale, (int, float)) or not self.cfg_scale >= 0:
+        finite("cfg_scale", self.cfg_scale)
+        if not self.cfg_scale >= 0:
             fail("cfg_scale", f"must be >= 0, got {self.cfg_scale!r}")
         if self.constraints is not None:
             for pos, value in self.constraints.items():
@@ -200,18 +226,25 @@ class DecodeParams:
         start = None if policy is None else policy.answer_start
         if start is not None and start >= self.gen_length:
             fail("early_commit.answer_start", f"{start} is outside the generation")
-        if not is_int(self.seed):
-            fail("seed", f"must be an integer, got {self.seed!r}")
+        if not is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX:
+            fail("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             fail("stop", f"must be non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
-        if self.alg_temp is not None and not self.alg_temp >= 0:
+        if (
+            self.alg_temp is not None
+            and finite("alg_temp", self.alg_temp)
+            and not self.alg_temp >= 0
+        ):
             fail("alg_temp", f"must be >= 0, got {self.alg_temp!r}")
+        if self.top_p is not None:
+            finite("top_p", self.top_p)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             fail("top_k", f"must be a positive integer, got {self.top_k!r}")
+        finite("eps", self.eps)
         if not 0.0 < self.eps < 1.0:
             fail("eps", f"must be in (0, 1), got {self.eps!r}")
         if self.confidence_dtype not in CONFIDENCE_DTYPES:

@@ -48,3 +48,24 @@ def fail_greedy_step(monkeypatch):
         monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
 
     return install
+
+
+@pytest.fixture()
+def poison_forward(monkeypatch):
+    """``poison_forward(model, token_id)``: every forward pass whose input holds ``token_id``
+    raises "injected forward fault" (a fault of the pass itself, e.g. a bad kernel or an
+    allocation failure, that only some inputs trigger). The embedding sees every packed input,
+    whatever path the runner takes."""
+
+    def install(model, token_id: int) -> None:
+        embed = model.embed
+        real = embed.forward
+
+        def failing(ids):
+            if bool((ids == token_id).any()):
+                raise RuntimeError("injected forward fault")
+            return real(ids)
+
+        monkeypatch.setattr(embed, "forward", failing)
+
+    return install

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -138,10 +140,16 @@ def test_serve_command_answers_openai_requests(checkpoint) -> None:
             str(port),
             "--served-model-name",
             "tiny",
+            "--max-gen-length",
+            "8",
+            "--disable-docs",
+            "--shutdown-grace",
+            "1",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "FORETELL_API_KEY": "k3y"},
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -156,14 +164,22 @@ def test_serve_command_answers_openai_requests(checkpoint) -> None:
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
         body = {"model": "tiny", "prompt": "1+1=", "max_tokens": 8, "steps": 4}
-        reply = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
+        url, key = f"{base}/v1/completions", {"authorization": "Bearer k3y"}
+        reply = httpx.post(url, json=body, headers=key, timeout=30).json()
         assert reply["choices"][0]["foretell"]["num_forward_passes"] == 4
-        bad = httpx.post(f"{base}/v1/completions", json={**body, "steps": 9}, timeout=30)
+        bad = httpx.post(url, json={**body, "steps": 9}, headers=key, timeout=30)
         assert bad.status_code == 400 and "steps" in bad.text
-        assert httpx.get(f"{base}/v1/models", timeout=5).json()["data"][0]["id"] == "tiny"
+        long = httpx.post(url, json={**body, "max_tokens": 16}, headers=key, timeout=30)
+        assert long.status_code == 400 and long.json()["error"]["param"] == "max_tokens"
+        assert httpx.post(url, json=body, timeout=30).status_code == 401
+        models = httpx.get(f"{base}/v1/models", headers=key, timeout=5).json()
+        assert models["data"][0]["id"] == "tiny"
+        assert httpx.get(f"{base}/docs", timeout=5).status_code == 404
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT)  # Ctrl-C
         server.wait(timeout=30)
+    log = server.stderr.read()
+    assert "Traceback" not in log, log
 
 
 def test_eval_on_a_small_n(tmp_path, capsys) -> None:

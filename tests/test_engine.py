@@ -79,6 +79,9 @@ def test_abort_frees_the_slot_and_is_idempotent(llada64) -> None:
 def test_request_too_large_for_the_budget_is_refused_at_add(llada64) -> None:
     engine = Engine(llada64, dtype="float64", max_num_batched_tokens=40)
     with pytest.raises(ValueError, match=r"prompt: .*exceeds max_num_batched_tokens 40"):
+        engine.add_request("12+34=", DecodeParams(gen_length=36))
+    # The canvas alone leaves no room for any prompt: gen_length is to blame.
+    with pytest.raises(ValueError, match=r"^gen_length: 40 leaves no room .* 40$"):
         engine.add_request("12+34=", DecodeParams(gen_length=40))
     with pytest.raises(ValueError, match="cfg"):
         engine.add_request("12+34=", DecodeParams(gen_length=24, cfg_scale=1.0))

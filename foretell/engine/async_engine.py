@@ -6,8 +6,11 @@ loop hand it commands through a list guarded by a condition variable and get the
 through ``loop.call_soon_threadsafe``. With nothing queued or running the thread blocks on the
 condition, so an idle engine costs no CPU.
 
-A request is validated on that thread before it is queued; a ``ValueError`` naming the field
+A request is validated and tokenized on a separate preparation thread (so a long prompt never
+delays the step loop), then admitted on the engine thread; a ``ValueError`` naming the field
 comes back to the caller of ``add_request`` / ``generate`` / ``stream`` and nothing is queued.
+With ``max_queued_requests`` / ``max_queued_tokens`` a full queue refuses new requests with
+``QueueFullError`` instead of letting them wait without bound.
 Cancelling a caller's task, or leaving a stream early, aborts the request so the next step
 backfills its slot.
 """
@@ -21,6 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -54,6 +58,23 @@ class StreamUpdate(RequestOutput):
     revealed_token_ids: list[int] = field(default_factory=list)
     num_masked: int = 0
     stable_text: str = ""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shut down (or shutting down) and takes no new requests."""
+
+
+class QueueFullError(RuntimeError):
+    """Admission refused: the queue of requests waiting for a slot is full; retry later."""
+
+
+def _bare(err: BaseException) -> BaseException:
+    """``err`` without its traceback and chained exceptions: their frames would keep a refused
+    request's prompt (and anything else local) alive for as long as the error is held."""
+    err.__traceback__ = None
+    err.__context__ = None
+    err.__cause__ = None
+    return err
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
@@ -158,7 +179,9 @@ class AsyncEngine:
     ``model`` is anything ``Engine`` accepts, or an existing ``Engine`` (which this object then
     owns: do not call into it elsewhere). Other keyword arguments go to ``Engine``.
     ``mask_text`` is how still-masked tokens appear in streamed ``text`` (default: the
-    tokenizer's mask token string, else ``[MASK]``).
+    tokenizer's mask token string, else ``[MASK]``). ``max_queued_requests`` bounds the requests
+    waiting for a batch slot (beyond those that fit free slots) and ``max_queued_tokens`` their
+    canvas tokens; past either, ``add_requests`` raises ``QueueFullError`` (None: no bound).
     """
 
     def __init__(
@@ -166,8 +189,18 @@ class AsyncEngine:
         model: Engine | str | os.PathLike | object | None = None,
         *,
         mask_text: str | None = None,
+        max_queued_requests: int | None = None,
+        max_queued_tokens: int | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        for name, value in (
+            ("max_queued_requests", max_queued_requests),
+            ("max_queued_tokens", max_queued_tokens),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name}: must be an integer >= 0 or None, got {value!r}")
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
         if isinstance(model, Engine):
             if engine_kwargs:
                 raise ValueError(
@@ -194,6 +227,13 @@ class AsyncEngine:
         self._stats: dict[str, Any] = {}
         self._last_batch = 0
         self._publish_stats()
+        if tok is not None:
+            # A fast tokenizer resets its truncation state on its first call, which must not
+            # race with the step loop's decoding: make that call now, before either thread runs.
+            with contextlib.suppress(Exception):
+                tok("warm up")
+        # Validation and tokenization run here, one request at a time, off the step loop.
+        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="foretell-prepare")
         self._thread = threading.Thread(target=self._run, name="foretell-engine", daemon=True)
         self._thread.start()
 
@@ -240,37 +280,56 @@ class AsyncEngine:
             if len(set(rids)) != len(rids):
                 raise ValueError("request_ids: not unique")
         loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._closed or self._stopping:
+                raise EngineClosedError("AsyncEngine: shut down; no new requests")
+        engine = self.engine
+
+        def prepare() -> list:
+            built = []
+            for i, (prompt, rid) in enumerate(zip(prompts, rids, strict=True)):
+                try:
+                    built.append(engine.make_request(prompt, params, rid))
+                except ValueError as err:
+                    if len(rids) > 1:
+                        raise ValueError(f"prompts[{i}]: {err}") from None
+                    raise
+            return built
+
+        try:
+            built = await loop.run_in_executor(self._prepare, prepare)
+        except Exception as err:  # a ValueError naming the field, or a tokenizer's own failure
+            raise _bare(err) from None
         handles = [RequestHandle(self, rid, stream, loop) for rid in rids]
         queued: asyncio.Future[None] = loop.create_future()
-        engine = self.engine
 
         def add() -> None:
             added: list[str] = []
-            built = []
             try:
-                for i, (prompt, rid) in enumerate(zip(prompts, rids, strict=True)):
-                    try:
-                        if rid in self._tracks:
-                            raise ValueError(f"request_id: {rid!r} is already running")
-                        built.append(engine.make_request(prompt, params, rid))
-                    except ValueError as err:
-                        if len(rids) > 1:
-                            raise ValueError(f"prompts[{i}]: {err}") from None
-                        raise
+                self._admit(built)
+                for req in built:
+                    if req.request_id in self._tracks:
+                        raise ValueError(f"request_id: {req.request_id!r} is already running")
                 for req in built:
                     added.append(engine.enqueue(req))
             except Exception as err:
                 for rid in added:  # only if something unexpected failed halfway
                     engine.abort(rid)
-                _deliver(loop, _resolve, queued, None, err)
+                built.clear()
+                _deliver(loop, _resolve, queued, None, _bare(err))
                 return
+            built.clear()
             for handle in handles:
                 self._tracks[handle.request_id] = _Track(handle, params)
             if not _deliver(loop, _resolve, queued):
                 for rid in rids:
                     engine.abort(rid)
 
-        self._submit(add)
+        try:
+            self._submit(add)
+        except EngineClosedError:
+            built.clear()
+            raise
         try:
             await queued
         except asyncio.CancelledError:
@@ -278,6 +337,41 @@ class AsyncEngine:
                 self._abort_nowait(rid)
             raise
         return handles
+
+    def _admit(self, built: list) -> None:
+        """Refuse requests that would overfill the queue (engine thread)."""
+        scheduler = self.engine.scheduler
+        if self.max_queued_requests is not None:
+            most = scheduler.max_num_seqs + self.max_queued_requests
+            if len(built) > most:  # would never fit
+                raise ValueError(
+                    f"prompts: {len(built)} prompts exceed max_num_seqs + max_queued_requests "
+                    f"{most}"
+                )
+            free = max(0, scheduler.max_num_seqs - scheduler.num_running)
+            queued = max(0, scheduler.num_waiting - free)
+            new = max(0, scheduler.num_waiting + len(built) - free) - queued
+            if new and queued + new > self.max_queued_requests:
+                raise QueueFullError(
+                    f"queue full: {queued} requests waiting for a slot "
+                    f"(max_queued_requests {self.max_queued_requests}); retry later"
+                )
+        if self.max_queued_tokens is not None:
+            queued_tokens = sum(r.cost for r in scheduler.waiting)
+            new_tokens = sum(r.cost for r in built)
+            if len(built) > 1 and new_tokens > self.max_queued_tokens:  # would never fit
+                raise ValueError(
+                    f"prompts: {len(built)} prompts of {new_tokens} canvas tokens in all exceed "
+                    f"max_queued_tokens {self.max_queued_tokens}"
+                )
+            # One request is always admitted when nothing waits, whatever its size.
+            if (queued_tokens or len(built) > 1) and (
+                queued_tokens + new_tokens > self.max_queued_tokens
+            ):
+                raise QueueFullError(
+                    f"queue full: {queued_tokens} tokens waiting for a slot "
+                    f"(max_queued_tokens {self.max_queued_tokens}); retry later"
+                )
 
     async def generate(
         self,
@@ -334,6 +428,7 @@ class AsyncEngine:
                 self._abort_on_stop = abort
             self._cond.notify()
         await asyncio.to_thread(self._thread.join)
+        self._prepare.shutdown(wait=False)
 
     async def __aenter__(self) -> AsyncEngine:
         return self
@@ -345,7 +440,7 @@ class AsyncEngine:
     def _submit(self, command: Callable[[], None], *, control: bool = False) -> None:
         with self._cond:
             if self._closed or (self._stopping and not control):
-                raise RuntimeError("AsyncEngine: shut down; no new requests")
+                raise EngineClosedError("AsyncEngine: shut down; no new requests")
             self._commands.append(command)
             self._cond.notify()
 

@@ -9,6 +9,7 @@ backfills its slot.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -17,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from foretell.decoding import advance
-from foretell.engine import kv_cache
 from foretell.decoding.unmask import confidence_dtype
+from foretell.engine import kv_cache
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
 from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
@@ -28,6 +29,20 @@ from foretell.params import DecodeParams, Prophet, as_params
 from foretell.scheduler import Request, Scheduler
 
 Prompt = str | list[int] | list[dict]
+# A text longer than this many characters per token of room is refused before tokenizing it:
+# a generous bound (subword vocabularies average a few characters per token), so that a huge
+# text costs no tokenizer time.
+MAX_CHARS_PER_TOKEN = 32
+
+logger = logging.getLogger(__name__)
+
+
+def _check_unicode(name: str, text: str) -> None:
+    """Refuse what no tokenizer can encode: a lone surrogate (JSON's "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name}: not valid Unicode at character {err.start}") from None
 
 
 def _resolve_model(model, tokenizer, dtype, device, attention_backend) -> LoadedModel:
@@ -84,6 +99,10 @@ class Engine:
     free memory on CUDA, measured once the weights are loaded), an int is bytes, None is no
     limit. Admission reserves each cached request's whole cache; a request that would not fit
     waits, and one that could never fit is refused by ``add_request``.
+    ``max_model_len`` caps a request's canvas (prompt + ``gen_length``) below the model's own
+    maximum length, and ``max_gen_length`` its ``gen_length`` (and so its ``steps``); None: no
+    cap but the model's and ``max_num_batched_tokens``. Every limit is checked before a request
+    allocates anything.
     """
 
     def __init__(
@@ -98,7 +117,14 @@ class Engine:
         attention_backend: str = "auto",
         forward_chunk_tokens: int | str | None = "auto",
         kv_cache_memory: int | str | None = "auto",
+        max_gen_length: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
+        for name, value in (("max_gen_length", max_gen_length), ("max_model_len", max_model_len)):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 2
+            ):
+                raise ValueError(f"{name}: must be an integer >= 2, got {value!r}")
         # Resolved (and validated) before the model loads, so a bad value fails at once.
         chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))
         if kv_cache_memory != "auto":
@@ -120,6 +146,12 @@ class Engine:
         self.model_path = loaded.path
         self.kv_bytes_per_token = kv_cache.bytes_per_token(self.model)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, kv_budget)
+        # The longest canvas (prompt + generation) a request may have; None: no bound but the
+        # batch's token budget.
+        limits = [self.model.max_length, max_model_len]
+        self.max_model_len: int | None = min((x for x in limits if x is not None), default=None)
+        limits = [max_num_batched_tokens, self.max_model_len, max_gen_length]
+        self.max_gen_length: int = min(x for x in limits if x is not None)
         self.runner = ModelRunner(self.model, device, forward_chunk_tokens=chunk_tokens)
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
@@ -131,9 +163,21 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: is empty")
+            if len(prompt) > MAX_CHARS_PER_TOKEN * self.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt: {len(prompt)} characters cannot fit in the longest prompt "
+                    f"{self.max_prompt_tokens} tokens"
+                )
             self._need_tokenizer("a text prompt")
+            _check_unicode("prompt", prompt)
             ids = list(self.tokenizer(prompt)["input_ids"])
         elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            chars = sum(len(str(v)) for m in prompt if isinstance(m, dict) for v in m.values())
+            if chars > MAX_CHARS_PER_TOKEN * self.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt: {chars} characters of messages cannot fit in the longest prompt "
+                    f"{self.max_prompt_tokens} tokens"
+                )
             self._need_tokenizer("a chat prompt")
             try:
                 encoded = self.tokenizer.apply_chat_template(
@@ -143,18 +187,67 @@ class Engine:
                 raise ValueError(f"prompt: cannot apply the chat template: {err}") from err
             ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         elif isinstance(prompt, (list, tuple)):
+            if len(prompt) > self.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt: {len(prompt)} tokens exceed the longest prompt "
+                    f"{self.max_prompt_tokens} tokens"
+                )
             ids = list(prompt)
             if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in ids):
                 raise ValueError(
                     f"prompt: token ids must be integers in [0, {self.model.vocab_size})"
                 )
         else:
-            raise ValueError(f"prompt: expected text, token ids or chat messages, got {prompt!r}")
+            raise ValueError(
+                f"prompt: expected text, token ids or chat messages, got {type(prompt).__name__}"
+            )
         if not ids:
             raise ValueError("prompt: is empty")
         if self.mask_token_id in ids:
             raise ValueError(f"prompt: contains the mask token {self.mask_token_id}")
         return ids
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt any request can have (with gen_length 1 and no cfg)."""
+        limits = [self.scheduler.max_num_batched_tokens, self.max_model_len]
+        return min(x for x in limits if x is not None) - 1
+
+    def _check_gen_length(self, params: DecodeParams) -> None:
+        """Refuse a canvas too long for any prompt, before anything is tokenized or allocated."""
+        if params.gen_length > self.max_gen_length:
+            raise ValueError(
+                f"gen_length: {params.gen_length} exceeds this engine's maximum "
+                f"{self.max_gen_length}"
+            )
+        if self.max_model_len is not None and params.gen_length >= self.max_model_len:
+            raise ValueError(
+                f"gen_length: {params.gen_length} leaves no room for a prompt in the maximum "
+                f"length {self.max_model_len}"
+            )
+        copies = 2 if params.cfg_scale > 0 else 1
+        if (params.gen_length + 1) * copies > self.scheduler.max_num_batched_tokens:
+            cfg = " (x2 for cfg)" if copies == 2 else ""
+            raise ValueError(
+                f"gen_length: {params.gen_length}{cfg} leaves no room for a prompt in "
+                f"max_num_batched_tokens {self.scheduler.max_num_batched_tokens}"
+            )
+
+    def _check_length(self, ids: list[int], params: DecodeParams) -> None:
+        limit = self.max_model_len
+        if limit is not None and len(ids) + params.gen_length > limit:
+            raise ValueError(
+                f"prompt: {len(ids)} prompt tokens + gen_length {params.gen_length} exceed the "
+                f"maximum length {limit}"
+            )
+        copies = 2 if params.cfg_scale > 0 else 1
+        cost = (len(ids) + params.gen_length) * copies
+        budget = self.scheduler.max_num_batched_tokens
+        if cost > budget:
+            what = "prompt + gen_length" + (" (x2 for cfg)" if copies == 2 else "")
+            raise ValueError(
+                f"prompt: {what} = {cost} tokens exceeds max_num_batched_tokens {budget}"
+            )
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
@@ -167,6 +260,7 @@ class Engine:
                 out[pos] = value
                 continue
             self._need_tokenizer("a text constraint")
+            _check_unicode("constraints", value)
             offset = pos
             for word in value.split():
                 # As Prophet's evaluation: each word tokenized with a leading space.
@@ -247,13 +341,9 @@ class Engine:
         if family != "dream" and params.remasking == "origin":
             raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
         logits_suppress, confidence_suppress = self._suppressed_ids(params)
+        self._check_gen_length(params)
         ids = self._encode(prompt)
-        limit = self.model.max_length
-        if limit is not None and len(ids) + params.gen_length > limit:
-            raise ValueError(
-                f"prompt: {len(ids)} prompt tokens + gen_length {params.gen_length} exceed the "
-                f"model's maximum length {limit}"
-            )
+        self._check_length(ids, params)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._live:
             raise ValueError(f"request_id: {request_id!r} is already running")
@@ -335,11 +425,25 @@ class Engine:
     def _step_batch(self, batch: list[Request]) -> None:
         self.metrics.steps += 1
         self.metrics.sequences_in_passes += len(batch)
+        self._run_group(batch)
+
+    def _run_group(self, group: list[Request]) -> None:
+        """One forward pass for ``group`` and its decoding step. If the pass fails, its halves
+        are retried on their own, recursively, so that only a request that fails alone ends
+        with "error"; every other request still takes this step once, from the sub-pass that
+        succeeded (sequences never attend across each other, so its result is the same)."""
         try:
-            result = self.runner.run(batch)
-        except Exception as err:  # the pass itself failed: nothing to attribute it to
-            for req in batch:
-                req.finish("error", f"forward pass failed: {err!r}")
+            result = self.runner.run(group)
+        except Exception as err:
+            if len(group) == 1:
+                logger.warning("request %s: forward pass failed: %r", group[0].request_id, err)
+                group[0].finish("error", f"forward pass failed: {err!r}")
+                return
+            result = None  # leave the except block first: its traceback holds the pass' memory
+        if result is None:
+            half = len(group) // 2
+            self._run_group(group[:half])
+            self._run_group(group[half:])
             return
         for req, res in result.per_request:
             try:

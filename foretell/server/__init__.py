@@ -4,6 +4,15 @@
 ``run_server(model, host, port, **engine_kwargs)`` is what ``foretell serve`` calls.
 """
 
-from foretell.server.app import create_app, render_metrics, run_server
+from typing import Any
 
 __all__ = ["create_app", "render_metrics", "run_server"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that ``foretell.server.limits`` (the CLI's options) imports without fastapi.
+    if name in __all__:
+        from foretell.server import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,13 +2,15 @@
 
 Bodies are parsed strictly (unknown fields are refused) so that a mistyped diffusion field such
 as ``step`` gets a 400 naming it instead of being silently ignored. OpenAI fields foretell cannot
-honour are accepted only at their neutral values, for the same reason.
+honour are accepted only at their neutral values, for the same reason. Types are strict too: a
+number must be a JSON number (``"32"`` is refused, not coerced), a boolean a JSON boolean, and no
+float may be NaN or infinite.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +30,7 @@ class APIError(Exception):
         status: int = 400,
         type: str = "invalid_request_error",
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -35,6 +38,7 @@ class APIError(Exception):
         self.status = status
         self.type = type
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -58,8 +62,14 @@ class APIError(Exception):
         return cls(message, param=param)
 
 
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # OpenAI takes at most 4 stop strings
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+# JSON object keys are strings: a constraint position is a key, so it is parsed from one.
+Position = Annotated[int, Field(strict=False)]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -67,7 +77,7 @@ class StreamOptions(BaseModel):
 class DiffusionFields(BaseModel):
     """foretell's extra body fields (``extra_body=`` in the openai client); see DecodeParams."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     gen_length: int | None = None
     steps: int | None = None
@@ -75,7 +85,7 @@ class DiffusionFields(BaseModel):
     remasking: str | None = None
     threshold: float | None = None
     cfg_scale: float | None = None
-    constraints: dict[int, int | str] | None = None
+    constraints: dict[Position, int | str] | None = None
     early_commit: str | dict[str, Any] | None = None
     top_k: int | None = None
     alg_temp: float | None = None
@@ -112,6 +122,13 @@ class DiffusionFields(BaseModel):
                 raise APIError(f"{name}: not supported by diffusion decoding", param=name)
         if self.logit_bias:
             raise APIError("logit_bias: not supported", param="logit_bias")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            # Every step of a stream checks each stop string against the text: bounded work.
+            raise APIError(
+                f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                param="stop",
+            )
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options: only allowed with stream=true", param="stream_options")
 
@@ -199,13 +216,14 @@ class CompletionRequest(DiffusionFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients echo back e.g. refusal=None
+    # Clients echo back e.g. refusal=None.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
