@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from foretell.models.transformer import DiffusionLM
 
 SCHEMES = ("llada", "dream")
+HEAD_ROWS = 2048  # masked positions per LM-head call
 
 
 @dataclass(frozen=True)
@@ -188,14 +189,22 @@ def loglikelihoods(
         hidden = model.forward_packed(ids, positions, lens)
         starts = torch.tensor([0, *lens]).cumsum(0).tolist()
         flat = torch.cat([starts[j] + r.masked for j, r in enumerate(batch)]).to(device)
-        logits = _full(model.logits_at(hidden, positions, flat))
+        un_flat = None
         if p.cfg_scale > 0:
             base = len(batch)
             un_flat = torch.cat([starts[base + j] + r.masked for j, r in enumerate(batch)])
-            un = _full(model.logits_at(hidden, positions, un_flat.to(device)))
-            logits = un + (p.cfg_scale + 1) * (logits - un)
+            un_flat = un_flat.to(device)
         targets = torch.cat([r.targets for r in batch]).to(device)
-        losses = F.cross_entropy(logits, targets, reduction="none").cpu()
+        pieces = []
+        # The LM head in slices of rows: [rows, vocab] logits are large for a real vocabulary.
+        for a in range(0, len(flat), HEAD_ROWS):
+            b = min(a + HEAD_ROWS, len(flat))
+            logits = _full(model.logits_at(hidden, positions, flat[a:b]))
+            if un_flat is not None:
+                un = _full(model.logits_at(hidden, positions, un_flat[a:b]))
+                logits = un + (p.cfg_scale + 1) * (logits - un)
+            pieces.append(F.cross_entropy(logits, targets[a:b], reduction="none").cpu())
+        losses = torch.cat(pieces) if pieces else torch.empty(0)
         offset = 0
         for r in batch:
             m = len(r.masked)

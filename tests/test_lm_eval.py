@@ -23,6 +23,7 @@ import reference_likelihood as ref
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
+import foretell.likelihood as likelihood_module
 from foretell import Engine
 from foretell.evaluation import evaluate
 from foretell.integrations.lm_eval import ForetellLM, parse_constraints
@@ -124,7 +125,7 @@ def test_generate_until_returns_outputs_in_request_order():
     for req, text in zip(requests, texts, strict=True):
         params = lm.request_params(req.args[1])
         (alone,) = lm.engine.generate([lm._encode(req.args[0])], params, use_tqdm=False)
-        assert text == alone.text
+        assert text == lm._clean(alone.text)
     assert len(set(texts)) > 1
 
 
@@ -133,6 +134,9 @@ def test_request_params_map_the_harness_arguments():
     p = lm.request_params({"until": ["Q:", "\n\n"], "max_gen_toks": 20, "do_sample": False})
     assert (p.gen_length, p.block_length, p.steps) == (24, 8, 24)  # rounded up to blocks of 8
     assert p.stop == ("Q:", "\n\n") and p.temperature == 0.0
+    # Stop strings cut the text with its special tokens (LLaDA's evaluation), then they go.
+    assert not p.skip_special_tokens
+    assert lm._clean("ab<|eos|>c d<|eos|><|pad|>") == "abc d"
     assert p.constraints  # the shipped model's marker fits in 24 tokens
     p = lm.request_params({"until": "x", "max_gen_toks": 8, "do_sample": True, "temperature": 0.5})
     assert (p.gen_length, p.temperature, p.stop, p.constraints) == (8, 0.5, ("x",), None)
@@ -233,10 +237,14 @@ def test_greedy_check_equals_llada_reference(llada64, cfg):
     assert got[::2] == [True] * 6 and not any(got[1::2])
 
 
-def test_loglikelihood_does_not_depend_on_batching(llada64):
+def test_loglikelihood_does_not_depend_on_batching(llada64, monkeypatch):
     pairs = [([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14, 15, 16, 17, 18])]
     params = LikelihoodParams(mc_num=8, batch_size=2, seed=3)
     together = loglikelihoods(llada64.model, pairs, params, max_tokens=10_000)
+    monkeypatch.setattr(likelihood_module, "HEAD_ROWS", 3)  # the LM head in slices of 3 rows
+    sliced = loglikelihoods(llada64.model, pairs, params, max_tokens=10_000)
+    monkeypatch.undo()
+    assert sliced == pytest.approx(together, rel=1e-12)
     one_row_per_pass = loglikelihoods(llada64.model, pairs, params, max_tokens=1)
     alone = [loglikelihoods(llada64.model, [p], params)[0] for p in reversed(pairs)][::-1]
     assert together == pytest.approx(one_row_per_pass, rel=1e-12)

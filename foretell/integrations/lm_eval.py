@@ -303,6 +303,9 @@ class ForetellLM(LM):
         changes.setdefault("steps", self.steps or length)
         if until is not None:
             changes["stop"] = tuple(s for s in ([until] if isinstance(until, str) else until) if s)
+        # As LLaDA's and Prophet's evaluations: cut at the stop strings in the text with its
+        # special tokens, then drop them (``_clean``).
+        changes["skip_special_tokens"] = False
         base = self.engine.default_params
         merged = {**self.decode_changes, **changes}
         if "constraints" not in merged and base.constraints and max(base.constraints) >= length:
@@ -347,7 +350,11 @@ class ForetellLM(LM):
             f"{100 * summary['share_committed_early']:.1f}% committed early",
             file=sys.stderr,
         )
-        return [o.text for o in outputs]
+        return [self._clean(o.text) for o in outputs]
+
+    def _clean(self, text: str) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- likelihood ---------------------------------------------------------------------------
     @property
