@@ -21,6 +21,7 @@ from foretell.engine import Engine
 from foretell.params import DecodeParams, Prophet
 
 REMASKINGS = ("low_confidence", "random")
+CONFIG_NAMES = ("Full", "Half", "Prophet", "One step")
 CURVE_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
@@ -64,15 +65,17 @@ def evaluate(
     curve_n: int = 100,
     seed: int | None = None,
     use_tqdm: bool = True,
+    names: tuple[str, ...] = CONFIG_NAMES,
+    remaskings: tuple[str, ...] = REMASKINGS,
 ) -> dict:
-    """Accuracy / forward passes per task and configuration, and the convergence curves."""
+    """Accuracy / forward passes per task and configuration, and the convergence curves
+    (skipped with ``curve_n=0``). ``names`` and ``remaskings`` pick the configurations."""
     from foretell.models.default import HELDOUT_SEED, check_heldout_size
     from foretell.tasks import get_task
 
     seed = HELDOUT_SEED if seed is None else seed
     check_heldout_size(max(n, curve_n), seed)
-    names = ("Full", "Half", "Prophet", "One step")
-    configs = [Config(name, r) for r in REMASKINGS for name in names]
+    configs = [Config(name, r) for r in remaskings for name in names]
     report: dict = {"n": n, "curve_n": curve_n, "heldout_seed": seed, "tasks": {}}
     start = time.perf_counter()
     for task_name in task_names:
@@ -92,7 +95,7 @@ def evaluate(
             }
         curves = {}
         policy = engine.default_prophet
-        for remasking in REMASKINGS:
+        for remasking in remaskings if curve_n else ():
             base = engine.default_params.replace(remasking=remasking)
             points = []
             for fraction in CURVE_FRACTIONS:

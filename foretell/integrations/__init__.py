@@ -1,0 +1,1 @@
+"""Adapters that let other tools drive foretell (each needs its own extra)."""
