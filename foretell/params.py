@@ -16,7 +16,7 @@ REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 STATISTICS = ("mean", "min")
 # Fast-dLLM's block KV cache modes (``DecodeParams.kv_cache``), and the reveal rules they run.
 KV_CACHE_MODES = ("prefix", "dual")
-KV_CACHE_RULES = ("low_confidence", "random", "confidence_threshold")
+KV_CACHE_RULES = ("low_confidence", "random", "entropy", "confidence_threshold")
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ class DecodeParams:
     only the canvas from the block on, reading the cached keys/values before it) or ``"dual"``
     (only the block, reading the cached rest of the canvas); each block's first step is a full
     forward that refreshes the cache. None (the default) recomputes the whole canvas every step.
+    With a cache, Dream models decode in blocks too (Fast-dLLM's Dream block decoding).
     """
 
     gen_length: int = 64

@@ -1,10 +1,12 @@
-"""A plain re-implementation of Fast-dLLM's cached LLaDA decoders, used as a test oracle.
+"""Plain re-implementations of Fast-dLLM's cached decoders (LLaDA and Dream), test oracles.
 
-Written from NVlabs/Fast-dLLM (``llada/generate.py``: ``generate_with_prefix_cache``,
-``generate_with_dual_cache``, ``get_transfer_index``; ``llada/model/modeling_llada.py``: how
-``past_key_values`` and ``replace_position`` enter attention). Batch size 1, literal loops, and
-its own forward over the weights of a foretell LLaDA model, re-implementing the layer math with
-past keys/values and replaced positions: nothing here calls foretell's packed forward.
+Written from NVlabs/Fast-dLLM as stored at commit 24cc59e (``llada/generate.py``:
+``generate_with_prefix_cache``, ``generate_with_dual_cache``, ``get_transfer_index``;
+``llada/model/modeling_llada.py``: how ``past_key_values`` and ``replace_position`` enter
+attention; ``dream/model/generation_utils_block.py``: Dream's block ``_sample``). Batch size 1,
+literal loops, and its own forward over the weights of a foretell model, re-implementing the
+layer math with past keys/values and replaced positions: nothing here calls foretell's packed
+forward.
 
 What the reference does, and this file with it:
 - every block starts with a full forward of the canvas that returns the keys/values of every
@@ -37,6 +39,7 @@ from reference_decoders import (
     apply_constraints,
     get_num_transfer_tokens,
     resolve_early_exit,
+    sample_tokens,
     should_early_exit,
 )
 
@@ -44,7 +47,8 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values) [1, kv
 
 
 class LLaDAReference:
-    """LLaDA's layer math over a foretell LLaDA model's weights (read as plain tensors)."""
+    """The LLaDA / Dream (Qwen2) layer math over a foretell model's weights, read as plain
+    tensors (Dream adds q/k/v biases; its logits come out unshifted, as its own model's)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
@@ -56,6 +60,11 @@ class LLaDAReference:
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.w[name]
+
+    def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        out = x @ self.w[name + ".weight"].T
+        bias = self.w.get(name + ".bias")
+        return out if bias is None else out + bias
 
     def _rope(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of ``t`` [1, h, n, hd] at ``positions`` [n]; angles in float32."""
@@ -88,9 +97,9 @@ class LLaDAReference:
         for i in range(self.layers):
             pre = f"blocks.{i}."
             x = self._norm(h, pre + "attn_norm.weight")
-            q = (x @ self.w[pre + "q_proj.weight"].T).view(1, n, self.heads, self.hd)
-            k = (x @ self.w[pre + "k_proj.weight"].T).view(1, n, self.kv_heads, self.hd)
-            v = (x @ self.w[pre + "v_proj.weight"].T).view(1, n, self.kv_heads, self.hd)
+            q = self._proj(x, pre + "q_proj").view(1, n, self.heads, self.hd)
+            k = self._proj(x, pre + "k_proj").view(1, n, self.kv_heads, self.hd)
+            v = self._proj(x, pre + "v_proj").view(1, n, self.kv_heads, self.hd)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if past is None:
                 keys, values, key_pos = k, v, positions
@@ -257,4 +266,101 @@ def cached_generate(
             if threshold is not None and bool((x0[transfer] == mask_id).all()):
                 break  # nothing changed: the reference would repeat this step forever
             i += 1
+    return x, nfe
+
+
+def _shift(logits: torch.Tensor) -> torch.Tensor:
+    """Dream's alignment, over whatever the call ran: row i reads output i-1, row 0 itself."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def dream_cached_generate(
+    ref: LLaDAReference,
+    prompt: torch.Tensor,
+    *,
+    mode: str,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    alg: str,
+    threshold: float = 0.9,
+    mask_id: int,
+    eps: float = 1e-3,
+) -> tuple[torch.Tensor, int]:
+    """Fast-dLLM's block ``_sample`` for Dream (``dream/model/generation_utils_block.py``),
+    greedy, with ``use_cache`` and ``dual_cache`` for ``mode``. ``alg`` is
+    ``confidence_threshold`` or anything else (which ranks by negative entropy there).
+
+    Its non-threshold loop runs one more forward pass when the block's schedule has run out
+    with masks left and discards it; that pass is not run here (no token depends on it)."""
+    assert mode in ("prefix", "dual")
+    prompt_len = prompt.shape[1]
+    total = prompt_len + gen_length
+    x = torch.full((1, total), mask_id, dtype=torch.long)
+    x[:, :prompt_len] = prompt.clone()
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    timesteps = torch.linspace(1, eps, steps_per_block + 1)
+    nfe = 0
+    for num_block in range(num_blocks):
+        start = prompt_len + num_block * block_length
+        end = start + block_length
+        nfe += 1
+        logits, past = ref.forward(x, torch.arange(total))
+        _, x0 = sample_tokens(_shift(logits)[0])
+        x[:, start] = x0[start]
+        if mode == "prefix":
+            past = [(k[:, :, :start], v[:, :, :start]) for k, v in past]
+        i = 1
+        while True:
+            if alg != "confidence_threshold" and i == steps_per_block:
+                break
+            hi = total if mode == "prefix" else end
+            nfe += 1
+            logits, _ = ref.forward(
+                x[:, start:hi],
+                torch.arange(start, hi),
+                past,
+                mode,
+                None if mode == "prefix" else (start, end),
+            )
+            logits = _shift(logits)
+            mask_index = x[:, start:hi] == mask_id
+            if alg == "confidence_threshold":
+                confidence, x0 = sample_tokens(logits[mask_index])
+                x_ = torch.full_like(x[:, start:hi], mask_id)
+                full_confidence = torch.full(x_.shape, -torch.inf, dtype=logits.dtype)
+                x_[mask_index] = x0.clone()
+                full_confidence[mask_index] = confidence
+                full_confidence[:, block_length:] = -torch.inf
+                n = int((x[:, start:end] == mask_id).sum())
+                selected, select_index = torch.topk(full_confidence, n)
+                transfer = torch.zeros_like(x_, dtype=torch.bool)
+                transfer[0, select_index[0]] = True
+                for k in range(1, n):
+                    if selected[0, k] < threshold:
+                        transfer[0, select_index[0, k]] = False
+                x[:, start:hi][transfer] = x_[transfer]
+                if (x[:, start:end] == mask_id).sum() == 0:
+                    break
+                if bool((x_[transfer] == mask_id).all()):
+                    break  # nothing changed: the reference would repeat this step forever
+                continue
+            t, s = timesteps[i], timesteps[i + 1]
+            mask_index[:, block_length:] = False
+            confidence, x0 = sample_tokens(logits[mask_index], neg_entropy=True)
+            num_mask = mask_index.sum() / mask_index.shape[0]
+            count = int(num_mask * (1 - s / t)) if i < steps_per_block - 1 else int(num_mask)
+            full_confidence = torch.full(mask_index.shape, -torch.inf, dtype=logits.dtype)
+            full_confidence[mask_index] = confidence
+            full_confidence[:, block_length:] = -torch.inf
+            if count > 0:
+                _, transfer_index = torch.topk(full_confidence, count)
+                x_ = torch.full_like(x[:, start:hi], mask_id)
+                x_[mask_index] = x0.clone()
+                x[:, start:hi][0, transfer_index[0]] = x_[0, transfer_index[0]]
+            i += 1
+            if (x[:, start:end] == mask_id).sum() == 0:
+                break
     return x, nfe

@@ -3,11 +3,12 @@ Fast-dLLM's cached decoders, in one mixed batch, and the cache's memory lifecycl
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
 import torch
-from reference_cache import LLaDAReference, cached_generate
+from reference_cache import LLaDAReference, cached_generate, dream_cached_generate
 
 import foretell.engine.engine as engine_module
 from foretell import DecodeParams, Engine, Prophet
@@ -156,10 +157,77 @@ def test_unsupported_kv_cache_is_refused_naming_the_field(fields) -> None:
         as_params(fields)
 
 
-def test_dream_refuses_kv_cache(dream_engine) -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"remasking": "low_confidence"},
+        {"remasking": "entropy", "early_commit": "prophet"},
+        {"remasking": "entropy", "alg_temp": 0.5},
+    ],
+)
+def test_dream_refuses_what_fast_dllm_does_not_define(dream_engine, fields) -> None:
+    p = DecodeParams(gen_length=16, block_length=8, steps=8, kv_cache="dual", **fields)
     with pytest.raises(ValueError, match=r"^kv_cache: "):
-        dream_engine.add_request("12+34=", DecodeParams(gen_length=16, kv_cache="dual"))
+        dream_engine.add_request("12+34=", p)
     assert not dream_engine.has_unfinished_requests()
+
+
+def test_llada_refuses_entropy_with_a_cache(llada_engine) -> None:
+    p = DecodeParams(gen_length=16, block_length=8, steps=8, kv_cache="dual", remasking="entropy")
+    with pytest.raises(ValueError, match=r"^kv_cache: "):
+        llada_engine.add_request("12+34=", p)
+
+
+DREAM_SHAPES = [(32, 8, 16), (32, 4, 32), (48, 16, 24), (32, 32, 32), (32, 8, 32)]
+
+
+def test_dream_mixed_batch_equals_reference_and_alone(dream64) -> None:
+    cases = []
+    for n, (mode, shape, rule) in enumerate(
+        itertools.product(
+            ["prefix", "dual"],
+            DREAM_SHAPES,
+            [("entropy", 0.9), ("confidence_threshold", 0.6), ("confidence_threshold", 0.9)],
+        )
+    ):
+        gen, block, steps = shape
+        p = DecodeParams(
+            gen_length=gen,
+            block_length=block,
+            steps=steps,
+            remasking=rule[0],
+            threshold=rule[1],
+            kv_cache=mode,
+            seed=n,
+        )
+        cases.append((PROMPTS[n % len(PROMPTS)], p))
+    cases.append((PROMPTS[0], DecodeParams(gen_length=32, steps=16, remasking="entropy")))
+    cases.append((PROMPTS[1], DecodeParams(gen_length=16, steps=16)))
+    engine = Engine(dream64, dtype="float64", max_num_seqs=5)
+    mixed = engine.generate([c[0] for c in cases], [c[1] for c in cases], use_tqdm=False)
+    ref = LLaDAReference(dream64.model)
+    for (prompt, p), out in zip(cases, mixed, strict=True):
+        solo = Engine(dream64, dtype="float64", max_num_seqs=1)
+        alone = solo.generate([prompt], p, use_tqdm=False)[0]
+        assert (out.token_ids, out.num_forward_passes) == (
+            alone.token_ids,
+            alone.num_forward_passes,
+        )
+        if p.kv_cache is None:
+            continue
+        x, nfe = dream_cached_generate(
+            ref,
+            torch.tensor([out.prompt_token_ids]),
+            mode=p.kv_cache,
+            steps=p.steps,
+            gen_length=p.gen_length,
+            block_length=p.block_length,
+            alg=p.remasking,
+            threshold=p.threshold,
+            mask_id=dream64.model.mask_token_id,
+        )
+        assert out.token_ids == x[0, len(out.prompt_token_ids) :].tolist(), (prompt, p)
+        assert out.num_forward_passes == nfe, (prompt, p)
 
 
 def test_budget_smaller_than_one_request_is_refused(llada64) -> None:
@@ -268,3 +336,28 @@ def test_admission_waits_for_cache_memory(llada64) -> None:
     # FCFS: the second waits for the first's cache, and the third waits behind it.
     assert done[first] == 16 and done[second] == 32 and done[third] == 32
     assert engine.metrics.kv_cache_peak_bytes <= budget
+
+
+def test_server_takes_kv_cache_and_reports_its_bytes(llada64) -> None:
+    from foretell.engine.async_engine import AsyncEngine
+    from foretell.server.app import render_metrics
+    from foretell.server.protocol import APIError, CompletionRequest
+
+    body = CompletionRequest(model="m", prompt="12+34=", max_tokens=16, kv_cache="dual")
+    assert body.to_params().kv_cache == "dual"
+    with pytest.raises(APIError) as err:
+        CompletionRequest(model="m", prompt="x", max_tokens=16, kv_cache="bogus").to_params()
+    assert err.value.param == "kv_cache" and err.value.status == 400
+
+    async def main() -> dict:
+        engine = AsyncEngine(llada64, dtype="float64")
+        try:
+            out = await engine.generate("12+34=", body.to_params())
+            assert out.finish_reason == "steps"
+            return engine.stats()
+        finally:
+            await engine.shutdown()
+
+    stats = asyncio.run(main())
+    assert stats["kv_cache_bytes"] == 0 and stats["kv_cache_peak_bytes"] > 0
+    assert "\nforetell_kv_cache_bytes 0\n" in render_metrics(stats)

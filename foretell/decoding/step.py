@@ -22,6 +22,7 @@ from foretell.decoding.unmask import (
     dream_transfer_count,
     greedy_llada,
     llada_block_schedule,
+    ranked_threshold,
 )
 from foretell.scheduler.request import Request
 
@@ -38,6 +39,8 @@ def _decoding_window(req: Request) -> torch.Tensor:
     later blocks decode. A cached step (Fast-dLLM) only sees its own block's masks.
     """
     start, end = req.block_bounds()
+    if req.family == "dream" and req.params.kv_cache is not None and not req.cached_step:
+        return req.masked_positions(start, start + 1)  # Fast-dLLM: the block's first position
     return req.masked_positions(start if req.cached_step else req.prompt_len, end)
 
 
@@ -78,7 +81,13 @@ def advance(
     """
     p = req.params
     req.global_step += 1
-    if req.uses_blocks and req.step_in_block == 0 and p.remasking != "confidence_threshold":
+    dream_cached = req.family == "dream" and p.kv_cache is not None
+    if (
+        req.uses_blocks
+        and not dream_cached
+        and req.step_in_block == 0
+        and p.remasking != "confidence_threshold"
+    ):
         start, end = req.block_bounds()
         req.block_schedule = llada_block_schedule(
             int(req.masked_positions(start, end).numel()), p.steps_per_block
@@ -94,7 +103,9 @@ def advance(
         rows = _rows(positions, window)
         window_logits = logits[rows]
         window_stats = None if stats is None else stats.take(rows)
-    if req.uses_blocks:
+    if dream_cached:
+        _reveal_dream_cached(req, window, window_logits)
+    elif req.uses_blocks:
         _reveal_llada(req, window, window_logits, window_stats)
     else:
         _reveal_dream(req, window, window_logits)
@@ -177,10 +188,14 @@ def _reveal_llada(
     else:
         x0, scores = _candidates(req, logits, p.remasking)
     cached = p.kv_cache is not None
+    lo, hi = req.query_span()
     if p.remasking == "confidence_threshold":
         stalled = True
         if window.numel():
-            chosen = above_threshold(scores, p.threshold)
+            if cached:
+                chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
+            else:
+                chosen = above_threshold(scores, p.threshold)
             _reveal(req, window, x0, chosen)
             stalled = bool((x0[chosen] == req.mask_token_id).all())
         if cached:
@@ -190,7 +205,6 @@ def _reveal_llada(
         return
     # The references rank (and draw random scores over) the rows the step computed: the canvas,
     # or a cached step's span.
-    lo, hi = req.query_span()
     if p.remasking == "random":
         # The reference draws one uniform per computed position every step.
         scores = torch.rand(hi - lo, generator=req.generator)[window - lo]
@@ -233,6 +247,37 @@ def _next_nonempty_block(req: Request) -> None:
             return
         req.block += 1
     req.finish("steps")
+
+
+def _reveal_dream_cached(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:
+    """Fast-dLLM's cached Dream block step (``generation_utils_block.py``).
+
+    The refresh step reveals the block's first position; later steps reveal by the threshold
+    rule, or the top negative entropies, as many as Dream's ``eps`` schedule over the block's
+    steps gives (all the remaining masks at the block's last step)."""
+    p = req.params
+    stalled = True
+    if not req.cached_step:
+        if window.numel():
+            x0, _ = _candidates(req, logits, "random")
+            _reveal(req, window, x0, torch.arange(window.numel()))
+            stalled = bool((x0 == req.mask_token_id).all())
+    elif p.remasking == "confidence_threshold":
+        if window.numel():
+            x0, scores = _candidates(req, logits, p.remasking)
+            lo, hi = req.query_span()
+            chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
+            _reveal(req, window, x0, chosen)
+            stalled = bool((x0[chosen] == req.mask_token_id).all())
+    else:
+        stalled = False  # the schedule bounds the block
+        x0, scores = _candidates(req, logits, "entropy")
+        step = req.step_in_block
+        count = dream_transfer_count(int(window.numel()), step, p.steps_per_block, req.timesteps)
+        lo, hi = req.query_span()
+        chosen = choose(scores, count, None, req.generator, window - lo, hi - lo)
+        _reveal(req, window, x0, chosen)
+    move_cached_cursor(req, stalled)
 
 
 def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:

@@ -166,3 +166,21 @@ def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     if chosen.numel() == 0:
         chosen = scores.argmax().reshape(1)
     return chosen
+
+
+def ranked_threshold(
+    scores: torch.Tensor, threshold: float, window: torch.Tensor, row_len: int
+) -> torch.Tensor:
+    """Fast-dLLM's ``get_transfer_index`` threshold rule, as its cached decoders apply it:
+    rank every candidate with one ``topk`` over the computed row (``-inf`` outside ``window``),
+    keep the first and every later one whose score is >= ``threshold``. Indices into
+    ``window``. Ties for the first place break as that ``topk`` breaks them (Dream's cached
+    steps tie systematically: the span's first two rows read the same output)."""
+    if window.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    row = torch.full((row_len,), float("-inf"), dtype=scores.dtype)
+    row[window] = scores
+    values, order = torch.topk(row, window.numel())
+    keep = values >= threshold
+    keep[0] = True
+    return torch.searchsorted(window, order[keep])

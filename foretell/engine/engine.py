@@ -49,6 +49,26 @@ def _resolve_model(model, tokenizer, dtype, device, attention_backend) -> Loaded
     return loaded
 
 
+def _check_kv_cache(family: str, params: DecodeParams) -> None:
+    """What Fast-dLLM's cached decoders define for each family (the rest is refused)."""
+    if family == "dream":
+        # Fast-dLLM's Dream block loop ranks by negative entropy unless it runs the threshold.
+        if params.remasking not in ("entropy", "confidence_threshold"):
+            raise ValueError(
+                "kv_cache: Dream's cached decoding ranks by entropy: use remasking 'entropy' "
+                f"or 'confidence_threshold', got {params.remasking!r}"
+            )
+        if params.early_commit is not None:
+            raise ValueError("kv_cache: early commit with a cache is LLaDA only for now")
+        if params.alg_temp:
+            raise ValueError("kv_cache: alg_temp is not supported with a cache")
+    elif params.remasking == "entropy":
+        raise ValueError(
+            "kv_cache: LLaDA's cached decoding (Fast-dLLM) ranks by 'low_confidence', 'random' "
+            "or 'confidence_threshold', not 'entropy'"
+        )
+
+
 class Engine:
     """Offline and embedded generation over one model.
 
@@ -171,10 +191,13 @@ class Engine:
         if not isinstance(params, DecodeParams):
             raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
         family = self.model.family
-        if family == "dream" and params.block_length != params.gen_length:
-            raise ValueError("block_length: Dream decodes the whole generation as one block")
-        if family == "dream" and params.kv_cache is not None:
-            raise ValueError("kv_cache: not supported for Dream models yet (LLaDA family only)")
+        if params.kv_cache is not None:
+            _check_kv_cache(family, params)
+        elif family == "dream" and params.block_length != params.gen_length:
+            raise ValueError(
+                "block_length: Dream decodes the whole generation as one block (blocks need "
+                "kv_cache, Fast-dLLM's block decoding)"
+            )
         if family != "dream" and params.remasking == "origin":
             raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
         ids = self._encode(prompt)

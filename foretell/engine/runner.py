@@ -165,6 +165,9 @@ class ModelRunner:
         seq_lens = [len(s) for s in seqs]
         ids = torch.cat(seqs)
         positions = torch.cat(seq_positions)
+        # Each row's index within its sequence: where a shifted (Dream) head reads from. Only a
+        # cached step's span differs from its canvas positions.
+        in_seq = torch.cat([self._arange(n) for n in seq_lens]) if wanted else positions
         spans = {i: layouts[i][0] for i in wanted}  # a cached step's positions, sorted
 
         group = [i for i, req in enumerate(batch) if self.batched and batchable(req)]
@@ -196,9 +199,10 @@ class ModelRunner:
 
         start = time.perf_counter()
         ids_d, positions_d = ids.to(self.device), positions.to(self.device)
+        in_seq_d = in_seq.to(self.device)
         use_caches = caches if any(c is not None for c in caches) else None
         hidden = self._forward(ids_d, positions_d, seq_lens, use_caches)
-        gathered = self.model.logits_at(hidden, positions_d, rows.to(self.device))
+        gathered = self.model.logits_at(hidden, in_seq_d, rows.to(self.device))
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
         gathered = gathered.cpu()
@@ -211,7 +215,7 @@ class ModelRunner:
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 idx = flat_rows.to(self.device)
-                return self.model.logits_at(hidden, positions_d, idx).cpu()
+                return self.model.logits_at(hidden, in_seq_d, idx).cpu()
 
         def more(pos: torch.Tensor, req: Request, i: int) -> torch.Tensor:
             span = spans.get(i)
@@ -270,7 +274,8 @@ class ModelRunner:
         return pos, CacheUse(req.kv_buffer, len(before), lo, hi - lo, length)
 
     def _read_only(self, req: Request, pos: torch.Tensor) -> torch.Tensor:
-        """Logits at canvas ``pos`` of a cached request, as read-only rows against its cache."""
+        """Logits at canvas ``pos`` of a cached request, as read-only rows against its cache
+        (LLaDA: no shift; Prophet with a cache is refused for Dream)."""
         cache = CacheUse(req.kv_buffer, 0, 0, 0, req.canvas_len)
         pos_d = pos.to(self.device)
         hidden = self.model.forward_packed(

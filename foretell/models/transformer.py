@@ -244,11 +244,13 @@ class DiffusionLM(nn.Module):
     ) -> torch.Tensor:
         """Aligned logits for the packed tokens at ``flat_index`` (the LM head runs only there).
 
-        ``positions`` are the packed tokens' positions within their own sequence.
+        ``positions`` are the packed tokens' indices within their own sequence (for a whole
+        canvas, its positions).
         """
         rows = flat_index
         if self.shifted_logits:
-            # Dream predicts position i from position i-1; position 0 reads itself.
+            # Dream predicts position i from position i-1; a sequence's first row reads itself
+            # (position 0 of a canvas; the first row of a cached span, as in Fast-dLLM).
             rows = flat_index - (positions[flat_index] > 0).long()
         return self.lm_logits(hidden[rows])
 

@@ -73,7 +73,9 @@ class Request:
         self.given = self.canvas != self.mask_token_id
         self.generator = torch.Generator().manual_seed(p.seed)
         if self.family == "dream":
-            self.timesteps = torch.linspace(1, p.eps, p.steps + 1)
+            # Fast-dLLM's cached Dream decoding runs the grid within each block.
+            steps = p.steps if p.kv_cache is None else p.steps_per_block
+            self.timesteps = torch.linspace(1, p.eps, steps + 1)
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -96,8 +98,9 @@ class Request:
 
     @property
     def uses_blocks(self) -> bool:
-        """LLaDA-style semi-autoregressive blocks (Dream decodes the whole generation at once)."""
-        return self.family != "dream"
+        """Semi-autoregressive blocks: LLaDA, and Dream with a KV cache (Fast-dLLM); Dream
+        otherwise decodes the whole generation at once."""
+        return self.family != "dream" or self.params.kv_cache is not None
 
     def block_bounds(self) -> tuple[int, int]:
         """Canvas positions ``[start, end)`` of the block being decoded."""
