@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every number in docs/benchmarks.md, in one go (about 25 minutes on a 2-core CPU; run it with
+# Every number in docs/benchmarks.md, in one go (about 40 minutes on a 2-core CPU; run it with
 # nothing else on the machine).
 # Usage: bash benchmarks/run_all.sh   (from the repository root, with foretell installed)
 set -euo pipefail
@@ -44,3 +44,20 @@ foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 3
   --out "$out/single_block_reference_rule.json" | tee "$out/single_block_reference_rule.txt"
 foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \
   --remaskings low_confidence --out "$out/single_block.json" | tee "$out/single_block.txt"
+# Block KV cache (issue #12): the shipped architecture scaled up (random weights, speed only),
+# random prompts of 64-256 tokens, gen 256 in blocks of 32 at full steps, with and without
+# Prophet (committing at two thirds of the steps in every mode), two torch threads.
+foretell bench --model random --n 4 --batch-size 4 --modes engine,engine-prophet \
+  --kv-cache none,prefix,dual --thresholds 100,100,0.1 --threads 2 \
+  --out "$out/kv_cache.json" | tee "$out/kv_cache.txt"
+# The same with Prophet's early threshold at 7.5 (three of the four requests commit at step 1).
+foretell bench --model random --n 4 --batch-size 4 --modes engine,engine-prophet \
+  --kv-cache none,prefix,dual --thresholds 7.5,5,0.1 --threads 2 \
+  --out "$out/kv_cache_thresholds_7.5_5_0.1.json" | tee "$out/kv_cache_thresholds_7.5_5_0.1.txt"
+# Gen 512, full steps, no Prophet.
+foretell bench --model random --n 2 --batch-size 2 --gen-lengths 512 --modes engine \
+  --kv-cache none,prefix,dual --threads 2 \
+  --out "$out/kv_cache_gen512.json" | tee "$out/kv_cache_gen512.txt"
+# What the cache's approximation costs in accuracy on the shipped model, by block length.
+python benchmarks/kv_cache_accuracy.py --n 500 --out "$out/kv_cache_accuracy.json" \
+  | tee "$out/kv_cache_accuracy.txt"

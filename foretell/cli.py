@@ -136,14 +136,21 @@ def _summary(out) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from foretell import evaluation
+    from foretell.bench.run import parse_kv_caches
     from foretell.models.default import TASK_NAMES
 
     if args.model is not None:
         raise ValueError("model: eval runs the shipped model's tasks; omit --model")
+    kv_caches = parse_kv_caches(args.kv_cache)
     engine = _engine(args)
     tasks = args.task or list(TASK_NAMES)
     report = evaluation.evaluate(
-        engine, tasks, n=args.n, curve_n=min(args.curve_n, args.n), seed=args.seed
+        engine,
+        tasks,
+        n=args.n,
+        curve_n=min(args.curve_n, args.n),
+        seed=args.seed,
+        kv_caches=kv_caches,
     )
     print(evaluation.format_table(report))
     if args.out:
@@ -228,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, help="held-out seed (default: the documented one)")
     ev.add_argument("--out", help="write the report as JSON")
     ev.add_argument("--plot", help="write the convergence curve as PNG")
+    ev.add_argument(
+        "--kv-cache",
+        default="none",
+        help="comma-separated block KV cache modes to evaluate Full, Half and Prophet with "
+        "(none,prefix,dual; default none)",
+    )
     engine_args(ev)
     ev.set_defaults(func=cmd_eval)
 

@@ -8,12 +8,18 @@ already be right if every remaining mask were filled with its current argmax aft
 steps. That "fill now" is exactly a Prophet commit, so the curve is measured by forcing a commit
 at a fixed step (a policy whose late phase starts there with a threshold no gap
 can miss) and running the engine unchanged.
+
+With ``kv_caches`` (``foretell eval --kv-cache prefix,dual``) Full, Half and Prophet also run with
+each block KV cache mode, to measure what the cache's approximation costs in accuracy. One step
+has no cached form (Fast-dLLM's cached loop needs a refresh and at least one cached step per
+block), and the convergence curve stays uncached.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +35,12 @@ CURVE_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 class Config:
     name: str  # "Full" | "Half" | "Prophet" | "One step"
     remasking: str
+    kv_cache: str | None = None  # DecodeParams.kv_cache
 
     @property
     def label(self) -> str:
-        return f"{self.name} / {self.remasking}"
+        label = f"{self.name} / {self.remasking}"
+        return label if self.kv_cache is None else f"{label} / {self.kv_cache} cache"
 
 
 def commit_at(step: int, steps: int, policy: Prophet) -> Prophet:
@@ -47,7 +55,9 @@ def commit_at(step: int, steps: int, policy: Prophet) -> Prophet:
 
 
 def _params(engine: Engine, config: Config, seed: int) -> DecodeParams:
-    base = engine.default_params.replace(remasking=config.remasking, seed=seed)
+    base = engine.default_params.replace(
+        remasking=config.remasking, seed=seed, kv_cache=config.kv_cache
+    )
     if config.name == "Half":
         return base.replace(steps=base.steps // 2)
     if config.name == "One step":
@@ -65,18 +75,32 @@ def evaluate(
     curve_n: int = 100,
     seed: int | None = None,
     use_tqdm: bool = True,
-    names: tuple[str, ...] = CONFIG_NAMES,
-    remaskings: tuple[str, ...] = REMASKINGS,
+    names: Sequence[str] = CONFIG_NAMES,
+    remaskings: Sequence[str] = REMASKINGS,
+    kv_caches: Sequence[str | None] = (None,),
 ) -> dict:
-    """Accuracy / forward passes per task and configuration, and the convergence curves
-    (skipped with ``curve_n=0``). ``names`` and ``remaskings`` pick the configurations."""
+    """Accuracy / forward passes per task and configuration (each in every cache mode of
+    ``kv_caches``, None meaning uncached), and the convergence curves (skipped with
+    ``curve_n=0``). ``names`` and ``remaskings`` pick the configurations."""
     from foretell.models.default import HELDOUT_SEED, check_heldout_size
     from foretell.tasks import get_task
 
     seed = HELDOUT_SEED if seed is None else seed
     check_heldout_size(max(n, curve_n), seed)
-    configs = [Config(name, r) for r in remaskings for name in names]
-    report: dict = {"n": n, "curve_n": curve_n, "heldout_seed": seed, "tasks": {}}
+    configs = [
+        Config(name, r, cache)
+        for r in remaskings
+        for cache in kv_caches
+        for name in names
+        if cache is None or name != "One step"
+    ]
+    report: dict = {
+        "n": n,
+        "curve_n": curve_n,
+        "heldout_seed": seed,
+        "kv_caches": [c or "none" for c in kv_caches],
+        "tasks": {},
+    }
     start = time.perf_counter()
     for task_name in task_names:
         task = get_task(task_name)
@@ -92,10 +116,11 @@ def evaluate(
                 "mean_forward_passes": sum(o.num_forward_passes for o in outs) / len(outs),
                 "committed_early": sum(o.committed_early for o in outs) / len(outs),
                 "steps": params[0].steps,
+                "kv_cache": config.kv_cache,
             }
         curves = {}
         policy = engine.default_prophet
-        for remasking in remaskings if curve_n else ():
+        for remasking in remaskings if curve_n > 0 else ():
             base = engine.default_params.replace(remasking=remasking)
             points = []
             for fraction in CURVE_FRACTIONS:
@@ -112,7 +137,36 @@ def evaluate(
             curves[remasking] = points
         report["tasks"][task_name] = {"table": table, "convergence": curves}
     report["seconds"] = time.perf_counter() - start
+    if any(c is not None for c in kv_caches):
+        report["cache_deltas"] = cache_deltas(report)
     return report
+
+
+def cache_deltas(report: dict) -> list[dict]:
+    """Accuracy of each cached configuration minus the same configuration uncached (points),
+    with the acceptance bound of issue 12 (within 1 point)."""
+    out = []
+    for task_name, result in report["tasks"].items():
+        table = result["table"]
+        for label, row in table.items():
+            if row.get("kv_cache") is None:
+                continue
+            plain = label.rsplit(" / ", 1)[0]
+            if plain not in table:
+                continue
+            diff = 100 * (row["accuracy"] - table[plain]["accuracy"])
+            out.append(
+                {
+                    "task": task_name,
+                    "configuration": label,
+                    "uncached": plain,
+                    "points": diff,
+                    "passes_ratio": row["mean_forward_passes"]
+                    / table[plain]["mean_forward_passes"],
+                    "within_1_point": abs(diff) <= 1.0,
+                }
+            )
+    return out
 
 
 def format_table(report: dict) -> str:
@@ -128,6 +182,15 @@ def format_table(report: dict) -> str:
         for remasking, points in result["convergence"].items():
             curve = "  ".join(f"{p['fraction']:.0%}:{100 * p['accuracy']:.0f}%" for p in points)
             lines.append(f"  answer right if committed at k% of steps ({remasking}): {curve}")
+    deltas = report.get("cache_deltas")
+    if deltas:
+        lines.append("cache minus uncached, accuracy points (goal: within 1):")
+        for d in deltas:
+            mark = "ok" if d["within_1_point"] else "OUTSIDE"
+            lines.append(
+                f"  {d['task']}: {d['configuration']:<40} {d['points']:+6.1f}  "
+                f"passes x{d['passes_ratio']:.2f}  {mark}"
+            )
     return "\n".join(lines)
 
 

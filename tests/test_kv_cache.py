@@ -361,3 +361,29 @@ def test_server_takes_kv_cache_and_reports_its_bytes(llada64) -> None:
     stats = asyncio.run(main())
     assert stats["kv_cache_bytes"] == 0 and stats["kv_cache_peak_bytes"] > 0
     assert "\nforetell_kv_cache_bytes 0\n" in render_metrics(stats)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_cached_span_on_an_unchanged_canvas_equals_the_full_forward(llada64, dream64, family):
+    """With keys/values refreshed from the same canvas, a cached span (prefix or dual shape,
+    with read-only rows before and after it) computes exactly what the full forward does."""
+    from foretell.engine import kv_cache
+    from foretell.models.attention import CacheUse
+
+    model = (llada64 if family == "llada" else dream64).model
+    length = 40
+    ids = torch.randint(4, 40, (length,), generator=torch.Generator().manual_seed(0))
+    ids[20:] = model.mask_token_id
+    with torch.no_grad():
+        buffer = kv_cache.allocate(model, length, torch.device("cpu"))
+        full = model.forward_packed(ids, torch.arange(length), [length])
+        refresh = CacheUse(buffer, 0, 0, length, None)
+        assert torch.equal(
+            model.forward_packed(ids, torch.arange(length), [length], [refresh]), full
+        )
+        for lo, hi in [(24, 40), (24, 32)]:
+            pos = torch.cat([torch.tensor([3, 10]), torch.arange(lo, hi), torch.tensor([39])])
+            pos = pos[pos < hi].unique() if hi == length else pos
+            cache = CacheUse(buffer, 2, lo, hi - lo, length)
+            out = model.forward_packed(ids[pos], pos, [len(pos)], [cache])
+            torch.testing.assert_close(out, full[pos], rtol=0, atol=1e-12)

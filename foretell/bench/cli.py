@@ -7,10 +7,12 @@ nothing heavy is imported until the command runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 MODE_NAMES = "reference,static,static-prophet,engine,engine-prophet"
+KV_CACHE_NAMES = "none,prefix,dual"
 
 
 def _ints(text: str) -> list[int]:
@@ -72,12 +74,44 @@ def add_forward_chunk_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _pair(text: str) -> tuple[int, int]:
+    values = _ints(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated integers, got {text!r}")
+    return values[0], values[1]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
     p.add_argument(
         "--model",
         help="checkpoint directory or hub id (default: the shipped model); 'tiny' = a tiny "
-        "random model (smoke tests: throughput only, accuracy meaningless)",
+        "random model (smoke tests: throughput only, accuracy meaningless); 'random' = the "
+        "shipped architecture at --random-shape with random weights, random prompts of "
+        "--prompt-tokens, gen 256, blocks of 32, full steps (speed only)",
+    )
+    p.add_argument(
+        "--random-shape",
+        type=_pair,
+        help="hidden size,layers of --model random (default 256,8)",
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=_pair,
+        help="min,max: random token-id prompts of this many tokens instead of task prompts "
+        "(default 64,256 with --model random)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        default="none",
+        help=f"comma-separated block KV cache modes to run each mode with ({KV_CACHE_NAMES}; "
+        "default none); runs are named mode+cache",
+    )
+    p.add_argument(
+        "--prophet-span",
+        type=_pair,
+        help="start,length of Prophet's answer span within the generation (default: the "
+        "model's; with --model random, 5 tokens from the start of the last block)",
     )
     p.add_argument(
         "--default-layout",
@@ -151,6 +185,7 @@ def main(args: argparse.Namespace) -> int:
 
     from foretell.bench.report import (
         evaluate_targets,
+        format_cache_table,
         format_settings,
         format_table,
         format_targets,
@@ -160,12 +195,13 @@ def main(args: argparse.Namespace) -> int:
         plot_scaling,
         write_json,
     )
-    from foretell.bench.run import parse_modes, run_modes, work_units
+    from foretell.bench.run import parse_kv_caches, parse_modes, run_modes, work_units
     from foretell.bench.scaling import format_scaling, run_scaling
-    from foretell.bench.setup import configure_prophet, load_for_bench
+    from foretell.bench.setup import RANDOM_MODEL, RANDOM_SHAPE, configure_prophet, load_for_bench
     from foretell.bench.workload import describe, load_workload, make_workload, save_workload
 
     modes = parse_modes(args.modes)
+    kv_caches = parse_kv_caches(args.kv_cache)
     if args.n < 1:
         raise ValueError(f"n: must be >= 1, got {args.n}")
     if args.batch_size < 1:
@@ -174,10 +210,31 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"repeats: must be >= 1, got {args.repeats}")
     if args.threads < 1:
         raise ValueError(f"threads: must be >= 1, got {args.threads}")
+    if args.random_shape and args.model != RANDOM_MODEL:
+        raise ValueError("random_shape: only for --model random")
     torch.set_num_threads(args.threads)
-    setup = load_for_bench(args.model, dtype=args.dtype, default_layout=args.default_layout)
-    prophet = configure_prophet(setup.prophet, args.thresholds, args.prophet_statistic)
+    setup = load_for_bench(
+        args.model,
+        dtype=args.dtype,
+        default_layout=args.default_layout,
+        random_shape=args.random_shape or RANDOM_SHAPE,
+    )
+    gen_lengths = args.gen_lengths or setup.gen_lengths
+    step_budgets = args.step_budgets or setup.step_budgets
+    prophet = setup.prophet
+    if args.model == RANDOM_MODEL:
+        # Full steps for every generation length asked for; Prophet's span at the start of the
+        # shortest generation's last block.
+        step_budgets = args.step_budgets or gen_lengths
+        block = max(args.block_lengths or setup.block_lengths)
+        start = max(0, min(gen_lengths) - block)
+        prophet = dataclasses.replace(prophet, answer_start=start)
+    if args.prophet_span:
+        start, length = args.prophet_span
+        prophet = dataclasses.replace(prophet, answer_start=start, answer_length=length)
+    prophet = configure_prophet(prophet, args.thresholds, args.prophet_statistic)
     tasks = args.tasks.split(",") if args.tasks else list(setup.tasks)
+    prompt_tokens = args.prompt_tokens or setup.prompt_tokens
 
     def draw(n: int) -> list:
         return make_workload(
@@ -186,9 +243,11 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed,
             tasks=tasks,
             block_lengths=args.block_lengths or setup.block_lengths,
-            step_budgets=args.step_budgets or setup.step_budgets,
-            gen_lengths=args.gen_lengths or setup.gen_lengths,
+            step_budgets=step_budgets,
+            gen_lengths=gen_lengths,
             remaskings=args.remaskings or setup.remaskings,
+            prompt_tokens=prompt_tokens,
+            prompt_vocab=setup.prompt_vocab if prompt_tokens else None,
         )
 
     if args.workload:
@@ -202,10 +261,14 @@ def main(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "tasks": tasks,
                 "block_lengths": args.block_lengths or setup.block_lengths,
-                "step_budgets": args.step_budgets or setup.step_budgets,
-                "gen_lengths": args.gen_lengths or setup.gen_lengths or [setup.base.gen_length],
+                "step_budgets": step_budgets,
+                "gen_lengths": gen_lengths or [setup.base.gen_length],
                 "remaskings": args.remaskings or setup.remaskings or [setup.base.remasking],
-                "prompts": "held-out task prompts, chat template",
+                "prompts": (
+                    f"random token ids, {prompt_tokens[0]}-{prompt_tokens[1]} tokens"
+                    if prompt_tokens
+                    else "held-out task prompts, chat template"
+                ),
             }
         }
     if args.save_workload:
@@ -213,7 +276,8 @@ def main(args: argparse.Namespace) -> int:
 
     machine = machine_info()
     print(
-        f"foretell bench: {len(requests)} requests, modes {', '.join(modes)}, B={args.batch_size}"
+        f"foretell bench: {len(requests)} requests, modes {', '.join(modes)}, kv cache "
+        f"{', '.join(c or 'none' for c in kv_caches)}, B={args.batch_size}"
         f", model {setup.name} ({model_info(setup.loaded.model, setup.loaded.path)['parameters']:,}"
         f" params), {machine['cpu_count']} CPUs, {args.threads} torch thread(s), torch "
         f"{machine['torch']}",
@@ -228,12 +292,14 @@ def main(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=not args.no_warmup,
         forward_chunk_tokens=args.forward_chunk_tokens,
+        kv_caches=kv_caches,
     )
     first = next(iter(result["modes"].values()))
     result["workload"] = {**describe(requests), "prompt_tokens": first["prompt_tokens"], **source}
     result["config"] = {
         "batch_size": args.batch_size,
         "modes": modes,
+        "kv_caches": [c or "none" for c in kv_caches],
         "prophet": prophet.__dict__,
         "repeats": args.repeats,
         "warmup": not args.no_warmup,
@@ -251,6 +317,10 @@ def main(args: argparse.Namespace) -> int:
 
     print()
     print(format_table(result["modes"]))
+    caches = format_cache_table(result["modes"])
+    if caches:
+        print("\nKV cache:")
+        print(caches)
     settings = format_settings(result["modes"])
     if settings:
         print("\nper setting:")

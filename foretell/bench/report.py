@@ -120,6 +120,7 @@ def evaluate_targets(modes: dict[str, dict]) -> list[dict]:
                     "met": diff >= -1.0,
                 }
             )
+    out += cache_targets(modes)
     for mode in ("engine", "engine-prophet"):
         if mode in modes:
             rec = modes[mode]
@@ -134,6 +135,65 @@ def evaluate_targets(modes: dict[str, dict]) -> list[dict]:
     return out
 
 
+# issue 12: tokens/s of each cache mode against the same mode uncached, at full steps and with
+# Prophet (the continuous-batching modes).
+CACHE_GOALS = {"prefix": 2.0, "dual": 4.0}
+
+
+def cache_targets(modes: dict[str, dict]) -> list[dict]:
+    """The cache speed-up targets for every (mode, cache) run whose uncached mode also ran."""
+    out = []
+    for name, rec in modes.items():
+        cache, mode = rec.get("kv_cache"), rec.get("mode")
+        continuous = mode in ("engine", "engine-prophet")
+        if cache not in CACHE_GOALS or mode not in modes or not continuous:
+            continue
+        goal = CACHE_GOALS[cache]
+        value = rec["tokens_per_s"] / modes[mode]["tokens_per_s"]
+        out.append(
+            {
+                "target": f"{name} / {mode}, generated tokens/s",
+                "goal": f">= {goal}",
+                "value": value,
+                "met": value >= goal,
+            }
+        )
+    return out
+
+
+def format_cache_table(modes: dict[str, dict]) -> str:
+    """Cached runs next to their uncached mode: speed-up, tokens the model ran per request per
+    pass, passes, cache memory, accuracy. Empty when no cache ran."""
+    if not any(rec.get("kv_cache") for rec in modes.values()):
+        return ""
+    header = (
+        f"{'run':<22} {'tok/s':>8} {'x none':>7} {'x(cpu)':>7} {'tok/req-pass':>12} "
+        f"{'passes':>7} {'fwd share':>9} {'cache peak':>10} {'B/token':>8} {'acc':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, rec in modes.items():
+        base = modes.get(rec.get("mode", name))
+        ratio = cpu_ratio = None
+        if base is not None:
+            ratio = rec["tokens_per_s"] / base["tokens_per_s"]
+            cpu_ratio = rec["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+        acc = "" if rec["accuracy"] is None else f"{100 * rec['accuracy']:.1f}%"
+        peak = rec.get("kv_cache_peak_bytes", 0) / 2**20
+        lines.append(
+            f"{name:<22} {rec['tokens_per_s']:>8.1f} {_fmt_ratio(ratio):>7} "
+            f"{_fmt_ratio(cpu_ratio):>7} {rec['forward_tokens_per_sequence_pass']:>12.1f} "
+            f"{rec['mean_forward_passes']:>7.1f} {100 * (1 - rec['overhead_share']):>8.1f}% "
+            f"{peak:>8.1f}MB {rec.get('kv_cache_bytes_per_token', 0):>8} {acc:>6}"
+        )
+    lines.append(
+        "x none: tokens/s against the same mode without a cache, in this run; tok/req-pass: "
+        "tokens the model ran per request per forward pass (queries: canvas, cached span, "
+        "read-only rows); fwd share: share of wall time inside the model's packed forward; "
+        "cache peak: most KV-cache memory held at once; B/token: cache bytes per canvas position."
+    )
+    return "\n".join(lines)
+
+
 def _fmt_ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
@@ -142,7 +202,7 @@ def format_table(modes: dict[str, dict], against: str = "static") -> str:
     """The side-by-side table, with each mode's throughput as a multiple of ``against``'s."""
     base = modes.get(against)
     header = (
-        f"{'mode':<15} {'B':>3} {'tok/s':>8} {'x' + against:>9} {'x(cpu)':>7} {'req/s':>7} "
+        f"{'mode':<22} {'B':>3} {'tok/s':>8} {'x' + against:>9} {'x(cpu)':>7} {'req/s':>7} "
         f"{'lat mean':>8} {'p50':>7} {'p99':>7} {'passes':>7} {'fwd':>6} {'occup':>6} {'ovhd':>6} "
         f"{'acc':>6}"
     )
@@ -154,7 +214,7 @@ def format_table(modes: dict[str, dict], against: str = "static") -> str:
             cpu_ratio = rec["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
         acc = "" if rec["accuracy"] is None else f"{100 * rec['accuracy']:.1f}%"
         lines.append(
-            f"{name:<15} {rec['batch_size']:>3} {rec['tokens_per_s']:>8.1f} "
+            f"{name:<22} {rec['batch_size']:>3} {rec['tokens_per_s']:>8.1f} "
             f"{_fmt_ratio(ratio):>9} {_fmt_ratio(cpu_ratio):>7} {rec['requests_per_s']:>7.2f} "
             f"{rec['latency_mean_s']:>7.1f}s {rec['latency_p50_s']:>6.1f}s "
             f"{rec['latency_p99_s']:>6.1f}s {rec['mean_forward_passes']:>7.1f} "

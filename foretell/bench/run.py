@@ -13,6 +13,11 @@ the same loaded model and submits the same requests with the same params, so a r
 - ``engine``: continuous batching with ``max_num_seqs=B``, full steps.
 - ``engine-prophet``: continuous batching with Prophet: every early commit frees a slot that the
   next waiting request takes in the very next step.
+
+Each mode can also run with a block KV cache (``kv_caches``: Fast-dLLM's ``prefix`` or ``dual``,
+``DecodeParams.kv_cache``), named ``mode+cache`` (e.g. ``engine-prophet+dual``); its ratios
+against the same mode without a cache are measured in the same run. A cache changes tokens
+(it is an approximation), so cached runs may differ in accuracy and, with Prophet, in passes.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from foretell.tasks import get_task
 ChunkTokens = int | str | None  # Engine's forward_chunk_tokens
 
 MODES = ("reference", "static", "static-prophet", "engine", "engine-prophet")
+# ``--kv-cache`` names: "none" is the exact, uncached engine.
+KV_CACHES = ("none", "prefix", "dual")
 PROPHET_MODES = frozenset({"static-prophet", "engine-prophet"})
 CONTINUOUS_MODES = frozenset({"engine", "engine-prophet"})
 # The scheduler's token budget is not what this benchmark varies: only max_num_seqs limits a batch.
@@ -61,14 +68,35 @@ def parse_modes(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_kv_caches(text: str | Sequence[str | None]) -> list[str | None]:
+    """Cache modes from ``"none,prefix,dual"`` (or a list), in the order given; None = none."""
+    names = [c.strip() for c in text.split(",")] if isinstance(text, str) else list(text)
+    names = ["none" if c is None else c for c in names if c is None or c]
+    unknown = [c for c in names if c not in KV_CACHES]
+    if unknown or not names:
+        raise ValueError(
+            f"kv_cache: unknown {unknown or names}; choose from {', '.join(KV_CACHES)}"
+        )
+    return [None if c == "none" else c for c in dict.fromkeys(names)]
+
+
+def run_name(mode: str, kv_cache: str | None) -> str:
+    """The key of a (mode, cache) run: ``engine``, ``engine+dual``, ..."""
+    return mode if kv_cache is None else f"{mode}+{kv_cache}"
+
+
 def mode_params(
-    requests: Sequence[BenchRequest], mode: str, prophet: Prophet | None
+    requests: Sequence[BenchRequest],
+    mode: str,
+    prophet: Prophet | None,
+    kv_cache: str | None = None,
 ) -> list[DecodeParams]:
-    """The params each request runs with in ``mode``: its own, plus Prophet in prophet modes."""
+    """The params each request runs with in ``mode``: its own, plus Prophet in prophet modes,
+    plus the cache mode."""
     policy = prophet if mode in PROPHET_MODES else None
     if mode in PROPHET_MODES and prophet is None:
         raise ValueError(f"mode {mode!r} needs a Prophet policy")
-    return [r.params.replace(early_commit=policy) for r in requests]
+    return [r.params.replace(early_commit=policy, kv_cache=kv_cache) for r in requests]
 
 
 def share_model(
@@ -92,18 +120,32 @@ def warm_up(
     requests: Sequence[BenchRequest],
     batch_size: int,
     forward_chunk_tokens: ChunkTokens = "auto",
+    kv_caches: Sequence[str | None] = (None,),
 ) -> None:
-    """A few untimed passes at batch 1 and at batch B, so the first timed mode does not pay
-    for allocator and thread-pool start-up."""
+    """A few untimed passes at batch 1 and at batch B (with each cache mode: a refresh and two
+    cached steps), so the first timed mode does not pay for allocator and thread-pool start-up."""
     for size in sorted({1, batch_size}):
-        engine = share_model(loaded, size, _dtype(loaded), forward_chunk_tokens)
-        ids = [engine.add_request(r.prompt, r.params) for r in requests[:size]]
-        for _ in range(3):
-            engine.step()
-        for rid in ids:
-            engine.abort(rid)
-        while engine.has_unfinished_requests():
-            engine.step()
+        for kv_cache in kv_caches:
+            _warm(loaded, requests, size, forward_chunk_tokens, kv_cache)
+
+
+def _warm(
+    loaded: LoadedModel,
+    requests: Sequence[BenchRequest],
+    size: int,
+    forward_chunk_tokens: ChunkTokens,
+    kv_cache: str | None,
+) -> None:
+    engine = share_model(loaded, size, _dtype(loaded), forward_chunk_tokens)
+    ids = [
+        engine.add_request(r.prompt, r.params.replace(kv_cache=kv_cache)) for r in requests[:size]
+    ]
+    for _ in range(3):
+        engine.step()
+    for rid in ids:
+        engine.abort(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 def _dtype(loaded: LoadedModel) -> str:
@@ -123,8 +165,10 @@ def run_mode(
     batch_size: int,
     prophet: Prophet | None,
     forward_chunk_tokens: ChunkTokens = "auto",
+    kv_cache: str | None = None,
 ) -> dict:
-    """Run every request under ``mode`` and measure it; returns the mode's JSON record."""
+    """Run every request under ``mode`` (with ``kv_cache``) and measure it; returns the run's
+    JSON record."""
     if mode not in MODES:
         raise ValueError(f"mode: unknown {mode!r}; choose from {', '.join(MODES)}")
     if batch_size < 1:
@@ -132,7 +176,7 @@ def run_mode(
     size = 1 if mode == "reference" else batch_size
     engine = share_model(loaded, size, _dtype(loaded), forward_chunk_tokens)
     prompts = [r.prompt for r in requests]
-    params = mode_params(requests, mode, prophet)
+    params = mode_params(requests, mode, prophet, kv_cache)
     submitted: list[tuple] = []
 
     start_mono = time.monotonic()
@@ -155,6 +199,7 @@ def run_mode(
         outputs,
         submitted,
         mode=mode,
+        kv_cache=kv_cache,
         size=size,
         wall=wall,
         cpu=cpu,
@@ -169,6 +214,7 @@ def _summarise(
     submitted: Sequence[tuple],
     *,
     mode: str,
+    kv_cache: str | None = None,
     size: int,
     wall: float,
     cpu: float,
@@ -190,6 +236,8 @@ def _summarise(
     prompt_tokens = [len(o.prompt_token_ids) for o in outputs]
     return {
         "mode": mode,
+        "kv_cache": kv_cache,
+        "name": run_name(mode, kv_cache),
         "batch_size": size,
         "n": n,
         "wall_s": wall,
@@ -211,6 +259,13 @@ def _summarise(
         "wall_ms_per_sequence_pass": 1e3 * wall / max(1, m.sequences_in_passes),
         "cpu_ms_per_sequence_pass": 1e3 * cpu / max(1, m.sequences_in_passes),
         "mean_tokens_per_pass": m.tokens_in_passes / m.steps if m.steps else 0.0,
+        # Tokens the model ran (queries: canvases, cached spans, read-only rows), all and per
+        # request per pass: what a cache saves.
+        "tokens_in_passes": m.tokens_in_passes,
+        "forward_tokens_per_sequence_pass": m.tokens_in_passes / max(1, m.sequences_in_passes),
+        "kv_cache_peak_bytes": m.kv_cache_peak_bytes,
+        "kv_cache_bytes_after": m.kv_cache_bytes,  # 0: every cache freed
+        "kv_cache_bytes_per_token": engine.kv_bytes_per_token,
         "forward_s": forward,
         "step_s": m.step_seconds,
         "overhead_share": max(0.0, 1.0 - forward / wall),
@@ -226,7 +281,7 @@ def _summarise(
         },
         "by_setting": by_setting,
         "early_commit": None if policy is None else dataclasses.asdict(policy),
-        "request_hash": request_hash([(p, q.replace(early_commit=None)) for p, q in submitted]),
+        "request_hash": request_hash(submitted),
         "prompt_ids_hash": _ids_hash(outputs),
         # Other load on the machine while this ran (1-minute average, read at the end).
         "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -278,6 +333,19 @@ def ratios(modes: dict[str, dict], against: str = "static") -> dict[str, dict[st
     }
 
 
+def cache_ratios(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each cached run's key numbers divided by its own mode's uncached run (same requests,
+    same policy, same process): the cache's speed-up."""
+    out = {}
+    for name, rec in runs.items():
+        base = runs.get(rec.get("mode", name))
+        if rec.get("kv_cache") is None or base is None or base is rec:
+            continue
+        keys = (*RATIO_KEYS, "tokens_in_passes")
+        out[name] = {k: rec[k] / base[k] for k in keys if base.get(k)}
+    return out
+
+
 def check_same_requests(modes: dict[str, dict]) -> str:
     """The one request hash every mode saw; raises if any mode saw different requests."""
     hashes = {name: (rec["request_hash"], rec["prompt_ids_hash"]) for name, rec in modes.items()}
@@ -297,20 +365,23 @@ def run_modes(
     warmup: bool = True,
     log: Log | None = stderr_log,
     forward_chunk_tokens: ChunkTokens = "auto",
+    kv_caches: Sequence[str | None] = (None,),
 ) -> dict:
-    """Every mode on the same requests, side by side in one process.
+    """Every mode (times every cache mode in ``kv_caches``) on the same requests, side by side
+    in one process; runs are keyed by :func:`run_name`.
 
-    With ``repeats > 1`` the modes run round-robin that many times (so a slow phase of a noisy
-    machine hits one run of each mode, not every run of one), and each mode keeps its fastest
-    run: background load only ever adds time.
+    With ``repeats > 1`` the runs go round-robin that many times (so a slow phase of a noisy
+    machine hits one run of each, not every run of one), and each keeps its fastest run:
+    background load only ever adds time.
     """
     prophet = prophet or Prophet()
     log = log or (lambda _msg: None)
     if warmup:
-        warm_up(loaded, requests, batch_size, forward_chunk_tokens)
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
+        warm_up(loaded, requests, batch_size, forward_chunk_tokens, kv_caches)
+    plan = [(mode, cache) for mode in modes for cache in kv_caches]
+    runs: dict[str, list[dict]] = {run_name(m, c): [] for m, c in plan}
     for r in range(repeats):
-        for mode in modes:
+        for mode, cache in plan:
             rec = run_mode(
                 loaded,
                 requests,
@@ -318,12 +389,14 @@ def run_modes(
                 batch_size=batch_size,
                 prophet=prophet,
                 forward_chunk_tokens=forward_chunk_tokens,
+                kv_cache=cache,
             )
-            runs[mode].append(rec)
+            runs[run_name(mode, cache)].append(rec)
             rep = f" (run {r + 1}/{repeats})" if repeats > 1 else ""
             log(
-                f"  {mode:<15} {rec['wall_s']:7.1f} s  {rec['tokens_per_s']:8.1f} tok/s  "
-                f"{rec['mean_forward_passes']:5.1f} passes/req{rep}"
+                f"  {run_name(mode, cache):<21} {rec['wall_s']:7.1f} s  "
+                f"{rec['tokens_per_s']:8.1f} tok/s  {rec['mean_forward_passes']:5.1f} passes/req  "
+                f"{rec['forward_tokens_per_sequence_pass']:6.1f} tokens/req-pass{rep}"
             )
     results = {}
     for mode, recs in runs.items():
@@ -334,6 +407,7 @@ def run_modes(
     return {
         "modes": results,
         "ratios_vs_static": ratios(results),
+        "ratios_vs_uncached": cache_ratios(results),
         "same_requests": True,
         "request_hash": request_digest,
     }
@@ -354,14 +428,18 @@ def _mean_gen(rec: dict) -> float:
 
 __all__ = [
     "CONTINUOUS_MODES",
+    "KV_CACHES",
     "MODES",
     "PROPHET_MODES",
+    "cache_ratios",
     "check_same_requests",
     "mode_params",
+    "parse_kv_caches",
     "parse_modes",
     "ratios",
     "run_mode",
     "run_modes",
+    "run_name",
     "share_model",
     "warm_up",
     "work_units",

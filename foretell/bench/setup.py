@@ -28,6 +28,19 @@ DEFAULT_BLOCK_LENGTHS = (8, 16)
 DEFAULT_STEP_BUDGETS = (32, 24)
 DEFAULT_REMASKINGS = ("low_confidence", "random")
 
+# ``--model random``: the shipped model's architecture (LLaDA: RMSNorm, rotary, SwiGLU MLP of 3x
+# the hidden size, multi-head attention with heads of 32) scaled up, with seeded random weights:
+# for speed only (its tokens mean nothing). Its decoding: LLaDA's semi-autoregressive blocks of
+# 32 over a generation of 256, full steps (one token per step), as Fast-dLLM measures.
+RANDOM_MODEL = "random"
+RANDOM_SHAPE = (256, 8)  # hidden size, layers: sized in docs/benchmarks.md (KV cache)
+RANDOM_HEAD_DIM = 32
+RANDOM_GEN_LENGTH = 256
+RANDOM_BLOCK_LENGTH = 32
+# Prophet on a random model: Prophet's default span length (5) placed at the start of the
+# generation's last block, where a long answer follows its reasoning.
+RANDOM_PROPHET_SPAN = 5
+
 
 @dataclass
 class BenchSetup:
@@ -40,6 +53,8 @@ class BenchSetup:
     step_budgets: list[int] = field(default_factory=list)
     gen_lengths: list[int] = field(default_factory=list)
     remaskings: list[str] = field(default_factory=list)
+    # Random token-id prompts of this length range instead of task prompts (a random model).
+    prompt_tokens: tuple[int, int] | None = None
 
     def workload(self, n: int, seed: int) -> list:
         """``n`` seeded requests in this setup's mix (the same list for every mode)."""
@@ -54,7 +69,17 @@ class BenchSetup:
             step_budgets=self.step_budgets,
             gen_lengths=self.gen_lengths,
             remaskings=self.remaskings,
+            prompt_tokens=self.prompt_tokens,
+            prompt_vocab=self.prompt_vocab,
         )
+
+    @property
+    def prompt_vocab(self) -> list[int]:
+        """Token ids a random prompt draws from: every id but the special ones."""
+        tok = self.loaded.tokenizer
+        special = set(getattr(tok, "all_special_ids", ()) or ())
+        special.add(self.loaded.model.mask_token_id)
+        return [i for i in range(len(tok)) if i not in special]
 
 
 def configure_prophet(
@@ -98,13 +123,62 @@ def _default_layout(loaded: LoadedModel) -> tuple[DecodeParams, Prophet]:
     return default_decode_params(loaded.tokenizer), default_prophet()
 
 
+def random_llada(
+    hidden_size: int, num_layers: int, *, dtype: str = "float32", seed: int = 0
+) -> LoadedModel:
+    """The shipped model's architecture at ``hidden_size`` x ``num_layers``, random weights."""
+    from foretell.models.tiny import tiny_model
+
+    if hidden_size < RANDOM_HEAD_DIM or hidden_size % RANDOM_HEAD_DIM:
+        raise ValueError(
+            f"random_shape: hidden size must be a multiple of {RANDOM_HEAD_DIM}, got {hidden_size}"
+        )
+    if num_layers < 1:
+        raise ValueError(f"random_shape: need at least one layer, got {num_layers}")
+    heads = hidden_size // RANDOM_HEAD_DIM
+    return tiny_model(
+        "llada",
+        seed=seed,
+        dtype=dtype,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        intermediate_size=3 * hidden_size,
+    )
+
+
 def load_for_bench(
-    model: str | None, *, dtype: str = "float32", default_layout: bool = False
+    model: str | None,
+    *,
+    dtype: str = "float32",
+    default_layout: bool = False,
+    random_shape: tuple[int, int] = RANDOM_SHAPE,
 ) -> BenchSetup:
-    """Load ``model`` (None: the shipped model; ``"tiny"``: a tiny random LLaDA) with the
-    workload choices that suit it."""
+    """Load ``model`` (None: the shipped model; ``"tiny"``: a tiny random LLaDA; ``"random"``:
+    the shipped architecture at ``random_shape``, random weights) with the workload choices
+    that suit it."""
     from foretell.engine import Engine
     from foretell.models.default import DEFAULT_MODEL_DIR, TASK_NAMES
+
+    if model == RANDOM_MODEL:
+        hidden, layers = random_shape
+        loaded = random_llada(hidden, layers, dtype=dtype)
+        gen, block = RANDOM_GEN_LENGTH, RANDOM_BLOCK_LENGTH
+        base = DecodeParams(gen_length=gen, block_length=block, steps=gen)
+        prophet = Prophet(answer_start=gen - block, answer_length=RANDOM_PROPHET_SPAN)
+        return BenchSetup(
+            f"random llada {hidden}x{layers} (random weights: speed only)",
+            loaded,
+            base,
+            prophet,
+            TASK_NAMES,
+            [block],
+            [gen],
+            [gen],
+            ["low_confidence"],
+            prompt_tokens=(64, 256),
+        )
 
     if model == "tiny":
         from foretell.models.tiny import tiny_model

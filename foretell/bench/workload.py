@@ -2,9 +2,11 @@
 
 Requests are held-out task prompts (never trained on), chat-templated as the default model was
 trained, with a seeded mix of block lengths, step budgets and (where the model allows it)
-generation lengths. A workload can also be read from, and written to, JSONL, so that a run can be
-repeated on exactly the same requests. Each request carries its task so that accuracy can be
-checked exactly; the early-commit policy is *not* part of a request: it belongs to the mode.
+generation lengths. For speed alone (a random-weights model, long generations) prompts can
+instead be seeded random token ids of a given length range: no task, no accuracy. A workload can
+also be read from, and written to, JSONL, so that a run can be repeated on exactly the same
+requests. Each request carries its task so that accuracy can be checked exactly; the
+early-commit policy and the KV cache mode are *not* part of a request: they belong to the mode.
 """
 
 from __future__ import annotations
@@ -44,10 +46,15 @@ class BenchRequest:
         }
 
 
+# DecodeParams fields a mode sets (``--modes``, ``--kv-cache``), never a workload.
+MODE_FIELDS = ("early_commit", "kv_cache")
+
+
 def params_dict(params: DecodeParams) -> dict:
-    """DecodeParams as plain JSON-able fields, without the early-commit policy."""
+    """DecodeParams as plain JSON-able fields, without what the mode sets (``MODE_FIELDS``)."""
     fields = dataclasses.asdict(params)
-    fields.pop("early_commit", None)
+    for name in MODE_FIELDS:
+        fields.pop(name, None)
     fields["stop"] = list(fields["stop"])
     if fields.get("constraints") is not None:
         fields["constraints"] = {str(k): v for k, v in sorted(fields["constraints"].items())}
@@ -55,7 +62,7 @@ def params_dict(params: DecodeParams) -> dict:
 
 
 def request_hash(requests: Sequence[tuple[Prompt, DecodeParams]]) -> str:
-    """sha256 of the (prompt, params-without-policy) list, in order: equal hashes mean two
+    """sha256 of the (prompt, params-without-mode-fields) list, in order: equal hashes mean two
     modes ran exactly the same requests."""
     payload = [[prompt, params_dict(params)] for prompt, params in requests]
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
@@ -77,8 +84,14 @@ def make_workload(
     gen_lengths: Sequence[int] | None = None,
     remaskings: Sequence[str] | None = None,
     heldout_seed: int = HELDOUT_SEED,
+    prompt_tokens: tuple[int, int] | None = None,
+    prompt_vocab: Sequence[int] | None = None,
 ) -> list[BenchRequest]:
     """``n`` seeded requests over ``tasks``' held-out prompts (default: the shipped model's).
+
+    With ``prompt_tokens=(lo, hi)`` each prompt is instead ``lo..hi`` (uniform) token ids drawn
+    from ``prompt_vocab``, with no task: a speed workload of long prompts for a random-weights
+    model, on which accuracy means nothing.
 
     Each request draws its task, generation length, block length, step budget and remasking
     rule uniformly from the given choices (combinations that ``DecodeParams`` refuses, e.g. a
@@ -93,8 +106,16 @@ def make_workload(
         tasks = TASK_NAMES
     if not tasks:
         raise ValueError("tasks: need at least one task")
+    if prompt_tokens is not None:
+        lo, hi = prompt_tokens
+        if not 1 <= lo <= hi:
+            raise ValueError(f"prompt_tokens: need 1 <= min <= max, got {prompt_tokens}")
+        if not prompt_vocab:
+            raise ValueError("prompt_vocab: random prompts need token ids to draw from")
+        tasks = tasks[:1]  # not used for prompts; keeps the draws below unchanged in shape
     task_objs = [get_task(name) for name in tasks]
-    check_heldout_size(n, heldout_seed)
+    if prompt_tokens is None:
+        check_heldout_size(n, heldout_seed)
     gen_lengths = list(gen_lengths or [base.gen_length])
     block_lengths = list(block_lengths or [base.block_length])
     step_budgets = list(step_budgets or [base.steps])
@@ -102,11 +123,11 @@ def make_workload(
     rng = random.Random(f"foretell-bench/{seed}")
     # Held-out streams are distinct by key and prefix-stable, so drawing from them in order
     # never repeats a problem.
-    pools = {t.name: iter(t.heldout(n, heldout_seed)) for t in task_objs}
+    pools = {} if prompt_tokens else {t.name: iter(t.heldout(n, heldout_seed)) for t in task_objs}
     out: list[BenchRequest] = []
     for _ in range(n):
         task = rng.choice(task_objs)
-        example = next(pools[task.name])
+        example = next(pools[task.name]) if pools else None
         gen = rng.choice(gen_lengths)
         combos = [
             (b, s)
@@ -133,8 +154,14 @@ def make_workload(
             remasking=remasking,
             constraints=constraints,
             early_commit=None,
+            kv_cache=None,
             seed=rng.randrange(2**31),
         )
+        if example is None:
+            length = rng.randint(*prompt_tokens)  # type: ignore[misc]
+            ids = [rng.choice(prompt_vocab) for _ in range(length)]  # type: ignore[arg-type]
+            out.append(BenchRequest(ids, params))
+            continue
         prompt = [{"role": "user", "content": example.prompt}]
         out.append(BenchRequest(prompt, params, task.name, example.prompt))
     return out
@@ -153,10 +180,11 @@ def load_workload(
     """Read a JSONL workload: ``{"prompt": ..., "params": {...}, "task": ..., "task_prompt":
     ...}`` a line; only ``prompt`` is required.
 
-    ``params`` override the model's defaults (``base``); ``early_commit`` is refused (the mode
-    sets it). A text prompt is wrapped as a chat message when the model has a chat template,
-    unless the line says ``"raw": true`` (as ``foretell generate --file`` does). With a
-    ``task``, accuracy is checked against ``task_prompt`` (default: the text prompt).
+    ``params`` override the model's defaults (``base``); ``early_commit`` and ``kv_cache`` are
+    refused (the mode sets them). A text prompt is wrapped as a chat message when the model has
+    a chat template, unless the line says ``"raw": true`` (as ``foretell generate --file``
+    does). With a ``task``, accuracy is checked against ``task_prompt`` (default: the text
+    prompt).
     """
     out: list[BenchRequest] = []
     lines = Path(path).read_text().splitlines()
@@ -171,15 +199,16 @@ def load_workload(
         if not isinstance(rec, dict) or "prompt" not in rec:
             raise ValueError(f"{where}: prompt: missing")
         fields = dict(rec.get("params") or {})
-        if "early_commit" in fields:
-            raise ValueError(f"{where}: params.early_commit: set by the mode, not the workload")
+        for name in MODE_FIELDS:
+            if name in fields:
+                raise ValueError(f"{where}: params.{name}: set by the mode, not the workload")
         if fields.get("constraints") is not None:
             fields["constraints"] = {int(k): v for k, v in fields["constraints"].items()}
         if "stop" in fields:
             fields["stop"] = tuple(fields["stop"])
         try:
             own = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-            params = as_params({**own, **fields, "early_commit": None})
+            params = as_params({**own, **fields, "early_commit": None, "kv_cache": None})
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: params: {err}") from None
         prompt = rec["prompt"]
