@@ -374,3 +374,40 @@ def dream_cached_generate(
             if (x[:, start:end] == mask_id).sum() == 0:
                 break
     return x, nfe
+
+
+@torch.no_grad()
+def threshold_generate(
+    model,
+    prompt: torch.Tensor,
+    *,
+    gen_length: int,
+    block_length: int,
+    threshold: float,
+    mask_id: int,
+    max_nfe: int = 10_000,
+) -> tuple[torch.Tensor, int]:
+    """Fast-dLLM's uncached ``generate`` with ``threshold`` (greedy, low confidence): the whole
+    canvas every step, candidates every mask up to the block's end, and a block runs until it
+    has no masks. ``model(x) -> logits`` over the canvas. Where every reveal of a step is the
+    mask token itself, Fast-dLLM would repeat that step forever; here the next block starts
+    (the engine's documented rule)."""
+    prompt_len = prompt.shape[1]
+    x = torch.full((1, prompt_len + gen_length), mask_id, dtype=torch.long)
+    x[:, :prompt_len] = prompt.clone()
+    nfe = 0
+    for num_block in range(gen_length // block_length):
+        end = prompt_len + (num_block + 1) * block_length
+        while (x[:, end - block_length : end] == mask_id).any() and nfe < max_nfe:
+            nfe += 1
+            mask_index = x == mask_id
+            logits = model(x)
+            mask_index[:, end:] = 0
+            x0, transfer_index = get_transfer_index(
+                logits, "low_confidence", mask_index, x, None, threshold
+            )
+            before = x.clone()
+            x[transfer_index] = x0[transfer_index]
+            if torch.equal(before, x):
+                break
+    return x, nfe

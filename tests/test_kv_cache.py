@@ -387,3 +387,43 @@ def test_cached_span_on_an_unchanged_canvas_equals_the_full_forward(llada64, dre
             cache = CacheUse(buffer, 2, lo, hi - lo, length)
             out = model.forward_packed(ids[pos], pos, [len(pos)], [cache])
             torch.testing.assert_close(out, full[pos], rtol=0, atol=1e-12)
+
+
+def test_uncached_threshold_rule_equals_fast_dllm_generate(llada64) -> None:
+    """Without a cache, ``confidence_threshold`` is Fast-dLLM's ``generate(threshold=...)``:
+    one ``topk`` over the canvas row, keep the first and every candidate >= threshold."""
+    from reference_cache import threshold_generate
+
+    cases = [
+        (
+            prompt,
+            DecodeParams(
+                gen_length=gen,
+                block_length=block,
+                steps=gen // block,
+                remasking="confidence_threshold",
+                threshold=t,
+            ),
+        )
+        for prompt, (gen, block), t in zip(
+            itertools.cycle(PROMPTS),
+            [(32, 8), (32, 4), (48, 16), (32, 32), (64, 16), (32, 8)],
+            [0.5, 0.9, 0.7, 0.95, 0.6, 0.99],
+        )
+    ]
+    engine = Engine(llada64, dtype="float64", max_num_seqs=3)
+    outs = engine.generate([c[0] for c in cases], [c[1] for c in cases], use_tqdm=False)
+    parallel = 0
+    for (_, params), out in zip(cases, outs, strict=True):
+        x, nfe = threshold_generate(
+            llada64.model,
+            torch.tensor([out.prompt_token_ids]),
+            gen_length=params.gen_length,
+            block_length=params.block_length,
+            threshold=params.threshold,
+            mask_id=llada64.model.mask_token_id,
+        )
+        assert out.token_ids == x[0, len(out.prompt_token_ids) :].tolist(), params
+        assert out.num_forward_passes == nfe, params
+        parallel += nfe < params.gen_length
+    assert parallel >= 2  # the rule really revealed several tokens per step somewhere

@@ -201,15 +201,18 @@ def _reveal_llada(
     if p.remasking == "confidence_threshold":
         stalled = True
         if window.numel():
-            if cached:
-                chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
-            else:
-                chosen = above_threshold(scores, p.threshold)
+            # Fast-dLLM's get_transfer_index over the computed row (the canvas, or a cached
+            # step's span), in its uncached ``generate`` as in its cached decoders.
+            chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
             _reveal(req, window, x0, chosen)
             stalled = bool((x0[chosen] == req.mask_token_id).all())
         if cached:
             move_cached_cursor(req, stalled)
         else:
+            if stalled and window.numel():
+                # Every reveal was the mask token itself: each later step would be the same
+                # (Fast-dLLM would loop forever), so the next block starts.
+                req.block += 1
             _next_nonempty_block(req)
         return
     # The references rank (and draw random scores over) the rows the step computed: the canvas,
