@@ -44,3 +44,7 @@ foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 3
   --out "$out/single_block_reference_rule.json" | tee "$out/single_block_reference_rule.txt"
 foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \
   --remaskings low_confidence --out "$out/single_block.json" | tee "$out/single_block.txt"
+# Engine replicas on Ray Data (needs foretell[ray]): 1 and 2 replicas on one workload, next to
+# one engine in the benchmark's own process (docs/distributed.md).
+foretell bench --replicas 1,2 --n 4000 --batch-size 125 --out "$out/ray_replicas.json" \
+  | tee "$out/ray_replicas.txt"

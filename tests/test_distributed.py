@@ -155,7 +155,7 @@ def test_cli_replicas_parquet_in_order(ray_cluster, checkpoint, tmp_path) -> Non
     out = tmp_path / "out.parquet"
     argv = ["generate", "--model", str(checkpoint), "--file", str(tmp_path / "in.parquet")]
     argv += ["--out", str(out), "--replicas", "2", "--batch-size", "4", "--gen-length", "8"]
-    assert main([*argv, "--threads", "1", "--dtype", "float64"]) == 0
+    assert main([*argv, "--raw", "--threads", "1", "--dtype", "float64"]) == 0
     rows = pq.read_table(out).to_pylist()
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(30)]  # input order
     assert "params.bogus: unknown decoding parameter" in rows[4]["error"]

@@ -59,6 +59,7 @@ def run_replicas(
     blocks = max(1, math.ceil(len(rows) / batch_size))
     result: dict = {"runs": {}, "batch_size": batch_size, "blocks": blocks}
 
+    expected = None
     if engine_baseline:
         engine = Engine(model, **engine_kwargs)
         plist = [
@@ -69,6 +70,7 @@ def run_replicas(
         outputs = engine.generate([r.prompt for r in requests], plist, use_tqdm=False)
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.token_ids) for o in outputs if o.finish_reason != "error")
+        expected = [o.token_ids for o in outputs]
         result["runs"]["engine"] = {
             "replicas": 0,
             "seconds": seconds,
@@ -94,9 +96,10 @@ def run_replicas(
                 batch_size=batch_size,
                 engine_kwargs=engine_kwargs,
                 threads=threads,
+                json_prompts=True,
             )
             t0 = time.perf_counter()
-            first, tokens, passes, seen, errors = None, 0, 0, set(), 0
+            first, tokens, passes, seen, errors, same = None, 0, 0, set(), 0, 0
             for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
                 if first is None:
                     first = time.perf_counter() - t0
@@ -104,6 +107,8 @@ def run_replicas(
                     ["index", "token_ids", "finish_reason", "num_forward_passes"]
                 ).to_pylist():
                     seen.add(row["index"])
+                    if expected is not None:
+                        same += row["token_ids"] == expected[row["index"]]
                     errors += row["finish_reason"] == "error"
                     passes += row["num_forward_passes"]
                     if row["finish_reason"] != "error":
@@ -118,6 +123,9 @@ def run_replicas(
                 "generated_tokens": tokens,
                 "tokens_per_s": tokens / seconds,
                 "forward_passes": passes,
+                # Up to float rounding between batch compositions (float32): a sanity check
+                # that the replicas ran the same requests, not a parity test.
+                "same_tokens_as_engine": None if expected is None else same,
             }
             print(f"  {count} replica(s): {tokens / seconds:,.0f} tok/s", file=sys.stderr)
     finally:
@@ -132,7 +140,7 @@ def format_replicas(result: dict) -> str:
     engine = runs.get("engine")
     lines = [
         f"{'run':<10} {'replicas':>8} {'seconds':>8} {'first batch s':>13} {'tok/s':>9} "
-        f"{'x 1 replica':>11} {'x engine':>9}"
+        f"{'x 1 replica':>11} {'x engine':>9} {'same tokens':>11}"
     ]
     for name, r in runs.items():
         first = r.get("first_batch_seconds")
@@ -141,7 +149,7 @@ def format_replicas(result: dict) -> str:
         lines.append(
             f"{name:<10} {r['replicas']:>8} {r['seconds']:>8.1f} "
             f"{'-' if first is None else f'{first:.1f}':>13} {r['tokens_per_s']:>9,.0f} "
-            f"{vs_one:>10.2f}x {vs_engine:>8.2f}x"
+            f"{vs_one:>10.2f}x {vs_engine:>8.2f}x {r.get('same_tokens_as_engine', '-')!s:>11}"
         )
     lines.append(
         f"ray.init: {result['ray_init_seconds']:.1f}s; {result['blocks']} batches of "
