@@ -61,3 +61,7 @@ foretell bench --model random --n 2 --batch-size 2 --gen-lengths 512 --modes eng
 # What the cache's approximation costs in accuracy on the shipped model, by block length.
 python benchmarks/kv_cache_accuracy.py --n 500 --out "$out/kv_cache_accuracy.json" \
   | tee "$out/kv_cache_accuracy.txt"
+# Engine replicas on Ray Data (needs foretell[ray]): 1 and 2 replicas on one workload, next to
+# one engine in the benchmark's own process (docs/distributed.md).
+foretell bench --replicas 1,2 --n 4000 --batch-size 125 --out "$out/ray_replicas.json" \
+  | tee "$out/ray_replicas.txt"

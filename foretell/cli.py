@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from foretell.params import DecodeParams, Prophet
+from foretell.params import DecodeParams, Prophet, row_params
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -46,11 +46,6 @@ def _decode_params(args: argparse.Namespace, engine) -> DecodeParams:
         )
         if getattr(args, name, None) is not None
     }
-    if "gen_length" in changes:  # derived defaults follow the new length unless given
-        changes.setdefault("steps", min(base.steps, changes["gen_length"]))
-        changes.setdefault("block_length", changes["gen_length"])
-        if base.constraints and max(base.constraints) >= changes["gen_length"]:
-            changes["constraints"] = None
     policy = base.early_commit
     if args.early_commit == "none":
         policy = None
@@ -60,7 +55,7 @@ def _decode_params(args: argparse.Namespace, engine) -> DecodeParams:
             values = tuple(float(v) for v in args.thresholds.split(","))
             policy = Prophet(**{**policy.__dict__, "thresholds": values})
     changes["early_commit"] = policy
-    return base.replace(**changes)
+    return base.override(**changes)  # derived defaults follow a new gen_length unless given
 
 
 def _engine(args: argparse.Namespace):
@@ -81,6 +76,8 @@ def _engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        return _generate_on_ray(args)
     engine = _engine(args)
     params = _decode_params(args, engine)
     if args.file:
@@ -91,7 +88,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if "prompt" not in rec:
                 raise ValueError(f"{args.file} line {i + 1}: prompt: missing")
             prompts.append(_as_prompt(engine, rec["prompt"], args.raw))
-            plist.append(params.replace(**rec.get("params", {})))
+            try:
+                plist.append(row_params(params, rec.get("params")))
+            except ValueError as err:
+                raise ValueError(f"{args.file} line {i + 1}: {err}") from None
         outputs = engine.generate(prompts, plist, use_tqdm=True)
         sink = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
         try:
@@ -112,6 +112,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if out.finish_reason != "error" else 1
+
+
+def _generate_on_ray(args: argparse.Namespace) -> int:
+    """``--file ... --replicas N``: the same job on Ray Data, one engine per replica
+    (docs/distributed.md)."""
+    import functools
+
+    if not args.file:
+        raise ValueError("replicas: needs --file (bulk generation)")
+    if args.replicas < 1:
+        raise ValueError(f"replicas: must be >= 1, got {args.replicas}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {args.batch_size}")
+    try:
+        from foretell.distributed.job import auto_batch_size, read_records, run_job
+    except ImportError as err:
+        raise ValueError(
+            f"replicas: needs the ray extra (pip install 'foretell[ray]'): {err}"
+        ) from err
+    records = read_records(args.file)
+    batch_size = args.batch_size or auto_batch_size(len(records), args.replicas, args.max_num_seqs)
+    flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in _DECODE_FLAGS})
+    stats = run_job(
+        records,
+        args.out,
+        model=args.model,
+        # Built in each replica: the flags apply over the model's own defaults.
+        params=functools.partial(_decode_params, flags),
+        replicas=args.replicas,
+        batch_size=batch_size,
+        engine_kwargs={
+            "max_num_seqs": args.max_num_seqs,
+            "dtype": args.dtype,
+            "attention_backend": args.attention_backend,
+            "forward_chunk_tokens": args.forward_chunk_tokens,
+        },
+        chat_template=not args.raw,
+        threads=args.threads,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        ray_address=args.ray_address,
+    )
+    print(
+        f"[{stats['rows']} rows ({stats['errors']} with errors), "
+        f"{stats['generated_tokens']} tokens in {stats['seconds']:.1f}s on {args.replicas} "
+        f"replica(s), batches of {batch_size}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+_DECODE_FLAGS = (
+    "gen_length",
+    "steps",
+    "block_length",
+    "temperature",
+    "remasking",
+    "threshold",
+    "cfg_scale",
+    "seed",
+    "stop",
+    "early_commit",
+    "thresholds",
+)
 
 
 def _as_prompt(engine, text: object, raw: bool) -> object:
@@ -221,9 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text for one prompt or a JSONL file")
     gen.add_argument("prompt", nargs="?")
-    gen.add_argument("--file", help='JSONL, one {"prompt": ..., "params": {...}} per line')
+    gen.add_argument(
+        "--file",
+        help='JSONL, one {"prompt": ..., "params": {...}} per line (with --replicas also Parquet)',
+    )
     gen.add_argument("--out", help="write JSONL results here (default: stdout)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    ray_group = gen.add_argument_group("on Ray Data (pip install 'foretell[ray]')")
+    ray_group.add_argument(
+        "--replicas",
+        type=int,
+        help="run --file on N engine replicas with Ray Data (.jsonl or .parquet in and out)",
+    )
+    ray_group.add_argument("--ray-address", help="an existing Ray cluster (default: start one)")
+    ray_group.add_argument(
+        "--batch-size", type=int, help="rows per engine batch (default: about 4 per replica)"
+    )
+    ray_group.add_argument("--num-cpus", type=float, help="CPUs per replica (default 1)")
+    ray_group.add_argument("--num-gpus", type=float, help="GPUs per replica (default none)")
     engine_args(gen)
     _add_decode_args(gen)
     gen.set_defaults(func=cmd_generate)

@@ -100,6 +100,10 @@ class Prophet:
 EarlyCommit = Prophet | str | dict | None
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _as_policy(value: EarlyCommit) -> Prophet | None:
     if value is None or isinstance(value, Prophet):
         return value
@@ -292,6 +296,24 @@ class DecodeParams:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
+    def override(self, **changes: object) -> DecodeParams:
+        """Like ``replace``, but a new ``gen_length`` brings ``steps`` (capped) and
+        ``block_length`` (one block) along unless they are given, and drops constraints that
+        fall outside it: how command-line flags and job-level settings apply over a model's
+        defaults."""
+        if changes.get("gen_length") is not None:
+            length = changes["gen_length"]
+            changes.setdefault("steps", min(self.steps, length) if _is_int(length) else None)
+            changes.setdefault("block_length", length)
+            if (
+                "constraints" not in changes
+                and self.constraints
+                and _is_int(length)
+                and max(self.constraints) >= length
+            ):
+                changes["constraints"] = None
+        return replace(self, **changes)
+
 
 def as_params(fields: dict) -> DecodeParams:
     """DecodeParams from a plain mapping (JSON bodies, JSONL files); unknown keys are errors."""
@@ -300,3 +322,61 @@ def as_params(fields: dict) -> DecodeParams:
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown decoding parameter (known: {sorted(known)})")
     return DecodeParams(**fields)
+
+
+def row_params(base: DecodeParams, changes: object) -> DecodeParams:
+    """One input row's params: ``changes`` (a mapping, a JSON object as text, or None) set
+    over ``base`` field by field, as ``foretell generate --file`` reads a line's ``params``.
+
+    In a mapping, a None value means "not given": Arrow struct columns (Parquet, Ray Data) fill
+    the keys a row lacks with nulls. JSON text is taken as written. Unknown keys are errors.
+    """
+    return _checked(base.replace, _param_fields(changes))
+
+
+def job_params(base: DecodeParams, changes: object) -> DecodeParams:
+    """A job's settings over a model's defaults: as :func:`row_params`, but through
+    ``DecodeParams.override``, as command-line flags are (a new ``gen_length`` brings
+    ``steps`` and ``block_length`` along)."""
+    return _checked(base.override, _param_fields(changes))
+
+
+def _checked(build, fields: dict) -> DecodeParams:
+    try:
+        return build(**fields)
+    except TypeError as err:  # a value of the wrong type that a comparison tripped on
+        raise ValueError(f"params: {err}") from None
+
+
+def _param_fields(changes: object) -> dict:
+    if changes is None:
+        return {}
+    if isinstance(changes, (str, bytes)):
+        import json
+
+        try:
+            fields = json.loads(changes) if changes.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"params: not valid JSON: {err}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"params: expected a JSON object, got {type(fields).__name__}")
+    elif hasattr(changes, "items"):
+        fields = {k: v for k, v in dict(changes).items() if v is not None}
+        if isinstance(fields.get("early_commit"), dict):
+            policy = fields["early_commit"]
+            fields["early_commit"] = {k: v for k, v in policy.items() if v is not None}
+    else:
+        raise ValueError(
+            f"params: expected a mapping or a JSON object, got {type(changes).__name__}"
+        )
+    unknown = sorted(str(k) for k in set(fields) - set(DecodeParams.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"params.{unknown[0]}: unknown decoding parameter")
+    constraints = fields.get("constraints")
+    if isinstance(constraints, dict):  # JSON and Arrow keys are text
+        fields["constraints"] = {
+            int(k) if isinstance(k, str) and k.isdigit() else k: v
+            for k, v in constraints.items()
+            if v is not None
+        }
+    return fields

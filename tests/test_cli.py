@@ -76,6 +76,18 @@ def test_generate_jsonl_file(checkpoint, tmp_path) -> None:
     assert all(r["finish_reason"] == "steps" for r in rows)
 
 
+def test_generate_file_params_as_json_text_and_unknown_fields(checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1+1=", "params": '{"steps": 2}'}) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(checkpoint), "--file", str(prompts), "--gen-length", "8"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["num_forward_passes"] == 2
+    prompts.write_text(json.dumps({"prompt": "1+1=", "params": {"stepz": 2}}) + "\n")
+    assert main(argv) == 2
+    assert "line 1: params.stepz: unknown decoding parameter" in capsys.readouterr().err
+
+
 def test_bad_input_is_a_clear_error(checkpoint, capsys) -> None:
     assert (
         main(

@@ -163,6 +163,19 @@ def test_generate_keeps_input_order_and_is_all_or_nothing(llada64) -> None:
     assert not engine.has_unfinished_requests()
 
 
+def test_generate_errors_return_runs_the_valid_prompts(llada64) -> None:
+    engine = Engine(llada64, dtype="float64", max_num_seqs=3)
+    params = DecodeParams(gen_length=8, steps=8)
+    outs = engine.generate(["1+1=", "", "2+2="], params, use_tqdm=False, errors="return")
+    assert [o.finish_reason for o in outs] == ["steps", "error", "steps"]
+    assert outs[1].error == "prompt: is empty" and outs[1].token_ids == []
+    (alone,) = engine.generate(["2+2="], params, use_tqdm=False)
+    assert outs[2].token_ids == alone.token_ids
+    with pytest.raises(ValueError, match="errors: expected"):
+        engine.generate(["1+1="], params, use_tqdm=False, errors="ignore")
+    assert not engine.has_unfinished_requests()
+
+
 def test_prompt_forms_stop_strings_and_text_constraints(llada64) -> None:
     engine = Engine(llada64, dtype="float64")
     tok = engine.tokenizer

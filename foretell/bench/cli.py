@@ -167,6 +167,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG chart here")
     p.add_argument(
+        "--replicas",
+        type=_ints,
+        help="instead of the modes: engine-prophet on R engine replicas under Ray Data, for "
+        "each R given (e.g. 1,2), next to one engine in this process (needs foretell[ray]; "
+        "--batch-size is then the rows per replica batch, --max-num-seqs its engine's)",
+    )
+    p.add_argument(
+        "--replica-max-num-seqs", type=int, default=32, help="each replica's max_num_seqs"
+    )
+    p.add_argument(
         "--scaling",
         action="store_true",
         help="also: wall time for N in --scaling-n and throughput against max_num_seqs",
@@ -249,6 +259,9 @@ def main(args: argparse.Namespace) -> int:
             prompt_tokens=prompt_tokens,
             prompt_vocab=setup.prompt_vocab if prompt_tokens else None,
         )
+
+    if args.replicas:
+        return _bench_replicas(args, setup, prophet, draw)
 
     if args.workload:
         chat = bool(getattr(setup.loaded.tokenizer, "chat_template", None))
@@ -362,4 +375,45 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         plot_modes(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _bench_replicas(args: argparse.Namespace, setup, prophet, draw) -> int:
+    """``--replicas``: the same workload on each replica count (foretell/bench/replicas.py)."""
+    from foretell.bench.replicas import format_replicas, run_replicas
+    from foretell.bench.report import machine_info, write_json
+    from foretell.bench.workload import describe
+    from foretell.models.default import HELDOUT_SIZE
+
+    if any(r < 1 for r in args.replicas):
+        raise ValueError(f"replicas: must be >= 1, got {args.replicas}")
+    if args.model == "tiny" or args.workload:
+        raise ValueError("replicas: runs the shipped model or a --model path on drawn requests")
+    # Throughput only: past the held-out prompts the workload repeats them (same params).
+    pool = draw(min(args.n, HELDOUT_SIZE))
+    requests = (pool * -(-args.n // len(pool)))[: args.n]
+    print(
+        f"foretell bench --replicas: {len(requests)} requests ({len(pool)} distinct), "
+        f"engine-prophet, replicas {args.replicas}, {args.threads} torch thread(s) each",
+        file=sys.stderr,
+    )
+    result = run_replicas(
+        requests,
+        args.replicas,
+        model=args.model,
+        prophet=prophet,
+        batch_size=args.batch_size,
+        max_num_seqs=args.replica_max_num_seqs,
+        threads=args.threads,
+        dtype=args.dtype,
+        forward_chunk_tokens=args.forward_chunk_tokens,
+    )
+    result["workload"] = {**describe(requests), "distinct": len(pool), "seed": args.seed}
+    result["machine"] = machine_info()
+    result["args"] = {k: v for k, v in vars(args).items() if not callable(v)}
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    print()
+    print(format_replicas(result))
+    if args.out:
+        write_json(args.out, result)
     return 0

@@ -493,12 +493,17 @@ class Engine:
         params: DecodeParams | Sequence[DecodeParams] | None = None,
         *,
         use_tqdm: bool = True,
+        errors: str = "raise",
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
-        All-or-nothing admission: if any prompt or params is invalid, none runs and the error
-        names its index.
+        ``errors="raise"``: all-or-nothing admission, if any prompt or params is invalid, none
+        runs and the error names its index. ``errors="return"``: an invalid one gets an output
+        with ``finish_reason`` "error" and the message, and the others run (bulk jobs, where
+        one bad row must not stop the rest).
         """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors: expected 'raise' or 'return', got {errors!r}")
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))
         ):
@@ -510,17 +515,23 @@ class Engine:
             params_list = list(params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"params: {len(params_list)} params for {len(prompts)} prompts")
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        order: dict[str, int] = {}
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            request_id = f"gen-{next(self._ids)}"
             try:
-                requests.append(self.make_request(prompt, p, request_id=f"gen-{next(self._ids)}"))
+                requests.append(self.make_request(prompt, p, request_id=request_id))
             except ValueError as err:
-                raise ValueError(f"prompts[{i}]: {err}") from None
-        order = {r.request_id: i for i, r in enumerate(requests)}
+                if errors == "raise":
+                    raise ValueError(f"prompts[{i}]: {err}") from None
+                results[i] = _invalid_output(request_id, prompt, str(err))
+                continue
+            order[request_id] = i
         for req in requests:
             self.enqueue(req)
-        results: list[RequestOutput | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm)
+        bar = tqdm(total=len(prompts), desc="Generating", unit="req", disable=not use_tqdm)
+        bar.update(len(prompts) - len(requests))
         start, passes, tokens, remaining = time.perf_counter(), 0, 0, len(requests)
         unclaimed = []
         try:
@@ -541,3 +552,17 @@ class Engine:
             bar.close()
             self._ready.extend(unclaimed)
         return results
+
+
+def _invalid_output(request_id: str, prompt: object, error: str) -> RequestOutput:
+    """What ``generate(errors="return")`` hands back for a request that never ran."""
+    return RequestOutput(
+        request_id=request_id,
+        prompt=prompt,
+        prompt_token_ids=[],
+        token_ids=[],
+        text="",
+        num_forward_passes=0,
+        finish_reason="error",
+        error=error,
+    )
