@@ -196,5 +196,5 @@ def test_row_params() -> None:
         row_params(base, {"nope": 1})
     with pytest.raises(ValueError, match="expected a JSON object"):
         row_params(base, "[1, 2]")
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(ValueError, match="threshold: must be a finite number"):
         row_params(base, {"threshold": "high"})
