@@ -23,6 +23,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--threshold", type=float, help="for confidence_threshold")
     g.add_argument("--cfg-scale", type=float)
+    g.add_argument(
+        "--kv-cache", choices=["prefix", "dual"], help="Fast-dLLM's block KV cache (docs/guide.md)"
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--early-commit", choices=["prophet", "none"])
     g.add_argument("--thresholds", help="Prophet's early,mid,late gap thresholds, e.g. 7.5,5,2.5")
@@ -32,19 +35,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 def _decode_params(args: argparse.Namespace, engine) -> DecodeParams:
     base: DecodeParams = engine.default_params
     changes = {
-        name: getattr(args, name)
-        for name in (
-            "gen_length",
-            "steps",
-            "block_length",
-            "temperature",
-            "remasking",
-            "threshold",
-            "cfg_scale",
-            "seed",
-            "stop",
-        )
-        if getattr(args, name, None) is not None
+        name: getattr(args, name) for name in _PARAM_FLAGS if getattr(args, name, None) is not None
     }
     policy = base.early_commit
     if args.early_commit == "none":
@@ -163,7 +154,9 @@ def _generate_on_ray(args: argparse.Namespace) -> int:
     return 0
 
 
-_DECODE_FLAGS = (
+# Decoding flags that are DecodeParams fields of the same name; with Prophet's two, every
+# decoding flag (what a Ray job takes over to its replicas).
+_PARAM_FLAGS = (
     "gen_length",
     "steps",
     "block_length",
@@ -173,9 +166,9 @@ _DECODE_FLAGS = (
     "cfg_scale",
     "seed",
     "stop",
-    "early_commit",
-    "thresholds",
+    "kv_cache",
 )
+_DECODE_FLAGS = (*_PARAM_FLAGS, "early_commit", "thresholds")
 
 
 def _as_prompt(engine, text: object, raw: bool) -> object:
@@ -188,14 +181,7 @@ def _as_prompt(engine, text: object, raw: bool) -> object:
 
 
 def _summary(out) -> dict:
-    return {
-        "text": out.text,
-        "num_forward_passes": out.num_forward_passes,
-        "committed_early": out.committed_early,
-        "commit_step": out.commit_step,
-        "finish_reason": out.finish_reason,
-        "error": out.error,
-    }
+    return out.summary()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -46,6 +46,17 @@ def test_generate_one_prompt(checkpoint, capsys) -> None:
     assert captured.out.strip() != ""
 
 
+def test_generate_with_a_kv_cache(checkpoint, capsys) -> None:
+    """``--kv-cache`` reaches DecodeParams: a cached request runs to the end, and a combination
+    the cache does not support is refused naming the field."""
+    args = ["generate", "12+34=", "--model", str(checkpoint), "--gen-length", "16"]
+    args += ["--block-length", "8", "--steps", "16", "--remasking", "confidence_threshold"]
+    assert main([*args, "--kv-cache", "dual"]) == 0
+    assert "finish: steps" in capsys.readouterr().err
+    assert main([*args, "--kv-cache", "dual", "--cfg-scale", "1"]) == 2
+    assert "kv_cache:" in capsys.readouterr().err
+
+
 def test_generate_jsonl_file(checkpoint, tmp_path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(

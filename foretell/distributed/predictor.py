@@ -160,15 +160,7 @@ def resolve_params(params: ParamsSpec, engine) -> DecodeParams:
 
 
 def _row(out) -> dict:
-    return {
-        "text": out.text,
-        "token_ids": out.token_ids,
-        "num_forward_passes": out.num_forward_passes,
-        "committed_early": out.committed_early,
-        "commit_step": out.commit_step,
-        "finish_reason": out.finish_reason,
-        "error": out.error,
-    }
+    return out.summary(token_ids=True)
 
 
 def _error_row(message: str) -> dict:

@@ -32,6 +32,20 @@ class RequestOutput:
     finished_time: float | None = None
     revealed: list[int] = field(default_factory=list)  # positions revealed in the last step
 
+    def summary(self, token_ids: bool = False) -> dict:
+        """The fields a bulk job writes per row (JSONL, Parquet), token ids if asked."""
+        row: dict = {"text": self.text}
+        if token_ids:
+            row["token_ids"] = self.token_ids
+        row.update(
+            num_forward_passes=self.num_forward_passes,
+            committed_early=self.committed_early,
+            commit_step=self.commit_step,
+            finish_reason=self.finish_reason,
+            error=self.error,
+        )
+        return row
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
