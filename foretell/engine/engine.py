@@ -127,10 +127,13 @@ class Engine:
                 raise ValueError(f"{name}: must be an integer >= 2, got {value!r}")
         # Resolved (and validated) before the model loads, so a bad value fails at once.
         chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))
-        if kv_cache_memory != "auto":
-            kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device))
+        # "auto" reads the free memory, so only once the weights are loaded.
+        auto_budget = kv_cache_memory == "auto"
+        if not auto_budget:
+            kv_budget = kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device))
         loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
-        kv_budget = kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device))
+        if auto_budget:
+            kv_budget = kv_cache.resolve_kv_cache_memory("auto", torch.device(device))
         # What ``generate`` uses when given no params: the shipped model's own layout, else
         # DecodeParams' defaults.
         self.default_params = DecodeParams()
