@@ -9,23 +9,30 @@ from foretell.decoding.unmask import candidates
 
 # Chi-square critical value for 5 degrees of freedom at p = 0.001.
 CHI2_CRIT_DF5 = 20.515
+# One 6-token row, drawn from many times.
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.5], dtype=torch.float64)
+DRAWS = 20000
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_temperature_sampling_follows_softmax(family: str, temperature: float) -> None:
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.5], dtype=torch.float64)
-    n = 20000
-    generator = torch.Generator().manual_seed(1234)
+def _foretell_samples(family: str, temperature: float) -> torch.Tensor:
+    """``DRAWS`` tokens that foretell's sampler draws from ``LOGITS`` (seed 1234)."""
     x0, _ = candidates(
-        logits.expand(n, -1),
+        LOGITS.expand(DRAWS, -1),
         family=family,
         rule="low_confidence",
         temperature=temperature,
         top_p=None,
         top_k=None,
-        generator=generator,
+        generator=torch.Generator().manual_seed(1234),
     )
+    return x0
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_sampling_follows_softmax(family: str, temperature: float) -> None:
+    logits, n = LOGITS, DRAWS
+    x0 = _foretell_samples(family, temperature)
     observed = torch.bincount(x0, minlength=6).double()
     expected = torch.softmax(logits / temperature, -1) * n
     chi2 = float(((observed - expected) ** 2 / expected).sum())
@@ -91,17 +98,8 @@ def test_sampling_is_distribution_equal_to_the_official_not_token_equal(
     """foretell draws its noise per needed row (Gumbel-max) where LLaDA draws it over the whole
     canvas x vocabulary and Dream samples a Categorical: the same distribution (a two-sample
     chi-square test cannot tell them apart), but not the same tokens for the same seed."""
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.5], dtype=torch.float64)
-    n = 20000
-    ours, _ = candidates(
-        logits.expand(n, -1),
-        family=family,
-        rule="low_confidence",
-        temperature=temperature,
-        top_p=None,
-        top_k=None,
-        generator=torch.Generator().manual_seed(1234),
-    )
+    logits, n = LOGITS, DRAWS
+    ours = _foretell_samples(family, temperature)
     official = (_official_llada_samples if family == "llada" else _official_dream_samples)(
         logits, temperature, n
     )
