@@ -227,7 +227,8 @@ def padded_attention(
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Bidirectional attention over a padded batch: ``q`` ``[B, H, L, D]``, ``k``/``v``
-    ``[B, H_kv, L, D]``; ``attention_mask`` ``[B, L]`` with 1 for real tokens (HF style).
+    ``[B, H_kv, L, D]``; ``attention_mask`` ``[B, L]`` with 1 for real tokens (HF style), or
+    ``[B, L, L]`` saying which keys each query may see (training views of cached decoding).
 
     Padding keys are masked out; padding queries still get an output (ignored by callers).
     """
@@ -235,5 +236,6 @@ def padded_attention(
     v = _expand_kv(v, q.shape[1], 1)
     mask = None
     if attention_mask is not None:
-        mask = attention_mask.bool()[:, None, None, :]
+        mask = attention_mask.bool()
+        mask = mask[:, None, :, :] if mask.dim() == 3 else mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -227,12 +227,21 @@ class DiffusionLM(nn.Module):
 
     # -- whole canvases (HF style) -------------------------------------------------------
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attention_mask is None:
+        """``attention_mask`` is ``[B, L]`` (1 for real tokens) or ``[B, L, L]`` (which keys
+        each query sees; then ``positions`` ``[B, L]`` are required, since one row's position
+        no longer follows from the mask)."""
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if positions is None:
+                raise ValueError("positions: required with a [B, L, L] attention_mask")
+        elif positions is None and attention_mask is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             positions = positions.expand_as(input_ids)
-        else:
+        elif positions is None:
             # Left padding: real tokens count positions from 0, as packed sequences do.
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
