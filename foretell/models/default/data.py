@@ -45,6 +45,7 @@ def accuracy(
     steps: int,
     block_length: int,
     constraints: dict[int, int] | None,
+    kv_cache: str | None = None,
 ) -> tuple[float, list[str]]:
     """Fraction of ``examples`` whose greedy generation the task's checker accepts.
 
@@ -57,7 +58,11 @@ def accuracy(
     was_training = model.training
     engine = Engine(LoadedModel(model=model, tokenizer=tokenizer, path=None), max_num_seqs=128)
     params = DecodeParams(
-        gen_length=GEN_LENGTH, block_length=block_length, steps=steps, constraints=constraints
+        gen_length=GEN_LENGTH,
+        block_length=block_length,
+        steps=steps,
+        constraints=constraints,
+        kv_cache=kv_cache,
     )
     with torch.no_grad():
         outputs = engine.generate(

@@ -7,6 +7,10 @@ averaged over them (``--loss-weighting uniform``, the default) or LLaDA's ELBO f
 few nearly unmasked examples dominate each clipped gradient, and ``elbo`` learned the default
 task measurably slower (docs/training.md). AdamW with linear warmup and cosine decay; every
 random choice comes from ``--seed``.
+
+``--cache-views F`` trains a fraction F of every batch on views of cached decoding
+(:mod:`foretell.models.default.cache_views`), so that the model tolerates the block KV cache;
+``--init DIR`` starts from a checkpoint (the shipped model is the base run fine-tuned so).
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from foretell.models.default import (
     STEPS,
     answer_constraints,
 )
+from foretell.models.default.cache_views import VIEW_BLOCK_LENGTHS, cache_view_batch
 from foretell.models.default.data import accuracy, make_batch
 from foretell.models.llada import LLaDAModelLM
-from foretell.models.registry import save_model
+from foretell.models.registry import load_model, save_model
 from foretell.models.tokenizer import build_char_tokenizer
 from foretell.models.transformer import TransformerConfig
-from foretell.tasks import ALPHABET, CHAT_TEMPLATE, get_task
+from foretell.tasks import ALPHABET, CHAT_TEMPLATE, GEN_LENGTH, get_task
 
 MASK_EPS = 1e-3
 
@@ -49,6 +54,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--loss-weighting", choices=("uniform", "elbo"), default="uniform")
+    p.add_argument(
+        "--cache-views",
+        type=float,
+        default=0.0,
+        help="fraction of each batch trained on views of cached decoding (0: none)",
+    )
+    p.add_argument(
+        "--cache-view-dual",
+        type=float,
+        default=0.5,
+        help="fraction of the cached-decoding views that are dual-cache steps (else prefix)",
+    )
+    p.add_argument(
+        "--cache-view-blocks",
+        default=",".join(map(str, VIEW_BLOCK_LENGTHS)),
+        help="block lengths the views are drawn from (uniformly)",
+    )
+    p.add_argument(
+        "--cache-view-where",
+        choices=("uncertain", "uniform"),
+        default="uncertain",
+        help="which block a view is of: drawn by the model's entropy at the block's refresh, "
+        "or uniformly",
+    )
+    p.add_argument(
+        "--init", type=Path, default=None, help="start from this checkpoint (fine-tuning)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--hidden", type=int, default=128)
@@ -65,7 +97,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-n", type=int, default=100, help="held-out prompts per task per eval")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--log-json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.cache_views <= 1.0:
+        p.error(f"--cache-views: {args.cache_views} is not a fraction in [0, 1]")
+    try:
+        args.cache_view_blocks = tuple(int(n) for n in args.cache_view_blocks.split(","))
+    except ValueError:
+        p.error(f"--cache-view-blocks: {args.cache_view_blocks!r} is not a list of integers")
+    if any(n <= 0 or GEN_LENGTH % n for n in args.cache_view_blocks):
+        p.error(f"--cache-view-blocks: each of {args.cache_view_blocks} must divide {GEN_LENGTH}")
+    if not 0.0 <= args.cache_view_dual <= 1.0:
+        p.error(f"--cache-view-dual: {args.cache_view_dual} is not a fraction in [0, 1]")
+    if args.cache_views > 0 and args.loss_weighting != "uniform":
+        p.error("--cache-views: needs --loss-weighting uniform (a view has no single t)")
+    return args
 
 
 def build_model(args: argparse.Namespace, tokenizer: object) -> LLaDAModelLM:
@@ -97,6 +142,23 @@ def build_model(args: argparse.Namespace, tokenizer: object) -> LLaDAModelLM:
     return model
 
 
+def sft_token_losses(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    is_gen: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaDA's SFT masking of one batch: (per-token cross-entropy, masked [B, L], p_mask [B, 1])."""
+    t = torch.rand(ids.shape[0], 1, generator=generator)
+    p_mask = (1 - MASK_EPS) * t + MASK_EPS
+    masked = (torch.rand(ids.shape, generator=generator) < p_mask) & is_gen
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    logits = model(noisy, attention_mask=attention)
+    return F.cross_entropy(logits[masked], ids[masked], reduction="none"), masked, p_mask
+
+
 def masked_diffusion_loss(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -107,18 +169,53 @@ def masked_diffusion_loss(
     weighting: str = "uniform",
 ) -> torch.Tensor:
     """Masked-diffusion loss for one batch (see the module docstring)."""
-    b = ids.shape[0]
-    t = torch.rand(b, 1, generator=generator)
-    p_mask = (1 - MASK_EPS) * t + MASK_EPS
-    masked = (torch.rand(ids.shape, generator=generator) < p_mask) & is_gen
-    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    logits = model(noisy, attention_mask=attention)
-    token_loss = F.cross_entropy(logits[masked], ids[masked], reduction="none")
+    token_loss, masked, p_mask = sft_token_losses(model, ids, attention, is_gen, mask_id, generator)
     if weighting == "uniform":
         return token_loss.mean()
     weights = p_mask.expand_as(ids)[masked]
     gen_length = is_gen.sum(1, keepdim=True).expand_as(ids)[masked]
-    return (token_loss / weights / gen_length).sum() / b
+    return (token_loss / weights / gen_length).sum() / ids.shape[0]
+
+
+def cache_view_losses(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    is_gen: torch.Tensor,
+    keep: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+    dual_fraction: float = 0.5,
+    block_lengths: tuple[int, ...] = VIEW_BLOCK_LENGTHS,
+    where: str = "uncertain",
+) -> torch.Tensor:
+    """Per-token cross-entropy of a batch of cached-decoding views: the step copy's masked rows
+    (the block, and after it the rows a prefix step recomputes or dual reads for Prophet).
+
+    The refresh copy is not scored: it is a plain full pass, which the plain examples train."""
+    g = int(is_gen[0].sum())
+
+    def entropy(canvases: torch.Tensor, canvas_attention: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(canvases, attention_mask=canvas_attention)[:, -g:]
+        logp = logits.float().log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    views = cache_view_batch(
+        ids,
+        attention,
+        is_gen,
+        keep,
+        mask_id,
+        generator,
+        dual_fraction,
+        block_lengths,
+        entropy if where == "uncertain" else None,
+    )
+    logits = model(views.ids, attention_mask=views.allowed, positions=views.positions)
+    s = ids.shape[1]
+    rows = views.masked[:, s:]
+    return F.cross_entropy(logits[:, s:][rows], ids[:, s - g :][rows], reduction="none")
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -136,7 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     tokenizer = build_char_tokenizer(ALPHABET)
     tokenizer.chat_template = CHAT_TEMPLATE
-    model = build_model(args, tokenizer)
+    if args.init is None:
+        model = build_model(args, tokenizer)
+    else:
+        model = load_model(args.init, dtype="float32").model.requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
 
     weights = {}
@@ -194,6 +294,18 @@ def main(argv: list[str] | None = None) -> None:
                 constraints=constraints,
             )
             row[name] = {"full": full, "one_step": one}
+            if args.cache_views > 0:
+                for mode in ("prefix", "dual"):
+                    row[name][mode], _ = accuracy(
+                        model,
+                        tokenizer,
+                        task,
+                        subset,
+                        steps=STEPS,
+                        block_length=BLOCK_LENGTH,
+                        constraints=constraints,
+                        kv_cache=mode,
+                    )
         model.train()
         save_model(model, args.out, tokenizer)  # a usable checkpoint at every eval
         log["curve"].append(row)
@@ -206,9 +318,38 @@ def main(argv: list[str] | None = None) -> None:
         ids, attention, is_gen = make_batch(tokenizer, batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = masked_diffusion_loss(
-            model, ids, attention, is_gen, tokenizer.mask_token_id, generator, args.loss_weighting
-        )
+        n_views = round(args.cache_views * len(batch))
+        mask_id = tokenizer.mask_token_id
+        if n_views == 0:
+            loss = masked_diffusion_loss(
+                model, ids, attention, is_gen, mask_id, generator, args.loss_weighting
+            )
+        else:
+            # The views' rows and the plain examples' tokens, one mean each: the views'
+            # rows are many (a whole step copy each) and most are easy (spaces, EOS); in one
+            # mean with the plain tokens they would set its scale alone.
+            # The forced marker stays in a view's canvases, as constraints keep it when decoding.
+            gen_index = torch.arange(ids.shape[1]) - (ids.shape[1] - GEN_LENGTH)
+            keep = is_gen & torch.isin(gen_index, torch.tensor(sorted(constraints)))[None, :]
+            v = slice(len(batch) - n_views, None)
+            loss = cache_view_losses(
+                model,
+                ids[v],
+                attention[v],
+                is_gen[v],
+                keep[v],
+                mask_id,
+                generator,
+                args.cache_view_dual,
+                args.cache_view_blocks,
+                args.cache_view_where,
+            ).mean()
+            if n_views < len(batch):
+                p = slice(0, len(batch) - n_views)
+                plain, _, _ = sft_token_losses(
+                    model, ids[p], attention[p], is_gen[p], mask_id, generator
+                )
+                loss = loss + plain.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
