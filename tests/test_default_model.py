@@ -30,9 +30,9 @@ SOLVED = {
         "arrange wsp": "psw",
         "arrange uot": "uto",
         "arrange vmg": "gvm",
-        "arrange ctx": "cxt",
+        "arrange ctx": "ctx",
         "arrange rsi": "ris",
-        "arrange dca": "cad",
+        "arrange dca": "adc",
     },
 }
 
@@ -90,3 +90,25 @@ def test_solves_heldout_prompts(loaded, name: str) -> None:
         model, tok, task, examples, steps=1, block_length=STEPS, constraints=constraints
     )
     assert one == 0.0, texts
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_solves_heldout_prompts_with_the_dual_cache(loaded, name: str) -> None:
+    """The shipped checkpoint was fine-tuned on views of cached decoding (docs/training.md):
+    with Fast-dLLM's dual cache it writes the same answers as with full recomputation."""
+    task = get_task(name)
+    heldout = {ex.prompt: ex for ex in task.heldout(HELDOUT_SIZE, HELDOUT_SEED)}
+    examples = [heldout[p] for p in SOLVED[name]]
+    constraints = answer_constraints(loaded.tokenizer)
+    acc, texts = accuracy(
+        loaded.model,
+        loaded.tokenizer,
+        task,
+        examples,
+        steps=STEPS,
+        block_length=BLOCK_LENGTH,
+        constraints=constraints,
+        kv_cache="dual",
+    )
+    assert acc == 1.0, texts
+    assert [parse_answer(t) for t in texts] == list(SOLVED[name].values())
