@@ -275,37 +275,25 @@ def main(argv: list[str] | None = None) -> None:
         row: dict = {"step": step, "loss": loss, "minutes": (time.time() - start) / 60}
         for name, task in tasks.items():
             subset = heldout[name][: args.eval_n]
-            full, _ = accuracy(
-                model,
-                tokenizer,
-                task,
-                subset,
-                steps=STEPS,
-                block_length=BLOCK_LENGTH,
-                constraints=constraints,
-            )
-            one, _ = accuracy(
-                model,
-                tokenizer,
-                task,
-                subset,
-                steps=1,
-                block_length=STEPS,
-                constraints=constraints,
-            )
-            row[name] = {"full": full, "one_step": one}
+            # name: (steps, block length, kv_cache); the cached modes only when training for them.
+            settings = {"full": (STEPS, BLOCK_LENGTH, None), "one_step": (1, STEPS, None)}
             if args.cache_views > 0:
-                for mode in ("prefix", "dual"):
-                    row[name][mode], _ = accuracy(
-                        model,
-                        tokenizer,
-                        task,
-                        subset,
-                        steps=STEPS,
-                        block_length=BLOCK_LENGTH,
-                        constraints=constraints,
-                        kv_cache=mode,
-                    )
+                settings.update(
+                    prefix=(STEPS, BLOCK_LENGTH, "prefix"), dual=(STEPS, BLOCK_LENGTH, "dual")
+                )
+            row[name] = {
+                key: accuracy(
+                    model,
+                    tokenizer,
+                    task,
+                    subset,
+                    steps=steps,
+                    block_length=block,
+                    constraints=constraints,
+                    kv_cache=kv_cache,
+                )[0]
+                for key, (steps, block, kv_cache) in settings.items()
+            }
         model.train()
         save_model(model, args.out, tokenizer)  # a usable checkpoint at every eval
         log["curve"].append(row)
