@@ -92,19 +92,10 @@ def llada_loglikelihood(
 def llada_suffix_greedy(
     model: Model, prefix: list[int], target: list[int], *, mask_id: int, cfg: float = 0.0
 ) -> bool:
-    seq = torch.full((1, len(prefix) + len(target)), mask_id)
-    prompt_index = torch.arange(seq.shape[1]) < len(prefix)
-    seq[0, : len(prefix)] = torch.tensor(prefix)
-    for _ in range(len(target)):
-        mask_index = seq == mask_id
-        logits = _llada_logits(model, seq, prompt_index, mask_id, cfg)[mask_index]
-        x0 = torch.argmax(logits, dim=-1)
-        p = torch.softmax(logits.to(torch.float32), dim=-1)
-        confidence = torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)).squeeze(dim=-1)
-        _, index = torch.sort(confidence, descending=True)
-        x0[index[1:]] = mask_id
-        seq[mask_index] = x0.clone()
-    return bool(torch.all(torch.tensor(target) == seq[0, len(prefix) :]))
+    """LLaDA's greedy check: decoding ``len(target)`` masks after ``prefix`` one token per step
+    (most confident first) writes exactly ``target``."""
+    decoded = llada_greedy_suffix(model, prefix, len(target), mask_id=mask_id, cfg=cfg)
+    return decoded == list(target)
 
 
 # -- Dream -------------------------------------------------------------------------------------
@@ -163,8 +154,8 @@ def dream_loglikelihood(
 def llada_greedy_suffix(
     model: Model, prefix: list[int], length: int, *, mask_id: int, cfg: float = 0.0
 ) -> list[int]:
-    """The tokens that ``llada_suffix_greedy`` decodes after ``prefix`` (to build targets that
-    pass the check)."""
+    """The tokens LLaDA's ``suffix_greedy_prediction`` decodes after ``prefix``: ``length``
+    masks, one revealed per step, the most confident first."""
     seq = torch.full((1, len(prefix) + length), mask_id)
     prompt_index = torch.arange(seq.shape[1]) < len(prefix)
     seq[0, : len(prefix)] = torch.tensor(prefix)
