@@ -87,6 +87,14 @@ def apply_constraints(x: torch.Tensor, prompt_len: int, constraints: dict[int, i
             x[:, absolute_pos] = token_id
 
 
+def early_exit_of(policy: object | None) -> dict | None:
+    """The ``early_exit`` dict for an object carrying its four fields as attributes (the tests
+    pass foretell's ``Prophet``), or None for no policy."""
+    if policy is None:
+        return None
+    return {key: getattr(policy, key) for key in sorted(_EARLY_EXIT_KEYS)}
+
+
 def resolve_early_exit(
     early_exit: dict | None, constraints: dict[int, int] | None, prompt_len: int, gen_length: int
 ) -> tuple[list[int], tuple[float, float, float], tuple[float, float]] | None:

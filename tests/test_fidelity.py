@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from reference_decoders import llada_generate
+from reference_decoders import early_exit_of, llada_generate
 from reference_llada import llada_forward
 
 from foretell import DecodeParams, Engine, Prophet
@@ -212,14 +212,6 @@ FAVOURITE = 40  # the token tiny_model("llada", seed=21) predicts most often
 def _reference(loaded, prompt_ids: list[int], p: DecodeParams, eos: int) -> tuple[list, int]:
     torch.manual_seed(p.seed)
     policy = p.early_commit
-    early_exit = None
-    if policy is not None:
-        early_exit = {
-            "answer_start": policy.answer_start,
-            "answer_length": policy.answer_length,
-            "thresholds": policy.thresholds,
-            "bounds": policy.bounds,
-        }
     x, passes = llada_generate(
         loaded.model,
         torch.tensor([prompt_ids]),
@@ -229,7 +221,7 @@ def _reference(loaded, prompt_ids: list[int], p: DecodeParams, eos: int) -> tupl
         remasking=p.remasking,
         cfg_scale=p.cfg_scale,
         mask_id=loaded.model.mask_token_id,
-        early_exit=early_exit,
+        early_exit=early_exit_of(policy),
         statistic=policy.statistic if policy else "mean",
         logits_eos_inf=p.logits_eos_inf,
         confidence_eos_eot_inf=p.confidence_eos_eot_inf,

@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 from reference_cache import LLaDAReference, cached_generate, dream_cached_generate
+from reference_decoders import early_exit_of
 
 import foretell.engine.engine as engine_module
 from foretell import DecodeParams, Engine, Prophet
@@ -68,14 +69,6 @@ def _cases(tokenizer) -> list[tuple[str, DecodeParams]]:
 
 def _reference(loaded, ref, prompt_ids: list[int], p: DecodeParams) -> tuple[list[int], int]:
     policy = p.early_commit
-    early = None
-    if policy is not None:
-        early = {
-            "answer_start": policy.answer_start,
-            "answer_length": policy.answer_length,
-            "thresholds": policy.thresholds,
-            "bounds": policy.bounds,
-        }
     torch.manual_seed(p.seed)
     threshold = p.threshold if p.remasking == "confidence_threshold" else None
     x, nfe = cached_generate(
@@ -89,7 +82,7 @@ def _reference(loaded, ref, prompt_ids: list[int], p: DecodeParams) -> tuple[lis
         threshold=threshold,
         mask_id=loaded.model.mask_token_id,
         constraints=p.constraints,
-        early_exit=early,
+        early_exit=early_exit_of(policy),
         statistic=policy.statistic if policy else "mean",
     )
     return x[0, len(prompt_ids) :].tolist(), nfe

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from reference_decoders import dream_generate, llada_generate
+from reference_decoders import dream_generate, early_exit_of, llada_generate
 
 from foretell import DecodeParams, Engine, Prophet
 
@@ -83,17 +83,6 @@ def _dream_cases() -> list[tuple[str, DecodeParams]]:
     return cases
 
 
-def _early_exit(policy: Prophet | None) -> dict | None:
-    if policy is None:
-        return None
-    return {
-        "answer_start": policy.answer_start,
-        "answer_length": policy.answer_length,
-        "thresholds": policy.thresholds,
-        "bounds": policy.bounds,
-    }
-
-
 def _reference(loaded, prompt_ids: list[int], p: DecodeParams) -> tuple[list[int], int]:
     model, mask = loaded.model, loaded.model.mask_token_id
     prompt = torch.tensor([prompt_ids])
@@ -112,7 +101,7 @@ def _reference(loaded, prompt_ids: list[int], p: DecodeParams) -> tuple[list[int
             cfg_scale=p.cfg_scale,
             mask_id=mask,
             constraints=p.constraints,
-            early_exit=_early_exit(policy),
+            early_exit=early_exit_of(policy),
             statistic=policy.statistic if policy else "mean",
         )
     else:
@@ -125,7 +114,7 @@ def _reference(loaded, prompt_ids: list[int], p: DecodeParams) -> tuple[list[int
                 p.remasking, p.remasking
             ),
             mask_id=mask,
-            early_exit=_early_exit(policy),
+            early_exit=early_exit_of(policy),
             statistic=policy.statistic if policy else "mean",
         )
     return x[0, len(prompt_ids) :].tolist(), passes
