@@ -73,6 +73,8 @@ def cache_view_batch(
     lengths = torch.tensor(block_lengths)
     block_len = lengths[torch.randint(len(lengths), (b,), generator=generator)]  # [B]
     blocks = g // block_len
+    # Drawn even when ``uncertainty`` then chooses: one seed gives one random stream either way
+    # (the shipped checkpoint's training command relies on it to reproduce).
     block_start = (torch.rand(b, generator=generator) * blocks).long() * block_len  # gen index
     gen_index = torch.arange(g)
     maskable = ~keep[:, s - g :]  # [B, G]
@@ -86,11 +88,11 @@ def cache_view_batch(
     at_or_after = gen_index[None, :] >= block_start[:, None]
     in_block = at_or_after & (gen_index[None, :] < block_end[:, None])
     refresh_masked = at_or_after & maskable
-    # Reveal a uniform number (0 .. n-1) of the block's n maskable positions, chosen at random.
     gen_ids = ids[:, s - g :]
     refresh = ids.clone()
     refresh[:, s - g :] = gen_ids.masked_fill(refresh_masked, mask_id)
 
+    # Reveal a uniform number (0 .. n-1) of the block's n maskable positions, chosen at random.
     n = (in_block & maskable).sum(1)
     revealed_count = (torch.rand(b, generator=generator) * n).long()
     order = torch.rand(b, g, generator=generator).masked_fill(~(in_block & maskable), 2.0)
