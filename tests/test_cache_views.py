@@ -170,3 +170,51 @@ def test_uncertain_views_draw_blocks_by_the_uncertainty_of_their_refresh(llada64
         int(start) == expected[n] for start, n in zip(views.block_start, lengths, strict=True)
     )
     assert hits >= len(lengths) - 1
+
+
+def test_certain_first_views_reveal_what_the_model_was_surest_of(llada64):
+    model = llada64.model
+    ids, attention, is_gen = _canvases(model, [6] * 48, 8)
+    keep = torch.zeros_like(is_gen)
+    mask_id = model.mask_token_id
+    per_position = torch.rand(GEN, generator=torch.Generator().manual_seed(8)) + 0.1
+
+    def uncertainty(canvases: torch.Tensor, canvas_attention: torch.Tensor) -> torch.Tensor:
+        return per_position.expand(len(canvases), GEN)
+
+    def revealed(views) -> list[set[int]]:
+        s = ids.shape[1]
+        refresh_masked = views.ids[:, s - GEN : s] == mask_id
+        step_masked = views.ids[:, s:] == mask_id
+        return [
+            set((r & ~m).nonzero().flatten().tolist())
+            for r, m in zip(refresh_masked, step_masked, strict=True)
+        ]
+
+    args = (ids, attention, is_gen, keep, mask_id)
+    views = cache_view_batch(
+        *args,
+        torch.Generator().manual_seed(8),
+        block_lengths=(8,),
+        uncertainty=uncertainty,
+        certain_first=1.0,
+    )
+    counts = []
+    for shown, start in zip(revealed(views), views.block_start.tolist(), strict=True):
+        block = range(start, start + 8)
+        surest = sorted(block, key=lambda i: float(per_position[i]))[: len(shown)]
+        assert shown == set(surest)
+        counts.append(len(shown))
+    assert len(set(counts)) > 3  # the number revealed still varies
+    # Random reveals (the default) do not follow the model's certainty.
+    plain = cache_view_batch(
+        *args, torch.Generator().manual_seed(8), block_lengths=(8,), uncertainty=uncertainty
+    )
+    assert any(
+        shown != set(sorted(range(st, st + 8), key=lambda i: float(per_position[i]))[: len(shown)])
+        for shown, st in zip(revealed(plain), plain.block_start.tolist(), strict=True)
+    )
+    with pytest.raises(ValueError, match="certain_first"):
+        cache_view_batch(*args, torch.Generator(), certain_first=1.5, uncertainty=uncertainty)
+    with pytest.raises(ValueError, match="certain_first"):
+        cache_view_batch(*args, torch.Generator(), certain_first=0.5)

@@ -19,6 +19,11 @@ from foretell.models.default import DEFAULT_MODEL_DIR, train
         (["--cache-view-dual", "-0.1"], "--cache-view-dual"),
         (["--cache-view-blocks", "5"], "--cache-view-blocks"),
         (["--cache-view-blocks", "8,x"], "--cache-view-blocks"),
+        (["--cache-view-certain-first", "2"], "--cache-view-certain-first"),
+        (
+            ["--cache-view-certain-first", "0.5", "--cache-view-where", "uniform"],
+            "--cache-view-certain-first",
+        ),
     ],
 )
 def test_bad_arguments_name_the_flag(argv, flag, capsys) -> None:
@@ -31,6 +36,7 @@ def test_fine_tune_with_cache_views_writes_a_checkpoint(tmp_path) -> None:
     out, log = tmp_path / "weights", tmp_path / "log.json"
     argv = f"--init {DEFAULT_MODEL_DIR} --out {out} --log-json {log} --tasks arrange --steps 2"
     argv += " --batch-size 4 --eval-every 2 --eval-n 2 --cache-views 0.5 --lr 1e-3 --warmup 1"
+    argv += " --cache-view-certain-first 0.5"
     train.main(argv.split())
     tuned = load_model(out).model.state_dict()
     base = load_model(DEFAULT_MODEL_DIR).model.state_dict()

@@ -50,6 +50,7 @@ def cache_view_batch(
     dual_fraction: float = 0.5,
     block_lengths: tuple[int, ...] = VIEW_BLOCK_LENGTHS,
     uncertainty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    certain_first: float = 0.0,
 ) -> CacheViews:
     """Views of clean canvases (``ids`` ``[B, S]``, left-padded, generation last, as
     ``make_batch`` builds them) for :meth:`DiffusionLM.forward`.
@@ -63,6 +64,10 @@ def cache_view_batch(
     position's uncertainty, ``[N, G]``, e.g. the model's entropy) in proportion to the
     uncertainty of its masks at its refresh: a block of spaces or EOS teaches a cache nothing,
     a block whose tokens are still being chosen is where a stale cache changes the choice.
+    ``certain_first`` of the views (which needs ``uncertainty``) reveal the positions the model
+    was surest of at the refresh instead of random ones: low-confidence remasking reveals in
+    that order, so these are the states a cached step actually meets (all of a block's spaces
+    and one letter revealed is 1 view in 75 when positions are random).
     """
     b, s = ids.shape
     g = int(is_gen[0].sum())
@@ -70,6 +75,10 @@ def cache_view_batch(
         raise ValueError("is_gen: every row's generation must be its last G positions")
     if not block_lengths or any(n <= 0 or g % n for n in block_lengths):
         raise ValueError(f"block_lengths: each of {block_lengths} must divide {g}")
+    if not 0.0 <= certain_first <= 1.0:
+        raise ValueError(f"certain_first: {certain_first} is not a fraction in [0, 1]")
+    if certain_first > 0 and uncertainty is None:
+        raise ValueError("certain_first: needs uncertainty (what the model is sure of)")
     lengths = torch.tensor(block_lengths)
     block_len = lengths[torch.randint(len(lengths), (b,), generator=generator)]  # [B]
     blocks = g // block_len
@@ -78,8 +87,9 @@ def cache_view_batch(
     block_start = (torch.rand(b, generator=generator) * blocks).long() * block_len  # gen index
     gen_index = torch.arange(g)
     maskable = ~keep[:, s - g :]  # [B, G]
+    position_uncertainty = None
     if uncertainty is not None:
-        block_start = _uncertain_blocks(
+        block_start, position_uncertainty = _uncertain_blocks(
             ids, attention, maskable, block_len, mask_id, generator, uncertainty
         )
     block_end = block_start + block_len
@@ -92,10 +102,17 @@ def cache_view_batch(
     refresh = ids.clone()
     refresh[:, s - g :] = gen_ids.masked_fill(refresh_masked, mask_id)
 
-    # Reveal a uniform number (0 .. n-1) of the block's n maskable positions, chosen at random.
+    # Reveal a uniform number (0 .. n-1) of the block's n maskable positions: at random, or
+    # (certain_first) the surest at the refresh first, random order breaking ties.
     n = (in_block & maskable).sum(1)
     revealed_count = (torch.rand(b, generator=generator) * n).long()
-    order = torch.rand(b, g, generator=generator).masked_fill(~(in_block & maskable), 2.0)
+    order = torch.rand(b, g, generator=generator)
+    if certain_first > 0:
+        assert position_uncertainty is not None
+        by_certainty = torch.rand(b, generator=generator) < certain_first
+        surest = position_uncertainty.float() + 1e-6 * order
+        order = torch.where(by_certainty[:, None], surest, order)
+    order = order.masked_fill(~(in_block & maskable), float("inf"))
     rank = order.argsort(dim=1).argsort(dim=1)
     revealed = rank < revealed_count[:, None]
     step_masked = refresh_masked & ~revealed
@@ -127,9 +144,10 @@ def _uncertain_blocks(
     mask_id: int,
     generator: torch.Generator,
     uncertainty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's block start (a generation index), drawn in proportion to the uncertainty of
-    its maskable positions on the block's refresh canvas (all candidates in one call)."""
+    its maskable positions on the block's refresh canvas (all candidates in one call), and the
+    uncertainty of each generation position on the chosen block's refresh canvas ``[B, G]``."""
     s, g = ids.shape[1], maskable.shape[1]
     rows = torch.cat([torch.full((g // int(n),), r) for r, n in enumerate(block_len.tolist())])
     starts = torch.cat([torch.arange(0, g, int(n)) for n in block_len.tolist()])
@@ -138,14 +156,17 @@ def _uncertain_blocks(
     canvases = ids[rows].clone()
     canvases[:, s - g :] = canvases[:, s - g :].masked_fill(masked, mask_id)
     in_block = masked & (gen_index < (starts + block_len[rows])[:, None])
-    score = (uncertainty(canvases, attention[rows]).float() * in_block).sum(1).clamp(min=0)
+    per_position = uncertainty(canvases, attention[rows]).float()
+    score = (per_position * in_block).sum(1).clamp(min=0)
     score = score + 1e-3  # a block of certain tokens is still drawn now and then
     chosen = torch.empty(len(block_len), dtype=torch.long)
+    chosen_uncertainty = torch.empty(len(block_len), g)
     for r in range(len(block_len)):
         candidates = (rows == r).nonzero().flatten()
-        pick = torch.multinomial(score[candidates], 1, generator=generator)
-        chosen[r] = starts[candidates[pick]]
-    return chosen
+        pick = candidates[torch.multinomial(score[candidates], 1, generator=generator)]
+        chosen[r] = starts[pick]
+        chosen_uncertainty[r] = per_position[pick]
+    return chosen, chosen_uncertainty
 
 
 __all__ = ["VIEW_BLOCK_LENGTHS", "CacheViews", "cache_view_batch"]

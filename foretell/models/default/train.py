@@ -79,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or uniformly",
     )
     p.add_argument(
+        "--cache-view-certain-first",
+        type=float,
+        default=0.0,
+        help="fraction of the views whose revealed positions are those the model was surest of "
+        "at the refresh (the order low-confidence remasking reveals in), else random; "
+        "needs --cache-view-where uncertain",
+    )
+    p.add_argument(
         "--init", type=Path, default=None, help="start from this checkpoint (fine-tuning)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -108,6 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--cache-view-blocks: each of {args.cache_view_blocks} must divide {GEN_LENGTH}")
     if not 0.0 <= args.cache_view_dual <= 1.0:
         p.error(f"--cache-view-dual: {args.cache_view_dual} is not a fraction in [0, 1]")
+    if not 0.0 <= args.cache_view_certain_first <= 1.0:
+        p.error(
+            f"--cache-view-certain-first: {args.cache_view_certain_first} is not a fraction "
+            "in [0, 1]"
+        )
+    if args.cache_view_certain_first > 0 and args.cache_view_where != "uncertain":
+        p.error("--cache-view-certain-first: needs --cache-view-where uncertain")
     if args.cache_views > 0 and args.loss_weighting != "uniform":
         p.error("--cache-views: needs --loss-weighting uniform (a view has no single t)")
     return args
@@ -188,6 +203,7 @@ def cache_view_losses(
     dual_fraction: float = 0.5,
     block_lengths: tuple[int, ...] = VIEW_BLOCK_LENGTHS,
     where: str = "uncertain",
+    certain_first: float = 0.0,
 ) -> torch.Tensor:
     """Per-token cross-entropy of a batch of cached-decoding views: the step copy's masked rows
     (the block, and after it the rows a prefix step recomputes or dual reads for Prophet).
@@ -211,6 +227,7 @@ def cache_view_losses(
         dual_fraction,
         block_lengths,
         entropy if where == "uncertain" else None,
+        certain_first,
     )
     logits = model(views.ids, attention_mask=views.allowed, positions=views.positions)
     s = ids.shape[1]
@@ -331,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.cache_view_dual,
                 args.cache_view_blocks,
                 args.cache_view_where,
+                args.cache_view_certain_first,
             ).mean()
             if n_views < len(batch):
                 p = slice(0, len(batch) - n_views)
