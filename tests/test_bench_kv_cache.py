@@ -159,3 +159,17 @@ def test_eval_with_a_cache(tmp_path, capsys) -> None:
     full, cached = task["table"]["Full / low_confidence"], task["table"][d["configuration"]]
     assert d["points"] == pytest.approx(100 * (cached["accuracy"] - full["accuracy"]))
     assert cached["kv_cache"] == "dual" and full["kv_cache"] is None
+
+
+@pytest.mark.parametrize(("cached", "within"), [(0.956, True), (0.976, True), (0.954, False)])
+def test_cache_deltas_count_exactly_one_point_as_within(cached, within) -> None:
+    from foretell.evaluation import cache_deltas
+
+    row = {"mean_forward_passes": 32.0}
+    table = {
+        "Full / low_confidence": {**row, "accuracy": 0.966, "kv_cache": None},
+        "Full / low_confidence / dual cache": {**row, "accuracy": cached, "kv_cache": "dual"},
+    }
+    (delta,) = cache_deltas({"tasks": {"arrange": {"table": table}}})
+    assert delta["within_1_point"] is within
+    assert delta["points"] == pytest.approx(100 * (cached - 0.966))
