@@ -20,6 +20,7 @@ from foretell.models.default import DEFAULT_MODEL_DIR, train
         (["--cache-view-blocks", "5"], "--cache-view-blocks"),
         (["--cache-view-blocks", "8,x"], "--cache-view-blocks"),
         (["--cache-view-certain-first", "2"], "--cache-view-certain-first"),
+        (["--cache-view-distill", "-1"], "--cache-view-distill"),
         (
             ["--cache-view-certain-first", "0.5", "--cache-view-where", "uniform"],
             "--cache-view-certain-first",
@@ -47,22 +48,51 @@ def test_fine_tune_with_cache_views_writes_a_checkpoint(tmp_path) -> None:
     assert set(row) == {"full", "one_step", "prefix", "dual"}
 
 
-def test_view_losses_reach_every_layer() -> None:
+def _view_batch(n: int):
+    """The shipped model and a batch of ``n`` arrange canvases laid out as training lays them."""
     from foretell.models.default import answer_constraints
     from foretell.models.default.data import make_batch
     from foretell.tasks import GEN_LENGTH, get_task
 
     loaded = load_model(DEFAULT_MODEL_DIR)
     model, tok = loaded.model.requires_grad_(True), loaded.tokenizer
-    examples = get_task("arrange").heldout(8, 99)
-    ids, attention, is_gen = make_batch(tok, examples)
+    ids, attention, is_gen = make_batch(tok, get_task("arrange").heldout(n, 99))
     gen_index = torch.arange(ids.shape[1]) - (ids.shape[1] - GEN_LENGTH)
     marker = torch.tensor(sorted(answer_constraints(tok)))
     keep = is_gen & torch.isin(gen_index, marker)[None, :]
-    losses = train.cache_view_losses(
-        model, ids, attention, is_gen, keep, tok.mask_token_id, torch.Generator().manual_seed(0)
-    )
+    return model, (ids, attention, is_gen, keep, tok.mask_token_id)
+
+
+def test_view_losses_reach_every_layer() -> None:
+    model, batch = _view_batch(8)
+    losses = train.cache_view_losses(model, *batch, torch.Generator().manual_seed(0))
     assert losses.numel() > 0 and bool(torch.isfinite(losses).all())
     losses.mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+def test_distill_adds_the_kl_from_the_uncached_prediction_of_the_same_canvas() -> None:
+    from foretell.models.default.cache_views import cache_view_batch
+
+    model, batch = _view_batch(16)
+    ids, attention = batch[:2]
+    kwargs = {"dual_fraction": 1.0, "block_lengths": (8,), "where": "uniform"}
+    with torch.no_grad():
+        plain = train.cache_view_losses(model, *batch, torch.Generator().manual_seed(4), **kwargs)
+        mixed = train.cache_view_losses(
+            model, *batch, torch.Generator().manual_seed(4), distill=0.5, **kwargs
+        )
+        # The same views, drawn again from the same seed, and the KL written out.
+        views = cache_view_batch(*batch, torch.Generator().manual_seed(4), 1.0, (8,))
+        s, g = ids.shape[1], views.ids.shape[1] - ids.shape[1]
+        rows = views.masked[:, s:]
+        cached = model(views.ids, attention_mask=views.allowed, positions=views.positions)
+        canvas = torch.cat([ids[:, : s - g], views.ids[:, s:]], 1)
+        uncached = model(canvas, attention_mask=attention)[:, s - g :]
+    p = uncached[rows].log_softmax(-1)
+    q = cached[:, s:][rows].log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert torch.allclose(mixed - plain, 0.5 * kl, atol=1e-5)
+    # On the shipped model a dual step does not decode exactly as the uncached pass does.
+    assert float(kl.max()) > 1e-3

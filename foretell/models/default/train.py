@@ -87,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "needs --cache-view-where uncertain",
     )
     p.add_argument(
+        "--cache-view-distill",
+        type=float,
+        default=0.0,
+        help="weight of the KL divergence from the model's own uncached prediction of a view's "
+        "step canvas to the cached step's, added to the cross-entropy (0: none)",
+    )
+    p.add_argument(
         "--init", type=Path, default=None, help="start from this checkpoint (fine-tuning)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -123,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.cache_view_certain_first > 0 and args.cache_view_where != "uncertain":
         p.error("--cache-view-certain-first: needs --cache-view-where uncertain")
+    if not args.cache_view_distill >= 0.0:
+        p.error(f"--cache-view-distill: {args.cache_view_distill} is not a weight >= 0")
     if args.cache_views > 0 and args.loss_weighting != "uniform":
         p.error("--cache-views: needs --loss-weighting uniform (a view has no single t)")
     return args
@@ -204,11 +213,16 @@ def cache_view_losses(
     block_lengths: tuple[int, ...] = VIEW_BLOCK_LENGTHS,
     where: str = "uncertain",
     certain_first: float = 0.0,
+    distill: float = 0.0,
 ) -> torch.Tensor:
     """Per-token cross-entropy of a batch of cached-decoding views: the step copy's masked rows
     (the block, and after it the rows a prefix step recomputes or dual reads for Prophet).
 
-    The refresh copy is not scored: it is a plain full pass, which the plain examples train."""
+    The refresh copy is not scored: it is a plain full pass, which the plain examples train.
+    ``distill`` adds that weight times the KL divergence from the model's own uncached
+    prediction of the same canvas (a full pass, no gradient) to the cached step's: the target
+    of the cache is to decode as the uncached model does, and the uncached route generalizes
+    to unseen prompts better than the cached one learned alone."""
     g = int(is_gen[0].sum())
 
     def entropy(canvases: torch.Tensor, canvas_attention: torch.Tensor) -> torch.Tensor:
@@ -232,7 +246,17 @@ def cache_view_losses(
     logits = model(views.ids, attention_mask=views.allowed, positions=views.positions)
     s = ids.shape[1]
     rows = views.masked[:, s:]
-    return F.cross_entropy(logits[:, s:][rows], ids[:, s - g :][rows], reduction="none")
+    cached = logits[:, s:][rows]
+    losses = F.cross_entropy(cached, ids[:, s - g :][rows], reduction="none")
+    if distill > 0:
+        step_canvas = ids.clone()
+        step_canvas[:, s - g :] = views.ids[:, s:]
+        with torch.no_grad():
+            uncached = model(step_canvas, attention_mask=attention)[:, s - g :][rows]
+        teacher = uncached.float().log_softmax(-1)
+        kl = (teacher.exp() * (teacher - cached.float().log_softmax(-1))).sum(-1)
+        losses = losses + distill * kl
+    return losses
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -349,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.cache_view_blocks,
                 args.cache_view_where,
                 args.cache_view_certain_first,
+                args.cache_view_distill,
             ).mean()
             if n_views < len(batch):
                 p = slice(0, len(batch) - n_views)
