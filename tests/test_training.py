@@ -21,6 +21,7 @@ from foretell.models.default import DEFAULT_MODEL_DIR, train
         (["--cache-view-blocks", "8,x"], "--cache-view-blocks"),
         (["--cache-view-certain-first", "2"], "--cache-view-certain-first"),
         (["--cache-view-distill", "-1"], "--cache-view-distill"),
+        (["--cache-view-teacher", "/tmp"], "--cache-view-teacher"),
         (
             ["--cache-view-certain-first", "0.5", "--cache-view-where", "uniform"],
             "--cache-view-certain-first",
@@ -72,16 +73,27 @@ def test_view_losses_reach_every_layer() -> None:
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
 
 
-def test_distill_adds_the_kl_from_the_uncached_prediction_of_the_same_canvas() -> None:
+@pytest.mark.parametrize("own", [True, False])
+def test_distill_adds_the_kl_from_the_uncached_prediction_of_the_same_canvas(own: bool) -> None:
+    import copy
+
     from foretell.models.default.cache_views import cache_view_batch
 
     model, batch = _view_batch(16)
     ids, attention = batch[:2]
+    # The model's own uncached prediction, or a frozen teacher's (here the model, perturbed).
+    teacher = None
+    if not own:
+        teacher = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     kwargs = {"dual_fraction": 1.0, "block_lengths": (8,), "where": "uniform"}
     with torch.no_grad():
         plain = train.cache_view_losses(model, *batch, torch.Generator().manual_seed(4), **kwargs)
         mixed = train.cache_view_losses(
-            model, *batch, torch.Generator().manual_seed(4), distill=0.5, **kwargs
+            model, *batch, torch.Generator().manual_seed(4), distill=0.5, teacher=teacher, **kwargs
         )
         # The same views, drawn again from the same seed, and the KL written out.
         views = cache_view_batch(*batch, torch.Generator().manual_seed(4), 1.0, (8,))
@@ -89,7 +101,7 @@ def test_distill_adds_the_kl_from_the_uncached_prediction_of_the_same_canvas() -
         rows = views.masked[:, s:]
         cached = model(views.ids, attention_mask=views.allowed, positions=views.positions)
         canvas = torch.cat([ids[:, : s - g], views.ids[:, s:]], 1)
-        uncached = model(canvas, attention_mask=attention)[:, s - g :]
+        uncached = (model if own else teacher)(canvas, attention_mask=attention)[:, s - g :]
     p = uncached[rows].log_softmax(-1)
     q = cached[:, s:][rows].log_softmax(-1)
     kl = (p.exp() * (p - q)).sum(-1)

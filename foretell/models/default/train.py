@@ -94,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "step canvas to the cached step's, added to the cross-entropy (0: none)",
     )
     p.add_argument(
+        "--cache-view-teacher",
+        type=Path,
+        default=None,
+        help="checkpoint whose uncached prediction --cache-view-distill targets (default: the "
+        "model being trained)",
+    )
+    p.add_argument(
         "--init", type=Path, default=None, help="start from this checkpoint (fine-tuning)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -132,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--cache-view-certain-first: needs --cache-view-where uncertain")
     if not args.cache_view_distill >= 0.0:
         p.error(f"--cache-view-distill: {args.cache_view_distill} is not a weight >= 0")
+    if args.cache_view_teacher is not None and not args.cache_view_distill > 0:
+        p.error("--cache-view-teacher: needs --cache-view-distill > 0")
     if args.cache_views > 0 and args.loss_weighting != "uniform":
         p.error("--cache-views: needs --loss-weighting uniform (a view has no single t)")
     return args
@@ -214,6 +223,7 @@ def cache_view_losses(
     where: str = "uncertain",
     certain_first: float = 0.0,
     distill: float = 0.0,
+    teacher: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy of a batch of cached-decoding views: the step copy's masked rows
     (the block, and after it the rows a prefix step recomputes or dual reads for Prophet).
@@ -222,7 +232,8 @@ def cache_view_losses(
     ``distill`` adds that weight times the KL divergence from the model's own uncached
     prediction of the same canvas (a full pass, no gradient) to the cached step's: the target
     of the cache is to decode as the uncached model does, and the uncached route generalizes
-    to unseen prompts better than the cached one learned alone."""
+    to unseen prompts better than the cached one learned alone. ``teacher`` (a frozen model)
+    makes the uncached prediction its instead of the model's own."""
     g = int(is_gen[0].sum())
 
     def entropy(canvases: torch.Tensor, canvas_attention: torch.Tensor) -> torch.Tensor:
@@ -252,7 +263,7 @@ def cache_view_losses(
         step_canvas = ids.clone()
         step_canvas[:, s - g :] = views.ids[:, s:]
         with torch.no_grad():
-            uncached = model(step_canvas, attention_mask=attention)[:, s - g :][rows]
+            uncached = (teacher or model)(step_canvas, attention_mask=attention)[:, s - g :][rows]
         teacher = uncached.float().log_softmax(-1)
         kl = (teacher.exp() * (teacher - cached.float().log_softmax(-1))).sum(-1)
         losses = losses + distill * kl
@@ -278,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(args, tokenizer)
     else:
         model = load_model(args.init, dtype="float32").model.requires_grad_(True)
+    teacher = None
+    if args.cache_view_teacher is not None:
+        teacher = load_model(args.cache_view_teacher, dtype="float32").model.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
 
     weights = {}
@@ -374,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.cache_view_where,
                 args.cache_view_certain_first,
                 args.cache_view_distill,
+                teacher,
             ).mean()
             if n_views < len(batch):
                 p = slice(0, len(batch) - n_views)
