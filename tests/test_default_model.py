@@ -23,16 +23,17 @@ from foretell.models.default import (
 from foretell.models.default.data import accuracy
 from foretell.tasks import get_task, parse_answer
 
-# The first held-out prompts (HELDOUT_SEED, never trained on) and the shipped checkpoint's greedy
-# answers with full decoding (32 steps, blocks of 8); docs/results.md has the full held-out numbers.
+# Held-out prompts among the first ten (HELDOUT_SEED, never trained on) that the shipped checkpoint
+# solves with full decoding and with the dual cache alike (32 steps, blocks of 8), and its greedy
+# answers; docs/results.md has the full held-out numbers (about 1 in 25 prompts fails).
 SOLVED = {
     "arrange": {
-        "arrange wsp": "psw",
-        "arrange uot": "uto",
+        "arrange wsp": "pws",
         "arrange vmg": "gvm",
         "arrange ctx": "ctx",
         "arrange rsi": "ris",
-        "arrange dca": "adc",
+        "arrange rxk": "kxr",
+        "arrange fxn": "fxn",
     },
 }
 
