@@ -177,10 +177,16 @@ def test_certain_first_views_reveal_what_the_model_was_surest_of(llada64):
     ids, attention, is_gen = _canvases(model, [6] * 48, 8)
     keep = torch.zeros_like(is_gen)
     mask_id = model.mask_token_id
-    per_position = torch.rand(GEN, generator=torch.Generator().manual_seed(8)) + 0.1
+    # Each candidate block's refresh canvas gets its own uncertainties (keyed by its first mask),
+    # so reading another candidate's row would reveal other positions.
+    by_start = {
+        start: torch.rand(GEN, generator=torch.Generator().manual_seed(start)) + 0.1
+        for start in range(0, GEN, 8)
+    }
 
     def uncertainty(canvases: torch.Tensor, canvas_attention: torch.Tensor) -> torch.Tensor:
-        return per_position.expand(len(canvases), GEN)
+        first = (canvases[:, -GEN:] == mask_id).float().argmax(1)
+        return torch.stack([by_start[int(f)] for f in first])
 
     def revealed(views) -> list[set[int]]:
         s = ids.shape[1]
@@ -202,7 +208,7 @@ def test_certain_first_views_reveal_what_the_model_was_surest_of(llada64):
     counts = []
     for shown, start in zip(revealed(views), views.block_start.tolist(), strict=True):
         block = range(start, start + 8)
-        surest = sorted(block, key=lambda i: float(per_position[i]))[: len(shown)]
+        surest = sorted(block, key=lambda i: float(by_start[start][i]))[: len(shown)]
         assert shown == set(surest)
         counts.append(len(shown))
     assert len(set(counts)) > 3  # the number revealed still varies
@@ -211,10 +217,44 @@ def test_certain_first_views_reveal_what_the_model_was_surest_of(llada64):
         *args, torch.Generator().manual_seed(8), block_lengths=(8,), uncertainty=uncertainty
     )
     assert any(
-        shown != set(sorted(range(st, st + 8), key=lambda i: float(per_position[i]))[: len(shown)])
+        shown != set(sorted(range(st, st + 8), key=lambda i: float(by_start[st][i]))[: len(shown)])
         for shown, st in zip(revealed(plain), plain.block_start.tolist(), strict=True)
     )
     with pytest.raises(ValueError, match="certain_first"):
         cache_view_batch(*args, torch.Generator(), certain_first=1.5, uncertainty=uncertainty)
     with pytest.raises(ValueError, match="certain_first"):
         cache_view_batch(*args, torch.Generator(), certain_first=0.5)
+
+
+def test_views_draw_the_same_random_stream_as_the_shipped_training_command() -> None:
+    """Stage 1 of the shipped checkpoint's fine-tune (docs/training.md) reproduces only if views
+    without ``certain_first`` draw exactly what they drew then: a digest recorded at commit
+    3d41f02, before ``certain_first`` existed."""
+    import hashlib
+
+    g = torch.Generator().manual_seed(11)
+    rows, width = 12, 6
+    ids = torch.randint(4, 50, (rows, width + GEN), generator=g)
+    attention = torch.ones_like(ids)
+    attention[::3, :2] = 0
+    ids[::3, :2] = 0
+    is_gen = torch.zeros_like(ids, dtype=torch.bool)
+    is_gen[:, width:] = True
+    keep = torch.zeros_like(is_gen)
+    keep[:, width + 16] = True
+    digest = hashlib.sha256()
+    for uncertainty in (None, lambda c, a: (c[:, -GEN:] % 7).float()):
+        views = cache_view_batch(
+            ids,
+            attention,
+            is_gen,
+            keep,
+            3,
+            torch.Generator().manual_seed(5),
+            0.5,
+            (4, 8, 16, 32),
+            uncertainty,
+        )
+        for tensor in views:
+            digest.update(tensor.contiguous().numpy().tobytes())
+    assert digest.hexdigest()[:16] == "12e8206b58564427"

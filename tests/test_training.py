@@ -38,7 +38,8 @@ def test_fine_tune_with_cache_views_writes_a_checkpoint(tmp_path) -> None:
     out, log = tmp_path / "weights", tmp_path / "log.json"
     argv = f"--init {DEFAULT_MODEL_DIR} --out {out} --log-json {log} --tasks arrange --steps 2"
     argv += " --batch-size 4 --eval-every 2 --eval-n 2 --cache-views 0.5 --lr 1e-3 --warmup 1"
-    argv += " --cache-view-certain-first 0.5"
+    argv += " --cache-view-certain-first 0.5 --cache-view-distill 0.5"
+    argv += f" --cache-view-teacher {DEFAULT_MODEL_DIR}"
     train.main(argv.split())
     tuned = load_model(out).model.state_dict()
     base = load_model(DEFAULT_MODEL_DIR).model.state_dict()
@@ -108,3 +109,11 @@ def test_distill_adds_the_kl_from_the_uncached_prediction_of_the_same_canvas(own
     assert torch.allclose(mixed - plain, 0.5 * kl, atol=1e-5)
     # On the shipped model a dual step does not decode exactly as the uncached pass does.
     assert float(kl.max()) > 1e-3
+
+
+def test_view_losses_refuse_a_teacher_without_distillation() -> None:
+    model, batch = _view_batch(2)
+    with pytest.raises(ValueError, match="teacher"):
+        train.cache_view_losses(model, *batch, torch.Generator(), teacher=model)
+    with pytest.raises(ValueError, match="distill"):
+        train.cache_view_losses(model, *batch, torch.Generator(), distill=-1.0)

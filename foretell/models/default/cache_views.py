@@ -65,9 +65,10 @@ def cache_view_batch(
     uncertainty of its masks at its refresh: a block of spaces or EOS teaches a cache nothing,
     a block whose tokens are still being chosen is where a stale cache changes the choice.
     ``certain_first`` of the views (which needs ``uncertainty``) reveal the positions the model
-    was surest of at the refresh instead of random ones: low-confidence remasking reveals in
-    that order, so these are the states a cached step actually meets (all of a block's spaces
-    and one letter revealed is 1 view in 75 when positions are random).
+    was surest of at the refresh (least uncertain first) instead of random ones: about the
+    order low-confidence remasking reveals in, so these are the states a cached step actually
+    meets (all of a block's spaces and one letter revealed is 1 view in 75 when positions are
+    random).
     """
     b, s = ids.shape
     g = int(is_gen[0].sum())

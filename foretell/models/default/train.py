@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="fraction of the views whose revealed positions are those the model was surest of "
-        "at the refresh (the order low-confidence remasking reveals in), else random; "
+        "at the refresh (lowest entropy first: about the order low-confidence remasking reveals "
+        "in), else random; "
         "needs --cache-view-where uncertain",
     )
     p.add_argument(
@@ -234,6 +235,10 @@ def cache_view_losses(
     of the cache is to decode as the uncached model does, and the uncached route generalizes
     to unseen prompts better than the cached one learned alone. ``teacher`` (a frozen model)
     makes the uncached prediction its instead of the model's own."""
+    if distill < 0:
+        raise ValueError(f"distill: {distill} is not a weight >= 0")
+    if teacher is not None and distill == 0:
+        raise ValueError("teacher: needs distill > 0 (it is only the distillation's target)")
     g = int(is_gen[0].sum())
 
     def entropy(canvases: torch.Tensor, canvas_attention: torch.Tensor) -> torch.Tensor:
@@ -263,9 +268,10 @@ def cache_view_losses(
         step_canvas = ids.clone()
         step_canvas[:, s - g :] = views.ids[:, s:]
         with torch.no_grad():
-            uncached = (teacher or model)(step_canvas, attention_mask=attention)[:, s - g :][rows]
-        teacher = uncached.float().log_softmax(-1)
-        kl = (teacher.exp() * (teacher - cached.float().log_softmax(-1))).sum(-1)
+            source = teacher if teacher is not None else model
+            uncached = source(step_canvas, attention_mask=attention)[:, s - g :][rows]
+        target_logp = uncached.float().log_softmax(-1)
+        kl = (target_logp.exp() * (target_logp - cached.float().log_softmax(-1))).sum(-1)
         losses = losses + distill * kl
     return losses
 
