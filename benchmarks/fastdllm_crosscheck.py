@@ -16,6 +16,7 @@ given checkout (tested with commit 24cc59e; its modeling code needs ``einops``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import sys
 from pathlib import Path
@@ -123,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.out:
-        write_json(args.out, {"args": vars(args), "machine": machine_info(), "rows": rows})
+        # Which checkpoint, whatever the commit says: the weights are a file that changes.
+        weights = hashlib.sha256((args.model / "model.safetensors").read_bytes()).hexdigest()
+        report = {"args": vars(args), "model_sha256": weights, "machine": machine_info()}
+        write_json(args.out, {**report, "rows": rows})
     return 0 if all(r["identical"] == r["n"] for r in rows) else 1
 
 
