@@ -54,14 +54,12 @@ def _view_batch(n: int):
     """The shipped model and a batch of ``n`` arrange canvases laid out as training lays them."""
     from foretell.models.default import answer_constraints
     from foretell.models.default.data import make_batch
-    from foretell.tasks import GEN_LENGTH, get_task
+    from foretell.tasks import get_task
 
     loaded = load_model(DEFAULT_MODEL_DIR)
     model, tok = loaded.model.requires_grad_(True), loaded.tokenizer
     ids, attention, is_gen = make_batch(tok, get_task("arrange").heldout(n, 99))
-    gen_index = torch.arange(ids.shape[1]) - (ids.shape[1] - GEN_LENGTH)
-    marker = torch.tensor(sorted(answer_constraints(tok)))
-    keep = is_gen & torch.isin(gen_index, marker)[None, :]
+    keep = train.forced_positions(is_gen, answer_constraints(tok))
     return model, (ids, attention, is_gen, keep, tok.mask_token_id)
 
 

@@ -14,7 +14,8 @@ reveals later inside the block, and its rows attend to exactly what a cached ste
 to: the refresh copy's keys and values where the cache is kept, the second copy's where the step
 recomputes (``[block_start, end)`` for prefix, the block for dual). Its rows outside the
 recomputed span are dual's read-only rows (Prophet's answer region): nothing attends to them.
-The loss is the usual cross-entropy on masked positions of both copies.
+Training scores the second copy's masked rows; the first copy's are marked too (its targets
+are the same), but a refresh is a plain full pass, which plain training already teaches.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class CacheViews(NamedTuple):
     ids: torch.Tensor  # [B, S + G]: refresh canvas, then the step's generation
     positions: torch.Tensor  # [B, S + G] canvas positions (the step copy repeats the generation's)
     allowed: torch.Tensor  # [B, S + G, S + G] keys each row attends to
-    masked: torch.Tensor  # [B, S + G] rows scored (masked tokens of either copy)
+    masked: torch.Tensor  # [B, S + G] masked tokens of either copy (training scores the step's)
     dual: torch.Tensor  # [B] dual cache (else prefix)
     block_start: torch.Tensor  # [B] the step's block, as generation indices
     block_end: torch.Tensor

@@ -121,21 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--log-json", type=Path, default=None)
     args = p.parse_args(argv)
-    if not 0.0 <= args.cache_views <= 1.0:
-        p.error(f"--cache-views: {args.cache_views} is not a fraction in [0, 1]")
+    for dest in ("cache_views", "cache_view_dual", "cache_view_certain_first"):
+        if not 0.0 <= getattr(args, dest) <= 1.0:
+            flag = "--" + dest.replace("_", "-")
+            p.error(f"{flag}: {getattr(args, dest)} is not a fraction in [0, 1]")
     try:
         args.cache_view_blocks = tuple(int(n) for n in args.cache_view_blocks.split(","))
     except ValueError:
         p.error(f"--cache-view-blocks: {args.cache_view_blocks!r} is not a list of integers")
     if any(n <= 0 or GEN_LENGTH % n for n in args.cache_view_blocks):
         p.error(f"--cache-view-blocks: each of {args.cache_view_blocks} must divide {GEN_LENGTH}")
-    if not 0.0 <= args.cache_view_dual <= 1.0:
-        p.error(f"--cache-view-dual: {args.cache_view_dual} is not a fraction in [0, 1]")
-    if not 0.0 <= args.cache_view_certain_first <= 1.0:
-        p.error(
-            f"--cache-view-certain-first: {args.cache_view_certain_first} is not a fraction "
-            "in [0, 1]"
-        )
     if args.cache_view_certain_first > 0 and args.cache_view_where != "uncertain":
         p.error("--cache-view-certain-first: needs --cache-view-where uncertain")
     if not args.cache_view_distill >= 0.0:
@@ -209,6 +204,13 @@ def masked_diffusion_loss(
     weights = p_mask.expand_as(ids)[masked]
     gen_length = is_gen.sum(1, keepdim=True).expand_as(ids)[masked]
     return (token_loss / weights / gen_length).sum() / ids.shape[0]
+
+
+def forced_positions(is_gen: torch.Tensor, constraints: dict[int, int]) -> torch.Tensor:
+    """``[B, S]`` generation positions that decoding forces (the ``answer:`` marker): a view
+    keeps them in its canvases, as constraints keep them when decoding."""
+    gen_index = torch.arange(is_gen.shape[1]) - (is_gen.shape[1] - GEN_LENGTH)
+    return is_gen & torch.isin(gen_index, torch.tensor(sorted(constraints)))[None, :]
 
 
 def cache_view_losses(
@@ -377,9 +379,7 @@ def main(argv: list[str] | None = None) -> None:
             # The views' rows and the plain examples' tokens, one mean each: the views'
             # rows are many (a whole step copy each) and most are easy (spaces, EOS); in one
             # mean with the plain tokens they would set its scale alone.
-            # The forced marker stays in a view's canvases, as constraints keep it when decoding.
-            gen_index = torch.arange(ids.shape[1]) - (ids.shape[1] - GEN_LENGTH)
-            keep = is_gen & torch.isin(gen_index, torch.tensor(sorted(constraints)))[None, :]
+            keep = forced_positions(is_gen, constraints)
             v = slice(len(batch) - n_views, None)
             loss = cache_view_losses(
                 model,
