@@ -188,6 +188,10 @@ def test_certain_first_views_reveal_what_the_model_was_surest_of(llada64):
         first = (canvases[:, -GEN:] == mask_id).float().argmax(1)
         return torch.stack([by_start[int(f)] for f in first])
 
+    def surest(start: int, k: int) -> set[int]:
+        """The k positions of the block at ``start`` its refresh was surest of."""
+        return set(sorted(range(start, start + 8), key=lambda i: float(by_start[start][i]))[:k])
+
     def revealed(views) -> list[set[int]]:
         s = ids.shape[1]
         refresh_masked = views.ids[:, s - GEN : s] == mask_id
@@ -207,9 +211,7 @@ def test_certain_first_views_reveal_what_the_model_was_surest_of(llada64):
     )
     counts = []
     for shown, start in zip(revealed(views), views.block_start.tolist(), strict=True):
-        block = range(start, start + 8)
-        surest = sorted(block, key=lambda i: float(by_start[start][i]))[: len(shown)]
-        assert shown == set(surest)
+        assert shown == surest(start, len(shown))
         counts.append(len(shown))
     assert len(set(counts)) > 3  # the number revealed still varies
     # Random reveals (the default) do not follow the model's certainty.
@@ -217,8 +219,8 @@ def test_certain_first_views_reveal_what_the_model_was_surest_of(llada64):
         *args, torch.Generator().manual_seed(8), block_lengths=(8,), uncertainty=uncertainty
     )
     assert any(
-        shown != set(sorted(range(st, st + 8), key=lambda i: float(by_start[st][i]))[: len(shown)])
-        for shown, st in zip(revealed(plain), plain.block_start.tolist(), strict=True)
+        shown != surest(start, len(shown))
+        for shown, start in zip(revealed(plain), plain.block_start.tolist(), strict=True)
     )
     with pytest.raises(ValueError, match="certain_first"):
         cache_view_batch(*args, torch.Generator(), certain_first=1.5, uncertainty=uncertainty)
