@@ -16,14 +16,13 @@ given checkout (tested with commit 24cc59e; its modeling code needs ``einops``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import sys
 from pathlib import Path
 
 import torch
 
-from foretell.bench.report import machine_info, write_json
+from foretell.bench.report import machine_info, model_info, write_json
 from foretell.engine import Engine
 from foretell.models import load_model
 from foretell.models.default import DEFAULT_MODEL_DIR, HELDOUT_SEED
@@ -124,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.out:
-        # Which checkpoint, whatever the commit says: the weights are a file that changes.
-        weights = hashlib.sha256((args.model / "model.safetensors").read_bytes()).hexdigest()
-        report = {"args": vars(args), "model_sha256": weights, "machine": machine_info()}
-        write_json(args.out, {**report, "rows": rows})
+        # model_info hashes the weights file: the checkpoint changes, whatever the commit says.
+        report = {"args": vars(args), "model": model_info(loaded.model, args.model)}
+        write_json(args.out, {**report, "machine": machine_info(), "rows": rows})
     return 0 if all(r["identical"] == r["n"] for r in rows) else 1
 
 
