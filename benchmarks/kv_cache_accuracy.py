@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)
-    examples = get_task(args.task).heldout(args.n, HELDOUT_SEED)
+    task = get_task(args.task)
+    examples = task.heldout(args.n, HELDOUT_SEED)
     if args.prompts == "other-orders":
         examples = other_orders(examples, args.task)
     torch.set_num_threads(args.threads)
@@ -94,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     # The shipped model's decoding layout, also on another checkpoint trained for its tasks.
     engine.default_params = default_decode_params(engine.tokenizer)
     engine.default_prophet = default_prophet()
-    task = get_task(args.task)
     prompts = [[{"role": "user", "content": ex.prompt}] for ex in examples]
     policies = {"Full": None, **({"Prophet": engine.default_prophet} if args.prophet else {})}
     rows = []
@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         uncached: list[bool] = []
         for cache in CACHES:  # None first: the others are compared with it
             base = engine.default_params.replace(
-                block_length=block, remasking=remasking, kv_cache=cache
+                block_length=block,
+                remasking=remasking,
+                kv_cache=cache,
+                early_commit=policies[policy],
             )
-            base = base.replace(early_commit=policies[policy])
             params = [base.replace(seed=i) for i in range(len(examples))]
             outs = engine.generate(prompts, params, use_tqdm=False)
             right = [task.check(ex, o.text) for ex, o in zip(examples, outs, strict=True)]
