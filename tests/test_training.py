@@ -22,6 +22,7 @@ from foretell.models.default import DEFAULT_MODEL_DIR, train
         (["--cache-view-certain-first", "2"], "--cache-view-certain-first"),
         (["--cache-view-distill", "-1"], "--cache-view-distill"),
         (["--cache-view-teacher", "/tmp"], "--cache-view-teacher"),
+        (["--cache-view-hard", "0"], "--cache-view-hard"),
         (
             ["--cache-view-certain-first", "0.5", "--cache-view-where", "uniform"],
             "--cache-view-certain-first",
@@ -38,7 +39,7 @@ def test_fine_tune_with_cache_views_writes_a_checkpoint(tmp_path) -> None:
     out, log = tmp_path / "weights", tmp_path / "log.json"
     argv = f"--init {DEFAULT_MODEL_DIR} --out {out} --log-json {log} --tasks arrange --steps 2"
     argv += " --batch-size 4 --eval-every 2 --eval-n 2 --cache-views 0.5 --lr 1e-3 --warmup 1"
-    argv += " --cache-view-certain-first 0.5 --cache-view-distill 0.5"
+    argv += " --cache-view-certain-first 0.5 --cache-view-distill 0.5 --cache-view-hard 2"
     argv += f" --cache-view-teacher {DEFAULT_MODEL_DIR}"
     train.main(argv.split())
     tuned = load_model(out).model.state_dict()
@@ -115,3 +116,59 @@ def test_view_losses_refuse_a_teacher_without_distillation() -> None:
         train.cache_view_losses(model, *batch, torch.Generator(), teacher=model)
     with pytest.raises(ValueError, match="distill"):
         train.cache_view_losses(model, *batch, torch.Generator(), distill=-1.0)
+
+
+def test_hardest_views_are_those_whose_cached_step_disagrees_most_with_a_full_pass() -> None:
+    from foretell.models.default.cache_views import cache_view_batch
+
+    model, batch = _view_batch(16)
+    ids, attention = batch[:2]
+    views = cache_view_batch(*batch, torch.Generator().manual_seed(3), 1.0, (8,))
+    top = train.hardest_views(model, views, ids, attention, 4)
+    # Each view's score written out alone: the mean over its scored rows of the KL from the
+    # full pass over its step canvas to the cached step.
+    s, g = ids.shape[1], views.ids.shape[1] - ids.shape[1]
+    scores = []
+    with torch.no_grad():
+        for i in range(len(ids)):
+            cached = model(
+                views.ids[i : i + 1],
+                attention_mask=views.allowed[i : i + 1],
+                positions=views.positions[i : i + 1],
+            )[0, s:]
+            canvas = torch.cat([ids[i, : s - g], views.ids[i, s:]])[None]
+            full = model(canvas, attention_mask=attention[i : i + 1])[0, s - g :]
+            rows = views.masked[i, s:]
+            p, q = full[rows].log_softmax(-1), cached[rows].log_softmax(-1)
+            scores.append(float((p.exp() * (p - q)).sum(-1).mean()) if rows.any() else 0.0)
+    expected = sorted(range(len(ids)), key=lambda i: -scores[i])[:4]
+    assert sorted(top.tolist()) == sorted(expected)
+    # Not a tie: the kept views disagree more than the rest.
+    assert min(scores[i] for i in expected) > max(
+        scores[i] for i in range(len(ids)) if i not in expected
+    )
+
+
+def test_a_hard_pool_scores_only_its_hardest_views() -> None:
+    import torch.nn.functional as F
+
+    from foretell.models.default.cache_views import CacheViews, cache_view_batch
+
+    model, batch = _view_batch(16)
+    ids, attention = batch[:2]
+    kwargs = {"dual_fraction": 1.0, "block_lengths": (8,), "where": "uniform"}
+    with torch.no_grad():
+        losses = train.cache_view_losses(
+            model, *batch, torch.Generator().manual_seed(7), hard=4, **kwargs
+        )
+        # The same pool of views, drawn again from the same seed; the four hardest scored.
+        views = cache_view_batch(*batch, torch.Generator().manual_seed(7), 1.0, (8,))
+        top = train.hardest_views(model, views, ids, attention, 4)
+        kept = CacheViews(*(t[top] for t in views))
+        s, g = ids.shape[1], views.ids.shape[1] - ids.shape[1]
+        logits = model(kept.ids, attention_mask=kept.allowed, positions=kept.positions)[:, s:]
+        rows = kept.masked[:, s:]
+        expected = F.cross_entropy(logits[rows], ids[top][:, s - g :][rows], reduction="none")
+    assert torch.equal(losses, expected)
+    with pytest.raises(ValueError, match="hard"):
+        train.cache_view_losses(model, *batch, torch.Generator(), hard=3)

@@ -33,7 +33,7 @@ from foretell.models.default import (
     STEPS,
     answer_constraints,
 )
-from foretell.models.default.cache_views import VIEW_BLOCK_LENGTHS, cache_view_batch
+from foretell.models.default.cache_views import VIEW_BLOCK_LENGTHS, CacheViews, cache_view_batch
 from foretell.models.default.data import accuracy, make_batch
 from foretell.models.llada import LLaDAModelLM
 from foretell.models.registry import load_model, save_model
@@ -102,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "model being trained)",
     )
     p.add_argument(
+        "--cache-view-hard",
+        type=int,
+        default=1,
+        help="draw K times as many views and train on the 1/K whose cached step disagrees most "
+        "with a full pass over the same canvas (1: every view drawn)",
+    )
+    p.add_argument(
         "--init", type=Path, default=None, help="start from this checkpoint (fine-tuning)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -137,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--cache-view-distill: {args.cache_view_distill} is not a weight >= 0")
     if args.cache_view_teacher is not None and not args.cache_view_distill > 0:
         p.error("--cache-view-teacher: needs --cache-view-distill > 0")
+    if args.cache_view_hard < 1:
+        p.error(f"--cache-view-hard: {args.cache_view_hard} is not a pool factor >= 1")
     if args.cache_views > 0 and args.loss_weighting != "uniform":
         p.error("--cache-views: needs --loss-weighting uniform (a view has no single t)")
     return args
@@ -227,6 +236,7 @@ def cache_view_losses(
     certain_first: float = 0.0,
     distill: float = 0.0,
     teacher: torch.nn.Module | None = None,
+    hard: int = 1,
 ) -> torch.Tensor:
     """Per-token cross-entropy of a batch of cached-decoding views: the step copy's masked rows
     (the block, and after it the rows a prefix step recomputes or dual reads for Prophet).
@@ -236,7 +246,11 @@ def cache_view_losses(
     prediction of the same canvas (a full pass, no gradient) to the cached step's: the target
     of the cache is to decode as the uncached model does, and the uncached route generalizes
     to unseen prompts better than the cached one learned alone. ``teacher`` (a frozen model)
-    makes the uncached prediction its instead of the model's own."""
+    makes the uncached prediction its instead of the model's own. ``hard`` > 1: the batch is a
+    pool ``hard`` times the views trained; a view is drawn for each, and only the
+    ``len(ids) // hard`` of :func:`hardest_views` are scored."""
+    if hard < 1 or len(ids) % hard:
+        raise ValueError(f"hard: {hard} is not a pool factor >= 1 dividing the batch ({len(ids)})")
     if distill < 0:
         raise ValueError(f"distill: {distill} is not a weight >= 0")
     if teacher is not None and distill == 0:
@@ -261,21 +275,60 @@ def cache_view_losses(
         entropy if where == "uncertain" else None,
         certain_first,
     )
-    logits = model(views.ids, attention_mask=views.allowed, positions=views.positions)
     s = ids.shape[1]
+    if hard > 1:
+        top = hardest_views(model, views, ids, attention, len(ids) // hard)
+        views = CacheViews(*(t[top] for t in views))
+        ids, attention = ids[top], attention[top]
+    logits = model(views.ids, attention_mask=views.allowed, positions=views.positions)
     rows = views.masked[:, s:]
     cached = logits[:, s:][rows]
     losses = F.cross_entropy(cached, ids[:, s - g :][rows], reduction="none")
     if distill > 0:
-        step_canvas = ids.clone()
-        step_canvas[:, s - g :] = views.ids[:, s:]
         with torch.no_grad():
             source = teacher if teacher is not None else model
-            uncached = source(step_canvas, attention_mask=attention)[:, s - g :][rows]
-        target_logp = uncached.float().log_softmax(-1)
-        kl = (target_logp.exp() * (target_logp - cached.float().log_softmax(-1))).sum(-1)
-        losses = losses + distill * kl
+            uncached = uncached_logits(source, views, ids, attention)[rows]
+        losses = losses + distill * kl_from(uncached, cached)
     return losses
+
+
+def uncached_logits(
+    model: torch.nn.Module, views: CacheViews, ids: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
+    """``[B, G, V]``: a full pass over each view's step canvas, what decoding without a cache
+    would predict where the cached step predicts."""
+    s, g = ids.shape[1], views.ids.shape[1] - ids.shape[1]
+    step_canvas = ids.clone()
+    step_canvas[:, s - g :] = views.ids[:, s:]
+    return model(step_canvas, attention_mask=attention)[:, s - g :]
+
+
+def kl_from(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per row, KL(softmax(target) || softmax(logits)) in float32."""
+    target_logp = target_logits.float().log_softmax(-1)
+    return (target_logp.exp() * (target_logp - logits.float().log_softmax(-1))).sum(-1)
+
+
+def hardest_views(
+    model: torch.nn.Module,
+    views: CacheViews,
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """Indices of the ``n`` views whose cached step disagrees most with the model's own full
+    pass over the same step canvas (the mean KL from it over the view's scored rows).
+
+    On training prompts the fine-tuned model's cached step mostly decodes as its full pass does,
+    so uniformly drawn views mostly teach what it already does; the held-out `dual` failures are
+    letter sets where the cached step is unsure and the full pass is not (docs/training.md)."""
+    s = ids.shape[1]
+    with torch.no_grad():
+        rows = views.masked[:, s:]
+        cached = model(views.ids, attention_mask=views.allowed, positions=views.positions)[:, s:]
+        kl = kl_from(uncached_logits(model, views, ids, attention), cached) * rows
+        score = kl.sum(1) / rows.sum(1).clamp(min=1)
+    return score.topk(n).indices
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -365,11 +418,13 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     for step in range(args.steps):
         name = rng.choices(names, probs)[0]
-        batch = [next(streams[name]) for _ in range(args.batch_size)]
+        # Plain examples first, then the views' (a pool --cache-view-hard times the views).
+        n_views = round(args.cache_views * args.batch_size)
+        n_plain = args.batch_size - n_views
+        batch = [next(streams[name]) for _ in range(n_plain + n_views * args.cache_view_hard)]
         ids, attention, is_gen = make_batch(tokenizer, batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        n_views = round(args.cache_views * len(batch))
         mask_id = tokenizer.mask_token_id
         if n_views == 0:
             loss = masked_diffusion_loss(
@@ -380,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
             # rows are many (a whole step copy each) and most are easy (spaces, EOS); in one
             # mean with the plain tokens they would set its scale alone.
             keep = forced_positions(is_gen, constraints)
-            v = slice(len(batch) - n_views, None)
+            v = slice(n_plain, None)
             loss = cache_view_losses(
                 model,
                 ids[v],
@@ -395,9 +450,10 @@ def main(argv: list[str] | None = None) -> None:
                 args.cache_view_certain_first,
                 args.cache_view_distill,
                 teacher,
+                args.cache_view_hard,
             ).mean()
-            if n_views < len(batch):
-                p = slice(0, len(batch) - n_views)
+            if n_plain > 0:
+                p = slice(0, n_plain)
                 plain, _, _ = sft_token_losses(
                     model, ids[p], attention[p], is_gen[p], mask_id, generator
                 )
