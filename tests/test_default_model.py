@@ -25,16 +25,16 @@ from foretell.tasks import get_task, parse_answer
 
 # Six of the first ten held-out prompts (HELDOUT_SEED, never trained on) that the shipped
 # checkpoint solves with full decoding and with the dual cache alike (32 steps, blocks of 8), and
-# its greedy answers; docs/results.md has the full held-out numbers (2.6% of prompts fail with
-# full decoding, 3.4% with the dual cache).
+# its greedy answers; docs/results.md has the full held-out numbers (2.4% of prompts fail with
+# full decoding, 3.2% with the dual cache).
 SOLVED = {
     "arrange": {
-        "arrange wsp": "psw",
-        "arrange vmg": "vgm",
+        "arrange wsp": "pws",
+        "arrange uot": "uot",
         "arrange ctx": "txc",
         "arrange rsi": "ris",
         "arrange rxk": "rkx",
-        "arrange fxn": "nxf",
+        "arrange dca": "adc",
     },
 }
 
