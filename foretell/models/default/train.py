@@ -146,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--cache-view-teacher: needs --cache-view-distill > 0")
     if args.cache_view_hard < 1:
         p.error(f"--cache-view-hard: {args.cache_view_hard} is not a pool factor >= 1")
+    if args.cache_view_hard > 1 and not args.cache_views > 0:
+        p.error("--cache-view-hard: needs --cache-views > 0 (it chooses among views)")
     if args.cache_views > 0 and args.loss_weighting != "uniform":
         p.error("--cache-views: needs --loss-weighting uniform (a view has no single t)")
     return args
@@ -304,7 +306,9 @@ def uncached_logits(
 
 
 def kl_from(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per row, KL(softmax(target) || softmax(logits)) in float32."""
+    """Per row, KL(softmax(target) || softmax(logits)): how far a cached step's prediction is
+    from the full pass's. In float32, so that the small disagreements between two confident
+    predictions, which are what tell the views apart, are not lost to a half-precision softmax."""
     target_logp = target_logits.float().log_softmax(-1)
     return (target_logp.exp() * (target_logp - logits.float().log_softmax(-1))).sum(-1)
 
