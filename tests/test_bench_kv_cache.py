@@ -28,6 +28,11 @@ def cache_json(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+def _whole_pages(tokens: int, page: int) -> int:
+    """Positions of the pages that hold ``tokens`` positions."""
+    return -(-tokens // page) * page
+
+
 def test_every_mode_runs_with_every_cache(cache_json: dict) -> None:
     runs = cache_json["modes"]
     assert list(runs) == RUNS + PROPHET_RUNS
@@ -40,10 +45,11 @@ def test_every_mode_runs_with_every_cache(cache_json: dict) -> None:
         if rec["kv_cache"] is None:
             assert rec["kv_cache_peak_bytes"] == 0, name
         else:
-            # At least one request's whole-canvas buffer, at most B of them.
-            one = rec["kv_cache_bytes_per_token"] * (rec["prompt_tokens"]["min"] + 32)
+            # At least one request's whole canvas of pages, at most B of them.
+            per_token, page = rec["kv_cache_bytes_per_token"], rec["kv_page_size"]
+            one = per_token * _whole_pages(rec["prompt_tokens"]["min"] + 32, page)
             assert one <= rec["kv_cache_peak_bytes"], name
-            big = rec["kv_cache_bytes_per_token"] * (rec["prompt_tokens"]["max"] + 32)
+            big = per_token * _whole_pages(rec["prompt_tokens"]["max"] + 32, page)
             assert rec["kv_cache_peak_bytes"] <= 2 * big, name
     # Same requests (the hash leaves out what the mode sets: policy and cache).
     assert {rec["request_hash"] for rec in runs.values()} == {cache_json["request_hash"]}

@@ -313,7 +313,7 @@ def test_eos_and_eot_ids_come_from_the_config_and_the_tokenizer() -> None:
     assert eot < loaded.model.vocab_size
     engine = Engine(loaded.model, tokenizer=tokenizer)
     eos = loaded.model.eos_token_ids[0]
-    assert engine._special_ids() == (eos, eot)
+    assert engine.requests.special_ids() == (eos, eot)
     both = DecodeParams(gen_length=8, logits_eos_inf=True, confidence_eos_eot_inf=True)
     req = engine.make_request("ab", both)
     assert (req.logits_suppress, req.confidence_suppress) == ((eos,), (eos, eot))

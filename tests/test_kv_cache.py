@@ -243,14 +243,16 @@ def test_bad_kv_cache_memory_is_refused(llada64, value) -> None:
 
 def test_auto_budget_is_positive(llada64) -> None:
     engine = Engine(llada64, dtype="float64")
-    assert engine.scheduler.kv_cache_memory > 0
+    assert engine.kv_pool.num_pages > 0
 
 
 # -- the cache's lifecycle -----------------------------------------------------------------
 
 
 def _one_cache(engine: Engine, prompt: str, gen_length: int) -> int:
-    return (len(engine.tokenizer(prompt)["input_ids"]) + gen_length) * engine.kv_bytes_per_token
+    """Pool bytes of one request's pages: its canvas rounded up to whole pages."""
+    canvas = len(engine.tokenizer(prompt)["input_ids"]) + gen_length
+    return engine.kv_pool.pages_for(canvas) * engine.kv_pool.page_bytes
 
 
 def test_cache_is_allocated_at_first_refresh_and_freed_on_finish(llada64) -> None:
@@ -305,14 +307,16 @@ def test_cache_is_freed_on_abort_and_error(llada64, monkeypatch) -> None:
     assert engine.metrics.kv_cache_bytes == 0
 
 
-def test_admission_waits_for_cache_memory(llada64) -> None:
+def test_admission_passes_a_head_waiting_for_pages(llada64) -> None:
+    """A cached request that waits for pages does not block those behind it that fit: the
+    uncached third request runs at once, beside the first."""
     p = DecodeParams(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     probe = Engine(llada64, dtype="float64")
     budget = _one_cache(probe, "12+34=", 16) + 10
     engine = Engine(llada64, dtype="float64", kv_cache_memory=budget)
     first = engine.add_request("12+34=", p)
     second = engine.add_request("12+43=", p)
-    third = engine.add_request("12+34=", p.replace(kv_cache=None))  # needs no cache memory
+    third = engine.add_request("12+34=", p.replace(kv_cache=None))  # needs no pages
     done: dict[str, int] = {}
     step = 0
     while engine.has_unfinished_requests():
@@ -322,12 +326,10 @@ def test_admission_waits_for_cache_memory(llada64) -> None:
         assert engine.metrics.kv_cache_bytes <= budget
         if step == 1:
             running = {r.request_id for r in engine.scheduler.running}
-            assert running == {first} and [r.request_id for r in engine.scheduler.waiting] == [
-                second,
-                third,
-            ]
-    # FCFS: the second waits for the first's cache, and the third waits behind it.
-    assert done[first] == 16 and done[second] == 32 and done[third] == 32
+            assert running == {first, third}
+            assert [r.request_id for r in engine.scheduler.waiting] == [second]
+    # The second waits for the first's pages; the third passed it.
+    assert done[first] == 16 and done[third] == 16 and done[second] == 32
     assert engine.metrics.kv_cache_peak_bytes <= budget
 
 
@@ -368,17 +370,21 @@ def test_cached_span_on_an_unchanged_canvas_equals_the_full_forward(llada64, dre
     ids = torch.randint(4, 40, (length,), generator=torch.Generator().manual_seed(0))
     ids[20:] = model.mask_token_id
     with torch.no_grad():
-        buffer = kv_cache.allocate(model, length, torch.device("cpu"))
+        pool = kv_cache.KVPool(model, torch.device("cpu"), 2**30, page_size=16)
+        # Pages out of order, so that the page table really maps the positions.
+        pages = pool.allocate(pool.pages_for(length) + 1)[::-1][: pool.pages_for(length)]
+        slots = pool.slots(pages, length)
         full = model.forward_packed(ids, torch.arange(length), [length])
-        refresh = CacheUse(buffer, 0, 0, length, None)
+        refresh = CacheUse(slots, 0, 0, length, None)
         assert torch.equal(
-            model.forward_packed(ids, torch.arange(length), [length], [refresh]), full
+            model.forward_packed(ids, torch.arange(length), [length], [refresh], pool.storage),
+            full,
         )
         for lo, hi in [(24, 40), (24, 32)]:
             pos = torch.cat([torch.tensor([3, 10]), torch.arange(lo, hi), torch.tensor([39])])
             pos = pos[pos < hi].unique() if hi == length else pos
-            cache = CacheUse(buffer, 2, lo, hi - lo, length)
-            out = model.forward_packed(ids[pos], pos, [len(pos)], [cache])
+            cache = CacheUse(slots, 2, lo, hi - lo, length)
+            out = model.forward_packed(ids[pos], pos, [len(pos)], [cache], pool.storage)
             torch.testing.assert_close(out, full[pos], rtol=0, atol=1e-12)
 
 

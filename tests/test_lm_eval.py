@@ -159,7 +159,7 @@ def test_prophet_reference_placement_from_text_constraints(llada64):
     assert p.constraints == {4: "ab", 6: "c"}
     # Each word is tokenized with a leading space (the char tokenizer: " ab" is 3 tokens at
     # 4-6, " c" 2 tokens at 6-7); the answer starts two positions after the last one.
-    assert max(lm.engine._constraint_ids(p)) == 7
+    assert max(lm.engine.requests.constraint_ids(p)) == 7
     assert p.early_commit.answer_start == 9
     assert p.early_commit.thresholds == (9.0, 6.0, 3.0)
     assert parse_constraints("200:The|201:answer|202:is") == {200: "The", 201: "answer", 202: "is"}

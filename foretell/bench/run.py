@@ -266,6 +266,7 @@ def _summarise(
         "kv_cache_peak_bytes": m.kv_cache_peak_bytes,
         "kv_cache_bytes_after": m.kv_cache_bytes,  # 0: every cache freed
         "kv_cache_bytes_per_token": engine.kv_bytes_per_token,
+        "kv_page_size": engine.kv_pool.page_size,  # a cache holds whole pages
         "forward_s": forward,
         "step_s": m.step_seconds,
         "overhead_share": max(0.0, 1.0 - forward / wall),

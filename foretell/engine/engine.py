@@ -18,31 +18,18 @@ import torch
 from tqdm.auto import tqdm
 
 from foretell.decoding import advance
-from foretell.decoding.unmask import confidence_dtype
 from foretell.engine import kv_cache
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
+from foretell.engine.requests import Prompt, RequestBuilder
 from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
 from foretell.models.registry import LoadedModel, load_model, resolve_dtype
 from foretell.models.transformer import DiffusionLM
-from foretell.params import DecodeParams, Prophet, as_params
+from foretell.params import DecodeParams, Prophet
 from foretell.scheduler import Request, Scheduler
-
-Prompt = str | list[int] | list[dict]
-# A text longer than this many characters per token of room is refused before tokenizing it:
-# a generous bound (subword vocabularies average a few characters per token), so that a huge
-# text costs no tokenizer time.
-MAX_CHARS_PER_TOKEN = 32
+from foretell.scheduler.scheduler import DEFAULT_MAX_HEAD_WAIT
 
 logger = logging.getLogger(__name__)
-
-
-def _check_unicode(name: str, text: str) -> None:
-    """Refuse what no tokenizer can encode: a lone surrogate (JSON's "\\ud800")."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"{name}: not valid Unicode at character {err.start}") from None
 
 
 def _resolve_model(model, tokenizer, dtype, device, attention_backend) -> LoadedModel:
@@ -65,24 +52,24 @@ def _resolve_model(model, tokenizer, dtype, device, attention_backend) -> Loaded
     return loaded
 
 
-def _check_kv_cache(family: str, params: DecodeParams) -> None:
-    """What Fast-dLLM's cached decoders define for each family (the rest is refused)."""
-    if family == "dream":
-        # Fast-dLLM's Dream block loop ranks by negative entropy unless it runs the threshold.
-        if params.remasking not in ("entropy", "confidence_threshold"):
-            raise ValueError(
-                "kv_cache: Dream's cached decoding ranks by entropy: use remasking 'entropy' "
-                f"or 'confidence_threshold', got {params.remasking!r}"
-            )
-        if params.early_commit is not None:
-            raise ValueError("kv_cache: early commit with a cache is LLaDA only for now")
-        if params.alg_temp:
-            raise ValueError("kv_cache: alg_temp is not supported with a cache")
-    elif params.remasking == "entropy":
-        raise ValueError(
-            "kv_cache: LLaDA's cached decoding (Fast-dLLM) ranks by 'low_confidence', 'random' "
-            "or 'confidence_threshold', not 'entropy'"
-        )
+def _profile_forward_peak(model: DiffusionLM, max_tokens: int, chunk_tokens: int | None) -> int:
+    """CUDA: the memory peak (weights included) of the largest pass the engine will run, a
+    packed batch of ``max_tokens`` tokens, so that the KV pool takes only what is left."""
+    device = model.embed.weight.device
+    tokens = max_tokens if chunk_tokens is None else min(max_tokens, chunk_tokens)
+    length = min(tokens, model.max_length or tokens)
+    lens = [length] * (tokens // length) + ([tokens % length] if tokens % length else [])
+    ids = torch.zeros(tokens, dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        hidden = model.forward_packed(ids, positions, lens)
+        model.logits_at(hidden, positions, torch.arange(tokens, device=device))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del hidden
+    torch.cuda.empty_cache()
+    return peak
 
 
 class Engine:
@@ -94,11 +81,17 @@ class Engine:
     sequences of at most that many tokens (``"auto"``: 640 on a CPU, where it keeps activations
     in cache, none on a GPU; None: never). Sequences never attend across chunks, so results are
     the same up to floating-point rounding, as with any other batch composition.
-    ``kv_cache_memory`` is the byte budget of all requests' KV caches (``DecodeParams.kv_cache``):
-    ``"auto"`` sizes it from the device's free memory (half of MemAvailable on a CPU, 80% of the
-    free memory on CUDA, measured once the weights are loaded), an int is bytes, None is no
-    limit. Admission reserves each cached request's whole cache; a request that would not fit
-    waits, and one that could never fit is refused by ``add_request``.
+    ``kv_cache_memory`` is the byte size of the KV pool that holds every request's KV cache
+    (``DecodeParams.kv_cache``), cut into pages of ``kv_page_size`` positions: ``"auto"`` sizes
+    it from the device's memory (half of MemAvailable on a CPU; on CUDA 80% of the device less
+    the weights and the peak of a profiled maximal forward pass, as vLLM's
+    ``gpu_memory_utilization``), an int is bytes, None is as much as the engine could ever use.
+    The pool is never larger than ``max_num_seqs`` canvases of ``max_num_batched_tokens``, and
+    is allocated at the first cached request. Admission takes a cached request's pages for its
+    whole canvas; a request that does not fit yet waits while others that fit pass it, until
+    it has waited ``max_head_wait`` steps at the queue's head; one that could never fit is
+    refused by ``add_request``. ``max_num_batched_tokens`` bounds the query tokens a pass runs:
+    a cached step is charged the span it recomputes, not its canvas.
     ``max_model_len`` caps a request's canvas (prompt + ``gen_length``) below the model's own
     maximum length, and ``max_gen_length`` its ``gen_length`` (and so its ``steps``); None: no
     cap but the model's and ``max_num_batched_tokens``. Every limit is checked before a request
@@ -117,6 +110,8 @@ class Engine:
         attention_backend: str = "auto",
         forward_chunk_tokens: int | str | None = "auto",
         kv_cache_memory: int | str | None = "auto",
+        kv_page_size: int = kv_cache.DEFAULT_PAGE_SIZE,
+        max_head_wait: int = DEFAULT_MAX_HEAD_WAIT,
         max_gen_length: int | None = None,
         max_model_len: int | None = None,
     ) -> None:
@@ -127,13 +122,15 @@ class Engine:
                 raise ValueError(f"{name}: must be an integer >= 2, got {value!r}")
         # Resolved (and validated) before the model loads, so a bad value fails at once.
         chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, torch.device(device))
-        # "auto" reads the free memory, so only once the weights are loaded.
-        auto_budget = kv_cache_memory == "auto"
-        if not auto_budget:
-            kv_budget = kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device))
+        kv_cache.check_kv_cache_memory(kv_cache_memory)
+        kv_cache.check_page_size(kv_page_size)
         loaded = _resolve_model(model, tokenizer, dtype, device, attention_backend)
-        if auto_budget:
-            kv_budget = kv_cache.resolve_kv_cache_memory("auto", torch.device(device))
+        # "auto" reads the free memory, so only once the weights are loaded (and on CUDA once
+        # the largest pass has shown its activations' peak).
+        peak = None
+        if kv_cache_memory == "auto" and torch.device(device).type == "cuda":
+            peak = _profile_forward_peak(loaded.model, max_num_batched_tokens, chunk_tokens)
+        kv_budget = kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device), peak)
         # What ``generate`` uses when given no params: the shipped model's own layout, else
         # DecodeParams' defaults.
         self.default_params = DecodeParams()
@@ -148,222 +145,53 @@ class Engine:
         self.mask_token_id: int = self.model.mask_token_id
         self.model_path = loaded.path
         self.kv_bytes_per_token = kv_cache.bytes_per_token(self.model)
-        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, kv_budget)
+        self.kv_pool = kv_cache.KVPool(
+            self.model,
+            torch.device(device),
+            kv_budget,
+            page_size=kv_page_size,
+            max_tokens=max_num_seqs * max_num_batched_tokens,
+        )
+        self.scheduler = Scheduler(
+            max_num_seqs, max_num_batched_tokens, self.kv_pool, max_head_wait=max_head_wait
+        )
         # The longest canvas (prompt + generation) a request may have; None: no bound but the
         # batch's token budget.
         limits = [self.model.max_length, max_model_len]
         self.max_model_len: int | None = min((x for x in limits if x is not None), default=None)
         limits = [max_num_batched_tokens, self.max_model_len, max_gen_length]
         self.max_gen_length: int = min(x for x in limits if x is not None)
-        self.runner = ModelRunner(self.model, device, forward_chunk_tokens=chunk_tokens)
+        self.requests = RequestBuilder(
+            self.model,
+            self.tokenizer,
+            self.kv_pool,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            max_gen_length=self.max_gen_length,
+        )
+        self.runner = ModelRunner(
+            self.model, device, forward_chunk_tokens=chunk_tokens, kv_pool=self.kv_pool
+        )
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self._live: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # aborted or unclaimed, returned by next step()
 
     # -- requests ------------------------------------------------------------------------
-    def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: is empty")
-            if len(prompt) > MAX_CHARS_PER_TOKEN * self.max_prompt_tokens:
-                raise ValueError(
-                    f"prompt: {len(prompt)} characters cannot fit in the longest prompt "
-                    f"{self.max_prompt_tokens} tokens"
-                )
-            self._need_tokenizer("a text prompt")
-            _check_unicode("prompt", prompt)
-            ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-            chars = sum(len(str(v)) for m in prompt if isinstance(m, dict) for v in m.values())
-            if chars > MAX_CHARS_PER_TOKEN * self.max_prompt_tokens:
-                raise ValueError(
-                    f"prompt: {chars} characters of messages cannot fit in the longest prompt "
-                    f"{self.max_prompt_tokens} tokens"
-                )
-            self._need_tokenizer("a chat prompt")
-            try:
-                encoded = self.tokenizer.apply_chat_template(
-                    list(prompt), add_generation_prompt=True, tokenize=True
-                )
-            except Exception as err:
-                raise ValueError(f"prompt: cannot apply the chat template: {err}") from err
-            ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-        elif isinstance(prompt, (list, tuple)):
-            if len(prompt) > self.max_prompt_tokens:
-                raise ValueError(
-                    f"prompt: {len(prompt)} tokens exceed the longest prompt "
-                    f"{self.max_prompt_tokens} tokens"
-                )
-            ids = list(prompt)
-            if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in ids):
-                raise ValueError(
-                    f"prompt: token ids must be integers in [0, {self.model.vocab_size})"
-                )
-        else:
-            raise ValueError(
-                f"prompt: expected text, token ids or chat messages, got {type(prompt).__name__}"
-            )
-        if not ids:
-            raise ValueError("prompt: is empty")
-        if self.mask_token_id in ids:
-            raise ValueError(f"prompt: contains the mask token {self.mask_token_id}")
-        return ids
-
     @property
     def max_prompt_tokens(self) -> int:
         """The longest prompt any request can have (with gen_length 1 and no cfg)."""
-        limits = [self.scheduler.max_num_batched_tokens, self.max_model_len]
-        return min(x for x in limits if x is not None) - 1
-
-    def _check_gen_length(self, params: DecodeParams) -> None:
-        """Refuse a canvas too long for any prompt, before anything is tokenized or allocated."""
-        if params.gen_length > self.max_gen_length:
-            raise ValueError(
-                f"gen_length: {params.gen_length} exceeds this engine's maximum "
-                f"{self.max_gen_length}"
-            )
-        if self.max_model_len is not None and params.gen_length >= self.max_model_len:
-            raise ValueError(
-                f"gen_length: {params.gen_length} leaves no room for a prompt in the maximum "
-                f"length {self.max_model_len}"
-            )
-        copies = 2 if params.cfg_scale > 0 else 1
-        if (params.gen_length + 1) * copies > self.scheduler.max_num_batched_tokens:
-            cfg = " (x2 for cfg)" if copies == 2 else ""
-            raise ValueError(
-                f"gen_length: {params.gen_length}{cfg} leaves no room for a prompt in "
-                f"max_num_batched_tokens {self.scheduler.max_num_batched_tokens}"
-            )
-
-    def _check_length(self, ids: list[int], params: DecodeParams) -> None:
-        limit = self.max_model_len
-        if limit is not None and len(ids) + params.gen_length > limit:
-            raise ValueError(
-                f"prompt: {len(ids)} prompt tokens + gen_length {params.gen_length} exceed the "
-                f"maximum length {limit}"
-            )
-        copies = 2 if params.cfg_scale > 0 else 1
-        cost = (len(ids) + params.gen_length) * copies
-        budget = self.scheduler.max_num_batched_tokens
-        if cost > budget:
-            what = "prompt + gen_length" + (" (x2 for cfg)" if copies == 2 else "")
-            raise ValueError(
-                f"prompt: {what} = {cost} tokens exceeds max_num_batched_tokens {budget}"
-            )
-
-    def _need_tokenizer(self, what: str) -> None:
-        if self.tokenizer is None:
-            raise ValueError(f"prompt: {what} needs a tokenizer; pass token ids instead")
-
-    def _constraint_ids(self, params: DecodeParams) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for pos, value in (params.constraints or {}).items():
-            if isinstance(value, int):
-                out[pos] = value
-                continue
-            self._need_tokenizer("a text constraint")
-            _check_unicode("constraints", value)
-            offset = pos
-            for word in value.split():
-                # As Prophet's evaluation: each word tokenized with a leading space.
-                for token in self.tokenizer.encode(" " + word, add_special_tokens=False):
-                    if offset >= params.gen_length:
-                        raise ValueError(
-                            f"constraints: {value!r} at {pos} runs past gen_length "
-                            f"{params.gen_length}"
-                        )
-                    out[offset] = token
-                    offset += 1
-        if any(t >= self.model.vocab_size or t == self.mask_token_id for t in out.values()):
-            raise ValueError("constraints: token ids must be in the vocabulary and not the mask")
-        return out
-
-    def _special_ids(self) -> tuple[int | None, int | None]:
-        """The model's EOS id (its config's ``eos_token_id``: 126081 for LLaDA-8B) and EOT id
-        (the tokenizer's ``<|eot_id|>``: 126348), as LLaDA's ``generate.py`` hard-codes them."""
-        eos = self.model.eos_token_ids[0] if self.model.eos_token_ids else None
-        eot = None
-        convert = getattr(self.tokenizer, "convert_tokens_to_ids", None)
-        if convert is not None:
-            found = convert("<|eot_id|>")
-            unknown = getattr(self.tokenizer, "unk_token_id", None)
-            if isinstance(found, int) and found != unknown and 0 <= found < self.model.vocab_size:
-                eot = found
-        return eos, eot
-
-    def _suppressed_ids(self, params: DecodeParams) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Columns set to -inf in the logits, and left out of the confidence softmax.
-
-        As LLaDA's ``generate.py``: ``logits_eos_inf`` sets EOS's logit to -inf before the
-        token is chosen; ``confidence_eos_eot_inf`` then sets EOT's logit to -inf in the logits
-        the confidence softmax reads, and EOS's in the (noisy) logits the token was drawn from,
-        which at temperature 0 are the same tensor: so EOS and EOT greedily, EOT alone when
-        sampling. A prediction of a left-out token keeps its place with probability 0.
-        """
-        wanted = params.logits_eos_inf or params.confidence_eos_eot_inf
-        if not wanted:
-            return (), ()
-        name = "logits_eos_inf" if params.logits_eos_inf else "confidence_eos_eot_inf"
-        if self.model.family == "dream":
-            raise ValueError(f"{name}: an option of LLaDA's generate.py; Dream's has none")
-        eos, eot = self._special_ids()
-        if eos is None:
-            raise ValueError(f"{name}: the model's config names no eos_token_id")
-        logits = (eos,) if params.logits_eos_inf else ()
-        confidence: tuple[int, ...] = ()
-        if params.confidence_eos_eot_inf:
-            # A tokenizer without <|eot_id|> (foretell's small models) leaves out EOS alone.
-            left_out = (eos, eot) if params.temperature == 0 else (eot,)
-            confidence = tuple(dict.fromkeys(t for t in left_out if t is not None))
-        return logits, confidence
-
-    def _confidence_dtype(self, params: DecodeParams, family: str) -> torch.dtype | None:
-        """The request's confidence dtype, None where it is the model's (the common case)."""
-        model_dtype = self.model.embed.weight.dtype
-        chosen = confidence_dtype(params, family, model_dtype)
-        return None if chosen == model_dtype else chosen
+        return self.requests.max_prompt_tokens
 
     def make_request(
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
     ) -> Request:
         """Validate and build a request without queueing it (errors name the field)."""
-        params = params if params is not None else self.default_params
-        if isinstance(params, dict):
-            params = as_params(params)
-        if not isinstance(params, DecodeParams):
-            raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
-        family = self.model.family
-        if params.kv_cache is not None:
-            _check_kv_cache(family, params)
-        elif family == "dream" and params.block_length != params.gen_length:
-            raise ValueError(
-                "block_length: Dream decodes the whole generation as one block (blocks need "
-                "kv_cache, Fast-dLLM's block decoding)"
-            )
-        if family != "dream" and params.remasking == "origin":
-            raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
-        logits_suppress, confidence_suppress = self._suppressed_ids(params)
-        self._check_gen_length(params)
-        ids = self._encode(prompt)
-        self._check_length(ids, params)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._live:
             raise ValueError(f"request_id: {request_id!r} is already running")
-        req = Request(
-            request_id=request_id,
-            prompt=prompt,
-            prompt_token_ids=ids,
-            params=params,
-            mask_token_id=self.mask_token_id,
-            family=family,
-            constraint_ids=self._constraint_ids(params),
-            logits_suppress=logits_suppress,
-            confidence_suppress=confidence_suppress,
-            confidence_dtype=self._confidence_dtype(params, family),
-        )
-        if params.kv_cache is not None:
-            req.kv_reserved = req.canvas_len * self.kv_bytes_per_token
+        params = params if params is not None else self.default_params
+        req = self.requests.build(prompt, params, request_id)
         self.scheduler.check_fits(req)
         return req
 

@@ -1,21 +1,29 @@
-"""The block KV cache's memory: what one request's cache costs, and the engine's budget.
+"""The KV pool: one block of memory for every request's keys and values, cut into pages.
 
-A cached request (``DecodeParams.kv_cache``) owns one buffer ``[layers, 2, canvas, kv_heads,
-head_dim]`` in the model's dtype, allocated at its first refresh (a block's first step) and
-freed the step it finishes. The buffer spans the whole canvas in both modes: ``dual`` reads all
-of it; ``prefix`` reads the keys/values before the block and keeps the span it recomputes in
-the rest, so that a step's read-only rows (Prophet's, a commit's) see exactly the keys of that
-step. Admission reserves the full buffer, so a running request never waits for memory.
+A request that caches keys and values (``DecodeParams.kv_cache``: Fast-dLLM's prefix/dual
+cache; block-causal models later) holds a page table: the pool pages that store its canvas
+positions, ``page_size`` positions a page. Pages are taken at admission and returned the step
+the request ends, however it ends (finished, committed, aborted, failed), so a running request
+never waits for memory and memory is never fragmented: any free page serves any request.
+
+Attention reads and writes the pool through *slots*, flat indices ``page * page_size +
+offset``: a pass stores every written row with one indexed copy per layer, and gathers every
+reading sequence's keys with one indexed read per layer (``foretell.models.attention``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # "auto" on a CPU: this fraction of MemAvailable (/proc/meminfo) when the engine starts; on
-# CUDA, this fraction of the device's free memory after the weights are loaded.
+# CUDA, this fraction of the device's total memory, less the weights and the activations of
+# the largest forward pass the engine will run (profiled, as vLLM's gpu_memory_utilization).
 AUTO_FRACTION_CPU = 0.5
 AUTO_FRACTION_CUDA = 0.8
+# vLLM's default block size; small pages waste at most page_size - 1 positions a request.
+DEFAULT_PAGE_SIZE = 16
 
 
 def bytes_per_token(model: torch.nn.Module) -> int:
@@ -39,25 +47,113 @@ def _mem_available_cpu() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_kv_cache_memory(value: int | str | None, device: torch.device) -> int:
-    """The byte budget for all caches: ``"auto"`` (see :data:`AUTO_FRACTION_CPU` and
-    :data:`AUTO_FRACTION_CUDA`), an int >= 0 of bytes, or None for no limit."""
-    if value is None:
-        return 2**63 - 1
-    if value == "auto":
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free * AUTO_FRACTION_CUDA)
-        return int(_mem_available_cpu() * AUTO_FRACTION_CPU)
+def check_kv_cache_memory(value: int | str | None) -> None:
+    """Refuse a bad ``kv_cache_memory`` before the model loads."""
+    if value is None or value == "auto":
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(
             f"kv_cache_memory: need a number of bytes >= 0, 'auto' or None, got {value!r}"
         )
+
+
+def resolve_kv_cache_memory(
+    value: int | str | None,
+    device: torch.device,
+    profile_peak: int | None = None,
+) -> int:
+    """The byte budget for the pool: ``"auto"`` (see :data:`AUTO_FRACTION_CPU` and
+    :data:`AUTO_FRACTION_CUDA`; ``profile_peak`` is the profiled forward's peak bytes on
+    CUDA), an int >= 0 of bytes, or None for no limit but what the engine can use."""
+    check_kv_cache_memory(value)
+    if value is None:
+        return 2**63 - 1
+    if value == "auto":
+        if device.type == "cuda":
+            _, total = torch.cuda.mem_get_info(device)
+            used = torch.cuda.memory_allocated(device) if profile_peak is None else profile_peak
+            return max(0, int(total * AUTO_FRACTION_CUDA) - used)
+        return int(_mem_available_cpu() * AUTO_FRACTION_CPU)
     return value
 
 
-def allocate(model: torch.nn.Module, tokens: int, device: torch.device) -> torch.Tensor:
-    """An empty cache buffer ``[layers, 2, tokens, kv_heads, head_dim]`` for one request."""
-    cfg = model.config
-    shape = (cfg.num_layers, 2, tokens, cfg.num_kv_heads, cfg.head_dim)
-    return torch.empty(shape, dtype=model.embed.weight.dtype, device=device)
+def check_page_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"kv_page_size: need a positive integer, got {value!r}")
+    return value
+
+
+class KVPool:
+    """Fixed-size pages over one ``[layers, 2, slots, kv_heads, head_dim]`` tensor.
+
+    ``budget`` bytes become ``budget // page_bytes`` pages, at most enough for ``max_tokens``
+    positions (the most the engine can hold at once: more would never be used). The tensor is
+    allocated at the first request that needs a page: an engine that never caches pays nothing.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        budget: int,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.page_size = check_page_size(page_size)
+        self.device = torch.device(device)
+        self.bytes_per_token = bytes_per_token(model)
+        self.page_bytes = self.page_size * self.bytes_per_token
+        pages = budget // self.page_bytes
+        if max_tokens is not None:
+            pages = min(pages, math.ceil(max_tokens / self.page_size))
+        self.num_pages = int(pages)
+        cfg = model.config
+        self._shape = (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+        self._dtype = model.embed.weight.dtype
+        self._free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() -> lowest
+        self._storage: torch.Tensor | None = None
+        self._offsets = torch.arange(self.page_size, device=self.device)
+
+    @property
+    def storage(self) -> torch.Tensor:
+        """``[layers, 2, num_pages * page_size, kv_heads, head_dim]`` in the model's dtype."""
+        if self._storage is None:
+            layers, kv, heads, dim = self._shape
+            slots = self.num_pages * self.page_size
+            self._storage = torch.empty(
+                (layers, kv, slots, heads, dim), dtype=self._dtype, device=self.device
+            )
+        return self._storage
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_pages * self.page_bytes
+
+    def allocate(self, pages: int) -> list[int]:
+        """Take ``pages`` free pages (the caller checked that they are free)."""
+        if pages > len(self._free):
+            raise RuntimeError(f"KV pool: {pages} pages asked, {len(self._free)} free")
+        taken = [self._free.pop() for _ in range(pages)]
+        self.storage  # noqa: B018 (allocate the tensor at first use, outside any pass)
+        return taken
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def slots(self, pages: list[int], length: int) -> torch.Tensor:
+        """The pool slot of each position ``[0, length)`` of a request holding ``pages``, on
+        the pool's device: computed once at admission, then only indexed."""
+        table = torch.tensor(pages, dtype=torch.long, device=self.device)
+        return (table[:, None] * self.page_size + self._offsets).flatten()[:length]

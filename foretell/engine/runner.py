@@ -27,7 +27,7 @@ from foretell.decoding.unmask import (
     greedy_llada,
     suppress,
 )
-from foretell.engine import kv_cache
+from foretell.engine.kv_cache import KVPool
 from foretell.models.attention import CacheUse
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
@@ -121,9 +121,11 @@ class ModelRunner:
         *,
         batched: bool = True,
         forward_chunk_tokens: int | str | None = "auto",
+        kv_pool: KVPool | None = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
+        self.kv_pool = kv_pool  # where cached requests' pages live
         self.batched = batched  # step greedy LLaDA requests together (GreedyBatch)
         # Run the packed batch through the model in chunks of whole sequences of at most this
         # many tokens (None: in one piece); sequences never see each other, so results equal
@@ -151,8 +153,9 @@ class ModelRunner:
         seq_of: list[int] = [0] * len(batch)  # packed sequence holding each request's canvas
         total = 0
         # Packed by length, so that equal lengths are neighbours and attention runs once per
-        # length (packed_attention batches runs of equal lengths).
-        for i in sorted(range(len(batch)), key=lambda i: len(layouts[i][0])):
+        # length (packed_attention batches runs of equal lengths); cached steps (which read
+        # the pool) last, by query and key length, so that equal shapes share a call too.
+        for i in sorted(range(len(batch)), key=lambda i: self._pack_key(batch[i], layouts[i])):
             req, (pos, cache) = batch[i], layouts[i]
             cond = total
             seq_of[i] = len(seqs)
@@ -270,35 +273,40 @@ class ModelRunner:
         out.batched = greedy
         return out
 
+    @staticmethod
+    def _pack_key(req: Request, layout: tuple[torch.Tensor, CacheUse | None]) -> tuple:
+        pos, cache = layout
+        if cache is None or cache.read_len is None:
+            return (0, len(pos), 0)
+        return (1, len(pos), cache.read_len)
+
     def _layout(
         self, req: Request, needed: torch.Tensor | None
     ) -> tuple[torch.Tensor, CacheUse | None]:
-        """Canvas positions of ``req``'s sequence in this pass, and how it uses its cache.
+        """Canvas positions of ``req``'s sequence in this pass, and how it uses its pages.
 
         Uncached: the canvas. A cached request's block start: the canvas, whose keys and
-        values refresh its cache (allocated now if it has none). A cached step: the span it
-        recomputes (its keys/values go into the cache) plus read-only rows for ``needed``
-        positions outside it, attending to the cache."""
+        values refresh its pages. A cached step: the span it recomputes (its keys/values go
+        into its pages) plus read-only rows for ``needed`` positions outside it, attending to
+        its whole canvas in the pool."""
         if req.params.kv_cache is None:
             return self._arange(req.canvas_len), None
-        if req.kv_buffer is None:
-            req.kv_buffer = kv_cache.allocate(self.model, req.canvas_len, self.device)
         length = req.canvas_len
         if not req.cached_step:
-            return self._arange(length), CacheUse(req.kv_buffer, 0, 0, length, None)
+            return self._arange(length), CacheUse(req.kv_slots, 0, 0, length, None)
         lo, hi = req.query_span()
         outside = needed[(needed < lo) | (needed >= hi)]
         before = outside[outside < lo]
         pos = torch.cat([before, torch.arange(lo, hi), outside[outside >= hi]])
-        return pos, CacheUse(req.kv_buffer, len(before), lo, hi - lo, length)
+        return pos, CacheUse(req.kv_slots, len(before), lo, hi - lo, length)
 
     def _read_only(self, req: Request, pos: torch.Tensor) -> torch.Tensor:
-        """Logits at canvas ``pos`` of a cached request, as read-only rows against its cache
+        """Logits at canvas ``pos`` of a cached request, as read-only rows against its pages
         (LLaDA: no shift; Prophet with a cache is refused for Dream)."""
-        cache = CacheUse(req.kv_buffer, 0, 0, 0, req.canvas_len)
+        cache = CacheUse(req.kv_slots, 0, 0, 0, req.canvas_len)
         pos_d = pos.to(self.device)
         hidden = self.model.forward_packed(
-            req.canvas[pos].to(self.device), pos_d, [len(pos)], [cache]
+            req.canvas[pos].to(self.device), pos_d, [len(pos)], [cache], self.kv_pool.storage
         )
         return self.model.logits_at(hidden, pos_d, torch.arange(len(pos), device=self.device))
 
@@ -310,9 +318,10 @@ class ModelRunner:
         caches: list[CacheUse | None] | None = None,
     ) -> torch.Tensor:
         """Hidden states of the packed batch, chunk by chunk (see ``forward_chunk_tokens``)."""
+        storage = None if caches is None else self.kv_pool.storage
         bounds = chunk_bounds(seq_lens, self.forward_chunk_tokens)
         if len(bounds) == 1:
-            return self.model.forward_packed(ids, positions, seq_lens, caches)
+            return self.model.forward_packed(ids, positions, seq_lens, caches, storage)
         parts, start = [], 0
         for i, j in bounds:
             end = start + sum(seq_lens[i:j])
@@ -322,6 +331,7 @@ class ModelRunner:
                     positions[start:end],
                     seq_lens[i:j],
                     None if caches is None else caches[i:j],
+                    storage,
                 )
             )
             start = end

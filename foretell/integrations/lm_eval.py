@@ -257,7 +257,7 @@ class ForetellLM(LM):
     # -- generation ---------------------------------------------------------------------------
     def _last_constraint_position(self) -> int:
         # Text constraints are placed word by word, each tokenized with a leading space, as the
-        # engine does (Engine._constraint_ids).
+        # engine does (RequestBuilder.constraint_ids).
         last = 0
         for pos, value in self.decode_changes["constraints"].items():  # type: ignore[union-attr]
             end = pos

@@ -11,12 +11,14 @@ per-sequence boundaries, so attention must never cross a boundary. Backends:
 - ``xformers``: xformers' memory-efficient attention with a block-diagonal mask (CUDA only;
   untested here).
 
-A sequence may use a KV cache (:class:`CacheUse`, Fast-dLLM's block cache): its rows' keys and
-values are written into the request's cache buffer (a refresh writes the whole canvas; a cached
-step writes the span it recomputes), and a cached step's queries attend to the buffer's keys
-(cache plus the fresh span, in canvas order) instead of only their own: q length != k length.
-With SDPA such a sequence is one call of its own; flash-attn and xformers get separate query
-and key lengths per sequence (untested here: no GPU).
+A sequence may use the KV pool (:class:`CacheUse`, Fast-dLLM's block cache): its rows' keys
+and values are stored in its request's pages (a refresh stores the whole canvas; a cached step
+the span it recomputes), and a cached step's queries attend to the keys of its whole canvas read
+back through its page table (the cache with the fresh span in place): q length != k length.
+:func:`plan_kv` works the pass's pool use out once; every layer then stores with one indexed
+copy and gathers with one indexed read, and SDPA runs one call per group of equal shapes.
+flash-attn and xformers get separate query and key lengths per sequence (untested here: no
+GPU).
 """
 
 from __future__ import annotations
@@ -34,17 +36,30 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Turn ``auto`` into a concrete backend, and refuse one that cannot run on ``device``."""
+# flash-attn's kernels take only these dtypes; anything else fails at the first pass.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def resolve_backend(
+    name: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> str:
+    """Turn ``auto`` into a concrete backend, and refuse one that cannot run on ``device`` in
+    ``dtype``. ``auto`` is flash-attn only where it can run: CUDA, the package installed, and
+    a half-precision model; SDPA otherwise."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose one of {BACKENDS}")
     is_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return "flash" if is_cuda and _installed("flash_attn") else "sdpa"
+        flash = is_cuda and dtype in FLASH_DTYPES and _installed("flash_attn")
+        return "flash" if flash else "sdpa"
     if name in ("flash", "xformers"):
         module = "flash_attn" if name == "flash" else "xformers"
         if not is_cuda:
             raise ValueError(f"attention_backend: {name!r} needs a CUDA device, got {device}")
+        if name == "flash" and dtype not in FLASH_DTYPES:
+            raise ValueError(
+                f"attention_backend: 'flash' needs float16 or bfloat16, the model is {dtype}"
+            )
         if not _installed(module):
             raise ValueError(
                 f"attention_backend: {name!r} needs the {module} package "
@@ -61,20 +76,95 @@ def _expand_kv(x: torch.Tensor, num_heads: int, head_dim_axis: int) -> torch.Ten
 
 @dataclass(frozen=True)
 class CacheUse:
-    """How one packed sequence uses its request's KV cache in a pass.
+    """How one packed sequence uses its request's pages of the KV pool in a pass.
 
-    Rows ``[write_row, write_row + write_len)`` of the sequence store their (rotated) keys and
-    values at canvas positions ``[write_start, write_start + write_len)`` of ``buffer``
-    (``[layers, 2, canvas, kv_heads, head_dim]``). With ``read_len`` None the sequence attends
-    to itself (a refresh); otherwise every row attends to ``buffer[:read_len]``, after this
-    pass's writes, and rows outside the written span are read-only (never stored).
+    ``slots`` holds the pool slot of each canvas position of the request. Rows
+    ``[write_row, write_row + write_len)`` of the sequence store their (rotated) keys and
+    values at canvas positions ``[write_start, write_start + write_len)``. With ``read_len``
+    None the sequence attends to itself (a refresh); otherwise every row attends to the keys of
+    canvas positions ``[0, read_len)`` in the pool, after this pass's writes, and rows outside
+    the written span are read-only (never stored).
     """
 
-    buffer: torch.Tensor
+    slots: torch.Tensor
     write_row: int
     write_start: int
     write_len: int
     read_len: int | None = None
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """A pass's use of the KV pool, worked out once for every layer.
+
+    Writes are one indexed copy a layer (``write_rows`` -> ``write_slots``); reads one indexed
+    gather a layer (``read_slots``: every reading sequence's keys back to back). Sequences that
+    attend to themselves form ``self_runs``; reading sequences form ``read_groups`` of equal
+    query and key lengths, one attention call each.
+    """
+
+    storage: torch.Tensor  # the pool: [layers, 2, slots, kv_heads, head_dim]
+    write_rows: torch.Tensor | None  # flat rows of the pass whose keys/values are stored
+    write_slots: torch.Tensor | None
+    read_slots: torch.Tensor | None
+    # (first row, sequence lengths) of consecutive sequences attending to themselves.
+    self_runs: tuple[tuple[int, tuple[int, ...]], ...]
+    # (first row, count, query length, first gathered key, key length).
+    read_groups: tuple[tuple[int, int, int, int, int], ...]
+    seq_lens: tuple[int, ...]
+    k_lens: tuple[int, ...]  # keys each sequence attends to (flash-attn / xformers)
+
+    @property
+    def span(self) -> int:
+        """One more than the largest canvas position any sequence of the pass can hold."""
+        return max(self.k_lens, default=0)
+
+
+def plan_kv(storage: torch.Tensor, seq_lens: list[int], caches: list[CacheUse | None]) -> KVPlan:
+    """The :class:`KVPlan` of packed sequences ``seq_lens`` using ``caches`` (one entry per
+    sequence). Reading sequences of equal shapes that are neighbours share one call: the runner
+    packs them so."""
+    device = storage.device
+    write_rows, write_slots, read_slots = [], [], []
+    self_runs: list[tuple[int, list[int]]] = []
+    groups: list[list[int]] = []
+    k_lens = []
+    start, read_at = 0, 0
+    for length, cache in zip(seq_lens, caches, strict=True):
+        if cache is not None and cache.write_len:
+            first = start + cache.write_row
+            write_rows.append(torch.arange(first, first + cache.write_len, device=device))
+            write_slots.append(cache.slots[cache.write_start : cache.write_start + cache.write_len])
+        if cache is None or cache.read_len is None:
+            k_lens.append(length)
+            if self_runs and sum(self_runs[-1][1]) + self_runs[-1][0] == start:
+                self_runs[-1][1].append(length)
+            else:
+                self_runs.append((start, [length]))
+        else:
+            k_lens.append(cache.read_len)
+            read_slots.append(cache.slots[: cache.read_len])
+            g = groups[-1] if groups else None
+            if g and g[0] + g[1] * g[2] == start and (g[2], g[4]) == (length, cache.read_len):
+                g[1] += 1
+            else:
+                groups.append([start, 1, length, read_at, cache.read_len])
+            read_at += cache.read_len
+        start += length
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        return torch.cat(parts) if parts else None
+
+    return KVPlan(
+        storage=storage,
+        write_rows=cat(write_rows),
+        write_slots=cat(write_slots),
+        read_slots=cat(read_slots),
+        self_runs=tuple((s, tuple(lens)) for s, lens in self_runs),
+        read_groups=tuple(tuple(g) for g in groups),
+        seq_lens=tuple(seq_lens),
+        k_lens=tuple(k_lens),
+    )
 
 
 def packed_attention(
@@ -83,17 +173,17 @@ def packed_attention(
     v: torch.Tensor,
     seq_lens: list[int],
     backend: str = "sdpa",
-    caches: list[CacheUse | None] | None = None,
+    kv: KVPlan | None = None,
     layer: int = 0,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sequence.
 
     ``q`` is ``[T, H, D]``, ``k``/``v`` are ``[T, H_kv, D]`` and ``seq_lens`` sums to ``T``.
-    ``caches`` (one entry per sequence, or None) says which sequences use a KV cache at this
-    ``layer`` (see :class:`CacheUse`). Returns ``[T, H, D]``.
+    ``kv`` says how the sequences use the KV pool (see :class:`KVPlan`); ``layer`` is the
+    layer being run. Returns ``[T, H, D]``.
     """
-    if caches is not None and any(c is not None for c in caches):
-        return _cached_attention(q, k, v, seq_lens, backend, caches, layer)
+    if kv is not None:
+        return _cached_attention(q, k, v, backend, kv, layer)
     num_heads = q.shape[1]
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
@@ -119,7 +209,7 @@ def _sdpa_runs(
     v: torch.Tensor,
     out: torch.Tensor,
     start: int,
-    seq_lens: list[int],
+    seq_lens: list[int] | tuple[int, ...],
 ) -> None:
     """Self-attention of consecutive sequences from flat row ``start``, into ``out``
     (``k``/``v`` already expanded to every query head)."""
@@ -139,74 +229,87 @@ def _cached_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    seq_lens: list[int],
     backend: str,
-    caches: list[CacheUse | None],
+    kv: KVPlan,
     layer: int,
 ) -> torch.Tensor:
-    """Packed attention where some sequences write to and read from KV caches."""
-    starts = [0]
-    for n in seq_lens[:-1]:
-        starts.append(starts[-1] + n)
+    """Packed attention where some sequences write to and read from the KV pool."""
+    pool = kv.storage[layer]  # [2, slots, kv_heads, head_dim]
     # Writes first: a cached step's keys are the cache with this pass's span in place.
-    for start, cache in zip(starts, caches, strict=True):
-        if cache is not None and cache.write_len:
-            rows = slice(start + cache.write_row, start + cache.write_row + cache.write_len)
-            span = slice(cache.write_start, cache.write_start + cache.write_len)
-            cache.buffer[layer, 0, span] = k[rows]
-            cache.buffer[layer, 1, span] = v[rows]
-
-    def keys(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cache, start = caches[i], starts[i]
-        if cache is None or cache.read_len is None:
-            return k[start : start + seq_lens[i]], v[start : start + seq_lens[i]]
-        return cache.buffer[layer, 0, : cache.read_len], cache.buffer[layer, 1, : cache.read_len]
-
+    if kv.write_rows is not None:
+        fresh = torch.stack((k.index_select(0, kv.write_rows), v.index_select(0, kv.write_rows)))
+        pool.index_copy_(1, kv.write_slots, fresh)
+    read = None if kv.read_slots is None else pool.index_select(1, kv.read_slots)
     num_heads = q.shape[1]
     if backend in ("flash", "xformers"):
-        pairs = [keys(i) for i in range(len(seq_lens))]
-        k_lens = [kk.shape[0] for kk, _ in pairs]
-        k_all = torch.cat([kk for kk, _ in pairs])
-        v_all = torch.cat([vv for _, vv in pairs])
-        if backend == "flash":
-            from flash_attn import flash_attn_varlen_func
-
-            cu_q = torch.tensor([0, *seq_lens], device=q.device).cumsum(0).to(torch.int32)
-            cu_k = torch.tensor([0, *k_lens], device=q.device).cumsum(0).to(torch.int32)
-            return flash_attn_varlen_func(
-                q, k_all, v_all, cu_q, cu_k, max(seq_lens), max(k_lens), causal=False
-            )
-        from xformers.ops import fmha
-
-        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(seq_lens, kv_seqlen=k_lens)
-        k_all, v_all = _expand_kv(k_all, num_heads, 1), _expand_kv(v_all, num_heads, 1)
-        return fmha.memory_efficient_attention(q[None], k_all[None], v_all[None], attn_bias=bias)[0]
+        return _varlen_cached(q, k, v, backend, kv, read)
     out = torch.empty_like(q)
-    i = 0
-    while i < len(seq_lens):
-        cache = caches[i]
-        if cache is None or cache.read_len is None:
-            # A run of sequences attending to themselves: batched as without caches.
-            j = i
-            while j < len(seq_lens) and (caches[j] is None or caches[j].read_len is None):
-                j += 1
-            end = starts[j - 1] + seq_lens[j - 1]
-            rows = slice(starts[i], end)
-            ks = _expand_kv(k[rows], num_heads, 1)
-            vs = _expand_kv(v[rows], num_heads, 1)
-            part = torch.empty_like(q[rows])
-            _sdpa_runs(q[rows], ks, vs, part, 0, seq_lens[i:j])
-            out[rows] = part
-            i = j
-            continue
-        rows = slice(starts[i], starts[i] + seq_lens[i])
-        kk, vv = keys(i)
-        qs = q[rows].transpose(0, 1)[None]  # [1, H, Lq, D]
-        ks = _expand_kv(kk, num_heads, 1).transpose(0, 1)[None]
-        vs = _expand_kv(vv, num_heads, 1).transpose(0, 1)[None]
-        out[rows] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
-        i += 1
+    if kv.self_runs:
+        ks, vs = _expand_kv(k, num_heads, 1), _expand_kv(v, num_heads, 1)
+        for start, lens in kv.self_runs:
+            _sdpa_runs(q, ks, vs, out, start, lens)
+    if read is not None:
+        read = _expand_kv(read, num_heads, 2)
+        for start, count, q_len, k_start, k_len in kv.read_groups:
+            end = start + count * q_len
+            qs = q[start:end].reshape(count, q_len, *q.shape[1:]).transpose(1, 2)
+            keys = read[:, k_start : k_start + count * k_len]
+            ks, vs = (t.reshape(count, k_len, *t.shape[1:]).transpose(1, 2) for t in keys)
+            res = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+            out[start:end] = res.reshape(count * q_len, *q.shape[1:])
     return out
+
+
+def _varlen_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str,
+    kv: KVPlan,
+    read: torch.Tensor | None,
+) -> torch.Tensor:
+    """flash-attn / xformers: every sequence's keys laid back to back (its own rows, or its
+    gathered cache), with separate query and key lengths (untested here: no GPU)."""
+    keys, values, start, read_at = [], [], 0, 0
+    for length, k_len, is_self in zip(kv.seq_lens, kv.k_lens, _self_flags(kv), strict=True):
+        if is_self:
+            keys.append(k[start : start + length])
+            values.append(v[start : start + length])
+        else:
+            keys.append(read[0, read_at : read_at + k_len])
+            values.append(read[1, read_at : read_at + k_len])
+            read_at += k_len
+        start += length
+    k_all, v_all = torch.cat(keys), torch.cat(values)
+    seq_lens, k_lens = list(kv.seq_lens), list(kv.k_lens)
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        cu_q = torch.tensor([0, *seq_lens], device=q.device).cumsum(0).to(torch.int32)
+        cu_k = torch.tensor([0, *k_lens], device=q.device).cumsum(0).to(torch.int32)
+        return flash_attn_varlen_func(
+            q, k_all, v_all, cu_q, cu_k, max(seq_lens), max(k_lens), causal=False
+        )
+    from xformers.ops import fmha
+
+    num_heads = q.shape[1]
+    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(seq_lens, kv_seqlen=k_lens)
+    k_all, v_all = _expand_kv(k_all, num_heads, 1), _expand_kv(v_all, num_heads, 1)
+    return fmha.memory_efficient_attention(q[None], k_all[None], v_all[None], attn_bias=bias)[0]
+
+
+def _self_flags(kv: KVPlan) -> list[bool]:
+    """For each sequence of the plan: whether it attends to itself."""
+    flags = [False] * len(kv.seq_lens)
+    starts = [0]
+    for n in kv.seq_lens[:-1]:
+        starts.append(starts[-1] + n)
+    index = {s: i for i, s in enumerate(starts)}
+    for start, lens in kv.self_runs:
+        i = index[start]
+        for j in range(len(lens)):
+            flags[i + j] = True
+    return flags
 
 
 def _runs(seq_lens: list[int]) -> list[tuple[int, int]]:

@@ -18,8 +18,10 @@ from torch import nn
 
 from foretell.models.attention import (
     CacheUse,
+    KVPlan,
     packed_attention,
     padded_attention,
+    plan_kv,
     resolve_backend,
 )
 
@@ -209,8 +211,8 @@ class DiffusionLM(nn.Module):
 
     # -- configuration -------------------------------------------------------------------
     def set_attention_backend(self, name: str) -> str:
-        device = self.embed.weight.device
-        self.attention_backend = resolve_backend(name, device)
+        weight = self.embed.weight
+        self.attention_backend = resolve_backend(name, weight.device, weight.dtype)
         return self.attention_backend
 
     @property
@@ -261,22 +263,29 @@ class DiffusionLM(nn.Module):
         positions: torch.Tensor,
         seq_lens: list[int],
         caches: list[CacheUse | None] | None = None,
+        kv_storage: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` for sequences packed back to back (no padding).
 
         ``positions`` are canvas positions (rotary angles), so a sequence may be any set of
-        positions of its canvas; ``caches`` says which sequences write and read a KV cache.
+        positions of its canvas; ``caches`` says which sequences write and read the KV pool
+        ``kv_storage`` (``[layers, 2, slots, kv_heads, head_dim]``).
         """
         backend = self.attention_backend
+        plan: KVPlan | None = None
+        if caches is not None and any(c is not None for c in caches):
+            if kv_storage is None:
+                raise ValueError("kv_storage: required when a sequence uses the KV pool")
+            plan = plan_kv(kv_storage, seq_lens, caches)
 
         def attend_at(layer: int) -> AttendFn:
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return packed_attention(q, k, v, seq_lens, backend, caches, layer)
+                return packed_attention(q, k, v, seq_lens, backend, plan, layer)
 
             return attend
 
         # A cached span's positions reach to the end of its canvas, past the pack's length.
-        span = max([len(input_ids), *(c.buffer.shape[2] for c in caches or () if c is not None)])
+        span = len(input_ids) if plan is None else max(len(input_ids), plan.span)
         return self._body(input_ids, positions, attend_at, span)
 
     def logits_at(

@@ -58,10 +58,15 @@ class Request:
     commit_step: int | None = None
     last_gap: float | None = None
     revealed_last_step: torch.Tensor | None = None  # canvas positions revealed last step
-    # Block KV cache (``params.kv_cache``): bytes reserved at admission, and the buffer, from
-    # the first refresh until the request finishes (see foretell.engine.kv_cache).
-    kv_reserved: int = 0
-    kv_buffer: torch.Tensor | None = None
+    # Block KV cache (``params.kv_cache``): the pool pages it needs, and from admission until
+    # it ends the pages it holds and the pool slot of each canvas position (see
+    # foretell.engine.kv_cache).
+    kv_pages_needed: int = 0
+    kv_pages: list[int] | None = None
+    kv_slots: torch.Tensor | None = None
+    # Engine steps this request has waited: at the head of the queue (the age bound of fair
+    # admission), and, once running, since it last took part in a pass.
+    steps_waited: int = 0
     # Timing (time.monotonic seconds).
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -99,8 +104,28 @@ class Request:
 
     @property
     def cost(self) -> int:
-        """Tokens this request adds to every forward pass."""
+        """Tokens of this request's largest pass (a whole canvas, and its cfg copy): what it
+        must find room for in ``max_num_batched_tokens`` to run at all."""
         return self.canvas_len * self.num_sequences
+
+    @property
+    def step_tokens(self) -> int:
+        """Query tokens this request's next pass runs: its canvas (and cfg copy), or in a
+        cached step the recomputed span plus the read-only rows Prophet's region adds outside
+        it (exactly the rows ``foretell.decoding.positions_needed`` asks for there)."""
+        if not self.cached_step:
+            return self.cost
+        lo, hi = self.query_span()
+        policy = self.params.early_commit
+        outside = 0
+        if policy is not None and policy.answer_start is None:
+            masked = len(self.masked_positions(self.prompt_len))
+            outside = masked - len(self.masked_positions(lo, hi))
+        elif policy is not None:
+            start = self.prompt_len + policy.answer_start
+            end = min(start + policy.answer_length, self.canvas_len)
+            outside = (end - start) - max(0, min(end, hi) - max(start, lo))
+        return hi - lo + outside
 
     @property
     def uses_blocks(self) -> bool:
@@ -172,15 +197,11 @@ class Request:
         self.error = error
         self.finished_time = time.monotonic()
 
-    def release_cache(self) -> None:
-        """Drop the KV cache (finished, aborted or failed: it is never read again)."""
-        self.kv_buffer = None
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        """Bytes the request's cache holds now (0 before its first refresh and after it ends)."""
-        b = self.kv_buffer
-        return 0 if b is None else b.numel() * b.element_size()
+    def release_pages(self) -> list[int]:
+        """Give up the request's pages (finished, aborted or failed: never read again)."""
+        pages = self.kv_pages or []
+        self.kv_pages, self.kv_slots = None, None
+        return pages
 
     @property
     def generated_ids(self) -> list[int]:

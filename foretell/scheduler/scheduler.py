@@ -1,29 +1,52 @@
 """Admission and eviction: which requests share the next forward pass.
 
-The scheduler decides and never touches the model. ``schedule()`` admits waiting requests in
-arrival order while the running set fits both budgets; ``update()`` drops finished requests at
-once, so the very next ``schedule()`` backfills their slots.
+The scheduler decides and never touches the model. Three budgets bound a pass: requests
+(``max_num_seqs``), the query tokens the pass runs (``max_num_batched_tokens``: a cached step is
+charged the span it recomputes, not its canvas), and KV pool pages (taken at admission, given
+back the step a request ends). ``update()`` drops finished requests at once, so the very next
+``schedule()`` backfills their slots.
+
+Admission is fair without head-of-line blocking: a waiting request that fits is admitted even
+when an older one does not fit yet (it needs more pages or tokens than are free). Once the
+queue's head has waited ``max_head_wait`` steps, nothing is admitted past it until it fits, so
+it cannot starve.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from foretell.scheduler.request import Request, Status
+
+if TYPE_CHECKING:
+    from foretell.engine.kv_cache import KVPool
+
+# Steps the queue's head may be passed by requests behind it before admission holds for it.
+DEFAULT_MAX_HEAD_WAIT = 32
 
 
 class Scheduler:
     def __init__(
-        self, max_num_seqs: int, max_num_batched_tokens: int, kv_cache_memory: int = 2**63 - 1
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        kv_pool: KVPool | None = None,
+        max_head_wait: int = DEFAULT_MAX_HEAD_WAIT,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens: must be >= 1, got {max_num_batched_tokens}")
+        if isinstance(max_head_wait, bool) or not isinstance(max_head_wait, int):
+            raise ValueError(f"max_head_wait: need an integer >= 0, got {max_head_wait!r}")
+        if max_head_wait < 0:
+            raise ValueError(f"max_head_wait: need an integer >= 0, got {max_head_wait!r}")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.kv_cache_memory = kv_cache_memory  # bytes for every running request's KV cache
+        self.kv_pool = kv_pool
+        self.max_head_wait = max_head_wait
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -35,44 +58,82 @@ class Scheduler:
                 f"prompt: {what} = {req.cost} tokens exceeds max_num_batched_tokens "
                 f"{self.max_num_batched_tokens}"
             )
-        if req.kv_reserved > self.kv_cache_memory:
-            raise ValueError(
-                f"kv_cache_memory: this request's KV cache needs {req.kv_reserved} bytes, more "
-                f"than the engine's budget of {self.kv_cache_memory} bytes"
-            )
+        if req.kv_pages_needed:
+            pool = self.kv_pool
+            pages = 0 if pool is None else pool.num_pages
+            if req.kv_pages_needed > pages:
+                page_bytes = 0 if pool is None else pool.page_bytes
+                raise ValueError(
+                    f"kv_cache_memory: this request's KV cache needs {req.kv_pages_needed} "
+                    f"pages ({req.kv_pages_needed * page_bytes} bytes), more than the pool's "
+                    f"{pages} pages"
+                )
 
     def add(self, req: Request) -> None:
         self.check_fits(req)
         self.waiting.append(req)
 
     def schedule(self) -> list[Request]:
-        """The batch for the next forward pass: the running set plus whatever fits (FCFS)."""
-        seqs = len(self.running)  # requests; a cfg copy counts in the token budget only
-        tokens = sum(r.cost for r in self.running)
-        kv = self.kv_reserved
+        """The batch for the next forward pass.
+
+        Running requests come first, those that waited longest for a step first, while their
+        next pass's tokens fit (one always does: each fits alone). If every running request
+        fits, waiting requests join in arrival order, each one that fits (see the module's
+        docstring for the head's age bound).
+        """
+        tokens = 0
+        batch: list[Request] = []
+        skipped: list[Request] = []
+        for req in sorted(self.running, key=lambda r: -r.steps_waited):
+            need = req.step_tokens
+            if batch and tokens + need > self.max_num_batched_tokens:
+                skipped.append(req)
+                req.steps_waited += 1
+                continue
+            batch.append(req)
+            tokens += need
+            req.steps_waited = 0
+        if skipped:
+            return batch
         now = time.monotonic()
-        while self.waiting:
-            nxt = self.waiting[0]
+        free_pages = 0 if self.kv_pool is None else self.kv_pool.free_pages
+        seqs = len(self.running)
+        head = self.waiting[0] if self.waiting else None
+        for req in list(self.waiting):
             if seqs + 1 > self.max_num_seqs:
                 break
-            if tokens + nxt.cost > self.max_num_batched_tokens:
-                break
-            if kv + nxt.kv_reserved > self.kv_cache_memory:
-                break  # waits (FCFS) until running caches are freed
-            self.waiting.popleft()
-            nxt.status = Status.RUNNING
-            nxt.first_scheduled_time = now
-            self.running.append(nxt)
+            if req is not head and head.steps_waited > self.max_head_wait:
+                break  # the head has waited long enough: the room freed is kept for it
+            if tokens + req.cost > self.max_num_batched_tokens:
+                continue
+            if req.kv_pages_needed > free_pages:
+                continue
+            self.waiting.remove(req)
+            if req.kv_pages_needed:
+                req.kv_pages = self.kv_pool.allocate(req.kv_pages_needed)
+                req.kv_slots = self.kv_pool.slots(req.kv_pages, req.canvas_len)
+                free_pages -= req.kv_pages_needed
+            req.status = Status.RUNNING
+            req.first_scheduled_time = now
+            req.steps_waited = 0
+            self.running.append(req)
+            batch.append(req)
             seqs += 1
-            tokens += nxt.cost
-            kv += nxt.kv_reserved
-        return list(self.running)
+            tokens += req.cost
+        if self.waiting and self.waiting[0] is head:
+            head.steps_waited += 1
+        return batch
+
+    def _release(self, req: Request) -> None:
+        pages = req.release_pages()
+        if pages:
+            self.kv_pool.free(pages)
 
     def update(self) -> list[Request]:
-        """Evict every finished request; returns them."""
+        """Evict every finished request and return its pages; returns them."""
         done = [r for r in self.running if r.is_finished]
         for req in done:
-            req.release_cache()
+            self._release(req)
         if done:
             self.running = [r for r in self.running if not r.is_finished]
         return done
@@ -83,21 +144,16 @@ class Scheduler:
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
-                    req.release_cache()
+                    self._release(req)
                     if not req.is_finished:
                         req.finish("aborted")
                     return req
         return None
 
     @property
-    def kv_reserved(self) -> int:
-        """Cache bytes reserved by the running requests."""
-        return sum(r.kv_reserved for r in self.running)
-
-    @property
     def kv_cache_bytes(self) -> int:
-        """Cache bytes the running requests hold now."""
-        return sum(r.kv_cache_bytes for r in self.running)
+        """Pool bytes the running requests hold now."""
+        return 0 if self.kv_pool is None else self.kv_pool.used_bytes
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -1,0 +1,225 @@
+"""The KV pool and admission: pages, page tables, fair admission, the token budget.
+
+A pool just big enough for one cached request makes every admission decision visible: who
+passes a head that waits for pages, when the head's age bound holds the room for it, and that
+every page comes back however a request ends.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import foretell.engine.engine as engine_module
+from foretell import DecodeParams, Engine, Prophet
+from foretell.engine.kv_cache import KVPool
+from foretell.models import attention
+from foretell.models.tiny import tiny_model
+
+DUAL = DecodeParams(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return tiny_model("llada", seed=3, dtype="float64")
+
+
+def _pages(engine: Engine, prompt: str, gen_length: int) -> int:
+    return engine.kv_pool.pages_for(len(engine.tokenizer(prompt)["input_ids"]) + gen_length)
+
+
+def _engine(llada, pages: int, **kwargs) -> Engine:
+    """An engine whose pool holds exactly ``pages`` pages of 8 positions."""
+    probe = Engine(llada, dtype="float64", kv_page_size=8)
+    return Engine(
+        llada,
+        dtype="float64",
+        kv_page_size=8,
+        kv_cache_memory=pages * probe.kv_pool.page_bytes,
+        **kwargs,
+    )
+
+
+def _run(engine: Engine) -> dict[str, int]:
+    """Step until done; the step at which each request finished."""
+    done, step = {}, 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            done[out.request_id] = step
+        assert engine.kv_pool.used_pages <= engine.kv_pool.num_pages
+    return done
+
+
+def test_pool_pages_and_slots(llada) -> None:
+    pool = KVPool(llada.model, torch.device("cpu"), 10**9, page_size=4, max_tokens=20)
+    assert pool.num_pages == 5  # capped by what the engine could ever hold
+    assert pool.pages_for(1) == 1 and pool.pages_for(4) == 1 and pool.pages_for(5) == 2
+    first = pool.allocate(2)
+    second = pool.allocate(2)
+    assert first == [0, 1] and second == [2, 3] and pool.free_pages == 1
+    assert pool.slots(second, 6).tolist() == [8, 9, 10, 11, 12, 13]
+    pool.free(first)
+    assert pool.free_pages == 3 and pool.used_bytes == 2 * pool.page_bytes
+    assert pool.storage.shape == (2, 2, 20, 2, 16)  # layers, K/V, slots, kv heads, head dim
+    with pytest.raises(ValueError, match=r"^kv_page_size: "):
+        KVPool(llada.model, torch.device("cpu"), 10**9, page_size=0)
+
+
+def test_smaller_and_cache_free_requests_pass_a_blocked_head(llada) -> None:
+    probe = Engine(llada, dtype="float64", kv_page_size=8)
+    big, small = "what is 7*8? and 9*9?", "1+1="
+    need_big, need_small = _pages(probe, big, 16), _pages(probe, small, 16)
+    assert need_big > need_small
+    engine = _engine(llada, need_big + need_small)
+    first = engine.add_request(big, DUAL)  # holds most of the pool
+    head = engine.add_request(big, DUAL)  # must wait for the first's pages
+    smaller = engine.add_request(small, DUAL)  # fits beside the first
+    free = engine.add_request(big, DUAL.replace(kv_cache=None))  # needs no pages
+    engine.step()
+    running = {r.request_id for r in engine.scheduler.running}
+    assert running == {first, smaller, free}
+    assert [r.request_id for r in engine.scheduler.waiting] == [head]
+    done = _run(engine)
+    assert done[head] > done[first]
+    assert engine.kv_pool.free_pages == engine.kv_pool.num_pages
+
+
+def _starts(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
+    """Step until done; the step at which each request joined the batch, and finished."""
+    started: dict[str, int] = {}
+    done: dict[str, int] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            done[out.request_id] = step
+        for req in engine.scheduler.running:
+            started.setdefault(req.request_id, step)
+        for rid in done:
+            started.setdefault(rid, step)
+    return started, done
+
+
+@pytest.mark.parametrize("bound", [3, 1000])
+def test_head_is_admitted_within_its_age_bound(llada, bound) -> None:
+    """Small requests pass a head that waits for pages until it has waited ``max_head_wait``
+    steps; from then on the pages freed go to the head. Without a binding bound (1000), the
+    small requests keep passing it."""
+    probe = Engine(llada, dtype="float64", kv_page_size=8)
+    big, small = "what is 7*8? and 9*9?", "1+1="
+    need_big, need_small = _pages(probe, big, 16), _pages(probe, small, 16)
+    long = DUAL.replace(gen_length=32, steps=32)
+    need_keeper = _pages(probe, small, 32)
+    assert need_big > need_small
+    engine = _engine(llada, need_keeper + need_small, max_head_wait=bound)
+    # A long request keeps part of the pool, so the head never fits beside it.
+    keeper = engine.add_request(small, long)
+    head = engine.add_request(big, DUAL)
+    smalls = [engine.add_request(small, DUAL) for _ in range(4)]
+    started, done = _starts(engine)
+    assert started[keeper] == 1 and started[smalls[0]] == 1  # passed the head at once
+    assert engine.kv_pool.free_pages == engine.kv_pool.num_pages
+    if bound == 3:
+        # The head joins the step after the keeper's pages come back, before any small
+        # request that was still waiting when its bound ran out.
+        assert started[head] == done[keeper] + 1
+        assert all(started[s] >= started[head] for s in smalls[1:])
+    else:
+        assert started[smalls[1]] == done[smalls[0]] + 1 < started[head]
+
+
+def test_every_page_returns_on_finish_commit_abort_and_error(llada, monkeypatch) -> None:
+    engine = Engine(llada, dtype="float64", kv_page_size=8)
+    pool = engine.kv_pool
+    total = pool.num_pages
+    # Finish.
+    engine.generate(["12+34="], DUAL, use_tqdm=False)
+    assert pool.free_pages == total
+    # Early commit.
+    commit = DUAL.replace(gen_length=32, steps=32, early_commit=Prophet((0.0,) * 3))
+    (out,) = engine.generate(["12+34="], commit, use_tqdm=False)
+    assert out.finish_reason == "early_commit" and pool.free_pages == total
+    # Abort, waiting and running.
+    running = engine.add_request("12+34=", DUAL)
+    engine.step()
+    assert pool.free_pages < total
+    waiting = engine.add_request("12+43=", DUAL)
+    engine.abort(waiting)
+    engine.abort(running)
+    engine.step()
+    assert pool.free_pages == total and not engine.has_unfinished_requests()
+    # Error inside decoding.
+    real = engine_module.advance
+
+    def failing(req, *args):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(engine_module, "advance", failing)
+    engine.add_request("12+34=", DUAL.replace(remasking="confidence_threshold"))
+    (out,) = engine.step()
+    assert out.finish_reason == "error" and pool.free_pages == total
+    monkeypatch.setattr(engine_module, "advance", real)
+
+
+def test_request_that_could_never_fit_is_refused_at_admission(llada) -> None:
+    engine = _engine(llada, 2)  # 16 positions
+    need = _pages(engine, "what is 7*8?", 16)
+    assert need > 2
+    with pytest.raises(ValueError, match=rf"^kv_cache_memory: .*needs {need} pages"):
+        engine.add_request("what is 7*8?", DUAL)
+    assert not engine.has_unfinished_requests() and engine.kv_pool.free_pages == 2
+    engine.add_request("what is 7*8?", DUAL.replace(kv_cache=None))  # needs no pages
+
+
+def test_cached_steps_are_charged_the_tokens_they_run(llada) -> None:
+    """Every pass's query tokens equal the sum of its requests' ``step_tokens``, and under a
+    token budget of one canvas and a bit, a second cached request runs beside the first in its
+    cached steps (charged a block), where charging canvases would keep it waiting."""
+    prophet = Prophet((1e9,) * 3, answer_start=10, answer_length=4)
+    mixed = [
+        DUAL,
+        DUAL.replace(kv_cache="prefix"),
+        DUAL.replace(early_commit=prophet),
+        DUAL.replace(early_commit=Prophet((1e9,) * 3)),
+        DUAL.replace(kv_cache=None),
+    ]
+    engine = Engine(llada, dtype="float64", kv_page_size=8)
+    for p in mixed:
+        engine.add_request("12+34=", p)
+    while engine.has_unfinished_requests():
+        batch = engine.scheduler.schedule()
+        expected = sum(r.step_tokens for r in batch)
+        before = engine.metrics.tokens_in_passes
+        engine._step_batch(batch)
+        engine.scheduler.update()
+        assert engine.metrics.tokens_in_passes - before == expected
+
+    canvas = len(engine.tokenizer("12+34=")["input_ids"]) + 16
+    tight = Engine(llada, dtype="float64", max_num_batched_tokens=canvas + 8)
+    a = tight.add_request("12+34=", DUAL)
+    b = tight.add_request("12+43=", DUAL)
+    tight.step()  # a's refresh: its whole canvas, no room for b's
+    assert [r.request_id for r in tight.scheduler.running] == [a]
+    ran_together = False  # from a's cached steps (a block) on, b's refresh fits beside
+    while tight.has_unfinished_requests():
+        batch = tight.scheduler.schedule()
+        ids = {r.request_id for r in batch}
+        ran_together |= ids == {a, b}
+        assert sum(r.step_tokens for r in batch) <= canvas + 8
+        tight._step_batch(batch)
+        tight.scheduler.update()
+    assert ran_together
+
+
+def test_auto_backend_picks_flash_only_for_half_precision(monkeypatch) -> None:
+    monkeypatch.setattr(attention, "_installed", lambda module: True)
+    assert attention.resolve_backend("auto", "cuda", torch.float32) == "sdpa"
+    assert attention.resolve_backend("auto", "cuda", torch.float64) == "sdpa"
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16) == "flash"
+    assert attention.resolve_backend("auto", "cuda", torch.float16) == "flash"
+    assert attention.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    with pytest.raises(ValueError, match=r"^attention_backend: 'flash' needs float16"):
+        attention.resolve_backend("flash", "cuda", torch.float32)
+    monkeypatch.setattr(attention, "_installed", lambda module: False)
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
