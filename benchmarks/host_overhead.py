@@ -1,0 +1,460 @@
+"""Host work per engine step against the batch size (issue #24): ops, host reads, host time.
+
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 \
+        --out benchmarks/results/host_overhead.json
+
+On a GPU every dispatched op is a kernel launch (5-10 us of host time) and every read of a
+tensor's value stalls the host until the device drains, so a GPU-shaped step does a constant
+amount of both whatever the batch. This script measures that shape on the CPU: a micro model
+(one layer of width 32, so the forward costs almost nothing) runs a realistic mix of requests
+(prompts of 4-200 tokens, gen_length 32/64, blocks of 8/16/32, no cache / prefix / dual,
+Prophet on half, low-confidence / random / threshold remasking) with the batch kept full, and
+for each batch size it reports per engine step:
+
+- dispatched aten ops: every op that reaches the dispatcher (a ``TorchDispatchMode``), model
+  forward included;
+- host reads of tensor values: calls of ``.item/.tolist/.cpu/.numpy`` and of ``bool/float/
+  int/index`` on a tensor (a ``TorchFunctionMode``). Here every tensor is on the host, so the
+  calls themselves are counted: on a GPU each is a synchronisation. ``Tensor.to`` calls whose
+  target device differs from the tensor's are counted apart, as transfers;
+- host microseconds per request-step: wall time of the ``step()`` calls less the time inside
+  the model's forward (``engine.runner.forward_seconds``), over the request-steps run
+  (``engine.metrics.sequences_in_passes``), from separate runs without the counting modes,
+  which inflate time. Only steps whose batch was full count.
+
+Targets (issue #24): ops and reads per step grow by at most 1.25x from the smallest batch to
+the largest; host time at most 30 us per request-step at the largest batch.
+
+The engine runs with ``forward_chunk_tokens=None`` (what "auto" means on a GPU: the CPU's
+chunking would add forward passes, and ops, that grow with the batch's tokens),
+``kv_cache_memory=None`` and an unlimited token budget, so ``max_num_seqs`` alone bounds the
+batch. Requests are added outside ``step()``; their validation is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from foretell import DecodeParams, Engine, Prophet
+from foretell.bench.report import machine_info, model_info, write_json
+from foretell.models.registry import LoadedModel
+from foretell.models.tiny import tiny_model
+
+OPS_GROWTH_GOAL = 1.25  # ops and reads per step, largest batch over smallest
+HOST_US_GOAL = 30.0  # host microseconds per request-step at the largest batch
+
+PROMPT_LENGTHS = (4, 200)
+GEN_LENGTHS = (32, 64)
+BLOCK_LENGTHS = (8, 16, 32)
+KV_CACHES = (None, "prefix", "dual")
+REMASKINGS = ("low_confidence", "random", "confidence_threshold")
+# The scheduler's token budget is not what this measures: only max_num_seqs bounds a batch.
+UNLIMITED_TOKENS = 1 << 30
+
+# Reads of a tensor's values into Python or a host array: one device sync each on a GPU.
+HOST_READS = {
+    torch.Tensor.item: "item",
+    torch.Tensor.tolist: "tolist",
+    torch.Tensor.cpu: "cpu",
+    torch.Tensor.numpy: "numpy",
+    torch.Tensor.__bool__: "bool",
+    torch.Tensor.__float__: "float",
+    torch.Tensor.__int__: "int",
+    torch.Tensor.__index__: "index",
+}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op that reaches the dispatcher: on a GPU, about one kernel launch each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.by_op[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostReadCounter(TorchFunctionMode):
+    """Counts host reads of tensor values (``HOST_READS``) and cross-device ``Tensor.to`` calls.
+
+    Calls made inside a counted call (``tolist`` reading through ``item``, say) run with the
+    mode off, so each read is counted once, at the engine's call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.transfers = 0
+        self.by_kind: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = HOST_READS.get(func)
+        if kind is not None:
+            self.reads += 1
+            self.by_kind[kind] += 1
+        elif func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor):
+            target = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+            if target is not None and torch.device(target) != args[0].device:
+                self.transfers += 1
+                self.by_kind["to (other device)"] += 1
+        return func(*args, **kwargs)
+
+
+def micro_model(seed: int = 0) -> LoadedModel:
+    """A one-layer LLaDA of width 32: its forward is nearly free, so the rest is host work."""
+    return tiny_model(
+        "llada",
+        seed=seed,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
+
+
+def takes_unseeded() -> bool:
+    """Whether ``DecodeParams(seed=None)`` is accepted: issue #24 gives unseeded requests one
+    batched device stream and allows one draw per seeded request per step, so once the engine
+    has that stream the mix leaves seeds out (seeding every request would make even a fixed
+    engine's ops grow with the batch); until then each request gets a seed of the mix's own."""
+    try:
+        DecodeParams(seed=None)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def mix_stream(loaded: LoadedModel, seed: int = 0) -> Iterator[tuple[list[int], DecodeParams]]:
+    """An endless, seeded stream of (prompt token ids, params) drawn from the realistic mix;
+    every second request has Prophet (``answer_start=None``: the whole remaining generation)."""
+    rng = random.Random(seed)
+    unseeded = takes_unseeded()
+    special = set(loaded.tokenizer.all_special_ids) | {loaded.model.mask_token_id}
+    vocab = [t for t in range(loaded.model.vocab_size) if t not in special]
+    for index in range(sys.maxsize):
+        gen = rng.choice(GEN_LENGTHS)
+        drawn = rng.randrange(2**31)  # drawn either way, so the mix is the same either way
+        params = DecodeParams(
+            gen_length=gen,
+            steps=rng.choice((gen, gen // 2)),
+            block_length=rng.choice(BLOCK_LENGTHS),
+            remasking=rng.choice(REMASKINGS),
+            kv_cache=rng.choice(KV_CACHES),
+            early_commit=Prophet(answer_start=None) if index % 2 else None,
+            seed=None if unseeded else drawn,  # type: ignore[arg-type]
+        )
+        prompt = [rng.choice(vocab) for _ in range(rng.randint(*PROMPT_LENGTHS))]
+        yield prompt, params
+
+
+def make_engine(loaded: LoadedModel, batch_size: int) -> Engine:
+    """A fresh engine over the shared micro model, bounded by ``max_num_seqs`` alone."""
+    return Engine(
+        LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, path=loaded.path),
+        max_num_seqs=batch_size,
+        max_num_batched_tokens=UNLIMITED_TOKENS,
+        kv_cache_memory=None,
+        forward_chunk_tokens=None,
+    )
+
+
+def engine_counters(engine: Engine) -> tuple[float, int, int]:
+    """(seconds inside the model's forward, steps, request-steps) as the engine counts them.
+
+    The host time is computed from these; if the engine renames them, fail loudly rather than
+    report a number that means something else."""
+    try:
+        return (
+            float(engine.runner.forward_seconds),
+            int(engine.metrics.steps),
+            int(engine.metrics.sequences_in_passes),
+        )
+    except AttributeError as err:
+        raise RuntimeError(
+            "host_overhead.py reads engine.runner.forward_seconds, engine.metrics.steps and "
+            f"engine.metrics.sequences_in_passes; the engine no longer has one: {err}"
+        ) from err
+
+
+@dataclass
+class MixRun:
+    """Totals over the measured steps whose batch was full."""
+
+    batch_size: int
+    steps: int = 0
+    skipped_steps: int = 0  # measured steps whose batch was not full (not counted)
+    request_steps: int = 0
+    wall_s: float = 0.0
+    forward_s: float = 0.0
+    ops: int = 0
+    reads: int = 0
+    transfers: int = 0
+    finished: int = 0
+    ops_by_name: Counter[str] = field(default_factory=Counter)
+    reads_by_kind: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ops_per_step(self) -> float:
+        return self.ops / self.steps
+
+    @property
+    def reads_per_step(self) -> float:
+        return self.reads / self.steps
+
+    @property
+    def transfers_per_step(self) -> float:
+        return self.transfers / self.steps
+
+    @property
+    def host_us_per_request_step(self) -> float:
+        return 1e6 * (self.wall_s - self.forward_s) / self.request_steps
+
+
+def run_mix(
+    loaded: LoadedModel,
+    batch_size: int,
+    *,
+    warmup_steps: int,
+    steps: int,
+    seed: int = 0,
+    count: bool,
+) -> MixRun:
+    """Run the mix at ``batch_size`` and total the measured steps.
+
+    The queue holds 2B live requests at every step (refilled from the stream as requests
+    finish), so each step runs B of them; the first ``warmup_steps`` steps are not measured, so
+    that the batch holds requests at every stage of decoding, as a server's does. With
+    ``count`` the measured steps run under the op and read counters (their times are then
+    inflated and mean nothing); without, only times are taken."""
+    engine = make_engine(loaded, batch_size)
+    stream = mix_stream(loaded, seed)
+    run = MixRun(batch_size)
+    live = 0
+    for index in range(warmup_steps + steps):
+        while live < 2 * batch_size:
+            prompt, params = next(stream)
+            engine.add_request(prompt, params)
+            live += 1
+        measured = index >= warmup_steps
+        ops, reads = OpCounter(), HostReadCounter()
+        forward0, steps0, seqs0 = engine_counters(engine)
+        start = time.perf_counter()
+        if measured and count:
+            with reads, ops:
+                outputs = engine.step()
+        else:
+            outputs = engine.step()
+        wall = time.perf_counter() - start
+        forward1, steps1, seqs1 = engine_counters(engine)
+        errors = [out for out in outputs if out.finish_reason == "error"]
+        if errors:
+            raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
+        live -= len(outputs)
+        if not measured:
+            continue
+        if steps1 - steps0 != 1 or seqs1 - seqs0 != batch_size:
+            run.skipped_steps += 1
+            continue
+        run.steps += 1
+        run.request_steps += seqs1 - seqs0
+        run.wall_s += wall
+        run.forward_s += forward1 - forward0
+        run.finished += len(outputs)
+        run.ops += ops.count
+        run.reads += reads.reads
+        run.transfers += reads.transfers
+        run.ops_by_name.update(ops.by_op)
+        run.reads_by_kind.update(reads.by_kind)
+    if run.steps == 0:
+        raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
+    if run.forward_s <= 0:
+        raise RuntimeError("engine.runner.forward_seconds did not move: it no longer times a pass")
+    return run
+
+
+def measure(
+    loaded: LoadedModel,
+    batch_size: int,
+    *,
+    warmup_steps: int,
+    steps: int,
+    seed: int,
+    repeats: int,
+) -> dict:
+    """One counted run, then ``repeats`` timed runs of the same steps (median host time)."""
+    counted = run_mix(
+        loaded, batch_size, warmup_steps=warmup_steps, steps=steps, seed=seed, count=True
+    )
+    timed = [
+        run_mix(loaded, batch_size, warmup_steps=warmup_steps, steps=steps, seed=seed, count=False)
+        for _ in range(repeats)
+    ]
+    host_us = [run.host_us_per_request_step for run in timed]
+    median = statistics.median(host_us)
+    mid = min(timed, key=lambda run: abs(run.host_us_per_request_step - median))
+    return {
+        "batch_size": batch_size,
+        "measured_steps": counted.steps,
+        "skipped_steps": counted.skipped_steps + sum(run.skipped_steps for run in timed),
+        "requests_finished": counted.finished,
+        "ops_per_step": counted.ops_per_step,
+        "reads_per_step": counted.reads_per_step,
+        "transfers_per_step": counted.transfers_per_step,
+        "reads_per_step_by_kind": {
+            k: v / counted.steps for k, v in counted.reads_by_kind.most_common()
+        },
+        "top_ops_per_step": {k: v / counted.steps for k, v in counted.ops_by_name.most_common(15)},
+        "host_us_per_request_step": median,
+        "host_us_per_request_step_runs": host_us,
+        "wall_ms_per_step": 1e3 * mid.wall_s / mid.steps,
+        "forward_ms_per_step": 1e3 * mid.forward_s / mid.steps,
+    }
+
+
+def op_cost_us(calls: int = 20000, repeats: int = 5) -> float:
+    """Microseconds of one trivial op (``a + 1`` on 100 integers), median of ``repeats``: the
+    machine's cost of a dispatch in this run, so that host times from a loaded or slower
+    machine can be read against it."""
+    a = torch.arange(100)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                a + 1
+            times.append((time.perf_counter() - start) / calls)
+    return 1e6 * statistics.median(times)
+
+
+def targets(records: list[dict]) -> list[dict]:
+    """The issue's targets, from the smallest batch to the largest."""
+    small = min(records, key=lambda r: r["batch_size"])
+    large = max(records, key=lambda r: r["batch_size"])
+    label = f"B={large['batch_size']} / B={small['batch_size']}"
+    out = []
+    for key, what in (("ops_per_step", "dispatched ops"), ("reads_per_step", "host reads")):
+        value = large[key] / small[key] if small[key] else float("inf")
+        if not small[key] and not large[key]:
+            value = 1.0
+        out.append(
+            {
+                "target": f"{what} per step, {label}",
+                "goal": f"<= {OPS_GROWTH_GOAL}",
+                "value": value,
+                "met": value <= OPS_GROWTH_GOAL,
+            }
+        )
+    value = large["host_us_per_request_step"]
+    out.append(
+        {
+            "target": f"host us per request-step at B={large['batch_size']}",
+            "goal": f"<= {HOST_US_GOAL}",
+            "value": value,
+            "met": value <= HOST_US_GOAL,
+        }
+    )
+    return out
+
+
+def format_report(records: list[dict], goals: list[dict], op_us: float) -> str:
+    header = (
+        f"{'B':>4} {'steps':>6} {'ops/step':>9} {'reads/step':>10} {'xfers/step':>10} "
+        f"{'host us/req-step':>16} {'wall ms/step':>12} {'fwd ms/step':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in records:
+        lines.append(
+            f"{r['batch_size']:>4} {r['measured_steps']:>6} {r['ops_per_step']:>9.1f} "
+            f"{r['reads_per_step']:>10.1f} {r['transfers_per_step']:>10.1f} "
+            f"{r['host_us_per_request_step']:>16.1f} {r['wall_ms_per_step']:>12.2f} "
+            f"{r['forward_ms_per_step']:>11.2f}"
+        )
+    lines.append(
+        "ops: aten ops dispatched in step() (model forward included); reads: .item/.tolist/"
+        ".cpu/.numpy/bool/float/int/index on a tensor; xfers: Tensor.to another device; host "
+        "us: (wall - model forward) / request-steps, median of the timed runs (no counters)."
+    )
+    lines.append(f"one trivial op (a + 1) costs {op_us:.1f} us on this machine now")
+    lines.append("targets:")
+    for t in goals:
+        mark = "met" if t["met"] else "NOT MET"
+        lines.append(f"  {t['target']}: {t['value']:.2f} (goal {t['goal']}) {mark}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="16,64", help="comma-separated max_num_seqs values")
+    p.add_argument("--warmup-steps", type=int, default=64, help="unmeasured steps first")
+    p.add_argument("--steps", type=int, default=64, help="measured steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
+    p.add_argument("--seed", type=int, default=0, help="the mix's seed (and the model's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", help="write JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    loaded = micro_model(args.seed)
+    records = []
+    for size in sizes:
+        print(f"B={size}: counting, then {args.repeats} timed runs", file=sys.stderr, flush=True)
+        records.append(
+            measure(
+                loaded,
+                size,
+                warmup_steps=args.warmup_steps,
+                steps=args.steps,
+                seed=args.seed,
+                repeats=args.repeats,
+            )
+        )
+    goals = targets(records)
+    op_us = op_cost_us()
+    print(format_report(records, goals, op_us))
+    if args.out:
+        write_json(
+            args.out,
+            {
+                "records": records,
+                "targets": goals,
+                "trivial_op_us": op_us,
+                "mix": {
+                    "prompt_lengths": list(PROMPT_LENGTHS),
+                    "gen_lengths": list(GEN_LENGTHS),
+                    "block_lengths": list(BLOCK_LENGTHS),
+                    "steps": "gen_length or gen_length / 2",
+                    "kv_caches": list(KV_CACHES),
+                    "remaskings": list(REMASKINGS),
+                    "prophet": "every second request, Prophet(answer_start=None)",
+                    "request_seeds": "None (engine stream)" if takes_unseeded() else "per request",
+                    "seed": args.seed,
+                    "warmup_steps": args.warmup_steps,
+                    "measured_steps": args.steps,
+                    "repeats": args.repeats,
+                },
+                "machine": machine_info(),
+                "model": model_info(loaded.model, loaded.path),
+                "command": "python benchmarks/host_overhead.py " + " ".join(sys.argv[1:]),
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
