@@ -56,6 +56,15 @@ class PastKV:
             positions=torch.cat([self.positions, other.positions], dim=1),
         )
 
+    def prefix(self, n: int) -> PastKV:
+        """The first ``n`` cached positions of every row (a pass that stored one block and
+        denoised the next keeps only the stored block's keys)."""
+        return PastKV(
+            keys=[k[:, :, :n] for k in self.keys],
+            values=[v[:, :, :n] for v in self.values],
+            positions=self.positions[:, :n],
+        )
+
     def select(self, rows: torch.Tensor | list[int]) -> PastKV:
         """The caches of the batch rows ``rows``."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.positions.device)
