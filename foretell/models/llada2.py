@@ -215,7 +215,8 @@ def run_experts(
 
     Token-expert pairs are sorted by expert so that each expert runs once over all its tokens
     (one SwiGLU per expert that has tokens; never a loop over tokens). As the official
-    ``moe_infer``, the outputs are weighted and summed in float32, then cast back.
+    ``moe_infer``, the outputs are weighted and summed in float32 (float64 for a float64
+    model), then cast back.
     """
     t, k = experts.shape
     flat = experts.reshape(-1)
@@ -231,7 +232,8 @@ def run_experts(
             start += n
     per_pair = torch.empty_like(out)
     per_pair[order] = out
-    mixed = (per_pair.view(t, k, -1).float() * weights[..., None].float()).sum(1)
+    acc = torch.promote_types(torch.float32, hidden.dtype)
+    mixed = (per_pair.view(t, k, -1).to(acc) * weights[..., None].to(acc)).sum(1)
     return mixed.to(hidden.dtype)
 
 
