@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from foretell.models.default.cache_views import cache_view_batch
 from tests.reference_cache import LLaDAReference
+from training.cache_views import cache_view_batch
 
 GEN = 32
 

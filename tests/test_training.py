@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from foretell.models import load_model
-from foretell.models.default import DEFAULT_MODEL_DIR, train
+from foretell.models.default import DEFAULT_MODEL_DIR
+from training import train
 
 
 @pytest.mark.parametrize(
@@ -55,8 +56,8 @@ def test_fine_tune_with_cache_views_writes_a_checkpoint(tmp_path) -> None:
 def _view_batch(n: int):
     """The shipped model and a batch of ``n`` arrange canvases laid out as training lays them."""
     from foretell.models.default import answer_constraints
-    from foretell.models.default.data import make_batch
     from foretell.tasks import get_task
+    from training.data import make_batch
 
     loaded = load_model(DEFAULT_MODEL_DIR)
     model, tok = loaded.model.requires_grad_(True), loaded.tokenizer
@@ -78,7 +79,7 @@ def test_view_losses_reach_every_layer() -> None:
 def test_distill_adds_the_kl_from_the_uncached_prediction_of_the_same_canvas(own: bool) -> None:
     import copy
 
-    from foretell.models.default.cache_views import cache_view_batch
+    from training.cache_views import cache_view_batch
 
     model, batch = _view_batch(16)
     ids, attention = batch[:2]
@@ -120,7 +121,7 @@ def test_view_losses_refuse_a_teacher_without_distillation() -> None:
 
 
 def test_hardest_views_are_those_whose_cached_step_disagrees_most_with_a_full_pass() -> None:
-    from foretell.models.default.cache_views import cache_view_batch
+    from training.cache_views import cache_view_batch
 
     model, batch = _view_batch(16)
     ids, attention = batch[:2]
@@ -153,7 +154,7 @@ def test_hardest_views_are_those_whose_cached_step_disagrees_most_with_a_full_pa
 def test_a_hard_pool_scores_only_its_hardest_views() -> None:
     import torch.nn.functional as F
 
-    from foretell.models.default.cache_views import CacheViews, cache_view_batch
+    from training.cache_views import CacheViews, cache_view_batch
 
     model, batch = _view_batch(16)
     ids, attention = batch[:2]

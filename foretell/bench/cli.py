@@ -117,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--default-layout",
         action="store_true",
         help="decode --model with the shipped model's layout (answer marker, Prophet span), "
-        "for checkpoints trained by foretell.models.default.train",
+        "for checkpoints trained by training/train.py",
     )
     p.add_argument("--n", type=int, default=200, help="requests in the workload (default 200)")
     p.add_argument(

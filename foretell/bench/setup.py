@@ -232,10 +232,10 @@ def default_size_model() -> tuple[LoadedModel, str]:
 
     if (DEFAULT_MODEL_DIR / "model.safetensors").exists():
         return load_model(DEFAULT_MODEL_DIR), "default (trained weights)"
-    from foretell.models.default.train import build_model, parse_args
+    from foretell.models.tiny import build_default_model
     from foretell.models.tokenizer import build_char_tokenizer
     from foretell.tasks import ALPHABET
 
     tokenizer = build_char_tokenizer(ALPHABET)
-    model = build_model(parse_args([]), tokenizer).eval().requires_grad_(False)
+    model = build_default_model(tokenizer).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, path=None), "default shape, random"

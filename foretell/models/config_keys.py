@@ -6,6 +6,7 @@ config) and ignoring it would decode with a different model than the checkpoint 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 # transformers' PretrainedConfig fields that checkpoints carry and that no forward pass reads:
@@ -37,13 +38,28 @@ HF_GENERIC_KEYS = (
 )
 
 
-def check_keys(family: str, config: dict, known: Iterable[str]) -> None:
-    """Refuse a config with a key outside ``known``, naming it."""
+def check_keys(
+    family: str, config: dict, known: Iterable[str], *, ignore_unknown: bool = False
+) -> list[str]:
+    """Refuse a config with a key outside ``known``, naming it.
+
+    ``ignore_unknown`` (the loader's ``ignore_unknown_config_keys``) loads anyway: the unknown
+    keys are ignored, named in a warning, and returned, so the user who asked for it sees
+    exactly what the model may be missing.
+    """
     unknown = sorted(set(config) - set(known))
-    if unknown:
+    if unknown and ignore_unknown:
+        warnings.warn(
+            f"config.json: ignoring unknown {family} config keys {unknown} "
+            "(ignore_unknown_config_keys=True); if one of them changes the model's numerics, "
+            "foretell decodes with a different model than the checkpoint describes",
+            stacklevel=3,
+        )
+    elif unknown:
         raise ValueError(
             f"config.json: unknown {family} config key {unknown[0]!r}"
             f"{f' (and {unknown[1:]})' if unknown[1:] else ''}: foretell cannot tell whether "
             "it changes the model's numerics, so it does not load it (docs/guide.md lists the "
-            "keys it knows)"
+            "keys it knows; load_model(..., ignore_unknown_config_keys=True) loads anyway)"
         )
+    return unknown

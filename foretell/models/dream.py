@@ -75,8 +75,16 @@ class DreamModel(DiffusionLM):
     )
 
     @classmethod
-    def from_checkpoint_config(cls, hf: dict) -> DreamModel:
-        check_keys("Dream", hf, (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS))
+    def from_checkpoint_config(
+        cls, hf: dict, *, tokenizer: object | None = None, ignore_unknown_keys: bool = False
+    ) -> DreamModel:
+        """``tokenizer`` is unused: Dream's special ids come from config.json or its defaults."""
+        check_keys(
+            "Dream",
+            hf,
+            (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS),
+            ignore_unknown=ignore_unknown_keys,
+        )
         c = {**DEFAULTS, **hf}
         for key, allowed in REQUIRED.items():
             if c[key] not in allowed:

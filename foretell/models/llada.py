@@ -90,6 +90,8 @@ IGNORED = {
     "max_sequence_length": "the longest canvas (checked at admission) and the rotary table",
     "mask_token_id": "token id",
     "tie_word_embeddings": "transformers' key; LLaDA ties by weight_tying",
+    # Added by forks that copy LLaDA's config without changing its forward pass.
+    "train_max_sequence_length": "Fast-dLLM's copy: training sequence length, read by no forward",
 }
 
 
@@ -116,8 +118,16 @@ class LLaDAModelLM(DiffusionLM):
     )
 
     @classmethod
-    def from_checkpoint_config(cls, hf: dict) -> LLaDAModelLM:
-        check_keys("LLaDA", hf, (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS))
+    def from_checkpoint_config(
+        cls, hf: dict, *, tokenizer: object | None = None, ignore_unknown_keys: bool = False
+    ) -> LLaDAModelLM:
+        """``tokenizer`` is unused: LLaDA's special ids come from config.json or its defaults."""
+        check_keys(
+            "LLaDA",
+            hf,
+            (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS),
+            ignore_unknown=ignore_unknown_keys,
+        )
         c = {**DEFAULTS, **hf}
         for key, wanted in REQUIRED.items():
             allowed = wanted if isinstance(wanted, tuple) else (wanted,)

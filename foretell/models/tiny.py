@@ -8,6 +8,7 @@ otherwise decoding rules and Prophet's thresholds would see nothing but near-tie
 
 from __future__ import annotations
 
+import math
 import string
 
 import torch
@@ -64,3 +65,41 @@ def tiny_model(
         model.lm_head.weight.mul_(logit_scale)
     model = model.to(resolve_dtype(dtype)).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, path=None)
+
+
+def build_default_model(
+    tokenizer: object,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    intermediate: int = 384,
+) -> LLaDAModelLM:
+    """A LLaDA-architecture model of the shipped default's shape with small-transformer init
+    (std 0.02, residual projections scaled by 1/sqrt(2 layers)), drawn from torch's global
+    generator: what training starts from, and the random stand-in the benchmarks use."""
+    cfg = TransformerConfig(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        rope_full_precision=True,  # LLaDA's default (a no-op in float32)
+    )
+    model = LLaDAModelLM(
+        cfg,
+        mask_token_id=tokenizer.mask_token_id,  # type: ignore[attr-defined]
+        eos_token_ids=(tokenizer.eos_token_id,),  # type: ignore[attr-defined]
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            std = 0.02
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                std /= math.sqrt(2 * layers)
+            p.normal_(0.0, std)
+    return model

@@ -168,7 +168,55 @@ class Block(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-class DiffusionLM(nn.Module):
+class CheckpointNames:
+    """Maps checkpoint tensor names to parameter names through ``weight_names`` templates.
+
+    Shared by every family (full-attention and block-causal), so that the loader in
+    ``registry.py`` reads any of them the same way.
+    """
+
+    # (checkpoint name, internal name) templates; "{i}" stands for a layer index.
+    weight_names: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def _match(template: str, name: str) -> dict[str, str] | None:
+        pattern = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
+        m = re.fullmatch(pattern, name)
+        return None if m is None else m.groupdict()
+
+    @classmethod
+    def to_internal_name(cls, name: str) -> str | None:
+        """Internal parameter name for a checkpoint tensor name (None: not one of ours)."""
+        for checkpoint, internal in cls.weight_names:
+            groups = cls._match(checkpoint, name)
+            if groups is not None:
+                return internal.format(**groups)
+        return None
+
+    @classmethod
+    def to_checkpoint_name(cls, internal_name: str) -> str:
+        for checkpoint, internal in cls.weight_names:
+            groups = cls._match(internal, internal_name)
+            if groups is not None:
+                return checkpoint.format(**groups)
+        raise KeyError(f"no checkpoint name for parameter {internal_name!r}")
+
+    def checkpoint_target(self, name: str) -> tuple[str, int | None] | None:
+        """Where a checkpoint tensor goes: (parameter name, index along its first dimension,
+        or None for the whole parameter); None: not one of ours. Families whose checkpoints
+        store one parameter as several tensors (an MoE's experts) override it."""
+        internal = self.to_internal_name(name)
+        return None if internal is None else (internal, None)
+
+    def checkpoint_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The model's tensors under their checkpoint names, as the family's code saves them."""
+        return {
+            self.to_checkpoint_name(name): p.detach().to(dtype or p.dtype).contiguous().cpu()
+            for name, p in self.named_parameters()  # type: ignore[attr-defined]
+        }
+
+
+class DiffusionLM(CheckpointNames, nn.Module):
     """A loaded diffusion LM: the transformer body plus what decoding needs to know about it.
 
     Two entry points:
@@ -184,8 +232,8 @@ class DiffusionLM(nn.Module):
     family: str = "base"
     architecture: str = "DiffusionLM"
     shifted_logits: bool = False
-    # (checkpoint name, internal name) templates; "{i}" stands for a layer index.
-    weight_names: tuple[tuple[str, str], ...] = ()
+    # Attention is bidirectional over the whole canvas (block-causal families set True).
+    block_causal: bool = False
 
     def __init__(
         self,
@@ -323,30 +371,6 @@ class DiffusionLM(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
-
-    # -- checkpoint names ----------------------------------------------------------------
-    @staticmethod
-    def _match(template: str, name: str) -> dict[str, str] | None:
-        pattern = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
-        m = re.fullmatch(pattern, name)
-        return None if m is None else m.groupdict()
-
-    @classmethod
-    def to_internal_name(cls, name: str) -> str | None:
-        """Internal parameter name for a checkpoint tensor name (None: not one of ours)."""
-        for checkpoint, internal in cls.weight_names:
-            groups = cls._match(checkpoint, name)
-            if groups is not None:
-                return internal.format(**groups)
-        return None
-
-    @classmethod
-    def to_checkpoint_name(cls, internal_name: str) -> str:
-        for checkpoint, internal in cls.weight_names:
-            groups = cls._match(internal, internal_name)
-            if groups is not None:
-                return checkpoint.format(**groups)
-        raise KeyError(f"no checkpoint name for parameter {internal_name!r}")
 
     def checkpoint_config(self) -> dict:
         """The family's config.json for this model (see each family)."""

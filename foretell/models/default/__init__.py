@@ -2,9 +2,9 @@
 
 The checkpoint in ``weights/`` is a real LLaDA-format directory (``config.json``,
 ``model.safetensors``, tokenizer files): load it with
-``foretell.models.load_model(DEFAULT_MODEL_DIR)``. It was trained by
-``python -m foretell.models.default.train`` on the tasks in :mod:`foretell.tasks`; see
-docs/training.md for the command, the learning curve and the measured accuracies.
+``foretell.models.load_model(DEFAULT_MODEL_DIR)``. It was trained by ``python -m training.train``
+(from the repository root; ``training/`` is not installed) on the tasks in :mod:`foretell.tasks`;
+see docs/training.md for the command, the learning curve and the measured accuracies.
 
 Prompts are the task prompt wrapped in the tokenizer's chat template (``chat_prompt``). Every
 generation has the marker ``answer:`` at ``MARKER_POSITION`` (relative to the generation start)

@@ -1,4 +1,4 @@
-"""Train the default model: ``python -m foretell.models.default.train`` (docs/training.md).
+"""Train the default model: ``python -m training.train`` (docs/training.md).
 
 LLaDA's SFT masking: per example t ~ U(eps, 1), every generation token is masked with
 probability t (the prompt never is). The loss is the cross-entropy on masked positions, either
@@ -9,7 +9,7 @@ task measurably slower (docs/training.md). AdamW with linear warmup and cosine d
 random choice comes from ``--seed``.
 
 ``--cache-views F`` trains a fraction F of every batch on views of cached decoding
-(:mod:`foretell.models.default.cache_views`), so that the model tolerates the block KV cache;
+(:mod:`training.cache_views`), so that the model tolerates the block KV cache;
 ``--init DIR`` starts from a checkpoint (the shipped model is the base run fine-tuned so).
 """
 
@@ -33,13 +33,14 @@ from foretell.models.default import (
     STEPS,
     answer_constraints,
 )
-from foretell.models.default.cache_views import VIEW_BLOCK_LENGTHS, CacheViews, cache_view_batch
-from foretell.models.default.data import accuracy, make_batch
+from foretell.models.default.data import accuracy
 from foretell.models.llada import LLaDAModelLM
 from foretell.models.registry import load_model, save_model
+from foretell.models.tiny import build_default_model
 from foretell.models.tokenizer import build_char_tokenizer
-from foretell.models.transformer import TransformerConfig
 from foretell.tasks import ALPHABET, CHAT_TEMPLATE, GEN_LENGTH, get_task
+from training.cache_views import VIEW_BLOCK_LENGTHS, CacheViews, cache_view_batch
+from training.data import make_batch
 
 MASK_EPS = 1e-3
 
@@ -154,32 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, tokenizer: object) -> LLaDAModelLM:
-    """A LLaDA-architecture model with small-transformer init (std 0.02, scaled residuals)."""
-    cfg = TransformerConfig(
-        vocab_size=len(tokenizer),  # type: ignore[arg-type]
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.heads,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        rope_full_precision=True,  # LLaDA's default (a no-op in float32)
+    """A LLaDA-architecture model of the shape ``args`` asks for, freshly initialised."""
+    return build_default_model(
+        tokenizer,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate,
     )
-    model = LLaDAModelLM(
-        cfg,
-        mask_token_id=tokenizer.mask_token_id,  # type: ignore[attr-defined]
-        eos_token_ids=(tokenizer.eos_token_id,),  # type: ignore[attr-defined]
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            std = 0.02
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                std /= math.sqrt(2 * args.layers)
-            p.normal_(0.0, std)
-    return model
 
 
 def sft_token_losses(

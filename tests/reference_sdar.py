@@ -1,0 +1,101 @@
+"""SDAR's ``bd3`` decoder, written for the tests from the behaviour of the official one
+(JetAstra/SDAR ``evaluation/opencompass/opencompass/models/huggingface_bd3.py``), batch 1.
+
+Greedy only, which is what the paper's evaluation runs (``temperature=1.0, top_k=1``: the
+multinomial draw over one token is the argmax) and what foretell's temperature 0 means.
+Where the official code differs:
+- it samples through ``torch.multinomial`` even then (a tie at the top would be drawn at random;
+  this takes the first index, as ``argmax`` does);
+- it asserts ``block_length % steps == 0``; this accepts any ``steps <= block_length`` with
+  the general schedule (``block // steps``, one more for the first ``block % steps`` steps);
+- it returns the whole block-aligned canvas; :func:`cut` gives what foretell returns.
+
+Confidence is the softmax probability of the argmax over the unfiltered logits, in the logits'
+dtype (SDAR's head returns the model's dtype; the softmax is not upcast).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def schedule(block_length: int, steps: int) -> list[int]:
+    return [block_length // steps + (i < block_length % steps) for i in range(steps)]
+
+
+def choose(conf: torch.Tensor, k: int, threshold: float | None) -> torch.Tensor:
+    """Positions to reveal: every confidence strictly above ``threshold`` when there are at
+    least ``k`` of them, else the ``k`` highest (masked positions carry -inf)."""
+    masked = int(torch.isfinite(conf).sum())
+    if threshold is not None:
+        high = conf > threshold
+        if int(high.sum()) >= k:
+            return high.nonzero().flatten()
+    return conf.topk(min(k, masked)).indices
+
+
+@torch.no_grad()
+def bd3_generate(
+    model: torch.nn.Module,
+    prompt: list[int],
+    *,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    threshold: float | None = None,
+    stop_ids: tuple[int, ...] = (),
+    use_cache: bool = True,
+) -> tuple[list[int], int]:
+    """(the canvas after the prompt, forward passes). ``threshold`` None: the static
+    schedule; else the dynamic one. ``use_cache=False`` recomputes the whole window every step
+    (no KV cache, no store pass): the same tokens, by the block-causal mask."""
+    if not 0 < steps <= block_length:
+        raise ValueError("steps: must be in [1, block_length]")
+    mask = model.mask_token_id
+    n = len(prompt)
+    num_blocks = -(-(n + gen_length) // block_length)
+    x = torch.full((1, num_blocks * block_length), mask, dtype=torch.long)
+    x[0, :n] = torch.tensor(prompt)
+    pos = torch.arange(x.shape[1])[None]
+    passes, past = 0, None
+    first = n // block_length
+    if use_cache and first:
+        _, past = model(
+            x[:, : first * block_length], positions=pos[:, : first * block_length], return_kv=True
+        )
+        passes += 1
+    ks = schedule(block_length, steps)
+    for b in range(first, num_blocks):
+        lo, hi = b * block_length, (b + 1) * block_length
+        for i in range(steps + 1):
+            masked = x[0, lo:hi] == mask
+            if not masked.any():
+                if use_cache:  # one extra pass stores the finished block's clean keys
+                    _, kv = model(x[:, lo:hi], positions=pos[:, lo:hi], past=past, return_kv=True)
+                    past = kv if past is None else past.cat(kv)
+                    passes += 1
+                break
+            if use_cache:
+                logits = model(x[:, lo:hi], positions=pos[:, lo:hi], past=past)[0]
+            else:
+                logits = model(x[:, :hi])[0, lo:hi]
+            passes += 1
+            probs = logits.softmax(-1)
+            x0 = logits.argmax(-1)
+            conf = probs.gather(-1, x0[:, None])[:, 0].float()
+            conf = conf.masked_fill(~masked, float("-inf"))
+            reveal = choose(conf, ks[i], threshold)
+            x[0, lo + reveal] = x0[reveal]
+        if any(int(t) in stop_ids for t in x[0, n:].tolist()):
+            break
+    return x[0, n:].tolist(), passes
+
+
+def cut(tokens: list[int], gen_length: int, stop_ids: tuple[int, ...]) -> list[int]:
+    """The generation as foretell returns it: at most ``gen_length`` tokens, ending after the
+    first stop token."""
+    tokens = tokens[:gen_length]
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1]
+    return tokens

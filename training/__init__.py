@@ -1,0 +1,1 @@
+"""How the shipped models were trained: not part of the installed package (docs/training.md)."""
