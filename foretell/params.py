@@ -147,6 +147,10 @@ class DecodeParams:
     (only the block, reading the cached rest of the canvas); each block's first step is a full
     forward that refreshes the cache. None (the default) recomputes the whole canvas every step.
     With a cache, Dream models decode in blocks too (Fast-dLLM's Dream block decoding).
+    ``seed`` (as vLLM's): an integer gives the request its own random stream, the one the
+    official code draws when seeded the same way, so its output is the same whatever shares
+    its batch; None (the default) draws from the engine's shared stream, in one draw a step for
+    every such request, so its output depends on the batch (docs/guide.md).
     """
 
     gen_length: int = 64
@@ -158,7 +162,7 @@ class DecodeParams:
     cfg_scale: float = 0.0
     constraints: dict[int, int | str] | None = None
     early_commit: EarlyCommit = None
-    seed: int = 0
+    seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     skip_special_tokens: bool = True
     # Dream's knobs.
@@ -230,8 +234,13 @@ class DecodeParams:
         start = None if policy is None else policy.answer_start
         if start is not None and start >= self.gen_length:
             fail("early_commit.answer_start", f"{start} is outside the generation")
-        if not is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX:
-            fail("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
+        if self.seed is not None and (
+            not is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            fail(
+                "seed",
+                f"must be None or an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}",
+            )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             fail("stop", f"must be non-empty strings, got {self.stop!r}")

@@ -42,13 +42,21 @@ def _mixed_params(n: int, seed: int) -> list[DecodeParams]:
         )
         if rng.random() < 0.3:
             kwargs["constraints"] = {0: "x", gen // 2: "y"}
-        kind = i % 7
+        kind = i % 9
         if kind == 5:
             kwargs["temperature"] = 0.8  # sampled: per-request path
         elif kind == 6:
-            kwargs["remasking"] = rng.choice(["confidence_threshold", "low_confidence"])
-            if kwargs["remasking"] == "low_confidence":
-                kwargs["cfg_scale"] = 1.0  # guided: per-request path
+            kwargs["cfg_scale"] = 1.0  # guided: per-request path
+        elif kind == 7:
+            kwargs["remasking"] = "confidence_threshold"
+            kwargs["threshold"] = rng.choice([0.3, 0.6, 0.9])
+        elif kind == 8:
+            # Fast-dLLM's caches, with each rule; the static rules need 2 steps a block.
+            kwargs["kv_cache"] = rng.choice(["prefix", "dual"])
+            kwargs["remasking"] = rng.choice(["low_confidence", "random", "confidence_threshold"])
+            kwargs["threshold"] = rng.choice([0.3, 0.6, 0.9])
+            kwargs["steps"] = rng.choice([s for s in range(2 * blocks, gen + 1, blocks)])
+            kwargs.pop("constraints", None)
         out.append(DecodeParams(**kwargs))
     # Constraints leave 7 masks for 8 steps per block: one step per block reveals nothing.
     idle = {"gen_length": 16, "block_length": 8, "steps": 16, "constraints": {0: "x", 8: "y"}}
@@ -78,22 +86,26 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, monkeypatch) -
     request, agree on every request's canvas, revealed positions, gap and outcome after every
     step. With a huge logit scale many probabilities are exactly 1.0, so top-k breaks ties."""
     loaded = tiny_model("llada", seed=5, dtype=dtype, logit_scale=logit_scale)
-    members, fills = [], []
+    members, fills, outside = [], [], []
     real_bind = batched_module.GreedyBatch.bind
 
-    def counting(self, rows, stats, more):
+    def counting(self, rows, stats, more, read_only=None):
         members.append(len(self.reqs))
 
         def counted_more(flat_rows):
             fills.append(len(flat_rows))
             return more(flat_rows)
 
-        return real_bind(self, rows, stats, counted_more)
+        def counted_read_only(reqs, positions):
+            outside.append(len(reqs))
+            return read_only(reqs, positions)
+
+        return real_bind(self, rows, stats, counted_more, counted_read_only)
 
     monkeypatch.setattr(batched_module.GreedyBatch, "bind", counting)
     engines = [Engine(loaded, dtype=dtype, max_num_seqs=6) for _ in range(2)]
     engines[1].runner.batched = False
-    params = _mixed_params(40, seed=int(logit_scale))
+    params = _mixed_params(54, seed=int(logit_scale))
     for i, p in enumerate(params):
         for engine in engines:
             engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
@@ -114,8 +126,9 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, monkeypatch) -
     outcomes = {state[2] for state in finished[0].values()}
     assert outcomes == {"steps", "early_commit"}, outcomes
     greedy = [p for p in params if p.temperature == 0 and p.cfg_scale == 0]
-    greedy = [p for p in greedy if p.remasking != "confidence_threshold"]
     assert sum(members) >= len(greedy) > len(params) // 2  # every greedy one took the batch
+    assert {p.kv_cache for p in greedy} == {None, "prefix", "dual"}
+    assert {p.remasking for p in greedy} == {"low_confidence", "random", "confidence_threshold"}
     # The rare paths ran too: a commit filling rows outside the gathered ones, and random
     # remasking on a step with nothing to reveal.
     assert fills and idle_random_steps
@@ -146,6 +159,8 @@ def test_batchable_covers_greedy_llada_only() -> None:
     assert batched_module.batchable(req(remasking="random", early_commit=Prophet()))
     assert not batched_module.batchable(req(temperature=0.5))
     assert not batched_module.batchable(req(cfg_scale=1.0))
-    assert not batched_module.batchable(req(remasking="confidence_threshold"))
+    assert batched_module.batchable(req(remasking="confidence_threshold"))
+    assert batched_module.batchable(req(kv_cache="dual", steps=4, block_length=4))
+    assert not batched_module.batchable(req(remasking="margin"))
     assert not batched_module.batchable(req(top_k=3))
     assert not batched_module.batchable(req(family="dream", remasking="entropy"))

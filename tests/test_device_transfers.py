@@ -77,10 +77,11 @@ def _transfers_per_step(loaded, params: list[DecodeParams], monkeypatch) -> list
         engine.step()
         counts.append(OnDevice.transfers)
     monkeypatch.undo()
-    # Ids, gaps and counts only, never logits: no transfer carries a [rows, vocab] matrix
-    # (the largest is the pass's ids: one per gathered row plus the positions revealed).
+    # Ids, flags and gaps only, never logits: no transfer carries a [rows, vocab] matrix
+    # (the largest is the pass's: a greedy token and a revealed flag per gathered row, a tie
+    # flag and a gap per request).
     rows = sum(p.gen_length for p in params)
-    assert OnDevice.largest <= 2 * rows < loaded.model.vocab_size * rows
+    assert OnDevice.largest <= 2 * rows + 2 * len(params) < loaded.model.vocab_size * rows
     return counts
 
 

@@ -11,7 +11,7 @@ import torch
 from reference_cache import LLaDAReference, cached_generate, dream_cached_generate
 from reference_decoders import early_exit_of
 
-import foretell.engine.engine as engine_module
+import foretell.decoding.batched as batched_module
 from foretell import DecodeParams, Engine, Prophet
 from foretell.engine.kv_cache import bytes_per_token
 from foretell.params import as_params
@@ -294,14 +294,14 @@ def test_cache_is_freed_on_abort_and_error(llada64, monkeypatch) -> None:
     engine.abort(gone)
     assert engine.metrics.kv_cache_bytes == _one_cache(engine, "12+34=", 16)
 
-    real = engine_module.advance
+    real = batched_module.GreedyBatch._apply  # greedy cached requests step together
 
-    def failing(req, *args):
+    def failing(self, j, req, plan):
         if req.request_id == keep and req.cached_step:
             raise RuntimeError("injected fault")
-        return real(req, *args)
+        return real(self, j, req, plan)
 
-    monkeypatch.setattr(engine_module, "advance", failing)
+    monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
     outs = engine.step()
     assert [o.finish_reason for o in outs if o.request_id == keep] == ["error"]
     assert engine.metrics.kv_cache_bytes == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import foretell.decoding.batched as batched_module
 import foretell.engine.engine as engine_module
 from foretell import DecodeParams, Engine, Prophet
 from foretell.engine.kv_cache import KVPool
@@ -61,7 +62,20 @@ def test_pool_pages_and_slots(llada) -> None:
     assert pool.slots(second, 6).tolist() == [8, 9, 10, 11, 12, 13]
     pool.free(first)
     assert pool.free_pages == 3 and pool.used_bytes == 2 * pool.page_bytes
-    assert pool.storage.shape == (2, 2, 20, 2, 16)  # layers, K/V, slots, kv heads, head dim
+    # The tensor holds the pages handed out so far: layers, K/V, slots, kv heads, head dim.
+    assert pool.capacity == 4 and pool.storage.shape == (2, 2, 16, 2, 16)
+    pool.storage[0, 0, 8] = 7.0  # page 2 stores something; growing keeps it
+    assert pool.allocate(2) == [0, 1] and pool.allocate(1) == [4] and pool.capacity == 5
+    assert pool.storage.shape[2] == 20 and bool((pool.storage[0, 0, 8] == 7.0).all())
+
+
+def test_a_pool_without_a_byte_limit_holds_only_what_is_used(llada) -> None:
+    """None means no limit but what the engine could use: the tensor still grows only with
+    the pages its requests hold (an unlimited token budget would otherwise ask for terabytes)."""
+    engine = Engine(llada, dtype="float64", kv_cache_memory=None, max_num_batched_tokens=2**30)
+    assert engine.kv_pool.num_pages >= 2**30 // 16 and engine.kv_pool.capacity == 0
+    engine.generate(["12+34="], DUAL, use_tqdm=False)
+    assert engine.kv_pool.capacity == _pages(engine, "12+34=", 16)
     with pytest.raises(ValueError, match=r"^kv_page_size: "):
         KVPool(llada.model, torch.device("cpu"), 10**9, page_size=0)
 
@@ -156,10 +170,14 @@ def test_every_page_returns_on_finish_commit_abort_and_error(llada, monkeypatch)
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(engine_module, "advance", failing)
-    engine.add_request("12+34=", DUAL.replace(remasking="confidence_threshold"))
+    engine.add_request("12+34=", DUAL.replace(temperature=0.5))  # the per-request step
     (out,) = engine.step()
     assert out.finish_reason == "error" and pool.free_pages == total
     monkeypatch.setattr(engine_module, "advance", real)
+    monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
+    engine.add_request("12+34=", DUAL)  # the batched step
+    (out,) = engine.step()
+    assert out.finish_reason == "error" and pool.free_pages == total
 
 
 def test_request_that_could_never_fit_is_refused_at_admission(llada) -> None:

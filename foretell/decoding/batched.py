@@ -2,14 +2,19 @@
 
 The per-request step (:mod:`foretell.decoding.step`) runs a few dozen small tensor ops per
 request; with a small model that is a large share of each pass. Greedy LLaDA decoding (the
-common case: temperature 0, no classifier-free guidance, low-confidence or random remasking,
-with or without Prophet) reads only :class:`RowStats` from its rows, so the whole step can run
-as a fixed number of ops over the packed batch, however many requests it holds.
+common case: temperature 0, no classifier-free guidance; low-confidence, random or
+confidence-threshold remasking; with or without Prophet; uncached, or in any step of
+Fast-dLLM's prefix and dual caches) reads only :class:`RowStats` from its rows, so the whole
+step runs as a fixed number of ops over the packed batch, however many requests it holds and
+however their lengths differ.
 
-The result equals the per-request step exactly: the same rows are gathered, Prophet's statistic
-is reduced row by row with the same kernel (a ``[requests, span]`` mean or min), and top-k ranks
-the same canvas-length rows with the same ``k`` (``tests/test_batched_step.py`` runs both paths
-side by side).
+The result equals the per-request step exactly (``tests/test_batched_step.py`` runs both paths
+side by side): the same rows are gathered; Prophet's statistic is reduced row by row with the
+same kernel (a ``[requests, span]`` mean or min); and every request's reveal ranks the same
+scores. The ranking is one ``topk`` over the requests' ranking rows padded to one length. Where
+it could differ from the reference's ``topk`` over the unpadded row, that is only when two
+scores tie exactly at the cut (saturated probabilities do): such a request is detected on the
+device and ranked again alone, over its own row, as the reference ranks it.
 """
 
 from __future__ import annotations
@@ -21,12 +26,31 @@ from dataclasses import dataclass
 import torch
 
 from foretell.decoding.early_commit import should_commit
-from foretell.decoding.step import mark_committed, move_block_cursor
+from foretell.decoding.step import (
+    mark_committed,
+    move_block_cursor,
+    move_cached_cursor,
+    next_nonempty_block,
+)
 from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule
 from foretell.scheduler.request import Request
 
 # Columns of the per-sequence geometry table (canvas positions).
-_PROMPT_END, _BLOCK_START, _BLOCK_END, _SPAN_START, _SPAN_END, _REGION_IS_MASKED = range(6)
+(
+    _PROMPT_END,
+    _WINDOW_START,
+    _BLOCK_START,
+    _BLOCK_END,
+    _SPAN_START,
+    _SPAN_END,
+    _REGION_IS_MASKED,
+) = range(7)
+_COLUMNS = 7
+_THRESHOLD = "confidence_threshold"
+
+# read_only(requests, canvas positions) -> logits at those positions of each request, from one
+# pass of read-only rows against the requests' KV caches (a cached commit's masks outside it).
+ReadOnly = Callable[[Sequence[Request], Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
 def batchable(req: Request) -> bool:
@@ -34,8 +58,7 @@ def batchable(req: Request) -> bool:
     p = req.params
     return (
         p.cfg_scale <= 0
-        and p.kv_cache is None
-        and p.remasking in ("low_confidence", "random")
+        and p.remasking in ("low_confidence", "random", _THRESHOLD)
         and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k)
     )
 
@@ -46,18 +69,33 @@ class _Plan:
 
     new_ids: torch.Tensor  # the pass's flat tokens with every reveal written
     x0: torch.Tensor  # flat greedy tokens of the gathered rows (commits add theirs)
+    chosen: torch.Tensor  # flat rows revealed (host bool [tokens])
     gaps: list[float | None]
     commits: list[bool]
     schedules: list[list[int] | None]  # a new block's reveal counts, where one starts
-    revealed: list[torch.Tensor | None]  # canvas positions revealed (None: commits, for now)
+    outside: dict[int, tuple[torch.Tensor, torch.Tensor]]  # a cached commit's other masks
+
+
+@dataclass
+class _Ranking:
+    """One pass's reveal, as computed on the device (see ``GreedyBatch._reveal``)."""
+
+    members: list[int]  # requests that rank this step
+    ks: list[int]  # each one's reveal count (threshold: 1, the best)
+    row_start: list[int]  # flat first row of each one's ranking row
+    row_len: list[int]
+    scores: torch.Tensor | None  # [members, longest row], -inf outside each window
+    chosen: torch.Tensor  # bool over the gathered rows
+    tied: torch.Tensor  # bool per member: its cut tied, so it is ranked again alone
 
 
 class GreedyBatch:
     """The batchable requests of one packed pass: which rows they need, then their step.
 
-    ``ids`` and ``positions`` are the pass's flat tokens and their positions within their own
-    canvas; ``seq_index[i]`` is the packed sequence holding ``reqs[i]``'s canvas and
-    ``starts[i]`` its first flat token.
+    ``ids`` and ``positions`` are the pass's flat tokens and their canvas positions;
+    ``seq_index[i]`` is the packed sequence holding ``reqs[i]`` and ``starts[i]`` its first flat
+    token. ``row_offsets[i]`` is where, within that sequence, the rows the step ranks begin
+    (the rows it recomputes: the canvas, or a cached step's span after its read-only rows).
     """
 
     def __init__(
@@ -69,19 +107,28 @@ class GreedyBatch:
         ids: torch.Tensor,
         positions: torch.Tensor,
         mask_token_id: int,
+        row_offsets: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index = list(seq_index)
         self.starts = list(starts)
+        self.seq_lens = [seq_lens[s] for s in self.seq_index]
+        self.row_offsets = list(row_offsets) if row_offsets is not None else [0] * len(reqs)
         self.num_seqs = len(seq_lens)
         self.ids = ids
-        self._pass: tuple | None = None  # (rows, stats, more), once the forward pass has run
+        self.positions = positions
+        self.mask_token_id = mask_token_id
+        self.generator = generator  # the shared stream of requests without a seed
+        self._pass: tuple | None = None  # (rows, stats, more, read_only), once the pass has run
         # Every other sequence gets a geometry that selects nothing.
-        table = [[0] * 6 for _ in seq_lens]
+        table = [[0] * _COLUMNS for _ in seq_lens]
         for req, s in zip(self.reqs, self.seq_index, strict=True):
             start, end = req.block_bounds()
             row = table[s]
             row[_PROMPT_END], row[_BLOCK_START], row[_BLOCK_END] = req.prompt_len, start, end
+            # A cached step (Fast-dLLM) only sees its own block's masks.
+            row[_WINDOW_START] = start if req.cached_step else req.prompt_len
             policy = req.params.early_commit
             if policy is not None and policy.answer_start is None:
                 row[_REGION_IS_MASKED] = 1
@@ -90,35 +137,42 @@ class GreedyBatch:
                 row[_SPAN_END] = min(row[_SPAN_START] + policy.answer_length, req.canvas_len)
         lens = torch.tensor(list(seq_lens))
         per_token = torch.tensor(table).repeat_interleave(lens, dim=0)
-        prompt_end, block_start, block_end, span_start, span_end, region_is_masked = per_token.T
+        (prompt_end, window_start, block_start, block_end, span_start, span_end, is_masked) = (
+            per_token.T
+        )
         self.seq_of_token = torch.arange(self.num_seqs).repeat_interleave(lens)
         masked = ids == mask_token_id
         generated = masked & (positions >= prompt_end)
         # The reveal window (masked, up to the end of the current block), Prophet's answer
         # region (an explicit span, masked or not, or every masked generated position), the
         # current block's masks (its reveal schedule), and what a commit fills.
-        self.window = generated & (positions < block_end)
+        self.window = masked & (positions >= window_start) & (positions < block_end)
         self.region = ((positions >= span_start) & (positions < span_end)) | (
-            generated & region_is_masked.bool()
+            generated & is_masked.bool()
         )
         self.in_block = masked & (positions >= block_start) & (positions < block_end)
         self.generated = generated
         self.needed = self.window | self.region
 
     def bind(
-        self, rows: torch.Tensor, stats: RowStats, more: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        rows: torch.Tensor,
+        stats: RowStats,
+        more: Callable[[torch.Tensor], torch.Tensor],
+        read_only: ReadOnly | None = None,
     ) -> None:
         """The pass's results: gathered ``rows`` (sorted flat token indices, including this
-        batch's ``needed``), their ``stats``, and ``more(flat_rows)`` for rows not gathered."""
-        self._pass = (rows, stats, more)
+        batch's ``needed``), their ``stats``, ``more(flat_rows)`` for rows not gathered, and
+        ``read_only`` for canvas positions a cached step's pass did not hold."""
+        self._pass = (rows, stats, more, read_only)
 
     def advance(self) -> None:
         """Step every request. A failure while planning (before any request changes, though
         random remasking has drawn) finishes every member with an error; a failure while one
         request's step is applied finishes only that one."""
-        rows, stats, more = self._pass
+        rows, stats, more, read_only = self._pass
         try:
-            plan = self._plan(rows, stats, more)
+            plan = self._plan(rows, stats, more, read_only)
         except Exception as err:  # not attributable to one request
             for req in self.reqs:
                 req.finish("error", f"decoding failed: {err!r}")
@@ -131,12 +185,16 @@ class GreedyBatch:
 
     # -- planning: tensors only; no request changes except random remasking's draws --------
     def _plan(
-        self, rows: torch.Tensor, stats: RowStats, more: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        rows: torch.Tensor,
+        stats: RowStats,
+        more: Callable[[torch.Tensor], torch.Tensor],
+        read_only: ReadOnly | None,
     ) -> _Plan:
         """Every request's Prophet statistic and reveal, computed on the logits' device; then
-        two transfers for the whole pass, whatever its size: the token ids (every gathered
-        row's argmax and the positions picked) and the gaps; and a third when a commit fills
-        masks whose rows were not gathered (an explicit answer span), for all such commits.
+        one transfer for the whole pass, whatever its size (greedy tokens, reveals, ties and
+        gaps); one more when some request's ranking ties at its cut (its scores), and one when
+        a commit fills masks whose rows were not gathered.
 
         The reveal is computed for every request, also those whose gap will commit them
         (they discard it): so nothing waits for the gaps to reach the host first.
@@ -144,17 +202,29 @@ class GreedyBatch:
         seq_of_row = self.seq_of_token[rows]
         gap_parts = self._gaps(seq_of_row, rows, stats)
         schedules: list[list[int] | None] = [None] * len(self.reqs)
-        if any(req.step_in_block == 0 for req in self.reqs):
+        starting = [
+            j
+            for j, req in enumerate(self.reqs)
+            if req.step_in_block == 0 and req.params.remasking != _THRESHOLD
+        ]
+        if starting:
             in_block = self.seq_of_token[self.in_block]
             counts = torch.bincount(in_block, minlength=self.num_seqs).tolist()
-            for j, (req, s) in enumerate(zip(self.reqs, self.seq_index, strict=True)):
-                if req.step_in_block == 0:
-                    schedules[j] = llada_block_schedule(counts[s], req.params.steps_per_block)
-        picks = self._reveal(rows, seq_of_row, stats, schedules)
-        # The pass's only device -> host transfers.
-        ids = torch.cat([stats.argmax, *(targets.flatten() for _, targets in picks)]).cpu()
-        values = torch.cat([v for _, v in gap_parts]).tolist() if gap_parts else []
-
+            for j in starting:
+                steps = self.reqs[j].params.steps_per_block
+                schedules[j] = llada_block_schedule(counts[self.seq_index[j]], steps)
+        ranking = self._reveal(rows, seq_of_row, stats, schedules)
+        # The pass's one device -> host transfer: the gathered rows' greedy tokens, which of
+        # them are revealed, which requests' ranking tied at its cut, and the gaps (float64
+        # holds token ids and the gaps' float32/float64 values exactly).
+        parts = [stats.argmax, ranking.chosen, ranking.tied]
+        parts += [v for _, v in gap_parts]
+        host = torch.cat([t.to(torch.float64) for t in parts]).cpu()
+        n_rows, n_ranked = len(rows), len(ranking.members)
+        argmax = host[:n_rows].long()
+        chosen_rows = host[n_rows : 2 * n_rows].bool()
+        tied = host[2 * n_rows : 2 * n_rows + n_ranked].bool()
+        values = host[2 * n_rows + n_ranked :].tolist()
         gaps: list[float | None] = [None] * len(self.reqs)
         at = 0
         for members, _ in gap_parts:
@@ -168,55 +238,60 @@ class GreedyBatch:
                 policy is not None and should_commit(policy, gap, step, req.params.steps)
             )
         x0 = torch.zeros_like(self.ids)
-        x0[rows] = ids[: len(rows)]
-        plan = _Plan(self.ids.clone(), x0, gaps, commits, schedules, [None] * len(self.reqs))
-        at = len(rows)
-        for members, targets in picks:
-            k = targets.shape[1]
-            chosen = ids[at : at + len(members) * k].view(len(members), k)
-            at += len(members) * k
-            if any(commits[j] for j in members):
-                keep = [i for i, j in enumerate(members) if not commits[j]]
-                members, chosen = [members[i] for i in keep], chosen[keep]
-            if not members:
-                continue
-            plan.new_ids[chosen] = x0[chosen]
-            starts = torch.tensor([self.starts[j] for j in members])
-            for j, picked in zip(members, (chosen - starts[:, None]).unbind(0), strict=True):
-                plan.revealed[j] = picked
+        x0[rows] = argmax
+        chosen = torch.zeros(len(self.ids), dtype=torch.bool)
+        chosen[rows[chosen_rows]] = True
+        if bool(tied.any()):
+            self._rank_alone(tied.nonzero().flatten().tolist(), ranking, chosen)
         for j in range(len(self.reqs)):
-            if plan.revealed[j] is None and not commits[j]:
-                plan.revealed[j] = torch.empty(0, dtype=torch.long)
-        self._fill_commits(plan, more)
+            if commits[j]:  # a commit discards its reveal
+                chosen[self.starts[j] : self.starts[j] + self.seq_lens[j]] = False
+        new_ids = self.ids.clone()
+        new_ids[chosen] = x0[chosen]
+        plan = _Plan(new_ids, x0, chosen, gaps, commits, schedules, {})
+        self._fill_commits(plan, more, read_only)
         return plan
 
-    def _fill_commits(self, plan: _Plan, more: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _fill_commits(
+        self,
+        plan: _Plan,
+        more: Callable[[torch.Tensor], torch.Tensor],
+        read_only: ReadOnly | None,
+    ) -> None:
         """The argmax at every generated mask of the committing requests whose rows were not
-        gathered, from one LM-head call for all of them (with each one's suppressed ids)."""
+        gathered, from one LM-head call for all of them (with each one's suppressed ids); and
+        for cached steps, the masks outside their pass, from one read-only pass for all."""
         missing, cells = [], []
+        outside_reqs, outside_pos, outside_of = [], [], []
         at = 0
         for j, req in enumerate(self.reqs):
             if not plan.commits[j]:
                 continue
-            start, end = self.starts[j], self.starts[j] + req.canvas_len
+            start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
             fill = self.generated[start:end].nonzero().flatten()
             rows = fill[~self.needed[start:end][fill]] + start
             if rows.numel():
                 missing.append(rows)
                 cells += [(at, at + rows.numel(), t) for t in req.logits_suppress]
                 at += rows.numel()
-        if not missing:
-            return
-        flat = torch.cat(missing)
-        logits = more(flat)
-        if cells:
-            row_idx = torch.cat([torch.arange(a, b) for a, b, _ in cells])
-            col_idx = torch.cat([torch.full((b - a,), t) for a, b, t in cells])
-            logits = logits.index_put(
-                (row_idx.to(logits.device), col_idx.to(logits.device)),
-                logits.new_full((), float("-inf")),
-            )
-        plan.x0[flat] = logits.argmax(dim=-1).cpu()
+            if req.cached_step:
+                held = self.positions[start:end]
+                masked = req.masked_positions(req.prompt_len)
+                absent = masked[~torch.isin(masked, held)]
+                if absent.numel():
+                    outside_reqs.append(req)
+                    outside_pos.append(absent)
+                    outside_of.append(j)
+        if missing:
+            flat = torch.cat(missing)
+            logits = _suppressed(more(flat), cells)
+            plan.x0[flat] = logits.argmax(dim=-1).cpu()
+        if outside_reqs:
+            found = read_only(outside_reqs, outside_pos)
+            pairs = zip(outside_of, outside_reqs, outside_pos, found, strict=True)
+            for j, req, pos, logits in pairs:
+                cells = [(0, len(pos), t) for t in req.logits_suppress]
+                plan.outside[j] = (pos, _suppressed(logits, cells).argmax(dim=-1).cpu())
 
     def _gaps(
         self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats
@@ -262,46 +337,146 @@ class GreedyBatch:
         seq_of_row: torch.Tensor,
         stats: RowStats,
         schedules: list[list[int] | None],
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        """LLaDA's reveal for every request, on the device: ``(requests, flat positions
-        [requests, k])`` per group, the top-``k`` scores of each canvas-length row (``-inf``
-        outside the window), grouped by canvas length, rule and ``k`` so that each group is one
-        ``topk``. A request whose ``k`` is 0 is in no group."""
+    ) -> _Ranking:
+        """Which gathered rows every request reveals, on the device, with no transfer.
+
+        Each request ranks its ranking row (the rows its step recomputes, ``-inf`` outside its
+        window): low-confidence by the greedy token's probability, random by one uniform per
+        row, threshold (Fast-dLLM) keeps every window row at or above the threshold and at least
+        the best. All rows are ranked by one ``topk`` over a ``[requests, longest row]`` matrix;
+        requests whose cut ties are flagged, to be ranked again alone (:meth:`_rank_alone`).
+        """
         device = stats.prob.device
+        total = len(self.ids)
         in_window = self.window[rows]
         window_size = torch.bincount(seq_of_row[in_window], minlength=self.num_seqs).tolist()
-        prob = None
-        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+        members, ks, thresholds = [], [], []
         for j, req in enumerate(self.reqs):
-            groups[(req.canvas_len, req.params.remasking)].append(j)
-            if req.params.remasking == "low_confidence" and prob is None:
-                prob = stats.prob.new_full(self.ids.shape, float("-inf"))
-                window_rows = in_window.nonzero().flatten()
-                prob[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)]
-        picks = []
-        for (length, rule), members in groups.items():
-            flat = torch.tensor([self.starts[j] for j in members])[:, None] + torch.arange(length)
-            if rule == "low_confidence":
-                scores = prob[flat.to(device)]
-            else:  # the reference draws one uniform per canvas position every step
-                draws = [torch.rand(length, generator=self.reqs[j].generator) for j in members]
-                scores = torch.stack(draws).masked_fill(~self.window[flat], float("-inf"))
-                scores = scores.to(device)
-            by_k: dict[int, list[int]] = defaultdict(list)
-            for i, j in enumerate(members):
-                req = self.reqs[j]
-                schedule = schedules[j]
-                if schedule is None:
-                    schedule = req.block_schedule
-                k = min(schedule[req.step_in_block], window_size[self.seq_index[j]])
-                by_k[k].append(i)
-            for k, idx in by_k.items():
-                if k <= 0:
-                    continue
-                sel = torch.tensor(idx)
-                chosen = scores[sel.to(device)].topk(k, dim=1).indices
-                picks.append(([members[i] for i in idx], flat[sel].to(device).gather(1, chosen)))
-        return picks
+            size = window_size[self.seq_index[j]]
+            ranked = req.params.remasking != _THRESHOLD
+            if size == 0 or (ranked and self._k(req, j, schedules) <= 0):
+                if req.params.remasking == "random" and req.generator is not None:
+                    # The reference draws one uniform per row every step, revealing or not.
+                    torch.rand(self._row_len(req), generator=req.generator)
+                continue
+            if ranked:
+                k = min(self._k(req, j, schedules), size)
+                thresholds.append(float("nan"))  # compares false: no threshold
+            else:
+                k = 1
+                # Compared in the statistics' dtype, as the per-request path compares.
+                thr = torch.tensor(req.params.threshold, dtype=stats.prob.dtype)
+                thresholds.append(float(thr))
+            members.append(j)
+            ks.append(k)
+        nothing = stats.prob.new_zeros(0, dtype=torch.bool)
+        if not members:
+            chosen = stats.prob.new_zeros(len(rows), dtype=torch.bool)
+            return _Ranking([], [], [], [], None, chosen, nothing)
+        # Scores over the pass's flat tokens (one spare slot at the end for padding): the
+        # greedy probability at window rows, -inf elsewhere.
+        window_rows = in_window.nonzero().flatten()
+        prob_flat = stats.prob.new_full((total + 1,), float("-inf"))
+        prob_flat[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)]
+        row_start = [self.starts[j] + self.row_offsets[j] for j in members]
+        row_len = [self._row_len(self.reqs[j]) for j in members]
+        longest = max(row_len)
+        col = torch.arange(longest)
+        index = torch.tensor(row_start)[:, None] + col
+        index = torch.where(col < torch.tensor(row_len)[:, None], index, total)
+        index_d = index.to(device)
+        scores = prob_flat[index_d]
+        draws = self._draws([self.reqs[j] for j in members], row_len, longest, device)
+        if draws is not None:
+            random_rows, random_scores = draws
+            window_flat = torch.zeros(total + 1, dtype=torch.bool)
+            window_flat[:total] = self.window
+            outside = ~window_flat[index][random_rows].to(device)
+            random_scores = random_scores.to(device, scores.dtype).masked_fill(outside, -torch.inf)
+            scores[random_rows.to(device)] = random_scores
+        k_top = min(max(ks) + 1, longest)
+        values, order = scores.topk(k_top, dim=1)
+        k_d = torch.tensor(ks, device=device)
+        thr_d = torch.tensor(thresholds, dtype=values.dtype, device=device)
+        is_threshold = ~torch.isnan(thr_d)
+        # Rows the top-k picks (threshold: the best one), then the threshold's others; both
+        # scattered, so that nothing waits for the device.
+        ranks = torch.arange(k_top, device=device)
+        picked = torch.zeros(total + 1, dtype=torch.bool, device=device)
+        picked.scatter_(0, index_d.gather(1, order).flatten(), (ranks < k_d[:, None]).flatten())
+        above = is_threshold[:, None] & (scores >= thr_d[:, None]) & (index_d < total)
+        kept = torch.zeros(total + 1, dtype=torch.bool, device=device)
+        kept.scatter_(0, index_d.flatten(), above.flatten())
+        chosen_flat = picked | kept
+        # A tie at the cut: the k-th and (k+1)-th scores equal (for the threshold rule, the best
+        # two, below the threshold).
+        tied = nothing.new_zeros(len(members))
+        if k_top > 1:
+            kth = values.gather(1, (k_d - 1)[:, None]).squeeze(1)
+            nxt = values.gather(1, k_d.clamp(max=k_top - 1)[:, None]).squeeze(1)
+            tied = (k_d < k_top) & (kth == nxt) & (kth > float("-inf"))
+            tied &= ~is_threshold | (values[:, 0] < thr_d)
+        return _Ranking(members, ks, row_start, row_len, scores, chosen_flat[rows.to(device)], tied)
+
+    def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: torch.Tensor) -> None:
+        """Rank the requests whose cut tied over their own row, as the references do: the
+        ``topk`` of ``k`` (threshold: of the window's size) over a row of the step's length,
+        on the host (only these rows' scores cross). ``chosen`` is the host flat choice."""
+        scores = ranking.scores[torch.tensor(tied, device=ranking.scores.device)].cpu()
+        for row, i in zip(scores, tied, strict=True):
+            req = self.reqs[ranking.members[i]]
+            start, length = ranking.row_start[i], ranking.row_len[i]
+            line = row[:length].to(self._rank_dtype(req, row.dtype))
+            chosen[start : start + length] = False
+            if req.params.remasking == _THRESHOLD:
+                values, order = torch.topk(line, int(torch.isfinite(line).sum()))
+                keep = values >= req.params.threshold
+                keep[0] = True
+                picked = order[keep]
+            else:
+                picked = torch.topk(line, ranking.ks[i]).indices
+            chosen[picked + start] = True
+
+    @staticmethod
+    def _rank_dtype(req: Request, promoted: torch.dtype) -> torch.dtype:
+        """The dtype the per-request path ranks in: random draws are float32; confidences
+        come in the pass's statistics' dtype."""
+        return torch.float32 if req.params.remasking == "random" else promoted
+
+    def _draws(
+        self, reqs: list[Request], row_len: list[int], longest: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Random remasking's scores: one uniform per ranking row, ``[random requests, longest]``
+        with the index of each request among ``reqs``. A seeded request draws its own row from
+        its generator, as the reference does (so it stays exact with it); the others share one
+        draw from the engine's stream."""
+        random_rows = [i for i, r in enumerate(reqs) if r.params.remasking == "random"]
+        if not random_rows:
+            return None
+        out = torch.empty(len(random_rows), longest)
+        unseeded = []
+        for n, i in enumerate(random_rows):
+            gen = reqs[i].generator
+            if gen is None:
+                unseeded.append(n)
+                continue
+            out[n, : row_len[i]] = torch.rand(row_len[i], generator=gen)
+        if unseeded:
+            shared = torch.rand((len(unseeded), longest), generator=self.generator, device=device)
+            out = out.to(device)
+            out[torch.tensor(unseeded, device=device)] = shared
+        return torch.tensor(random_rows), out
+
+    @staticmethod
+    def _k(req: Request, j: int, schedules: list[list[int] | None]) -> int:
+        """The reveal count of this step's schedule (LLaDA's, per block)."""
+        schedule = schedules[j] if schedules[j] is not None else req.block_schedule
+        return schedule[req.step_in_block]
+
+    @staticmethod
+    def _row_len(req: Request) -> int:
+        lo, hi = req.query_span()
+        return hi - lo
 
     # -- applying: one request at a time ---------------------------------------------------
     def _apply(self, j: int, req: Request, plan: _Plan) -> None:
@@ -311,18 +486,57 @@ class GreedyBatch:
             req.block_schedule = plan.schedules[j]
         if p.early_commit is not None:
             req.last_gap = plan.gaps[j]
-        start, end = self.starts[j], self.starts[j] + req.canvas_len
+        start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
+        whole = not req.cached_step  # the pass holds the whole canvas, in order
         if plan.commits[j]:
             # Every generated mask takes this step's argmax (rows not gathered were filled in
-            # while planning).
+            # while planning, and a cached step's masks outside its pass by a read-only pass).
             fill = self.generated[start:end].nonzero().flatten()
-            plan.new_ids[fill + start] = plan.x0[fill + start]
-            req.set_canvas(plan.new_ids[start:end].clone())  # finished: its own copy (below)
-            req.revealed_last_step = fill
+            if whole:
+                plan.new_ids[fill + start] = plan.x0[fill + start]
+                req.set_canvas(plan.new_ids[start:end].clone())  # finished: its own copy
+                req.revealed_last_step = fill
+            else:
+                masked = req.masked_positions(req.prompt_len)
+                req.write(self.positions[fill + start], plan.x0[fill + start])
+                if j in plan.outside:
+                    req.write(*plan.outside[j])
+                req.revealed_last_step = masked
             mark_committed(req)
             return
-        req.revealed_last_step = plan.revealed[j]
-        move_block_cursor(req)
-        # A finished request takes its own copy, not a view that keeps the pass's tokens alive.
-        canvas = plan.new_ids[start:end]
-        req.set_canvas(canvas.clone() if req.is_finished else canvas)
+        picked = plan.chosen[start:end].nonzero().flatten()
+        revealed = self.positions[picked + start]
+        req.revealed_last_step = revealed
+        if whole:
+            # A finished request takes its own copy, not a view that keeps the pass's tokens.
+            req.set_canvas(plan.new_ids[start:end])
+        else:
+            req.write(revealed, plan.x0[picked + start])
+        if p.remasking == _THRESHOLD:
+            stalled = bool((plan.x0[picked + start] == self.mask_token_id).all())
+            if p.kv_cache is not None:
+                move_cached_cursor(req, stalled)
+            else:
+                if stalled and picked.numel():
+                    # Every reveal was the mask token itself: each later step would be the
+                    # same, so the next block starts.
+                    req.block += 1
+                next_nonempty_block(req)
+        elif p.kv_cache is not None:
+            move_cached_cursor(req)
+        else:
+            move_block_cursor(req)
+        if req.is_finished and whole:
+            req.set_canvas(req.canvas.clone())
+
+
+def _suppressed(logits: torch.Tensor, cells: list[tuple[int, int, int]]) -> torch.Tensor:
+    """``logits`` with ``-inf`` at each ``(first row, end row, token)`` cell (a copy)."""
+    if not cells:
+        return logits
+    row_idx = torch.cat([torch.arange(a, b) for a, b, _ in cells])
+    col_idx = torch.cat([torch.full((b - a,), t) for a, b, t in cells])
+    return logits.index_put(
+        (row_idx.to(logits.device), col_idx.to(logits.device)),
+        logits.new_full((), float("-inf")),
+    )

@@ -32,6 +32,9 @@ from foretell.scheduler.request import Request
 MoreLogits = Callable[[torch.Tensor], torch.Tensor]
 
 
+_NOTHING = torch.empty(0, dtype=torch.long)
+
+
 def _decoding_window(req: Request) -> torch.Tensor:
     """Masked positions the reveal rule may touch this step.
 
@@ -82,6 +85,7 @@ def advance(
     """
     p = req.params
     req.global_step += 1
+    req.revealed_last_step = _NOTHING  # until this step reveals something
     dream_cached = req.family == "dream" and p.kv_cache is not None
     if (
         req.uses_blocks
@@ -183,6 +187,9 @@ def _candidates(req: Request, logits: torch.Tensor, rule: str):
 
 
 def _reveal(req: Request, window: torch.Tensor, x0: torch.Tensor, chosen: torch.Tensor) -> None:
+    """Write ``x0[chosen]`` at ``window[chosen]``; revealed positions are kept in canvas order
+    (the batched step's order), whatever order the ranking picked them in."""
+    chosen = chosen.sort().values
     req.write(window[chosen], x0[chosen])
     req.revealed_last_step = window[chosen]
 
@@ -213,7 +220,7 @@ def _reveal_llada(
                 # Every reveal was the mask token itself: each later step would be the same
                 # (Fast-dLLM would loop forever), so the next block starts.
                 req.block += 1
-            _next_nonempty_block(req)
+            next_nonempty_block(req)
         return
     # The references rank (and draw random scores over) the rows the step computed: the canvas,
     # or a cached step's span.
@@ -251,7 +258,7 @@ def move_cached_cursor(req: Request, stalled: bool = False) -> None:
         req.finish("steps")
 
 
-def _next_nonempty_block(req: Request) -> None:
+def next_nonempty_block(req: Request) -> None:
     """Threshold decoding moves on once a block has no masks left."""
     while req.block < req.params.num_blocks:
         start, end = req.block_bounds()

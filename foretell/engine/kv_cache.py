@@ -13,6 +13,7 @@ reading sequence's keys with one indexed read per layer (``foretell.models.atten
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -87,8 +88,11 @@ class KVPool:
     """Fixed-size pages over one ``[layers, 2, slots, kv_heads, head_dim]`` tensor.
 
     ``budget`` bytes become ``budget // page_bytes`` pages, at most enough for ``max_tokens``
-    positions (the most the engine can hold at once: more would never be used). The tensor is
-    allocated at the first request that needs a page: an engine that never caches pays nothing.
+    positions (the most the engine can hold at once: more would never be used). The tensor
+    holds the pages handed out so far and grows (doubling, up to every page) when a page past
+    it is handed out, at admission, never during a pass: an engine that never caches pays
+    nothing, and one with no byte limit holds only what its requests have used. Free pages are
+    handed out lowest first, so the tensor grows only with the number of pages held at once.
     """
 
     def __init__(
@@ -111,31 +115,48 @@ class KVPool:
         cfg = model.config
         self._shape = (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
         self._dtype = model.embed.weight.dtype
-        self._free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() -> lowest
+        # Free pages: those never handed out are [_fresh, num_pages); the others wait in a heap.
+        self._freed: list[int] = []
+        self._fresh = 0
+        self._used = 0
         self._storage: torch.Tensor | None = None
+        self._capacity = 0  # pages the tensor holds
         self._offsets = torch.arange(self.page_size, device=self.device)
 
     @property
     def storage(self) -> torch.Tensor:
-        """``[layers, 2, num_pages * page_size, kv_heads, head_dim]`` in the model's dtype."""
+        """``[layers, 2, pages held * page_size, kv_heads, head_dim]`` in the model's dtype."""
         if self._storage is None:
-            layers, kv, heads, dim = self._shape
-            slots = self.num_pages * self.page_size
-            self._storage = torch.empty(
-                (layers, kv, slots, heads, dim), dtype=self._dtype, device=self.device
-            )
+            self._grow(1)
         return self._storage
+
+    def _grow(self, pages: int) -> None:
+        """Hold at least ``pages`` pages (keeping what the held ones store)."""
+        if pages <= self._capacity:
+            return
+        capacity = min(self.num_pages, max(pages, 2 * self._capacity))
+        layers, kv, heads, dim = self._shape
+        shape = (layers, kv, capacity * self.page_size, heads, dim)
+        grown = torch.empty(shape, dtype=self._dtype, device=self.device)
+        if self._storage is not None:
+            grown[:, :, : self._storage.shape[2]] = self._storage
+        self._storage, self._capacity = grown, capacity
+
+    @property
+    def capacity(self) -> int:
+        """Pages the pool's tensor holds now (it grows up to ``num_pages``)."""
+        return self._capacity
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return self.num_pages - self._used
 
     @property
     def used_pages(self) -> int:
-        return self.num_pages - len(self._free)
+        return self._used
 
     @property
     def used_bytes(self) -> int:
@@ -143,14 +164,21 @@ class KVPool:
 
     def allocate(self, pages: int) -> list[int]:
         """Take ``pages`` free pages (the caller checked that they are free)."""
-        if pages > len(self._free):
-            raise RuntimeError(f"KV pool: {pages} pages asked, {len(self._free)} free")
-        taken = [self._free.pop() for _ in range(pages)]
-        self.storage  # noqa: B018 (allocate the tensor at first use, outside any pass)
+        if pages > self.free_pages:
+            raise RuntimeError(f"KV pool: {pages} pages asked, {self.free_pages} free")
+        taken = [heapq.heappop(self._freed) for _ in range(min(pages, len(self._freed)))]
+        fresh = pages - len(taken)
+        taken += range(self._fresh, self._fresh + fresh)
+        self._fresh += fresh
+        self._used += pages
+        if taken:
+            self._grow(max(taken) + 1)
         return taken
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        for page in pages:
+            heapq.heappush(self._freed, page)
+        self._used -= len(pages)
 
     def slots(self, pages: list[int], length: int) -> torch.Tensor:
         """The pool slot of each position ``[0, length)`` of a request holding ``pages``, on

@@ -134,6 +134,11 @@ class ModelRunner:
         self.forward_seconds = 0.0  # time inside the model, for overhead accounting
         self.forward_passes = 0
         self._aranges: dict[int, torch.Tensor] = {}
+        # The shared random stream of requests without a seed (one draw a step for all), and
+        # the host stream that seeds an unseeded request's own generator where its step needs
+        # one (the per-request path: sampling, Dream, alg_temp).
+        self.generator = torch.Generator(self.device).manual_seed(0)
+        self.host_generator = torch.Generator().manual_seed(0)
 
     def _arange(self, n: int) -> torch.Tensor:
         if n not in self._aranges:
@@ -191,6 +196,8 @@ class ModelRunner:
                     ids,
                     positions,
                     batch[group[0]].mask_token_id,
+                    row_offsets=[self._row_offset(batch[i], layouts[i][1]) for i in group],
+                    generator=self.generator,
                 )
             except Exception:  # nothing has changed: the per-request path can take them
                 logger.exception("greedy batch failed; stepping its requests one by one")
@@ -198,6 +205,10 @@ class ModelRunner:
         needed = greedy.needed.clone() if greedy else torch.zeros(total, dtype=torch.bool)
         in_group = set(group)
         others = [i for i in range(len(batch)) if i not in in_group]
+        for i in others:
+            if batch[i].generator is None:  # once in the request's life
+                seed = torch.randint(2**62, (1,), generator=self.host_generator)
+                batch[i].generator = torch.Generator().manual_seed(int(seed))
         for i in others:
             if i not in wanted:
                 wanted[i] = positions_needed(batch[i])
@@ -268,8 +279,13 @@ class ModelRunner:
                 own = stats.take(slice(cursor, end))
             more_fn = functools.partial(more, req=req, i=i)
             out.per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
+
+        def read_only(reqs: list[Request], pos: list[torch.Tensor]) -> list[torch.Tensor]:
+            out.query_tokens += sum(len(p) for p in pos)
+            return self._read_only_many(reqs, pos)
+
         if greedy is not None:
-            greedy.bind(rows, stats, more_flat)
+            greedy.bind(rows, stats, more_flat, read_only)
         out.batched = greedy
         return out
 
@@ -299,6 +315,27 @@ class ModelRunner:
         before = outside[outside < lo]
         pos = torch.cat([before, torch.arange(lo, hi), outside[outside >= hi]])
         return pos, CacheUse(req.kv_slots, len(before), lo, hi - lo, length)
+
+    @staticmethod
+    def _row_offset(req: Request, cache: CacheUse | None) -> int:
+        """Where the rows a step recomputes begin in its packed sequence: after a cached step's
+        read-only rows before its span; at the start otherwise."""
+        return cache.write_row if req.cached_step else 0
+
+    def _read_only_many(
+        self, reqs: list[Request], positions: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Logits at canvas ``positions`` of cached requests, as read-only rows against their
+        pages: one pass for all of them (LLaDA: no shift)."""
+        caches = [CacheUse(req.kv_slots, 0, 0, 0, req.canvas_len) for req in reqs]
+        ids = torch.cat([req.canvas[pos] for req, pos in zip(reqs, positions, strict=True)])
+        pos_d = torch.cat(positions).to(self.device)
+        lens = [len(p) for p in positions]
+        hidden = self.model.forward_packed(
+            ids.to(self.device), pos_d, lens, caches, self.kv_pool.storage
+        )
+        logits = self.model.logits_at(hidden, pos_d, torch.arange(len(pos_d), device=self.device))
+        return list(logits.split(lens))
 
     def _read_only(self, req: Request, pos: torch.Tensor) -> torch.Tensor:
         """Logits at canvas ``pos`` of a cached request, as read-only rows against its pages

@@ -42,7 +42,7 @@ class Request:
 
     status: Status = Status.WAITING
     canvas: torch.Tensor = field(init=False)
-    generator: torch.Generator = field(init=False)
+    generator: torch.Generator | None = field(init=False)
     # Positions whose tokens the unconditional (cfg) copy hides: the prompt and constraints.
     given: torch.Tensor = field(init=False)
     # Decoding cursor.
@@ -82,7 +82,9 @@ class Request:
         self.canvas = torch.cat([prompt, torch.full((p.gen_length,), self.mask_token_id)])
         self.apply_constraints()
         self.given = self.canvas != self.mask_token_id
-        self.generator = torch.Generator().manual_seed(p.seed)
+        # A seeded request owns its stream; an unseeded one draws from the engine's shared
+        # stream (the runner gives it a generator of its own only where a step needs one).
+        self.generator = None if p.seed is None else torch.Generator().manual_seed(p.seed)
         if self.family == "dream":
             # Fast-dLLM's cached Dream decoding runs the grid within each block.
             steps = p.steps if p.kv_cache is None else p.steps_per_block
