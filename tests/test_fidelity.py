@@ -210,7 +210,8 @@ FAVOURITE = 40  # the token tiny_model("llada", seed=21) predicts most often
 
 
 def _reference(loaded, prompt_ids: list[int], p: DecodeParams, eos: int) -> tuple[list, int]:
-    torch.manual_seed(p.seed)
+    if p.seed is not None:  # greedy cases need no seed (seed=None is the default)
+        torch.manual_seed(p.seed)
     policy = p.early_commit
     x, passes = llada_generate(
         loaded.model,

@@ -69,7 +69,8 @@ def _cases(tokenizer) -> list[tuple[str, DecodeParams]]:
 
 def _reference(loaded, ref, prompt_ids: list[int], p: DecodeParams) -> tuple[list[int], int]:
     policy = p.early_commit
-    torch.manual_seed(p.seed)
+    if p.seed is not None:  # greedy cases need no seed (seed=None is the default)
+        torch.manual_seed(p.seed)
     threshold = p.threshold if p.remasking == "confidence_threshold" else None
     x, nfe = cached_generate(
         ref,

@@ -86,7 +86,8 @@ def _dream_cases() -> list[tuple[str, DecodeParams]]:
 def _reference(loaded, prompt_ids: list[int], p: DecodeParams) -> tuple[list[int], int]:
     model, mask = loaded.model, loaded.model.mask_token_id
     prompt = torch.tensor([prompt_ids])
-    torch.manual_seed(p.seed)
+    if p.seed is not None:  # greedy cases need no seed (seed=None is the default)
+        torch.manual_seed(p.seed)
     policy = p.early_commit
     if loaded.model.family == "llada":
         if policy is not None and policy.answer_start is None:
