@@ -241,3 +241,28 @@ def test_auto_backend_picks_flash_only_for_half_precision(monkeypatch) -> None:
         attention.resolve_backend("flash", "cuda", torch.float32)
     monkeypatch.setattr(attention, "_installed", lambda module: False)
     assert attention.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+
+
+def test_varlen_layout_gives_each_sequence_its_keys(llada) -> None:
+    """flash-attn / xformers read every sequence's keys through one index into the pass's keys
+    and the gathered ones: a refresh and an uncached canvas see their own rows, a cached step
+    its whole canvas in the pool (with its fresh span in place)."""
+    from foretell.models.attention import CacheUse, plan_kv
+
+    pool = KVPool(llada.model, torch.device("cpu"), 10**8, page_size=4)
+    canvas = 10
+    pages = pool.allocate(pool.pages_for(canvas))
+    slots = pool.slots(pages, canvas)
+    heads, dim = 2, 16
+    seq_lens = [5, 3, 4]  # an uncached canvas, a cached step (2 fresh + 1 read-only), a canvas
+    caches = [None, CacheUse(slots, 0, 6, 2, canvas), None]
+    plan = plan_kv(pool.storage, seq_lens, caches, varlen=True)
+    k = torch.randn(sum(seq_lens), heads, dim, dtype=torch.float64)
+    pool.storage[0, 0, slots] = torch.randn(canvas, heads, dim, dtype=torch.float64)
+    pool.storage[0, 0, plan.write_slots] = k[plan.write_rows]  # the pass's writes
+    read = pool.storage[0].index_select(1, plan.read_slots)
+    keys = torch.cat((k, read[0])).index_select(0, plan.key_index)
+    expected = torch.cat((k[0:5], pool.storage[0, 0, slots], k[8:12]))
+    assert torch.equal(keys, expected)
+    assert plan.cu_q.tolist() == [0, 5, 8, 12] and plan.cu_k.tolist() == [0, 5, 15, 19]
+    assert torch.equal(pool.storage[0, 0, slots[6:8]], k[5:7])  # the fresh span is in place

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,6 +114,11 @@ class KVPlan:
     read_groups: tuple[tuple[int, int, int, int, int], ...]
     seq_lens: tuple[int, ...]
     k_lens: tuple[int, ...]  # keys each sequence attends to (flash-attn / xformers)
+    # flash-attn / xformers only: every sequence's keys back to back, as indices into the
+    # pass's keys followed by the gathered ones, and the cumulative query and key lengths.
+    key_index: torch.Tensor | None = None
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
 
     @property
     def span(self) -> int:
@@ -120,10 +126,16 @@ class KVPlan:
         return max(self.k_lens, default=0)
 
 
-def plan_kv(storage: torch.Tensor, seq_lens: list[int], caches: list[CacheUse | None]) -> KVPlan:
+def plan_kv(
+    storage: torch.Tensor,
+    seq_lens: list[int],
+    caches: list[CacheUse | None],
+    varlen: bool = False,
+) -> KVPlan:
     """The :class:`KVPlan` of packed sequences ``seq_lens`` using ``caches`` (one entry per
     sequence). Reading sequences of equal shapes that are neighbours share one call: the runner
-    packs them so."""
+    packs them so. ``varlen``: also lay out every sequence's keys for one varlen call
+    (flash-attn, xformers)."""
     device = storage.device
     write_rows, write_slots, read_slots = [], [], []
     self_runs: list[tuple[int, list[int]]] = []
@@ -155,6 +167,21 @@ def plan_kv(storage: torch.Tensor, seq_lens: list[int], caches: list[CacheUse | 
     def cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.cat(parts) if parts else None
 
+    key_index = cu_q = cu_k = None
+    if varlen:
+        # Keys of a self-attending sequence are its own rows; a reading one's are its gathered
+        # keys, which follow the pass's own rows in the concatenation attention builds.
+        parts, start, read_at, total = [], 0, 0, sum(seq_lens)
+        for length, cache in zip(seq_lens, caches, strict=True):
+            if cache is None or cache.read_len is None:
+                parts.append(np.arange(start, start + length))
+            else:
+                parts.append(np.arange(read_at, read_at + cache.read_len) + total)
+                read_at += cache.read_len
+            start += length
+        key_index = torch.from_numpy(np.concatenate(parts)).to(device)
+        cu_q = torch.tensor(np.cumsum([0, *seq_lens]), dtype=torch.int32, device=device)
+        cu_k = torch.tensor(np.cumsum([0, *k_lens]), dtype=torch.int32, device=device)
     return KVPlan(
         storage=storage,
         write_rows=cat(write_rows),
@@ -164,6 +191,9 @@ def plan_kv(storage: torch.Tensor, seq_lens: list[int], caches: list[CacheUse | 
         read_groups=tuple(tuple(g) for g in groups),
         seq_lens=tuple(seq_lens),
         k_lens=tuple(k_lens),
+        key_index=key_index,
+        cu_q=cu_q,
+        cu_k=cu_k,
     )
 
 
@@ -268,48 +298,26 @@ def _varlen_cached(
     kv: KVPlan,
     read: torch.Tensor | None,
 ) -> torch.Tensor:
-    """flash-attn / xformers: every sequence's keys laid back to back (its own rows, or its
-    gathered cache), with separate query and key lengths (untested here: no GPU)."""
-    keys, values, start, read_at = [], [], 0, 0
-    for length, k_len, is_self in zip(kv.seq_lens, kv.k_lens, _self_flags(kv), strict=True):
-        if is_self:
-            keys.append(k[start : start + length])
-            values.append(v[start : start + length])
-        else:
-            keys.append(read[0, read_at : read_at + k_len])
-            values.append(read[1, read_at : read_at + k_len])
-            read_at += k_len
-        start += length
-    k_all, v_all = torch.cat(keys), torch.cat(values)
-    seq_lens, k_lens = list(kv.seq_lens), list(kv.k_lens)
+    """flash-attn / xformers: every sequence's keys laid back to back by one index (its own
+    rows, or its gathered cache), with separate query and key lengths: a constant number of
+    calls for the batch (untested here: no GPU)."""
+    if read is not None:
+        k, v = torch.cat((k, read[0])), torch.cat((v, read[1]))
+    k_all, v_all = k.index_select(0, kv.key_index), v.index_select(0, kv.key_index)
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
 
-        cu_q = torch.tensor([0, *seq_lens], device=q.device).cumsum(0).to(torch.int32)
-        cu_k = torch.tensor([0, *k_lens], device=q.device).cumsum(0).to(torch.int32)
         return flash_attn_varlen_func(
-            q, k_all, v_all, cu_q, cu_k, max(seq_lens), max(k_lens), causal=False
+            q, k_all, v_all, kv.cu_q, kv.cu_k, max(kv.seq_lens), max(kv.k_lens), causal=False
         )
     from xformers.ops import fmha
 
     num_heads = q.shape[1]
-    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(seq_lens, kv_seqlen=k_lens)
+    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(
+        list(kv.seq_lens), kv_seqlen=list(kv.k_lens)
+    )
     k_all, v_all = _expand_kv(k_all, num_heads, 1), _expand_kv(v_all, num_heads, 1)
     return fmha.memory_efficient_attention(q[None], k_all[None], v_all[None], attn_bias=bias)[0]
-
-
-def _self_flags(kv: KVPlan) -> list[bool]:
-    """For each sequence of the plan: whether it attends to itself."""
-    flags = [False] * len(kv.seq_lens)
-    starts = [0]
-    for n in kv.seq_lens[:-1]:
-        starts.append(starts[-1] + n)
-    index = {s: i for i, s in enumerate(starts)}
-    for start, lens in kv.self_runs:
-        i = index[start]
-        for j in range(len(lens)):
-            flags[i + j] = True
-    return flags
 
 
 def _runs(seq_lens: list[int]) -> list[tuple[int, int]]:

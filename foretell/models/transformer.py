@@ -324,7 +324,8 @@ class DiffusionLM(CheckpointNames, nn.Module):
         if caches is not None and any(c is not None for c in caches):
             if kv_storage is None:
                 raise ValueError("kv_storage: required when a sequence uses the KV pool")
-            plan = plan_kv(kv_storage, seq_lens, caches)
+            varlen = backend in ("flash", "xformers")
+            plan = plan_kv(kv_storage, seq_lens, caches, varlen=varlen)
 
         def attend_at(layer: int) -> AttendFn:
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
