@@ -163,10 +163,11 @@ def mix_stream(loaded: LoadedModel, seed: int = 0) -> Iterator[tuple[list[int], 
         yield prompt, params
 
 
-def make_engine(loaded: LoadedModel, batch_size: int) -> Engine:
+def make_engine(loaded: LoadedModel, batch_size: int, backend: str = "auto") -> Engine:
     """A fresh engine over the shared micro model, bounded by ``max_num_seqs`` alone."""
     return Engine(
         LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, path=loaded.path),
+        attention_backend=backend,
         max_num_seqs=batch_size,
         max_num_batched_tokens=UNLIMITED_TOKENS,
         kv_cache_memory=None,
@@ -234,6 +235,7 @@ def run_mix(
     steps: int,
     seed: int = 0,
     count: bool,
+    backend: str = "auto",
 ) -> MixRun:
     """Run the mix at ``batch_size`` and total the measured steps.
 
@@ -242,7 +244,7 @@ def run_mix(
     that the batch holds requests at every stage of decoding, as a server's does. With
     ``count`` the measured steps run under the op and read counters (their times are then
     inflated and mean nothing); without, only times are taken."""
-    engine = make_engine(loaded, batch_size)
+    engine = make_engine(loaded, batch_size, backend)
     stream = mix_stream(loaded, seed)
     run = MixRun(batch_size)
     live = 0
@@ -296,15 +298,12 @@ def measure(
     steps: int,
     seed: int,
     repeats: int,
+    backend: str = "auto",
 ) -> dict:
     """One counted run, then ``repeats`` timed runs of the same steps (median host time)."""
-    counted = run_mix(
-        loaded, batch_size, warmup_steps=warmup_steps, steps=steps, seed=seed, count=True
-    )
-    timed = [
-        run_mix(loaded, batch_size, warmup_steps=warmup_steps, steps=steps, seed=seed, count=False)
-        for _ in range(repeats)
-    ]
+    kw = {"warmup_steps": warmup_steps, "steps": steps, "seed": seed, "backend": backend}
+    counted = run_mix(loaded, batch_size, count=True, **kw)
+    timed = [run_mix(loaded, batch_size, count=False, **kw) for _ in range(repeats)]
     host_us = [run.host_us_per_request_step for run in timed]
     median = statistics.median(host_us)
     mid = min(timed, key=lambda run: abs(run.host_us_per_request_step - median))
@@ -406,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
     p.add_argument("--seed", type=int, default=0, help="the mix's seed (and the model's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="the engine's attention backend (sdpa_buckets: one call per length bucket)",
+    )
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -422,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps,
                 seed=args.seed,
                 repeats=args.repeats,
+                backend=args.attention_backend,
             )
         )
     goals = targets(records)
@@ -444,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prophet": "every second request, Prophet(answer_start=None)",
                     "request_seeds": "None (engine stream)" if takes_unseeded() else "per request",
                     "seed": args.seed,
+                    "attention_backend": args.attention_backend,
                     "warmup_steps": args.warmup_steps,
                     "measured_steps": args.steps,
                     "repeats": args.repeats,

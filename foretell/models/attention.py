@@ -7,6 +7,11 @@ per-sequence boundaries, so attention must never cross a boundary. Backends:
   packed tensor, one batched call per run of consecutive equal-length sequences (the runner
   packs canvases ordered by length, so a run is usually every canvas of one length). On CPU
   this beat a padded batch with a boolean mask (see docs/benchmarks.md): no work on padding.
+- ``sdpa_buckets``: torch SDPA with one call per length bucket (the next power of two): each
+  sequence padded to its own bucket and its padding keys masked, so the number of calls does
+  not grow with the batch's variety of lengths and a sequence's result does not depend on its
+  batch-mates; padding changes rounding, so it is not bitwise the official kernel's result
+  (``sdpa`` is: it stays the default).
 - ``flash``: flash-attn's varlen kernel (CUDA only; untested on the CPU machines we develop on).
 - ``xformers``: xformers' memory-efficient attention with a block-diagonal mask (CUDA only;
   untested here).
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "flash", "xformers")
+BACKENDS = ("auto", "sdpa", "sdpa_buckets", "flash", "xformers")
 
 
 def _installed(module: str) -> bool:
@@ -228,9 +233,63 @@ def packed_attention(
 
         bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(seq_lens)
         return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+    if backend == "sdpa_buckets":
+        return _sdpa_buckets(q, k, v, seq_lens)
     out = torch.empty_like(q)
     _sdpa_runs(q, k, v, out, 0, seq_lens)
     return out
+
+
+def _bucket(length: int) -> int:
+    """The padded length of a sequence under ``sdpa_buckets``: the next power of two, at
+    least 16 (a length's bucket depends on nothing else, so neither does its result)."""
+    return max(16, 1 << (length - 1).bit_length())
+
+
+def _sdpa_buckets(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
+) -> torch.Tensor:
+    """Self-attention of packed sequences, one call per length bucket (``k``/``v`` expanded)."""
+    starts = np.cumsum([0, *seq_lens[:-1]])
+    specs = [(int(s), n, int(s), n) for s, n in zip(starts, seq_lens, strict=True)]
+    out = torch.empty_like(q)
+    _bucketed(q, k, v, out, specs)
+    return out
+
+
+def _bucketed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    specs: list[tuple[int, int, int, int]],
+) -> None:
+    """Attention of each ``(first query row, queries, first key row, keys)`` in ``specs``, into
+    ``out``: queries and keys padded to their buckets, padding keys masked, one SDPA call per
+    pair of buckets. ``k``/``v`` are expanded to every query head."""
+    rows_q, rows_k = q.shape[0], k.shape[0]
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for spec in specs:
+        groups.setdefault((_bucket(spec[1]), _bucket(spec[3])), []).append(spec)
+    qp = torch.cat((q, q.new_zeros(1, *q.shape[1:])))
+    kp = torch.cat((k, k.new_zeros(1, *k.shape[1:])))
+    vp = torch.cat((v, v.new_zeros(1, *v.shape[1:])))
+    outp = torch.cat((out, out.new_zeros(1, *out.shape[1:])))
+    for (qb, kb), members in groups.items():
+        table = np.array(members)
+        q_col, k_col = np.arange(qb), np.arange(kb)
+        q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
+        k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, rows_k)
+        q_flat = torch.from_numpy(q_index.reshape(-1)).to(q.device)
+        k_flat = torch.from_numpy(k_index.reshape(-1)).to(q.device)
+        n = len(members)
+        qs = qp.index_select(0, q_flat).view(n, qb, *q.shape[1:]).transpose(1, 2)
+        ks = kp.index_select(0, k_flat).view(n, kb, *k.shape[1:]).transpose(1, 2)
+        vs = vp.index_select(0, k_flat).view(n, kb, *v.shape[1:]).transpose(1, 2)
+        mask = torch.from_numpy(k_col < table[:, 3:4]).to(q.device)[:, None, None, :]
+        res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(1, 2)
+        outp.index_copy_(0, q_flat, res.reshape(-1, *q.shape[1:]))
+    out.copy_(outp[:rows_q])
 
 
 def _sdpa_runs(
@@ -274,6 +333,9 @@ def _cached_attention(
     if backend in ("flash", "xformers"):
         return _varlen_cached(q, k, v, backend, kv, read)
     out = torch.empty_like(q)
+    if backend == "sdpa_buckets":
+        _bucketed_cached(q, k, v, out, kv, read)
+        return out
     if kv.self_runs:
         ks, vs = _expand_kv(k, num_heads, 1), _expand_kv(v, num_heads, 1)
         for start, lens in kv.self_runs:
@@ -288,6 +350,31 @@ def _cached_attention(
             res = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
             out[start:end] = res.reshape(count * q_len, *q.shape[1:])
     return out
+
+
+def _bucketed_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    kv: KVPlan,
+    read: torch.Tensor | None,
+) -> None:
+    """``sdpa_buckets`` with the pool: sequences attending to themselves and cached steps
+    (over their gathered keys, which follow the pass's own rows) in one bucketed layout."""
+    num_heads = q.shape[1]
+    specs = []
+    for start, lens in kv.self_runs:
+        for n in lens:
+            specs.append((start, n, start, n))
+            start += n
+    if read is not None:
+        k, v = torch.cat((k, read[0])), torch.cat((v, read[1]))
+        for start, count, q_len, k_start, k_len in kv.read_groups:
+            for i in range(count):
+                at = q.shape[0] + k_start + i * k_len
+                specs.append((start + i * q_len, q_len, at, k_len))
+    _bucketed(q, _expand_kv(k, num_heads, 1), _expand_kv(v, num_heads, 1), out, specs)
 
 
 def _varlen_cached(

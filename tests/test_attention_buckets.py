@@ -1,0 +1,130 @@
+"""The ``sdpa_buckets`` backend: one attention call per length bucket instead of per length.
+
+Each sequence is padded to its own bucket (the next power of two), so its result does not
+depend on its batch-mates: batched equals alone, token for token. Padded keys change float
+rounding, so it is close to, not bitwise equal to, the exact ``sdpa`` path: in float64 that
+never shows in tokens here; in bfloat16 it can (docs/guide.md), which is why it is not the
+default.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_decoders import early_exit_of, llada_generate
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from foretell import DecodeParams, Engine, Prophet
+from foretell.engine.kv_cache import KVPool
+from foretell.models.attention import CacheUse, _bucket
+from foretell.models.tiny import tiny_model
+
+PROMPTS = ["12+34=", "what is 7*8?", "a", "count: 1 2 3 4 5 6 7 8 9 10", "x=3, y=x+4, y?"]
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sdpa = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__:
+            self.sdpa += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return tiny_model("llada", seed=13, dtype="float64")
+
+
+def _cases() -> list[tuple[str, DecodeParams]]:
+    cases = []
+    for i in range(15):
+        gen = (16, 32, 48)[i % 3]
+        cases.append(
+            (
+                PROMPTS[i % len(PROMPTS)],
+                DecodeParams(
+                    gen_length=gen,
+                    block_length=8,
+                    steps=gen,
+                    remasking=("low_confidence", "random", "confidence_threshold")[i % 3],
+                    kv_cache=(None, "prefix", "dual")[(i // 3) % 3],
+                    early_commit=Prophet(answer_start=4, answer_length=4) if i % 2 else None,
+                    seed=i,
+                ),
+            )
+        )
+    return cases
+
+
+def test_buckets_are_powers_of_two_from_16() -> None:
+    assert [_bucket(n) for n in (1, 16, 17, 32, 33, 200)] == [16, 16, 32, 32, 64, 256]
+
+
+def test_close_to_the_exact_path_with_and_without_the_pool(llada) -> None:
+    model = llada.model
+    lengths = [5, 17, 17, 40, 3]
+    ids = torch.randint(4, 40, (sum(lengths),), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    with torch.no_grad():
+        model.set_attention_backend("sdpa")
+        exact = model.forward_packed(ids, positions, lengths)
+        model.set_attention_backend("sdpa_buckets")
+        bucketed = model.forward_packed(ids, positions, lengths)
+        torch.testing.assert_close(bucketed, exact, rtol=0, atol=1e-12)
+        # A refresh and a cached step (with a read-only row) through the pool.
+        pool = KVPool(model, torch.device("cpu"), 10**8, page_size=8)
+        slots = pool.slots(pool.allocate(pool.pages_for(40)), 40)
+        canvas = ids[25:65]
+        full = model.forward_packed(
+            canvas, torch.arange(40), [40], [CacheUse(slots, 0, 0, 40)], pool.storage
+        )
+        pos = torch.tensor([3, *range(24, 32)])
+        step = CacheUse(slots, 1, 24, 8, 40)
+        out = model.forward_packed(canvas[pos], pos, [9], [step], pool.storage)
+        model.set_attention_backend("sdpa")
+        torch.testing.assert_close(out, full[pos], rtol=0, atol=1e-12)
+
+
+def test_batched_equals_alone_and_the_reference_in_float64(llada) -> None:
+    cases = _cases()
+    engine = Engine(llada, dtype="float64", attention_backend="sdpa_buckets", max_num_seqs=6)
+    mixed = engine.generate([c[0] for c in cases], [c[1] for c in cases], use_tqdm=False)
+    for (prompt, params), out in zip(cases, mixed, strict=True):
+        solo = Engine(llada, dtype="float64", attention_backend="sdpa_buckets", max_num_seqs=1)
+        assert solo.generate([prompt], params, use_tqdm=False)[0].token_ids == out.token_ids
+        if params.kv_cache is None and params.remasking != "confidence_threshold":
+            torch.manual_seed(params.seed)
+            policy = params.early_commit
+            x, _ = llada_generate(
+                llada.model,
+                torch.tensor([out.prompt_token_ids]),
+                steps=params.steps,
+                gen_length=params.gen_length,
+                block_length=params.block_length,
+                remasking=params.remasking,
+                mask_id=llada.model.mask_token_id,
+                early_exit=early_exit_of(policy),
+                statistic="mean" if policy is None else policy.statistic,
+            )
+            assert out.token_ids == x[0, len(out.prompt_token_ids) :].tolist(), params
+
+
+def test_one_call_per_bucket_whatever_the_lengths(llada) -> None:
+    """Ten different canvas lengths in two buckets: two attention calls a layer, not ten."""
+    params = DecodeParams(gen_length=16, steps=16, seed=0)
+    prompts = [[5] * n for n in range(1, 11)]  # canvases of 17 to 26 positions: bucket 32
+    prompts[0] = [5] * 10
+    counts = []
+    # One engine at a time: the backend is set on the model they share.
+    for backend in ("sdpa_buckets", "sdpa"):
+        engine = Engine(llada, dtype="float64", attention_backend=backend, max_num_seqs=10)
+        for p in prompts:
+            engine.add_request(p, params)
+        with _Calls() as calls:
+            engine.step()
+        counts.append(calls.sdpa)
+    layers = llada.model.config.num_layers
+    assert counts == [1 * layers, 9 * layers]
