@@ -1,12 +1,12 @@
 """ModelRunner: one packed forward pass for the whole batch, logits only where needed.
 
-Every running canvas (and, for classifier-free guidance, its prompt-masked copy) is laid back
-to back in one flat token tensor with per-sequence boundaries: no padding, so mixed lengths
-cost only their own tokens. The LM head then runs once, on just the rows the decoders asked
-for (still-masked positions and Prophet's answer region), not on the whole canvas. Greedy
-LLaDA requests get their rows and their step from one ``GreedyBatch``; the others ask per
-request (``positions_needed``) and are stepped per request (``advance``). The gathered logits
-stay on the model's device; decoding brings only token ids, counts and gaps to the host.
+The pass's inputs come packed from ``foretell.engine.packing`` (a ``StepInput``: every canvas
+back to back, no padding, with its KV pool use). The LM head then runs once, on just the rows
+the decoders asked for (still-masked positions and Prophet's answer region), not on the whole
+canvas. Greedy LLaDA requests get their rows and their step from one ``GreedyBatch``; the
+others ask per request (``positions_needed``) and are stepped per request (``advance``). The
+gathered logits stay on the model's device; decoding brings only token ids, flags and gaps to
+the host.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from foretell.decoding.unmask import (
     suppress,
 )
 from foretell.engine.kv_cache import KVPool
+from foretell.engine.packing import Packer
 from foretell.models.attention import CacheUse
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
@@ -133,56 +134,19 @@ class ModelRunner:
         self.forward_chunk_tokens = resolve_forward_chunk_tokens(forward_chunk_tokens, self.device)
         self.forward_seconds = 0.0  # time inside the model, for overhead accounting
         self.forward_passes = 0
-        self._aranges: dict[int, torch.Tensor] = {}
+        self.packer = Packer()
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
         # one (the per-request path: sampling, Dream, alg_temp).
         self.generator = torch.Generator(self.device).manual_seed(0)
         self.host_generator = torch.Generator().manual_seed(0)
 
-    def _arange(self, n: int) -> torch.Tensor:
-        if n not in self._aranges:
-            self._aranges[n] = torch.arange(n)
-        return self._aranges[n]
-
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
-        # A cached step's sequence is its recomputed span plus the read-only rows it needs
-        # outside it (Prophet's region), so its positions are known before packing.
-        wanted = {i: positions_needed(r) for i, r in enumerate(batch) if r.cached_step}
-        layouts = [self._layout(req, wanted.get(i)) for i, req in enumerate(batch)]
-        seqs: list[torch.Tensor] = []
-        seq_positions: list[torch.Tensor] = []
-        caches: list[CacheUse | None] = []
-        offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)  # (cond, uncond) starts
-        seq_of: list[int] = [0] * len(batch)  # packed sequence holding each request's canvas
-        total = 0
-        # Packed by length, so that equal lengths are neighbours and attention runs once per
-        # length (packed_attention batches runs of equal lengths); cached steps (which read
-        # the pool) last, by query and key length, so that equal shapes share a call too.
-        for i in sorted(range(len(batch)), key=lambda i: self._pack_key(batch[i], layouts[i])):
-            req, (pos, cache) = batch[i], layouts[i]
-            cond = total
-            seq_of[i] = len(seqs)
-            seqs.append(req.canvas if cache is None or cache.read_len is None else req.canvas[pos])
-            seq_positions.append(pos)
-            caches.append(cache)
-            total += len(pos)
-            uncond = None
-            if req.params.cfg_scale > 0:
-                uncond = total
-                seqs.append(req.unconditional_canvas())
-                seq_positions.append(pos)
-                caches.append(None)
-                total += req.canvas_len
-            offsets[i] = (cond, uncond)
-        seq_lens = [len(s) for s in seqs]
-        ids = torch.cat(seqs)
-        positions = torch.cat(seq_positions)
-        # Each row's index within its sequence: where a shifted (Dream) head reads from. Only a
-        # cached step's span differs from its canvas positions.
-        in_seq = torch.cat([self._arange(n) for n in seq_lens]) if wanted else positions
-        spans = {i: layouts[i][0] for i in wanted}  # a cached step's positions, sorted
+        step = self.packer.pack(batch)
+        wanted, spans = step.wanted, step.spans
+        seq_lens, offsets, seq_of, total = step.seq_lens, step.offsets, step.seq_of, step.total
+        ids, positions = step.ids, step.positions
 
         group = [i for i, req in enumerate(batch) if self.batched and batchable(req)]
         greedy = None
@@ -196,7 +160,7 @@ class ModelRunner:
                     ids,
                     positions,
                     batch[group[0]].mask_token_id,
-                    row_offsets=[self._row_offset(batch[i], layouts[i][1]) for i in group],
+                    row_offsets=[step.row_offset(i) for i in group],
                     generator=self.generator,
                 )
             except Exception:  # nothing has changed: the per-request path can take them
@@ -218,10 +182,9 @@ class ModelRunner:
         rows = needed.nonzero().flatten()
 
         start = time.perf_counter()
-        ids_d, positions_d = ids.to(self.device), positions.to(self.device)
-        in_seq_d = in_seq.to(self.device)
-        use_caches = caches if any(c is not None for c in caches) else None
-        hidden = self._forward(ids_d, positions_d, seq_lens, use_caches)
+        step.to(self.device)
+        in_seq_d = step.in_seq_d
+        hidden = self._forward(step.ids_d, step.positions_d, seq_lens, step.pool_uses)
         # The gathered logits stay on the model's device, and so does everything computed from
         # them; decoding brings only token ids, counts and gaps to the host.
         gathered = self.model.logits_at(hidden, in_seq_d, rows.to(self.device))
@@ -288,39 +251,6 @@ class ModelRunner:
             greedy.bind(rows, stats, more_flat, read_only)
         out.batched = greedy
         return out
-
-    @staticmethod
-    def _pack_key(req: Request, layout: tuple[torch.Tensor, CacheUse | None]) -> tuple:
-        pos, cache = layout
-        if cache is None or cache.read_len is None:
-            return (0, len(pos), 0)
-        return (1, len(pos), cache.read_len)
-
-    def _layout(
-        self, req: Request, needed: torch.Tensor | None
-    ) -> tuple[torch.Tensor, CacheUse | None]:
-        """Canvas positions of ``req``'s sequence in this pass, and how it uses its pages.
-
-        Uncached: the canvas. A cached request's block start: the canvas, whose keys and
-        values refresh its pages. A cached step: the span it recomputes (its keys/values go
-        into its pages) plus read-only rows for ``needed`` positions outside it, attending to
-        its whole canvas in the pool."""
-        if req.params.kv_cache is None:
-            return self._arange(req.canvas_len), None
-        length = req.canvas_len
-        if not req.cached_step:
-            return self._arange(length), CacheUse(req.kv_slots, 0, 0, length, None)
-        lo, hi = req.query_span()
-        outside = needed[(needed < lo) | (needed >= hi)]
-        before = outside[outside < lo]
-        pos = torch.cat([before, torch.arange(lo, hi), outside[outside >= hi]])
-        return pos, CacheUse(req.kv_slots, len(before), lo, hi - lo, length)
-
-    @staticmethod
-    def _row_offset(req: Request, cache: CacheUse | None) -> int:
-        """Where the rows a step recomputes begin in its packed sequence: after a cached step's
-        read-only rows before its span; at the start otherwise."""
-        return cache.write_row if req.cached_step else 0
 
     def _read_only_many(
         self, reqs: list[Request], positions: list[torch.Tensor]

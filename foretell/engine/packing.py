@@ -1,0 +1,147 @@
+"""A pass's inputs, built once: the :class:`StepInput` that the model, attention and decoding read.
+
+Every running canvas (and, for classifier-free guidance, its prompt-masked copy) is laid back
+to back in one flat token tensor with per-sequence boundaries: no padding, so mixed lengths
+cost only their own tokens. A cached request's sequence is its whole canvas at a block's
+refresh, and in a cached step the span it recomputes plus read-only rows (Prophet's region
+outside it), each with its KV pool use (:class:`CacheUse`). The order is chosen for attention:
+self-attending sequences by length, so that equal lengths are neighbours and run as one call;
+cached steps last, by query and key length, so that equal shapes share a call too. This is
+nano-vllm's ``Context``: the runner builds it, then only reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from foretell.decoding import positions_needed
+from foretell.models.attention import CacheUse
+from foretell.scheduler.request import Request
+
+# A request's sequence in a pass: its canvas positions and how it uses the KV pool.
+Layout = tuple[torch.Tensor, CacheUse | None]
+
+
+@dataclass
+class StepInput:
+    """The packed pass. Host tensors, and their device copies once :meth:`to` has run."""
+
+    ids: torch.Tensor  # [tokens] the pass's token ids
+    positions: torch.Tensor  # [tokens] each token's canvas position (rotary angles)
+    in_seq: torch.Tensor  # [tokens] each token's row within its own sequence (Dream's shift)
+    seq_lens: list[int]  # packed sequences' lengths (a cfg request has two)
+    caches: list[CacheUse | None]  # each packed sequence's KV pool use
+    layouts: list[Layout]  # each request's sequence
+    offsets: list[tuple[int, int | None]]  # each request's (conditional, cfg) first flat token
+    seq_of: list[int]  # each request's packed sequence
+    wanted: dict[int, torch.Tensor]  # a cached step's needed positions, by request
+    spans: dict[int, torch.Tensor]  # a cached step's sequence positions, sorted, by request
+    ids_d: torch.Tensor | None = field(default=None, repr=False)
+    positions_d: torch.Tensor | None = field(default=None, repr=False)
+    in_seq_d: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def total(self) -> int:
+        return len(self.ids)
+
+    @property
+    def pool_uses(self) -> list[CacheUse | None] | None:
+        """The sequences' KV pool uses, or None when no sequence uses the pool."""
+        return self.caches if any(c is not None for c in self.caches) else None
+
+    def row_offset(self, i: int) -> int:
+        """Where request ``i``'s recomputed rows begin in its packed sequence: after a cached
+        step's read-only rows before its span; at the start otherwise."""
+        cache = self.layouts[i][1]
+        return cache.write_row if i in self.wanted else 0
+
+    def to(self, device: torch.device) -> StepInput:
+        """Copy what the model reads to ``device``, once."""
+        if self.ids_d is None:
+            self.ids_d = self.ids.to(device)
+            self.positions_d = self.positions.to(device)
+            self.in_seq_d = self.in_seq.to(device)
+        return self
+
+
+class Packer:
+    """Builds :class:`StepInput` s, keeping the ``arange`` s it has made (they recur)."""
+
+    def __init__(self) -> None:
+        self._aranges: dict[int, torch.Tensor] = {}
+
+    def arange(self, n: int) -> torch.Tensor:
+        if n not in self._aranges:
+            self._aranges[n] = torch.arange(n)
+        return self._aranges[n]
+
+    def pack(self, batch: list[Request]) -> StepInput:
+        # A cached step's sequence is its recomputed span plus the read-only rows it needs
+        # outside it (Prophet's region), so its positions are known before packing.
+        wanted = {i: positions_needed(r) for i, r in enumerate(batch) if r.cached_step}
+        layouts = [self.layout(req, wanted.get(i)) for i, req in enumerate(batch)]
+        seqs: list[torch.Tensor] = []
+        seq_positions: list[torch.Tensor] = []
+        caches: list[CacheUse | None] = []
+        offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)
+        seq_of: list[int] = [0] * len(batch)
+        total = 0
+        for i in sorted(range(len(batch)), key=lambda i: _pack_key(layouts[i])):
+            req, (pos, cache) = batch[i], layouts[i]
+            cond = total
+            seq_of[i] = len(seqs)
+            seqs.append(req.canvas if cache is None or cache.read_len is None else req.canvas[pos])
+            seq_positions.append(pos)
+            caches.append(cache)
+            total += len(pos)
+            uncond = None
+            if req.params.cfg_scale > 0:
+                uncond = total
+                seqs.append(req.unconditional_canvas())
+                seq_positions.append(pos)
+                caches.append(None)
+                total += req.canvas_len
+            offsets[i] = (cond, uncond)
+        seq_lens = [len(s) for s in seqs]
+        positions = torch.cat(seq_positions)
+        # Only a cached step's span differs from its canvas positions.
+        in_seq = torch.cat([self.arange(n) for n in seq_lens]) if wanted else positions
+        return StepInput(
+            ids=torch.cat(seqs),
+            positions=positions,
+            in_seq=in_seq,
+            seq_lens=seq_lens,
+            caches=caches,
+            layouts=layouts,
+            offsets=offsets,
+            seq_of=seq_of,
+            wanted=wanted,
+            spans={i: layouts[i][0] for i in wanted},
+        )
+
+    def layout(self, req: Request, needed: torch.Tensor | None) -> Layout:
+        """Canvas positions of ``req``'s sequence in this pass, and how it uses its pages.
+
+        Uncached: the canvas. A cached request's block start: the canvas, whose keys and
+        values refresh its pages. A cached step: the span it recomputes (its keys/values go
+        into its pages) plus read-only rows for ``needed`` positions outside it, attending to
+        its whole canvas in the pool."""
+        if req.params.kv_cache is None:
+            return self.arange(req.canvas_len), None
+        length = req.canvas_len
+        if not req.cached_step:
+            return self.arange(length), CacheUse(req.kv_slots, 0, 0, length, None)
+        lo, hi = req.query_span()
+        outside = needed[(needed < lo) | (needed >= hi)]
+        before = outside[outside < lo]
+        pos = torch.cat([before, torch.arange(lo, hi), outside[outside >= hi]])
+        return pos, CacheUse(req.kv_slots, len(before), lo, hi - lo, length)
+
+
+def _pack_key(layout: Layout) -> tuple:
+    pos, cache = layout
+    if cache is None or cache.read_len is None:
+        return (0, len(pos), 0)
+    return (1, len(pos), cache.read_len)
