@@ -164,3 +164,20 @@ def test_batchable_covers_greedy_llada_only() -> None:
     assert not batched_module.batchable(req(remasking="margin"))
     assert not batched_module.batchable(req(top_k=3))
     assert not batched_module.batchable(req(family="dream", remasking="entropy"))
+
+
+def test_seeded_random_remasking_in_bfloat16_equals_the_per_request_step() -> None:
+    """Random draws are float32; in a bfloat16 model they must not be rounded to the
+    confidences' dtype before ranking (distinct draws would tie and be ranked apart)."""
+    loaded = tiny_model("llada", seed=5, dtype="bfloat16", logit_scale=8.0)
+    engines = [Engine(loaded, dtype="bfloat16", max_num_seqs=16) for _ in range(2)]
+    engines[1].runner.batched = False
+    for i in range(32):
+        p = DecodeParams(gen_length=64, block_length=64, steps=4, remasking="random", seed=100 + i)
+        for engine in engines:
+            engine.add_request("1+1=", p, request_id=str(i))
+    tokens = [{}, {}]
+    for engine, out in zip(engines, tokens, strict=True):
+        while engine.has_unfinished_requests():
+            out.update({o.request_id: o.token_ids for o in engine.step()})
+    assert tokens[0] == tokens[1]

@@ -53,7 +53,7 @@ def _run(engine: Engine) -> dict[str, int]:
 
 
 def test_pool_pages_and_slots(llada) -> None:
-    pool = KVPool(llada.model, torch.device("cpu"), 10**9, page_size=4, max_tokens=20)
+    pool = KVPool(llada.model, torch.device("cpu"), 10**9, page_size=4, max_pages=5)
     assert pool.num_pages == 5  # capped by what the engine could ever hold
     assert pool.pages_for(1) == 1 and pool.pages_for(4) == 1 and pool.pages_for(5) == 2
     first = pool.allocate(2)
@@ -266,3 +266,44 @@ def test_varlen_layout_gives_each_sequence_its_keys(llada) -> None:
     assert torch.equal(keys, expected)
     assert plan.cu_q.tolist() == [0, 5, 8, 12] and plan.cu_k.tolist() == [0, 5, 15, 19]
     assert torch.equal(pool.storage[0, 0, slots[6:8]], k[5:7])  # the fresh span is in place
+
+
+def test_without_a_byte_limit_max_num_seqs_canvases_fit(llada) -> None:
+    """The pool holds max_num_seqs of the longest canvases in whole pages: two requests of 20
+    positions (2 pages of 16 each) under max_num_seqs 2 run together."""
+    engine = Engine(
+        llada, dtype="float64", max_num_seqs=2, max_num_batched_tokens=24, kv_cache_memory=None
+    )
+    assert engine.kv_pool.num_pages == 2 * 2
+    params = DecodeParams(gen_length=16, block_length=4, steps=16, kv_cache="dual")
+    prompt = [5, 6, 7, 8]
+    for _ in range(2):
+        engine.add_request(prompt, params)
+    engine.step()  # one refresh (20 tokens) fits the token budget
+    engine.step()  # the first's cached step (4 tokens) leaves room for the second's refresh
+    assert engine.scheduler.num_running == 2 and engine.scheduler.num_waiting == 0
+
+
+def test_a_pool_that_cannot_grow_fails_the_request_alone(llada, monkeypatch) -> None:
+    """Out of memory while the pool grows at admission: that request ends with an error and
+    holds no page; the pool's accounting stays exact and the others run."""
+    engine = Engine(llada, dtype="float64", kv_page_size=8)
+    pool = engine.kv_pool
+    real = KVPool._grow
+    calls = []
+
+    def failing(self, pages):
+        calls.append(pages)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(self, pages)
+
+    monkeypatch.setattr(KVPool, "_grow", failing)
+    first = engine.add_request("12+34=", DUAL)
+    second = engine.add_request("what is 7*8? and 9*9?", DUAL)  # needs pages past the first's
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs[second].finish_reason == "error" and "out of memory" in outs[second].error
+    assert outs[first].finish_reason == "steps"
+    assert pool.used_pages == 0 and pool.free_pages == pool.num_pages

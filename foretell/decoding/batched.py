@@ -109,6 +109,7 @@ class GreedyBatch:
         mask_token_id: int,
         row_offsets: Sequence[int] | None = None,
         generator: torch.Generator | None = None,
+        logits_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index = list(seq_index)
@@ -120,6 +121,7 @@ class GreedyBatch:
         self.positions = positions
         self.mask_token_id = mask_token_id
         self.generator = generator  # the shared stream of requests without a seed
+        self.logits_dtype = logits_dtype  # the model's: a confidence's dtype unless set
         self._pass: tuple | None = None  # (rows, stats, more, read_only), once the pass has run
         # Every other sequence gets a geometry that selects nothing.
         table = [[0] * _COLUMNS for _ in seq_lens]
@@ -364,8 +366,8 @@ class GreedyBatch:
                 thresholds.append(float("nan"))  # compares false: no threshold
             else:
                 k = 1
-                # Compared in the statistics' dtype, as the per-request path compares.
-                thr = torch.tensor(req.params.threshold, dtype=stats.prob.dtype)
+                # Compared in the request's own confidence dtype, as it is alone.
+                thr = torch.tensor(req.params.threshold, dtype=self._own_dtype(req))
                 thresholds.append(float(thr))
             members.append(j)
             ks.append(k)
@@ -376,8 +378,11 @@ class GreedyBatch:
         # Scores over the pass's flat tokens (one spare slot at the end for padding): the
         # greedy probability at window rows, -inf elsewhere.
         window_rows = in_window.nonzero().flatten()
-        prob_flat = stats.prob.new_full((total + 1,), float("-inf"))
-        prob_flat[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)]
+        # At least float32, so that random remasking's float32 draws keep their order in the
+        # same matrix (a confidence is held exactly in a wider type).
+        wide = torch.promote_types(stats.prob.dtype, torch.float32)
+        prob_flat = stats.prob.new_full((total + 1,), float("-inf"), dtype=wide)
+        prob_flat[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)].to(wide)
         row_start = [self.starts[j] + self.row_offsets[j] for j in members]
         row_len = [self._row_len(self.reqs[j]) for j in members]
         longest = max(row_len)
@@ -426,7 +431,7 @@ class GreedyBatch:
         for row, i in zip(scores, tied, strict=True):
             req = self.reqs[ranking.members[i]]
             start, length = ranking.row_start[i], ranking.row_len[i]
-            line = row[:length].to(self._rank_dtype(req, row.dtype))
+            line = row[:length].to(self._rank_dtype(req))
             chosen[start : start + length] = False
             if req.params.remasking == _THRESHOLD:
                 values, order = torch.topk(line, int(torch.isfinite(line).sum()))
@@ -437,11 +442,14 @@ class GreedyBatch:
                 picked = torch.topk(line, ranking.ks[i]).indices
             chosen[picked + start] = True
 
-    @staticmethod
-    def _rank_dtype(req: Request, promoted: torch.dtype) -> torch.dtype:
-        """The dtype the per-request path ranks in: random draws are float32; confidences
-        come in the pass's statistics' dtype."""
-        return torch.float32 if req.params.remasking == "random" else promoted
+    def _own_dtype(self, req: Request) -> torch.dtype:
+        """The dtype of the request's confidence (the model's unless its rule sets one)."""
+        return req.confidence_dtype or self.logits_dtype
+
+    def _rank_dtype(self, req: Request) -> torch.dtype:
+        """The dtype a request ranks in alone: random draws are float32; confidences are in
+        the request's own confidence dtype (the pass's may be wider, for another request)."""
+        return torch.float32 if req.params.remasking == "random" else self._own_dtype(req)
 
     def _draws(
         self, reqs: list[Request], row_len: list[int], longest: int, device: torch.device

@@ -200,7 +200,10 @@ def _reveal_llada(
     p = req.params
     if stats is not None and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k):
         x0 = stats.argmax.cpu()
-        scores = None if p.remasking == "random" else stats.prob.cpu()
+        # In the request's own confidence dtype: the pass's statistics may be wider for
+        # another request, and a request must rank (and meet its threshold) as it does alone.
+        own = req.confidence_dtype or logits.dtype
+        scores = None if p.remasking == "random" else stats.prob.cpu().to(own)
     else:
         x0, scores = _candidates(req, logits, p.remasking)
     cached = p.kv_cache is not None

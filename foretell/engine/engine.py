@@ -86,8 +86,9 @@ class Engine:
     it from the device's memory (half of MemAvailable on a CPU; on CUDA 80% of the device less
     the weights and the peak of a profiled maximal forward pass, as vLLM's
     ``gpu_memory_utilization``), an int is bytes, None is as much as the engine could ever use.
-    The pool is never larger than ``max_num_seqs`` canvases of ``max_num_batched_tokens``, and
-    is allocated at the first cached request. Admission takes a cached request's pages for its
+    The pool never has more pages than ``max_num_seqs`` of the longest canvases could hold; on
+    a CPU its memory grows with the pages in use, on CUDA it is allocated whole at the first
+    cached request. Admission takes a cached request's pages for its
     whole canvas; a request that does not fit yet waits while others that fit pass it, until
     it has waited ``max_head_wait`` steps at the queue's head; one that could never fit is
     refused by ``add_request``. ``max_num_batched_tokens`` bounds the query tokens a pass runs:
@@ -144,21 +145,23 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.mask_token_id: int = self.model.mask_token_id
         self.model_path = loaded.path
+        # The longest canvas (prompt + generation) a request may have; None: no bound but the
+        # batch's token budget.
+        limits = [self.model.max_length, max_model_len]
+        self.max_model_len: int | None = min((x for x in limits if x is not None), default=None)
         self.kv_bytes_per_token = kv_cache.bytes_per_token(self.model)
+        # Never more pages than max_num_seqs of the longest canvases could hold at once.
+        longest = min(x for x in (max_num_batched_tokens, self.max_model_len) if x is not None)
         self.kv_pool = kv_cache.KVPool(
             self.model,
             torch.device(device),
             kv_budget,
             page_size=kv_page_size,
-            max_tokens=max_num_seqs * max_num_batched_tokens,
+            max_pages=max_num_seqs * -(-longest // kv_page_size),
         )
         self.scheduler = Scheduler(
             max_num_seqs, max_num_batched_tokens, self.kv_pool, max_head_wait=max_head_wait
         )
-        # The longest canvas (prompt + generation) a request may have; None: no bound but the
-        # batch's token budget.
-        limits = [self.model.max_length, max_model_len]
-        self.max_model_len: int | None = min((x for x in limits if x is not None), default=None)
         limits = [max_num_batched_tokens, self.max_model_len, max_gen_length]
         self.max_gen_length: int = min(x for x in limits if x is not None)
         self.requests = RequestBuilder(

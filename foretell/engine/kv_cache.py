@@ -14,7 +14,6 @@ reading sequence's keys with one indexed read per layer (``foretell.models.atten
 from __future__ import annotations
 
 import heapq
-import math
 
 import torch
 
@@ -87,12 +86,14 @@ def check_page_size(value: object) -> int:
 class KVPool:
     """Fixed-size pages over one ``[layers, 2, slots, kv_heads, head_dim]`` tensor.
 
-    ``budget`` bytes become ``budget // page_bytes`` pages, at most enough for ``max_tokens``
-    positions (the most the engine can hold at once: more would never be used). The tensor
-    holds the pages handed out so far and grows (doubling, up to every page) when a page past
-    it is handed out, at admission, never during a pass: an engine that never caches pays
-    nothing, and one with no byte limit holds only what its requests have used. Free pages are
-    handed out lowest first, so the tensor grows only with the number of pages held at once.
+    ``budget`` bytes become ``budget // page_bytes`` pages, at most ``max_pages`` (the most the
+    engine can hold at once: more would never be used). On a CPU the tensor holds the pages
+    handed out so far and grows (doubling, up to every page) when a page past it is handed out,
+    at admission, never during a pass: an engine that never caches pays nothing, and one with
+    no byte limit holds only what its requests have used. Free pages are handed out lowest
+    first, so the tensor grows only with the number of pages held at once. On CUDA it is
+    allocated whole at the first request, as vLLM's: growing by copies would need the old and
+    the new tensor at once, exactly when memory is fullest.
     """
 
     def __init__(
@@ -102,15 +103,15 @@ class KVPool:
         budget: int,
         *,
         page_size: int = DEFAULT_PAGE_SIZE,
-        max_tokens: int | None = None,
+        max_pages: int | None = None,
     ) -> None:
         self.page_size = check_page_size(page_size)
         self.device = torch.device(device)
         self.bytes_per_token = bytes_per_token(model)
         self.page_bytes = self.page_size * self.bytes_per_token
         pages = budget // self.page_bytes
-        if max_tokens is not None:
-            pages = min(pages, math.ceil(max_tokens / self.page_size))
+        if max_pages is not None:
+            pages = min(pages, max_pages)
         self.num_pages = int(pages)
         cfg = model.config
         self._shape = (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
@@ -135,6 +136,8 @@ class KVPool:
         if pages <= self._capacity:
             return
         capacity = min(self.num_pages, max(pages, 2 * self._capacity))
+        if self.device.type == "cuda":
+            capacity = self.num_pages
         layers, kv, heads, dim = self._shape
         shape = (layers, kv, capacity * self.page_size, heads, dim)
         grown = torch.empty(shape, dtype=self._dtype, device=self.device)
@@ -166,13 +169,15 @@ class KVPool:
         """Take ``pages`` free pages (the caller checked that they are free)."""
         if pages > self.free_pages:
             raise RuntimeError(f"KV pool: {pages} pages asked, {self.free_pages} free")
-        taken = [heapq.heappop(self._freed) for _ in range(min(pages, len(self._freed)))]
-        fresh = pages - len(taken)
-        taken += range(self._fresh, self._fresh + fresh)
-        self._fresh += fresh
-        self._used += pages
+        reused = heapq.nsmallest(min(pages, len(self._freed)), self._freed)
+        fresh = range(self._fresh, self._fresh + pages - len(reused))
+        taken = [*reused, *fresh]
         if taken:
-            self._grow(max(taken) + 1)
+            self._grow(max(taken) + 1)  # may fail (out of memory): nothing is taken then
+        for _ in reused:
+            heapq.heappop(self._freed)
+        self._fresh += len(fresh)
+        self._used += pages
         return taken
 
     def free(self, pages: list[int]) -> None:

@@ -162,6 +162,7 @@ class ModelRunner:
                     batch[group[0]].mask_token_id,
                     row_offsets=[step.row_offset(i) for i in group],
                     generator=self.generator,
+                    logits_dtype=self.model.embed.weight.dtype,
                 )
             except Exception:  # nothing has changed: the per-request path can take them
                 logger.exception("greedy batch failed; stepping its requests one by one")

@@ -102,17 +102,24 @@ class Scheduler:
         for req in list(self.waiting):
             if seqs + 1 > self.max_num_seqs:
                 break
-            if req is not head and head.steps_waited > self.max_head_wait:
+            if req is not head and head.steps_waited >= self.max_head_wait:
                 break  # the head has waited long enough: the room freed is kept for it
             if tokens + req.cost > self.max_num_batched_tokens:
                 continue
             if req.kv_pages_needed > free_pages:
                 continue
-            self.waiting.remove(req)
             if req.kv_pages_needed:
-                req.kv_pages = self.kv_pool.allocate(req.kv_pages_needed)
+                try:
+                    req.kv_pages = self.kv_pool.allocate(req.kv_pages_needed)
+                except Exception as err:  # the pool could not grow (out of memory): it holds
+                    # nothing for the request, which ends with the error (update() outputs it)
+                    self.waiting.remove(req)
+                    req.finish("error", f"KV pool: {err!r}")
+                    self.running.append(req)
+                    continue
                 req.kv_slots = self.kv_pool.slots(req.kv_pages, req.canvas_len)
                 free_pages -= req.kv_pages_needed
+            self.waiting.remove(req)
             req.status = Status.RUNNING
             req.first_scheduled_time = now
             req.steps_waited = 0
