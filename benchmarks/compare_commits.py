@@ -120,6 +120,7 @@ def bench_rows(tree: Path, extra: list[str], threads: int, prefix: str) -> dict[
     for name, rec in result["modes"].items():
         rows[f"{prefix}:{name}"] = {
             "tokens_per_s": rec["tokens_per_s"],
+            "tokens_per_cpu_s": rec["tokens_per_cpu_s"],
             "wall_s": rec["wall_s"],
             "mean_batch_occupancy": rec["mean_batch_occupancy"],
             "mean_tokens_per_pass": rec["mean_tokens_per_pass"],
@@ -314,7 +315,8 @@ def fastest(runs: list[dict[str, dict]]) -> dict[str, dict]:
 
 def format_table(rows: dict[str, dict]) -> str:
     head = (
-        f"{'workload':<34}{'tok/s A':>10}{'tok/s B':>10}{'B/A':>7}{'occup A':>9}{'occup B':>9}"
+        f"{'workload':<34}{'tok/s A':>10}{'tok/s B':>10}{'B/A':>7}{'B/A cpu':>8}"
+        f"{'occup A':>9}{'occup B':>9}"
         f"{'tok/pass A':>11}{'tok/pass B':>11}  same tokens"
     )
     lines = [head, "-" * len(head)]
@@ -323,6 +325,7 @@ def format_table(rows: dict[str, dict]) -> str:
         same = r.get("same_tokens")
         lines.append(
             f"{name:<34}{a['tokens_per_s']:>10.1f}{b['tokens_per_s']:>10.1f}{r['ratio']:>7.3f}"
+            f"{r.get('cpu_ratio', float('nan')):>8.3f}"
             f"{a['mean_batch_occupancy']:>9.2f}{b['mean_batch_occupancy']:>9.2f}"
             f"{a['mean_tokens_per_pass']:>11.1f}{b['mean_tokens_per_pass']:>11.1f}  "
             f"{'-' if same is None else ('yes' if same else 'no')}"
@@ -369,6 +372,14 @@ def compare(args: argparse.Namespace) -> dict:
             for row in best["a"]:
                 a, b = best["a"][row], best["b"][row]
                 rec = {"a": a, "b": b, "ratio": b["tokens_per_s"] / a["tokens_per_s"]}
+                if "tokens_per_cpu_s" in a:
+                    # CPU time of the process: less moved by other load on a shared machine
+                    # (each run's own best; kept next to the wall-time ratio, not instead).
+                    cpu = {
+                        side: max(got[row]["tokens_per_cpu_s"] for got in runs[side])
+                        for side in ("a", "b")
+                    }
+                    rec["cpu_ratio"] = cpu["b"] / cpu["a"]
                 if "tokens_sha256" in a:
                     rec["same_tokens"] = a["tokens_sha256"] == b["tokens_sha256"]
                     rec["same_weights"] = a["weights_sha256"] == b["weights_sha256"]
