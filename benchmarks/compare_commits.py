@@ -335,6 +335,7 @@ def format_table(rows: dict[str, dict]) -> str:
 
 def compare(args: argparse.Namespace) -> dict:
     root = Path(args.worktree_root)
+    args.harness_commit = git("rev-parse", "HEAD")  # the code that ran, not HEAD at the end
     (a_commit, a_tree), (b_commit, b_tree) = checkout(args.a, root), checkout(args.b, root)
     print(f"A {a_commit} {a_tree}\nB {b_commit} {b_tree}", file=sys.stderr, flush=True)
     rows: dict[str, dict] = {}
@@ -416,7 +417,7 @@ def summary(
             "commit": b_commit,
             "subject": git("log", "-1", "--format=%s", b_commit),
         },
-        "harness_commit": git("rev-parse", "HEAD"),
+        "harness_commit": args.harness_commit,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "rows": rows,
         "regressions_over_5pct": [n for n, r in rows.items() if r["ratio"] < 0.95],
