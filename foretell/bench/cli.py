@@ -128,9 +128,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=32,
         help="static batch size B and the engine's max_num_seqs (default 32)",
     )
-    p.add_argument("--modes", default=MODE_NAMES, help=f"comma-separated (default {MODE_NAMES})")
+    p.add_argument("--modes", help=f"comma-separated (default {MODE_NAMES})")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--workload", help="JSONL of requests instead of drawn ones (see docs)")
+    p.add_argument(
+        "--workload-preset",
+        choices=["varied"],
+        help="varied: random prompts of 16-512 tokens, gen 64-256 in blocks of 32 at full "
+        "steps, each request with its own cache mode (none/prefix/dual, a third each) and "
+        "Prophet on half (thresholds 100,100,0.1 unless --thresholds); modes default to engine "
+        "(use with --model random)",
+    )
     p.add_argument("--save-workload", help="write the workload used as JSONL here")
     p.add_argument("--tasks", help="comma-separated task names (default: the model's tasks)")
     p.add_argument(
@@ -208,9 +216,21 @@ def main(args: argparse.Namespace) -> int:
     from foretell.bench.run import parse_kv_caches, parse_modes, run_modes, work_units
     from foretell.bench.scaling import format_scaling, run_scaling
     from foretell.bench.setup import RANDOM_MODEL, RANDOM_SHAPE, configure_prophet, load_for_bench
-    from foretell.bench.workload import describe, load_workload, make_workload, save_workload
+    from foretell.bench.workload import (
+        VARIED_BLOCK_LENGTH,
+        VARIED_GEN_LENGTHS,
+        VARIED_THRESHOLDS,
+        describe,
+        load_workload,
+        make_varied_workload,
+        make_workload,
+        save_workload,
+    )
 
-    modes = parse_modes(args.modes)
+    varied = args.workload_preset == "varied"
+    if varied and args.workload:
+        raise ValueError("workload_preset: draws the workload; --workload reads one")
+    modes = parse_modes(args.modes or ("engine" if varied else MODE_NAMES))
     kv_caches = parse_kv_caches(args.kv_cache)
     if args.n < 1:
         raise ValueError(f"n: must be >= 1, got {args.n}")
@@ -232,7 +252,12 @@ def main(args: argparse.Namespace) -> int:
     gen_lengths = args.gen_lengths or setup.gen_lengths
     step_budgets = args.step_budgets or setup.step_budgets
     prophet = setup.prophet
-    if args.model == RANDOM_MODEL:
+    if varied:
+        # The preset's own lengths (Prophet's span follows them below); Prophet commits in its
+        # late phase, as in the KV-cache workload, not at once on a random model's wide gaps.
+        gen_lengths, args.block_lengths = list(VARIED_GEN_LENGTHS), [VARIED_BLOCK_LENGTH]
+        args.thresholds = args.thresholds or VARIED_THRESHOLDS
+    if args.model == RANDOM_MODEL or varied:
         # Full steps for every generation length asked for; Prophet's span at the start of the
         # shortest generation's last block.
         step_budgets = args.step_budgets or gen_lengths
@@ -247,6 +272,10 @@ def main(args: argparse.Namespace) -> int:
     prompt_tokens = args.prompt_tokens or setup.prompt_tokens
 
     def draw(n: int) -> list:
+        if varied:
+            return make_varied_workload(
+                setup.base, n, seed=args.seed, prompt_vocab=setup.prompt_vocab
+            )
         return make_workload(
             setup.base,
             n,
@@ -270,7 +299,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         requests = draw(args.n)
         source = {
-            "drawn": {
+            "preset": args.workload_preset,
+            "drawn": {"seed": args.seed, "prompts": "random token ids, 16-512 tokens"}
+            if varied
+            else {
                 "seed": args.seed,
                 "tasks": tasks,
                 "block_lengths": args.block_lengths or setup.block_lengths,
@@ -282,7 +314,7 @@ def main(args: argparse.Namespace) -> int:
                     if prompt_tokens
                     else "held-out task prompts, chat template"
                 ),
-            }
+            },
         }
     if args.save_workload:
         save_workload(requests, args.save_workload)

@@ -92,11 +92,23 @@ def mode_params(
     kv_cache: str | None = None,
 ) -> list[DecodeParams]:
     """The params each request runs with in ``mode``: its own, plus Prophet in prophet modes,
-    plus the cache mode."""
-    policy = prophet if mode in PROPHET_MODES else None
-    if mode in PROPHET_MODES and prophet is None:
-        raise ValueError(f"mode {mode!r} needs a Prophet policy")
-    return [r.params.replace(early_commit=policy, kv_cache=kv_cache) for r in requests]
+    plus the cache mode, unless the request sets its own (``BenchRequest.kv_cache`` /
+    ``.prophet``: a mixed workload)."""
+    out = []
+    for r in requests:
+        on = mode in PROPHET_MODES if r.prophet is None else r.prophet
+        if on and prophet is None:
+            raise ValueError(f"mode {mode!r} needs a Prophet policy")
+        out.append(
+            r.params.replace(early_commit=prophet if on else None, kv_cache=_cache(r, kv_cache))
+        )
+    return out
+
+
+def _cache(request: BenchRequest, kv_cache: str | None) -> str | None:
+    """The cache mode ``request`` runs with when the mode's is ``kv_cache``."""
+    own = request.kv_cache
+    return kv_cache if own is None else (None if own == "none" else own)
 
 
 def share_model(
@@ -138,7 +150,8 @@ def _warm(
 ) -> None:
     engine = share_model(loaded, size, _dtype(loaded), forward_chunk_tokens)
     ids = [
-        engine.add_request(r.prompt, r.params.replace(kv_cache=kv_cache)) for r in requests[:size]
+        engine.add_request(r.prompt, r.params.replace(kv_cache=_cache(r, kv_cache)))
+        for r in requests[:size]
     ]
     for _ in range(3):
         engine.step()

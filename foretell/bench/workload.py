@@ -35,15 +35,25 @@ class BenchRequest:
     params: DecodeParams  # without an early-commit policy: the mode decides that
     task: str | None = None  # name in foretell.tasks, for accuracy
     task_prompt: str | None = None  # the raw task prompt the checker parses
+    # Per-request overrides of what the mode sets (a mixed workload, e.g. ``varied``): the cache
+    # mode (``"none"``, ``"prefix"``, ``"dual"``) and whether Prophet is on. None: the mode's.
+    kv_cache: str | None = None
+    prophet: bool | None = None
 
     def to_json(self) -> dict:
         fields = params_dict(self.params)
-        return {
+        out = {
             "prompt": self.prompt,
             "params": fields,
             "task": self.task,
             "task_prompt": self.task_prompt,
         }
+        # Only when set, so that files of unmixed workloads stay as they were.
+        if self.kv_cache is not None:
+            out["kv_cache"] = self.kv_cache
+        if self.prophet is not None:
+            out["prophet"] = self.prophet
+        return out
 
 
 # DecodeParams fields a mode sets (``--modes``, ``--kv-cache``), never a workload.
@@ -167,6 +177,50 @@ def make_workload(
     return out
 
 
+# ``--workload-preset varied``: long, varied requests for a random-weights model (speed only):
+# prompts of 16-512 random token ids, generations of 64-256 in blocks of 32 at full steps, each
+# request with its own cache mode (a third each of none / prefix / dual) and Prophet on exactly
+# half, so that one engine batch mixes every kind of step.
+VARIED_PROMPT_TOKENS = (16, 512)
+VARIED_BLOCK_LENGTH = 32
+VARIED_GEN_LENGTHS = tuple(range(64, 257, VARIED_BLOCK_LENGTH))
+VARIED_KV_CACHES = ("none", "prefix", "dual")
+VARIED_THRESHOLDS = (100.0, 100.0, 0.1)  # Prophet commits in its late phase (random weights)
+
+
+def make_varied_workload(
+    base: DecodeParams, n: int, *, seed: int = 0, prompt_vocab: Sequence[int]
+) -> list[BenchRequest]:
+    """``n`` seeded requests of the ``varied`` preset (see ``VARIED_*``): cache modes and
+    Prophet are set per request, so every mode runs the same mix. Cache modes and Prophet are
+    dealt out in equal shares and shuffled (not drawn independently), so that even a small
+    workload mixes all of them."""
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    if not prompt_vocab:
+        raise ValueError("prompt_vocab: random prompts need token ids to draw from")
+    rng = random.Random(f"foretell-bench-varied/{seed}")
+    caches = [VARIED_KV_CACHES[i % len(VARIED_KV_CACHES)] for i in range(n)]
+    prophets = [i % 2 == 1 for i in range(n)]
+    rng.shuffle(caches)
+    rng.shuffle(prophets)
+    out: list[BenchRequest] = []
+    for cache, prophet in zip(caches, prophets, strict=True):
+        gen = rng.choice(VARIED_GEN_LENGTHS)
+        params = base.replace(
+            gen_length=gen,
+            block_length=VARIED_BLOCK_LENGTH,
+            steps=gen,
+            constraints=None,
+            early_commit=None,
+            kv_cache=None,
+            seed=rng.randrange(2**31),
+        )
+        ids = [rng.choice(prompt_vocab) for _ in range(rng.randint(*VARIED_PROMPT_TOKENS))]
+        out.append(BenchRequest(ids, params, kv_cache=cache, prophet=prophet))
+    return out
+
+
 def save_workload(requests: Sequence[BenchRequest], path: str | Path) -> None:
     """Write the workload as JSONL (one request a line), readable by ``load_workload``."""
     with open(path, "w") as f:
@@ -181,10 +235,11 @@ def load_workload(
     ...}`` a line; only ``prompt`` is required.
 
     ``params`` override the model's defaults (``base``); ``early_commit`` and ``kv_cache`` are
-    refused (the mode sets them). A text prompt is wrapped as a chat message when the model has
-    a chat template, unless the line says ``"raw": true`` (as ``foretell generate --file``
-    does). With a ``task``, accuracy is checked against ``task_prompt`` (default: the text
-    prompt).
+    refused (the mode sets them); a line's own top-level ``kv_cache`` and ``prophet`` (a mixed
+    workload, as ``save_workload`` writes it) override the mode's for that request. A text
+    prompt is wrapped as a chat message when the model has a chat template, unless the line says
+    ``"raw": true`` (as ``foretell generate --file`` does). With a ``task``, accuracy is
+    checked against ``task_prompt`` (default: the text prompt).
     """
     out: list[BenchRequest] = []
     lines = Path(path).read_text().splitlines()
@@ -211,6 +266,12 @@ def load_workload(
             params = as_params({**own, **fields, "early_commit": None, "kv_cache": None})
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: params: {err}") from None
+        kv_cache = rec.get("kv_cache")
+        if kv_cache is not None and kv_cache not in VARIED_KV_CACHES:
+            raise ValueError(f"{where}: kv_cache: need one of {', '.join(VARIED_KV_CACHES)}")
+        prophet = rec.get("prophet")
+        if prophet is not None and not isinstance(prophet, bool):
+            raise ValueError(f"{where}: prophet: need true or false, got {prophet!r}")
         prompt = rec["prompt"]
         task = rec.get("task")
         task_prompt = rec.get("task_prompt")
@@ -220,7 +281,7 @@ def load_workload(
                 task_prompt = prompt
         if isinstance(prompt, str) and chat_template and not rec.get("raw", False):
             prompt = [{"role": "user", "content": prompt}]
-        out.append(BenchRequest(prompt, params, task, task_prompt))
+        out.append(BenchRequest(prompt, params, task, task_prompt, kv_cache, prophet))
     if not out:
         raise ValueError(f"{path}: no requests")
     return out
@@ -239,5 +300,9 @@ def describe(requests: Sequence[BenchRequest]) -> dict:
         "block_lengths": counts([r.params.block_length for r in requests]),
         "steps": counts([r.params.steps for r in requests]),
         "remasking": counts([r.params.remasking for r in requests]),
+        "kv_cache_per_request": counts([r.kv_cache or "mode" for r in requests]),
+        "prophet_per_request": counts(
+            ["mode" if r.prophet is None else str(r.prophet).lower() for r in requests]
+        ),
         "request_hash": request_hash([(r.prompt, r.params) for r in requests]),
     }
