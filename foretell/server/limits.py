@@ -1,9 +1,21 @@
-"""The server's admission limits and their defaults, and the ``foretell serve`` options that
-set them (importable without the server extra)."""
+"""The server's admission limits and their defaults, the ``foretell serve`` options that set
+them, and the body parsing and JSON guards that enforce the per-request ones (importable without
+the server extra: fastapi and pydantic are only needed to call the parsing functions)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+from foretell.server.errors import APIError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from starlette.requests import Request
 
 # Sized so that no single client can exhaust the machine; docs/serving.md explains each.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -77,3 +89,127 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_SHUTDOWN_GRACE,
         help="seconds requests in flight get to finish on Ctrl-C",
     )
+
+
+# -- body parsing and JSON guards ------------------------------------------------------
+MAX_DEPTH = 32  # JSON nesting; the deepest valid body (early_commit) is 3 levels
+MAX_INT_DIGITS = 40  # longer integers are read as infinity, which every numeric field refuses
+JSON_TYPES = ("application/json",)
+# Names pydantic puts in an error's location for the member of a union that failed.
+_UNION_TAGS = re.compile(r"^(str|int|float|bool|dict|list|none|constrained-\w+)$|[\[\]\-]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+# Body fields whose keys are data: errors inside them name the field itself.
+MAPPING_FIELDS = ("constraints", "logit_bias", "early_commit")
+
+
+def _parse_int(text: str) -> int | float:
+    digits = len(text) - text.startswith("-")
+    return int(text) if digits <= MAX_INT_DIGITS else math.inf
+
+
+def _max_depth(raw: bytes) -> int:
+    """An upper bound of the body's nesting depth, at C speed (brackets inside strings count
+    too, so only a high value needs the exact walk)."""
+    brackets = raw.translate(None, _NOT_BRACKETS)
+    if brackets.count(b"[") + brackets.count(b"{") <= MAX_DEPTH:
+        return MAX_DEPTH
+    import torch
+
+    steps = torch.frombuffer(bytearray(brackets), dtype=torch.uint8)
+    opening = (steps == ord("[")) | (steps == ord("{"))
+    return int(torch.cumsum(opening.to(torch.int32) * 2 - 1, 0).max())
+
+
+def _check_tree(raw: bytes, data: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings no encoder can take (lone surrogates),
+    naming the field. The common case costs two C-speed scans of the raw body."""
+    if _max_depth(raw) > MAX_DEPTH:
+        stack = [(v, 1) for v in data.values() if isinstance(v, (dict, list))]
+        while stack:
+            node, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise APIError(f"body: nested deeper than {MAX_DEPTH} levels")
+            values = node.values() if isinstance(node, dict) else node
+            stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
+    # A lone surrogate can only come from a \uD800-\uDFFF escape: look further only then.
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    for key, value in data.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            param = key.encode("utf-8", "replace").decode()
+            raise APIError(f"{param}: not valid Unicode (a lone surrogate)", param=param) from None
+
+
+def field_name(loc: tuple) -> str | None:
+    """A pydantic error location as an API field name, e.g. ``messages.0.role``; the union
+    member tags pydantic adds (``prompt.list[int]``) are left out, and so are the keys of
+    mapping fields (``constraints``), which are data, not field names."""
+    if loc and loc[0] in MAPPING_FIELDS:
+        return str(loc[0])
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and _UNION_TAGS.search(part):
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+async def _read_body(request: Request, limit: int | None) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_big = APIError(
+        f"body: larger than the server's limit of {limit} bytes",
+        status=413,
+        code="request_too_large",
+    )
+    length = request.headers.get("content-length")
+    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, model: type[BaseModel], limit: int | None = None) -> Any:
+    """The body as ``model``: 415 unless JSON, 413 past ``limit`` bytes, 400 naming the field."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise APIError(
+            f"content-type: expected application/json, got {media or 'none'!r}",
+            status=415,
+            code="unsupported_media_type",
+        )
+    raw = await _read_body(request, limit)
+    # Decoding and validating up to max_body_bytes takes a while: not on the event loop.
+    return await asyncio.to_thread(_decode, raw, model)
+
+
+def _decode(raw: bytes, model: type[BaseModel]) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(raw, parse_int=_parse_int)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(f"body: malformed JSON ({err})") from None
+    except RecursionError:
+        raise APIError(f"body: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as err:
+        raise APIError(f"body: unreadable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise APIError("body: expected a JSON object")
+    _check_tree(raw, data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = field_name(first["loc"])
+        why = first["msg"]
+        if first["type"] == "extra_forbidden":
+            why = "unknown or unsupported parameter"
+        raise APIError(f"{param or 'body'}: {why}", param=param) from None
