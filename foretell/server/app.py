@@ -10,12 +10,16 @@ import contextlib
 import hmac
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,12 +33,21 @@ from foretell.engine.async_engine import (
     RequestHandle,
 )
 from foretell.engine.outputs import RequestOutput
+from foretell.server.connections import (
+    ACCEPT_BACKLOG,
+    ConnectionStats,
+    fit_max_connections,
+    guarded_protocol,
+)
 from foretell.server.limits import (
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_GEN_LENGTH,
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MAX_PROMPTS_PER_REQUEST,
     DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_READ_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SHUTDOWN_GRACE,
     QUEUED_TOKENS_PER_BATCH_BUDGET,
@@ -167,7 +180,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(render_metrics(engine.stats()), media_type=PROMETHEUS_TEXT)
+        text = render_metrics(engine.stats(), getattr(app.state, "connections", None))
+        return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -320,6 +334,35 @@ def default_model_name(model: object) -> str:
     return "foretell"
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, minus re-raising the signal that stopped it: after a graceful drain
+    the process ends normally (status 0), not killed by its SIGTERM (143)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _quiet_logs() -> None:
+    """Broken connections in one line, repeated warnings at most every few seconds: a flood
+    must not turn into a flood of log (see connections.RateLimitFilter)."""
+    from foretell.server.connections import RateLimitFilter
+
+    for name in ("uvicorn", "uvicorn.error", "asyncio", "foretell.server", __name__):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitFilter) for f in log.filters):
+            log.addFilter(RateLimitFilter())
+
+
 def run_server(
     model: str | os.PathLike | None = None,
     host: str = "127.0.0.1",
@@ -337,22 +380,42 @@ def run_server(
     max_queued_tokens: int | None = None,
     max_gen_length: int | None = DEFAULT_MAX_GEN_LENGTH,
     max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+    request_read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
     enable_docs: bool = True,
+    threads: int | None = None,
     **engine_kwargs: Any,
 ) -> None:
-    """Load ``model`` (None: the shipped default) and serve it until interrupted.
+    """Load ``model`` (None: the shipped default) and serve it until SIGINT or SIGTERM.
 
     ``engine_kwargs`` go to ``Engine`` (max_num_seqs, max_num_batched_tokens, dtype, device,
     attention_backend, forward_chunk_tokens) plus ``mask_text`` for AsyncEngine;
     ``max_gen_length`` caps a request's ``max_tokens`` and ``max_model_len`` its prompt plus
     ``max_tokens`` (None: the model's own maximum, if any; see ``Engine``). The limits
     are ``create_app``'s and ``AsyncEngine``'s (``max_queued_tokens`` None: four times the
-    token budget of a batch). On Ctrl-C, requests in flight get ``graceful_timeout`` seconds to
-    finish (None: as long as they need); then the rest are aborted and the step thread is
-    joined.
+    token budget of a batch). ``max_connections`` caps open connections (lowered to fit the
+    open-file limit), ``request_read_timeout`` bounds the time a request's headers and body may
+    take to arrive, ``keep_alive_timeout`` an idle connection's life (see ``connections``).
+    ``threads``: torch's intra-op threads, set before the model loads. On a signal, requests in
+    flight get ``graceful_timeout`` seconds to finish (0: aborted at once; None: as long as
+    they need); then the rest are aborted, the step thread is joined, and the function returns
+    (so ``foretell serve`` exits with status 0).
     """
-    import uvicorn
-
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads: must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if graceful_timeout is not None and not graceful_timeout >= 0:
+        raise ValueError(f"shutdown_grace: must be >= 0 or None, got {graceful_timeout}")
+    if request_read_timeout is not None and not request_read_timeout > 0:
+        raise ValueError(f"request_read_timeout: must be > 0, got {request_read_timeout}")
+    if not keep_alive_timeout > 0:
+        raise ValueError(f"keep_alive_timeout: must be > 0, got {keep_alive_timeout}")
+    if max_connections is not None and max_connections < 1:
+        raise ValueError(f"max_connections: must be >= 1, got {max_connections}")
+    _quiet_logs()
+    cap = fit_max_connections(max_connections)
     if max_queued_tokens is None:
         budget = engine_kwargs.get("max_num_batched_tokens", 16384)
         max_queued_tokens = QUEUED_TOKENS_PER_BATCH_BUDGET * budget
@@ -374,13 +437,22 @@ def run_server(
         request_timeout=request_timeout,
         enable_docs=enable_docs,
     )
+    stats = ConnectionStats()
+    app.state.connections = stats
     # uvicorn's own timeout is only a backstop: cancelling handlers mid-flight logs tracebacks,
     # while aborting in the engine lets each one answer (503, or a stream's "abort" chunk).
     backstop = None if graceful_timeout is None else graceful_timeout + 5.0
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=backstop
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=backstop,
+        http=guarded_protocol(stats, cap, request_read_timeout),
+        backlog=ACCEPT_BACKLOG,
+        timeout_keep_alive=keep_alive_timeout,  # type: ignore[arg-type]
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
 
     async def abort_after_exit() -> None:
         while not server.should_exit:
@@ -397,7 +469,4 @@ def run_server(
             finally:
                 watcher.cancel()
 
-    # uvicorn re-raises the Ctrl-C it caught once it has stopped; by then every connection is
-    # closed, so it only needs to end the process quietly (the step thread is a daemon).
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    asyncio.run(serve())

@@ -26,11 +26,20 @@ QUEUED_TOKENS_PER_BATCH_BUDGET = 4  # default max_queued_tokens: 4 x max_num_bat
 DEFAULT_MAX_GEN_LENGTH = 1024
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_SHUTDOWN_GRACE = 10.0
+# Connections (enforced by ``connections``): safe on the open internet, and far above what the
+# engine's queue admits (--max-num-seqs + --max-queued-requests requests).
+DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 RETRY_AFTER_SECONDS = 1
+# Set by the connection guard (``connections``): the loop time by which a request's body must
+# have arrived, in the ASGI scope's extensions.
+READ_DEADLINE_KEY = "foretell.read_deadline"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """Security and admission options of ``foretell serve`` (0 lifts a numeric limit)."""
+    """Security and admission options of ``foretell serve`` (0 lifts a numeric limit, except
+    where the help says otherwise)."""
     g = p.add_argument_group("security")
     g.add_argument(
         "--api-key",
@@ -44,7 +53,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="browser origins allowed to call the API (CORS); default none",
     )
     g.add_argument("--disable-docs", action="store_true", help="do not serve /docs, /openapi.json")
-    g = p.add_argument_group("limits (0: no limit)")
+    g = p.add_argument_group("limits (0: no limit, unless said otherwise)")
     g.add_argument("--max-num-batched-tokens", type=int, default=16384)
     g.add_argument(
         "--max-gen-length",
@@ -84,11 +93,58 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds before a request is aborted (504, or a final SSE error)",
     )
     g.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=DEFAULT_SHUTDOWN_GRACE,
-        help="seconds requests in flight get to finish on Ctrl-C",
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open client connections; a new one beyond evicts the oldest idle or half-open "
+        "connection, else gets 503 (lowered to fit the open-file limit)",
     )
+    g.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        help="seconds a request's headers and body may take to arrive (then closed, or 408)",
+    )
+    g.add_argument(
+        "--keep-alive-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+        help="seconds an idle connection is kept open for its next request (not 0)",
+    )
+    g.add_argument(
+        "--shutdown-grace",
+        type=shutdown_grace,
+        default=DEFAULT_SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, seconds requests in flight get to finish before they are "
+        "aborted; 0 aborts them at once, -1 (or inf) waits without limit "
+        f"(default {DEFAULT_SHUTDOWN_GRACE:g})",
+    )
+
+
+def shutdown_grace(text: str) -> float | None:
+    """``--shutdown-grace``: seconds >= 0; -1 or inf is None (wait without limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value == -1 or value == math.inf:
+        return None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"must be >= 0 seconds, or -1 to wait without limit; got {text}"
+        )
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
 
 
 # -- body parsing and JSON guards ------------------------------------------------------
@@ -167,13 +223,34 @@ async def _read_body(request: Request, limit: int | None) -> bytes:
     length = request.headers.get("content-length")
     if limit is not None and length is not None and length.isdigit() and int(length) > limit:
         raise too_big
+    from starlette.requests import ClientDisconnect
+
+    deadline = request.scope.get("extensions", {}).get(READ_DEADLINE_KEY)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+    stream = request.stream()
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            if deadline is None:
+                chunk = await anext(stream, None)
+            else:
+                remaining = deadline - loop.time()
+                chunk = await asyncio.wait_for(anext(stream, None), max(remaining, 0.0))
+            if chunk is None:
+                return b"".join(chunks)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except asyncio.TimeoutError:
+        raise APIError(
+            "body: not received within the server's read timeout (--request-read-timeout)",
+            status=408,
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
+    except ClientDisconnect:  # nobody to answer; not a server error
+        raise APIError("body: the client disconnected", status=400) from None
 
 
 async def parse_body(request: Request, model: type[BaseModel], limit: int | None = None) -> Any:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from foretell.server.connections import ConnectionStats
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 
 
-def render_metrics(stats: dict[str, Any]) -> str:
-    """Prometheus text exposition (version 0.0.4) of ``AsyncEngine.stats()``."""
+def render_metrics(stats: dict[str, Any], connections: ConnectionStats | None = None) -> str:
+    """Prometheus text exposition (version 0.0.4) of ``AsyncEngine.stats()``, the process's
+    torch threads and, under ``run_server``, what the connection guard did."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
@@ -76,4 +82,19 @@ def render_metrics(stats: dict[str, Any]) -> str:
         "Mean requests per forward pass over max_num_seqs, since start.",
         [("", f"{stats['mean_batch_occupancy']:.6f}")],
     )
+    metric(
+        "torch_threads",
+        "gauge",
+        "torch intra-op threads of the serving process (--threads).",
+        [("", torch.get_num_threads())],
+    )
+    if connections is not None:
+        metric("connections_open", "gauge", "Open client connections.", [("", connections.open)])
+        metric(
+            "connections_closed_total",
+            "counter",
+            "Connections the server closed: evicted or refused at --max-connections, or past "
+            "--request-read-timeout.",
+            [(f'{{reason="{r}"}}', n) for r, n in sorted(connections.closed.items())],
+        )
     return "\n".join(lines) + "\n"
