@@ -141,7 +141,11 @@ def half_open_flood(
                     ok = False
                 health.append(time.monotonic() - t if ok else float("inf"))
                 if completion_status is None:
-                    completion_status = client.post("/v1/completions", json=completion).status_code
+                    try:
+                        reply = client.post("/v1/completions", json=completion)
+                        completion_status = reply.status_code
+                    except httpx.HTTPError as err:
+                        completion_status = type(err).__name__
                 time.sleep(0.5)
     finally:
         for s in socks:

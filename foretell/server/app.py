@@ -55,6 +55,7 @@ from foretell.server.limits import (
     parse_body,
 )
 from foretell.server.metrics import PROMETHEUS_TEXT, render_metrics
+from foretell.server.openapi import openapi_schema, served_limits
 from foretell.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -117,6 +118,14 @@ def create_app(
     """
     docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="foretell", version="0.1.0", **docs)
+    limits = served_limits(
+        engine,
+        model_name,
+        api_key=api_key is not None,
+        max_prompts_per_request=max_prompts_per_request,
+    )
+    schema = openapi_schema(limits, app.title, app.version)
+    app.openapi = lambda: schema  # type: ignore[method-assign]
     app.state.engine = engine
     app.state.model_name = model_name
     created = int(time.time())
@@ -209,7 +218,7 @@ def create_app(
                 f"{max_prompts_per_request}",
                 param="prompt",
             )
-        params = body.to_params()
+        params = body.to_params(limits.max_gen_length)
         length_name, _ = body.length_field()
         try:
             handles = await engine.add_requests(prompts, params, stream=bool(body.stream))

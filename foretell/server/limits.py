@@ -149,7 +149,7 @@ def _positive_seconds(text: str) -> float:
 
 # -- body parsing and JSON guards ------------------------------------------------------
 MAX_DEPTH = 32  # JSON nesting; the deepest valid body (early_commit) is 3 levels
-MAX_INT_DIGITS = 40  # longer integers are read as infinity, which every numeric field refuses
+MAX_INT_DIGITS = 40  # longer integers are read as floats, which every integer field refuses
 JSON_TYPES = ("application/json",)
 # Names pydantic puts in an error's location for the member of a union that failed.
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|dict|list|none|constrained-\w+)$|[\[\]\-]")
@@ -160,8 +160,10 @@ MAPPING_FIELDS = ("constraints", "logit_bias", "early_commit")
 
 
 def _parse_int(text: str) -> int | float:
+    """A JSON integer; a longer one than MAX_INT_DIGITS is read as the float it also is (so
+    integer fields refuse it and number fields take it as they take ``1e41``)."""
     digits = len(text) - text.startswith("-")
-    return int(text) if digits <= MAX_INT_DIGITS else math.inf
+    return int(text) if digits <= MAX_INT_DIGITS else float(text)
 
 
 def _max_depth(raw: bytes) -> int:

@@ -28,8 +28,10 @@ logger = logging.getLogger("foretell.server")
 
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # OpenAI takes at most 4 stop strings
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-# JSON object keys are strings: a constraint position is a key, so it is parsed from one.
-Position = Annotated[int, Field(strict=False)]
+# JSON object keys are strings: a constraint position is a key, written as a plain decimal
+# (the pattern the published schema states), read as an int by ``to_params``.
+POSITION_PATTERN = r"^(0|[1-9][0-9]{0,8})$"
+Position = Annotated[str, Field(pattern=POSITION_PATTERN)]
 
 
 class StreamOptions(BaseModel):
@@ -93,17 +95,21 @@ class DiffusionFields(BaseModel):
                 f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
                 param="stop",
             )
-        if self.stream_options is not None and not self.stream:
-            raise APIError("stream_options: only allowed with stream=true", param="stream_options")
 
     def length_field(self) -> tuple[str, int | None]:
         return "max_tokens", self.max_tokens
 
-    def to_params(self) -> DecodeParams:
-        """DecodeParams for this body; an APIError (400) naming the field if invalid."""
+    def to_params(self, max_gen_length: int | None = None) -> DecodeParams:
+        """DecodeParams for this body; an APIError (400) naming the field if invalid. Without
+        a length in the body the canvas is DecodeParams' default, or ``max_gen_length`` (the
+        server's longest) if that is shorter: a body that names no length is never refused
+        for one."""
         self.check_supported()
         length_name, length = self.length_field()
         kwargs: dict[str, Any] = {}
+        default = DecodeParams.gen_length
+        if length is None and self.gen_length is None and max_gen_length is not None:
+            kwargs["gen_length"] = min(default, max_gen_length)
         if length is not None:
             if self.gen_length is not None and self.gen_length != length:
                 raise APIError(
@@ -134,6 +140,8 @@ class DiffusionFields(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
+        if self.constraints is not None:
+            kwargs["constraints"] = {int(pos): v for pos, v in self.constraints.items()}
         if "early_commit" in self.model_fields_set:
             kwargs["early_commit"] = self.early_commit
         if self.stop is not None:
@@ -208,8 +216,10 @@ class ChatCompletionRequest(DiffusionFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs is not None:
+        if self.logprobs:
             raise APIError("logprobs: not supported", param="logprobs")
+        if self.top_logprobs not in (None, 0):  # 0 asks for none: the neutral value
+            raise APIError("top_logprobs: not supported (only 0)", param="top_logprobs")
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise APIError(
