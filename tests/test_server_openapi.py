@@ -90,9 +90,9 @@ def test_schemathesis_finds_no_failure_with_and_without_a_key(checkpoint, tmp_pa
         "--served-model-name",
         "tiny",
         "--max-gen-length",
-        "16",
+        "8",
         "--max-model-len",
-        "64",
+        "48",
         "--threads",
         "1",
     ]
@@ -115,7 +115,7 @@ def test_schemathesis_finds_no_failure_with_and_without_a_key(checkpoint, tmp_pa
                 *("--config-file", str(HERE / "schemathesis.toml"), "run"),
                 served.base + "/openapi.json",
                 *headers,
-                *("--checks", "all", "--max-examples", "25", "--seed", "26", "--workers", "1"),
+                *("--checks", "all", "--max-examples", "15", "--seed", "26", "--workers", "1"),
                 *("--request-timeout", "30", "--generation-database", "none", "--no-color"),
             ]
             runs.append(

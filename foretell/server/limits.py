@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import re
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from foretell.server.errors import APIError
@@ -166,6 +167,20 @@ def _parse_int(text: str) -> int | float:
     return int(text) if digits <= MAX_INT_DIGITS else float(text)
 
 
+def _parse_float(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: a whole one is the integer it is (JSON Schema
+    counts ``2.0`` and ``1e3`` as integers, and so does the published schema), read exactly;
+    any other one a float."""
+    if "." in text or "e" in text or "E" in text:
+        try:
+            exact = Decimal(text)
+        except ArithmeticError:
+            return float(text)
+        if exact == exact.to_integral_value() and exact.adjusted() < MAX_INT_DIGITS:
+            return int(exact)
+    return float(text)
+
+
 def _max_depth(raw: bytes) -> int:
     """An upper bound of the body's nesting depth, at C speed (brackets inside strings count
     too, so only a high value needs the exact walk)."""
@@ -273,7 +288,7 @@ def _decode(raw: bytes, model: type[BaseModel]) -> Any:
     from pydantic import ValidationError
 
     try:
-        data = json.loads(raw, parse_int=_parse_int)
+        data = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(f"body: malformed JSON ({err})") from None
     except RecursionError:
