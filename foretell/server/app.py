@@ -33,12 +33,7 @@ from foretell.engine.async_engine import (
     RequestHandle,
 )
 from foretell.engine.outputs import RequestOutput
-from foretell.server.connections import (
-    ACCEPT_BACKLOG,
-    ConnectionStats,
-    fit_max_connections,
-    guarded_protocol,
-)
+from foretell.server.connections import guarded_config
 from foretell.server.limits import (
     DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
@@ -347,6 +342,13 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server, minus re-raising the signal that stopped it: after a graceful drain
     the process ends normally (status 0), not killed by its SIGTERM (143)."""
 
+    on_exit: Any = None  # called (in the loop's thread) when a signal asks to stop
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if self.on_exit is not None:
+            self.on_exit()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
@@ -424,7 +426,6 @@ def run_server(
     if max_connections is not None and max_connections < 1:
         raise ValueError(f"max_connections: must be >= 1, got {max_connections}")
     _quiet_logs()
-    cap = fit_max_connections(max_connections)
     if max_queued_tokens is None:
         budget = engine_kwargs.get("max_num_batched_tokens", 16384)
         max_queued_tokens = QUEUED_TOKENS_PER_BATCH_BUDGET * budget
@@ -446,33 +447,33 @@ def run_server(
         request_timeout=request_timeout,
         enable_docs=enable_docs,
     )
-    stats = ConnectionStats()
-    app.state.connections = stats
     # uvicorn's own timeout is only a backstop: cancelling handlers mid-flight logs tracebacks,
     # while aborting in the engine lets each one answer (503, or a stream's "abort" chunk).
     backstop = None if graceful_timeout is None else graceful_timeout + 5.0
-    config = uvicorn.Config(
+    config = guarded_config(
         app,
+        max_connections=max_connections,
+        read_timeout=request_read_timeout,
+        keep_alive_timeout=keep_alive_timeout,
         host=host,
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=backstop,
-        http=guarded_protocol(stats, cap, request_read_timeout),
-        backlog=ACCEPT_BACKLOG,
-        timeout_keep_alive=keep_alive_timeout,  # type: ignore[arg-type]
     )
     server = DrainingServer(config)
 
-    async def abort_after_exit() -> None:
-        while not server.should_exit:
-            await asyncio.sleep(0.2)
+    async def abort_after_exit(exiting: asyncio.Event) -> None:
+        await exiting.wait()
         if graceful_timeout is not None:
             await asyncio.sleep(graceful_timeout)
             await engine.shutdown(abort=True)
 
     async def serve() -> None:
+        exiting = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        server.on_exit = lambda: loop.call_soon_threadsafe(exiting.set)
         async with engine:
-            watcher = asyncio.ensure_future(abort_after_exit())
+            watcher = asyncio.ensure_future(abort_after_exit(exiting))
             try:
                 await server.serve()
             finally:

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from foretell.server.errors import APIError
@@ -33,8 +34,8 @@ from foretell.server.limits import READ_DEADLINE_KEY
 
 logger = logging.getLogger("foretell.server")
 
-ACCEPT_BACKLOG = 128  # connections the kernel queues, and asyncio accepts in one go
-RESERVED_FDS = 128  # the process's own files: libraries, model, log, pipes
+MAX_BACKLOG = 128  # connections the kernel queues, and asyncio accepts in one go
+RESERVED_FDS = 64  # the process's own files (a loaded server holds about 10)
 BODY_GRACE = 1.0  # after the read deadline, the app's 408 gets this long before the close
 LOG_INTERVAL = 10.0
 CLOSE_REASONS = {  # the reason label in /metrics -> what the log says
@@ -57,11 +58,16 @@ def fd_limit() -> int:
     return soft
 
 
+def accept_backlog() -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one go."""
+    return min(MAX_BACKLOG, max(8, fd_limit() // 8))
+
+
 def fit_max_connections(max_connections: int | None) -> int:
     """``max_connections``, lowered so that the cap plus one accept burst plus the process's
     own files stay under the open-file limit (None: as many as that allows): a flood then
     never makes accept() fail, which would stop the server taking any connection."""
-    room = fd_limit() - ACCEPT_BACKLOG - RESERVED_FDS
+    room = fd_limit() - accept_backlog() - RESERVED_FDS
     if room < 1:
         raise ValueError(f"max_connections: the open-file limit {fd_limit()} leaves no room")
     wanted = room if max_connections is None else max_connections
@@ -254,3 +260,25 @@ class RateLimitFilter(logging.Filter):
             more = f"(and {dropped} more like it in the last {self.interval:g} s)"
             record.msg = f"{record.msg} {more}"
         return True
+
+
+def guarded_config(
+    app: Any,
+    *,
+    max_connections: int | None,
+    read_timeout: float | None,
+    keep_alive_timeout: float,
+    **uvicorn_kwargs: Any,
+) -> uvicorn.Config:
+    """A ``uvicorn.Config`` serving ``app`` behind the guard; the guard's ``ConnectionStats``
+    go to ``app.state.connections`` (shown in /metrics)."""
+    stats = ConnectionStats()
+    app.state.connections = stats
+    cap = fit_max_connections(max_connections)
+    return uvicorn.Config(
+        app,
+        http=guarded_protocol(stats, cap, read_timeout),
+        backlog=accept_backlog(),
+        timeout_keep_alive=keep_alive_timeout,  # type: ignore[arg-type]
+        **uvicorn_kwargs,
+    )
