@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serving import metrics
 
 
 def free_port() -> int:
@@ -88,16 +89,6 @@ def foretell_serve(
             process.kill()
             process.wait(30)
         log.unlink(missing_ok=True)
-
-
-def metrics(base: str) -> dict[str, float]:
-    text = httpx.get(base + "/metrics", timeout=5).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def half_open_flood(

@@ -9,12 +9,8 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 from server_process import foretell_serve
 from serving import MODEL, serve
-
-from foretell.models import save_model
-from foretell.models.tiny import tiny_model
 
 HERE = Path(__file__).resolve().parent / "schemathesis"
 STATUSES = {"400", "403", "404", "408", "413", "415", "429", "500", "503", "504"}
@@ -73,20 +69,12 @@ def test_the_schema_describes_bodies_statuses_limits_and_security(llada64) -> No
     assert "security" not in doc["paths"]["/v1/completions"]["post"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llada")
-    loaded = tiny_model("llada", seed=11)
-    save_model(loaded.model, path, loaded.tokenizer)
-    return path
-
-
-def test_schemathesis_finds_no_failure_with_and_without_a_key(checkpoint, tmp_path) -> None:
+def test_schemathesis_finds_no_failure_with_and_without_a_key(tiny_checkpoint, tmp_path) -> None:
     """Every schemathesis check, bounded examples, a fixed seed; both servers and both runs at
     once (about a minute on 2 cores). A failure prints schemathesis' report."""
     serve_args = [
         "--model",
-        str(checkpoint),
+        str(tiny_checkpoint),
         "--served-model-name",
         "tiny",
         "--max-gen-length",

@@ -13,21 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from server_process import foretell_serve, half_open_flood, metrics
 
-from foretell.models import save_model
-from foretell.models.tiny import tiny_model
-
 BODY = {"model": "tiny", "prompt": "12+34=", "max_tokens": 32, "block_length": 8}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llada")
-    loaded = tiny_model("llada", seed=11)
-    save_model(loaded.model, path, loaded.tokenizer)
-    return path
 
 
 def args(checkpoint: Path, *more: str) -> list[str]:
@@ -52,15 +40,15 @@ def stream(base: str, body: dict) -> Iterator[Iterator[dict]]:
         yield itertools.chain([first], it)
 
 
-def test_threads_reach_the_server_and_sigterm_drains_then_exits_0(checkpoint) -> None:
+def test_threads_reach_the_server_and_sigterm_drains_then_exits_0(tiny_checkpoint) -> None:
     """OMP_NUM_THREADS=3 in the environment: only --threads can make the server use 1."""
     env = {"OMP_NUM_THREADS": "3"}
-    drain = args(checkpoint, "--threads", "1", "--shutdown-grace", "-1")
-    abort = args(checkpoint, "--threads", "2", "--shutdown-grace", "0")
+    drain = args(tiny_checkpoint, "--threads", "1", "--shutdown-grace", "-1")
+    abort = args(tiny_checkpoint, "--threads", "2", "--shutdown-grace", "0")
     with foretell_serve(drain, env=env) as waits, foretell_serve(abort, env=env) as aborts:
         assert metrics(waits.base)["foretell_torch_threads"] == 1
         assert metrics(aborts.base)["foretell_torch_threads"] == 2
-        slow = {**BODY, "max_tokens": 256, "steps": 256}
+        slow = {**BODY, "max_tokens": 128, "steps": 128}
         with stream(waits.base, slow) as events:
             waits.process.send_signal(signal.SIGTERM)
             *_, last = events
@@ -76,12 +64,12 @@ def test_threads_reach_the_server_and_sigterm_drains_then_exits_0(checkpoint) ->
             assert "Traceback" not in served.log_text(), served.log_text()
 
 
-def test_half_open_flood_past_the_file_limit_leaves_the_server_answering(checkpoint) -> None:
+def test_half_open_flood_past_the_file_limit_leaves_the_server_answering(tiny_checkpoint) -> None:
     """300 connections that send half a request and stop, against a server whose open-file
     limit is 256 (before issue 26 it stopped accepting, and logged a traceback a connection)."""
-    serve_args = args(checkpoint, "--threads", "1", "--max-connections", "100")
+    serve_args = args(tiny_checkpoint, "--threads", "1", "--max-connections", "100")
     with foretell_serve(serve_args, nofile=256) as served:
-        seen = half_open_flood(served, 300, hold=4.0, completion=BODY)
+        seen = half_open_flood(served, 300, hold=3.0, completion=BODY)
         values = metrics(served.base)
         assert served.stop() == 0
         log = served.log_text()
