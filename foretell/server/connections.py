@@ -188,7 +188,9 @@ def guarded_protocol(
                 self._seen = cycle
                 waiting.pop(self, None)
                 if read_timeout is not None:
-                    deadline = self._deadline.when() if self._deadline else self.loop.time()
+                    # No timer: a pipelined request, read from h11's buffer; it gets its own.
+                    armed = self._deadline
+                    deadline = armed.when() if armed else self.loop.time() + read_timeout
                     extensions = cycle.scope.setdefault("extensions", {})
                     extensions[READ_DEADLINE_KEY] = deadline
             if cycle is not None and not cycle.more_body:
