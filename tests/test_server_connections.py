@@ -127,3 +127,26 @@ def test_repeated_warnings_are_one_line_and_rate_limited(caplog) -> None:
         finally:
             log.removeFilter(filt)
     assert "999 more like it" in caplog.records[-1].getMessage()
+
+
+def test_pipelined_requests_each_get_their_own_read_deadline(llada64) -> None:
+    """Two requests with bodies in one write: the second, read from h11's buffer once the
+    first is answered, is not past a deadline."""
+    body = json.dumps({**GOOD, "model": "not-served"}).encode()
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with serve(llada64, guard={"read_timeout": 5.0}) as (base, _):
+        s = connect(base)
+        s.sendall(request + request)
+        s.settimeout(10)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}}"):
+            chunk = s.recv(65536)
+            assert chunk, received
+            received += chunk
+        s.close()
+    assert received.count(b"HTTP/1.1 404 ") == 2, received
+    assert b"request_timeout" not in received
