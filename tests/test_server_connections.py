@@ -114,6 +114,21 @@ def test_repeated_warnings_are_one_line_and_rate_limited(caplog) -> None:
             log.error("another message")
     finally:
         log.removeFilter(filt)
+    # asyncio's own form: the template, then per-connection context lines.
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(filt)
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for fd in range(100):
+                context = f"socket.accept() out of system resource\nsocket: <fd={fd}>"
+                asyncio_log.error(context, exc_info=OSError(24, "Too many open files"))
+    finally:
+        asyncio_log.removeFilter(filt)
+    (accept,) = [r for r in caplog.records if r.name == "asyncio"]
+    assert accept.getMessage() == (
+        "socket.accept() out of system resource; socket: <fd=0>: OSError: [Errno 24] Too many "
+        "open files"
+    )
     records = [r for r in caplog.records if r.name == "test.ratelimit"]
     assert len(records) == 2
     first = records[0]

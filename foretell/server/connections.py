@@ -246,10 +246,12 @@ class RateLimitFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        key = (record.name, str(record.msg)[:200])
+        # asyncio appends per-connection context lines: the first line is the template.
+        key = (record.name, str(record.msg).split("\n", 1)[0][:200])
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (OSError, asyncio.IncompleteReadError)):
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            text = "; ".join(record.getMessage().splitlines())
+            record.msg = f"{text}: {type(exc).__name__}: {exc}"
             record.args = None
             record.exc_info = None
         now = time.monotonic()
