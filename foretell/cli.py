@@ -281,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="float32")
         p.add_argument("--attention-backend", default="auto")
         add_forward_chunk_argument(p)
-        p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+        p.add_argument(
+            "--threads",
+            type=int,
+            help="torch intra-op threads, set before the model loads (default: torch's own)",
+        )
 
     gen = sub.add_parser("generate", help="generate text for one prompt or a JSONL file")
     gen.add_argument("prompt", nargs="?")
