@@ -49,14 +49,23 @@ def _decode_params(args: argparse.Namespace, engine) -> DecodeParams:
     return base.override(**changes)  # derived defaults follow a new gen_length unless given
 
 
-def _engine(args: argparse.Namespace):
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads``: torch's intra-op threads, set before any model loads (every command that
+    runs an engine calls this first; Ray replicas set it in each actor)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {threads}")
     import torch
 
+    torch.set_num_threads(threads)
+
+
+def _engine(args: argparse.Namespace):
     from foretell.engine import Engine
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-
+    _set_threads(args)
     return Engine(
         args.model,
         max_num_seqs=args.max_num_seqs,
@@ -218,6 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _set_threads(args)  # before the server imports and loads anything
     try:
         from foretell.server import run_server
     except ImportError as err:
@@ -230,6 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         model_name=args.served_model_name,
         graceful_timeout=args.shutdown_grace,
+        threads=args.threads,
         api_key=args.api_key or os.environ.get("FORETELL_API_KEY") or None,
         allowed_origins=args.allowed_origins,
         max_body_bytes=_unbounded(args.max_body_bytes),
@@ -239,6 +250,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queued_tokens=_unbounded(args.max_queued_tokens),
         max_gen_length=_unbounded(args.max_gen_length),
         max_model_len=_unbounded(args.max_model_len),
+        max_connections=_unbounded(args.max_connections),
+        request_read_timeout=_unbounded(args.request_read_timeout),
+        keep_alive_timeout=args.keep_alive_timeout,
         enable_docs=not args.disable_docs,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -267,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="float32")
         p.add_argument("--attention-backend", default="auto")
         add_forward_chunk_argument(p)
-        p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+        p.add_argument(
+            "--threads",
+            type=int,
+            help="torch intra-op threads, set before the model loads (default: torch's own)",
+        )
 
     gen = sub.add_parser("generate", help="generate text for one prompt or a JSONL file")
     gen.add_argument("prompt", nargs="?")

@@ -245,12 +245,10 @@ class DecodeParams:
         if not all(isinstance(s, str) and s for s in stop):
             fail("stop", f"must be non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
-        if (
-            self.alg_temp is not None
-            and finite("alg_temp", self.alg_temp)
-            and not self.alg_temp >= 0
-        ):
-            fail("alg_temp", f"must be >= 0, got {self.alg_temp!r}")
+        if self.alg_temp is not None:
+            finite("alg_temp", self.alg_temp)
+            if not self.alg_temp >= 0:
+                fail("alg_temp", f"must be >= 0, got {self.alg_temp!r}")
         if self.top_p is not None:
             finite("top_p", self.top_p)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

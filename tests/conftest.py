@@ -7,6 +7,7 @@ import torch
 
 import foretell.decoding.batched as batched_module
 from foretell import Engine
+from foretell.models import save_model
 from foretell.models.tiny import tiny_model
 
 torch.set_num_threads(1)  # deterministic and fair on a shared 2-core machine
@@ -15,6 +16,15 @@ torch.set_num_threads(1)  # deterministic and fair on a shared 2-core machine
 @pytest.fixture(scope="session")
 def llada64():
     return tiny_model("llada", seed=1, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny LLaDA saved as a checkpoint directory, for ``foretell serve --model``."""
+    path = tmp_path_factory.mktemp("tiny-llada")
+    loaded = tiny_model("llada", seed=11)
+    save_model(loaded.model, path, loaded.tokenizer)
+    return path
 
 
 @pytest.fixture(scope="session")

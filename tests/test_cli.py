@@ -11,16 +11,11 @@ import sys
 import pytest
 
 from foretell.cli import main
-from foretell.models import save_model
-from foretell.models.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llada")
-    loaded = tiny_model("llada", seed=11)
-    save_model(loaded.model, path, loaded.tokenizer)
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_generate_one_prompt(checkpoint, capsys) -> None:

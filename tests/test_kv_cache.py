@@ -336,7 +336,7 @@ def test_admission_passes_a_head_waiting_for_pages(llada64) -> None:
 
 def test_server_takes_kv_cache_and_reports_its_bytes(llada64) -> None:
     from foretell.engine.async_engine import AsyncEngine
-    from foretell.server.app import render_metrics
+    from foretell.server.metrics import render_metrics
     from foretell.server.protocol import APIError, CompletionRequest
 
     body = CompletionRequest(model="m", prompt="12+34=", max_tokens=16, kv_cache="dual")

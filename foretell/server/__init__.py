@@ -12,7 +12,7 @@ __all__ = ["create_app", "render_metrics", "run_server"]
 def __getattr__(name: str) -> Any:
     # Lazy, so that ``foretell.server.limits`` (the CLI's options) imports without fastapi.
     if name in __all__:
-        from foretell.server import app
+        from foretell.server import app, metrics
 
-        return getattr(app, name)
+        return getattr(metrics if name == "render_metrics" else app, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible endpoints, and their mapping to DecodeParams.
+"""The wire format of the OpenAI-compatible endpoints: request bodies and their mapping to
+DecodeParams, and the pieces of a response (finish reason, usage, what a failure is called).
 
 Bodies are parsed strictly (unknown fields are refused) so that a mistyped diffusion field such
 as ``step`` gets a 400 naming it instead of being silently ignored. OpenAI fields foretell cannot
@@ -9,63 +10,28 @@ float may be NaN or infinite.
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from foretell.params import DecodeParams
+from foretell.server.errors import FIELD_RE, APIError
 
-FIELD_RE = re.compile(r"^([A-Za-z_][\w.]*(?:\[\d+\])?(?:\.[\w]+)*): ")
+if TYPE_CHECKING:
+    from foretell.engine.async_engine import AsyncEngine, RequestHandle
+    from foretell.engine.outputs import RequestOutput
 
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        param: str | None = None,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type
-        self.code = code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    @classmethod
-    def from_value_error(cls, err: ValueError, rename: dict[str, str] | None = None) -> APIError:
-        """Turn foretell's ``"field: why"`` errors into a 400 that names the API field."""
-        message = str(err)
-        match = FIELD_RE.match(message)
-        param = match.group(1) if match else None
-        if param is not None and rename and param in rename:
-            param = rename[param]
-            message = f"{param}: {message[match.end() :]}"
-        return cls(message, param=param)
+logger = logging.getLogger("foretell.server")
 
 
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # OpenAI takes at most 4 stop strings
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-# JSON object keys are strings: a constraint position is a key, so it is parsed from one.
-Position = Annotated[int, Field(strict=False)]
+# JSON object keys are strings: a constraint position is a key, written as a plain decimal
+# (the pattern the published schema states), read as an int by ``to_params``.
+POSITION_PATTERN = r"^(0|[1-9][0-9]{0,8})$"
+Position = Annotated[str, Field(pattern=POSITION_PATTERN)]
 
 
 class StreamOptions(BaseModel):
@@ -129,17 +95,21 @@ class DiffusionFields(BaseModel):
                 f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
                 param="stop",
             )
-        if self.stream_options is not None and not self.stream:
-            raise APIError("stream_options: only allowed with stream=true", param="stream_options")
 
     def length_field(self) -> tuple[str, int | None]:
         return "max_tokens", self.max_tokens
 
-    def to_params(self) -> DecodeParams:
-        """DecodeParams for this body; an APIError (400) naming the field if invalid."""
+    def to_params(self, max_gen_length: int | None = None) -> DecodeParams:
+        """DecodeParams for this body; an APIError (400) naming the field if invalid. Without
+        a length in the body the canvas is DecodeParams' default, or ``max_gen_length`` (the
+        server's longest) if that is shorter: a body that names no length is never refused
+        for one."""
         self.check_supported()
         length_name, length = self.length_field()
         kwargs: dict[str, Any] = {}
+        default = DecodeParams.gen_length
+        if length is None and self.gen_length is None and max_gen_length is not None:
+            kwargs["gen_length"] = min(default, max_gen_length)
         if length is not None:
             if self.gen_length is not None and self.gen_length != length:
                 raise APIError(
@@ -170,6 +140,8 @@ class DiffusionFields(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
+        if self.constraints is not None:
+            kwargs["constraints"] = {int(pos): v for pos, v in self.constraints.items()}
         if "early_commit" in self.model_fields_set:
             kwargs["early_commit"] = self.early_commit
         if self.stop is not None:
@@ -244,8 +216,10 @@ class ChatCompletionRequest(DiffusionFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs is not None:
+        if self.logprobs:
             raise APIError("logprobs: not supported", param="logprobs")
+        if self.top_logprobs not in (None, 0):  # 0 asks for none: the neutral value
+            raise APIError("top_logprobs: not supported (only 0)", param="top_logprobs")
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise APIError(
@@ -261,3 +235,76 @@ class ChatCompletionRequest(DiffusionFields):
     def chat(self) -> list[dict[str, str]]:
         """Messages as the tokenizer's chat template expects them."""
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+# -- responses ----------------------------------------------------------------------------
+def finish_reason(out: RequestOutput, handle: RequestHandle, engine: AsyncEngine) -> str:
+    """OpenAI's finish_reason: "stop" when the model ended its text inside the canvas (an EOS
+    token, or a stop string), "length" when it filled the canvas; "abort"/"error" otherwise."""
+    if out.finish_reason == "aborted":
+        return "abort"
+    if out.finish_reason == "error":
+        return "error"
+    eos = set(getattr(engine.engine.model, "eos_token_ids", ()) or ())
+    return "stop" if handle.stop_hit or eos & set(out.token_ids) else "length"
+
+
+def diffusion_info(out: RequestOutput) -> dict[str, Any]:
+    """The ``foretell`` object of a choice: how the diffusion decoder finished."""
+    return {
+        "finish_reason": out.finish_reason,
+        "num_forward_passes": out.num_forward_passes,
+        "committed_early": out.committed_early,
+        "commit_step": out.commit_step,
+    }
+
+
+def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    """OpenAI's usage object; the completion is the whole canvas."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def failure_message(error: str | None) -> str:
+    """What a client is told of a failed request: the stage that failed, not the exception
+    text (which may hold allocator or library internals); the server log has the details."""
+    stage = (error or "").split(":", 1)[0].strip()
+    if stage not in ("forward pass failed", "decoding failed"):
+        stage = "internal error"
+    return f"generation failed: {stage} (see the server log)"
+
+
+def check_outputs(outputs: list[RequestOutput]) -> None:
+    """Raise the APIError (500 or 503) a failed or aborted output is answered with."""
+    for out in outputs:
+        if out.finish_reason == "error":
+            logger.warning("request %s failed: %s", out.request_id, out.error)
+            message = failure_message(out.error)
+            raise APIError(message, status=500, type="server_error", code="error")
+        if out.finish_reason == "aborted":
+            raise APIError(
+                "request aborted (server shutting down?)",
+                status=503,
+                type="server_error",
+                code="aborted",
+            )
+
+
+def prompt_error(err: ValueError, rename: dict[str, str] | None = None) -> APIError:
+    """A 400 for a refused prompt; a batch's ``prompts[i]: prompt: why`` becomes
+    ``prompt[i]: why`` (OpenAI's field is ``prompt``)."""
+    if str(err).startswith("prompts: "):  # the batch as a whole
+        return APIError(f"prompt: {str(err)[len('prompts: ') :]}", param="prompt")
+    match = re.match(r"^prompts\[(\d+)\]: (.*)$", str(err), re.S)
+    if match is None:
+        return APIError.from_value_error(err, rename)
+    index, inner = match.groups()
+    api = APIError.from_value_error(ValueError(inner), rename)
+    if api.param == "prompt":
+        return APIError(f"prompt[{index}]: {inner[len('prompt: ') :]}", param="prompt")
+    return api
