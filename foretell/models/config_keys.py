@@ -63,3 +63,29 @@ def check_keys(
             "keys it knows; load_model(..., ignore_unknown_config_keys=True) loads anyway)"
         )
     return unknown
+
+
+def resolve_config(
+    family: str,
+    config: dict,
+    *,
+    honoured: Iterable[str],
+    required: dict,
+    ignored: Iterable[str],
+    defaults: dict,
+    ignore_unknown: bool = False,
+) -> dict:
+    """A family's config.json checked and completed: a key outside the family's lists is refused
+    (see :func:`check_keys`), a ``required`` option outside its allowed value (or tuple of
+    values) is refused by name, and ``defaults`` fill the keys the file leaves out."""
+    known = (*honoured, *required, *ignored, *HF_GENERIC_KEYS)
+    check_keys(family, config, known, ignore_unknown=ignore_unknown)
+    resolved = {**defaults, **config}
+    for key, wanted in required.items():
+        allowed = wanted if isinstance(wanted, tuple) else (wanted,)
+        if resolved.get(key) not in allowed:
+            raise ValueError(
+                f"config.json: {family} option {key}={resolved.get(key)!r} is not supported "
+                f"(only {' or '.join(repr(v) for v in allowed)})"
+            )
+    return resolved

@@ -7,7 +7,7 @@ shift so the decoders always see the logits *for* the position they reveal.
 
 from __future__ import annotations
 
-from foretell.models.config_keys import HF_GENERIC_KEYS, check_keys
+from foretell.models.config_keys import resolve_config
 from foretell.models.transformer import DiffusionLM, TransformerConfig, token_ids
 
 # Every key of Dream's config.json (``configuration_dream.DreamConfig``), by what foretell does
@@ -79,19 +79,15 @@ class DreamModel(DiffusionLM):
         cls, hf: dict, *, tokenizer: object | None = None, ignore_unknown_keys: bool = False
     ) -> DreamModel:
         """``tokenizer`` is unused: Dream's special ids come from config.json or its defaults."""
-        check_keys(
+        c = resolve_config(
             "Dream",
             hf,
-            (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS),
+            honoured=HONOURED,
+            required=REQUIRED,
+            ignored=IGNORED,
+            defaults=DEFAULTS,
             ignore_unknown=ignore_unknown_keys,
         )
-        c = {**DEFAULTS, **hf}
-        for key, allowed in REQUIRED.items():
-            if c[key] not in allowed:
-                raise ValueError(
-                    f"config.json: Dream option {key}={c[key]!r} is not supported "
-                    f"(only {' or '.join(repr(v) for v in allowed)})"
-                )
         try:
             heads = int(c["num_attention_heads"])
             kv_heads = c["num_key_value_heads"]

@@ -8,7 +8,7 @@ layer norm, logit scaling...) are refused by name rather than silently ignored.
 
 from __future__ import annotations
 
-from foretell.models.config_keys import HF_GENERIC_KEYS, check_keys
+from foretell.models.config_keys import resolve_config
 from foretell.models.transformer import DiffusionLM, TransformerConfig, token_ids
 
 # Every key of LLaDA's config.json, by what foretell does with it. A missing key takes the
@@ -122,20 +122,15 @@ class LLaDAModelLM(DiffusionLM):
         cls, hf: dict, *, tokenizer: object | None = None, ignore_unknown_keys: bool = False
     ) -> LLaDAModelLM:
         """``tokenizer`` is unused: LLaDA's special ids come from config.json or its defaults."""
-        check_keys(
+        c = resolve_config(
             "LLaDA",
             hf,
-            (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS),
+            honoured=HONOURED,
+            required=REQUIRED,
+            ignored=IGNORED,
+            defaults=DEFAULTS,
             ignore_unknown=ignore_unknown_keys,
         )
-        c = {**DEFAULTS, **hf}
-        for key, wanted in REQUIRED.items():
-            allowed = wanted if isinstance(wanted, tuple) else (wanted,)
-            if c.get(key) not in allowed:
-                raise ValueError(
-                    f"config.json: LLaDA option {key}={c[key]!r} is not supported "
-                    f"(only {' or '.join(repr(v) for v in allowed)})"
-                )
         try:
             d_model, n_heads = int(c["d_model"]), int(c["n_heads"])
             cfg = TransformerConfig(

@@ -33,7 +33,7 @@ from foretell.models.block_causal import (
     resolve_special_ids,
     swiglu,
 )
-from foretell.models.config_keys import HF_GENERIC_KEYS, check_keys
+from foretell.models.config_keys import resolve_config
 from foretell.models.transformer import RMSNorm
 
 # configuration_llada2_moe.LLaDA2MoeConfig's defaults; block_size is foretell's (the official
@@ -440,19 +440,15 @@ class LLaDA2Model(BlockCausalLM):
         generation_config: dict | None = None,
         ignore_unknown_keys: bool = False,
     ) -> LLaDA2Model:
-        check_keys(
+        c = resolve_config(
             "LLaDA2",
             hf,
-            (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS),
+            honoured=HONOURED,
+            required=REQUIRED,
+            ignored=IGNORED,
+            defaults=DEFAULTS,
             ignore_unknown=ignore_unknown_keys,
         )
-        c = {**DEFAULTS, **hf}
-        for key, allowed in REQUIRED.items():
-            if c[key] not in allowed:
-                raise ValueError(
-                    f"config.json: LLaDA2 option {key}={c[key]!r} is not supported "
-                    f"(only {' or '.join(repr(v) for v in allowed)})"
-                )
         try:
             hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
             head_dim = int(c["head_dim"] or hidden // heads)

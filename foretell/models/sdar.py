@@ -23,7 +23,7 @@ from foretell.models.block_causal import (
     cached_attention,
     resolve_special_ids,
 )
-from foretell.models.config_keys import HF_GENERIC_KEYS, check_keys
+from foretell.models.config_keys import resolve_config
 
 # configuration_sdar.SDARConfig's defaults (block_size and mask_token_id are not in the class;
 # their defaults are the released checkpoints' values).
@@ -233,19 +233,15 @@ class SDARModel(BlockCausalLM):
         generation_config: dict | None = None,
         ignore_unknown_keys: bool = False,
     ) -> SDARModel:
-        check_keys(
+        c = resolve_config(
             "SDAR",
             hf,
-            (*HONOURED, *REQUIRED, *IGNORED, *HF_GENERIC_KEYS),
+            honoured=HONOURED,
+            required=REQUIRED,
+            ignored=IGNORED,
+            defaults=DEFAULTS,
             ignore_unknown=ignore_unknown_keys,
         )
-        c = {**DEFAULTS, **hf}
-        for key, allowed in REQUIRED.items():
-            if c[key] not in allowed:
-                raise ValueError(
-                    f"config.json: SDAR option {key}={c[key]!r} is not supported "
-                    f"(only {' or '.join(repr(v) for v in allowed)})"
-                )
         try:
             heads = int(c["num_attention_heads"])
             kv_heads = c["num_key_value_heads"]
