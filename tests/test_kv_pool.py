@@ -307,3 +307,30 @@ def test_a_pool_that_cannot_grow_fails_the_request_alone(llada, monkeypatch) -> 
     assert outs[second].finish_reason == "error" and "out of memory" in outs[second].error
     assert outs[first].finish_reason == "steps"
     assert pool.used_pages == 0 and pool.free_pages == pool.num_pages
+
+
+def test_a_failing_commit_read_fails_only_its_request(llada, monkeypatch) -> None:
+    """Two cached requests commit in the same cached step and need their masks outside the
+    pass: when the shared read-only pass fails, each is retried alone, and only the one whose
+    own read fails ends with an error; the other commits and every page comes back."""
+    engine = Engine(llada, dtype="float64", kv_page_size=8)
+    never = Prophet((1e9,) * 3, answer_start=20)
+    p = DecodeParams(gen_length=32, block_length=8, steps=32, kv_cache="dual", early_commit=never)
+    good = engine.add_request("12+34=", p)
+    bad = engine.add_request("12+43=", p)
+    engine.step()  # the refresh: nothing commits
+    for rid in (good, bad):  # from now on any gap commits, in a cached step
+        req = engine._live[rid]
+        req.params = req.params.replace(early_commit=Prophet((0.0,) * 3, answer_start=20))
+    real = engine.runner._read_only_many
+
+    def failing(reqs, positions):
+        if any(r.request_id == bad for r in reqs):
+            raise RuntimeError("injected fault")
+        return real(reqs, positions)
+
+    monkeypatch.setattr(engine.runner, "_read_only_many", failing)
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs[good].finish_reason == "early_commit" and outs[good].commit_step == 2
+    assert outs[bad].finish_reason == "error" and "injected fault" in outs[bad].error
+    assert engine.kv_pool.used_pages == 0

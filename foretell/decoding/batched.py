@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -74,6 +74,7 @@ class _Plan:
     commits: list[bool]
     schedules: list[list[int] | None]  # a new block's reveal counts, where one starts
     outside: dict[int, tuple[torch.Tensor, torch.Tensor]]  # a cached commit's other masks
+    failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
 
 
 @dataclass
@@ -180,6 +181,9 @@ class GreedyBatch:
                 req.finish("error", f"decoding failed: {err!r}")
             return
         for j, req in enumerate(self.reqs):
+            if j in plan.failed:
+                req.finish("error", plan.failed[j])
+                continue
             try:
                 self._apply(j, req, plan)
             except Exception as err:
@@ -289,9 +293,20 @@ class GreedyBatch:
             logits = _suppressed(more(flat), cells)
             plan.x0[flat] = logits.argmax(dim=-1).cpu()
         if outside_reqs:
-            found = read_only(outside_reqs, outside_pos)
+            try:
+                found = read_only(outside_reqs, outside_pos)
+            except Exception:  # retried one request at a time: only one that fails alone fails
+                found = []
+                for req, pos, j in zip(outside_reqs, outside_pos, outside_of, strict=True):
+                    try:
+                        found.extend(read_only([req], [pos]))
+                    except Exception as err:
+                        found.append(None)
+                        plan.failed[j] = f"decoding failed: {err!r}"
             pairs = zip(outside_of, outside_reqs, outside_pos, found, strict=True)
             for j, req, pos, logits in pairs:
+                if logits is None:
+                    continue
                 cells = [(0, len(pos), t) for t in req.logits_suppress]
                 plan.outside[j] = (pos, _suppressed(logits, cells).argmax(dim=-1).cpu())
 

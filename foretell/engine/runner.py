@@ -245,8 +245,9 @@ class ModelRunner:
             out.per_request.append((req, RequestLogits(pos, logits, more_fn, own)))
 
         def read_only(reqs: list[Request], pos: list[torch.Tensor]) -> list[torch.Tensor]:
+            found = self._read_only_many(reqs, pos)
             out.query_tokens += sum(len(p) for p in pos)
-            return self._read_only_many(reqs, pos)
+            return found
 
         if greedy is not None:
             greedy.bind(rows, stats, more_flat, read_only)
