@@ -32,7 +32,12 @@ from foretell.decoding.step import (
     move_cached_cursor,
     next_nonempty_block,
 )
-from foretell.decoding.unmask import RowStats, greedy_llada, llada_block_schedule
+from foretell.decoding.unmask import (
+    RowStats,
+    greedy_llada,
+    llada_block_schedule,
+    suppress_cells,
+)
 from foretell.scheduler.request import Request
 
 # Columns of the per-sequence geometry table (canvas positions).
@@ -290,7 +295,7 @@ class GreedyBatch:
                     outside_of.append(j)
         if missing:
             flat = torch.cat(missing)
-            logits = _suppressed(more(flat), cells)
+            logits = suppress_cells(more(flat), cells)
             plan.x0[flat] = logits.argmax(dim=-1).cpu()
         if outside_reqs:
             try:
@@ -308,7 +313,7 @@ class GreedyBatch:
                 if logits is None:
                     continue
                 cells = [(0, len(pos), t) for t in req.logits_suppress]
-                plan.outside[j] = (pos, _suppressed(logits, cells).argmax(dim=-1).cpu())
+                plan.outside[j] = (pos, suppress_cells(logits, cells).argmax(dim=-1).cpu())
 
     def _gaps(
         self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats
@@ -551,15 +556,3 @@ class GreedyBatch:
             move_block_cursor(req)
         if req.is_finished and whole:
             req.set_canvas(req.canvas.clone())
-
-
-def _suppressed(logits: torch.Tensor, cells: list[tuple[int, int, int]]) -> torch.Tensor:
-    """``logits`` with ``-inf`` at each ``(first row, end row, token)`` cell (a copy)."""
-    if not cells:
-        return logits
-    row_idx = torch.cat([torch.arange(a, b) for a, b, _ in cells])
-    col_idx = torch.cat([torch.full((b - a,), t) for a, b, t in cells])
-    return logits.index_put(
-        (row_idx.to(logits.device), col_idx.to(logits.device)),
-        logits.new_full((), float("-inf")),
-    )

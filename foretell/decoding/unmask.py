@@ -42,6 +42,21 @@ def suppress(logits: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
+def suppress_cells(
+    logits: torch.Tensor, cells: list[tuple[int, int, int]], *, inplace: bool = False
+) -> torch.Tensor:
+    """``logits`` with ``-inf`` at each ``(first row, end row, token)`` cell, in one indexed
+    write for all of them (a copy, or ``logits`` itself with ``inplace``)."""
+    if not cells:
+        return logits
+    row_idx = torch.cat([torch.arange(a, b) for a, b, _ in cells]).to(logits.device)
+    col_idx = torch.cat([torch.full((b - a,), t) for a, b, t in cells]).to(logits.device)
+    value = logits.new_full((), float("-inf"))
+    if inplace:
+        return logits.index_put_((row_idx, col_idx), value)
+    return logits.index_put((row_idx, col_idx), value)
+
+
 def confidence_probs(
     logits: torch.Tensor, dtype: torch.dtype, suppressed: tuple[int, ...] = ()
 ) -> torch.Tensor:

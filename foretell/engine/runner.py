@@ -26,6 +26,7 @@ from foretell.decoding.unmask import (
     RowStats,
     greedy_llada,
     suppress,
+    suppress_cells,
 )
 from foretell.engine.kv_cache import KVPool
 from foretell.engine.packing import Packer
@@ -324,14 +325,7 @@ class ModelRunner:
             if batch[i].params.cfg_scale <= 0
             for token in batch[i].logits_suppress
         ]
-        if not cells:
-            return
-        row_idx = torch.cat([torch.arange(a, b) for a, b, _ in cells])
-        col_idx = torch.cat([torch.full((b - a,), t) for a, b, t in cells])
-        gathered.index_put_(
-            (row_idx.to(gathered.device), col_idx.to(gathered.device)),
-            torch.tensor(float("-inf"), dtype=gathered.dtype, device=gathered.device),
-        )
+        suppress_cells(gathered, cells, inplace=True)
 
     def _prob_variants(
         self, gathered: torch.Tensor, batch: list[Request], spans: dict[int, tuple[int, int]]
