@@ -131,6 +131,11 @@ class DecodeParams:
     ``steps`` defaults to ``gen_length`` (one token per step), ``block_length`` to
     ``gen_length`` (no semi-autoregressive blocks). The reveal schedule follows the model's
     family: LLaDA's per-block schedule, or Dream's ``eps`` schedule over the whole generation.
+    **Block-causal models (SDAR, LLaDA2) read two fields differently**, as their official
+    decoders do: ``block_length`` defaults to the model's block size, and ``steps`` is the
+    number of denoising steps *per block* (default: one token a step); ``remasking`` is
+    ``"low_confidence"`` (the static schedule) or ``"confidence_threshold"`` (the dynamic one,
+    with ``threshold``), and Prophet's test runs block by block (docs/guide.md).
     ``remasking`` accepts Dream's names too (``maskgit_plus``, ``topk_margin``); ``origin`` is
     Dream's random-transfer rule. ``constraints`` maps generation positions to a token id or a
     text whose words are tokenized with a leading space and placed from that position on (the
@@ -151,6 +156,11 @@ class DecodeParams:
     official code draws when seeded the same way, so its output is the same whatever shares
     its batch; None (the default) draws from the engine's shared stream, in one draw a step for
     every such request, so its output depends on the batch (docs/guide.md).
+    ``stop_token_ids`` (as vLLM's) end a block-causal generation after the block that holds
+    one, and cut every family's returned ids after the first; a block-causal model's EOS ids
+    stop it too unless ``ignore_eos``. ``eos_early_stop`` and ``minimal_topk`` are LLaDA2's
+    ``generate`` options (stop as soon as everything before a revealed EOS is decoded; cap
+    ``steps`` at ``gen_length // minimal_topk``).
     """
 
     gen_length: int = 64
@@ -175,6 +185,12 @@ class DecodeParams:
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     kv_cache: str | None = None
+    # Stopping (as vLLM's SamplingParams): token ids that end the generation, the model's EOS
+    # ids too unless ``ignore_eos``; LLaDA2's ``eos_early_stop`` and ``minimal_topk``.
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    eos_early_stop: bool = False
+    minimal_topk: int = 1
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -185,19 +201,16 @@ class DecodeParams:
 
         if not is_int(self.gen_length) or self.gen_length < 1:
             fail("gen_length", f"must be a positive integer, got {self.gen_length!r}")
+        # Which of steps / block_length the caller left to the defaults: a block-causal model
+        # fills them from its own block size (``for_block_model``), not from gen_length.
+        unset = frozenset(n for n in ("steps", "block_length") if getattr(self, n) is None)
+        object.__setattr__(self, "_unset", unset)
         steps = self.gen_length if self.steps is None else self.steps
         block = self.gen_length if self.block_length is None else self.block_length
         if not is_int(block) or block < 1:
             fail("block_length", f"must be a positive integer, got {block!r}")
-        if self.gen_length % block:
-            fail("block_length", f"gen_length {self.gen_length} is not a multiple of {block}")
         if not is_int(steps) or steps < 1:
             fail("steps", f"must be a positive integer, got {steps!r}")
-        if steps > self.gen_length:
-            fail("steps", f"{steps} is more than gen_length {self.gen_length}")
-        num_blocks = self.gen_length // block
-        if steps % num_blocks:
-            fail("steps", f"{steps} is not a multiple of the number of blocks {num_blocks}")
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "block_length", block)
 
@@ -263,10 +276,57 @@ class DecodeParams:
                 "confidence_dtype",
                 f"unknown {self.confidence_dtype!r}; choose one of {CONFIDENCE_DTYPES}",
             )
-        for name in ("logits_eos_inf", "confidence_eos_eot_inf"):
+        for name in ("logits_eos_inf", "confidence_eos_eot_inf", "ignore_eos", "eos_early_stop"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        ids = self.stop_token_ids
+        ids = (ids,) if is_int(ids) else ids
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            fail("stop_token_ids", f"must be a list of token ids, got {ids!r}")
+        ids = tuple(ids)
+        if not all(is_int(t) and t >= 0 for t in ids):
+            fail("stop_token_ids", f"must be token ids (integers >= 0), got {list(ids)!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+        if not is_int(self.minimal_topk) or self.minimal_topk < 1:
+            fail("minimal_topk", f"must be a positive integer, got {self.minimal_topk!r}")
         self._check_kv_cache(fail)
+
+    def check_canvas_blocks(self) -> None:
+        """LLaDA's and Dream's layout: blocks tile the generation and the step budget splits
+        evenly among them (LLaDA's ``generate.py`` asserts both). Block-causal models count
+        steps per block instead (:meth:`for_block_model`); the engine checks whichever applies
+        when it builds the request, since only the model says which."""
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"block_length: gen_length {self.gen_length} is not a multiple of "
+                f"{self.block_length}"
+            )
+        if self.steps > self.gen_length:
+            raise ValueError(f"steps: {self.steps} is more than gen_length {self.gen_length}")
+        if self.steps % self.num_blocks:
+            raise ValueError(
+                f"steps: {self.steps} is not a multiple of the number of blocks {self.num_blocks}"
+            )
+        cached = self.kv_cache is not None and self.remasking != "confidence_threshold"
+        if cached and self.steps_per_block < 2:
+            # Fast-dLLM's cached loop always runs a step after the block's first one.
+            raise ValueError(
+                f"kv_cache: needs at least 2 steps per block (steps {self.steps} over "
+                f"{self.num_blocks} blocks gives {self.steps_per_block})"
+            )
+
+    def for_block_model(self, block_size: int) -> DecodeParams:
+        """These params as a block-causal model (SDAR, LLaDA2) reads them: ``block_length``
+        defaults to the model's ``block_size`` and ``steps`` counts denoising steps *per
+        block* (their official meaning), defaulting to one token a step; checked here."""
+        block = block_size if "block_length" in self.unset_fields else self.block_length
+        steps = block if "steps" in self.unset_fields else self.steps
+        if steps > block:
+            raise ValueError(
+                f"steps: {steps} denoising steps per block is more than block_length {block} "
+                "(block-causal models count steps per block)"
+            )
+        return replace(self, block_length=block, steps=steps)
 
     def _check_kv_cache(self, fail) -> None:
         """The combinations Fast-dLLM's cached decoders define; anything else is refused."""
@@ -283,13 +343,6 @@ class DecodeParams:
                 f"remasking {self.remasking!r} is not supported with a cache; "
                 f"choose one of {KV_CACHE_RULES}",
             )
-        if self.remasking != "confidence_threshold" and self.steps_per_block < 2:
-            # Fast-dLLM's cached loop always runs a step after the block's first (refresh) one.
-            fail(
-                "kv_cache",
-                f"needs at least 2 steps per block (steps {self.steps} over "
-                f"{self.num_blocks} blocks gives {self.steps_per_block})",
-            )
 
     @property
     def num_blocks(self) -> int:
@@ -300,8 +353,18 @@ class DecodeParams:
         return self.steps // self.num_blocks
 
     def replace(self, **changes: object) -> DecodeParams:
-        """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
+        """A copy with some fields changed (validated again); fields left to their defaults
+        stay so unless changed."""
+        return replace(self, **self._keep_unset(changes))
+
+    def _keep_unset(self, changes: dict) -> dict:
+        return {**dict.fromkeys(self.unset_fields - set(changes)), **changes}
+
+    @property
+    def unset_fields(self) -> frozenset[str]:
+        """Which of ``steps`` / ``block_length`` were left to their defaults (not a field:
+        a plain attribute, so that ``asdict`` and equality ignore it)."""
+        return getattr(self, "_unset", frozenset())
 
     def override(self, **changes: object) -> DecodeParams:
         """Like ``replace``, but a new ``gen_length`` brings ``steps`` (capped) and
@@ -310,8 +373,11 @@ class DecodeParams:
         defaults."""
         if changes.get("gen_length") is not None:
             length = changes["gen_length"]
-            changes.setdefault("steps", min(self.steps, length) if _is_int(length) else None)
-            changes.setdefault("block_length", length)
+            # Left to the defaults, they follow the new length (or the model's block size).
+            if "steps" not in self.unset_fields:
+                changes.setdefault("steps", min(self.steps, length) if _is_int(length) else None)
+            if "block_length" not in self.unset_fields:
+                changes.setdefault("block_length", length)
             if (
                 "constraints" not in changes
                 and self.constraints
@@ -319,7 +385,7 @@ class DecodeParams:
                 and max(self.constraints) >= length
             ):
                 changes["constraints"] = None
-        return replace(self, **changes)
+        return replace(self, **self._keep_unset(changes))
 
 
 def as_params(fields: dict) -> DecodeParams:

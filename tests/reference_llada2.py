@@ -15,16 +15,19 @@ Where the official code differs:
   the official logits are), which is how SGLang, diffusers and other revisions treat it;
 - with ``eos_early_stop`` it returns the prompt too (and a prompt containing EOS would end
   the search there); this returns the generation only.
-``use_cache=True`` is not the official code: it keeps the finished blocks' keys and values and
-stores a finished block in the next block's first pass (one forward over both blocks), which
-gives the same tokens, so the past-K/V forward is exercised as the engine will use it.
+``use_cache=True`` is not the official code: it keeps the finished blocks' keys and values,
+computed by a store pass over what finished since the last one (the prompt's whole blocks at
+first), as SDAR's official decoder does; foretell's engine computes its cache in those shapes.
+The same tokens in exact arithmetic; in bfloat16 the rounding differs from re-encoding the
+window. ``passes`` counts the denoising passes (the official count), never store passes.
+``prophet`` is foretell's block-wise early commit, as in :mod:`tests.reference_sdar`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tests.reference_sdar import choose, schedule
+from tests.reference_sdar import choose, prophet_fires, schedule
 
 
 @torch.no_grad()
@@ -40,6 +43,7 @@ def llada2_generate(
     eos_id: int,
     eos_early_stop: bool = False,
     use_cache: bool = False,
+    prophet: tuple | None = None,
 ) -> tuple[list[int], int]:
     """(the generation, forward passes)."""
     mask = model.mask_token_id
@@ -58,19 +62,26 @@ def llada2_generate(
             if not active.any():
                 break
             if not use_cache:
-                logits = model(x[:, :hi])[0, lo:hi]
-            elif stored < lo:  # store what finished since the last store, and denoise
-                out, kv = model(
-                    x[:, stored:hi], positions=pos[:, stored:hi], past=past, return_kv=True
-                )
-                kv = kv.prefix(lo - stored)
-                past = kv if past is None else past.cat(kv)
-                stored, logits = lo, out[0, lo - hi :]
+                logits = model(x[:, :hi], block_size=block_length)[0, lo:hi]
             else:
-                logits = model(x[:, lo:hi], positions=pos[:, lo:hi], past=past)[0]
+                if stored < lo:  # store what finished since the last store
+                    _, kv = model(
+                        x[:, stored:lo],
+                        positions=pos[:, stored:lo],
+                        past=past,
+                        return_kv=True,
+                        block_size=block_length,
+                    )
+                    past, stored = (kv if past is None else past.cat(kv)), lo
+                logits = model(
+                    x[:, lo:hi], positions=pos[:, lo:hi], past=past, block_size=block_length
+                )[0]
             passes += 1
             probs = logits.float().softmax(-1)
             x0 = probs.argmax(-1)
+            if prophet_fires(prophet, logits, active, lo, n, step, steps):
+                x[0, lo:hi] = torch.where(active, x0, x[0, lo:hi])
+                break
             conf = probs.gather(-1, x0[:, None])[:, 0].masked_fill(~active, float("-inf"))
             reveal = choose(conf, ks[step], threshold)
             x[0, lo + reveal] = x0[reveal]

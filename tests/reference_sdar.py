@@ -8,7 +8,17 @@ Where the official code differs:
   this takes the first index, as ``argmax`` does);
 - it asserts ``block_length % steps == 0``; this accepts any ``steps <= block_length`` with
   the general schedule (``block // steps``, one more for the first ``block % steps`` steps);
-- it returns the whole block-aligned canvas; :func:`cut` gives what foretell returns.
+- it returns the whole block-aligned canvas; :func:`cut` gives what foretell returns;
+- its ``topk`` takes ``k_s`` positions even when fewer masks are left (a block holding the
+  prompt's tail), writing over prompt or revealed tokens; this caps ``k_s`` at the masks left;
+- a block whose ``steps`` are spent with masks left (a revealed token was the mask token
+  itself) would index past the schedule; this stores it as it is and moves on.
+
+``prophet`` is foretell's block-wise early commit (no official code): ``(thresholds, bounds,
+statistic, span)``, with ``span`` None (the block's masks) or ``(start, length)`` relative to
+the generation. Before each reveal, the gap statistic over the region (the part of the span
+inside the block) is compared with the threshold of progress ``(step + 1) / steps``; when it
+is reached every mask of the block takes its argmax and the block is done.
 
 Confidence is the softmax probability of the argmax over the unfiltered logits, in the logits'
 dtype (SDAR's head returns the model's dtype; the softmax is not upcast).
@@ -21,6 +31,35 @@ import torch
 
 def schedule(block_length: int, steps: int) -> list[int]:
     return [block_length // steps + (i < block_length % steps) for i in range(steps)]
+
+
+def prophet_fires(
+    prophet: tuple | None,
+    logits: torch.Tensor,
+    masked: torch.Tensor,
+    lo: int,
+    prompt_len: int,
+    step: int,
+    steps: int,
+) -> bool:
+    """The block-wise Prophet test over one block's ``logits`` (rows of the block)."""
+    if prophet is None:
+        return False
+    thresholds, bounds, statistic, span = prophet
+    if span is None:
+        rows = masked.nonzero().flatten()
+    else:
+        start = prompt_len + span[0] - lo
+        first = max(start, 0)
+        rows = torch.arange(first, max(min(start + span[1], logits.shape[0]), first))
+    if len(rows) == 0:
+        return False
+    top2 = logits[rows].topk(2, dim=-1).values
+    gaps = (top2[:, 0] - top2[:, 1]).float()
+    gap = float(gaps.mean() if statistic == "mean" else gaps.min())
+    progress = (step + 1) / steps
+    phase = 0 if progress < bounds[0] else (1 if progress < bounds[1] else 2)
+    return gap >= thresholds[phase]
 
 
 def choose(conf: torch.Tensor, k: int, threshold: float | None) -> torch.Tensor:
@@ -45,6 +84,7 @@ def bd3_generate(
     threshold: float | None = None,
     stop_ids: tuple[int, ...] = (),
     use_cache: bool = True,
+    prophet: tuple | None = None,
 ) -> tuple[list[int], int]:
     """(the canvas after the prompt, forward passes). ``threshold`` None: the static
     schedule; else the dynamic one. ``use_cache=False`` recomputes the whole window every step
@@ -61,27 +101,43 @@ def bd3_generate(
     first = n // block_length
     if use_cache and first:
         _, past = model(
-            x[:, : first * block_length], positions=pos[:, : first * block_length], return_kv=True
+            x[:, : first * block_length],
+            positions=pos[:, : first * block_length],
+            return_kv=True,
+            block_size=block_length,
         )
         passes += 1
     ks = schedule(block_length, steps)
     for b in range(first, num_blocks):
         lo, hi = b * block_length, (b + 1) * block_length
+        committed = False
         for i in range(steps + 1):
             masked = x[0, lo:hi] == mask
-            if not masked.any():
+            if not masked.any() or i == steps or committed:
                 if use_cache:  # one extra pass stores the finished block's clean keys
-                    _, kv = model(x[:, lo:hi], positions=pos[:, lo:hi], past=past, return_kv=True)
+                    _, kv = model(
+                        x[:, lo:hi],
+                        positions=pos[:, lo:hi],
+                        past=past,
+                        return_kv=True,
+                        block_size=block_length,
+                    )
                     past = kv if past is None else past.cat(kv)
                     passes += 1
                 break
             if use_cache:
-                logits = model(x[:, lo:hi], positions=pos[:, lo:hi], past=past)[0]
+                logits = model(
+                    x[:, lo:hi], positions=pos[:, lo:hi], past=past, block_size=block_length
+                )[0]
             else:
-                logits = model(x[:, :hi])[0, lo:hi]
+                logits = model(x[:, :hi], block_size=block_length)[0, lo:hi]
             passes += 1
             probs = logits.softmax(-1)
             x0 = logits.argmax(-1)
+            if prophet_fires(prophet, logits, masked, lo, n, i, steps):
+                x[0, lo:hi] = torch.where(masked, x0, x[0, lo:hi])
+                committed = True  # the block is done: the next turn stores it
+                continue
             conf = probs.gather(-1, x0[:, None])[:, 0].float()
             conf = conf.masked_fill(~masked, float("-inf"))
             reveal = choose(conf, ks[i], threshold)

@@ -330,3 +330,25 @@ def test_module_cli_runs_the_harness(tmp_path):
     (path,) = tmp_path.rglob("results_*.json")
     saved = json.loads(path.read_text())
     assert saved["config"]["foretell"]["generate_requests"] == 8
+
+
+def test_block_causal_models_generate_and_refuse_likelihood(tmp_path):
+    """An SDAR checkpoint: generate_until decodes with the model's block and per-block steps,
+    each request as the engine alone; loglikelihood is not defined by its evaluation."""
+    from tests.block_checkpoints import sdar_checkpoint
+
+    path = sdar_checkpoint(tmp_path / "sdar", seed=2)[0]
+    lm = ForetellLM(pretrained=str(path), max_num_seqs=2)
+    requests = [
+        Instance("generate_until", {}, (text, {"until": ["zz"], "max_gen_toks": 10 + i}), i)
+        for i, text in enumerate(["abc", "hello 12", "x"])
+    ]
+    texts = lm.generate_until(requests, disable_tqdm=True)
+    for req, text in zip(requests, texts, strict=True):
+        params = lm.request_params(req.args[1])
+        assert params.gen_length == req.args[1]["max_gen_toks"]
+        (alone,) = lm.engine.generate([lm._encode(req.args[0])], params, use_tqdm=False)
+        assert text == lm._clean(alone.text)
+        assert alone.num_forward_passes > 0
+    with pytest.raises(NotImplementedError, match="loglikelihood"):
+        lm.loglikelihood(_loglikelihood_requests(1, seed=0))

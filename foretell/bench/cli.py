@@ -287,6 +287,7 @@ def main(args: argparse.Namespace) -> int:
             remaskings=args.remaskings or setup.remaskings,
             prompt_tokens=prompt_tokens,
             prompt_vocab=setup.prompt_vocab if prompt_tokens else None,
+            per_block_steps=setup.per_block_steps,
         )
 
     if args.replicas:

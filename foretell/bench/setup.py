@@ -55,6 +55,8 @@ class BenchSetup:
     remaskings: list[str] = field(default_factory=list)
     # Random token-id prompts of this length range instead of task prompts (a random model).
     prompt_tokens: tuple[int, int] | None = None
+    # A block-causal model: step budgets count per block (DecodeParams.for_block_model).
+    per_block_steps: bool = False
 
     def workload(self, n: int, seed: int) -> list:
         """``n`` seeded requests in this setup's mix (the same list for every mode)."""
@@ -71,6 +73,7 @@ class BenchSetup:
             remaskings=self.remaskings,
             prompt_tokens=self.prompt_tokens,
             prompt_vocab=self.prompt_vocab,
+            per_block_steps=self.per_block_steps,
         )
 
     @property
@@ -221,6 +224,20 @@ def load_for_bench(
         )
     base = engine.default_params
     gen = base.gen_length
+    if getattr(engine.model, "block_causal", False):
+        # The model's own block; full steps (one token a step) and half of them, per block.
+        block = engine.model.block_size
+        steps = sorted({block, max(1, block // 2)}, reverse=True)
+        return BenchSetup(
+            str(model),
+            loaded,
+            base,
+            engine.default_prophet,
+            TASK_NAMES,
+            [block],
+            steps,
+            per_block_steps=True,
+        )
     blocks = sorted({b for b in (gen // 4, gen // 2, gen) if b >= 1 and gen % b == 0})
     steps = sorted({gen, max(1, gen // 2)}, reverse=True)
     return BenchSetup(str(model), loaded, base, engine.default_prophet, TASK_NAMES, blocks, steps)

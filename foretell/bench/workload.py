@@ -96,6 +96,7 @@ def make_workload(
     heldout_seed: int = HELDOUT_SEED,
     prompt_tokens: tuple[int, int] | None = None,
     prompt_vocab: Sequence[int] | None = None,
+    per_block_steps: bool = False,
 ) -> list[BenchRequest]:
     """``n`` seeded requests over ``tasks``' held-out prompts (default: the shipped model's).
 
@@ -108,7 +109,8 @@ def make_workload(
     block length that does not divide the generation, are never drawn). ``base`` supplies
     everything else (the model's own layout and constraints). The draws are sequential, so the
     first ``k`` requests of a workload of ``n > k`` are the workload of ``k``: scaling runs grow
-    one list.
+    one list. ``per_block_steps``: a block-causal model's budgets, steps per block (at most
+    the block), any generation length.
     """
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
@@ -143,7 +145,7 @@ def make_workload(
             (b, s)
             for b in block_lengths
             for s in step_budgets
-            if gen % b == 0 and s <= gen and s % (gen // b) == 0
+            if (s <= b if per_block_steps else gen % b == 0 and s <= gen and s % (gen // b) == 0)
         ]
         if not combos:
             raise ValueError(

@@ -62,7 +62,8 @@ def batchable(req: Request) -> bool:
     """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path)."""
     p = req.params
     return (
-        p.cfg_scale <= 0
+        not req.block_causal
+        and p.cfg_scale <= 0
         and p.remasking in ("low_confidence", "random", _THRESHOLD)
         and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k)
     )

@@ -34,7 +34,7 @@ from foretell.params import DecodeParams, as_params
 
 logger = logging.getLogger(__name__)
 
-FINISH_REASONS = ("steps", "early_commit", "aborted", "error")
+FINISH_REASONS = ("steps", "early_commit", "stop", "aborted", "error")
 DEFAULT_MASK_TEXT = "[MASK]"
 
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from foretell.decoding import advance
+from foretell.decoding.block_step import advance_block
 from foretell.engine import kv_cache
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
@@ -249,8 +250,8 @@ class Engine:
         for req in self.scheduler.update():
             self._live.pop(req.request_id, None)
             self.metrics.finished[req.finish_reason] += 1
-            if req.finish_reason in ("steps", "early_commit"):
-                self.metrics.generated_tokens += req.params.gen_length
+            if req.finish_reason in ("steps", "early_commit", "stop"):
+                self.metrics.generated_tokens += len(req.generated_ids)
             ready.append(self.output(req))
         self._track_kv_cache()
         self.metrics.step_seconds += time.perf_counter() - start
@@ -284,6 +285,11 @@ class Engine:
                 advance(req, res.positions, res.logits, res.more, res.stats)
             except Exception as err:  # one request's failure must not stop the others
                 req.finish("error", f"decoding failed: {err!r}")
+        for req, positions, scores in result.blocks:
+            try:
+                advance_block(req, positions, scores)
+            except Exception as err:
+                req.finish("error", f"decoding failed: {err!r}")
         if result.batched is not None:
             result.batched.advance()  # errors are attributed inside, per request where possible
         # Counted after decoding: a commit's read-only rows of a cached request run then.
@@ -309,7 +315,7 @@ class Engine:
             text=text,
             num_forward_passes=req.global_step,
             finish_reason=req.finish_reason,
-            committed_early=req.finish_reason == "early_commit",
+            committed_early=req.commit_step is not None,
             commit_step=req.commit_step,
             last_gap=req.last_gap,
             error=req.error,

@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 class RequestOutput:
     """The result of one request.
 
-    ``token_ids`` is the whole generated part of the final canvas (``gen_length`` ids, special
-    tokens included); ``text`` is its decoding, with special tokens skipped as the params say and
-    cut at the first ``stop`` string. ``num_forward_passes`` counts the steps this request took
-    part in; ``commit_step`` is the step at which Prophet committed (None if it did not).
+    ``token_ids`` is the generated part of the final canvas (``gen_length`` ids, special
+    tokens included), ending after the first stop id when ``stop_token_ids`` (or a
+    block-causal model's EOS) hold one, as the official block decoders return it; ``text``
+    is its decoding, with special tokens skipped as the params say and cut at the first
+    ``stop`` string. ``num_forward_passes`` counts the steps this request took
+    part in; ``commit_step`` is the step at which Prophet committed (None if it did not; for a
+    block-causal model, the step of the latest block it committed).
     """
 
     request_id: str
@@ -21,7 +24,9 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     num_forward_passes: int
-    finish_reason: str | None  # "steps" | "early_commit" | "aborted" | "error"; None: running
+    # "steps" | "early_commit" | "stop" (a block-causal stop id) | "aborted" | "error";
+    # None: running
+    finish_reason: str | None
     committed_early: bool = False
     commit_step: int | None = None
     last_gap: float | None = None  # Prophet's gap statistic at the last step it was measured

@@ -88,6 +88,16 @@ class Packer:
         offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)
         seq_of: list[int] = [0] * len(batch)
         total = 0
+        # A block-causal request's rows whose keys are due in its pages (the prompt's whole
+        # blocks, or the block it finished) are a sequence of their own, as the official
+        # prefill and store passes are; they come first, and are stored in every layer before
+        # any sequence reads.
+        stores = [s for s in (self.store_layout(r) for r in batch if r.block_causal) if s]
+        for req, (pos, cache) in sorted(stores, key=lambda s: _pack_key(s[1])):
+            seqs.append(req.canvas[pos])
+            seq_positions.append(pos)
+            caches.append(cache)
+            total += len(pos)
         for i in sorted(range(len(batch)), key=lambda i: _pack_key(layouts[i])):
             req, (pos, cache) = batch[i], layouts[i]
             cond = total
@@ -124,10 +134,16 @@ class Packer:
     def layout(self, req: Request, needed: torch.Tensor | None) -> Layout:
         """Canvas positions of ``req``'s sequence in this pass, and how it uses its pages.
 
-        Uncached: the canvas. A cached request's block start: the canvas, whose keys and
+        A block-causal request: its current block, attending to its pages up to the block's
+        end. Uncached: the canvas. A cached request's
+        block start: the canvas, whose keys and
         values refresh its pages. A cached step: the span it recomputes (its keys/values go
         into its pages) plus read-only rows for ``needed`` positions outside it, attending to
         its whole canvas in the pool."""
+        if req.block_causal:  # its block's queries over its pages (see store_layout)
+            lo, hi = req.block_bounds()
+            block = req.params.block_length
+            return torch.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
         if req.params.kv_cache is None:
             return self.arange(req.canvas_len), None
         length = req.canvas_len
@@ -138,6 +154,18 @@ class Packer:
         before = outside[outside < lo]
         pos = torch.cat([before, torch.arange(lo, hi), outside[outside >= hi]])
         return pos, CacheUse(req.kv_slots, len(before), lo, hi - lo, length)
+
+    @staticmethod
+    def store_layout(req: Request) -> tuple[Request, Layout] | None:
+        """A block-causal request's store sequence, when keys are due: canvas positions from
+        the first not stored to its block's start, written and read block-causally (the
+        official decoders' prefill, and SDAR's store pass of a finished block)."""
+        lo = req.block_bounds()[0]
+        if req.kv_stored >= lo:
+            return None
+        start, block = req.kv_stored, req.params.block_length
+        cache = CacheUse(req.kv_slots, 0, start, lo - start, lo, block)
+        return req, (torch.arange(start, lo), cache)
 
 
 def _pack_key(layout: Layout) -> tuple:

@@ -85,7 +85,15 @@ class RequestBuilder:
         if not isinstance(params, DecodeParams):
             raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
         family = self.model.family
-        if params.kv_cache is not None:
+        block_causal = bool(getattr(self.model, "block_causal", False))
+        if block_causal:
+            params = self._block_params(params)
+        else:
+            params.check_canvas_blocks()
+            for name in ("eos_early_stop", "minimal_topk"):
+                if getattr(params, name) != DecodeParams.__dataclass_fields__[name].default:
+                    raise ValueError(f"{name}: an option of block-causal decoding (LLaDA2)")
+        if not block_causal and params.kv_cache is not None:
             _check_kv_cache(family, params)
         elif family == "dream" and params.block_length != params.gen_length:
             raise ValueError(
@@ -95,9 +103,11 @@ class RequestBuilder:
         if family != "dream" and params.remasking == "origin":
             raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
         logits_suppress, confidence_suppress = self._suppressed_ids(params)
+        stop_ids = self._stop_ids(params, block_causal)
         self._check_gen_length(params)
         ids = self.encode(prompt)
-        self._check_length(ids, params)
+        if not block_causal:
+            self._check_length(ids, params)
         req = Request(
             request_id=request_id,
             prompt=prompt,
@@ -108,11 +118,99 @@ class RequestBuilder:
             constraint_ids=self.constraint_ids(params),
             logits_suppress=logits_suppress,
             confidence_suppress=confidence_suppress,
-            confidence_dtype=self._confidence_dtype(params, family),
+            confidence_dtype=None if block_causal else self._confidence_dtype(params, family),
+            block_causal=block_causal,
+            stop_ids=stop_ids,
         )
-        if params.kv_cache is not None:
+        if block_causal:
+            self._check_block_length(req)
+        if params.kv_cache is not None or block_causal:
             req.kv_pages_needed = self.kv_pool.pages_for(req.canvas_len)
         return req
+
+    def _block_params(self, params: DecodeParams) -> DecodeParams:
+        """What block-causal decoding defines (the official SDAR and LLaDA2 decoders, greedy),
+        with ``block_length`` and ``steps`` (per block) resolved against the model."""
+        family = self.model.family
+        refused = {
+            "kv_cache": (
+                params.kv_cache is not None,
+                "block-causal models always cache their "
+                "finished blocks, exactly; leave kv_cache unset",
+            ),
+            "cfg_scale": (
+                params.cfg_scale > 0,
+                "classifier-free guidance is not defined for block-causal decoding",
+            ),
+            "temperature": (
+                params.temperature > 0 or params.top_p is not None or params.top_k is not None,
+                "block-causal decoding is greedy in "
+                "foretell for now (temperature 0, no top_p / top_k)",
+            ),
+            "alg_temp": (params.alg_temp is not None, "Dream's option"),
+            "logits_eos_inf": (params.logits_eos_inf, "an option of LLaDA's generate.py"),
+            "confidence_eos_eot_inf": (
+                params.confidence_eos_eot_inf,
+                "an option of LLaDA's generate.py",
+            ),
+            "confidence_dtype": (
+                params.confidence_dtype is not None,
+                "block-causal confidence is in the logits' dtype",
+            ),
+            "minimal_topk": (params.minimal_topk != 1 and family != "llada2", "LLaDA2's option"),
+        }
+        for name, (bad, why) in refused.items():
+            if bad:
+                raise ValueError(f"{name}: {why}")
+        if params.remasking not in ("low_confidence", "confidence_threshold"):
+            raise ValueError(
+                f"remasking: block-causal models reveal by 'low_confidence' (the static "
+                f"schedule) or 'confidence_threshold' (the dynamic one), not "
+                f"{params.remasking!r}"
+            )
+        params = params.for_block_model(self.model.block_size)
+        if family == "llada2":
+            # LLaDA2's generate caps the steps so that a step reveals minimal_topk tokens.
+            steps = min(params.steps, params.gen_length // params.minimal_topk)
+            if steps < 1:
+                raise ValueError(
+                    f"minimal_topk: {params.minimal_topk} leaves no step for gen_length "
+                    f"{params.gen_length}"
+                )
+            params = params.replace(steps=steps)
+        return params
+
+    def _stop_ids(self, params: DecodeParams, block_causal: bool) -> tuple[int, ...]:
+        """``stop_token_ids``, and a block-causal model's EOS ids unless ``ignore_eos``
+        (LLaDA and Dream return the whole canvas, as their official decoders do)."""
+        ids = list(params.stop_token_ids)
+        if block_causal and not params.ignore_eos:
+            ids += [t for t in self.model.eos_token_ids if t not in ids]
+        vocab = self.model.vocab_size
+        bad = [t for t in ids if t >= vocab or t == self.mask_token_id]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids: {bad[0]} is outside the vocabulary ({vocab}) or the mask token"
+            )
+        if params.eos_early_stop and not ids:
+            raise ValueError("eos_early_stop: no stop ids (ignore_eos without stop_token_ids)")
+        return tuple(dict.fromkeys(ids))
+
+    def _check_block_length(self, req: Request) -> None:
+        """A block-causal canvas runs to its last block's end; its largest pass is its
+        first (``Request.cost``)."""
+        limit = self.max_model_len
+        if limit is not None and req.canvas_len > limit:
+            raise ValueError(
+                f"prompt: {req.prompt_len} prompt tokens + gen_length {req.params.gen_length}, "
+                f"to the end of the last block ({req.canvas_len}), exceed the maximum length "
+                f"{limit}"
+            )
+        if req.cost > self.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt: its first pass ({req.cost} tokens: the prompt's blocks and the first "
+                f"block to denoise) exceeds max_num_batched_tokens {self.max_num_batched_tokens}"
+            )
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -15,12 +15,13 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from foretell.decoding import positions_needed
 from foretell.decoding.batched import GreedyBatch, batchable
+from foretell.decoding.block_step import block_positions, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
@@ -65,6 +66,9 @@ class PassOutput:
     # Query tokens the model ran for this pass: canvases, cached spans and read-only rows
     # (a commit's read-only rows, asked for while decoding, are added then).
     query_tokens: int = 0
+    # Block-causal requests: each one's needed positions and their host scores
+    # (``foretell.decoding.block_step``).
+    blocks: list[tuple[Request, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 # The CPU default of ``forward_chunk_tokens``: on the 2-core machine of docs/benchmarks.md a
@@ -170,6 +174,11 @@ class ModelRunner:
                 group = []
         needed = greedy.needed.clone() if greedy else torch.zeros(total, dtype=torch.bool)
         in_group = set(group)
+        blocks = [i for i, req in enumerate(batch) if req.block_causal]
+        block_pos = {i: block_positions(batch[i]) for i in blocks}
+        for i in blocks:  # its sequence is its block
+            needed[block_pos[i] - batch[i].block_bounds()[0] + offsets[i][0]] = True
+        in_group.update(blocks)
         others = [i for i in range(len(batch)) if i not in in_group]
         for i in others:
             if batch[i].generator is None:  # once in the request's life
@@ -253,7 +262,25 @@ class ModelRunner:
         if greedy is not None:
             greedy.bind(rows, stats, more_flat, read_only)
         out.batched = greedy
+        if blocks:
+            out.blocks = self._block_scores(batch, blocks, block_pos, gathered, row_ranges)
         return out
+
+    def _block_scores(
+        self,
+        batch: list[Request],
+        blocks: list[int],
+        positions: dict[int, torch.Tensor],
+        gathered: torch.Tensor,
+        row_ranges: dict[int, tuple[int, int]],
+    ) -> list[tuple[Request, torch.Tensor, torch.Tensor]]:
+        """Every block-causal request's rows scored in one batched computation and brought to
+        the host in one transfer."""
+        index = torch.cat([torch.arange(*row_ranges[i]) for i in blocks])
+        argmax_of_probs = getattr(self.model, "argmax_of_probs", False)
+        scores = score_rows(gathered[index.to(gathered.device)], argmax_of_probs).cpu()
+        parts = scores.split([len(positions[i]) for i in blocks], dim=1)
+        return [(batch[i], positions[i], part) for i, part in zip(blocks, parts, strict=True)]
 
     def _read_only_many(
         self, reqs: list[Request], positions: list[torch.Tensor]

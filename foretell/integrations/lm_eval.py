@@ -292,6 +292,14 @@ class ForetellLM(LM):
             else:
                 log.debug("foretell: ignoring generation kwarg %s=%r", key, value)
         block = changes.get("block_length", self.block_length)
+        if getattr(self.engine.model, "block_causal", False):
+            # SDAR / LLaDA2: the model's block and per-block steps unless given; any length
+            # (the generation ends at a stop id or is cut to it).
+            changes["gen_length"] = int(self.gen_length or max_gen)
+            for name, value in (("block_length", block), ("steps", self.steps)):
+                if value is not None:
+                    changes.setdefault(name, value)
+            return self._finish_params(changes, until, changes["gen_length"])
         if self.gen_length is not None:
             length = int(self.gen_length)
         elif block:
@@ -301,6 +309,9 @@ class ForetellLM(LM):
         changes["gen_length"] = length
         changes["block_length"] = block or length
         changes.setdefault("steps", self.steps or length)
+        return self._finish_params(changes, until, length)
+
+    def _finish_params(self, changes: dict, until: object, length: int) -> DecodeParams:
         if until is not None:
             changes["stop"] = tuple(s for s in ([until] if isinstance(until, str) else until) if s)
         # As LLaDA's and Prophet's evaluations: cut at the stop strings in the text with its
@@ -381,6 +392,12 @@ class ForetellLM(LM):
         return prefix, whole[len(prefix) :]
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if getattr(self.engine.model, "block_causal", False):
+            raise NotImplementedError(
+                f"foretell: loglikelihood is not defined for {self.engine.model.family} "
+                "(block-causal) models: their official evaluations generate only "
+                "(generate_until tasks work)"
+            )
         if not requests:
             return []
         start = time.perf_counter()

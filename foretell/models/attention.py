@@ -90,6 +90,11 @@ class CacheUse:
     None the sequence attends to itself (a refresh); otherwise every row attends to the keys of
     canvas positions ``[0, read_len)`` in the pool, after this pass's writes, and rows outside
     the written span are read-only (never stored).
+
+    ``block_size`` (block-causal models): the sequence is the canvas positions
+    ``[write_start, read_len)``, all written, and a row sees a key when the key's block (of
+    ``block_size`` positions from 0) is not after its own: a finished block's store rows and
+    the next block's queries share one sequence.
     """
 
     slots: torch.Tensor
@@ -97,6 +102,7 @@ class CacheUse:
     write_start: int
     write_len: int
     read_len: int | None = None
+    block_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,8 @@ class KVPlan:
     self_runs: tuple[tuple[int, tuple[int, ...]], ...]
     # (first row, count, query length, first gathered key, key length).
     read_groups: tuple[tuple[int, int, int, int, int], ...]
+    # Each read group's block-causal mask ([query length, key length] booleans), or None.
+    read_masks: tuple[torch.Tensor | None, ...]
     seq_lens: tuple[int, ...]
     k_lens: tuple[int, ...]  # keys each sequence attends to (flash-attn / xformers)
     # flash-attn / xformers only: every sequence's keys back to back, as indices into the
@@ -145,6 +153,7 @@ def plan_kv(
     write_rows, write_slots, read_slots = [], [], []
     self_runs: list[tuple[int, list[int]]] = []
     groups: list[list[int]] = []
+    masks: list[torch.Tensor | None] = []
     k_lens = []
     start, read_at = 0, 0
     for length, cache in zip(seq_lens, caches, strict=True):
@@ -162,10 +171,12 @@ def plan_kv(
             k_lens.append(cache.read_len)
             read_slots.append(cache.slots[: cache.read_len])
             g = groups[-1] if groups else None
-            if g and g[0] + g[1] * g[2] == start and (g[2], g[4]) == (length, cache.read_len):
+            shape = (length, cache.read_len, cache.block_size)
+            if g and g[0] + g[1] * g[2] == start and (g[2], g[4], g[5]) == shape:
                 g[1] += 1
             else:
-                groups.append([start, 1, length, read_at, cache.read_len])
+                groups.append([start, 1, length, read_at, cache.read_len, cache.block_size])
+                masks.append(_block_mask(length, cache, device))
             read_at += cache.read_len
         start += length
 
@@ -193,13 +204,23 @@ def plan_kv(
         write_slots=cat(write_slots),
         read_slots=cat(read_slots),
         self_runs=tuple((s, tuple(lens)) for s, lens in self_runs),
-        read_groups=tuple(tuple(g) for g in groups),
+        read_groups=tuple(tuple(g[:5]) for g in groups),
+        read_masks=tuple(masks),
         seq_lens=tuple(seq_lens),
         k_lens=tuple(k_lens),
         key_index=key_index,
         cu_q=cu_q,
         cu_k=cu_k,
     )
+
+
+def _block_mask(length: int, cache: CacheUse, device: torch.device) -> torch.Tensor | None:
+    """A block-causal sequence's mask: its rows are the last ``length`` of its keys."""
+    if cache.block_size is None:
+        return None
+    keys = torch.arange(cache.read_len, device=device) // cache.block_size
+    rows = keys[cache.read_len - length :]
+    return keys[None, :] <= rows[:, None]
 
 
 def packed_attention(
@@ -330,6 +351,8 @@ def _cached_attention(
         pool.index_copy_(1, kv.write_slots, fresh)
     read = None if kv.read_slots is None else pool.index_select(1, kv.read_slots)
     num_heads = q.shape[1]
+    if backend != "sdpa" and any(m is not None for m in kv.read_masks):
+        raise ValueError(f"attention_backend: block-causal masks need 'sdpa', not {backend!r}")
     if backend in ("flash", "xformers"):
         return _varlen_cached(q, k, v, backend, kv, read)
     out = torch.empty_like(q)
@@ -342,12 +365,14 @@ def _cached_attention(
             _sdpa_runs(q, ks, vs, out, start, lens)
     if read is not None:
         read = _expand_kv(read, num_heads, 2)
-        for start, count, q_len, k_start, k_len in kv.read_groups:
+        for (start, count, q_len, k_start, k_len), mask in zip(
+            kv.read_groups, kv.read_masks, strict=True
+        ):
             end = start + count * q_len
             qs = q[start:end].reshape(count, q_len, *q.shape[1:]).transpose(1, 2)
             keys = read[:, k_start : k_start + count * k_len]
             ks, vs = (t.reshape(count, k_len, *t.shape[1:]).transpose(1, 2) for t in keys)
-            res = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+            res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(1, 2)
             out[start:end] = res.reshape(count * q_len, *q.shape[1:])
     return out
 

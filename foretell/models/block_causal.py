@@ -14,20 +14,33 @@ One forward serves both uses:
   ``return_kv=True`` the call also returns the current tokens' keys and values, which the caller
   appends to its cache once those tokens are final (SDAR's "store" pass).
 
-Attention runs through torch's SDPA with an explicit boolean mask. The engine's paged KV pool
-is not used here yet: decoding these families inside the engine is not wired (issue #25).
+Attention runs through torch's SDPA with an explicit boolean mask, in both entry points:
+
+- ``forward``, padded ``[B, L]`` (training, the tests' reference decoders);
+- ``forward_packed``, the engine's: sequences back to back, each a request's rows from the
+  first position whose keys its pages do not hold yet to the end of its current block, written
+  to and read from the KV pool (:class:`foretell.models.attention.CacheUse` with a
+  ``block_size``), so a finished block's store rows and the next block's queries are one pass.
+
+The mask's block is the *decoding* block length, which may differ from the checkpoint's
+``block_size`` (SDAR's official decoder builds its mask from its ``block_length`` argument).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foretell.models.attention import resolve_backend
+from foretell.models.attention import CacheUse, packed_attention, plan_kv, resolve_backend
 from foretell.models.transformer import CheckpointNames, token_ids
+
+# A layer's attention: (q [B, L, heads, D], k, v [B, L, kv_heads, D]) -> [B, L, heads, D], the
+# keys and values already normed and rotated; the caller decides what they attend to.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -134,15 +147,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class BlockCausalLM(CheckpointNames, nn.Module):
     """A loaded block-causal LM: embeddings, the family's layers, final norm and head.
 
-    Subclasses build ``self.layers`` (each layer is called as
-    ``layer(x, cos, sin, allowed, past_k, past_v) -> (x, k, v)``), set ``self.norm`` and
-    ``self.lm_head``, and give ``rotary_dim`` and ``rope_theta``.
+    Subclasses build ``self.layers`` (each layer is called as ``layer(x, cos, sin, attend) ->
+    x``, see :data:`Attend`), set ``self.norm`` and ``self.lm_head``, and give ``rotary_dim``
+    and ``rope_theta``.
     """
 
     family: str = "block-causal"
     architecture: str = "BlockCausalLM"
     block_causal: bool = True
     shifted_logits: bool = False
+    # Greedy decoding's token: the argmax of the logits, or (LLaDA2) of the probabilities,
+    # which differ only where two logits round to one probability.
+    argmax_of_probs: bool = False
 
     def __init__(
         self,
@@ -203,6 +219,7 @@ class BlockCausalLM(CheckpointNames, nn.Module):
         *,
         past: PastKV | None = None,
         return_kv: bool = False,
+        block_size: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, PastKV]:
         """Logits ``[B, L, V]`` for ``input_ids`` ``[B, L]`` under the block-causal mask.
 
@@ -212,6 +229,7 @@ class BlockCausalLM(CheckpointNames, nn.Module):
           ``past``, whose keys the queries see by the same block rule.
         - ``return_kv``: also return this call's keys and values as a :class:`PastKV`, to be
           appended to ``past`` when the tokens are final.
+        - ``block_size``: the mask's block (default: the checkpoint's).
 
         Logits come in the dtype the official model returns them: SDAR's in the model's dtype,
         LLaDA2's cast to float32.
@@ -228,17 +246,24 @@ class BlockCausalLM(CheckpointNames, nn.Module):
         elif attention_mask is not None:
             positions = positions.masked_fill(~attention_mask.bool(), -1)
         k_positions = positions if past is None else torch.cat([past.positions, positions], 1)
-        allowed = block_causal_mask(positions, k_positions, self.block_size)
+        allowed = block_causal_mask(positions, k_positions, block_size or self.block_size)
         x = self.embed(input_ids)
         cos, sin = rotary_angles(positions, self.rotary_dim, self.rope_theta, x.dtype)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
+
+        def attend_at(index: int) -> Attend:
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                keys.append(k.transpose(1, 2))
+                values.append(v.transpose(1, 2))
+                past_k = None if past is None else past.keys[index]
+                past_v = None if past is None else past.values[index]
+                return cached_attention(q, k, v, allowed, past_k, past_v)
+
+            return attend
+
         for index, layer in enumerate(self.layers):
-            past_k = None if past is None else past.keys[index]
-            past_v = None if past is None else past.values[index]
-            x, k, v = layer(x, cos, sin, allowed, past_k, past_v)
-            keys.append(k)
-            values.append(v)
+            x = layer(x, cos, sin, attend_at(index))
         logits = self.lm_logits(self.norm(x))
         if return_kv:
             return logits, PastKV(keys=keys, values=values, positions=positions)
@@ -248,18 +273,43 @@ class BlockCausalLM(CheckpointNames, nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
 
-    # -- the engine's packed entry points: not for these families yet ---------------------
-    def forward_packed(self, *args: object, **kwargs: object) -> torch.Tensor:
-        raise NotImplementedError(
-            f"{self.family}: decoding block-causal models in the engine is not wired yet "
-            "(issue #25); use model.forward with past keys and values"
-        )
+    # -- the engine's packed entry points ----------------------------------------------
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        caches: list[CacheUse | None] | None = None,
+        kv_storage: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final (normed) hidden states ``[T, hidden]`` of packed sequences, each using the KV
+        pool with a block-causal :class:`CacheUse`: its rows' keys and values are stored, then
+        it attends to its canvas's keys up to its end under the block rule."""
+        if caches is None or kv_storage is None or any(c is None for c in caches):
+            raise ValueError(
+                f"{self.family}: every packed sequence needs its KV pool use (block-causal "
+                "decoding always caches finished blocks)"
+            )
+        plan = plan_kv(kv_storage, seq_lens, caches)
+        x = self.embed(input_ids)[None]
+        cos, sin = rotary_angles(positions[None], self.rotary_dim, self.rope_theta, x.dtype)
 
-    def logits_at(self, *args: object, **kwargs: object) -> torch.Tensor:
-        raise NotImplementedError(
-            f"{self.family}: decoding block-causal models in the engine is not wired yet "
-            "(issue #25)"
-        )
+        def attend_at(index: int) -> Attend:
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                out = packed_attention(q[0], k[0], v[0], seq_lens, "sdpa", plan, index)
+                return out[None]
+
+            return attend
+
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attend_at(index))
+        return self.norm(x[0])
+
+    def logits_at(
+        self, hidden: torch.Tensor, positions: torch.Tensor, flat_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the packed rows ``flat_index`` (no shift: position i predicts itself)."""
+        return self.lm_logits(hidden[flat_index])
 
     def checkpoint_config(self) -> dict:
         """The family's config.json for this model (see each family)."""

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from foretell.models.block_causal import (
+    Attend,
     BlockCausalLM,
     SwiGLU,
     apply_rotary,
-    cached_attention,
     resolve_special_ids,
     swiglu,
 )
@@ -299,22 +299,13 @@ class LLaDA2Attention(nn.Module):
         self.key_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.dense = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.dense_bias)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
-        past_k: torch.Tensor | None,
-        past_v: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend):
         b, n = h.shape[:2]
         qkv = self.query_key_value(h).view(b, n, -1, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         q = apply_rotary(self.query_layernorm(q), cos, sin)
         k = apply_rotary(self.key_layernorm(k), cos, sin)
-        out = cached_attention(q, k, v, allowed, past_k, past_v)
-        return self.dense(out.reshape(b, n, -1)), k.transpose(1, 2), v.transpose(1, 2)
+        return self.dense(attend(q, k, v).reshape(b, n, -1))
 
 
 class LLaDA2Layer(nn.Module):
@@ -327,18 +318,10 @@ class LLaDA2Layer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size) if dense else SparseMoE(cfg)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
-        past_k: torch.Tensor | None,
-        past_v: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn, k, v = self.attention(self.input_layernorm(x), cos, sin, allowed, past_k, past_v)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k, v
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 _ATTENTION_TENSORS = (
@@ -373,6 +356,7 @@ _EXPERT_TENSOR = re.compile(
 class LLaDA2Model(BlockCausalLM):
     family = "llada2"
     architecture = "LLaDA2MoeModelLM"
+    argmax_of_probs = True  # its generate takes the argmax of the float32 probabilities
     weight_names = (
         ("model.word_embeddings.weight", "embed.weight"),
         *((f"model.layers.{{i}}.{t}", f"layers.{{i}}.{t}") for t in _ATTENTION_TENSORS),

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from foretell.models.block_causal import (
+    Attend,
     BlockCausalLM,
     SwiGLU,
     apply_rotary,
-    cached_attention,
     resolve_special_ids,
 )
 from foretell.models.config_keys import resolve_config
@@ -131,22 +131,13 @@ class SDARAttention(nn.Module):
         self.q_norm = SDARRMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = SDARRMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
-        past_k: torch.Tensor | None,
-        past_v: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend):
         b, n = h.shape[:2]
         q = self.q_norm(self.q_proj(h).view(b, n, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(h).view(b, n, self.num_kv_heads, self.head_dim))
         v = self.v_proj(h).view(b, n, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = cached_attention(q, k, v, allowed, past_k, past_v)
-        return self.o_proj(out.reshape(b, n, -1)), k.transpose(1, 2), v.transpose(1, 2)
+        return self.o_proj(attend(q, k, v).reshape(b, n, -1))
 
 
 class SDARLayer(nn.Module):
@@ -158,18 +149,10 @@ class SDARLayer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
-        past_k: torch.Tensor | None,
-        past_v: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past_k, past_v)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k, v
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 _LAYER_TENSORS = (

@@ -39,6 +39,12 @@ class Request:
     confidence_suppress: tuple[int, ...] = ()
     # The confidence softmax's dtype where it is not the model's (``unmask.confidence_dtype``).
     confidence_dtype: torch.dtype | None = None
+    # A block-causal model's request (SDAR, LLaDA2: foretell.decoding.block_step): its canvas
+    # is block-aligned from position 0 and its pages hold the keys of its finished blocks.
+    block_causal: bool = False
+    # Token ids that end the generation (``stop_token_ids``, and a block-causal model's EOS
+    # unless ``ignore_eos``): the returned ids stop after the first.
+    stop_ids: tuple[int, ...] = ()
 
     status: Status = Status.WAITING
     canvas: torch.Tensor = field(init=False)
@@ -64,6 +70,9 @@ class Request:
     kv_pages_needed: int = 0
     kv_pages: list[int] | None = None
     kv_slots: torch.Tensor | None = None
+    # A block-causal request: canvas positions [0, kv_stored) have their final keys and
+    # values in its pages.
+    kv_stored: int = 0
     # Engine steps this request has waited: at the head of the queue (the age bound of fair
     # admission), and, once running, since it last took part in a pass.
     steps_waited: int = 0
@@ -79,7 +88,10 @@ class Request:
     def __post_init__(self) -> None:
         p = self.params
         prompt = torch.tensor(self.prompt_token_ids, dtype=torch.long)
-        self.canvas = torch.cat([prompt, torch.full((p.gen_length,), self.mask_token_id)])
+        masks = torch.full((self.canvas_len - self.prompt_len,), self.mask_token_id)
+        self.canvas = torch.cat([prompt, masks])
+        if self.block_causal:  # the first block to denoise holds the prompt's tail
+            self.block = self.prompt_len // p.block_length
         self.apply_constraints()
         self.given = self.canvas != self.mask_token_id
         # A seeded request owns its stream; an unseeded one draws from the engine's shared
@@ -97,7 +109,13 @@ class Request:
 
     @property
     def canvas_len(self) -> int:
-        return self.prompt_len + self.params.gen_length
+        """Prompt and generation; a block-causal canvas runs on to the end of its last block
+        (decoded whole, as the official decoders do, then cut to ``gen_length``)."""
+        length = self.prompt_len + self.params.gen_length
+        if self.block_causal:
+            block = self.params.block_length
+            return -(-length // block) * block
+        return length
 
     @property
     def num_sequences(self) -> int:
@@ -107,14 +125,22 @@ class Request:
     @property
     def cost(self) -> int:
         """Tokens of this request's largest pass (a whole canvas, and its cfg copy): what it
-        must find room for in ``max_num_batched_tokens`` to run at all."""
+        must find room for in ``max_num_batched_tokens`` to run at all. A block-causal
+        request's largest is its first (the prompt's whole blocks and the first block to
+        denoise), or a finished block's store rows and the next block."""
+        if self.block_causal:
+            block = self.params.block_length
+            return min(self.canvas_len, max((self.prompt_len // block + 1) * block, 2 * block))
         return self.canvas_len * self.num_sequences
 
     @property
     def step_tokens(self) -> int:
         """Query tokens this request's next pass runs: its canvas (and cfg copy), or in a
         cached step the recomputed span plus the read-only rows Prophet's region adds outside
-        it (exactly the rows ``foretell.decoding.positions_needed`` asks for there)."""
+        it (exactly the rows ``foretell.decoding.positions_needed`` asks for there); a
+        block-causal request, its keys not yet stored up to its block's end."""
+        if self.block_causal:
+            return self.block_bounds()[1] - self.kv_stored
         if not self.cached_step:
             return self.cost
         lo, hi = self.query_span()
@@ -139,13 +165,16 @@ class Request:
         """Canvas positions ``[start, end)`` of the block being decoded."""
         if not self.uses_blocks:
             return self.prompt_len, self.canvas_len
+        if self.block_causal:  # blocks aligned at position 0
+            start = self.block * self.params.block_length
+            return start, start + self.params.block_length
         start = self.prompt_len + self.block * self.params.block_length
         return start, start + self.params.block_length
 
     @property
     def cached_step(self) -> bool:
         """Whether this step reads the KV cache: a cached request after its block's first
-        (refresh) step."""
+        (refresh) step. Block-causal requests always read theirs (``block_step``)."""
         return self.params.kv_cache is not None and self.step_in_block > 0
 
     def query_span(self) -> tuple[int, int]:
@@ -207,4 +236,12 @@ class Request:
 
     @property
     def generated_ids(self) -> list[int]:
-        return self.canvas[self.prompt_len :].tolist()
+        """The generation as the official decoders return it: ``gen_length`` ids (a
+        block-causal canvas's tail past it dropped), ending after the first stop id."""
+        ids = self.canvas[self.prompt_len : self.prompt_len + self.params.gen_length].tolist()
+        if self.stop_ids:
+            stops = set(self.stop_ids)
+            for i, t in enumerate(ids):
+                if t in stops:
+                    return ids[: i + 1]
+        return ids

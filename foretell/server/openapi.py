@@ -52,6 +52,7 @@ class ServedLimits:
     max_prompts_per_request: int | None
     max_prompt_tokens: int
     api_key: bool
+    block_size: int | None = None  # a block-causal model's (SDAR, LLaDA2); None otherwise
     error_statuses: tuple[int, ...] = (400, 403, 404, 408, 413, 415, 429, 500, 503, 504)
 
 
@@ -69,6 +70,7 @@ def served_limits(engine: Any, model_name: str, **app: Any) -> ServedLimits:
         mask_token_id=core.mask_token_id,
         family=model.family,
         has_eos=bool(getattr(model, "eos_token_ids", None)),
+        block_size=model.block_size if getattr(model, "block_causal", False) else None,
         max_prompt_tokens=core.max_prompt_tokens,
         **app,
     )
@@ -94,6 +96,66 @@ def _token(limits: ServedLimits) -> dict[str, Any]:
 
 def _false(description: str) -> dict[str, Any]:
     return _opt({"type": "boolean", "const": False}, description)
+
+
+def _null(description: str) -> dict[str, Any]:
+    return {"type": "null", "default": None, "description": description}
+
+
+def _block_fields(lim: ServedLimits) -> dict[str, dict[str, Any]]:
+    """What a block-causal model (SDAR, LLaDA2) reads differently, or refuses."""
+    g, block = lim.max_gen_length, lim.block_size
+    llada2 = lim.family == "llada2"
+    greedy = "block-causal decoding is greedy in foretell for now"
+    return {
+        "steps": _opt(
+            _int(1, BIG_INT),
+            "denoising steps per block (default: block_length). Cross-field: at most "
+            "block_length" + ("; LLaDA2 caps it at gen_length // minimal_topk." if llada2 else "."),
+            cross=True,
+        ),
+        "block_length": _opt(
+            _int(1, BIG_INT),
+            f"decoding block, aligned at position 0 (default: the model's {block}). "
+            "Cross-field: the prompt's whole blocks and the first block to denoise must fit "
+            "the batch token budget, and the canvas to its last block's end the model length.",
+            cross=True,
+        ),
+        "remasking": _opt(
+            {"type": "string", "enum": ["low_confidence", "confidence_threshold", "maskgit_plus"]},
+            "'low_confidence': the static schedule; 'confidence_threshold': the dynamic one",
+        ),
+        "temperature": _opt({"type": "number", "minimum": 0, "maximum": 0}, greedy),
+        "top_p": _null(greedy),
+        "top_k": _null(greedy),
+        "alg_temp": _null("Dream's option"),
+        "cfg_scale": _opt({"type": "number", "minimum": 0, "maximum": 0}, "no guidance"),
+        "kv_cache": _null("block-causal models always cache their finished blocks"),
+        "confidence_dtype": _null("the confidence is in the logits' dtype"),
+        "max_tokens": _opt(
+            _int(1, g),
+            f"gen_length: the generation's length at most (default "
+            f"{min(DecodeParams.gen_length, g)}); it ends earlier at a stop id. Cross-field: "
+            "as block_length.",
+            cross=True,
+        ),
+        "eos_early_stop": _opt(
+            {"type": "boolean"},
+            "LLaDA2's option: end as soon as everything before the first revealed stop id is "
+            "decoded. Cross-field: needs a stop id (not ignore_eos without stop_token_ids).",
+            cross=True,
+        ),
+        "minimal_topk": (
+            _opt(
+                _int(1, BIG_INT),
+                "LLaDA2's option: steps <= gen_length // minimal_topk. Cross-field: must "
+                "leave a step.",
+                cross=True,
+            )
+            if llada2
+            else _opt(_int(1, 1), "LLaDA2's option; only 1 here")
+        ),
+    }
 
 
 def _remasking(limits: ServedLimits) -> list[str]:
@@ -257,6 +319,15 @@ def _common_fields(lim: ServedLimits) -> dict[str, dict[str, Any]]:
         "presence_penalty": _opt({"type": "number", "minimum": 0, "maximum": 0}, "only 0"),
         "frequency_penalty": _opt({"type": "number", "minimum": 0, "maximum": 0}, "only 0"),
         "logit_bias": _opt({"type": "object", "maxProperties": 0}, "only empty"),
+        "stop_token_ids": _opt(
+            {"type": "array", "items": _token(lim)},
+            "token ids that end the generation (returned ids stop after the first)"
+            + ("; the model's EOS ids too unless ignore_eos" if lim.block_size else ""),
+        ),
+        "ignore_eos": _opt({"type": "boolean"}, "do not stop at the model's EOS ids"),
+        "eos_early_stop": _false("LLaDA2's option; block-causal models only"),
+        "minimal_topk": _opt(_int(1, 1), "LLaDA2's option; block-causal models only"),
+        **(_block_fields(lim) if lim.block_size else {}),
     }
 
 
@@ -368,7 +439,10 @@ _FORETELL = {
     "type": "object",
     "required": ["finish_reason", "num_forward_passes", "committed_early", "commit_step"],
     "properties": {
-        "finish_reason": {"type": "string", "enum": ["steps", "early_commit", "aborted", "error"]},
+        "finish_reason": {
+            "type": "string",
+            "enum": ["steps", "early_commit", "stop", "aborted", "error"],
+        },
         "num_forward_passes": {"type": "integer"},
         "committed_early": {"type": "boolean"},
         "commit_step": {"type": ["integer", "null"]},

@@ -61,6 +61,11 @@ class DiffusionFields(BaseModel):
     confidence_dtype: str | None = None
     logits_eos_inf: bool | None = None
     confidence_eos_eot_inf: bool | None = None
+    # vLLM's stop_token_ids / ignore_eos; LLaDA2's eos_early_stop / minimal_topk.
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    eos_early_stop: bool | None = None
+    minimal_topk: int | None = None
     # Streaming only: also send a chunk every step carrying the whole canvas (masks shown).
     stream_canvas: bool = False
 
@@ -136,6 +141,10 @@ class DiffusionFields(BaseModel):
             "confidence_dtype",
             "logits_eos_inf",
             "confidence_eos_eot_inf",
+            "stop_token_ids",
+            "ignore_eos",
+            "eos_early_stop",
+            "minimal_topk",
         ):
             value = getattr(self, name)
             if value is not None:
@@ -245,6 +254,8 @@ def finish_reason(out: RequestOutput, handle: RequestHandle, engine: AsyncEngine
         return "abort"
     if out.finish_reason == "error":
         return "error"
+    if out.finish_reason == "stop":  # a stop id ended a block-causal generation
+        return "stop"
     eos = set(getattr(engine.engine.model, "eos_token_ids", ()) or ())
     return "stop" if handle.stop_hit or eos & set(out.token_ids) else "length"
 
