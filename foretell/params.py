@@ -307,13 +307,6 @@ class DecodeParams:
             raise ValueError(
                 f"steps: {self.steps} is not a multiple of the number of blocks {self.num_blocks}"
             )
-        cached = self.kv_cache is not None and self.remasking != "confidence_threshold"
-        if cached and self.steps_per_block < 2:
-            # Fast-dLLM's cached loop always runs a step after the block's first one.
-            raise ValueError(
-                f"kv_cache: needs at least 2 steps per block (steps {self.steps} over "
-                f"{self.num_blocks} blocks gives {self.steps_per_block})"
-            )
 
     def for_block_model(self, block_size: int) -> DecodeParams:
         """These params as a block-causal model (SDAR, LLaDA2) reads them: ``block_length``
@@ -342,6 +335,14 @@ class DecodeParams:
                 "kv_cache",
                 f"remasking {self.remasking!r} is not supported with a cache; "
                 f"choose one of {KV_CACHE_RULES}",
+            )
+        tiled = self.gen_length % self.block_length == 0  # else check_canvas_blocks refuses
+        if tiled and self.remasking != "confidence_threshold" and self.steps_per_block < 2:
+            # Fast-dLLM's cached loop always runs a step after the block's first (refresh) one.
+            fail(
+                "kv_cache",
+                f"needs at least 2 steps per block (steps {self.steps} over "
+                f"{self.num_blocks} blocks gives {self.steps_per_block})",
             )
 
     @property

@@ -207,7 +207,13 @@ def test_invalid_requests_are_refused_before_queueing(llada64) -> None:
 
     stats = asyncio.run(main())
     # Nothing refused ever reached the engine: one aborted request, no other.
-    assert stats["finished"] == {"steps": 0, "early_commit": 0, "aborted": 1, "error": 0}
+    assert stats["finished"] == {
+        "steps": 0,
+        "early_commit": 0,
+        "stop": 0,
+        "aborted": 1,
+        "error": 0,
+    }
 
 
 def test_shutdown_aborts_or_drains(llada64) -> None:

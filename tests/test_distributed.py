@@ -198,3 +198,23 @@ def test_row_params() -> None:
         row_params(base, "[1, 2]")
     with pytest.raises(ValueError, match="threshold: must be a finite number"):
         row_params(base, {"threshold": "high"})
+
+
+def test_predictor_decodes_a_block_causal_model(tmp_path) -> None:
+    """An SDAR checkpoint through the bulk-job actor: steps count per block, the model's
+    block is the default, and each row equals the engine's own output."""
+    from tests.block_checkpoints import sdar_checkpoint
+
+    path = str(sdar_checkpoint(tmp_path / "sdar", seed=4)[0])
+    predictor = EnginePredictor(path, params={"gen_length": 12}, engine_kwargs=ENGINE)
+    rows = [("abc", '{"steps": 2}'), ("hello", '{"remasking": "confidence_threshold"}')]
+    batch = pa.table({"prompt": [p for p, _ in rows], "params": [q for _, q in rows]})
+    out = predictor(batch).to_pylist()
+    engine = Engine(path, **ENGINE)
+    for (prompt, fields), row in zip(rows, out, strict=True):
+        params = row_params(engine.default_params.replace(gen_length=12), fields)
+        (alone,) = engine.generate([prompt], params, use_tqdm=False)
+        assert row["error"] is None
+        assert row["token_ids"] == alone.token_ids
+        assert row["num_forward_passes"] == alone.num_forward_passes
+    assert out[0]["num_forward_passes"] <= 2 * 4  # 2 steps per block of 4, 15 positions

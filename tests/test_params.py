@@ -11,9 +11,13 @@ from foretell import DecodeParams, Prophet
     ("kwargs", "field"),
     [
         ({"gen_length": 0}, "gen_length"),
-        ({"gen_length": 64, "block_length": 24}, "block_length"),
-        ({"gen_length": 64, "block_length": 16, "steps": 30}, "steps"),
-        ({"gen_length": 16, "steps": 32}, "steps"),
+        ({"block_length": 0}, "block_length"),
+        ({"steps": 0}, "steps"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": "7"}, "stop_token_ids"),
+        ({"minimal_topk": 0}, "minimal_topk"),
+        ({"eos_early_stop": 1}, "eos_early_stop"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"temperature": -0.1}, "temperature"),
         ({"remasking": "lowest_confidence"}, "remasking"),
         ({"threshold": 0.0, "remasking": "confidence_threshold"}, "threshold"),
@@ -34,6 +38,36 @@ from foretell import DecodeParams, Prophet
 def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         DecodeParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"gen_length": 64, "block_length": 24}, "block_length"),
+        ({"gen_length": 64, "block_length": 16, "steps": 30}, "steps"),
+        ({"gen_length": 16, "steps": 32}, "steps"),
+    ],
+)
+def test_canvas_block_rules_are_checked_for_llada_and_dream(kwargs: dict, field: str) -> None:
+    """Blocks tiling the generation is LLaDA's and Dream's rule (checked when the engine
+    builds their requests); a block-causal model counts steps per block instead."""
+    params = DecodeParams(**kwargs)
+    with pytest.raises(ValueError, match=field):
+        params.check_canvas_blocks()
+
+
+def test_block_models_read_steps_per_block_and_keep_unset_defaults() -> None:
+    p = DecodeParams(gen_length=20)
+    assert p.unset_fields == {"steps", "block_length"}
+    assert (p.steps, p.block_length) == (20, 20)  # LLaDA's defaults
+    block = p.for_block_model(4)
+    assert (block.block_length, block.steps, block.unset_fields) == (4, 4, frozenset())
+    assert p.replace(seed=1).for_block_model(8).steps == 8  # still unset after a replace
+    assert p.override(gen_length=40).for_block_model(8).block_length == 8
+    assert DecodeParams(gen_length=20, steps=2).for_block_model(4).steps == 2
+    with pytest.raises(ValueError, match="steps"):
+        DecodeParams(gen_length=20, steps=6, block_length=4).for_block_model(32)
+    assert DecodeParams(stop_token_ids=[3, 5]).stop_token_ids == (3, 5)
 
 
 @pytest.mark.parametrize(

@@ -187,6 +187,12 @@ class Engine:
         """The longest prompt any request can have (with gen_length 1 and no cfg)."""
         return self.requests.max_prompt_tokens
 
+    def resolve_params(self, params: DecodeParams | dict) -> DecodeParams:
+        """``params`` as this engine's model reads them (a block-causal model's block and
+        per-block steps filled in), or a ``ValueError`` naming the field: the checks that do
+        not need a prompt."""
+        return self.requests.resolve_params(params)
+
     def make_request(
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None
     ) -> Request:

@@ -80,28 +80,9 @@ class RequestBuilder:
     def build(self, prompt: Prompt, params: DecodeParams | dict, request_id: str) -> Request:
         """Validate ``prompt`` and ``params`` and build the request (errors name the field);
         nothing is queued or allocated."""
-        if isinstance(params, dict):
-            params = as_params(params)
-        if not isinstance(params, DecodeParams):
-            raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
+        params = self.resolve_params(params)
         family = self.model.family
         block_causal = bool(getattr(self.model, "block_causal", False))
-        if block_causal:
-            params = self._block_params(params)
-        else:
-            params.check_canvas_blocks()
-            for name in ("eos_early_stop", "minimal_topk"):
-                if getattr(params, name) != DecodeParams.__dataclass_fields__[name].default:
-                    raise ValueError(f"{name}: an option of block-causal decoding (LLaDA2)")
-        if not block_causal and params.kv_cache is not None:
-            _check_kv_cache(family, params)
-        elif family == "dream" and params.block_length != params.gen_length:
-            raise ValueError(
-                "block_length: Dream decodes the whole generation as one block (blocks need "
-                "kv_cache, Fast-dLLM's block decoding)"
-            )
-        if family != "dream" and params.remasking == "origin":
-            raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
         logits_suppress, confidence_suppress = self._suppressed_ids(params)
         stop_ids = self._stop_ids(params, block_causal)
         self._check_gen_length(params)
@@ -127,6 +108,34 @@ class RequestBuilder:
         if params.kv_cache is not None or block_causal:
             req.kv_pages_needed = self.kv_pool.pages_for(req.canvas_len)
         return req
+
+    def resolve_params(self, params: DecodeParams | dict) -> DecodeParams:
+        """``params`` as this model reads them, checked against its family's rules (the
+        prompt-independent checks of :meth:`build`): a block-causal model's block and
+        per-block steps resolved, LLaDA's and Dream's block layout checked."""
+        if isinstance(params, dict):
+            params = as_params(params)
+        if not isinstance(params, DecodeParams):
+            raise ValueError(f"params: expected DecodeParams, got {type(params).__name__}")
+        family = self.model.family
+        block_causal = bool(getattr(self.model, "block_causal", False))
+        if block_causal:
+            params = self._block_params(params)
+        else:
+            params.check_canvas_blocks()
+            for name in ("eos_early_stop", "minimal_topk"):
+                if getattr(params, name) != DecodeParams.__dataclass_fields__[name].default:
+                    raise ValueError(f"{name}: an option of block-causal decoding (LLaDA2)")
+        if not block_causal and params.kv_cache is not None:
+            _check_kv_cache(family, params)
+        elif family == "dream" and params.block_length != params.gen_length:
+            raise ValueError(
+                "block_length: Dream decodes the whole generation as one block (blocks need "
+                "kv_cache, Fast-dLLM's block decoding)"
+            )
+        if family != "dream" and params.remasking == "origin":
+            raise ValueError("remasking: 'origin' is Dream's rule; LLaDA models use the others")
+        return params
 
     def _block_params(self, params: DecodeParams) -> DecodeParams:
         """What block-causal decoding defines (the official SDAR and LLaDA2 decoders, greedy),

@@ -323,7 +323,7 @@ class ForetellLM(LM):
             merged["constraints"] = None  # the model's own layout does not fit this length
         if self.policy is not None:
             merged["early_commit"] = self.policy
-        return base.replace(**merged)
+        return self.engine.resolve_params(base.replace(**merged))
 
     def _encode(self, text: str) -> list[int]:
         # A chat-templated context already starts with BOS: do not add another.
