@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.reference_sdar import choose, prophet_fires, schedule
+from tests.reference_sdar import choose, draw, prophet_fires, schedule
 
 
 @torch.no_grad()
@@ -44,6 +44,7 @@ def llada2_generate(
     eos_early_stop: bool = False,
     use_cache: bool = False,
     prophet: tuple | None = None,
+    sampling: tuple[float, int, float, torch.Generator] | None = None,
 ) -> tuple[list[int], int]:
     """(the generation, forward passes)."""
     mask = model.mask_token_id
@@ -79,10 +80,13 @@ def llada2_generate(
             passes += 1
             probs = logits.float().softmax(-1)
             x0 = probs.argmax(-1)
+            if sampling is not None:  # (temperature, top_k, top_p, generator)
+                x0, probs_x0 = draw(logits, *sampling)
             if prophet_fires(prophet, logits, active, lo, n, step, steps):
                 x[0, lo:hi] = torch.where(active, x0, x[0, lo:hi])
                 break
-            conf = probs.gather(-1, x0[:, None])[:, 0].masked_fill(~active, float("-inf"))
+            conf = probs.gather(-1, x0[:, None])[:, 0] if sampling is None else probs_x0
+            conf = conf.masked_fill(~active, float("-inf"))
             reveal = choose(conf, ks[step], threshold)
             x[0, lo + reveal] = x0[reveal]
             if eos_early_stop and bool((x0[reveal] == eos_id).any()):

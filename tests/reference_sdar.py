@@ -1,8 +1,11 @@
 """SDAR's ``bd3`` decoder, written for the tests from the behaviour of the official one
 (JetAstra/SDAR ``evaluation/opencompass/opencompass/models/huggingface_bd3.py``), batch 1.
 
-Greedy only, which is what the paper's evaluation runs (``temperature=1.0, top_k=1``: the
-multinomial draw over one token is the argmax) and what foretell's temperature 0 means.
+Greedy by default, which is what the paper's evaluation runs (``temperature=1.0, top_k=1``:
+the multinomial draw over one token is the argmax) and what foretell's temperature 0 means;
+``sampling=(temperature, top_k, top_p, generator)`` runs the official sampling (both families'
+files sample the same way: temperature, top-k, top-p, one multinomial draw per block row,
+confidence = the drawn token's filtered probability).
 Where the official code differs:
 - it samples through ``torch.multinomial`` even then (a tie at the top would be drawn at random;
   this takes the first index, as ``argmax`` does);
@@ -62,6 +65,32 @@ def prophet_fires(
     return gap >= thresholds[phase]
 
 
+def draw(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official sampling of a block's rows: temperature, top-k, top-p (to -inf), a
+    multinomial draw per row; (tokens, their filtered probabilities)."""
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    if top_k > 0:
+        smallest = torch.topk(logits, top_k).values[..., -1, None]
+        logits = torch.where(logits < smallest, torch.full_like(logits, float("-inf")), logits)
+    if top_p < 1.0:
+        values, order = torch.sort(logits, descending=True)
+        over = torch.cumsum(values.softmax(-1), dim=-1) > top_p
+        over[..., 1:] = over[..., :-1].clone()
+        over[..., 0] = False
+        cut = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, over)
+        logits = logits.masked_fill(cut, float("-inf"))
+    probs = logits.softmax(-1)
+    token = torch.multinomial(probs, 1, generator=generator)
+    return token[:, 0], probs.gather(-1, token)[:, 0]
+
+
 def choose(conf: torch.Tensor, k: int, threshold: float | None) -> torch.Tensor:
     """Positions to reveal: every confidence strictly above ``threshold`` when there are at
     least ``k`` of them, else the ``k`` highest (masked positions carry -inf)."""
@@ -85,8 +114,11 @@ def bd3_generate(
     stop_ids: tuple[int, ...] = (),
     use_cache: bool = True,
     prophet: tuple | None = None,
+    sampling: tuple[float, int, float, torch.Generator] | None = None,
+    count_stores: bool = True,
 ) -> tuple[list[int], int]:
-    """(the canvas after the prompt, forward passes). ``threshold`` None: the static
+    """(the canvas after the prompt, forward passes: with ``count_stores`` False, the
+    denoising passes only). ``threshold`` None: the static
     schedule; else the dynamic one. ``use_cache=False`` recomputes the whole window every step
     (no KV cache, no store pass): the same tokens, by the block-causal mask."""
     if not 0 < steps <= block_length:
@@ -106,7 +138,7 @@ def bd3_generate(
             return_kv=True,
             block_size=block_length,
         )
-        passes += 1
+        passes += count_stores
     ks = schedule(block_length, steps)
     for b in range(first, num_blocks):
         lo, hi = b * block_length, (b + 1) * block_length
@@ -123,7 +155,7 @@ def bd3_generate(
                         block_size=block_length,
                     )
                     past = kv if past is None else past.cat(kv)
-                    passes += 1
+                    passes += count_stores
                 break
             if use_cache:
                 logits = model(
@@ -134,12 +166,14 @@ def bd3_generate(
             passes += 1
             probs = logits.softmax(-1)
             x0 = logits.argmax(-1)
+            if sampling is not None:  # (temperature, top_k, top_p, generator)
+                x0, drawn = draw(logits, *sampling)
             if prophet_fires(prophet, logits, masked, lo, n, i, steps):
                 x[0, lo:hi] = torch.where(masked, x0, x[0, lo:hi])
                 committed = True  # the block is done: the next turn stores it
                 continue
-            conf = probs.gather(-1, x0[:, None])[:, 0].float()
-            conf = conf.masked_fill(~masked, float("-inf"))
+            conf = probs.gather(-1, x0[:, None])[:, 0] if sampling is None else drawn
+            conf = conf.float().masked_fill(~masked, float("-inf"))
             reveal = choose(conf, ks[i], threshold)
             x[0, lo + reveal] = x0[reveal]
         if any(int(t) in stop_ids for t in x[0, n:].tolist()):

@@ -89,8 +89,9 @@ def _reference(
         prophet=case["prophet"],
     )
     if family == "sdar":
-        tokens, _ = bd3_generate(model, case["prompt"], stop_ids=stop_ids, **kw)
-        _, passes = bd3_generate(model, case["prompt"], stop_ids=stop_ids, use_cache=False, **kw)
+        tokens, passes = bd3_generate(
+            model, case["prompt"], stop_ids=stop_ids, count_stores=False, **kw
+        )
         return cut(tokens, case["gen_length"], stop_ids), passes
     eos = stop_ids[0] if stop_ids else -1  # LLaDA2's generate takes one EOS id
     return llada2_generate(model, case["prompt"], eos_id=eos, use_cache=cached, **kw)
@@ -211,7 +212,6 @@ def test_block_defaults_come_from_the_model(checkpoints) -> None:
 @pytest.mark.parametrize(
     ("params", "field"),
     [
-        (dict(temperature=0.7), "temperature"),
         (dict(kv_cache="dual"), "kv_cache"),
         (dict(remasking="random"), "remasking"),
         (dict(cfg_scale=1.0), "cfg_scale"),
@@ -249,3 +249,61 @@ def test_llada2_bf16_cache_against_re_encoding(checkpoints) -> None:
     )
     same = sum(o.token_ids == e for o, e in zip(outs, expected, strict=True))
     assert same >= 32, same
+
+
+def test_pages_return_on_abort_and_stop(checkpoints) -> None:
+    """A block-causal request holds pages for its canvas to its last block's end from
+    admission; they all come back when it is aborted mid-way or stops at a stop id."""
+    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=4)
+    pool = engine.kv_pool
+    params = DecodeParams(gen_length=30, ignore_eos=True)
+    rid = engine.add_request([5, 6, 7], params)
+    engine.step()
+    assert pool.used_pages == pool.pages_for(36)  # 3 + 30 -> the end of block 9
+    engine.abort(rid)
+    engine.step()
+    assert pool.used_pages == 0
+    full = engine.generate([[5, 6, 7]], params, use_tqdm=False)[0]
+    stop = full.token_ids[10]
+    stopped = engine.generate([[5, 6, 7]], params.replace(stop_token_ids=[stop]), use_tqdm=False)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.num_forward_passes < full.num_forward_passes
+    assert pool.used_pages == 0
+
+
+@pytest.mark.parametrize("family", ["sdar", "llada2"])
+def test_seeded_sampling_equals_the_official_draws(checkpoints, family) -> None:
+    """Temperature, top-k and top-p as both official files sample, from the request's seeded
+    generator: the same draws as the reference seeded the same way, batched with others."""
+    engine = Engine(str(checkpoints[family]), max_num_seqs=4)
+    model = engine.model
+    settings = [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.9, 8, 0.9)]
+    prompts = [[5, 9, 12], list(range(4, 15)), [7], [20, 21, 22, 23, 24, 25, 26, 27]]
+    params, expected = [], []
+    for seed, ((temperature, top_k, top_p), prompt) in enumerate(
+        zip(settings, prompts, strict=True)
+    ):
+        block = model.block_size
+        kw = dict(gen_length=14, block_length=block, steps=block // 2, threshold=None)
+        sampling = (temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+        if family == "sdar":
+            tokens, passes = bd3_generate(
+                model, prompt, sampling=sampling, count_stores=False, **kw
+            )
+            tokens = cut(tokens, 14, ())
+        else:
+            tokens, passes = llada2_generate(model, prompt, eos_id=-1, sampling=sampling, **kw)
+        expected.append((tokens, passes))
+        params.append(
+            DecodeParams(
+                gen_length=14,
+                steps=block // 2,
+                temperature=temperature,
+                top_k=top_k or None,
+                top_p=top_p if top_p < 1 else None,
+                seed=seed,
+                ignore_eos=True,
+            )
+        )
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [(o.token_ids, o.num_forward_passes) for o in outs] == expected

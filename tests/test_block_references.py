@@ -35,8 +35,9 @@ def test_sdar_cached_equals_recomputed(sdar, steps, threshold) -> None:
     for prompt in PROMPTS:
         kw = dict(gen_length=10, block_length=4, steps=steps, threshold=threshold)
         cached, passes = bd3_generate(sdar, prompt, **kw)
-        full, _ = bd3_generate(sdar, prompt, use_cache=False, **kw)
+        full, denoising = bd3_generate(sdar, prompt, use_cache=False, **kw)
         assert cached == full
+        assert bd3_generate(sdar, prompt, count_stores=False, **kw)[1] == denoising
         assert sdar.mask_token_id not in cached
         blocks = -(-(len(prompt) + 10) // 4) - len(prompt) // 4
         # prefill once (if the prompt fills a block), then per block its steps + one store

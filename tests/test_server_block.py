@@ -77,11 +77,11 @@ def test_schema_describes_block_decoding_and_refusals_name_the_field(server) -> 
     schema = httpx.get(base + "/openapi.json").json()
     fields = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert "per block" in fields["steps"]["description"]
-    assert fields["temperature"]["anyOf"][0]["maximum"] == 0
+    assert fields["cfg_scale"]["anyOf"][0]["maximum"] == 0
     assert fields["kv_cache"]["type"] == "null"
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
     for extra, param in (
-        ({"temperature": 0.5}, "temperature"),
+        ({"cfg_scale": 0.5}, "cfg_scale"),
         ({"block_length": 4, "steps": 6}, "steps"),
         ({"remasking": "random"}, "remasking"),
     ):

@@ -15,6 +15,10 @@ the cached keys of every earlier block and reveals some of its masks:
   with the softmax probability of the argmax as confidence, in the dtype of the model's logits
   (SDAR's head returns the model's dtype; LLaDA2's casts to float32, and takes the argmax of
   the probabilities);
+- sampled (temperature > 0, or top-k / top-p), as both official decoders sample: the logits
+  divided by the temperature, top-k then top-p filtered (to -inf), one multinomial draw per
+  row of the whole block from the request's generator, and the confidence is the drawn
+  token's filtered probability;
 - Prophet, block by block: the top-1 minus top-2 logit gap over the block's masks (or the part
   of an explicit answer span inside the block), against the threshold of the block's progress
   ``(step + 1) / steps``. When it fires, every mask of the block takes its argmax and the
@@ -56,10 +60,19 @@ def _span_in_block(policy: Prophet, req: Request, lo: int, hi: int) -> torch.Ten
     return torch.arange(max(start, lo), max(min(end, hi), max(start, lo)))
 
 
+def samples(req: Request) -> bool:
+    """Whether ``req`` samples (else it is greedy)."""
+    p = req.params
+    return p.temperature > 0 or p.top_k is not None or p.top_p is not None
+
+
 def block_positions(req: Request) -> torch.Tensor:
     """Canvas positions whose logits this step needs: the block's masks, and an explicit
-    Prophet span's positions inside the block; sorted, unique."""
+    Prophet span's positions inside the block; sorted, unique. A sampled step needs the whole
+    block: the official decoders draw a token for every row of it."""
     lo, hi = req.block_bounds()
+    if samples(req):
+        return torch.arange(lo, hi)
     masked = req.masked_positions(lo, hi)
     policy = req.params.early_commit
     if policy is None or policy.answer_start is None:
@@ -81,6 +94,34 @@ def score_rows(logits: torch.Tensor, argmax_of_probs: bool) -> torch.Tensor:
         gap = torch.zeros_like(conf)
     # Float32 confidences and gaps convert to float64 and back exactly.
     return torch.stack([x0.double(), conf.float().double(), gap.float().double()])
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """:func:`score_rows` for a sampled step, on the host: the drawn tokens, their filtered
+    probabilities and the raw logits' gaps (Prophet reads the logits before sampling)."""
+    gaps = score_rows(logits, False)[2]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = torch.where(logits < kth, float("-inf"), logits)
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        beyond = ordered.softmax(-1).cumsum(-1) > top_p
+        beyond[..., 1:] = beyond[..., :-1].clone()
+        beyond[..., 0] = False
+        drop = torch.zeros_like(beyond).scatter(-1, order, beyond)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1).cpu()
+    token = torch.multinomial(probs, 1, generator=generator)
+    conf = probs.gather(-1, token)[:, 0]
+    return torch.stack([token[:, 0].double(), conf.float().double(), gaps.cpu()])
 
 
 def advance_block(req: Request, positions: torch.Tensor, scores: torch.Tensor) -> None:

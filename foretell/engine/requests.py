@@ -151,11 +151,6 @@ class RequestBuilder:
                 params.cfg_scale > 0,
                 "classifier-free guidance is not defined for block-causal decoding",
             ),
-            "temperature": (
-                params.temperature > 0 or params.top_p is not None or params.top_k is not None,
-                "block-causal decoding is greedy in "
-                "foretell for now (temperature 0, no top_p / top_k)",
-            ),
             "alg_temp": (params.alg_temp is not None, "Dream's option"),
             "logits_eos_inf": (params.logits_eos_inf, "an option of LLaDA's generate.py"),
             "confidence_eos_eot_inf": (

@@ -21,7 +21,7 @@ import torch
 
 from foretell.decoding import positions_needed
 from foretell.decoding.batched import GreedyBatch, batchable
-from foretell.decoding.block_step import block_positions, score_rows
+from foretell.decoding.block_step import block_positions, sample_rows, samples, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
@@ -274,13 +274,29 @@ class ModelRunner:
         gathered: torch.Tensor,
         row_ranges: dict[int, tuple[int, int]],
     ) -> list[tuple[Request, torch.Tensor, torch.Tensor]]:
-        """Every block-causal request's rows scored in one batched computation and brought to
-        the host in one transfer."""
-        index = torch.cat([torch.arange(*row_ranges[i]) for i in blocks])
-        argmax_of_probs = getattr(self.model, "argmax_of_probs", False)
-        scores = score_rows(gathered[index.to(gathered.device)], argmax_of_probs).cpu()
-        parts = scores.split([len(positions[i]) for i in blocks], dim=1)
-        return [(batch[i], positions[i], part) for i, part in zip(blocks, parts, strict=True)]
+        """Every greedy block-causal request's rows scored in one batched computation and
+        brought to the host in one transfer; a sampled request's drawn from its own generator
+        (seeded from the engine's host stream when it has no seed)."""
+        out: dict[int, torch.Tensor] = {}
+        greedy = [i for i in blocks if not samples(batch[i])]
+        if greedy:
+            index = torch.cat([torch.arange(*row_ranges[i]) for i in greedy])
+            argmax_of_probs = getattr(self.model, "argmax_of_probs", False)
+            scores = score_rows(gathered[index.to(gathered.device)], argmax_of_probs).cpu()
+            parts = scores.split([len(positions[i]) for i in greedy], dim=1)
+            out.update(zip(greedy, parts, strict=True))
+        for i in blocks:
+            if i in out:
+                continue
+            req, p = batch[i], batch[i].params
+            if req.generator is None:  # once in the request's life
+                seed = torch.randint(2**62, (1,), generator=self.host_generator)
+                req.generator = torch.Generator().manual_seed(int(seed))
+            start, end = row_ranges[i]
+            out[i] = sample_rows(
+                gathered[start:end], p.temperature, p.top_k, p.top_p, req.generator
+            )
+        return [(batch[i], positions[i], out[i]) for i in blocks]
 
     def _read_only_many(
         self, reqs: list[Request], positions: list[torch.Tensor]

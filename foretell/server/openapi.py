@@ -106,7 +106,6 @@ def _block_fields(lim: ServedLimits) -> dict[str, dict[str, Any]]:
     """What a block-causal model (SDAR, LLaDA2) reads differently, or refuses."""
     g, block = lim.max_gen_length, lim.block_size
     llada2 = lim.family == "llada2"
-    greedy = "block-causal decoding is greedy in foretell for now"
     return {
         "steps": _opt(
             _int(1, BIG_INT),
@@ -125,9 +124,7 @@ def _block_fields(lim: ServedLimits) -> dict[str, dict[str, Any]]:
             {"type": "string", "enum": ["low_confidence", "confidence_threshold", "maskgit_plus"]},
             "'low_confidence': the static schedule; 'confidence_threshold': the dynamic one",
         ),
-        "temperature": _opt({"type": "number", "minimum": 0, "maximum": 0}, greedy),
-        "top_p": _null(greedy),
-        "top_k": _null(greedy),
+        "top_k": _opt(_int(1, BIG_INT), "sampling: keep the k most likely tokens"),
         "alg_temp": _null("Dream's option"),
         "cfg_scale": _opt({"type": "number", "minimum": 0, "maximum": 0}, "no guidance"),
         "kv_cache": _null("block-causal models always cache their finished blocks"),
