@@ -252,14 +252,17 @@ def test_llada2_bf16_cache_against_re_encoding(checkpoints) -> None:
 
 
 def test_pages_return_on_abort_and_stop(checkpoints) -> None:
-    """A block-causal request holds pages for its canvas to its last block's end from
-    admission; they all come back when it is aborted mid-way or stops at a stop id."""
+    """A block-causal request takes its pages a block at a time; they all come back when it
+    is aborted mid-way or stops at a stop id."""
     engine = Engine(str(checkpoints["sdar"]), max_num_seqs=4)
     pool = engine.kv_pool
     params = DecodeParams(gen_length=30, ignore_eos=True)
     rid = engine.add_request([5, 6, 7], params)
     engine.step()
-    assert pool.used_pages == pool.pages_for(36)  # 3 + 30 -> the end of block 9
+    assert pool.used_pages == pool.pages_for(4)  # the first block's; then a block at a time
+    for _ in range(4 * 5):  # five blocks of four steps
+        engine.step()
+    assert pool.used_pages == pool.pages_for(24)
     engine.abort(rid)
     engine.step()
     assert pool.used_pages == 0
@@ -307,3 +310,32 @@ def test_seeded_sampling_equals_the_official_draws(checkpoints, family) -> None:
         )
     outs = engine.generate(prompts, params, use_tqdm=False)
     assert [(o.token_ids, o.num_forward_passes) for o in outs] == expected
+
+
+def test_pages_grow_a_block_at_a_time_and_preemption_recomputes_the_same(checkpoints) -> None:
+    """A pool too small for every canvas at once: requests take pages a block at a time, the
+    youngest are preempted (restarted) when an older one needs its next block, and every
+    output still equals the request decoded alone; every page comes back."""
+    path = str(checkpoints["sdar"])
+    alone = Engine(path)
+    cases = _cases(10, seed=21, vocab=alone.model.vocab_size, mask=alone.mask_token_id)
+    params = [_params(c, ()) for c in cases]
+    prompts = [c["prompt"] for c in cases]
+    expected = [
+        alone.generate([p], [q], use_tqdm=False)[0] for p, q in zip(prompts, params, strict=True)
+    ]
+    bytes_per_page = alone.kv_pool.page_bytes
+    # Room for the largest canvas and a few first blocks, not for ten canvases.
+    largest = max(
+        alone.make_request(p, q).kv_pages_max for p, q in zip(prompts, params, strict=True)
+    )
+    small = Engine(
+        path, max_num_seqs=8, kv_page_size=16, kv_cache_memory=(largest + 3) * bytes_per_page
+    )
+    req = small.make_request(prompts[0], params[0])
+    assert req.kv_pages_needed <= req.kv_pages_max
+    outs = small.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert [o.num_forward_passes for o in outs] == [o.num_forward_passes for o in expected]
+    assert small.scheduler.num_preemptions > 0
+    assert small.kv_pool.used_pages == 0

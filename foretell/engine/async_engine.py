@@ -603,6 +603,7 @@ class AsyncEngine:
             "step_seconds": m.step_seconds,
             "kv_cache_bytes": m.kv_cache_bytes,
             "kv_cache_peak_bytes": m.kv_cache_peak_bytes,
+            "preemptions": engine.scheduler.num_preemptions,
             "finished": finished,
             "early_commits": finished["early_commit"],
             "batch_size": self._last_batch,

@@ -1,10 +1,13 @@
 """The KV pool: one block of memory for every request's keys and values, cut into pages.
 
 A request that caches keys and values (``DecodeParams.kv_cache``: Fast-dLLM's prefix/dual
-cache; block-causal models later) holds a page table: the pool pages that store its canvas
-positions, ``page_size`` positions a page. Pages are taken at admission and returned the step
-the request ends, however it ends (finished, committed, aborted, failed), so a running request
-never waits for memory and memory is never fragmented: any free page serves any request.
+cache; every block-causal request) holds a page table: the pool pages that store its canvas
+positions, ``page_size`` positions a page. A Fast-dLLM request takes all its pages at admission
+(its first pass writes its whole canvas); a block-causal one takes them a block at a time, and
+the scheduler preempts the youngest block-causal requests when an older one's next block does
+not fit (``Scheduler._grow_block_caches``). Pages return the step the request ends, however it
+ends (finished, committed, stopped, aborted, failed); memory is never fragmented: any free page
+serves any request.
 
 Attention reads and writes the pool through *slots*, flat indices ``page * page_size +
 offset``: a pass stores every written row with one indexed copy per layer, and gathers every

@@ -105,7 +105,10 @@ class RequestBuilder:
         )
         if block_causal:
             self._check_block_length(req)
-        if params.kv_cache is not None or block_causal:
+        if block_causal:  # its first pass's pages; the rest a block at a time
+            req.kv_pages_max = self.kv_pool.pages_for(req.canvas_len)
+            req.kv_pages_needed = self.kv_pool.pages_for(req.block_bounds()[1])
+        elif params.kv_cache is not None:
             req.kv_pages_needed = self.kv_pool.pages_for(req.canvas_len)
         return req
 

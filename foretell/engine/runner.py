@@ -289,9 +289,9 @@ class ModelRunner:
             if i in out:
                 continue
             req, p = batch[i], batch[i].params
-            if req.generator is None:  # once in the request's life
-                seed = torch.randint(2**62, (1,), generator=self.host_generator)
-                req.generator = torch.Generator().manual_seed(int(seed))
+            if req.generator is None:  # once in the request's life (kept for a restart)
+                req.draw_seed = int(torch.randint(2**62, (1,), generator=self.host_generator))
+                req.generator = torch.Generator().manual_seed(req.draw_seed)
             start, end = row_ranges[i]
             out[i] = sample_rows(
                 gathered[start:end], p.temperature, p.top_k, p.top_p, req.generator

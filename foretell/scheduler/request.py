@@ -70,6 +70,14 @@ class Request:
     kv_pages_needed: int = 0
     kv_pages: list[int] | None = None
     kv_slots: torch.Tensor | None = None
+    # A block-causal request's pages for its whole canvas: it takes them a block at a time
+    # (``kv_pages_needed`` at admission: those of its first pass), as an autoregressive
+    # sequence's grow.
+    kv_pages_max: int = 0
+    # The seed of the generator an unseeded sampled request drew once from the engine's
+    # stream, so that a recomputation after preemption draws the same tokens.
+    draw_seed: int | None = None
+    preemptions: int = 0
     # A block-causal request: canvas positions [0, kv_stored) have their final keys and
     # values in its pages.
     kv_stored: int = 0
@@ -86,6 +94,10 @@ class Request:
     _masked_list: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        """The request as it begins: a fresh canvas, cursors at the start, its own stream."""
         p = self.params
         prompt = torch.tensor(self.prompt_token_ids, dtype=torch.long)
         masks = torch.full((self.canvas_len - self.prompt_len,), self.mask_token_id)
@@ -96,7 +108,8 @@ class Request:
         self.given = self.canvas != self.mask_token_id
         # A seeded request owns its stream; an unseeded one draws from the engine's shared
         # stream (the runner gives it a generator of its own only where a step needs one).
-        self.generator = None if p.seed is None else torch.Generator().manual_seed(p.seed)
+        seed = p.seed if p.seed is not None else self.draw_seed
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         if self.family == "dream":
             # Fast-dLLM's cached Dream decoding runs the grid within each block.
             steps = p.steps if p.kv_cache is None else p.steps_per_block
@@ -227,6 +240,17 @@ class Request:
         self.finish_reason = reason
         self.error = error
         self.finished_time = time.monotonic()
+
+    def restart(self) -> None:
+        """Back to the start (preempted: its pages were taken back). A block-causal request
+        decodes the same tokens again: its steps do not depend on its batch, and its random
+        stream starts over from the same seed."""
+        self.global_step = self.step_in_block = self.block = self.kv_stored = 0
+        self.block_schedule = []
+        self.commit_step = self.last_gap = self.revealed_last_step = None
+        self.steps_waited = 0
+        self.preemptions += 1
+        self._start()
 
     def release_pages(self) -> list[int]:
         """Give up the request's pages (finished, aborted or failed: never read again)."""

@@ -49,6 +49,7 @@ class Scheduler:
         self.max_head_wait = max_head_wait
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # block-causal requests sent back to wait for pages
 
     def check_fits(self, req: Request) -> None:
         """Refuse a request that could never be scheduled, before it is queued."""
@@ -58,14 +59,15 @@ class Scheduler:
                 f"prompt: {what} = {req.cost} tokens exceeds max_num_batched_tokens "
                 f"{self.max_num_batched_tokens}"
             )
-        if req.kv_pages_needed:
+        need = max(req.kv_pages_needed, req.kv_pages_max)
+        if need:
             pool = self.kv_pool
             pages = 0 if pool is None else pool.num_pages
-            if req.kv_pages_needed > pages:
+            if need > pages:
                 page_bytes = 0 if pool is None else pool.page_bytes
                 raise ValueError(
-                    f"kv_cache_memory: this request's KV cache needs {req.kv_pages_needed} "
-                    f"pages ({req.kv_pages_needed * page_bytes} bytes), more than the pool's "
+                    f"kv_cache_memory: this request's KV cache needs {need} "
+                    f"pages ({need * page_bytes} bytes), more than the pool's "
                     f"{pages} pages"
                 )
 
@@ -81,10 +83,13 @@ class Scheduler:
         fits, waiting requests join in arrival order, each one that fits (see the module's
         docstring for the head's age bound).
         """
+        preempted = self._grow_block_caches()
         tokens = 0
         batch: list[Request] = []
         skipped: list[Request] = []
         for req in sorted(self.running, key=lambda r: -r.steps_waited):
+            if req.is_finished:  # failed to grow its pages: update() outputs it
+                continue
             need = req.step_tokens
             if batch and tokens + need > self.max_num_batched_tokens:
                 skipped.append(req)
@@ -93,10 +98,12 @@ class Scheduler:
             batch.append(req)
             tokens += need
             req.steps_waited = 0
-        if skipped:
+        if skipped or preempted:
             return batch
         now = time.monotonic()
-        free_pages = 0 if self.kv_pool is None else self.kv_pool.free_pages
+        # Pages kept for the running block-causal requests' next blocks, so that admitting
+        # a request does not preempt one at once.
+        free_pages = 0 if self.kv_pool is None else self.kv_pool.free_pages - self._next_blocks()
         seqs = len(self.running)
         head = self.waiting[0] if self.waiting else None
         for req in list(self.waiting):
@@ -130,6 +137,59 @@ class Scheduler:
         if self.waiting and self.waiting[0] is head:
             head.steps_waited += 1
         return batch
+
+    def _grow_block_caches(self) -> bool:
+        """Give every running block-causal request the pages of the block it denoises next,
+        oldest first; where the pool is short, the youngest running ones are preempted (their
+        pages taken back, restarted at the head of the queue) until the older ones fit.
+        Returns whether any was preempted."""
+        pool = self.kv_pool
+        growing = [r for r in self.running if r.kv_pages_max and r.kv_pages is not None]
+        preempted = False
+        for req in sorted(growing, key=lambda r: r.arrival_time):
+            if req.kv_pages is None or req.is_finished:
+                continue  # preempted for an older one in this round
+            want = pool.pages_for(min(req.block_bounds()[1], req.canvas_len)) - len(req.kv_pages)
+            while want > pool.free_pages:
+                younger = [
+                    r
+                    for r in self.running
+                    if r.kv_pages_max and r.kv_pages and r.arrival_time > req.arrival_time
+                ]
+                if not younger:
+                    break
+                self._preempt(max(younger, key=lambda r: r.arrival_time))
+                preempted = True
+            if want > pool.free_pages:
+                self._preempt(req)
+                preempted = True
+                continue
+            if want > 0:
+                try:
+                    req.kv_pages = req.kv_pages + pool.allocate(want)
+                except Exception as err:  # the pool could not grow: this request ends
+                    req.finish("error", f"KV pool: {err!r}")
+                    continue
+                req.kv_slots = pool.slots(req.kv_pages, len(req.kv_pages) * pool.page_size)
+        return preempted
+
+    def _next_blocks(self) -> int:
+        """Pages the running block-causal requests need for their next block."""
+        pool, need = self.kv_pool, 0
+        for r in self.running:
+            if r.kv_pages_max and r.kv_pages is not None and not r.is_finished:
+                end = min(r.block_bounds()[1] + r.params.block_length, r.canvas_len)
+                need += max(0, pool.pages_for(end) - len(r.kv_pages))
+        return need
+
+    def _preempt(self, req: Request) -> None:
+        """Send a running block-causal request back to the head of the queue, restarted."""
+        self.running.remove(req)
+        self._release(req)
+        req.restart()
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
 
     def _release(self, req: Request) -> None:
         pages = req.release_pages()

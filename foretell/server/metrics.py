@@ -71,6 +71,12 @@ def render_metrics(stats: dict[str, Any], connections: ConnectionStats | None = 
     metric("max_num_seqs", "gauge", "Batch slots.", [("", stats["max_num_seqs"])])
     metric("kv_cache_bytes", "gauge", "Bytes held by KV caches.", [("", stats["kv_cache_bytes"])])
     metric(
+        "preemptions_total",
+        "counter",
+        "Block-causal requests restarted to free KV pages for older ones.",
+        [("", stats.get("preemptions", 0))],
+    )
+    metric(
         "batch_occupancy",
         "gauge",
         "Requests in the last forward pass over max_num_seqs.",
