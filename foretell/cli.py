@@ -14,8 +14,12 @@ from foretell.params import DecodeParams, Prophet, row_params
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (defaults: the model's own, else DecodeParams')")
     g.add_argument("--gen-length", type=int)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--block-length", type=int)
+    g.add_argument(
+        "--steps", type=int, help="step budget; per block for block-causal models (SDAR, LLaDA2)"
+    )
+    g.add_argument(
+        "--block-length", type=int, help="block size (block-causal models: the model's default)"
+    )
     g.add_argument("--temperature", type=float)
     g.add_argument(
         "--remasking",
@@ -30,6 +34,19 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--early-commit", choices=["prophet", "none"])
     g.add_argument("--thresholds", help="Prophet's early,mid,late gap thresholds, e.g. 7.5,5,2.5")
     g.add_argument("--stop", action="append", help="cut the text at this string (repeatable)")
+    g.add_argument(
+        "--stop-token-id",
+        dest="stop_token_ids",
+        type=int,
+        action="append",
+        help="end the generation after this token id (repeatable)",
+    )
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=None,
+        help="block-causal models: do not stop at the model's EOS",
+    )
 
 
 def _decode_params(args: argparse.Namespace, engine) -> DecodeParams:
@@ -106,8 +123,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     (out,) = engine.generate([_as_prompt(engine, args.prompt, args.raw)], params, use_tqdm=False)
     print(out.text)
     early = f"yes, at step {out.commit_step}" if out.committed_early else "no"
+    resolved = engine.resolve_params(params)
+    budget = f"/{resolved.steps}"
+    if getattr(engine.model, "block_causal", False):  # steps count per block there
+        budget = f" ({resolved.steps} steps per block of {resolved.block_length})"
     print(
-        f"[forward passes: {out.num_forward_passes}/{params.steps}, committed early: {early}, "
+        f"[forward passes: {out.num_forward_passes}{budget}, committed early: {early}, "
         f"finish: {out.finish_reason}]",
         file=sys.stderr,
     )
@@ -176,6 +197,8 @@ _PARAM_FLAGS = (
     "seed",
     "stop",
     "kv_cache",
+    "stop_token_ids",
+    "ignore_eos",
 )
 _DECODE_FLAGS = (*_PARAM_FLAGS, "early_commit", "thresholds")
 

@@ -41,6 +41,26 @@ def test_generate_one_prompt(checkpoint, capsys) -> None:
     assert captured.out.strip() != ""
 
 
+def test_generate_on_a_block_causal_model(tmp_path, capsys) -> None:
+    """An SDAR checkpoint: steps per block, a stop token id, the model's EOS ignored."""
+    from foretell import DecodeParams, Engine
+    from tests.block_checkpoints import sdar_checkpoint
+
+    path = str(sdar_checkpoint(tmp_path / "sdar", seed=6)[0])
+    base = ["generate", "abc", "--raw", "--model", path, "--gen-length", "12", "--ignore-eos"]
+    assert main([*base, "--steps", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "(2 steps per block of 4)" in captured.err
+    engine = Engine(path)
+    full = engine.generate(["abc"], DecodeParams(gen_length=12, ignore_eos=True))[0]
+    stop = full.token_ids[5]
+    assert main([*base, "--stop-token-id", str(stop)]) == 0
+    captured = capsys.readouterr()
+    assert "finish: stop" in captured.err
+    cut = full.token_ids[: full.token_ids.index(stop) + 1]
+    assert captured.out.strip() == engine.tokenizer.decode(cut, skip_special_tokens=True).strip()
+
+
 def test_generate_with_a_kv_cache(checkpoint, capsys) -> None:
     """``--kv-cache`` reaches DecodeParams: a cached request runs to the end, and a combination
     the cache does not support is refused naming the field."""
