@@ -160,7 +160,10 @@ class DecodeParams:
     one, and cut every family's returned ids after the first; a block-causal model's EOS ids
     stop it too unless ``ignore_eos``. ``eos_early_stop`` and ``minimal_topk`` are LLaDA2's
     ``generate`` options (stop as soon as everything before a revealed EOS is decoded; cap
-    ``steps`` at ``gen_length // minimal_topk``).
+    ``steps`` at ``gen_length // minimal_topk``). ``block_cache=False`` makes a block-causal
+    model re-encode its window (the prompt through the current block) every step, as LLaDA2's
+    official ``generate`` does: slower, and bitwise its numbers in bfloat16, where the cache's
+    rounding differs.
     """
 
     gen_length: int = 64
@@ -191,6 +194,9 @@ class DecodeParams:
     ignore_eos: bool = False
     eos_early_stop: bool = False
     minimal_topk: int = 1
+    # Block-causal models: keep finished blocks' keys (the exact block cache) or re-encode the
+    # window every step, as LLaDA2's official generate does.
+    block_cache: bool = True
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -276,7 +282,13 @@ class DecodeParams:
                 "confidence_dtype",
                 f"unknown {self.confidence_dtype!r}; choose one of {CONFIDENCE_DTYPES}",
             )
-        for name in ("logits_eos_inf", "confidence_eos_eot_inf", "ignore_eos", "eos_early_stop"):
+        for name in (
+            "logits_eos_inf",
+            "confidence_eos_eot_inf",
+            "ignore_eos",
+            "eos_early_stop",
+            "block_cache",
+        ):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be true or false, got {getattr(self, name)!r}")
         ids = self.stop_token_ids

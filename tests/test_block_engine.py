@@ -231,9 +231,22 @@ def test_bad_block_params_are_refused_by_name(checkpoints, params, field) -> Non
 
 def test_llada_refuses_block_only_options(tmp_path) -> None:
     engine = Engine()  # the shipped LLaDA-architecture model
-    for field, value in (("eos_early_stop", True), ("minimal_topk", 2)):
+    for field, value in (("eos_early_stop", True), ("minimal_topk", 2), ("block_cache", False)):
         with pytest.raises(ValueError, match=field):
             engine.make_request("arrange abc", engine.default_params.replace(**{field: value}))
+
+
+def test_llada2_bf16_without_the_cache_is_the_official_decoding(checkpoints) -> None:
+    """``block_cache=False`` re-encodes the window every step, as LLaDA2's official generate:
+    in bfloat16 too the tokens are the official decoding's, on the whole mixed batch."""
+    engine = Engine(str(checkpoints["llada2"]), dtype="bfloat16", max_num_seqs=16)
+    model = engine.model
+    cases = _cases(44, seed=4, vocab=model.vocab_size, mask=model.mask_token_id)
+    expected = [_reference("llada2", model, c, ()) for c in cases]
+    params = [_params(c, ()).replace(block_cache=False) for c in cases]
+    outs = engine.generate([c["prompt"] for c in cases], params, use_tqdm=False)
+    assert [(o.token_ids, o.num_forward_passes) for o in outs] == expected
+    assert engine.kv_pool.used_pages == 0
 
 
 def test_llada2_bf16_cache_against_re_encoding(checkpoints) -> None:

@@ -142,6 +142,7 @@ class Packer:
         its whole canvas in the pool."""
         if req.block_causal:  # its block's queries over its pages (see store_layout)
             lo, hi = req.block_bounds()
+            lo = lo if req.params.block_cache else 0  # else the whole window, re-encoded
             block = req.params.block_length
             return torch.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
         if req.params.kv_cache is None:
@@ -161,7 +162,7 @@ class Packer:
         the first not stored to its block's start, written and read block-causally (the
         official decoders' prefill, and SDAR's store pass of a finished block)."""
         lo = req.block_bounds()[0]
-        if req.kv_stored >= lo:
+        if req.kv_stored >= lo or not req.params.block_cache:
             return None
         start, block = req.kv_stored, req.params.block_length
         cache = CacheUse(req.kv_slots, 0, start, lo - start, lo, block)

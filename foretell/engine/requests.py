@@ -126,9 +126,9 @@ class RequestBuilder:
             params = self._block_params(params)
         else:
             params.check_canvas_blocks()
-            for name in ("eos_early_stop", "minimal_topk"):
+            for name in ("eos_early_stop", "minimal_topk", "block_cache"):
                 if getattr(params, name) != DecodeParams.__dataclass_fields__[name].default:
-                    raise ValueError(f"{name}: an option of block-causal decoding (LLaDA2)")
+                    raise ValueError(f"{name}: an option of block-causal models (SDAR, LLaDA2)")
         if not block_causal and params.kv_cache is not None:
             _check_kv_cache(family, params)
         elif family == "dream" and params.block_length != params.gen_length:

@@ -143,6 +143,8 @@ class Request:
         denoise), or a finished block's store rows and the next block."""
         if self.block_causal:
             block = self.params.block_length
+            if not self.params.block_cache:  # the last pass re-encodes the whole canvas
+                return self.canvas_len
             return min(self.canvas_len, max((self.prompt_len // block + 1) * block, 2 * block))
         return self.canvas_len * self.num_sequences
 
@@ -153,7 +155,7 @@ class Request:
         it (exactly the rows ``foretell.decoding.positions_needed`` asks for there); a
         block-causal request, its keys not yet stored up to its block's end."""
         if self.block_causal:
-            return self.block_bounds()[1] - self.kv_stored
+            return self.block_bounds()[1] - self.window_start
         if not self.cached_step:
             return self.cost
         lo, hi = self.query_span()
@@ -167,6 +169,12 @@ class Request:
             end = min(start + policy.answer_length, self.canvas_len)
             outside = (end - start) - max(0, min(end, hi) - max(start, lo))
         return hi - lo + outside
+
+    @property
+    def window_start(self) -> int:
+        """A block-causal request's first position its pass runs: the first whose keys its
+        pages do not hold yet, or 0 without the block cache (the whole window re-encoded)."""
+        return self.kv_stored if self.params.block_cache else 0
 
     @property
     def uses_blocks(self) -> bool:

@@ -107,6 +107,11 @@ def _block_fields(lim: ServedLimits) -> dict[str, dict[str, Any]]:
     g, block = lim.max_gen_length, lim.block_size
     llada2 = lim.family == "llada2"
     return {
+        "block_cache": _opt(
+            {"type": "boolean"},
+            "keep finished blocks' keys (default), or false: re-encode the window every step "
+            "as LLaDA2's official generate does (slower; bitwise its numbers in bfloat16)",
+        ),
         "steps": _opt(
             _int(1, BIG_INT),
             "denoising steps per block (default: block_length). Cross-field: at most "
@@ -324,6 +329,7 @@ def _common_fields(lim: ServedLimits) -> dict[str, dict[str, Any]]:
         "ignore_eos": _opt({"type": "boolean"}, "do not stop at the model's EOS ids"),
         "eos_early_stop": _false("LLaDA2's option; block-causal models only"),
         "minimal_topk": _opt(_int(1, 1), "LLaDA2's option; block-causal models only"),
+        "block_cache": _opt({"type": "boolean", "const": True}, "block-causal models only"),
         **(_block_fields(lim) if lim.block_size else {}),
     }
 

@@ -66,6 +66,7 @@ class DiffusionFields(BaseModel):
     ignore_eos: bool | None = None
     eos_early_stop: bool | None = None
     minimal_topk: int | None = None
+    block_cache: bool | None = None
     # Streaming only: also send a chunk every step carrying the whole canvas (masks shown).
     stream_canvas: bool = False
 
@@ -145,6 +146,7 @@ class DiffusionFields(BaseModel):
             "ignore_eos",
             "eos_early_stop",
             "minimal_topk",
+            "block_cache",
         ):
             value = getattr(self, name)
             if value is not None:
