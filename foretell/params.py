@@ -383,7 +383,9 @@ class DecodeParams:
         """Like ``replace``, but a new ``gen_length`` brings ``steps`` (capped) and
         ``block_length`` (one block) along unless they are given, and drops constraints that
         fall outside it: how command-line flags and job-level settings apply over a model's
-        defaults."""
+        defaults. ``steps`` / ``block_length`` still at their defaults stay so, and follow the
+        new length (``DecodeParams(gen_length=64).override(gen_length=128)`` has 128 steps,
+        as ``DecodeParams(gen_length=128)`` has)."""
         if changes.get("gen_length") is not None:
             length = changes["gen_length"]
             # Left to the defaults, they follow the new length (or the model's block size).

@@ -82,7 +82,7 @@ def llada2_generate(
             x0 = probs.argmax(-1)
             if sampling is not None:  # (temperature, top_k, top_p, generator)
                 x0, probs_x0 = draw(logits, *sampling)
-            if prophet_fires(prophet, logits, active, lo, n, step, steps):
+            if prophet_fires(prophet, logits, active, lo, n, step, steps, n + gen_length):
                 x[0, lo:hi] = torch.where(active, x0, x[0, lo:hi])
                 break
             conf = probs.gather(-1, x0[:, None])[:, 0] if sampling is None else probs_x0

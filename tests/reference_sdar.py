@@ -1,14 +1,15 @@
 """SDAR's ``bd3`` decoder, written for the tests from the behaviour of the official one
 (JetAstra/SDAR ``evaluation/opencompass/opencompass/models/huggingface_bd3.py``), batch 1.
 
-Greedy by default, which is what the paper's evaluation runs (``temperature=1.0, top_k=1``:
-the multinomial draw over one token is the argmax) and what foretell's temperature 0 means;
+Greedy by default, as foretell's temperature 0 means (the argmax, ranked by its unfiltered
+softmax probability; the paper's ``temperature=1.0, top_k=1`` draws the same tokens but scores
+every row 1.0, which ``sampling=(1.0, 1, 1.0, g)`` reproduces);
 ``sampling=(temperature, top_k, top_p, generator)`` runs the official sampling (both families'
 files sample the same way: temperature, top-k, top-p, one multinomial draw per block row,
 confidence = the drawn token's filtered probability).
 Where the official code differs:
-- it samples through ``torch.multinomial`` even then (a tie at the top would be drawn at random;
-  this takes the first index, as ``argmax`` does);
+- at temperature 0 its decoders still sample (``torch.multinomial``); greedy here is the
+  argmax with its unfiltered probability as confidence, as SGLang and diffusers read them;
 - it asserts ``block_length % steps == 0``; this accepts any ``steps <= block_length`` with
   the general schedule (``block // steps``, one more for the first ``block % steps`` steps);
 - it returns the whole block-aligned canvas; :func:`cut` gives what foretell returns;
@@ -44,8 +45,10 @@ def prophet_fires(
     prompt_len: int,
     step: int,
     steps: int,
+    gen_end: int,
 ) -> bool:
-    """The block-wise Prophet test over one block's ``logits`` (rows of the block)."""
+    """The block-wise Prophet test over one block's ``logits`` (rows of the block); an
+    explicit span stops at ``gen_end``, the end of the generation (the tail is cut)."""
     if prophet is None:
         return False
     thresholds, bounds, statistic, span = prophet
@@ -53,8 +56,9 @@ def prophet_fires(
         rows = masked.nonzero().flatten()
     else:
         start = prompt_len + span[0] - lo
+        end = min(start + span[1], logits.shape[0], gen_end - lo)
         first = max(start, 0)
-        rows = torch.arange(first, max(min(start + span[1], logits.shape[0]), first))
+        rows = torch.arange(first, max(end, first))
     if len(rows) == 0:
         return False
     top2 = logits[rows].topk(2, dim=-1).values
@@ -168,7 +172,7 @@ def bd3_generate(
             x0 = logits.argmax(-1)
             if sampling is not None:  # (temperature, top_k, top_p, generator)
                 x0, drawn = draw(logits, *sampling)
-            if prophet_fires(prophet, logits, masked, lo, n, i, steps):
+            if prophet_fires(prophet, logits, masked, lo, n, i, steps, n + gen_length):
                 x[0, lo:hi] = torch.where(masked, x0, x[0, lo:hi])
                 committed = True  # the block is done: the next turn stores it
                 continue

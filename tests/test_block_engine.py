@@ -146,54 +146,69 @@ def test_batched_equals_alone(checkpoints, family) -> None:
 
 
 def test_llada2_eos_early_stop_and_minimal_topk(checkpoints) -> None:
+    """Both options against the reference, on settings where each changes the result."""
     engine = Engine(str(checkpoints["llada2"]))
     model = engine.model
     prompt = [5, 9, 12, 7, 20, 21, 22, 23, 24, 6]
-    kw = dict(gen_length=32, block_length=8, steps=8, threshold=0.5)
+    kw = dict(gen_length=32, block_length=8, steps=8, threshold=None)
     free, _ = llada2_generate(model, prompt, eos_id=-1, **kw)
-    # An EOS of the generation's second block, not in the prompt (the official
-    # eos_early_stop looks for the first EOS of the whole canvas, prompt included).
-    eos = next(t for t in free[8:] if t not in prompt)
+
+    def ref(eos: int, early: bool, minimal_topk: int) -> tuple[list[int], int]:
+        return llada2_generate(
+            model, prompt, eos_id=eos, eos_early_stop=early, minimal_topk=minimal_topk, **kw
+        )
+
+    # An EOS (not in the prompt) for which eos_early_stop ends the generation sooner.
+    eos = next(
+        t for t in dict.fromkeys(free) if t not in prompt and ref(t, True, 1) != ref(t, False, 1)
+    )
+    results = {}
     for early in (False, True):
         for minimal_topk in (1, 8):
-            ref, passes = llada2_generate(
-                model, prompt, eos_id=eos, eos_early_stop=early, minimal_topk=minimal_topk, **kw
-            )
+            expected = ref(eos, early, minimal_topk)
             params = DecodeParams(
                 gen_length=32,
                 block_length=8,
                 steps=8,
-                remasking="confidence_threshold",
-                threshold=0.5,
                 stop_token_ids=[eos],
                 ignore_eos=True,
                 eos_early_stop=early,
                 minimal_topk=minimal_topk,
             )
             out = engine.generate([prompt], params, use_tqdm=False)[0]
-            assert (out.token_ids, out.num_forward_passes) == (ref, passes)
-            assert out.finish_reason == "stop"
+            assert (out.token_ids, out.num_forward_passes) == expected
+            results[early, minimal_topk] = expected
+    assert results[True, 1] != results[False, 1]
+    assert results[False, 8][1] != results[False, 1][1]  # steps capped at 32 // 8 = 4
 
 
-def test_the_model_eos_stops_unless_ignored(checkpoints) -> None:
-    engine = Engine(str(checkpoints["sdar"]))
-    eos = engine.model.eos_token_ids
-    assert eos
+def test_the_model_eos_stops_unless_ignored(tmp_path) -> None:
+    """The checkpoint's EOS ends a generation after its block (the same weights with an EOS
+    id the model emits), unless ignore_eos; a stop id only in the tail past gen_length does
+    not stop or cut anything."""
+    plain = Engine(str(sdar_checkpoint(tmp_path / "plain", seed=11)[0]))
     prompt = [5, 9, 12]
-    full = engine.generate([prompt], DecodeParams(gen_length=24, ignore_eos=True), use_tqdm=False)
-    ids = full[0].token_ids
+    ids = plain.generate([prompt], DecodeParams(gen_length=24), use_tqdm=False)[0].token_ids
+    eos = ids[6]
+    path = sdar_checkpoint(tmp_path / "eos", seed=11, config_extra={"eos_token_id": eos})[0]
+    engine = Engine(str(path))
+    assert engine.model.eos_token_ids == (eos,)
     default = engine.generate([prompt], DecodeParams(gen_length=24), use_tqdm=False)[0]
-    hit = [i for i, t in enumerate(ids) if t in eos]
-    if hit:
-        assert default.token_ids == ids[: hit[0] + 1] and default.finish_reason == "stop"
-    else:
-        assert default.token_ids == ids and default.finish_reason == "steps"
-    stop = (ids[4],)
-    out = engine.generate(
-        [prompt], DecodeParams(gen_length=24, stop_token_ids=stop, ignore_eos=True), use_tqdm=False
-    )[0]
-    assert out.token_ids == ids[: ids.index(stop[0]) + 1]
-    assert out.finish_reason == "stop"
+    assert default.token_ids == ids[: ids.index(eos) + 1]
+    assert default.finish_reason == "stop"
+    ignored = DecodeParams(gen_length=24, ignore_eos=True)
+    assert engine.generate([prompt], ignored, use_tqdm=False)[0].token_ids == ids
+    # gen_length 7 after a prompt of 2: the canvas runs to 12; find a token only in its tail.
+    model = plain.model
+    for short in ([5, 6], [7, 8], [9, 10], [11, 12]):
+        canvas, _ = bd3_generate(model, short, gen_length=7, block_length=4, steps=4)
+        tail = [t for t in canvas[7:] if t not in canvas[:7]]
+        if tail:
+            break
+    assert tail
+    params = DecodeParams(gen_length=7, stop_token_ids=[tail[0]], ignore_eos=True)
+    out = plain.generate([short], params, use_tqdm=False)[0]
+    assert (out.token_ids, out.finish_reason) == (canvas[:7], "steps")
 
 
 def test_block_defaults_come_from_the_model(checkpoints) -> None:
@@ -352,3 +367,83 @@ def test_pages_grow_a_block_at_a_time_and_preemption_recomputes_the_same(checkpo
     assert [o.num_forward_passes for o in outs] == [o.num_forward_passes for o in expected]
     assert small.scheduler.num_preemptions > 0
     assert small.kv_pool.used_pages == 0
+
+
+def test_a_failed_draw_fails_its_request_only_and_keeps_the_others_streams(
+    checkpoints, monkeypatch
+) -> None:
+    """One request's sampling fails: it ends with the error; a seeded request sampled before
+    it in the same pass keeps its stream and equals its run alone."""
+    import foretell.engine.runner as runner_module
+
+    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=4)
+    good = DecodeParams(gen_length=12, temperature=0.8, seed=7, ignore_eos=True)
+    alone = engine.generate([[5, 9]], good, use_tqdm=False)[0]
+    real = runner_module.sample_rows
+
+    def failing(logits, temperature, top_k, top_p, generator):
+        if temperature == 0.5:
+            raise RuntimeError("boom")
+        return real(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(runner_module, "sample_rows", failing)
+    bad = DecodeParams(gen_length=12, temperature=0.5, seed=1, ignore_eos=True)
+    outs = engine.generate([[5, 9], [6, 7]], [good, bad], use_tqdm=False)
+    assert outs[0].token_ids == alone.token_ids
+    assert outs[1].finish_reason == "error" and "sampling failed" in outs[1].error
+    assert engine.kv_pool.used_pages == 0
+
+
+def test_preemption_keeps_arrival_order(checkpoints) -> None:
+    """A pool of 12 pages of 4: the oldest request grows, younger ones are preempted and go
+    back in arrival order, so an older waiting request is never overtaken by a restarted
+    younger one; every output equals the request alone."""
+    path = str(checkpoints["sdar"])
+    probe = Engine(path)
+    page = probe.kv_pool.bytes_per_token * 4
+    engine = Engine(
+        path, kv_page_size=4, kv_cache_memory=12 * page, max_num_seqs=8, max_head_wait=2
+    )
+    specs = {"A": ([5], 40), "W": (list(range(4, 44)), 4), "X": ([6], 30)}
+    for rid, (prompt, gen) in specs.items():
+        engine.add_request(prompt, DecodeParams(gen_length=gen, ignore_eos=True), rid)
+    done = {}
+    for step in range(1000):
+        for out in engine.step():
+            done[out.request_id] = (step, out)
+        if not engine.has_unfinished_requests():
+            break
+    assert engine.scheduler.num_preemptions > 0
+    assert done["W"][0] < done["X"][0]
+    for rid, (prompt, gen) in specs.items():
+        params = DecodeParams(gen_length=gen, ignore_eos=True)
+        expected = probe.generate([prompt], params, use_tqdm=False)[0]
+        assert done[rid][1].token_ids == expected.token_ids
+        assert done[rid][1].num_forward_passes == expected.num_forward_passes
+    assert engine.kv_pool.used_pages == 0
+
+
+def test_cuda_profile_runs_a_block_causal_pass(checkpoints, monkeypatch) -> None:
+    """kv_cache_memory="auto" on CUDA profiles a maximal pass first: for a block-causal model
+    that pass writes and reads a (scratch) pool, which its forward requires. Run here with the
+    CUDA memory calls stubbed."""
+    import foretell.engine.engine as engine_module
+
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
+    model = Engine(str(checkpoints["llada2"])).model
+    assert engine_module._profile_forward_peak(model, 100, 48) == 123
+
+
+def test_stop_token_ids_cut_llada_outputs() -> None:
+    """LLaDA decodes its whole canvas (as its official decoder); a stop id cuts the returned
+    ids after the first and makes the finish reason "stop"."""
+    engine = Engine()  # the shipped LLaDA-architecture model
+    full = engine.generate(["arrange abc"], use_tqdm=False)[0]
+    stop = full.token_ids[1]
+    params = engine.default_params.replace(stop_token_ids=[stop])
+    out = engine.generate(["arrange abc"], params, use_tqdm=False)[0]
+    assert out.token_ids == full.token_ids[: full.token_ids.index(stop) + 1]
+    assert (out.finish_reason, full.finish_reason) == ("stop", "steps")
+    assert out.num_forward_passes == full.num_forward_passes

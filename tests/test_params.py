@@ -105,3 +105,15 @@ def test_prophet_phases_by_progress() -> None:
     phases = [policy.threshold(step, steps) for step in range(1, steps + 1)]
     # p = step / steps: < 0.33 -> 7.5 (steps 1-9), < 0.67 -> 5.0 (10-20), else 2.5 (21-30).
     assert phases == [7.5] * 9 + [5.0] * 11 + [2.5] * 10
+
+
+def test_override_of_the_length_keeps_defaults_as_defaults() -> None:
+    """Unset steps / block_length follow a new gen_length, as a fresh DecodeParams would;
+    given ones are capped (steps) or replaced by one block (block_length), as before."""
+    grown = DecodeParams(gen_length=64).override(gen_length=128)
+    assert (grown.steps, grown.block_length) == (128, 128)
+    assert grown == DecodeParams(gen_length=128)
+    given = DecodeParams(gen_length=64, steps=32, block_length=16).override(gen_length=128)
+    assert (given.steps, given.block_length) == (32, 128)
+    shrunk = DecodeParams(gen_length=64, steps=64).override(gen_length=16)
+    assert shrunk.steps == 16

@@ -252,6 +252,11 @@ def main(args: argparse.Namespace) -> int:
     gen_lengths = args.gen_lengths or setup.gen_lengths
     step_budgets = args.step_budgets or setup.step_budgets
     prophet = setup.prophet
+    if varied and setup.per_block_steps:
+        raise ValueError(
+            "workload-preset: 'varied' draws LLaDA's blocks of 32 at full steps; a block-causal "
+            "model counts steps per block of its own (use the default workload)"
+        )
     if varied:
         # The preset's own lengths (Prophet's span follows them below); Prophet commits in its
         # late phase, as in the KV-cache workload, not at once on a random model's wide gaps.

@@ -105,7 +105,7 @@ def make_workload(
     model, on which accuracy means nothing.
 
     Each request draws its task, generation length, block length, step budget and remasking
-    rule uniformly from the given choices (combinations that ``DecodeParams`` refuses, e.g. a
+    rule uniformly from the given choices (combinations the model's family refuses, e.g. a
     block length that does not divide the generation, are never drawn). ``base`` supplies
     everything else (the model's own layout and constraints). The draws are sequential, so the
     first ``k`` requests of a workload of ``n > k`` are the workload of ``k``: scaling runs grow

@@ -55,8 +55,10 @@ def block_schedule(block_length: int, steps: int) -> list[int]:
 
 
 def _span_in_block(policy: Prophet, req: Request, lo: int, hi: int) -> torch.Tensor:
+    """The explicit answer span's positions inside ``[lo, hi)``, the generation's only (the
+    tail past ``gen_length`` is cut)."""
     start = req.prompt_len + policy.answer_start
-    end = start + policy.answer_length
+    end = min(start + policy.answer_length, req.prompt_len + req.params.gen_length)
     return torch.arange(max(start, lo), max(min(end, hi), max(start, lo)))
 
 
@@ -138,7 +140,8 @@ def advance_block(req: Request, positions: torch.Tensor, scores: torch.Tensor) -
     masked = req.masked_positions(lo, hi)
     rows = torch.searchsorted(positions, masked)
     policy = p.early_commit
-    if policy is not None and _prophet_fires(req, policy, positions, scores[2].float(), lo, hi):
+    fires = policy is not None and len(masked) > 0
+    if fires and _prophet_fires(req, policy, positions, scores[2].float(), lo, hi):
         _write(req, masked, x0[rows])
         req.commit_step = req.global_step  # the step of the latest block committed
         _block_done(req)
@@ -187,8 +190,11 @@ def _early_eos(req: Request, revealed: torch.Tensor) -> bool:
     stops = torch.tensor(req.stop_ids, dtype=torch.long)
     if not bool(torch.isin(revealed, stops).any()):
         return False
-    gen = req.canvas[req.prompt_len :]
-    first = int(torch.isin(gen, stops).nonzero()[0])
+    gen = req.canvas[req.prompt_len : req.prompt_len + req.params.gen_length]
+    hits = torch.isin(gen, stops).nonzero()
+    if not len(hits):  # revealed only in the tail past gen_length, which is cut
+        return False
+    first = int(hits[0])
     if bool((gen[:first] == req.mask_token_id).any()):
         return False
     req.finish("stop")
@@ -200,7 +206,8 @@ def _block_done(req: Request) -> None:
     pass stores this block's keys)."""
     stops = req.stop_ids
     _, hi = req.block_bounds()
-    if stops and bool(torch.isin(req.canvas[req.prompt_len : hi], torch.tensor(stops)).any()):
+    end = min(hi, req.prompt_len + req.params.gen_length)  # the tail past gen_length is cut
+    if stops and bool(torch.isin(req.canvas[req.prompt_len : end], torch.tensor(stops)).any()):
         req.finish("stop")
         return
     req.block += 1

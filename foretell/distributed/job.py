@@ -135,7 +135,7 @@ def _write_in_order(records: list[dict], results, out, *, progress: bool) -> dic
                 if index in pending or index < written:
                     raise RuntimeError(f"row {index} came back twice")
                 pending[index] = row
-                if row["finish_reason"] in ("steps", "early_commit"):
+                if row["finish_reason"] in ("steps", "early_commit", "stop"):
                     tokens += len(row["token_ids"])
                 errors += row["finish_reason"] == "error"
                 bar.update(1)

@@ -24,6 +24,7 @@ from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
 from foretell.engine.requests import Prompt, RequestBuilder
 from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
+from foretell.models.attention import CacheUse
 from foretell.models.registry import LoadedModel, load_model, resolve_dtype
 from foretell.models.transformer import DiffusionLM
 from foretell.params import DecodeParams, Prophet
@@ -62,13 +63,20 @@ def _profile_forward_peak(model: DiffusionLM, max_tokens: int, chunk_tokens: int
     lens = [length] * (tokens // length) + ([tokens % length] if tokens % length else [])
     ids = torch.zeros(tokens, dtype=torch.long, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    caches, storage = None, None
+    if getattr(model, "block_causal", False):  # its passes always write and read the pool
+        cfg = model.config
+        shape = (cfg.num_layers, 2, max(lens), cfg.num_kv_heads, cfg.head_dim)
+        storage = torch.empty(shape, dtype=model.embed.weight.dtype, device=device)
+        slots = torch.arange(max(lens), device=device)
+        caches = [CacheUse(slots, 0, 0, n, n, model.block_size) for n in lens]
     torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        hidden = model.forward_packed(ids, positions, lens)
+        hidden = model.forward_packed(ids, positions, lens, caches, storage)
         model.logits_at(hidden, positions, torch.arange(tokens, device=device))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    del hidden
+    del hidden, storage
     torch.cuda.empty_cache()
     return peak
 
@@ -89,15 +97,18 @@ class Engine:
     ``gpu_memory_utilization``), an int is bytes, None is as much as the engine could ever use.
     The pool never has more pages than ``max_num_seqs`` of the longest canvases could hold; on
     a CPU its memory grows with the pages in use, on CUDA it is allocated whole at the first
-    cached request. Admission takes a cached request's pages for its
-    whole canvas; a request that does not fit yet waits while others that fit pass it, until
-    it has waited ``max_head_wait`` steps at the queue's head; one that could never fit is
-    refused by ``add_request``. ``max_num_batched_tokens`` bounds the query tokens a pass runs:
-    a cached step is charged the span it recomputes, not its canvas.
+    cached request. Admission takes a Fast-dLLM-cached request's pages for its whole canvas
+    and a block-causal request's for its first pass (the rest a block at a time, preempting
+    the youngest block-causal requests when short); a request that does not fit yet waits
+    while others that fit pass it, until it has waited ``max_head_wait`` steps at the queue's
+    head; one that could never fit is refused by ``add_request``. ``max_num_batched_tokens``
+    bounds the query tokens a pass runs: a cached step is charged the span it recomputes, not
+    its canvas.
     ``max_model_len`` caps a request's canvas (prompt + ``gen_length``) below the model's own
     maximum length, and ``max_gen_length`` its ``gen_length`` (and so its ``steps``); None: no
-    cap but the model's and ``max_num_batched_tokens``. Every limit is checked before a request
-    allocates anything.
+    cap but the model's and ``max_num_batched_tokens`` (for a block-causal model, whose pass
+    is about two blocks, the model's length alone when it is known). Every limit is checked
+    before a request allocates anything.
     """
 
     def __init__(
@@ -133,10 +144,14 @@ class Engine:
         if kv_cache_memory == "auto" and torch.device(device).type == "cuda":
             peak = _profile_forward_peak(loaded.model, max_num_batched_tokens, chunk_tokens)
         kv_budget = kv_cache.resolve_kv_cache_memory(kv_cache_memory, torch.device(device), peak)
-        # What ``generate`` uses when given no params: the shipped model's own layout, else
+        # What ``generate`` uses when given no params: the shipped model's own layout, a
+        # block-causal family's official rule (the dynamic schedule at its threshold), else
         # DecodeParams' defaults.
         self.default_params = DecodeParams()
         self.default_prophet = Prophet()  # what "early_commit: prophet" means for this model
+        official = getattr(loaded.model, "official_threshold", None)
+        if official is not None:
+            self.default_params = DecodeParams(remasking="confidence_threshold", threshold=official)
         if model is None:
             from foretell.models.default.params import default_decode_params, default_prophet
 
@@ -151,8 +166,12 @@ class Engine:
         limits = [self.model.max_length, max_model_len]
         self.max_model_len: int | None = min((x for x in limits if x is not None), default=None)
         self.kv_bytes_per_token = kv_cache.bytes_per_token(self.model)
+        # A block-causal request's pass is about two blocks, so its canvas is bounded by the
+        # model's length, not by the batch's token budget (the budget when none is known).
+        block_causal = bool(getattr(self.model, "block_causal", False))
+        budget = None if block_causal and self.max_model_len is not None else max_num_batched_tokens
         # Never more pages than max_num_seqs of the longest canvases could hold at once.
-        longest = min(x for x in (max_num_batched_tokens, self.max_model_len) if x is not None)
+        longest = min(x for x in (budget, self.max_model_len) if x is not None)
         self.kv_pool = kv_cache.KVPool(
             self.model,
             torch.device(device),
@@ -163,7 +182,7 @@ class Engine:
         self.scheduler = Scheduler(
             max_num_seqs, max_num_batched_tokens, self.kv_pool, max_head_wait=max_head_wait
         )
-        limits = [max_num_batched_tokens, self.max_model_len, max_gen_length]
+        limits = [budget, self.max_model_len, max_gen_length]
         self.max_gen_length: int = min(x for x in limits if x is not None)
         self.requests = RequestBuilder(
             self.model,

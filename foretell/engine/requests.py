@@ -21,6 +21,9 @@ Prompt = str | list[int] | list[dict]
 # a generous bound (subword vocabularies average a few characters per token), so that a huge
 # text costs no tokenizer time.
 MAX_CHARS_PER_TOKEN = 32
+# The smallest sampling temperature of a block-causal step (vLLM takes anything below 1e-5 for
+# greedy): dividing logits by less overflows them, and the draw would fail.
+MIN_TEMPERATURE = 1e-5
 
 
 def _check_kv_cache(family: str, params: DecodeParams) -> None:
@@ -87,7 +90,9 @@ class RequestBuilder:
         stop_ids = self._stop_ids(params, block_causal)
         self._check_gen_length(params)
         ids = self.encode(prompt)
-        if not block_causal:
+        if block_causal:
+            self._check_block_canvas(len(ids), params)
+        else:
             self._check_length(ids, params)
         req = Request(
             request_id=request_id,
@@ -103,8 +108,6 @@ class RequestBuilder:
             block_causal=block_causal,
             stop_ids=stop_ids,
         )
-        if block_causal:
-            self._check_block_length(req)
         if block_causal:  # its first pass's pages; the rest a block at a time
             req.kv_pages_max = self.kv_pool.pages_for(req.canvas_len)
             req.kv_pages_needed = self.kv_pool.pages_for(req.block_bounds()[1])
@@ -176,6 +179,17 @@ class RequestBuilder:
                 f"{params.remasking!r}"
             )
         params = params.for_block_model(self.model.block_size)
+        budget, limit = self.max_num_batched_tokens, self.max_model_len
+        if params.block_length > min(x for x in (budget, limit) if x is not None):
+            raise ValueError(
+                f"block_length: {params.block_length} does not fit max_num_batched_tokens "
+                f"{budget}" + ("" if limit is None else f" and the maximum length {limit}")
+            )
+        if 0 < params.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature: {params.temperature} would overflow the scaled logits; use 0 for "
+                f"greedy decoding or at least {MIN_TEMPERATURE}"
+            )
         if family == "llada2":
             # LLaDA2's generate caps the steps so that a step reveals minimal_topk tokens.
             steps = min(params.steps, params.gen_length // params.minimal_topk)
@@ -203,20 +217,24 @@ class RequestBuilder:
             raise ValueError("eos_early_stop: no stop ids (ignore_eos without stop_token_ids)")
         return tuple(dict.fromkeys(ids))
 
-    def _check_block_length(self, req: Request) -> None:
-        """A block-causal canvas runs to its last block's end; its largest pass is its
-        first (``Request.cost``)."""
+    def _check_block_canvas(self, prompt_len: int, params: DecodeParams) -> None:
+        """A block-causal canvas runs to its last block's end, and its largest pass is its
+        first (``Request.cost``); both checked by arithmetic, before anything is allocated."""
+        block = params.block_length
+        canvas = -(-(prompt_len + params.gen_length) // block) * block
         limit = self.max_model_len
-        if limit is not None and req.canvas_len > limit:
+        if limit is not None and canvas > limit:
             raise ValueError(
-                f"prompt: {req.prompt_len} prompt tokens + gen_length {req.params.gen_length}, "
-                f"to the end of the last block ({req.canvas_len}), exceed the maximum length "
-                f"{limit}"
+                f"prompt: {prompt_len} prompt tokens + gen_length {params.gen_length}, to the "
+                f"end of the last block of {block} ({canvas}), exceed the maximum length {limit}"
             )
-        if req.cost > self.max_num_batched_tokens:
+        first = canvas if not params.block_cache else max((prompt_len // block + 1), 2) * block
+        first = min(first, canvas)
+        if first > self.max_num_batched_tokens:
             raise ValueError(
-                f"prompt: its first pass ({req.cost} tokens: the prompt's blocks and the first "
-                f"block to denoise) exceeds max_num_batched_tokens {self.max_num_batched_tokens}"
+                f"prompt: its largest pass ({first} tokens: the prompt's whole blocks and the "
+                f"first block to denoise, or the window without the block cache) exceeds "
+                f"max_num_batched_tokens {self.max_num_batched_tokens}"
             )
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -286,7 +304,8 @@ class RequestBuilder:
                 f"length {self.max_model_len}"
             )
         copies = 2 if params.cfg_scale > 0 else 1
-        if (params.gen_length + 1) * copies > self.max_num_batched_tokens:
+        block_causal = getattr(self.model, "block_causal", False)  # a pass is ~2 blocks there
+        if not block_causal and (params.gen_length + 1) * copies > self.max_num_batched_tokens:
             cfg = " (x2 for cfg)" if copies == 2 else ""
             raise ValueError(
                 f"gen_length: {params.gen_length}{cfg} leaves no room for a prompt in "

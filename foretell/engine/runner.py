@@ -294,10 +294,16 @@ class ModelRunner:
                 req.draw_seed = int(torch.randint(2**62, (1,), generator=self.host_generator))
                 req.generator = torch.Generator().manual_seed(req.draw_seed)
             start, end = row_ranges[i]
-            out[i] = sample_rows(
-                gathered[start:end], p.temperature, p.top_k, p.top_p, req.generator
-            )
-        return [(batch[i], positions[i], out[i]) for i in blocks]
+            state = req.generator.get_state()
+            try:
+                out[i] = sample_rows(
+                    gathered[start:end], p.temperature, p.top_k, p.top_p, req.generator
+                )
+            except Exception as err:  # this request only; its stream as it was
+                req.generator.set_state(state)
+                req.finish("error", f"sampling failed: {err!r}")
+                out[i] = None
+        return [(batch[i], positions[i], out[i]) for i in blocks if out[i] is not None]
 
     def _read_only_many(
         self, reqs: list[Request], positions: list[torch.Tensor]

@@ -159,6 +159,8 @@ class BlockCausalLM(CheckpointNames, nn.Module):
     # Greedy decoding's token: the argmax of the logits, or (LLaDA2) of the probabilities,
     # which differ only where two logits round to one probability.
     argmax_of_probs: bool = False
+    # The official decoder's default: the dynamic schedule at this threshold.
+    official_threshold: float
 
     def __init__(
         self,

@@ -357,6 +357,7 @@ class LLaDA2Model(BlockCausalLM):
     family = "llada2"
     architecture = "LLaDA2MoeModelLM"
     argmax_of_probs = True  # its generate takes the argmax of the float32 probabilities
+    official_threshold = 0.95  # its generate always runs the threshold rule
     weight_names = (
         ("model.word_embeddings.weight", "embed.weight"),
         *((f"model.layers.{{i}}.{t}", f"layers.{{i}}.{t}") for t in _ATTENTION_TENSORS),

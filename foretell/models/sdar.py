@@ -177,6 +177,7 @@ _LAYER_TENSORS = (
 class SDARModel(BlockCausalLM):
     family = "sdar"
     architecture = "SDARForCausalLM"
+    official_threshold = 0.85  # generate.py's low_confidence_dynamic default
     weight_names = (
         ("model.embed_tokens.weight", "embed.weight"),
         *((f"model.layers.{{i}}.{t}", f"layers.{{i}}.{t}") for t in _LAYER_TENSORS),

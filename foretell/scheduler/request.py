@@ -244,6 +244,11 @@ class Request:
         return self.status is Status.FINISHED
 
     def finish(self, reason: str, error: str | None = None) -> None:
+        if reason in ("steps", "early_commit") and self.stop_ids and not self.block_causal:
+            # LLaDA / Dream decode the whole canvas; a stop id in it still ends what is returned
+            gen = self.canvas[self.prompt_len : self.prompt_len + self.params.gen_length]
+            if bool(torch.isin(gen, torch.tensor(self.stop_ids)).any()):
+                reason = "stop"
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.error = error

@@ -3,8 +3,10 @@
 The scheduler decides and never touches the model. Three budgets bound a pass: requests
 (``max_num_seqs``), the query tokens the pass runs (``max_num_batched_tokens``: a cached step is
 charged the span it recomputes, not its canvas), and KV pool pages (taken at admission, given
-back the step a request ends). ``update()`` drops finished requests at once, so the very next
-``schedule()`` backfills their slots.
+back the step a request ends; a block-causal request takes its first pass's at admission and
+the rest a block at a time, and when the pool is short the youngest block-causal requests are
+preempted: pages back, restarted in arrival order in the queue). ``update()`` drops finished
+requests at once, so the very next ``schedule()`` backfills their slots.
 
 Admission is fair without head-of-line blocking: a waiting request that fits is admitted even
 when an older one does not fit yet (it needs more pages or tokens than are free). Once the
@@ -125,10 +127,11 @@ class Scheduler:
                     self.running.append(req)
                     continue
                 req.kv_slots = self.kv_pool.slots(req.kv_pages, req.canvas_len)
-                free_pages -= req.kv_pages_needed
+                free_pages -= req.kv_pages_needed + self._next_block(req)
             self.waiting.remove(req)
             req.status = Status.RUNNING
-            req.first_scheduled_time = now
+            if req.first_scheduled_time is None:  # a restarted request keeps its first
+                req.first_scheduled_time = now
             req.steps_waited = 0
             self.running.append(req)
             batch.append(req)
@@ -175,12 +178,17 @@ class Scheduler:
 
     def _next_blocks(self) -> int:
         """Pages the running block-causal requests need for their next block."""
-        pool, need = self.kv_pool, 0
-        for r in self.running:
-            if r.kv_pages_max and r.kv_pages is not None and not r.is_finished:
-                end = min(r.block_bounds()[1] + r.params.block_length, r.canvas_len)
-                need += max(0, pool.pages_for(end) - len(r.kv_pages))
-        return need
+        return sum(
+            self._next_block(r)
+            for r in self.running
+            if r.kv_pages_max and r.kv_pages is not None and not r.is_finished
+        )
+
+    def _next_block(self, r: Request) -> int:
+        if not r.kv_pages_max:
+            return 0
+        end = min(r.block_bounds()[1] + r.params.block_length, r.canvas_len)
+        return max(0, self.kv_pool.pages_for(end) - len(r.kv_pages or []))
 
     def _preempt(self, req: Request) -> None:
         """Send a running block-causal request back to the head of the queue, restarted."""
@@ -188,7 +196,12 @@ class Scheduler:
         self._release(req)
         req.restart()
         req.status = Status.WAITING
-        self.waiting.appendleft(req)
+        # Back in arrival order (ahead of every younger waiting request), not ahead of older.
+        at = next(
+            (k for k, w in enumerate(self.waiting) if w.arrival_time > req.arrival_time),
+            len(self.waiting),
+        )
+        self.waiting.insert(at, req)
         self.num_preemptions += 1
 
     def _release(self, req: Request) -> None:

@@ -134,6 +134,8 @@ def _block_fields(lim: ServedLimits) -> dict[str, dict[str, Any]]:
         "cfg_scale": _opt({"type": "number", "minimum": 0, "maximum": 0}, "no guidance"),
         "kv_cache": _null("block-causal models always cache their finished blocks"),
         "confidence_dtype": _null("the confidence is in the logits' dtype"),
+        "logits_eos_inf": _false("LLaDA's generate.py option"),
+        "confidence_eos_eot_inf": _false("LLaDA's generate.py option"),
         "max_tokens": _opt(
             _int(1, g),
             f"gen_length: the generation's length at most (default "
