@@ -104,7 +104,7 @@ def test_mixed_batch_equals_the_reference_decoder(checkpoints, family, dtype) ->
     float32 the tokens equal the official decoding's; in bfloat16 the cache's rounding
     differs from the re-encoding's, so they are compared with the cached reference (the same
     keys, computed by store passes), and the agreement with the re-encoding is bounded below
-    (see ``test_llada2_bf16_cache_against_re_encoding``)."""
+    (see ``test_llada2_bf16_without_the_cache_is_the_official_decoding``)."""
     cached = family == "llada2" and dtype == "bfloat16"
     torch.manual_seed(0)
     engine = Engine(str(checkpoints[family]), dtype=dtype, max_num_seqs=16)
@@ -262,20 +262,10 @@ def test_llada2_bf16_without_the_cache_is_the_official_decoding(checkpoints) -> 
     outs = engine.generate([c["prompt"] for c in cases], params, use_tqdm=False)
     assert [(o.token_ids, o.num_forward_passes) for o in outs] == expected
     assert engine.kv_pool.used_pages == 0
-
-
-def test_llada2_bf16_cache_against_re_encoding(checkpoints) -> None:
-    """How often foretell's cached bf16 LLaDA2 decoding gives the official (re-encoding)
-    decoder's tokens on the mixed batch: 36 of 44 when measured; a bound, not equality (a
-    random model's first differing token changes every later one)."""
-    engine = Engine(str(checkpoints["llada2"]), dtype="bfloat16", max_num_seqs=16)
-    model = engine.model
-    cases = _cases(44, seed=4, vocab=model.vocab_size, mask=model.mask_token_id)
-    expected = [_reference("llada2", model, c, ())[0] for c in cases]
-    outs = engine.generate(
-        [c["prompt"] for c in cases], [_params(c, ()) for c in cases], use_tqdm=False
-    )
-    same = sum(o.token_ids == e for o, e in zip(outs, expected, strict=True))
+    # With the cache (the default) the rounding differs: 36 of the 44 when measured, a bound
+    # here, not equality (a random model's first differing token changes every later one).
+    cached = engine.generate([c["prompt"] for c in cases], [_params(c, ()) for c in cases])
+    same = sum(o.token_ids == e for o, (e, _) in zip(cached, expected, strict=True))
     assert same >= 32, same
 
 
