@@ -218,6 +218,8 @@ class Decoding:
     eos_early_stop: bool = False
 
     def params(self, prophet: Prophet | None = None) -> DecodeParams:
+        """foretell's request parameters for the same decoding (stop ids explicit, so that
+        both sides stop on exactly the same ones)."""
         return DecodeParams(
             gen_length=self.gen_length,
             block_length=self.block_length,
@@ -230,8 +232,11 @@ class Decoding:
             early_commit=prophet,
         )
 
-    def reference(self, model: torch.nn.Module, prompt: list[int], prophet: Prophet | None):
-        """(tokens as foretell returns them, the reference's forward calls)."""
+    def reference(
+        self, model: torch.nn.Module, prompt: list[int], prophet: Prophet | None
+    ) -> tuple[list[int], int]:
+        """(tokens as foretell returns them, the reference's forward calls): Prophet's policy
+        becomes the reference decoders' tuple, the stop ids their ``stop_ids`` / ``eos_id``."""
         policy = None
         if prophet is not None:
             span = None
