@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every number in docs/benchmarks.md, in one go (about 40 minutes on a 2-core CPU; run it with
+# Every number in docs/benchmarks.md, in one go (about 55 minutes on a 2-core CPU; run it with
 # nothing else on the machine).
 # Usage: bash benchmarks/run_all.sh   (from the repository root, with foretell installed)
 set -euo pipefail
@@ -73,3 +73,20 @@ done
 # one engine in the benchmark's own process (docs/distributed.md).
 foretell bench --replicas 1,2 --n 4000 --batch-size 125 --out "$out/ray_replicas.json" \
   | tee "$out/ray_replicas.txt"
+# Block-causal decoders (issue #25): foretell against the re-implemented official SDAR (bd3) and
+# LLaDA2 (generate, no cache) decoders on random checkpoints of their shapes scaled down, then
+# single-repeat variants (dynamic SDAR schedule, LLaDA2 at gen 128, 48 requests, 32 concurrent,
+# and 4x the parameters).
+python benchmarks/block_decoders.py --threads 1 --repeats 3 --out "$out/block_decoders.json" \
+  | tee "$out/block_decoders.txt"
+three=(--threads 1 --modes reference,foretell-b1,foretell)
+python benchmarks/block_decoders.py "${three[@]}" --families sdar --sdar-threshold 0.9 \
+  --out "$out/block_decoders_sdar_dynamic.json" | tee "$out/block_decoders_sdar_dynamic.txt"
+python benchmarks/block_decoders.py "${three[@]}" --families llada2 --gen-length 128 \
+  --out "$out/block_decoders_llada2_gen128.json" | tee "$out/block_decoders_llada2_gen128.txt"
+python benchmarks/block_decoders.py "${three[@]}" --families llada2 --n 48 \
+  --out "$out/block_decoders_llada2_n48.json" | tee "$out/block_decoders_llada2_n48.txt"
+python benchmarks/block_decoders.py "${three[@]}" --families llada2 --n 32 --max-num-seqs 32 \
+  --out "$out/block_decoders_llada2_b32.json" | tee "$out/block_decoders_llada2_b32.txt"
+python benchmarks/block_decoders.py "${three[@]}" --hidden-size 256 --vocab-size 4096 \
+  --out "$out/block_decoders_h256.json" | tee "$out/block_decoders_h256.txt"
