@@ -215,8 +215,13 @@ def plan_kv(
 
 
 def _block_mask(length: int, cache: CacheUse, device: torch.device) -> torch.Tensor | None:
-    """A block-causal sequence's mask: its rows are the last ``length`` of its keys."""
+    """A block-causal sequence's mask: its rows are the last ``length`` of its keys. None
+    when every row sees every key (a block's queries over the blocks before it: the common
+    step), where SDPA gives the same numbers without a mask."""
     if cache.block_size is None:
+        return None
+    first_row, last_key = cache.read_len - length, cache.read_len - 1
+    if first_row // cache.block_size == last_key // cache.block_size:
         return None
     keys = torch.arange(cache.read_len, device=device) // cache.block_size
     rows = keys[cache.read_len - length :]
@@ -364,7 +369,9 @@ def _cached_attention(
         for start, lens in kv.self_runs:
             _sdpa_runs(q, ks, vs, out, start, lens)
     if read is not None:
-        read = _expand_kv(read, num_heads, 2)
+        # Grouped heads through SDPA's own GQA (no repeated copy of every gathered key); the
+        # same numbers as repeating them (tested against the references).
+        gqa = read.shape[2] != num_heads
         for (start, count, q_len, k_start, k_len), mask in zip(
             kv.read_groups, kv.read_masks, strict=True
         ):
@@ -372,7 +379,8 @@ def _cached_attention(
             qs = q[start:end].reshape(count, q_len, *q.shape[1:]).transpose(1, 2)
             keys = read[:, k_start : k_start + count * k_len]
             ks, vs = (t.reshape(count, k_len, *t.shape[1:]).transpose(1, 2) for t in keys)
-            res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(1, 2)
+            res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+            res = res.transpose(1, 2)
             out[start:end] = res.reshape(count * q_len, *q.shape[1:])
     return out
 
