@@ -211,7 +211,7 @@ def test_pick_accepts_every_listed_word_and_nothing_else() -> None:
 
 def test_permute_accepts_every_order_of_the_given_letters_and_nothing_else() -> None:
     task = get_task("permute")
-    prompt = "permute dcafb"
+    prompt = "permute dcafb="
     for answer in ("".join(p) for p in itertools.permutations("dcafb")):
         assert task.check(prompt, f"answer: {answer}"), answer
     # A repeated letter (what one step per block spells), a letter left out, one too many, a
@@ -219,8 +219,15 @@ def test_permute_accepts_every_order_of_the_given_letters_and_nothing_else() -> 
     for wrong in ("dcafd", "dcaf", "dcafbe", "dcafx", "", "DCAFB"):
         assert not task.check(prompt, f"answer: {wrong}"), wrong
     assert not task.check(prompt, "dcafb")
-    assert task.key("permute dcafb") == task.key("permute bfacd") != task.key("permute dcafe")
-    for bad in ("permute dcaf", "permute abcdefghi", "permute aacde", "arrange dca"):
+    assert task.key("permute dcafb=") == task.key("permute bfacd=") != task.key("permute dcafe=")
+    # Four letters, nine, a repeated one, no closing "=", another task's prompt.
+    for bad in (
+        "permute dcaf=",
+        "permute abcdefghi=",
+        "permute aacde=",
+        "permute dcafb",
+        "arrange dca",
+    ):
         with pytest.raises(ValueError, match="not a permute prompt"):
             task.check(bad, "answer: abc")
 
@@ -234,7 +241,8 @@ def test_permute_samples_every_count_and_order() -> None:
     firsts: dict[int, int] = {}
     for _ in range(4000):
         ex = task.sample(rng)
-        letters = ex.prompt.split()[1]
+        assert ex.prompt.endswith("=")
+        letters = ex.prompt.split()[1][:-1]
         assert len(set(letters)) == len(letters) and sorted(ex.answer) == sorted(letters)
         counts[len(letters)] = counts.get(len(letters), 0) + 1
         index = letters.index(ex.answer[0])
