@@ -38,10 +38,12 @@ from foretell.models.block_default import (
 from foretell.tasks import Example, Task, get_task
 
 # name: (steps per block, threshold). "full" reveals one token per pass; "threshold" is SDAR's
-# dynamic decoding; "one_step" reveals a whole block in one pass (what parallel decoding risks).
+# dynamic decoding; "half" reveals two per pass and "one_step" a whole block in one pass (what
+# parallel decoding risks).
 POLICIES: dict[str, tuple[int, float | None]] = {
     "full": (STEPS, None),
     "threshold": (STEPS, THRESHOLD),
+    "half": (STEPS // 2, None),
     "one_step": (1, None),
 }
 
