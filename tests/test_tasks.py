@@ -27,7 +27,7 @@ def gen(answer: str, scratch: str = "") -> str:
 
 
 def test_registry() -> None:
-    assert set(TASKS) == {"arrange", "countdown", "pick", "shuffle", "twosum"}
+    assert set(TASKS) == {"arrange", "countdown", "permute", "pick", "shuffle", "twosum"}
     assert get_task("countdown") is TASKS["countdown"]
     with pytest.raises(ValueError, match="unknown task"):
         get_task("nope")
@@ -70,8 +70,8 @@ def test_heldout_is_disjoint_from_training(name: str) -> None:
     # The filter really removed something: held-out problems do occur in the raw stream.
     rng = random.Random(f"{name}/train/0")
     raw = {task.key(task.sample(rng).prompt) for _ in range(3000)}
-    # (twosum's and pick's problem spaces are too large for a collision in 3000 draws)
-    assert raw & keys or name in ("twosum", "pick")
+    # (twosum's, pick's and permute's problem spaces are too large for a collision in 3000 draws)
+    assert raw & keys or name in ("twosum", "pick", "permute")
 
 
 def test_parse_answer() -> None:
@@ -207,3 +207,47 @@ def test_pick_accepts_every_listed_word_and_nothing_else() -> None:
     assert not task.check(ex, "answer: ")
     assert not task.check(ex, words[0])  # no marker, no answer
     assert task.key("pick ab cd ef") == task.key("pick ef ab cd")
+
+
+def test_permute_accepts_every_order_of_the_given_letters_and_nothing_else() -> None:
+    task = get_task("permute")
+    prompt = "permute dcafb="
+    for answer in ("".join(p) for p in itertools.permutations("dcafb")):
+        assert task.check(prompt, f"answer: {answer}"), answer
+    # A repeated letter (what one step per block spells), a letter left out, one too many, a
+    # foreign letter, an answer cut short by an early EOS, and no marker are all wrong.
+    for wrong in ("dcafd", "dcaf", "dcafbe", "dcafx", "", "DCAFB"):
+        assert not task.check(prompt, f"answer: {wrong}"), wrong
+    assert not task.check(prompt, "dcafb")
+    assert task.key("permute dcafb=") == task.key("permute bfacd=") != task.key("permute dcafe=")
+    # Four letters, nine, a repeated one, no closing "=", another task's prompt.
+    for bad in (
+        "permute dcaf=",
+        "permute abcdefghi=",
+        "permute aacde=",
+        "permute dcafb",
+        "arrange dca",
+    ):
+        with pytest.raises(ValueError, match="not a permute prompt"):
+            task.check(bad, "answer: abc")
+
+
+def test_permute_samples_every_count_and_order() -> None:
+    from foretell.tasks.permute import MAX_COUNT, MIN_COUNT
+
+    task = get_task("permute")
+    rng = random.Random(0)
+    counts: dict[int, int] = {}
+    firsts: dict[int, int] = {}
+    for _ in range(4000):
+        ex = task.sample(rng)
+        assert ex.prompt.endswith("=")
+        letters = ex.prompt.split()[1][:-1]
+        assert len(set(letters)) == len(letters) and sorted(ex.answer) == sorted(letters)
+        counts[len(letters)] = counts.get(len(letters), 0) + 1
+        index = letters.index(ex.answer[0])
+        firsts[index] = firsts.get(index, 0) + 1
+    assert sorted(counts) == list(range(MIN_COUNT, MAX_COUNT + 1))
+    assert min(counts.values()) > 850  # 1000 expected each
+    # The shown order is random: its first letter is any of the given ones, not the first.
+    assert len(firsts) == MAX_COUNT and firsts[0] < 1000

@@ -318,7 +318,22 @@ def hardest_views(
     return score.topk(n).indices
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.98) with weight decay on the matrices only (not norms or biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup over ``args.warmup`` steps, then cosine from ``args.lr`` down to 10%."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
@@ -356,16 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     names = list(weights)
     probs = [weights[n] for n in names]
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
+    opt = make_optimizer(model, args.lr, args.weight_decay)
     print(f"params {n_params} tasks {weights} args {vars(args)}", flush=True)
     log: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params}
     log["curve"] = []

@@ -1,5 +1,6 @@
 """Synthetic prompt -> answer tasks with exact checkers, for training and evaluating the default
-model (see docs/training.md).
+models (see docs/training.md): ``arrange`` for the LLaDA default, ``permute`` for the
+block-diffusion (SDAR) one.
 
 Each task module defines ``sample(rng) -> Example`` and ``check_answer(prompt, answer)``; the
 :class:`Task` wrapper adds ``check(example_or_prompt, generated_text)``, which parses the
@@ -8,7 +9,7 @@ answer after the fixed ``answer:`` marker, and the seeded train / held-out split
 
 from __future__ import annotations
 
-from foretell.tasks import arrange, countdown, pick, shuffle, twosum
+from foretell.tasks import arrange, countdown, permute, pick, shuffle, twosum
 from foretell.tasks.base import (
     ALPHABET,
     ANSWER_LENGTH,
@@ -25,7 +26,8 @@ from foretell.tasks.base import (
 )
 
 TASKS: dict[str, Task] = {
-    t.name: t for t in (arrange.TASK, countdown.TASK, pick.TASK, shuffle.TASK, twosum.TASK)
+    t.name: t
+    for t in (arrange.TASK, countdown.TASK, permute.TASK, pick.TASK, shuffle.TASK, twosum.TASK)
 }
 
 
