@@ -222,10 +222,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from foretell.models.default import TASK_NAMES
 
     if args.model is not None:
-        raise ValueError("model: eval runs the shipped model's tasks; omit --model")
+        raise ValueError("model: eval runs the shipped models' tasks; omit --model")
     kv_caches = parse_kv_caches(args.kv_cache)
+    if args.block_default:
+        from foretell.models.block_default import BLOCK_DEFAULT_MODEL_DIR
+        from foretell.models.block_default import TASK_NAMES as BLOCK_TASKS
+
+        if kv_caches != [None]:
+            raise ValueError("kv_cache: the block-diffusion model always caches its blocks")
+        args.model = str(BLOCK_DEFAULT_MODEL_DIR)
+        tasks = args.task or list(BLOCK_TASKS)
+    else:
+        tasks = args.task or list(TASK_NAMES)
     engine = _engine(args)
-    tasks = args.task or list(TASK_NAMES)
     report = evaluation.evaluate(
         engine,
         tasks,
@@ -341,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, help="held-out seed (default: the documented one)")
     ev.add_argument("--out", help="write the report as JSON")
     ev.add_argument("--plot", help="write the convergence curve as PNG")
+    ev.add_argument(
+        "--block-default",
+        action="store_true",
+        help="the shipped block-diffusion (SDAR) model on its task: full, half, threshold, "
+        "Prophet and one step per block",
+    )
     ev.add_argument(
         "--kv-cache",
         default="none",

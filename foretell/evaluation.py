@@ -28,6 +28,10 @@ from foretell.params import DecodeParams, Prophet
 
 REMASKINGS = ("low_confidence", "random")
 CONFIG_NAMES = ("Full", "Half", "Prophet", "One step")
+# A block-causal model (the shipped SDAR one): steps count per block, its own threshold rule
+# is a configuration, and random remasking is not one of its rules.
+BLOCK_CONFIG_NAMES = ("Full", "Half", "Threshold", "Prophet", "Threshold + Prophet", "One step")
+BLOCK_REMASKINGS = ("low_confidence",)
 CURVE_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
@@ -58,11 +62,20 @@ def _params(engine: Engine, config: Config, seed: int) -> DecodeParams:
     base = engine.default_params.replace(
         remasking=config.remasking, seed=seed, kv_cache=config.kv_cache
     )
+    block_causal = getattr(engine.model, "block_causal", False)
     if config.name == "Half":
-        return base.replace(steps=base.steps // 2)
-    if config.name == "One step":
-        return base.replace(steps=1, block_length=base.gen_length)
-    if config.name == "Prophet":
+        return base.replace(steps=max(1, base.steps // 2))
+    if config.name == "One step":  # every token of a block (or the generation) in one pass
+        return (
+            base.replace(steps=1)
+            if block_causal
+            else base.replace(steps=1, block_length=base.gen_length)
+        )
+    if config.name.startswith("Threshold"):
+        from foretell.models.block_default import THRESHOLD
+
+        base = base.replace(remasking="confidence_threshold", threshold=THRESHOLD)
+    if config.name.endswith("Prophet"):
         return base.replace(early_commit=engine.default_prophet)
     return base
 
@@ -81,9 +94,16 @@ def evaluate(
 ) -> dict:
     """Accuracy / forward passes per task and configuration (each in every cache mode of
     ``kv_caches``, None meaning uncached), and the convergence curves (skipped with
-    ``curve_n=0``). ``names`` and ``remaskings`` pick the configurations."""
+    ``curve_n=0``). ``names`` and ``remaskings`` pick the configurations; a block-causal
+    model's are :data:`BLOCK_CONFIG_NAMES` over low-confidence (its Prophet commits block by
+    block, so the whole-generation convergence curve is not measured for it)."""
     from foretell.models.default import HELDOUT_SEED, check_heldout_size
     from foretell.tasks import get_task
+
+    if getattr(engine.model, "block_causal", False):
+        names = BLOCK_CONFIG_NAMES if names is CONFIG_NAMES else names
+        remaskings = BLOCK_REMASKINGS if remaskings is REMASKINGS else remaskings
+        curve_n = 0
 
     seed = HELDOUT_SEED if seed is None else seed
     check_heldout_size(max(n, curve_n), seed)

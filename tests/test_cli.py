@@ -234,6 +234,23 @@ def test_eval_on_a_small_n(tmp_path, capsys) -> None:
     assert json.dumps(task)  # the per-configuration table and the curve are plain JSON
 
 
+def test_eval_of_the_block_diffusion_default(tmp_path, capsys) -> None:
+    """The shipped SDAR model on its task: its configurations, its accuracy (the same as the
+    batch-1 decoder's in docs/training.md on these prompts), fewer passes with Prophet."""
+    out = tmp_path / "eval.json"
+    args = ["eval", "--block-default", "--n", "24", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "permute (n=24)" in table
+    report = json.loads(out.read_text())
+    rows = report["tasks"]["permute"]["table"]
+    full, prophet = rows["Full / low_confidence"], rows["Prophet / low_confidence"]
+    assert full["accuracy"] >= 0.9 and rows["One step / low_confidence"]["accuracy"] < 0.2
+    assert prophet["mean_forward_passes"] < full["mean_forward_passes"]
+    assert report["tasks"]["permute"]["convergence"] == {}
+    assert main(["eval", "--block-default", "--kv-cache", "dual"]) == 2
+
+
 def test_eval_refuses_prompts_training_did_not_hold_out(capsys) -> None:
     assert main(["eval", "--n", "501"]) == 2
     assert "n: 501" in capsys.readouterr().err

@@ -226,16 +226,21 @@ def load_for_bench(
     gen = base.gen_length
     if getattr(engine.model, "block_causal", False):
         # The model's own block; full steps (one token a step) and half of them, per block.
+        # The shipped block-diffusion model runs its own task, at its own length.
+        from foretell.models import block_default
+
         block = engine.model.block_size
         steps = sorted({block, max(1, block // 2)}, reverse=True)
+        shipped = Path(model).resolve() == block_default.BLOCK_DEFAULT_MODEL_DIR.resolve()
         return BenchSetup(
-            str(model),
+            "block default" if shipped else str(model),
             loaded,
             base,
             engine.default_prophet,
-            TASK_NAMES,
+            block_default.TASK_NAMES if shipped else TASK_NAMES,
             [block],
             steps,
+            [base.gen_length] if shipped else [],
             per_block_steps=True,
         )
     blocks = sorted({b for b in (gen // 4, gen // 2, gen) if b >= 1 and gen % b == 0})

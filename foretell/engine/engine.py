@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -79,6 +80,16 @@ def _profile_forward_peak(model: DiffusionLM, max_tokens: int, chunk_tokens: int
     del hidden, storage
     torch.cuda.empty_cache()
     return peak
+
+
+def _is_block_default(path: object) -> bool:
+    """Whether ``path`` is the shipped block-diffusion model's directory."""
+    from foretell.models.block_default import BLOCK_DEFAULT_MODEL_DIR
+
+    try:
+        return path is not None and Path(path).resolve() == BLOCK_DEFAULT_MODEL_DIR.resolve()
+    except (TypeError, OSError):
+        return False
 
 
 class Engine:
@@ -157,6 +168,11 @@ class Engine:
 
             self.default_params = default_decode_params(loaded.tokenizer)
             self.default_prophet = default_prophet()
+        elif _is_block_default(loaded.path):
+            from foretell.models.block_default import params as block_params
+
+            self.default_params = block_params.default_decode_params()
+            self.default_prophet = block_params.default_prophet()
         self.model: DiffusionLM = loaded.model
         self.tokenizer = loaded.tokenizer
         self.mask_token_id: int = self.model.mask_token_id
