@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from foretell.models.block_causal import rotary_angles
+from foretell.models.block_causal import masked_attention, rotary_angles
 from foretell.models.block_default import (
     BLOCK_DEFAULT_MODEL_DIR,
     BLOCK_LENGTH,
@@ -187,8 +187,12 @@ def two_copy_logits(
     allowed = two_copy_mask(start, length, model.block_size)[None]
     x = model.embed(torch.cat([noisy[:, start:], clean], dim=1))
     cos, sin = rotary_angles(pos, model.rotary_dim, model.rope_theta, x.dtype)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return masked_attention(q, k, v, allowed)
+
     for layer in model.layers:
-        x, _, _ = layer(x, cos, sin, allowed, None, None)
+        x = layer(x, cos, sin, attend)
     return model.lm_logits(model.norm(x[:, : length - start]))
 
 
