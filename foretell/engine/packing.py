@@ -141,8 +141,7 @@ class Packer:
         into its pages) plus read-only rows for ``needed`` positions outside it, attending to
         its whole canvas in the pool."""
         if req.block_causal:  # its block's queries over its pages (see store_layout)
-            lo, hi = req.block_bounds()
-            lo = lo if req.params.block_cache else 0  # else the whole window, re-encoded
+            lo, hi = req.query_start, req.block_bounds()[1]
             block = req.params.block_length
             return torch.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
         if req.params.kv_cache is None:

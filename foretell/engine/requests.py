@@ -15,6 +15,7 @@ from foretell.engine.kv_cache import KVPool
 from foretell.models.transformer import DiffusionLM
 from foretell.params import DecodeParams, as_params
 from foretell.scheduler import Request
+from foretell.scheduler.request import block_canvas
 
 Prompt = str | list[int] | list[dict]
 # A text longer than this many characters per token of room is refused before tokenizing it:
@@ -221,15 +222,13 @@ class RequestBuilder:
         """A block-causal canvas runs to its last block's end, and its largest pass is its
         first (``Request.cost``); both checked by arithmetic, before anything is allocated."""
         block = params.block_length
-        canvas = -(-(prompt_len + params.gen_length) // block) * block
+        canvas, first = block_canvas(prompt_len, params)
         limit = self.max_model_len
         if limit is not None and canvas > limit:
             raise ValueError(
                 f"prompt: {prompt_len} prompt tokens + gen_length {params.gen_length}, to the "
                 f"end of the last block of {block} ({canvas}), exceed the maximum length {limit}"
             )
-        first = canvas if not params.block_cache else max((prompt_len // block + 1), 2) * block
-        first = min(first, canvas)
         if first > self.max_num_batched_tokens:
             raise ValueError(
                 f"prompt: its largest pass ({first} tokens: the prompt's whole blocks and the "

@@ -177,8 +177,7 @@ class ModelRunner:
         blocks = [i for i, req in enumerate(batch) if req.block_causal]
         block_pos = {i: block_positions(batch[i]) for i in blocks}
         for i in blocks:  # its sequence is its block (or, without the cache, its window)
-            start = batch[i].block_bounds()[0] if batch[i].params.block_cache else 0
-            needed[block_pos[i] - start + offsets[i][0]] = True
+            needed[block_pos[i] - batch[i].query_start + offsets[i][0]] = True
         in_group.update(blocks)
         others = [i for i in range(len(batch)) if i not in in_group]
         for i in others:

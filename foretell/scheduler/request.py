@@ -17,6 +17,19 @@ import torch
 from foretell.params import DecodeParams
 
 
+def block_canvas(prompt_len: int, params: DecodeParams) -> tuple[int, int]:
+    """A block-causal request's ``(canvas length, largest pass)``, by arithmetic alone (the
+    builder checks them before anything is allocated): the canvas runs to the end of its last
+    block; the largest pass is its first (the prompt's whole blocks and the first block to
+    denoise) or a finished block's store rows and the next block, or without the block cache
+    the whole re-encoded canvas."""
+    block = params.block_length
+    canvas = -(-(prompt_len + params.gen_length) // block) * block
+    if not params.block_cache:
+        return canvas, canvas
+    return canvas, min(canvas, max(prompt_len // block + 1, 2) * block)
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -124,11 +137,9 @@ class Request:
     def canvas_len(self) -> int:
         """Prompt and generation; a block-causal canvas runs on to the end of its last block
         (decoded whole, as the official decoders do, then cut to ``gen_length``)."""
-        length = self.prompt_len + self.params.gen_length
         if self.block_causal:
-            block = self.params.block_length
-            return -(-length // block) * block
-        return length
+            return block_canvas(self.prompt_len, self.params)[0]
+        return self.prompt_len + self.params.gen_length
 
     @property
     def num_sequences(self) -> int:
@@ -142,10 +153,7 @@ class Request:
         request's largest is its first (the prompt's whole blocks and the first block to
         denoise), or a finished block's store rows and the next block."""
         if self.block_causal:
-            block = self.params.block_length
-            if not self.params.block_cache:  # the last pass re-encodes the whole canvas
-                return self.canvas_len
-            return min(self.canvas_len, max((self.prompt_len // block + 1) * block, 2 * block))
+            return block_canvas(self.prompt_len, self.params)[1]
         return self.canvas_len * self.num_sequences
 
     @property
@@ -175,6 +183,12 @@ class Request:
         """A block-causal request's first position its pass runs: the first whose keys its
         pages do not hold yet, or 0 without the block cache (the whole window re-encoded)."""
         return self.kv_stored if self.params.block_cache else 0
+
+    @property
+    def query_start(self) -> int:
+        """A block-causal request's first position of its query sequence: its block's start,
+        or 0 without the block cache (the window re-encoded); see ``foretell.engine.packing``."""
+        return self.block_bounds()[0] if self.params.block_cache else 0
 
     @property
     def uses_blocks(self) -> bool:
