@@ -19,13 +19,14 @@ device and ranked again alone, over its own row, as the reference ranks it.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from foretell.decoding.early_commit import should_commit
+from foretell.decoding.early_commit import should_commit, undecided
 from foretell.decoding.step import (
     mark_committed,
     move_block_cursor,
@@ -71,16 +72,28 @@ def batchable(req: Request) -> bool:
 
 @dataclass
 class _Plan:
-    """A pass's decisions for every request of the group, before any request changes."""
+    """A pass's decisions for every request of the group, before any request changes. Host
+    arrays over the pass's flat tokens: the request-by-request part of the step reads and
+    writes them with NumPy, dispatching no tensor op per request."""
 
-    new_ids: torch.Tensor  # the pass's flat tokens with every reveal written
-    x0: torch.Tensor  # flat greedy tokens of the gathered rows (commits add theirs)
-    chosen: torch.Tensor  # flat rows revealed (host bool [tokens])
+    new_ids: np.ndarray  # the pass's flat tokens with every reveal written
+    x0: np.ndarray  # flat greedy tokens of the gathered rows (commits add theirs)
+    chosen: np.ndarray  # flat rows revealed (bool [tokens])
     gaps: list[float | None]
     commits: list[bool]
     schedules: list[list[int] | None]  # a new block's reveal counts, where one starts
-    outside: dict[int, tuple[torch.Tensor, torch.Tensor]]  # a cached commit's other masks
+    outside: dict[int, tuple[np.ndarray, np.ndarray]]  # a cached commit's other masks
     failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
+
+
+@dataclass
+class _Gaps:
+    """Prophet's statistic of every request with a policy and region rows, on the device."""
+
+    members: list[int]  # requests, in packed order
+    values: torch.Tensor  # [members] float64: the mean (summed in row order) or the min
+    region_rows: np.ndarray  # indices into the gathered rows of every member's region rows
+    segment: np.ndarray  # each region row's index into ``members``
 
 
 @dataclass
@@ -162,6 +175,11 @@ class GreedyBatch:
         self.in_block = masked & (positions >= block_start) & (positions < block_end)
         self.generated = generated
         self.needed = self.window | self.region
+        # Host arrays of the same (host) tensors, for the request-by-request part of the step.
+        self.ids_np = ids.numpy()
+        self.positions_np = positions.numpy()
+        self.generated_np = generated.numpy()
+        self.needed_np = self.needed.numpy()
 
     def bind(
         self,
@@ -205,14 +223,15 @@ class GreedyBatch:
     ) -> _Plan:
         """Every request's Prophet statistic and reveal, computed on the logits' device; then
         one transfer for the whole pass, whatever its size (greedy tokens, reveals, ties and
-        gaps); one more when some request's ranking ties at its cut (its scores), and one when
-        a commit fills masks whose rows were not gathered.
+        gaps); one more when some request's ranking ties at its cut (its scores), when a
+        request's mean gap is too close to its threshold to decide in float64 (its rows'
+        reference reduction), and when a commit fills masks whose rows were not gathered.
 
         The reveal is computed for every request, also those whose gap will commit them
         (they discard it): so nothing waits for the gaps to reach the host first.
         """
         seq_of_row = self.seq_of_token[rows]
-        gap_parts = self._gaps(seq_of_row, rows, stats)
+        gap = self._gaps(seq_of_row, rows, stats)
         schedules: list[list[int] | None] = [None] * len(self.reqs)
         starting = [
             j
@@ -228,41 +247,54 @@ class GreedyBatch:
         ranking = self._reveal(rows, seq_of_row, stats, schedules)
         # The pass's one device -> host transfer: the gathered rows' greedy tokens, which of
         # them are revealed, which requests' ranking tied at its cut, and the gaps (float64
-        # holds token ids and the gaps' float32/float64 values exactly).
+        # holds token ids and the gaps' values exactly).
         parts = [stats.argmax, ranking.chosen, ranking.tied]
-        parts += [v for _, v in gap_parts]
-        host = torch.cat([t.to(torch.float64) for t in parts]).cpu()
+        if gap is not None:
+            parts.append(gap.values)
+        host = torch.cat([t.to(torch.float64) for t in parts]).cpu().numpy()
         n_rows, n_ranked = len(rows), len(ranking.members)
-        argmax = host[:n_rows].long()
-        chosen_rows = host[n_rows : 2 * n_rows].bool()
-        tied = host[2 * n_rows : 2 * n_rows + n_ranked].bool()
-        values = host[2 * n_rows + n_ranked :].tolist()
-        gaps: list[float | None] = [None] * len(self.reqs)
-        at = 0
-        for members, _ in gap_parts:
-            for j in members:
-                gaps[j] = values[at]
-                at += 1
-        commits = []
-        for req, gap in zip(self.reqs, gaps, strict=True):
-            policy, step = req.params.early_commit, req.global_step + 1
-            commits.append(
-                policy is not None and should_commit(policy, gap, step, req.params.steps)
-            )
-        x0 = torch.zeros_like(self.ids)
-        x0[rows] = argmax
-        chosen = torch.zeros(len(self.ids), dtype=torch.bool)
-        chosen[rows[chosen_rows]] = True
-        if bool(tied.any()):
-            self._rank_alone(tied.nonzero().flatten().tolist(), ranking, chosen)
+        argmax = host[:n_rows].astype(np.int64)
+        chosen_rows = host[n_rows : 2 * n_rows].astype(bool)
+        tied = host[2 * n_rows : 2 * n_rows + n_ranked].astype(bool)
+        gaps, commits = self._decide(gap, host[2 * n_rows + n_ranked :], stats)
+        rows_np = rows.numpy()
+        x0 = np.zeros(len(self.ids_np), dtype=np.int64)
+        x0[rows_np] = argmax
+        chosen = np.zeros(len(self.ids_np), dtype=bool)
+        chosen[rows_np[chosen_rows]] = True
+        if tied.any():
+            self._rank_alone(np.flatnonzero(tied).tolist(), ranking, chosen)
         for j in range(len(self.reqs)):
             if commits[j]:  # a commit discards its reveal
                 chosen[self.starts[j] : self.starts[j] + self.seq_lens[j]] = False
-        new_ids = self.ids.clone()
+        new_ids = self.ids_np.copy()
         new_ids[chosen] = x0[chosen]
         plan = _Plan(new_ids, x0, chosen, gaps, commits, schedules, {})
         self._fill_commits(plan, more, read_only)
         return plan
+
+    def _decide(
+        self, gap: _Gaps | None, values: np.ndarray, stats: RowStats
+    ) -> tuple[list[float | None], list[bool]]:
+        """Each request's reported gap and Prophet's decision at this step. A mean decides in
+        float64 unless it falls within :data:`DECIDE_MARGIN` of the threshold; then the
+        reference's own reduction of its rows decides (one more transfer, rarely)."""
+        gaps: list[float | None] = [None] * len(self.reqs)
+        commits = [False] * len(self.reqs)
+        if gap is None:
+            return gaps, commits
+        for m, (j, value) in enumerate(zip(gap.members, values.tolist(), strict=True)):
+            req = self.reqs[j]
+            policy, step = req.params.early_commit, req.global_step + 1
+            gaps[j] = decisive = value
+            threshold = policy.threshold(step, req.params.steps)
+            # A minimum is exact in any order; a float64 mean stands for the reference's own
+            # reduction unless it is too close to the threshold to tell.
+            if policy.statistic == "mean" and undecided(value, threshold, stats.gap.dtype):
+                own = gap.region_rows[gap.segment == m]
+                decisive = float(stats.gap[torch.from_numpy(own).to(stats.gap.device)].mean())
+            commits[j] = should_commit(policy, decisive, step, req.params.steps)
+        return gaps, commits
 
     def _fill_commits(
         self,
@@ -280,24 +312,24 @@ class GreedyBatch:
             if not plan.commits[j]:
                 continue
             start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-            fill = self.generated[start:end].nonzero().flatten()
-            rows = fill[~self.needed[start:end][fill]] + start
-            if rows.numel():
+            fill = np.flatnonzero(self.generated_np[start:end])
+            rows = fill[~self.needed_np[start:end][fill]] + start
+            if rows.size:
                 missing.append(rows)
-                cells += [(at, at + rows.numel(), t) for t in req.logits_suppress]
-                at += rows.numel()
+                cells += [(at, at + rows.size, t) for t in req.logits_suppress]
+                at += rows.size
             if req.cached_step:
-                held = self.positions[start:end]
-                masked = req.masked_positions(req.prompt_len)
-                absent = masked[~torch.isin(masked, held)]
-                if absent.numel():
+                held = self.positions_np[start:end]
+                masked = req.masked_np(req.prompt_len)
+                absent = masked[~np.isin(masked, held)]
+                if absent.size:
                     outside_reqs.append(req)
                     outside_pos.append(absent)
                     outside_of.append(j)
         if missing:
-            flat = torch.cat(missing)
-            logits = suppress_cells(more(flat), cells)
-            plan.x0[flat] = logits.argmax(dim=-1).cpu()
+            flat = np.concatenate(missing)
+            logits = suppress_cells(more(torch.from_numpy(flat)), cells)
+            plan.x0[flat] = logits.argmax(dim=-1).cpu().numpy()
         if outside_reqs:
             try:
                 found = read_only(outside_reqs, outside_pos)
@@ -314,45 +346,48 @@ class GreedyBatch:
                 if logits is None:
                     continue
                 cells = [(0, len(pos), t) for t in req.logits_suppress]
-                plan.outside[j] = (pos, suppress_cells(logits, cells).argmax(dim=-1).cpu())
+                argmax = suppress_cells(logits, cells).argmax(dim=-1).cpu().numpy()
+                plan.outside[j] = (pos, argmax)
 
-    def _gaps(
-        self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        """Prophet's statistic, on the device: ``(requests, values)`` per group of requests
-        with the same number of region rows (none without a policy or without region rows).
-
-        A request's region rows are contiguous and in position order, so requests with the same
-        number of rows reduce as one ``[requests, rows]`` matrix: row by row this is the kernel
-        the per-request path runs on one row.
-        """
-        policies = [req.params.early_commit for req in self.reqs]
-        if all(p is None for p in policies):
-            return []
+    def _gaps(self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats) -> _Gaps | None:
+        """Prophet's statistic of every request with a policy, on the device, in a fixed
+        number of ops: each request's region rows are a segment of the pass's gathered rows;
+        one ``index_add_`` sums every segment in float64, row by row in order (the value a
+        request reports, :func:`foretell.decoding.early_commit.reported_gap`), and one
+        ``scatter_reduce_`` takes every minimum (exact in any order). None without a policy
+        with region rows."""
+        member_of_seq = np.full(self.num_seqs, -1)
+        members = [
+            j
+            for j in sorted(range(len(self.reqs)), key=lambda j: self.seq_index[j])
+            if self.reqs[j].params.early_commit is not None
+        ]
+        if not members:
+            return None
+        member_of_seq[[self.seq_index[j] for j in members]] = np.arange(len(members))
+        segment_of_row = member_of_seq[seq_of_row.numpy()]
+        region_rows = np.flatnonzero(self.region.numpy()[rows.numpy()] & (segment_of_row >= 0))
+        segment = segment_of_row[region_rows]
+        counts = np.bincount(segment, minlength=len(members))
+        if not counts.any():
+            return None
+        kept = np.flatnonzero(counts)  # requests whose region has rows this step
+        if len(kept) < len(members):
+            renumber = np.full(len(members), -1)
+            renumber[kept] = np.arange(len(kept))
+            segment = renumber[segment]
+            members, counts = [members[m] for m in kept], counts[kept]
         device = stats.gap.device
-        in_region = self.region[rows]
-        region_seq = seq_of_row[in_region]
-        region_gap = stats.gap[in_region.nonzero().flatten().to(device)]
-        counts = torch.bincount(region_seq, minlength=self.num_seqs)
-        count_of = counts.tolist()
-        by_count: dict[int, list[int]] = defaultdict(list)  # rows per request -> requests
-        for j, s in enumerate(self.seq_index):
-            if policies[j] is not None and count_of[s] > 0:
-                by_count[count_of[s]].append(j)
-        row_count = counts[region_seq]
-        parts = []
-        for count, members in by_count.items():
-            sel = (row_count == count).nonzero().flatten().to(device)
-            block = region_gap[sel].view(-1, count)
-            # The block's rows come in packed order: sort its requests the same way.
-            members.sort(key=lambda j: self.seq_index[j])
-            for statistic in sorted({policies[j].statistic for j in members}):
-                own = [i for i, j in enumerate(members) if policies[j].statistic == statistic]
-                values = block.mean(1) if statistic == "mean" else block.amin(1)
-                if len(own) < len(members):
-                    values = values[torch.tensor(own, device=device)]
-                parts.append(([members[i] for i in own], values))
-        return parts
+        gap = stats.gap[torch.from_numpy(region_rows).to(device)]
+        seg_d = torch.from_numpy(segment).to(device)
+        n = len(members)
+        sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, seg_d, gap.double())
+        means = sums / torch.from_numpy(counts).to(device)
+        mins = torch.full((n,), torch.inf, dtype=gap.dtype, device=device)
+        mins = mins.scatter_reduce_(0, seg_d, gap, "amin")
+        is_mean = np.array([self.reqs[j].params.early_commit.statistic == "mean" for j in members])
+        values = torch.where(torch.from_numpy(is_mean).to(device), means, mins.double())
+        return _Gaps(members, values, region_rows, segment)
 
     def _reveal(
         self,
@@ -388,8 +423,7 @@ class GreedyBatch:
             else:
                 k = 1
                 # Compared in the request's own confidence dtype, as it is alone.
-                thr = torch.tensor(req.params.threshold, dtype=self._own_dtype(req))
-                thresholds.append(float(thr))
+                thresholds.append(_in_dtype(req.params.threshold, self._own_dtype(req)))
             members.append(j)
             ks.append(k)
         nothing = stats.prob.new_zeros(0, dtype=torch.bool)
@@ -444,7 +478,7 @@ class GreedyBatch:
             tied &= ~is_threshold | (values[:, 0] < thr_d)
         return _Ranking(members, ks, row_start, row_len, scores, chosen_flat[rows.to(device)], tied)
 
-    def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: torch.Tensor) -> None:
+    def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: np.ndarray) -> None:
         """Rank the requests whose cut tied over their own row, as the references do: the
         ``topk`` of ``k`` (threshold: of the window's size) over a row of the step's length,
         on the host (only these rows' scores cross). ``chosen`` is the host flat choice."""
@@ -461,7 +495,7 @@ class GreedyBatch:
                 picked = order[keep]
             else:
                 picked = torch.topk(line, ranking.ks[i]).indices
-            chosen[picked + start] = True
+            chosen[picked.numpy() + start] = True
 
     def _own_dtype(self, req: Request) -> torch.dtype:
         """The dtype of the request's confidence (the model's unless its rule sets one)."""
@@ -507,7 +541,7 @@ class GreedyBatch:
         lo, hi = req.query_span()
         return hi - lo
 
-    # -- applying: one request at a time ---------------------------------------------------
+    # -- applying: one request at a time, on host arrays --------------------------------
     def _apply(self, j: int, req: Request, plan: _Plan) -> None:
         p = req.params
         req.global_step += 1
@@ -520,33 +554,33 @@ class GreedyBatch:
         if plan.commits[j]:
             # Every generated mask takes this step's argmax (rows not gathered were filled in
             # while planning, and a cached step's masks outside its pass by a read-only pass).
-            fill = self.generated[start:end].nonzero().flatten()
+            fill = np.flatnonzero(self.generated_np[start:end])
             if whole:
-                plan.new_ids[fill + start] = plan.x0[fill + start]
-                req.set_canvas(plan.new_ids[start:end].clone())  # finished: its own copy
+                new_ids = plan.new_ids[start:end]
+                new_ids[fill] = plan.x0[fill + start]
+                req.write_np(slice(None), new_ids)
                 req.revealed_last_step = fill
             else:
-                masked = req.masked_positions(req.prompt_len)
-                req.write(self.positions[fill + start], plan.x0[fill + start])
+                masked = req.masked_np(req.prompt_len)
+                req.write_np(self.positions_np[fill + start], plan.x0[fill + start])
                 if j in plan.outside:
-                    req.write(*plan.outside[j])
+                    req.write_np(*plan.outside[j])
                 req.revealed_last_step = masked
             mark_committed(req)
             return
-        picked = plan.chosen[start:end].nonzero().flatten()
-        revealed = self.positions[picked + start]
+        picked = np.flatnonzero(plan.chosen[start:end]) + start
+        revealed = self.positions_np[picked]
         req.revealed_last_step = revealed
         if whole:
-            # A finished request takes its own copy, not a view that keeps the pass's tokens.
-            req.set_canvas(plan.new_ids[start:end])
+            req.write_np(slice(None), plan.new_ids[start:end])
         else:
-            req.write(revealed, plan.x0[picked + start])
+            req.write_np(revealed, plan.x0[picked])
         if p.remasking == _THRESHOLD:
-            stalled = bool((plan.x0[picked + start] == self.mask_token_id).all())
+            stalled = bool((plan.x0[picked] == self.mask_token_id).all())
             if p.kv_cache is not None:
                 move_cached_cursor(req, stalled)
             else:
-                if stalled and picked.numel():
+                if stalled and picked.size:
                     # Every reveal was the mask token itself: each later step would be the
                     # same, so the next block starts.
                     req.block += 1
@@ -555,5 +589,9 @@ class GreedyBatch:
             move_cached_cursor(req)
         else:
             move_block_cursor(req)
-        if req.is_finished and whole:
-            req.set_canvas(req.canvas.clone())
+
+
+@functools.lru_cache(maxsize=256)
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (a threshold compared in a confidence's dtype), once."""
+    return float(torch.tensor(value, dtype=dtype))

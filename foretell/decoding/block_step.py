@@ -161,7 +161,7 @@ def advance_block(req: Request, positions: torch.Tensor, scores: torch.Tensor) -
     if p.eos_early_stop and _early_eos(req, x0[rows[at]]):
         return
     req.step_in_block += 1
-    if req.step_in_block >= p.steps or not req.masked_positions(lo, hi).numel():
+    if req.step_in_block >= p.steps or not req.masked_count(lo, hi):
         _block_done(req)
 
 

@@ -35,17 +35,51 @@ def _span(start: int, end: int) -> torch.Tensor:
 
 def logit_gap(logits: torch.Tensor, statistic: str) -> float | None:
     """Top-1 minus top-2 logit per row, reduced by ``statistic`` (None for no rows)."""
-    if logits.shape[0] == 0:
-        return None
+    return reduce_gaps(row_gaps(logits), statistic)
+
+
+def row_gaps(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 logit of each row."""
     top2 = logits.topk(2, dim=-1).values
-    return reduce_gaps(top2[:, 0] - top2[:, 1], statistic)
+    return top2[:, 0] - top2[:, 1]
 
 
 def reduce_gaps(gaps: torch.Tensor, statistic: str) -> float | None:
-    """Per-row gaps reduced by ``statistic`` (None for no rows)."""
+    """Per-row gaps reduced by ``statistic`` as the reference reduces them (None for no rows):
+    the value Prophet's test compares with its threshold."""
     if gaps.shape[0] == 0:
         return None
     return float(gaps.mean() if statistic == "mean" else gaps.min())
+
+
+def reported_gap(gaps: torch.Tensor, statistic: str) -> float | None:
+    """The statistic a request reports (``RequestOutput.last_gap``): the minimum, or the mean
+    as a float64 sum taken row by row in order, divided by the count.
+
+    This is how the batched step reduces every request at once (one ``index_add_``), and its
+    value does not depend on what else shares the pass; the reference's own reduction
+    (:func:`reduce_gaps`) can differ from it in the last bits, and decides the test."""
+    n = gaps.shape[0]
+    if n == 0:
+        return None
+    if statistic != "mean":
+        return float(gaps.min())
+    index = torch.zeros(n, dtype=torch.long, device=gaps.device)
+    total = gaps.new_zeros(1, dtype=torch.float64).index_add_(0, index, gaps.double())
+    return float(total) / n
+
+
+# How close (relative) to the threshold a float64 mean must fall before the batched step asks
+# the reference's own float32/bfloat16 reduction to decide: that reduction's rounding error is
+# below n * 2^-24 of the mean for n rows (1e-3 covers 16k rows), plus one rounding to the
+# gaps' dtype (its eps).
+DECIDE_MARGIN = 1e-3
+
+
+def undecided(mean: float, threshold: float, dtype: torch.dtype) -> bool:
+    """Whether a float64 mean is too close to ``threshold`` to stand for the reference's
+    reduction in ``dtype`` (see :data:`DECIDE_MARGIN`)."""
+    return abs(mean - threshold) <= (DECIDE_MARGIN + torch.finfo(dtype).eps) * abs(threshold)
 
 
 def should_commit(policy: Prophet, gap: float | None, step: int, steps: int) -> bool:

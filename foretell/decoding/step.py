@@ -11,9 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from foretell.decoding.early_commit import answer_region, logit_gap, reduce_gaps, should_commit
+from foretell.decoding.early_commit import (
+    answer_region,
+    reduce_gaps,
+    reported_gap,
+    row_gaps,
+    should_commit,
+)
 from foretell.decoding.unmask import (
     RowStats,
     above_threshold,
@@ -36,7 +43,12 @@ _NOTHING = torch.empty(0, dtype=torch.long)
 
 
 def _decoding_window(req: Request) -> torch.Tensor:
-    """Masked positions the reveal rule may touch this step.
+    """Masked positions the reveal rule may touch this step (:func:`window_np`)."""
+    return torch.from_numpy(window_np(req))
+
+
+def window_np(req: Request) -> np.ndarray:
+    """Masked positions the reveal rule may touch this step, as a host array.
 
     Up to the end of the current block, not just within it: a position whose prediction was
     the mask token itself stays masked and, as in LLaDA's reference, remains a candidate while
@@ -44,26 +56,32 @@ def _decoding_window(req: Request) -> torch.Tensor:
     """
     start, end = req.block_bounds()
     if req.family == "dream" and req.params.kv_cache is not None and not req.cached_step:
-        return req.masked_positions(start, start + 1)  # Fast-dLLM: the block's first position
-    return req.masked_positions(start if req.cached_step else req.prompt_len, end)
+        return req.masked_np(start, start + 1)  # Fast-dLLM: the block's first position
+    return req.masked_np(start if req.cached_step else req.prompt_len, end)
 
 
 def positions_needed(req: Request) -> torch.Tensor:
     """Canvas positions whose logits this step needs, sorted and unique."""
-    window = _decoding_window(req)
+    return torch.from_numpy(needed_np(req))
+
+
+def needed_np(req: Request) -> np.ndarray:
+    """:func:`positions_needed` as a host array (packing reads it with no tensor op)."""
+    window = window_np(req)
     policy = req.params.early_commit
     if policy is None:
         return window
-    masked = req.masked_positions(req.prompt_len)
-    region = answer_region(policy, req.prompt_len, req.canvas_len, masked)
     if policy.answer_start is None:
-        return masked  # the window is inside it, and a commit needs every mask anyway
-    if region.numel() == 0:
+        # The region is every generated mask: the window is inside it, and a commit needs
+        # every mask anyway.
+        return req.masked_np(req.prompt_len)
+    start = req.prompt_len + policy.answer_start
+    end = min(start + policy.answer_length, req.canvas_len)
+    if end <= start:
         return window
     # The span is contiguous: keep the window's positions before and after it.
-    bounds = torch.tensor([int(region[0]), int(region[-1]) + 1])
-    lo, hi = torch.searchsorted(window, bounds).tolist()
-    return torch.cat([window[:lo], region, window[hi:]])
+    lo, hi = np.searchsorted(window, (start, end))
+    return np.concatenate([window[:lo], np.arange(start, end), window[hi:]])
 
 
 def _rows(positions: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -94,9 +112,7 @@ def advance(
         and p.remasking != "confidence_threshold"
     ):
         start, end = req.block_bounds()
-        req.block_schedule = llada_block_schedule(
-            int(req.masked_positions(start, end).numel()), p.steps_per_block
-        )
+        req.block_schedule = llada_block_schedule(req.masked_count(start, end), p.steps_per_block)
     if p.early_commit is not None and _try_commit(req, positions, logits, more_logits, stats):
         return
     window_stats = None
@@ -129,12 +145,11 @@ def _try_commit(
     masked = req.masked_positions(req.prompt_len)
     region = answer_region(policy, req.prompt_len, req.canvas_len, masked)
     rows = _rows(positions, region)
-    if stats is None:
-        gap = logit_gap(logits[rows], policy.statistic)
-    else:
-        gap = reduce_gaps(stats.gap[rows], policy.statistic)
-    req.last_gap = gap
-    if not should_commit(policy, gap, req.global_step, req.params.steps):
+    gaps = row_gaps(logits[rows]) if stats is None else stats.gap[rows]
+    # Reported as the batched step reports it; decided by the reference's own reduction.
+    req.last_gap = reported_gap(gaps, policy.statistic)
+    decisive = reduce_gaps(gaps, policy.statistic)
+    if not should_commit(policy, decisive, req.global_step, req.params.steps):
         return False
     # Every remaining mask, in every block, takes this step's prediction.
     have = torch.isin(masked, positions)
@@ -250,7 +265,7 @@ def move_cached_cursor(req: Request, stalled: bool = False) -> None:
     start, end = req.block_bounds()
     p = req.params
     cached = req.step_in_block > 0
-    emptied = cached and req.masked_positions(start, end).numel() == 0
+    emptied = cached and req.masked_count(start, end) == 0
     spent = p.remasking != "confidence_threshold" and req.step_in_block + 1 >= p.steps_per_block
     if not (emptied or spent or (cached and stalled)):
         req.step_in_block += 1
@@ -265,7 +280,7 @@ def next_nonempty_block(req: Request) -> None:
     """Threshold decoding moves on once a block has no masks left."""
     while req.block < req.params.num_blocks:
         start, end = req.block_bounds()
-        if req.masked_positions(start, end).numel():
+        if req.masked_count(start, end):
             return
         req.block += 1
     req.finish("steps")
@@ -315,7 +330,7 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         x0, scores = _candidates(req, logits, p.remasking)
         if window.numel():
             _reveal(req, window, x0, above_threshold(scores, p.threshold))
-        if req.masked_positions(req.prompt_len).numel() == 0:
+        if req.masked_count(req.prompt_len) == 0:
             req.finish("steps")
         return
     else:

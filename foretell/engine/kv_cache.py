@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
 import torch
 
 # "auto" on a CPU: this fraction of MemAvailable (/proc/meminfo) when the engine starts; on
@@ -125,7 +126,6 @@ class KVPool:
         self._used = 0
         self._storage: torch.Tensor | None = None
         self._capacity = 0  # pages the tensor holds
-        self._offsets = torch.arange(self.page_size, device=self.device)
 
     @property
     def storage(self) -> torch.Tensor:
@@ -188,8 +188,9 @@ class KVPool:
             heapq.heappush(self._freed, page)
         self._used -= len(pages)
 
-    def slots(self, pages: list[int], length: int) -> torch.Tensor:
-        """The pool slot of each position ``[0, length)`` of a request holding ``pages``, on
-        the pool's device: computed once at admission, then only indexed."""
-        table = torch.tensor(pages, dtype=torch.long, device=self.device)
-        return (table[:, None] * self.page_size + self._offsets).flatten()[:length]
+    def slots(self, pages: list[int], length: int) -> np.ndarray:
+        """The pool slot of each position ``[0, length)`` of a request holding ``pages``: a host
+        array (the page table as slots), computed once at admission; each pass's slots are
+        cut from it on the host and go to the device in one copy (``plan_kv``)."""
+        table = np.asarray(pages, dtype=np.int64)
+        return (table[:, None] * self.page_size + np.arange(self.page_size)).reshape(-1)[:length]

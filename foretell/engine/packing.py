@@ -14,19 +14,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from foretell.decoding import positions_needed
+from foretell.decoding.step import needed_np
 from foretell.models.attention import CacheUse
 from foretell.scheduler.request import Request
 
-# A request's sequence in a pass: its canvas positions and how it uses the KV pool.
-Layout = tuple[torch.Tensor, CacheUse | None]
+# A request's sequence in a pass: its canvas positions (a host array) and how it uses the KV
+# pool.
+Layout = tuple[np.ndarray, CacheUse | None]
 
 
 @dataclass
 class StepInput:
-    """The packed pass. Host tensors, and their device copies once :meth:`to` has run."""
+    """The packed pass. Host tensors (built from host arrays: no tensor op per request), and
+    their device copies once :meth:`to` has run."""
 
     ids: torch.Tensor  # [tokens] the pass's token ids
     positions: torch.Tensor  # [tokens] each token's canvas position (rotary angles)
@@ -36,8 +39,8 @@ class StepInput:
     layouts: list[Layout]  # each request's sequence
     offsets: list[tuple[int, int | None]]  # each request's (conditional, cfg) first flat token
     seq_of: list[int]  # each request's packed sequence
-    wanted: dict[int, torch.Tensor]  # a cached step's needed positions, by request
-    spans: dict[int, torch.Tensor]  # a cached step's sequence positions, sorted, by request
+    wanted: dict[int, np.ndarray]  # a cached step's needed positions, by request
+    spans: dict[int, np.ndarray]  # a cached step's sequence positions, sorted, by request
     ids_d: torch.Tensor | None = field(default=None, repr=False)
     positions_d: torch.Tensor | None = field(default=None, repr=False)
     in_seq_d: torch.Tensor | None = field(default=None, repr=False)
@@ -70,20 +73,20 @@ class Packer:
     """Builds :class:`StepInput` s, keeping the ``arange`` s it has made (they recur)."""
 
     def __init__(self) -> None:
-        self._aranges: dict[int, torch.Tensor] = {}
+        self._aranges: dict[int, np.ndarray] = {}
 
-    def arange(self, n: int) -> torch.Tensor:
+    def arange(self, n: int) -> np.ndarray:
         if n not in self._aranges:
-            self._aranges[n] = torch.arange(n)
+            self._aranges[n] = np.arange(n)
         return self._aranges[n]
 
     def pack(self, batch: list[Request]) -> StepInput:
         # A cached step's sequence is its recomputed span plus the read-only rows it needs
         # outside it (Prophet's region), so its positions are known before packing.
-        wanted = {i: positions_needed(r) for i, r in enumerate(batch) if r.cached_step}
+        wanted = {i: needed_np(r) for i, r in enumerate(batch) if r.cached_step}
         layouts = [self.layout(req, wanted.get(i)) for i, req in enumerate(batch)]
-        seqs: list[torch.Tensor] = []
-        seq_positions: list[torch.Tensor] = []
+        seqs: list[np.ndarray] = []
+        seq_positions: list[np.ndarray] = []
         caches: list[CacheUse | None] = []
         offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)
         seq_of: list[int] = [0] * len(batch)
@@ -94,7 +97,7 @@ class Packer:
         # any sequence reads.
         stores = [s for s in (self.store_layout(r) for r in batch if r.block_causal) if s]
         for req, (pos, cache) in sorted(stores, key=lambda s: _pack_key(s[1])):
-            seqs.append(req.canvas[pos])
+            seqs.append(req.canvas_np[pos[0] : pos[-1] + 1])
             seq_positions.append(pos)
             caches.append(cache)
             total += len(pos)
@@ -102,26 +105,27 @@ class Packer:
             req, (pos, cache) = batch[i], layouts[i]
             cond = total
             seq_of[i] = len(seqs)
-            seqs.append(req.canvas if cache is None or cache.read_len is None else req.canvas[pos])
+            whole = cache is None or cache.read_len is None
+            seqs.append(req.canvas_np if whole else req.canvas_np[pos])
             seq_positions.append(pos)
             caches.append(cache)
             total += len(pos)
             uncond = None
             if req.params.cfg_scale > 0:
                 uncond = total
-                seqs.append(req.unconditional_canvas())
+                seqs.append(np.where(req.given_np, req.mask_token_id, req.canvas_np))
                 seq_positions.append(pos)
                 caches.append(None)
                 total += req.canvas_len
             offsets[i] = (cond, uncond)
         seq_lens = [len(s) for s in seqs]
-        positions = torch.cat(seq_positions)
+        positions = np.concatenate(seq_positions)
         # Only a cached step's span differs from its canvas positions.
-        in_seq = torch.cat([self.arange(n) for n in seq_lens]) if wanted else positions
+        in_seq = np.concatenate([self.arange(n) for n in seq_lens]) if wanted else positions
         return StepInput(
-            ids=torch.cat(seqs),
-            positions=positions,
-            in_seq=in_seq,
+            ids=torch.from_numpy(np.concatenate(seqs)),
+            positions=torch.from_numpy(positions),
+            in_seq=torch.from_numpy(in_seq),
             seq_lens=seq_lens,
             caches=caches,
             layouts=layouts,
@@ -131,29 +135,28 @@ class Packer:
             spans={i: layouts[i][0] for i in wanted},
         )
 
-    def layout(self, req: Request, needed: torch.Tensor | None) -> Layout:
+    def layout(self, req: Request, needed: np.ndarray | None) -> Layout:
         """Canvas positions of ``req``'s sequence in this pass, and how it uses its pages.
 
         A block-causal request: its current block, attending to its pages up to the block's
-        end. Uncached: the canvas. A cached request's
-        block start: the canvas, whose keys and
+        end. Uncached: the canvas. A cached request's block start: the canvas, whose keys and
         values refresh its pages. A cached step: the span it recomputes (its keys/values go
         into its pages) plus read-only rows for ``needed`` positions outside it, attending to
         its whole canvas in the pool."""
         if req.block_causal:  # its block's queries over its pages (see store_layout)
             lo, hi = req.query_start, req.block_bounds()[1]
             block = req.params.block_length
-            return torch.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
+            return np.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
         if req.params.kv_cache is None:
             return self.arange(req.canvas_len), None
         length = req.canvas_len
         if not req.cached_step:
             return self.arange(length), CacheUse(req.kv_slots, 0, 0, length, None)
         lo, hi = req.query_span()
-        outside = needed[(needed < lo) | (needed >= hi)]
-        before = outside[outside < lo]
-        pos = torch.cat([before, torch.arange(lo, hi), outside[outside >= hi]])
-        return pos, CacheUse(req.kv_slots, len(before), lo, hi - lo, length)
+        # ``needed`` is sorted: the rows before the span, the span, the rows after it.
+        a, b = np.searchsorted(needed, (lo, hi))
+        pos = np.concatenate([needed[:a], np.arange(lo, hi), needed[b:]])
+        return pos, CacheUse(req.kv_slots, int(a), lo, hi - lo, length)
 
     @staticmethod
     def store_layout(req: Request) -> tuple[Request, Layout] | None:
@@ -165,7 +168,7 @@ class Packer:
             return None
         start, block = req.kv_stored, req.params.block_length
         cache = CacheUse(req.kv_slots, 0, start, lo - start, lo, block)
-        return req, (torch.arange(start, lo), cache)
+        return req, (np.arange(start, lo), cache)
 
 
 def _pack_key(layout: Layout) -> tuple:

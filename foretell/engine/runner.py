@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from foretell.decoding import positions_needed
@@ -149,7 +150,6 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
         step = self.packer.pack(batch)
-        wanted, spans = step.wanted, step.spans
         seq_lens, offsets, seq_of, total = step.seq_lens, step.offsets, step.seq_of, step.total
         ids, positions = step.ids, step.positions
 
@@ -180,6 +180,9 @@ class ModelRunner:
             needed[block_pos[i] - batch[i].query_start + offsets[i][0]] = True
         in_group.update(blocks)
         others = [i for i in range(len(batch)) if i not in in_group]
+        # The per-request path reads a cached step's positions as tensors.
+        wanted = {i: torch.from_numpy(step.wanted[i]) for i in others if i in step.wanted}
+        spans = {i: torch.from_numpy(step.spans[i]) for i in others if i in step.spans}
         for i in others:
             if batch[i].generator is None:  # once in the request's life
                 seed = torch.randint(2**62, (1,), generator=self.host_generator)
@@ -310,11 +313,12 @@ class ModelRunner:
         """Logits at canvas ``positions`` of cached requests, as read-only rows against their
         pages: one pass for all of them (LLaDA: no shift)."""
         caches = [CacheUse(req.kv_slots, 0, 0, 0, req.canvas_len) for req in reqs]
-        ids = torch.cat([req.canvas[pos] for req, pos in zip(reqs, positions, strict=True)])
-        pos_d = torch.cat(positions).to(self.device)
+        pos = [np.asarray(p) for p in positions]
+        ids = np.concatenate([req.canvas_np[p] for req, p in zip(reqs, pos, strict=True)])
+        pos_d = torch.from_numpy(np.concatenate(pos)).to(self.device)
         lens = [len(p) for p in positions]
         hidden = self.model.forward_packed(
-            ids.to(self.device), pos_d, lens, caches, self.kv_pool.storage
+            torch.from_numpy(ids).to(self.device), pos_d, lens, caches, self.kv_pool.storage
         )
         logits = self.model.logits_at(hidden, pos_d, torch.arange(len(pos_d), device=self.device))
         return list(logits.split(lens))
@@ -381,7 +385,7 @@ class ModelRunner:
     ) -> list[ProbVariant]:
         """The rows whose confidence is not the default one (the model's dtype, nothing left
         out), grouped by dtype and left-out columns."""
-        groups: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
+        groups: dict[tuple[torch.dtype, tuple[int, ...]], list[np.ndarray]] = {}
         for i, (start, end) in spans.items():
             req = batch[i]
             if req.confidence_dtype is None and not req.confidence_suppress:
@@ -389,10 +393,10 @@ class ModelRunner:
             if req.params.cfg_scale > 0 or start == end:
                 continue
             dtype = req.confidence_dtype or gathered.dtype
-            groups.setdefault((dtype, req.confidence_suppress), []).append(torch.arange(start, end))
+            groups.setdefault((dtype, req.confidence_suppress), []).append(np.arange(start, end))
         return [
-            ProbVariant(torch.cat(parts).to(gathered.device), dtype, left_out)
-            for (dtype, left_out), parts in groups.items()
+            ProbVariant(torch.from_numpy(np.concatenate(parts)).to(gathered.device), dtype, left)
+            for (dtype, left), parts in groups.items()
         ]
 
     @staticmethod

@@ -97,7 +97,7 @@ class CacheUse:
     the next block's queries share one sequence.
     """
 
-    slots: torch.Tensor
+    slots: np.ndarray  # the pool slot of each canvas position (a host page table)
     write_row: int
     write_start: int
     write_len: int
@@ -159,8 +159,9 @@ def plan_kv(
     for length, cache in zip(seq_lens, caches, strict=True):
         if cache is not None and cache.write_len:
             first = start + cache.write_row
-            write_rows.append(torch.arange(first, first + cache.write_len, device=device))
-            write_slots.append(cache.slots[cache.write_start : cache.write_start + cache.write_len])
+            slots = np.asarray(cache.slots)
+            write_rows.append(np.arange(first, first + cache.write_len))
+            write_slots.append(slots[cache.write_start : cache.write_start + cache.write_len])
         if cache is None or cache.read_len is None:
             k_lens.append(length)
             if self_runs and sum(self_runs[-1][1]) + self_runs[-1][0] == start:
@@ -169,7 +170,7 @@ def plan_kv(
                 self_runs.append((start, [length]))
         else:
             k_lens.append(cache.read_len)
-            read_slots.append(cache.slots[: cache.read_len])
+            read_slots.append(np.asarray(cache.slots)[: cache.read_len])
             g = groups[-1] if groups else None
             shape = (length, cache.read_len, cache.block_size)
             if g and g[0] + g[1] * g[2] == start and (g[2], g[4], g[5]) == shape:
@@ -180,8 +181,9 @@ def plan_kv(
             read_at += cache.read_len
         start += length
 
-    def cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
-        return torch.cat(parts) if parts else None
+    def cat(parts: list[np.ndarray]) -> torch.Tensor | None:
+        """The host pieces as one device tensor: one copy for the whole pass."""
+        return torch.from_numpy(np.concatenate(parts)).to(device) if parts else None
 
     key_index = cu_q = cu_k = None
     if varlen:
@@ -283,6 +285,56 @@ def _sdpa_buckets(
     return out
 
 
+@dataclass(frozen=True)
+class _BucketGroup:
+    """One SDPA call of ``sdpa_buckets``: ``count`` sequences padded to ``q_len`` queries and
+    ``k_len`` keys, gathered (and their outputs scattered back) through flat row indices."""
+
+    count: int
+    q_len: int
+    k_len: int
+    q_index: torch.Tensor  # [count, q_len] rows of q (the padding row past the end)
+    k_index: torch.Tensor  # [count, k_len] rows of k and v
+    q_flat: torch.Tensor  # q_index flattened (where the outputs go)
+    mask: torch.Tensor  # [count, 1, 1, k_len] real keys
+
+
+# The last pass's groups: every layer of a pass has the same layout, so it is built (and its
+# indices copied to the device) once per pass, not once per layer.
+_last_layout: list = [None, None]
+
+
+def _bucket_groups(
+    specs: list[tuple[int, int, int, int]], rows_q: int, rows_k: int, device: torch.device
+) -> list[_BucketGroup]:
+    key = (tuple(specs), rows_q, rows_k, device)
+    if _last_layout[0] == key:
+        return _last_layout[1]
+    by_shape: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for spec in specs:
+        by_shape.setdefault((_bucket(spec[1]), _bucket(spec[3])), []).append(spec)
+    groups = []
+    for (qb, kb), members in by_shape.items():
+        table = np.array(members)
+        q_col, k_col = np.arange(qb), np.arange(kb)
+        q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
+        k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, rows_k)
+        real = k_col < table[:, 3:4]
+        groups.append(
+            _BucketGroup(
+                len(members),
+                qb,
+                kb,
+                torch.from_numpy(q_index).to(device),
+                torch.from_numpy(k_index).to(device),
+                torch.from_numpy(q_index.reshape(-1)).to(device),
+                torch.from_numpy(real[:, None, None, :]).to(device),
+            )
+        )
+    _last_layout[0], _last_layout[1] = key, groups
+    return groups
+
+
 def _bucketed(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -294,27 +346,20 @@ def _bucketed(
     ``out``: queries and keys padded to their buckets, padding keys masked, one SDPA call per
     pair of buckets. ``k``/``v`` are expanded to every query head."""
     rows_q, rows_k = q.shape[0], k.shape[0]
-    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
-    for spec in specs:
-        groups.setdefault((_bucket(spec[1]), _bucket(spec[3])), []).append(spec)
+    groups = _bucket_groups(specs, rows_q, rows_k, q.device)
     qp = torch.cat((q, q.new_zeros(1, *q.shape[1:])))
     kp = torch.cat((k, k.new_zeros(1, *k.shape[1:])))
     vp = torch.cat((v, v.new_zeros(1, *v.shape[1:])))
     outp = torch.cat((out, out.new_zeros(1, *out.shape[1:])))
-    for (qb, kb), members in groups.items():
-        table = np.array(members)
-        q_col, k_col = np.arange(qb), np.arange(kb)
-        q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
-        k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, rows_k)
-        q_flat = torch.from_numpy(q_index.reshape(-1)).to(q.device)
-        k_flat = torch.from_numpy(k_index.reshape(-1)).to(q.device)
-        n = len(members)
-        qs = qp.index_select(0, q_flat).view(n, qb, *q.shape[1:]).transpose(1, 2)
-        ks = kp.index_select(0, k_flat).view(n, kb, *k.shape[1:]).transpose(1, 2)
-        vs = vp.index_select(0, k_flat).view(n, kb, *v.shape[1:]).transpose(1, 2)
-        mask = torch.from_numpy(k_col < table[:, 3:4]).to(q.device)[:, None, None, :]
-        res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(1, 2)
-        outp.index_copy_(0, q_flat, res.reshape(-1, *q.shape[1:]))
+    for g in groups:
+        # [count, padded length, heads, head_dim] in one gather each, heads second for SDPA.
+        qs, ks, vs = (
+            qp[g.q_index].transpose(1, 2),
+            kp[g.k_index].transpose(1, 2),
+            vp[g.k_index].transpose(1, 2),
+        )
+        res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask).transpose(1, 2)
+        outp.index_copy_(0, g.q_flat, res.reshape(-1, *q.shape[1:]))
     out.copy_(outp[:rows_q])
 
 

@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from foretell.params import DecodeParams
@@ -60,10 +61,14 @@ class Request:
     stop_ids: tuple[int, ...] = ()
 
     status: Status = Status.WAITING
+    # The canvas, and the same memory as a NumPy array: the batched step's host bookkeeping
+    # reads and writes it without dispatching a tensor op per request (see ``write_np``).
     canvas: torch.Tensor = field(init=False)
+    canvas_np: np.ndarray = field(init=False, repr=False)
     generator: torch.Generator | None = field(init=False)
     # Positions whose tokens the unconditional (cfg) copy hides: the prompt and constraints.
     given: torch.Tensor = field(init=False)
+    given_np: np.ndarray = field(init=False, repr=False)
     # Decoding cursor.
     global_step: int = 0
     block: int = 0
@@ -76,13 +81,15 @@ class Request:
     error: str | None = None
     commit_step: int | None = None
     last_gap: float | None = None
-    revealed_last_step: torch.Tensor | None = None  # canvas positions revealed last step
+    # Canvas positions revealed last step (a tensor from the per-request step, an array from
+    # the batched one).
+    revealed_last_step: torch.Tensor | np.ndarray | None = None
     # Block KV cache (``params.kv_cache``): the pool pages it needs, and from admission until
     # it ends the pages it holds and the pool slot of each canvas position (see
     # foretell.engine.kv_cache).
     kv_pages_needed: int = 0
     kv_pages: list[int] | None = None
-    kv_slots: torch.Tensor | None = None
+    kv_slots: np.ndarray | None = None
     # A block-causal request's pages for its whole canvas: it takes them a block at a time
     # (``kv_pages_needed`` at admission: those of its first pass), as an autoregressive
     # sequence's grow.
@@ -103,8 +110,10 @@ class Request:
     finished_time: float | None = None
     # Sorted masked canvas positions, recomputed only after the canvas changes (``write``): the
     # decoding step asks for them several times per step.
-    _masked: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _masked: np.ndarray | None = field(default=None, init=False, repr=False)
     _masked_list: list[int] = field(default_factory=list, init=False, repr=False)
+    _prompt_len: int = field(default=0, init=False, repr=False)
+    _canvas_len: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._start()
@@ -112,13 +121,20 @@ class Request:
     def _start(self) -> None:
         """The request as it begins: a fresh canvas, cursors at the start, its own stream."""
         p = self.params
+        # Read many times a step: fixed for the request's life, so computed once.
+        self._prompt_len = len(self.prompt_token_ids)
+        if self.block_causal:
+            self._canvas_len = block_canvas(self._prompt_len, p)[0]
+        else:
+            self._canvas_len = self._prompt_len + p.gen_length
         prompt = torch.tensor(self.prompt_token_ids, dtype=torch.long)
         masks = torch.full((self.canvas_len - self.prompt_len,), self.mask_token_id)
-        self.canvas = torch.cat([prompt, masks])
+        self.set_canvas(torch.cat([prompt, masks]))
         if self.block_causal:  # the first block to denoise holds the prompt's tail
             self.block = self.prompt_len // p.block_length
         self.apply_constraints()
         self.given = self.canvas != self.mask_token_id
+        self.given_np = self.given.numpy()
         # A seeded request owns its stream; an unseeded one draws from the engine's shared
         # stream (the runner gives it a generator of its own only where a step needs one).
         seed = p.seed if p.seed is not None else self.draw_seed
@@ -131,15 +147,13 @@ class Request:
     # -- geometry ------------------------------------------------------------------------
     @property
     def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
+        return self._prompt_len
 
     @property
     def canvas_len(self) -> int:
         """Prompt and generation; a block-causal canvas runs on to the end of its last block
         (decoded whole, as the official decoders do, then cut to ``gen_length``)."""
-        if self.block_causal:
-            return block_canvas(self.prompt_len, self.params)[0]
-        return self.prompt_len + self.params.gen_length
+        return self._canvas_len
 
     @property
     def num_sequences(self) -> int:
@@ -170,8 +184,7 @@ class Request:
         policy = self.params.early_commit
         outside = 0
         if policy is not None and policy.answer_start is None:
-            masked = len(self.masked_positions(self.prompt_len))
-            outside = masked - len(self.masked_positions(lo, hi))
+            outside = self.masked_count(self.prompt_len) - self.masked_count(lo, hi)
         elif policy is not None:
             start = self.prompt_len + policy.answer_start
             end = min(start + policy.answer_length, self.canvas_len)
@@ -223,24 +236,40 @@ class Request:
 
     def masked_positions(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Sorted canvas positions in ``[start, end)`` that still hold the mask token."""
+        return torch.from_numpy(self.masked_np(start, end))
+
+    def masked_np(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """:meth:`masked_positions` as a NumPy array (a view: do not write to it)."""
+        lo, hi = self._masked_bounds(start, end)
+        return self._masked[lo:hi]
+
+    def masked_count(self, start: int = 0, end: int | None = None) -> int:
+        """How many canvas positions in ``[start, end)`` still hold the mask token."""
+        lo, hi = self._masked_bounds(start, end)
+        return hi - lo
+
+    def _masked_bounds(self, start: int, end: int | None) -> tuple[int, int]:
         if self._masked is None:
-            self._masked = (self.canvas == self.mask_token_id).nonzero().flatten()
+            self._masked = np.flatnonzero(self.canvas_np == self.mask_token_id)
             self._masked_list = self._masked.tolist()
         lo = bisect.bisect_left(self._masked_list, start)
         hi = len(self._masked_list) if end is None else bisect.bisect_left(self._masked_list, end)
-        return self._masked[lo:hi]
+        return lo, hi
 
     def write(self, positions: torch.Tensor, tokens: torch.Tensor) -> None:
         """Put ``tokens`` at canvas ``positions``: the only way decoding changes a canvas."""
         self.canvas[positions] = tokens
         self._masked = None
 
-    def set_canvas(self, canvas: torch.Tensor) -> None:
-        """Take a whole new canvas (the batched step writes every canvas of a pass at once).
+    def write_np(self, positions: np.ndarray | slice, tokens: np.ndarray) -> None:
+        """:meth:`write` from host arrays (the batched step: no tensor op per request)."""
+        self.canvas_np[positions] = tokens
+        self._masked = None
 
-        ``canvas`` may be a view into a tensor that other requests' canvases share: writes
-        (``write``) stay within it."""
+    def set_canvas(self, canvas: torch.Tensor) -> None:
+        """Take a whole new canvas (a host tensor of its own: ``canvas_np`` shares its memory)."""
         self.canvas = canvas
+        self.canvas_np = canvas.numpy()
         self._masked = None
 
     def apply_constraints(self) -> None:
@@ -260,8 +289,8 @@ class Request:
     def finish(self, reason: str, error: str | None = None) -> None:
         if reason in ("steps", "early_commit") and self.stop_ids and not self.block_causal:
             # LLaDA / Dream decode the whole canvas; a stop id in it still ends what is returned
-            gen = self.canvas[self.prompt_len : self.prompt_len + self.params.gen_length]
-            if bool(torch.isin(gen, torch.tensor(self.stop_ids)).any()):
+            gen = self.canvas_np[self.prompt_len : self.prompt_len + self.params.gen_length]
+            if np.isin(gen, self.stop_ids).any():
                 reason = "stop"
         self.status = Status.FINISHED
         self.finish_reason = reason
@@ -289,7 +318,7 @@ class Request:
     def generated_ids(self) -> list[int]:
         """The generation as the official decoders return it: ``gen_length`` ids (a
         block-causal canvas's tail past it dropped), ending after the first stop id."""
-        ids = self.canvas[self.prompt_len : self.prompt_len + self.params.gen_length].tolist()
+        ids = self.canvas_np[self.prompt_len : self.prompt_len + self.params.gen_length].tolist()
         if self.stop_ids:
             stops = set(self.stop_ids)
             for i, t in enumerate(ids):

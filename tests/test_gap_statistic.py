@@ -1,0 +1,62 @@
+"""Prophet's gap statistic as the batched step computes it: one float64 sum for every request
+(reported), and the reference's own reduction only where a float64 mean is too close to the
+threshold to stand for it (decided)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from foretell.decoding.early_commit import DECIDE_MARGIN, reduce_gaps, reported_gap, undecided
+
+
+def _gaps(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Logit gaps: nonnegative, spread over several orders of magnitude.
+    return (
+        torch.rand(n, generator=g, dtype=torch.float64)
+        * 10 ** torch.randint(-4, 2, (n,), generator=g)
+    ).to(dtype)
+
+
+def test_reported_mean_is_the_row_order_float64_sum_over_the_count() -> None:
+    gaps = _gaps(257, torch.float32, 0)
+    total = 0.0
+    for value in gaps.tolist():
+        total += value
+    assert reported_gap(gaps, "mean") == total / 257
+    assert reported_gap(gaps, "min") == float(gaps.min())
+    assert reported_gap(gaps[:0], "mean") is None
+
+
+def test_one_sum_over_segments_reports_each_request_as_alone() -> None:
+    """What ``GreedyBatch._gaps`` computes for a whole pass equals each request's own value,
+    whatever shares the pass."""
+    sizes = [1, 7, 64, 3, 200]
+    parts = [_gaps(n, torch.float32, i) for i, n in enumerate(sizes)]
+    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    flat = torch.cat(parts)
+    sums = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, segment, flat.double())
+    means = (sums / torch.tensor(sizes)).tolist()
+    mins = torch.full((len(sizes),), torch.inf).scatter_reduce_(0, segment, flat, "amin")
+    assert means == [reported_gap(p, "mean") for p in parts]
+    assert mins.tolist() == [reported_gap(p, "min") for p in parts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_decided_float64_mean_falls_on_the_same_side_as_the_reference_reduction(dtype) -> None:
+    """Thresholds placed just inside and just outside the margin around the mean: outside it,
+    the float64 mean and the reference's ``mean()`` in the gaps' dtype always agree."""
+    decided = 0
+    for seed in range(200):
+        gaps = _gaps(1 + seed * 7, dtype, seed)
+        mean64 = reported_gap(gaps, "mean")
+        reference = reduce_gaps(gaps, "mean")
+        for rel in (-0.5, -0.02, -2e-3, -1e-6, 0.0, 1e-6, 2e-3, 0.02, 0.5):
+            threshold = mean64 * (1 + rel)
+            if undecided(mean64, threshold, dtype):
+                assert abs(rel) <= DECIDE_MARGIN + torch.finfo(dtype).eps
+                continue
+            decided += 1
+            assert (mean64 >= threshold) == (reference >= threshold), (seed, rel)
+    assert decided > 600
