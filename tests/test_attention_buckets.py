@@ -128,3 +128,17 @@ def test_one_call_per_bucket_whatever_the_lengths(llada) -> None:
         counts.append(calls.sdpa)
     layers = llada.model.config.num_layers
     assert counts == [1 * layers, 9 * layers]
+
+
+def test_a_pass_builds_its_bucket_layout_once_for_every_layer() -> None:
+    """The layout (indices, masks, their copies to the device) depends only on the pass's
+    sequences: every layer reuses the first layer's; another pass builds its own."""
+    from foretell.models import attention
+
+    specs = [(0, 5, 0, 5), (5, 20, 5, 20), (25, 3, 25, 3)]
+    first = attention._bucket_groups(specs, 28, 28, torch.device("cpu"))
+    assert attention._bucket_groups(list(specs), 28, 28, torch.device("cpu")) is first
+    assert [(g.count, g.q_len, g.k_len) for g in first] == [(2, 16, 16), (1, 32, 32)]
+    assert first[0].q_index.tolist()[1][:3] == [25, 26, 27] and first[0].q_index[1, 3] == 28
+    other = attention._bucket_groups(specs[:2], 25, 25, torch.device("cpu"))
+    assert other is not first and len(other) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,3 +320,22 @@ def test_forward_chunk_tokens_is_validated(llada64) -> None:
         Engine(llada64, dtype="float64", forward_chunk_tokens=None).runner.forward_chunk_tokens
         is None
     )
+
+
+def test_the_canvas_and_its_host_array_are_one_memory() -> None:
+    """The batched step writes canvases through ``canvas_np`` (no tensor op per request); the
+    per-request step through ``canvas``: each sees the other's writes, and the masked
+    positions follow both."""
+    from foretell.scheduler.request import Request
+
+    req = Request(
+        "r", "p", [1, 2, 3], DecodeParams(gen_length=8, block_length=4, steps=4), 0, "llada"
+    )
+    assert req.masked_count() == 8 and req.masked_np(5, 9).tolist() == [5, 6, 7, 8]
+    req.write_np(np.array([3, 4]), np.array([7, 8]))
+    assert req.canvas[3:5].tolist() == [7, 8] and req.masked_count(3, 7) == 2
+    req.write(torch.tensor([5]), torch.tensor([9]))
+    assert req.canvas_np[5] == 9 and req.masked_positions(0, 8).tolist() == [6, 7]
+    req.set_masked(np.array([6, 7, 8, 9, 10]))  # what a batched step knows after its write
+    assert req.masked_count(7) == 4
+    assert req.generated_ids[:3] == [7, 8, 9]

@@ -84,6 +84,10 @@ class _Plan:
     schedules: list[list[int] | None]  # a new block's reveal counts, where one starts
     outside: dict[int, tuple[np.ndarray, np.ndarray]]  # a cached commit's other masks
     failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
+    # (flat rows, each request's first and end index into them): revealed rows, and the masks
+    # left in the pass's tokens once every reveal is written.
+    picked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -204,6 +208,14 @@ class GreedyBatch:
             for req in self.reqs:
                 req.finish("error", f"decoding failed: {err!r}")
             return
+        # Every request's revealed rows and remaining masks, from one pass over the flat arrays
+        # (each request then takes its slices).
+        starts = np.asarray(self.starts)
+        ends = starts + np.asarray(self.seq_lens)
+        picked = np.flatnonzero(plan.chosen)
+        masked = np.flatnonzero(plan.new_ids == self.mask_token_id)
+        plan.picked = (picked, np.searchsorted(picked, starts), np.searchsorted(picked, ends))
+        plan.masked = (masked, np.searchsorted(masked, starts), np.searchsorted(masked, ends))
         for j, req in enumerate(self.reqs):
             if j in plan.failed:
                 req.finish("error", plan.failed[j])
@@ -568,11 +580,14 @@ class GreedyBatch:
                 req.revealed_last_step = masked
             mark_committed(req)
             return
-        picked = np.flatnonzero(plan.chosen[start:end]) + start
+        rows, lo, hi = plan.picked
+        picked = rows[lo[j] : hi[j]]
         revealed = self.positions_np[picked]
         req.revealed_last_step = revealed
         if whole:
             req.write_np(slice(None), plan.new_ids[start:end])
+            masked, lo, hi = plan.masked  # the canvas is the pass's tokens: its masks are known
+            req.set_masked(masked[lo[j] : hi[j]] - start)
         else:
             req.write_np(revealed, plan.x0[picked])
         if p.remasking == _THRESHOLD:

@@ -114,6 +114,9 @@ class Request:
     _masked_list: list[int] = field(default_factory=list, init=False, repr=False)
     _prompt_len: int = field(default=0, init=False, repr=False)
     _canvas_len: int = field(default=0, init=False, repr=False)
+    _cached: bool = field(default=False, init=False, repr=False)
+    _uses_blocks: bool = field(default=True, init=False, repr=False)
+    _blocks_from: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._start()
@@ -127,6 +130,10 @@ class Request:
             self._canvas_len = block_canvas(self._prompt_len, p)[0]
         else:
             self._canvas_len = self._prompt_len + p.gen_length
+        self._cached = p.kv_cache is not None
+        self._uses_blocks = self.family != "dream" or self._cached
+        # Where block 0 starts: the prompt's end, or position 0 for block-causal models.
+        self._blocks_from = 0 if self.block_causal else self._prompt_len
         prompt = torch.tensor(self.prompt_token_ids, dtype=torch.long)
         masks = torch.full((self.canvas_len - self.prompt_len,), self.mask_token_id)
         self.set_canvas(torch.cat([prompt, masks]))
@@ -207,23 +214,27 @@ class Request:
     def uses_blocks(self) -> bool:
         """Semi-autoregressive blocks: LLaDA, and Dream with a KV cache (Fast-dLLM); Dream
         otherwise decodes the whole generation at once."""
-        return self.family != "dream" or self.params.kv_cache is not None
+        return self._uses_blocks
 
     def block_bounds(self) -> tuple[int, int]:
-        """Canvas positions ``[start, end)`` of the block being decoded."""
-        if not self.uses_blocks:
-            return self.prompt_len, self.canvas_len
-        if self.block_causal:  # blocks aligned at position 0
-            start = self.block * self.params.block_length
-            return start, start + self.params.block_length
-        start = self.prompt_len + self.block * self.params.block_length
-        return start, start + self.params.block_length
+        """Canvas positions ``[start, end)`` of the block being decoded (a block-causal
+        model's blocks are aligned at position 0, the others' at the prompt's end)."""
+        if not self._uses_blocks:
+            return self._prompt_len, self._canvas_len
+        block = self.params.block_length
+        start = self._blocks_from + self.block * block
+        return start, start + block
 
     @property
     def cached_step(self) -> bool:
         """Whether this step reads the KV cache: a cached request after its block's first
         (refresh) step. Block-causal requests always read theirs (``block_step``)."""
-        return self.params.kv_cache is not None and self.step_in_block > 0
+        return self._cached and self.step_in_block > 0
+
+    def set_masked(self, masked: np.ndarray) -> None:
+        """The sorted masked positions, when the caller has them already (after a write)."""
+        self._masked = masked
+        self._masked_list = masked.tolist()
 
     def query_span(self) -> tuple[int, int]:
         """Canvas positions ``[start, end)`` this step recomputes: the whole canvas, or in a
