@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 import foretell.decoding.batched as batched_module
 from foretell import DecodeParams, Engine, Prophet
@@ -158,7 +159,7 @@ def test_a_greedy_batch_that_cannot_be_built_falls_back_to_the_per_request_path(
     assert {o.finish_reason for o in outs} == {"steps"}
 
 
-def test_batchable_covers_greedy_llada_only() -> None:
+def test_batchable_covers_greedy_scored_decoding() -> None:
     from foretell.scheduler.request import Request
 
     def req(family="llada", **kw) -> Request:
@@ -170,9 +171,16 @@ def test_batchable_covers_greedy_llada_only() -> None:
     assert not batched_module.batchable(req(cfg_scale=1.0))
     assert batched_module.batchable(req(remasking="confidence_threshold"))
     assert batched_module.batchable(req(kv_cache="dual", steps=4, block_length=4))
-    assert not batched_module.batchable(req(remasking="margin"))
+    assert batched_module.batchable(req(remasking="margin"))
+    assert batched_module.batchable(req(remasking="entropy", kv_cache="prefix", steps=8))
     assert not batched_module.batchable(req(top_k=3))
-    assert not batched_module.batchable(req(family="dream", remasking="entropy"))
+    assert batched_module.batchable(req(family="dream", remasking="entropy"))
+    assert batched_module.batchable(req(family="dream", remasking="topk_margin"))
+    assert not batched_module.batchable(req(family="dream", remasking="random"))
+    assert not batched_module.batchable(req(family="dream", alg_temp=0.5))
+    assert not batched_module.batchable(req(family="dream", temperature=0.2, top_p=0.95))
+    dream_cached = req(family="dream", kv_cache="dual", steps=8, block_length=4)
+    assert not batched_module.batchable(dream_cached)
 
 
 def test_seeded_random_remasking_in_bfloat16_equals_the_per_request_step() -> None:
@@ -190,3 +198,68 @@ def test_seeded_random_remasking_in_bfloat16_equals_the_per_request_step() -> No
         while engine.has_unfinished_requests():
             out.update({o.request_id: o.token_ids for o in engine.step()})
     assert tokens[0] == tokens[1]
+
+
+def _scored_params(family: str, n: int, seed: int) -> list[DecodeParams]:
+    """Greedy requests ranked by a score other than LLaDA's low confidence: Dream's rules
+    (uncached: one grid of steps over the generation) and LLaDA's margin and entropy (which
+    take no cache), with Prophet on some."""
+    rng = random.Random(seed)
+    policies = [None, Prophet(thresholds=(2.5, 1.5, 0.5)), Prophet(statistic="min")]
+    out = []
+    for _ in range(n):
+        gen = rng.choice([8, 16, 24])
+        kwargs = dict(gen_length=gen, early_commit=rng.choice(policies), seed=rng.randrange(99))
+        if family == "dream":
+            kwargs["remasking"] = rng.choice(["maskgit_plus", "topk_margin", "entropy"])
+            kwargs["steps"] = rng.choice([2, gen // 2, gen])
+        else:
+            block = rng.choice([b for b in (4, 8) if gen % b == 0])
+            kwargs.update(block_length=block, remasking=rng.choice(["margin", "entropy"]))
+            kwargs["steps"] = rng.choice([1, 2]) * (gen // block)  # (no cache: LLaDA's ranks)
+        out.append(DecodeParams(**kwargs))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype) -> None:
+    """Dream's maskgit_plus / topk_margin / entropy and LLaDA's margin / entropy, stepped by
+    the batched step, equal the per-request step after every step (state and outcome)."""
+    loaded = tiny_model(family, seed=7, dtype=dtype)
+    engines = [Engine(loaded, dtype=dtype, max_num_seqs=8) for _ in range(2)]
+    engines[1].runner.batched = False
+    params = _scored_params(family, 24, seed=3)
+    for i, p in enumerate(params):
+        for engine in engines:
+            engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
+    members = []
+    real_bind = batched_module.GreedyBatch.bind
+
+    def counting(self, *args, **kwargs):
+        members.append(len(self.reqs))
+        return real_bind(self, *args, **kwargs)
+
+    finished: list[dict] = [{}, {}]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.GreedyBatch, "bind", counting)
+        while engines[0].has_unfinished_requests() or engines[1].has_unfinished_requests():
+            for engine, done in zip(engines, finished, strict=True):
+                done.update({o.request_id: _state(o) for o in engine.step()})
+            assert finished[0] == finished[1]
+            for rid in [r.request_id for r in engines[0].scheduler.running]:
+                assert _state(engines[0].snapshot(rid)) == _state(engines[1].snapshot(rid)), rid
+    assert len(finished[0]) == len(params)
+    assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
+    assert {state[2] for state in finished[0].values()} == {"steps", "early_commit"}
+
+
+def test_dream_counts_without_tensors_equal_dreams_float32_counts() -> None:
+    from foretell.decoding.unmask import dream_transfer_count, dream_transfer_count_np
+
+    for steps in (1, 3, 7, 64, 255):
+        grid = torch.linspace(1, 1e-3, steps + 1)
+        for step in range(steps):
+            for masked in (0, 1, 5, 63, 200, 1001):
+                count = dream_transfer_count(masked, step, steps, grid)
+                assert dream_transfer_count_np(masked, step, steps, grid.numpy()) == count

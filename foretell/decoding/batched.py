@@ -35,7 +35,7 @@ from foretell.decoding.step import (
 )
 from foretell.decoding.unmask import (
     RowStats,
-    greedy_llada,
+    dream_transfer_count_np,
     llada_block_schedule,
     suppress_cells,
 )
@@ -59,15 +59,24 @@ _THRESHOLD = "confidence_threshold"
 ReadOnly = Callable[[Sequence[Request], Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
+# Rules the batched step ranks by a score column of :class:`RowStats` (``prob``: the greedy
+# token's probability, or a variant's margin or entropy).
+_SCORED = ("low_confidence", "margin", "entropy")
+
+
 def batchable(req: Request) -> bool:
-    """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path)."""
+    """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path):
+    greedy decoding (temperature 0, no filtering, no guidance) of LLaDA with any of its rules
+    and cache modes, and of Dream without a cache by a scored rule (``maskgit_plus``,
+    ``topk_margin``, ``entropy``; no ``alg_temp``)."""
     p = req.params
-    return (
-        not req.block_causal
-        and p.cfg_scale <= 0
-        and p.remasking in ("low_confidence", "random", _THRESHOLD)
-        and greedy_llada(req.family, p.remasking, p.temperature, p.top_p, p.top_k)
-    )
+    if req.block_causal or p.cfg_scale > 0 or p.temperature != 0:
+        return False
+    if (p.top_p is not None and p.top_p < 1) or p.top_k is not None:
+        return False
+    if req.family == "dream":
+        return p.kv_cache is None and not p.alg_temp and p.remasking in _SCORED
+    return p.remasking in (*_SCORED, "random", _THRESHOLD)
 
 
 @dataclass
@@ -149,7 +158,11 @@ class GreedyBatch:
         self._pass: tuple | None = None  # (rows, stats, more, read_only), once the pass has run
         # Every other sequence gets a geometry that selects nothing.
         table = [[0] * _COLUMNS for _ in seq_lens]
+        # Each request's ranking row: the rows its step recomputes (its query span).
+        self.row_lens = []
         for req, s in zip(self.reqs, self.seq_index, strict=True):
+            lo, hi = req.query_span()
+            self.row_lens.append(hi - lo)
             start, end = req.block_bounds()
             row = table[s]
             row[_PROMPT_END], row[_BLOCK_START], row[_BLOCK_END] = req.prompt_len, start, end
@@ -248,7 +261,7 @@ class GreedyBatch:
         starting = [
             j
             for j, req in enumerate(self.reqs)
-            if req.step_in_block == 0 and req.params.remasking != _THRESHOLD
+            if req.uses_blocks and req.step_in_block == 0 and req.params.remasking != _THRESHOLD
         ]
         if starting:
             in_block = self.seq_of_token[self.in_block]
@@ -424,13 +437,14 @@ class GreedyBatch:
         for j, req in enumerate(self.reqs):
             size = window_size[self.seq_index[j]]
             ranked = req.params.remasking != _THRESHOLD
-            if size == 0 or (ranked and self._k(req, j, schedules) <= 0):
+            k = self._k(req, j, schedules, size) if ranked else 1
+            if size == 0 or k <= 0:
                 if req.params.remasking == "random" and req.generator is not None:
                     # The reference draws one uniform per row every step, revealing or not.
-                    torch.rand(self._row_len(req), generator=req.generator)
+                    torch.rand(self.row_lens[j], generator=req.generator)
                 continue
             if ranked:
-                k = min(self._k(req, j, schedules), size)
+                k = min(k, size)
                 thresholds.append(float("nan"))  # compares false: no threshold
             else:
                 k = 1
@@ -451,7 +465,7 @@ class GreedyBatch:
         prob_flat = stats.prob.new_full((total + 1,), float("-inf"), dtype=wide)
         prob_flat[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)].to(wide)
         row_start = [self.starts[j] + self.row_offsets[j] for j in members]
-        row_len = [self._row_len(self.reqs[j]) for j in members]
+        row_len = [self.row_lens[j] for j in members]
         longest = max(row_len)
         col = torch.arange(longest)
         index = torch.tensor(row_start)[:, None] + col
@@ -543,15 +557,14 @@ class GreedyBatch:
         return torch.tensor(random_rows), out
 
     @staticmethod
-    def _k(req: Request, j: int, schedules: list[list[int] | None]) -> int:
-        """The reveal count of this step's schedule (LLaDA's, per block)."""
+    def _k(req: Request, j: int, schedules: list[list[int] | None], masked: int) -> int:
+        """The reveal count of this step: LLaDA's block schedule, or Dream's count for its
+        ``masked`` window positions at this step of its timestep grid."""
+        if not req.uses_blocks:
+            step = req.global_step  # this step, from 0 (advanced when applied)
+            return dream_transfer_count_np(masked, step, req.params.steps, req.timesteps_np)
         schedule = schedules[j] if schedules[j] is not None else req.block_schedule
         return schedule[req.step_in_block]
-
-    @staticmethod
-    def _row_len(req: Request) -> int:
-        lo, hi = req.query_span()
-        return hi - lo
 
     # -- applying: one request at a time, on host arrays --------------------------------
     def _apply(self, j: int, req: Request, plan: _Plan) -> None:
@@ -590,7 +603,10 @@ class GreedyBatch:
             req.set_masked(masked[lo[j] : hi[j]] - start)
         else:
             req.write_np(revealed, plan.x0[picked])
-        if p.remasking == _THRESHOLD:
+        if not req.uses_blocks:  # Dream: one grid of steps over the whole generation
+            if req.global_step == p.steps:
+                req.finish("steps")
+        elif p.remasking == _THRESHOLD:
             stalled = bool((plan.x0[picked] == self.mask_token_id).all())
             if p.kv_cache is not None:
                 move_cached_cursor(req, stalled)

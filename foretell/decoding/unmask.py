@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,12 +68,14 @@ def confidence_probs(
 
 @dataclass(frozen=True)
 class ProbVariant:
-    """Rows of a pass whose confidence differs from the default (the model's dtype, nothing
-    suppressed): another softmax dtype, or suppressed columns."""
+    """Rows of a pass whose score differs from the default (the greedy token's probability in
+    the model's dtype, nothing suppressed): another softmax dtype, suppressed columns, or
+    another rule's score (``margin``, ``entropy``: see :func:`confidence`)."""
 
     rows: torch.Tensor  # indices into the gathered rows, on their device
     dtype: torch.dtype
     suppressed: tuple[int, ...] = ()
+    rule: str = "low_confidence"
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class RowStats:
     """
 
     argmax: torch.Tensor  # [rows] the greedy token
-    prob: torch.Tensor  # [rows] softmax probability of the greedy token (see ``of``)
+    # [rows] softmax probability of the greedy token, or a variant's score (see ``of``)
+    prob: torch.Tensor
     gap: torch.Tensor  # [rows] top-1 minus top-2 logit
 
     @classmethod
@@ -99,8 +103,8 @@ class RowStats:
         if any(v.dtype != prob.dtype for v in variants):
             prob = prob.double()
         for v in variants:
-            own = _greedy_prob(logits[v.rows], argmax[v.rows], v.dtype, v.suppressed)
-            prob[v.rows] = own.to(prob.dtype)
+            probs = confidence_probs(logits[v.rows], v.dtype, v.suppressed)
+            prob[v.rows] = confidence(probs, argmax[v.rows], v.rule).to(prob.dtype)
         top2 = logits.topk(2, dim=-1).values
         return cls(argmax, prob, top2[:, 0] - top2[:, 1])
 
@@ -113,6 +117,15 @@ def _greedy_prob(
 ) -> torch.Tensor:
     probs = confidence_probs(logits, dtype, suppressed)
     return probs.gather(-1, argmax[:, None]).squeeze(-1)
+
+
+def dream_transfer_count_np(num_masked: int, step: int, steps: int, timesteps: np.ndarray) -> int:
+    """:func:`dream_transfer_count` with NumPy float32 scalars: the same IEEE float32 operations
+    (a quotient, a difference, a product, then truncation), with no tensor op."""
+    if step >= steps - 1:
+        return num_masked
+    t, s = timesteps[step], timesteps[step + 1]
+    return int(np.float32(num_masked) * (np.float32(1) - s / t))
 
 
 def greedy_llada(family: str, rule: str, temperature: float, top_p, top_k) -> bool:

@@ -72,6 +72,9 @@ class PassOutput:
     blocks: list[tuple[Request, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+# Rules whose score is not the greedy token's probability (``RowStats.prob`` holds theirs).
+_SCORE_RULES = ("margin", "entropy")
+
 # The CPU default of ``forward_chunk_tokens``: on the 2-core machine of docs/benchmarks.md a
 # full batch of the shipped model ran 1.2 to 1.3x faster per sequence in chunks of about this
 # many tokens than in one piece, and never slower (benchmarks/forward_chunks.py). For a large
@@ -385,18 +388,22 @@ class ModelRunner:
     ) -> list[ProbVariant]:
         """The rows whose confidence is not the default one (the model's dtype, nothing left
         out), grouped by dtype and left-out columns."""
-        groups: dict[tuple[torch.dtype, tuple[int, ...]], list[np.ndarray]] = {}
+        groups: dict[tuple[torch.dtype, tuple[int, ...], str], list[np.ndarray]] = {}
         for i, (start, end) in spans.items():
             req = batch[i]
-            if req.confidence_dtype is None and not req.confidence_suppress:
+            rule = req.params.remasking if req.params.remasking in _SCORE_RULES else None
+            if req.confidence_dtype is None and not req.confidence_suppress and rule is None:
                 continue  # the default (the engine resolved the dtype at admission)
             if req.params.cfg_scale > 0 or start == end:
                 continue
             dtype = req.confidence_dtype or gathered.dtype
-            groups.setdefault((dtype, req.confidence_suppress), []).append(np.arange(start, end))
+            key = (dtype, req.confidence_suppress, rule or "low_confidence")
+            groups.setdefault(key, []).append(np.arange(start, end))
         return [
-            ProbVariant(torch.from_numpy(np.concatenate(parts)).to(gathered.device), dtype, left)
-            for (dtype, left), parts in groups.items()
+            ProbVariant(
+                torch.from_numpy(np.concatenate(parts)).to(gathered.device), dtype, left, rule
+            )
+            for (dtype, left, rule), parts in groups.items()
         ]
 
     @staticmethod

@@ -76,6 +76,7 @@ class Request:
     block_schedule: list[int] = field(default_factory=list)
     # Dream's timestep grid (float32, exactly as ``diffusion_generate`` builds it).
     timesteps: torch.Tensor | None = None
+    timesteps_np: np.ndarray | None = field(default=None, repr=False)  # the same memory
     # Outcome.
     finish_reason: str | None = None
     error: str | None = None
@@ -150,6 +151,7 @@ class Request:
             # Fast-dLLM's cached Dream decoding runs the grid within each block.
             steps = p.steps if p.kv_cache is None else p.steps_per_block
             self.timesteps = torch.linspace(1, p.eps, steps + 1)
+            self.timesteps_np = self.timesteps.numpy()
 
     # -- geometry ------------------------------------------------------------------------
     @property
