@@ -159,7 +159,7 @@ def test_a_greedy_batch_that_cannot_be_built_falls_back_to_the_per_request_path(
     assert {o.finish_reason for o in outs} == {"steps"}
 
 
-def test_batchable_covers_greedy_scored_decoding() -> None:
+def test_batchable_covers_scored_decoding_without_guidance() -> None:
     from foretell.scheduler.request import Request
 
     def req(family="llada", **kw) -> Request:
@@ -167,18 +167,19 @@ def test_batchable_covers_greedy_scored_decoding() -> None:
 
     assert batched_module.batchable(req())
     assert batched_module.batchable(req(remasking="random", early_commit=Prophet()))
-    assert not batched_module.batchable(req(temperature=0.5))
+    assert batched_module.batchable(req(temperature=0.5))
+    assert not batched_module.batchable(req(temperature=0.5, early_commit=Prophet()))
     assert not batched_module.batchable(req(cfg_scale=1.0))
     assert batched_module.batchable(req(remasking="confidence_threshold"))
     assert batched_module.batchable(req(kv_cache="dual", steps=4, block_length=4))
     assert batched_module.batchable(req(remasking="margin"))
     assert batched_module.batchable(req(remasking="entropy", kv_cache="prefix", steps=8))
-    assert not batched_module.batchable(req(top_k=3))
+    assert batched_module.batchable(req(top_k=3))
     assert batched_module.batchable(req(family="dream", remasking="entropy"))
     assert batched_module.batchable(req(family="dream", remasking="topk_margin"))
     assert not batched_module.batchable(req(family="dream", remasking="random"))
     assert not batched_module.batchable(req(family="dream", alg_temp=0.5))
-    assert not batched_module.batchable(req(family="dream", temperature=0.2, top_p=0.95))
+    assert batched_module.batchable(req(family="dream", temperature=0.2, top_p=0.95))
     dream_cached = req(family="dream", kv_cache="dual", steps=8, block_length=4)
     assert not batched_module.batchable(dream_cached)
 
@@ -200,16 +201,29 @@ def test_seeded_random_remasking_in_bfloat16_equals_the_per_request_step() -> No
     assert tokens[0] == tokens[1]
 
 
-def _scored_params(family: str, n: int, seed: int) -> list[DecodeParams]:
+def _scored_params(family: str, n: int, seed: int, sampled: bool = False) -> list[DecodeParams]:
     """Greedy requests ranked by a score other than LLaDA's low confidence: Dream's rules
     (uncached: one grid of steps over the generation) and LLaDA's margin and entropy (which
-    take no cache), with Prophet on some."""
+    take no cache), with Prophet on some. ``sampled``: every request draws or filters its
+    candidates instead (temperature, top-p, top-k), without Prophet."""
     rng = random.Random(seed)
     policies = [None, Prophet(thresholds=(2.5, 1.5, 0.5)), Prophet(statistic="min")]
     out = []
     for _ in range(n):
         gen = rng.choice([8, 16, 24])
         kwargs = dict(gen_length=gen, early_commit=rng.choice(policies), seed=rng.randrange(99))
+        if sampled:
+            kwargs["early_commit"] = None
+            kwargs.update(
+                rng.choice(
+                    [
+                        {"temperature": 0.7},
+                        {"temperature": 1.0, "top_p": 0.9},
+                        {"temperature": 0.5, "top_k": 5},
+                        {"temperature": 0.0, "top_k": 3},  # filtered, not drawn
+                    ]
+                )
+            )
         if family == "dream":
             kwargs["remasking"] = rng.choice(["maskgit_plus", "topk_margin", "entropy"])
             kwargs["steps"] = rng.choice([2, gen // 2, gen])
@@ -221,15 +235,20 @@ def _scored_params(family: str, n: int, seed: int) -> list[DecodeParams]:
     return out
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("family", ["dream", "llada"])
-def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype) -> None:
+def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype, sampled) -> None:
     """Dream's maskgit_plus / topk_margin / entropy and LLaDA's margin / entropy, stepped by
-    the batched step, equal the per-request step after every step (state and outcome)."""
+    the batched step, equal the per-request step after every step (state and outcome); so do
+    seeded sampled and filtered requests of both families (and, for LLaDA, of every rule and
+    cache mode: ``_sampled_llada``)."""
     loaded = tiny_model(family, seed=7, dtype=dtype)
     engines = [Engine(loaded, dtype=dtype, max_num_seqs=8) for _ in range(2)]
     engines[1].runner.batched = False
-    params = _scored_params(family, 24, seed=3)
+    params = _scored_params(family, 24, seed=3, sampled=sampled)
+    if sampled and family == "llada":
+        params += _sampled_llada(16, seed=4)
     for i, p in enumerate(params):
         for engine in engines:
             engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
@@ -251,7 +270,30 @@ def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype) -> 
                 assert _state(engines[0].snapshot(rid)) == _state(engines[1].snapshot(rid)), rid
     assert len(finished[0]) == len(params)
     assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
-    assert {state[2] for state in finished[0].values()} == {"steps", "early_commit"}
+    outcomes = {state[2] for state in finished[0].values()}
+    assert outcomes == ({"steps"} if sampled else {"steps", "early_commit"})
+
+
+def _sampled_llada(n: int, seed: int) -> list[DecodeParams]:
+    """Seeded sampled LLaDA requests of the other rules and Fast-dLLM's cache modes."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        rule = rng.choice(["low_confidence", "random", "confidence_threshold"])
+        out.append(
+            DecodeParams(
+                gen_length=16,
+                block_length=8,
+                steps=4,
+                remasking=rule,
+                threshold=0.5,
+                kv_cache=rng.choice([None, "prefix", "dual"]),
+                temperature=rng.choice([0.4, 0.9]),
+                top_p=rng.choice([None, 0.8]),
+                seed=rng.randrange(99),
+            )
+        )
+    return out
 
 
 def test_dream_counts_without_tensors_equal_dreams_float32_counts() -> None:

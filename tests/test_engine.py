@@ -107,7 +107,8 @@ def test_a_failing_request_finishes_with_error_and_the_others_complete(
     batch's step) ends that request only."""
     engine = Engine(llada64, dtype="float64", max_num_seqs=4)
     if path == "per-request":
-        params = DecodeParams(gen_length=16, steps=8, temperature=0.7, seed=3)
+        # Guided requests take the per-request step.
+        params = DecodeParams(gen_length=16, steps=8, cfg_scale=1.0, seed=3)
         real = engine_module.advance
 
         def failing(req, *args):
@@ -137,7 +138,8 @@ def test_a_failing_greedy_batch_step_spares_the_per_request_path(llada64, monkey
     monkeypatch.setattr(batched_module.GreedyBatch, "_plan", broken)
     engine = Engine(llada64, dtype="float64", max_num_seqs=4)
     greedy = engine.add_request("1+1=", DecodeParams(gen_length=16, steps=8))
-    sampled = engine.add_request("2+2=", DecodeParams(gen_length=16, steps=8, temperature=0.7))
+    guided = DecodeParams(gen_length=16, steps=8, cfg_scale=1.0)  # the per-request step
+    sampled = engine.add_request("2+2=", guided)
     outs = {}
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step()})

@@ -170,7 +170,8 @@ def test_every_page_returns_on_finish_commit_abort_and_error(llada, monkeypatch)
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(engine_module, "advance", failing)
-    engine.add_request("12+34=", DUAL.replace(temperature=0.5))  # the per-request step
+    # Sampled with Prophet: the per-request step.
+    engine.add_request("12+34=", DUAL.replace(temperature=0.5, early_commit=Prophet()))
     (out,) = engine.step()
     assert out.finish_reason == "error" and pool.free_pages == total
     monkeypatch.setattr(engine_module, "advance", real)

@@ -62,7 +62,7 @@ def test_unseeded_random_remasking_draws_once_a_step_for_the_batch(llada, seeded
 def test_unseeded_runs_repeat_on_a_fresh_engine_and_finish(llada) -> None:
     params = [
         RANDOM,
-        RANDOM.replace(remasking="low_confidence", temperature=0.7),  # the per-request path
+        RANDOM.replace(remasking="low_confidence", temperature=0.7),  # sampled: the shared stream
         RANDOM.replace(kv_cache="dual"),
     ] * 2
     runs = []

@@ -64,15 +64,23 @@ ReadOnly = Callable[[Sequence[Request], Sequence[torch.Tensor]], list[torch.Tens
 _SCORED = ("low_confidence", "margin", "entropy")
 
 
+def filters(params: object) -> bool:
+    """Whether a request's candidates are drawn or filtered (temperature, top-p, top-k), not
+    the plain argmax: the batched step computes them per request group (``sampled_rows``)."""
+    p = params
+    return p.temperature > 0 or (p.top_p is not None and p.top_p < 1) or p.top_k is not None
+
+
 def batchable(req: Request) -> bool:
     """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path):
-    greedy decoding (temperature 0, no filtering, no guidance) of LLaDA with any of its rules
-    and cache modes, and of Dream without a cache by a scored rule (``maskgit_plus``,
-    ``topk_margin``, ``entropy``; no ``alg_temp``)."""
+    LLaDA with any of its rules and cache modes, and Dream without a cache by a scored rule
+    (``maskgit_plus``, ``topk_margin``, ``entropy``; no ``alg_temp``); no guidance. Sampled
+    or filtered candidates (temperature, top-p, top-k) are batched without Prophet: its commit
+    draws after its test, which the batch decides after every draw."""
     p = req.params
-    if req.block_causal or p.cfg_scale > 0 or p.temperature != 0:
+    if req.block_causal or p.cfg_scale > 0:
         return False
-    if (p.top_p is not None and p.top_p < 1) or p.top_k is not None:
+    if filters(p) and p.early_commit is not None:
         return False
     if req.family == "dream":
         return p.kv_cache is None and not p.alg_temp and p.remasking in _SCORED

@@ -175,15 +175,25 @@ def filter_logits(
     return logits
 
 
-def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Greedy at temperature 0; otherwise a draw from ``softmax(logits / temperature)``.
 
     Gumbel-max in float64, like LLaDA's reference, but noise is drawn only for the rows given
-    (the reference draws it over the whole canvas x vocabulary).
+    (the reference draws it over the whole canvas x vocabulary). ``noise``: the uniform draws,
+    ``[rows, vocab]`` float64, drawn by the caller (the batched step draws every request's
+    before ranking); otherwise they come from ``generator``.
     """
     if temperature == 0 or logits.shape[0] == 0:
         return logits.argmax(dim=-1)
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+    u = noise
+    if u is None:
+        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+    u = u.to(logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logits.double() / temperature + gumbel).argmax(dim=-1)
 
@@ -208,9 +218,10 @@ def candidates(
     temperature: float,
     top_p: float | None,
     top_k: int | None,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     prob_dtype: torch.dtype | None = None,
     suppressed: tuple[int, ...] = (),
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This step's proposed token for each row and its confidence (None for random rules).
 
@@ -221,7 +232,7 @@ def candidates(
     """
     filtered = filter_logits(logits, temperature, top_p, top_k)
     # ``filtered`` is already divided by the temperature.
-    x0 = sample(filtered, 1.0 if temperature > 0 else 0.0, generator)
+    x0 = sample(filtered, 1.0 if temperature > 0 else 0.0, generator, noise)
     if rule in ("random", "origin"):
         return x0, None
     dtype = logits.dtype if prob_dtype is None else prob_dtype

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from foretell.decoding import positions_needed
-from foretell.decoding.batched import GreedyBatch, batchable
+from foretell.decoding.batched import GreedyBatch, batchable, filters
 from foretell.decoding.block_step import block_positions, sample_rows, samples, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
+    candidates,
+    confidence_dtype,
     greedy_llada,
     suppress,
     suppress_cells,
@@ -266,6 +268,7 @@ class ModelRunner:
             return found
 
         if greedy is not None:
+            self._sampled_rows(batch, group, gathered, stats, row_ranges)
             greedy.bind(rows, stats, more_flat, read_only)
         out.batched = greedy
         if blocks:
@@ -309,6 +312,76 @@ class ModelRunner:
                 req.finish("error", f"sampling failed: {err!r}")
                 out[i] = None
         return [(batch[i], positions[i], out[i]) for i in blocks if out[i] is not None]
+
+    def _sampled_rows(
+        self,
+        batch: list[Request],
+        group: list[int],
+        gathered: torch.Tensor,
+        stats: RowStats,
+        row_ranges: dict[int, tuple[int, int]],
+    ) -> None:
+        """The batched step's sampled or filtered requests: their candidates and scores in
+        place of the greedy ones in ``stats``, computed as the per-request step computes them
+        (:func:`candidates`, row by row), one call per group of equal parameters.
+
+        The uniforms come first, in request order: a request with a generator (a seed) draws
+        its own ``[rows, vocab]`` from it, as alone; the others share one draw from the
+        engine's device stream. Random remasking's draws follow, in the step."""
+        members = [i for i in group if filters(batch[i].params)]
+        if not members:
+            return
+        device, vocab = gathered.device, gathered.shape[-1]
+        noise: dict[int, torch.Tensor] = {}
+        shared = []
+        for i in members:
+            req = batch[i]
+            if req.params.temperature <= 0:
+                continue  # filtered, not drawn
+            rows = row_ranges[i][1] - row_ranges[i][0]
+            if req.generator is None:
+                shared.append(i)
+                continue
+            draw = torch.rand((rows, vocab), generator=req.generator, dtype=torch.float64)
+            noise[i] = draw.to(device)
+        if shared:
+            sizes = [row_ranges[i][1] - row_ranges[i][0] for i in shared]
+            draw = torch.rand(
+                (sum(sizes), vocab), generator=self.generator, dtype=torch.float64, device=device
+            )
+            noise.update(zip(shared, draw.split(sizes), strict=True))
+        groups: dict[tuple, list[int]] = {}
+        for i in members:
+            req, p = batch[i], batch[i].params
+            key = (
+                req.family,
+                p.remasking if p.remasking in ("margin", "entropy", "random") else "low_confidence",
+                p.temperature,
+                p.top_p,
+                p.top_k,
+                confidence_dtype(p, req.family, gathered.dtype),
+                req.confidence_suppress,
+            )
+            groups.setdefault(key, []).append(i)
+        for (family, rule, temperature, top_p, top_k, dtype, left_out), same in groups.items():
+            index = np.concatenate([np.arange(*row_ranges[i]) for i in same])
+            index_d = torch.from_numpy(index).to(device)
+            drawn = [noise[i] for i in same if i in noise]
+            x0, score = candidates(
+                gathered[index_d],
+                family=family,
+                rule=rule,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                generator=None,
+                prob_dtype=dtype,
+                suppressed=left_out,
+                noise=torch.cat(drawn) if drawn else None,
+            )
+            stats.argmax[index_d] = x0
+            if score is not None:
+                stats.prob[index_d] = score.to(stats.prob.dtype)
 
     def _read_only_many(
         self, reqs: list[Request], positions: list[torch.Tensor]
