@@ -159,7 +159,7 @@ def test_a_greedy_batch_that_cannot_be_built_falls_back_to_the_per_request_path(
     assert {o.finish_reason for o in outs} == {"steps"}
 
 
-def test_batchable_covers_scored_decoding_without_guidance() -> None:
+def test_batchable_covers_every_llada_rule_and_dreams_scored_rules() -> None:
     from foretell.scheduler.request import Request
 
     def req(family="llada", **kw) -> Request:
@@ -169,7 +169,10 @@ def test_batchable_covers_scored_decoding_without_guidance() -> None:
     assert batched_module.batchable(req(remasking="random", early_commit=Prophet()))
     assert batched_module.batchable(req(temperature=0.5))
     assert not batched_module.batchable(req(temperature=0.5, early_commit=Prophet()))
-    assert not batched_module.batchable(req(cfg_scale=1.0))
+    assert batched_module.batchable(req(cfg_scale=1.0))
+    assert batched_module.batchable(req(cfg_scale=1.0, early_commit=Prophet()))
+    span = Prophet(answer_start=0, answer_length=4)  # a commit would need unguided rows
+    assert not batched_module.batchable(req(cfg_scale=1.0, early_commit=span))
     assert batched_module.batchable(req(remasking="confidence_threshold"))
     assert batched_module.batchable(req(kv_cache="dual", steps=4, block_length=4))
     assert batched_module.batchable(req(remasking="margin"))
@@ -244,33 +247,13 @@ def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype, sam
     seeded sampled and filtered requests of both families (and, for LLaDA, of every rule and
     cache mode: ``_sampled_llada``)."""
     loaded = tiny_model(family, seed=7, dtype=dtype)
-    engines = [Engine(loaded, dtype=dtype, max_num_seqs=8) for _ in range(2)]
-    engines[1].runner.batched = False
     params = _scored_params(family, 24, seed=3, sampled=sampled)
     if sampled and family == "llada":
         params += _sampled_llada(16, seed=4)
-    for i, p in enumerate(params):
-        for engine in engines:
-            engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
-    members = []
-    real_bind = batched_module.GreedyBatch.bind
-
-    def counting(self, *args, **kwargs):
-        members.append(len(self.reqs))
-        return real_bind(self, *args, **kwargs)
-
-    finished: list[dict] = [{}, {}]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(batched_module.GreedyBatch, "bind", counting)
-        while engines[0].has_unfinished_requests() or engines[1].has_unfinished_requests():
-            for engine, done in zip(engines, finished, strict=True):
-                done.update({o.request_id: _state(o) for o in engine.step()})
-            assert finished[0] == finished[1]
-            for rid in [r.request_id for r in engines[0].scheduler.running]:
-                assert _state(engines[0].snapshot(rid)) == _state(engines[1].snapshot(rid)), rid
-    assert len(finished[0]) == len(params)
+    finished, members = _lockstep(loaded, dtype, params)
+    assert len(finished) == len(params)
     assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
-    outcomes = {state[2] for state in finished[0].values()}
+    outcomes = {state[2] for state in finished.values()}
     assert outcomes == ({"steps"} if sampled else {"steps", "early_commit"})
 
 
@@ -305,3 +288,59 @@ def test_dream_counts_without_tensors_equal_dreams_float32_counts() -> None:
             for masked in (0, 1, 5, 63, 200, 1001):
                 count = dream_transfer_count(masked, step, steps, grid)
                 assert dream_transfer_count_np(masked, step, steps, grid.numpy()) == count
+
+
+def _lockstep(loaded, dtype: str, params: list[DecodeParams]) -> tuple[dict, list[int]]:
+    """Run ``params`` through a batched and a per-request engine side by side, checking every
+    live request's state after every step; the outcomes, and the batched step's sizes."""
+    engines = [Engine(loaded, dtype=dtype, max_num_seqs=8) for _ in range(2)]
+    engines[1].runner.batched = False
+    for i, p in enumerate(params):
+        for engine in engines:
+            engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
+    members: list[int] = []
+    real_bind = batched_module.GreedyBatch.bind
+
+    def counting(self, *args, **kwargs):
+        members.append(len(self.reqs))
+        return real_bind(self, *args, **kwargs)
+
+    finished: list[dict] = [{}, {}]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.GreedyBatch, "bind", counting)
+        while engines[0].has_unfinished_requests() or engines[1].has_unfinished_requests():
+            for engine, done in zip(engines, finished, strict=True):
+                done.update({o.request_id: _state(o) for o in engine.step()})
+            assert finished[0] == finished[1]
+            for rid in [r.request_id for r in engines[0].scheduler.running]:
+                assert _state(engines[0].snapshot(rid)) == _state(engines[1].snapshot(rid)), rid
+    return finished[0], members
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_guided_requests_in_the_batch_equal_the_per_request_step(dtype) -> None:
+    """Classifier-free guidance in the batched step (rows guided in place, then
+    ``logits_eos_inf``): greedy with and without Prophet's masked region, sampled, random
+    remasking, a float64 confidence; every step equal to the per-request step."""
+    loaded = tiny_model("llada", seed=11, dtype=dtype)
+    rng = random.Random(5)
+    params = []
+    for _ in range(16):
+        kwargs = dict(
+            gen_length=16, block_length=8, steps=rng.choice([4, 8, 16]), seed=rng.randrange(99)
+        )
+        kwargs["cfg_scale"] = rng.choice([0.5, 1.0, 2.0])
+        kwargs.update(
+            rng.choice(
+                [
+                    {},
+                    {"early_commit": Prophet(thresholds=(2.0, 1.0, 0.5))},
+                    {"temperature": 0.8},
+                    {"remasking": "random"},
+                    {"logits_eos_inf": True, "confidence_dtype": "float64"},
+                ]
+            )
+        )
+        params.append(DecodeParams(**kwargs))
+    finished, members = _lockstep(loaded, dtype, params)
+    assert len(finished) == len(params) and sum(members) >= 2 * len(params)

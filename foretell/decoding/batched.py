@@ -74,14 +74,17 @@ def filters(params: object) -> bool:
 def batchable(req: Request) -> bool:
     """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path):
     LLaDA with any of its rules and cache modes, and Dream without a cache by a scored rule
-    (``maskgit_plus``, ``topk_margin``, ``entropy``; no ``alg_temp``); no guidance. Sampled
-    or filtered candidates (temperature, top-p, top-k) are batched without Prophet: its commit
-    draws after its test, which the batch decides after every draw."""
+    (``maskgit_plus``, ``topk_margin``, ``entropy``; no ``alg_temp``). Sampled or filtered
+    candidates (temperature, top-p, top-k) are batched without Prophet: its commit draws after
+    its test, which the batch decides after every draw. Guided requests (cfg) are batched
+    without an explicit Prophet span (the runner guides their rows first)."""
     p = req.params
-    if req.block_causal or p.cfg_scale > 0:
+    if req.block_causal:
         return False
     if filters(p) and p.early_commit is not None:
         return False
+    if p.cfg_scale > 0 and p.early_commit is not None and p.early_commit.answer_start is not None:
+        return False  # a commit would need guided rows the pass did not gather
     if req.family == "dream":
         return p.kv_cache is None and not p.alg_temp and p.remasking in _SCORED
     return p.remasking in (*_SCORED, "random", _THRESHOLD)

@@ -178,6 +178,13 @@ class ModelRunner:
                 logger.exception("greedy batch failed; stepping its requests one by one")
                 group = []
         needed = greedy.needed.clone() if greedy else torch.zeros(total, dtype=torch.bool)
+        guided = [i for i in group if batch[i].params.cfg_scale > 0]
+        if guided:  # the unconditional copy's rows at the positions the conditional one needs
+            flags = needed.numpy()
+            for i in guided:
+                cond, uncond = offsets[i]
+                length = batch[i].canvas_len
+                flags[uncond : uncond + length] = flags[cond : cond + length]
         in_group = set(group)
         blocks = [i for i, req in enumerate(batch) if req.block_causal]
         block_pos = {i: block_positions(batch[i]) for i in blocks}
@@ -217,12 +224,19 @@ class ModelRunner:
         }
         if any(req.logits_suppress for req in batch):
             self._suppress_logits(gathered, batch, row_ranges)
+        # The batched step reads a guided request's conditional rows, guided in place.
+        own_rows = dict(row_ranges)
+        for i in guided:
+            start, end = row_ranges[i]
+            own_rows[i] = (start, start + (end - start) // 2)
+        if guided:
+            self._guide_rows(gathered, batch, guided, row_ranges)
         # One batched computation of what greedy decoding and Prophet read from each row, when
         # some request reads it; cfg rows are guided per request first, so they do without.
         reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
         stats = None
         if reads:
-            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, row_ranges))
+            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, own_rows))
         out = PassOutput([], None, total)
 
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
@@ -268,7 +282,7 @@ class ModelRunner:
             return found
 
         if greedy is not None:
-            self._sampled_rows(batch, group, gathered, stats, row_ranges)
+            self._sampled_rows(batch, group, gathered, stats, own_rows)
             greedy.bind(rows, stats, more_flat, read_only)
         out.batched = greedy
         if blocks:
@@ -312,6 +326,36 @@ class ModelRunner:
                 req.finish("error", f"sampling failed: {err!r}")
                 out[i] = None
         return [(batch[i], positions[i], out[i]) for i in blocks if out[i] is not None]
+
+    def _guide_rows(
+        self,
+        gathered: torch.Tensor,
+        batch: list[Request],
+        guided: list[int],
+        row_ranges: dict[int, tuple[int, int]],
+    ) -> None:
+        """Classifier-free guidance of the batched step's guided requests, in place on their
+        conditional rows (:meth:`_guided`'s expression, one per distinct scale), then their
+        ``logits_eos_inf`` columns, as the per-request step orders them."""
+        by_scale: dict[float, list[int]] = {}
+        for i in guided:
+            by_scale.setdefault(batch[i].params.cfg_scale, []).append(i)
+        for scale, same in by_scale.items():
+            cond, uncond = [], []
+            for i in same:
+                start, end = row_ranges[i]
+                half = (end - start) // 2
+                cond.append(np.arange(start, start + half))
+                uncond.append(np.arange(start + half, end))
+            cond_d = torch.from_numpy(np.concatenate(cond)).to(gathered.device)
+            uncond_d = torch.from_numpy(np.concatenate(uncond)).to(gathered.device)
+            c, u = gathered[cond_d], gathered[uncond_d]
+            gathered[cond_d] = u + (scale + 1) * (c - u)
+        cells = []
+        for i in guided:
+            start, end = row_ranges[i]
+            cells += [(start, start + (end - start) // 2, t) for t in batch[i].logits_suppress]
+        suppress_cells(gathered, cells, inplace=True)
 
     def _sampled_rows(
         self,
@@ -467,7 +511,7 @@ class ModelRunner:
             rule = req.params.remasking if req.params.remasking in _SCORE_RULES else None
             if req.confidence_dtype is None and not req.confidence_suppress and rule is None:
                 continue  # the default (the engine resolved the dtype at admission)
-            if req.params.cfg_scale > 0 or start == end:
+            if start == end:
                 continue
             dtype = req.confidence_dtype or gathered.dtype
             key = (dtype, req.confidence_suppress, rule or "low_confidence")
