@@ -180,7 +180,8 @@ def test_batchable_covers_every_llada_rule_and_dreams_scored_rules() -> None:
     assert batched_module.batchable(req(top_k=3))
     assert batched_module.batchable(req(family="dream", remasking="entropy"))
     assert batched_module.batchable(req(family="dream", remasking="topk_margin"))
-    assert not batched_module.batchable(req(family="dream", remasking="random"))
+    assert batched_module.batchable(req(family="dream", remasking="random"))
+    assert not batched_module.batchable(req(family="dream", remasking="origin"))
     assert not batched_module.batchable(req(family="dream", alg_temp=0.5))
     assert batched_module.batchable(req(family="dream", temperature=0.2, top_p=0.95))
     dream_cached = req(family="dream", kv_cache="dual", steps=8, block_length=4)
@@ -228,7 +229,8 @@ def _scored_params(family: str, n: int, seed: int, sampled: bool = False) -> lis
                 )
             )
         if family == "dream":
-            kwargs["remasking"] = rng.choice(["maskgit_plus", "topk_margin", "entropy"])
+            rules = ["maskgit_plus", "topk_margin", "entropy", "random"]
+            kwargs["remasking"] = rng.choice(rules)
             kwargs["steps"] = rng.choice([2, gen // 2, gen])
         else:
             block = rng.choice([b for b in (4, 8) if gen % b == 0])

@@ -74,10 +74,10 @@ def filters(params: object) -> bool:
 def batchable(req: Request) -> bool:
     """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path):
     LLaDA with any of its rules and cache modes, and Dream without a cache by a scored rule
-    (``maskgit_plus``, ``topk_margin``, ``entropy``; no ``alg_temp``). Sampled or filtered
-    candidates (temperature, top-p, top-k) are batched without Prophet: its commit draws after
-    its test, which the batch decides after every draw. Guided requests (cfg) are batched
-    without an explicit Prophet span (the runner guides their rows first)."""
+    (``maskgit_plus``, ``topk_margin``, ``entropy``) or ``random``, no ``alg_temp``. Sampled or
+    filtered candidates (temperature, top-p, top-k) are batched without Prophet: its commit
+    draws after its test, which the batch decides after every draw. Guided requests (cfg) are
+    batched without an explicit Prophet span (the runner guides their rows first)."""
     p = req.params
     if req.block_causal:
         return False
@@ -86,7 +86,7 @@ def batchable(req: Request) -> bool:
     if p.cfg_scale > 0 and p.early_commit is not None and p.early_commit.answer_start is not None:
         return False  # a commit would need guided rows the pass did not gather
     if req.family == "dream":
-        return p.kv_cache is None and not p.alg_temp and p.remasking in _SCORED
+        return p.kv_cache is None and not p.alg_temp and p.remasking in (*_SCORED, "random")
     return p.remasking in (*_SCORED, "random", _THRESHOLD)
 
 
@@ -208,6 +208,7 @@ class GreedyBatch:
         self.positions_np = positions.numpy()
         self.generated_np = generated.numpy()
         self.needed_np = self.needed.numpy()
+        self.window_np = self.window.numpy()
 
     def bind(
         self,
@@ -451,8 +452,10 @@ class GreedyBatch:
             k = self._k(req, j, schedules, size) if ranked else 1
             if size == 0 or k <= 0:
                 if req.params.remasking == "random" and req.generator is not None:
-                    # The reference draws one uniform per row every step, revealing or not.
-                    torch.rand(self.row_lens[j], generator=req.generator)
+                    # The references draw their uniforms every step, revealing or not: LLaDA
+                    # one per computed row, Dream one per window row.
+                    draws = self.row_lens[j] if req.uses_blocks else size
+                    torch.rand(draws, generator=req.generator)
                 continue
             if ranked:
                 k = min(k, size)
@@ -483,7 +486,7 @@ class GreedyBatch:
         index = torch.where(col < torch.tensor(row_len)[:, None], index, total)
         index_d = index.to(device)
         scores = prob_flat[index_d]
-        draws = self._draws([self.reqs[j] for j in members], row_len, longest, device)
+        draws = self._draws(members, row_start, row_len, longest, device)
         if draws is not None:
             random_rows, random_scores = draws
             window_flat = torch.zeros(total + 1, dtype=torch.bool)
@@ -544,12 +547,18 @@ class GreedyBatch:
         return torch.float32 if req.params.remasking == "random" else self._own_dtype(req)
 
     def _draws(
-        self, reqs: list[Request], row_len: list[int], longest: int, device: torch.device
+        self,
+        members: list[int],
+        row_start: list[int],
+        row_len: list[int],
+        longest: int,
+        device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Random remasking's scores: one uniform per ranking row, ``[random requests, longest]``
-        with the index of each request among ``reqs``. A seeded request draws its own row from
-        its generator, as the reference does (so it stays exact with it); the others share one
-        draw from the engine's stream."""
+        """Random remasking's scores, ``[random members, longest]`` with the index of each among
+        ``members``. A seeded request draws its own from its generator, as its reference does
+        (so it stays exact with it): LLaDA one uniform per ranking row, Dream one per window
+        row, in order; the others share one draw from the engine's stream."""
+        reqs = [self.reqs[j] for j in members]
         random_rows = [i for i, r in enumerate(reqs) if r.params.remasking == "random"]
         if not random_rows:
             return None
@@ -559,8 +568,12 @@ class GreedyBatch:
             gen = reqs[i].generator
             if gen is None:
                 unseeded.append(n)
-                continue
-            out[n, : row_len[i]] = torch.rand(row_len[i], generator=gen)
+            elif reqs[i].uses_blocks:
+                out[n, : row_len[i]] = torch.rand(row_len[i], generator=gen)
+            else:
+                start = row_start[i]
+                cols = np.flatnonzero(self.window_np[start : start + row_len[i]])
+                out[n, torch.from_numpy(cols)] = torch.rand(len(cols), generator=gen)
         if unseeded:
             shared = torch.rand((len(unseeded), longest), generator=self.generator, device=device)
             out = out.to(device)
