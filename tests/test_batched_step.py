@@ -184,8 +184,10 @@ def test_batchable_covers_every_llada_rule_and_dreams_scored_rules() -> None:
     assert not batched_module.batchable(req(family="dream", remasking="origin"))
     assert not batched_module.batchable(req(family="dream", alg_temp=0.5))
     assert batched_module.batchable(req(family="dream", temperature=0.2, top_p=0.95))
-    dream_cached = req(family="dream", kv_cache="dual", steps=8, block_length=4)
-    assert not batched_module.batchable(dream_cached)
+    dream_cached = req(
+        family="dream", kv_cache="dual", steps=8, block_length=4, remasking="entropy"
+    )
+    assert batched_module.batchable(dream_cached)
 
 
 def test_seeded_random_remasking_in_bfloat16_equals_the_per_request_step() -> None:
@@ -247,11 +249,13 @@ def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype, sam
     """Dream's maskgit_plus / topk_margin / entropy and LLaDA's margin / entropy, stepped by
     the batched step, equal the per-request step after every step (state and outcome); so do
     seeded sampled and filtered requests of both families (and, for LLaDA, of every rule and
-    cache mode: ``_sampled_llada``)."""
+    cache mode: ``_sampled_llada``); and Fast-dLLM's cached Dream steps (``_dream_cached``)."""
     loaded = tiny_model(family, seed=7, dtype=dtype)
     params = _scored_params(family, 24, seed=3, sampled=sampled)
     if sampled and family == "llada":
         params += _sampled_llada(16, seed=4)
+    if family == "dream":
+        params += _dream_cached(16, seed=6, sampled=sampled)
     finished, members = _lockstep(loaded, dtype, params)
     assert len(finished) == len(params)
     assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
@@ -346,3 +350,26 @@ def test_guided_requests_in_the_batch_equal_the_per_request_step(dtype) -> None:
         params.append(DecodeParams(**kwargs))
     finished, members = _lockstep(loaded, dtype, params)
     assert len(finished) == len(params) and sum(members) >= 2 * len(params)
+
+
+def _dream_cached(n: int, seed: int, sampled: bool) -> list[DecodeParams]:
+    """Fast-dLLM's cached Dream requests: refresh steps (the block's first position), then
+    entropy or threshold steps over the prefix or dual cache."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        block = rng.choice([4, 8])
+        gen = block * rng.choice([1, 2, 3])
+        out.append(
+            DecodeParams(
+                gen_length=gen,
+                block_length=block,
+                steps=(gen // block) * rng.choice([2, 4]),
+                kv_cache=rng.choice(["prefix", "dual"]),
+                remasking=rng.choice(["entropy", "confidence_threshold"]),
+                threshold=rng.choice([0.2, 0.6]),
+                temperature=rng.choice([0.5, 1.0]) if sampled else 0.0,
+                seed=rng.randrange(99),
+            )
+        )
+    return out

@@ -50,8 +50,9 @@ from foretell.scheduler.request import Request
     _SPAN_START,
     _SPAN_END,
     _REGION_IS_MASKED,
-) = range(7)
-_COLUMNS = 7
+    _WINDOW_END,
+) = range(8)
+_COLUMNS = 8
 _THRESHOLD = "confidence_threshold"
 
 # read_only(requests, canvas positions) -> logits at those positions of each request, from one
@@ -62,6 +63,11 @@ ReadOnly = Callable[[Sequence[Request], Sequence[torch.Tensor]], list[torch.Tens
 # Rules the batched step ranks by a score column of :class:`RowStats` (``prob``: the greedy
 # token's probability, or a variant's margin or entropy).
 _SCORED = ("low_confidence", "margin", "entropy")
+
+
+def _dream_refresh(req: Request) -> bool:
+    """Fast-dLLM's Dream refresh step: the block's first position alone is revealed."""
+    return req.family == "dream" and req.params.kv_cache is not None and not req.cached_step
 
 
 def filters(params: object) -> bool:
@@ -86,7 +92,9 @@ def batchable(req: Request) -> bool:
     if p.cfg_scale > 0 and p.early_commit is not None and p.early_commit.answer_start is not None:
         return False  # a commit would need guided rows the pass did not gather
     if req.family == "dream":
-        return p.kv_cache is None and not p.alg_temp and p.remasking in (*_SCORED, "random")
+        if p.kv_cache is not None:  # Fast-dLLM's Dream: entropy or threshold (validated)
+            return not p.alg_temp
+        return not p.alg_temp and p.remasking in (*_SCORED, "random")
     return p.remasking in (*_SCORED, "random", _THRESHOLD)
 
 
@@ -177,8 +185,12 @@ class GreedyBatch:
             start, end = req.block_bounds()
             row = table[s]
             row[_PROMPT_END], row[_BLOCK_START], row[_BLOCK_END] = req.prompt_len, start, end
-            # A cached step (Fast-dLLM) only sees its own block's masks.
+            # A cached step (Fast-dLLM) only sees its own block's masks; Fast-dLLM's Dream
+            # refresh step, only its block's first position.
             row[_WINDOW_START] = start if req.cached_step else req.prompt_len
+            row[_WINDOW_END] = end
+            if _dream_refresh(req):
+                row[_WINDOW_START], row[_WINDOW_END] = start, start + 1
             policy = req.params.early_commit
             if policy is not None and policy.answer_start is None:
                 row[_REGION_IS_MASKED] = 1
@@ -187,16 +199,23 @@ class GreedyBatch:
                 row[_SPAN_END] = min(row[_SPAN_START] + policy.answer_length, req.canvas_len)
         lens = torch.tensor(list(seq_lens))
         per_token = torch.tensor(table).repeat_interleave(lens, dim=0)
-        (prompt_end, window_start, block_start, block_end, span_start, span_end, is_masked) = (
-            per_token.T
-        )
+        (
+            prompt_end,
+            window_start,
+            block_start,
+            block_end,
+            span_start,
+            span_end,
+            is_masked,
+            window_end,
+        ) = per_token.T
         self.seq_of_token = torch.arange(self.num_seqs).repeat_interleave(lens)
         masked = ids == mask_token_id
         generated = masked & (positions >= prompt_end)
         # The reveal window (masked, up to the end of the current block), Prophet's answer
         # region (an explicit span, masked or not, or every masked generated position), the
         # current block's masks (its reveal schedule), and what a commit fills.
-        self.window = masked & (positions >= window_start) & (positions < block_end)
+        self.window = masked & (positions >= window_start) & (positions < window_end)
         self.region = ((positions >= span_start) & (positions < span_end)) | (
             generated & is_masked.bool()
         )
@@ -448,7 +467,8 @@ class GreedyBatch:
         members, ks, thresholds = [], [], []
         for j, req in enumerate(self.reqs):
             size = window_size[self.seq_index[j]]
-            ranked = req.params.remasking != _THRESHOLD
+            # Fast-dLLM's Dream refresh reveals its window (the block's first position) whole.
+            ranked = req.params.remasking != _THRESHOLD or _dream_refresh(req)
             k = self._k(req, j, schedules, size) if ranked else 1
             if size == 0 or k <= 0:
                 if req.params.remasking == "random" and req.generator is not None:
@@ -584,9 +604,14 @@ class GreedyBatch:
     def _k(req: Request, j: int, schedules: list[list[int] | None], masked: int) -> int:
         """The reveal count of this step: LLaDA's block schedule, or Dream's count for its
         ``masked`` window positions at this step of its timestep grid."""
-        if not req.uses_blocks:
-            step = req.global_step  # this step, from 0 (advanced when applied)
-            return dream_transfer_count_np(masked, step, req.params.steps, req.timesteps_np)
+        if req.family == "dream":
+            if _dream_refresh(req):
+                return masked
+            if req.uses_blocks:  # Fast-dLLM's cached steps: the grid runs within each block
+                step, steps = req.step_in_block, req.params.steps_per_block
+            else:
+                step, steps = req.global_step, req.params.steps  # (advanced when applied)
+            return dream_transfer_count_np(masked, step, steps, req.timesteps_np)
         schedule = schedules[j] if schedules[j] is not None else req.block_schedule
         return schedule[req.step_in_block]
 
