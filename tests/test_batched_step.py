@@ -99,7 +99,7 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, recheck, monke
     members, fills, outside = [], [], []
     real_bind = batched_module.GreedyBatch.bind
 
-    def counting(self, rows, stats, more, read_only=None):
+    def counting(self, rows, stats, more, read_only=None, logits=None):
         members.append(len(self.reqs))
 
         def counted_more(flat_rows):
@@ -110,7 +110,7 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, recheck, monke
             outside.append(len(reqs))
             return read_only(reqs, positions)
 
-        return real_bind(self, rows, stats, counted_more, counted_read_only)
+        return real_bind(self, rows, stats, counted_more, counted_read_only, logits)
 
     monkeypatch.setattr(batched_module.GreedyBatch, "bind", counting)
     engines = [Engine(loaded, dtype=dtype, max_num_seqs=6) for _ in range(2)]
@@ -168,7 +168,10 @@ def test_batchable_covers_every_llada_rule_and_dreams_scored_rules() -> None:
     assert batched_module.batchable(req())
     assert batched_module.batchable(req(remasking="random", early_commit=Prophet()))
     assert batched_module.batchable(req(temperature=0.5))
-    assert not batched_module.batchable(req(temperature=0.5, early_commit=Prophet()))
+    assert batched_module.batchable(req(temperature=0.5, early_commit=Prophet()))
+    cached = {"kv_cache": "dual", "steps": 4, "block_length": 4}
+    assert batched_module.batchable(req(temperature=0.5, **cached))
+    assert not batched_module.batchable(req(temperature=0.5, early_commit=Prophet(), **cached))
     assert batched_module.batchable(req(cfg_scale=1.0))
     assert batched_module.batchable(req(cfg_scale=1.0, early_commit=Prophet()))
     span = Prophet(answer_start=0, answer_length=4)  # a commit would need unguided rows
@@ -211,7 +214,7 @@ def _scored_params(family: str, n: int, seed: int, sampled: bool = False) -> lis
     """Greedy requests ranked by a score other than LLaDA's low confidence: Dream's rules
     (uncached: one grid of steps over the generation) and LLaDA's margin and entropy (which
     take no cache), with Prophet on some. ``sampled``: every request draws or filters its
-    candidates instead (temperature, top-p, top-k), without Prophet."""
+    candidates instead (temperature, top-p, top-k); a commit then draws its fill."""
     rng = random.Random(seed)
     policies = [None, Prophet(thresholds=(2.5, 1.5, 0.5)), Prophet(statistic="min")]
     out = []
@@ -219,7 +222,6 @@ def _scored_params(family: str, n: int, seed: int, sampled: bool = False) -> lis
         gen = rng.choice([8, 16, 24])
         kwargs = dict(gen_length=gen, early_commit=rng.choice(policies), seed=rng.randrange(99))
         if sampled:
-            kwargs["early_commit"] = None
             kwargs.update(
                 rng.choice(
                     [
@@ -259,8 +261,7 @@ def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype, sam
     finished, members = _lockstep(loaded, dtype, params)
     assert len(finished) == len(params)
     assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
-    outcomes = {state[2] for state in finished.values()}
-    assert outcomes == ({"steps"} if sampled else {"steps", "early_commit"})
+    assert {state[2] for state in finished.values()} == {"steps", "early_commit"}
 
 
 def _sampled_llada(n: int, seed: int) -> list[DecodeParams]:

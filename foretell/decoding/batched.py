@@ -35,6 +35,7 @@ from foretell.decoding.step import (
 )
 from foretell.decoding.unmask import (
     RowStats,
+    candidates,
     dream_transfer_count_np,
     llada_block_schedule,
     suppress_cells,
@@ -81,14 +82,15 @@ def batchable(req: Request) -> bool:
     """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path):
     LLaDA with any of its rules and cache modes, and Dream without a cache by a scored rule
     (``maskgit_plus``, ``topk_margin``, ``entropy``) or ``random``, no ``alg_temp``. Sampled or
-    filtered candidates (temperature, top-p, top-k) are batched without Prophet: its commit
-    draws after its test, which the batch decides after every draw. Guided requests (cfg) are
-    batched without an explicit Prophet span (the runner guides their rows first)."""
+    filtered candidates (temperature, top-p, top-k) are batched, with Prophet only without a
+    cache (a cached commit's masks outside the pass would be drawn out of the reference's
+    order). Guided requests (cfg) are batched without an explicit Prophet span (the runner
+    guides their rows first)."""
     p = req.params
     if req.block_causal:
         return False
-    if filters(p) and p.early_commit is not None:
-        return False
+    if filters(p) and p.early_commit is not None and p.kv_cache is not None:
+        return False  # its commit's masks outside the pass would need the per-request order
     if p.cfg_scale > 0 and p.early_commit is not None and p.early_commit.answer_start is not None:
         return False  # a commit would need guided rows the pass did not gather
     if req.family == "dream":
@@ -175,6 +177,10 @@ class GreedyBatch:
         self.generator = generator  # the shared stream of requests without a seed
         self.logits_dtype = logits_dtype  # the model's: a confidence's dtype unless set
         self._pass: tuple | None = None  # (rows, stats, more, read_only), once the pass has run
+        self._logits: torch.Tensor | None = None
+        # A seeded sampled request with Prophet: its generator's state before this step's draw
+        # (by index into ``reqs``), restored if it commits (see ``_sampled_commits``).
+        self.draw_states: dict[int, torch.Tensor] = {}
         # Every other sequence gets a geometry that selects nothing.
         table = [[0] * _COLUMNS for _ in seq_lens]
         # Each request's ranking row: the rows its step recomputes (its query span).
@@ -235,11 +241,14 @@ class GreedyBatch:
         stats: RowStats,
         more: Callable[[torch.Tensor], torch.Tensor],
         read_only: ReadOnly | None = None,
+        logits: torch.Tensor | None = None,
     ) -> None:
         """The pass's results: gathered ``rows`` (sorted flat token indices, including this
-        batch's ``needed``), their ``stats``, ``more(flat_rows)`` for rows not gathered, and
-        ``read_only`` for canvas positions a cached step's pass did not hold."""
+        batch's ``needed``), their ``stats``, ``more(flat_rows)`` for rows not gathered,
+        ``read_only`` for canvas positions a cached step's pass did not hold, and the gathered
+        ``logits`` themselves (a sampled request's commit draws from them)."""
         self._pass = (rows, stats, more, read_only)
+        self._logits = logits
 
     def advance(self) -> None:
         """Step every request. A failure while planning (before any request changes, though
@@ -327,7 +336,52 @@ class GreedyBatch:
         new_ids[chosen] = x0[chosen]
         plan = _Plan(new_ids, x0, chosen, gaps, commits, schedules, {})
         self._fill_commits(plan, more, read_only)
+        self._sampled_commits(plan, rows_np, more)
         return plan
+
+    def _sampled_commits(
+        self, plan: _Plan, rows: np.ndarray, more: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """A committing sampled (or filtered) request fills every mask with a draw, not the
+        argmax, as the per-request step does: from the logits of all its masks in position
+        order (gathered, or asked for), with its stream back where it stood before this
+        step's reveal draw (a seeded request) or a fresh draw from the shared stream."""
+        for j, req in enumerate(self.reqs):
+            p = req.params
+            if not plan.commits[j] or not filters(p):
+                continue
+            start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
+            fill = np.flatnonzero(self.generated_np[start:end]) + start
+            have = self.needed_np[fill]
+            logits = self._logits.new_empty((len(fill), self._logits.shape[-1]))
+            if have.any():
+                at = torch.from_numpy(np.searchsorted(rows, fill[have])).to(logits.device)
+                logits[torch.from_numpy(have).to(logits.device)] = self._logits[at]
+            if not have.all():
+                cells = [(0, int((~have).sum()), t) for t in req.logits_suppress]
+                asked = suppress_cells(more(torch.from_numpy(fill[~have])), cells)
+                logits[torch.from_numpy(~have).to(logits.device)] = asked
+            noise = None
+            if p.temperature > 0:
+                shape = (len(fill), logits.shape[-1])
+                if req.generator is not None:
+                    req.generator.set_state(self.draw_states[j])
+                    noise = torch.rand(shape, generator=req.generator, dtype=torch.float64)
+                else:
+                    noise = torch.rand(
+                        shape, generator=self.generator, dtype=torch.float64, device=logits.device
+                    )
+            x0, _ = candidates(
+                logits,
+                family=req.family,
+                rule="random",
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                generator=None,
+                noise=noise,
+            )
+            plan.x0[fill] = x0.cpu().numpy()
 
     def _decide(
         self, gap: _Gaps | None, values: np.ndarray, stats: RowStats

@@ -282,8 +282,8 @@ class ModelRunner:
             return found
 
         if greedy is not None:
-            self._sampled_rows(batch, group, gathered, stats, own_rows)
-            greedy.bind(rows, stats, more_flat, read_only)
+            self._sampled_rows(batch, group, greedy, rows, gathered, stats, own_rows)
+            greedy.bind(rows, stats, more_flat, read_only, gathered)
         out.batched = greedy
         if blocks:
             out.blocks = self._block_scores(batch, blocks, block_pos, gathered, row_ranges)
@@ -361,20 +361,31 @@ class ModelRunner:
         self,
         batch: list[Request],
         group: list[int],
+        greedy: GreedyBatch,
+        rows: torch.Tensor,
         gathered: torch.Tensor,
         stats: RowStats,
         row_ranges: dict[int, tuple[int, int]],
     ) -> None:
         """The batched step's sampled or filtered requests: their candidates and scores in
-        place of the greedy ones in ``stats``, computed as the per-request step computes them
-        (:func:`candidates`, row by row), one call per group of equal parameters.
+        place of the greedy ones in ``stats`` at their window rows, computed as the
+        per-request step computes them (:func:`candidates`, row by row), one call per group of
+        equal parameters.
 
         The uniforms come first, in request order: a request with a generator (a seed) draws
-        its own ``[rows, vocab]`` from it, as alone; the others share one draw from the
-        engine's device stream. Random remasking's draws follow, in the step."""
+        its own ``[window rows, vocab]`` from it, as alone; the others share one draw from the
+        engine's device stream. Random remasking's draws follow, in the step. A seeded request
+        with Prophet keeps its generator's state from before the draw: if its test commits,
+        its stream goes back there and draws its commit instead (``GreedyBatch``), as alone."""
         members = [i for i in group if filters(batch[i].params)]
         if not members:
             return
+        member_of = {i: j for j, i in enumerate(group)}
+        in_window = greedy.window[rows].numpy()
+        window_rows: dict[int, np.ndarray] = {}
+        for i in members:
+            start, end = row_ranges[i]
+            window_rows[i] = np.flatnonzero(in_window[start:end]) + start
         device, vocab = gathered.device, gathered.shape[-1]
         noise: dict[int, torch.Tensor] = {}
         shared = []
@@ -382,14 +393,15 @@ class ModelRunner:
             req = batch[i]
             if req.params.temperature <= 0:
                 continue  # filtered, not drawn
-            rows = row_ranges[i][1] - row_ranges[i][0]
             if req.generator is None:
                 shared.append(i)
                 continue
-            draw = torch.rand((rows, vocab), generator=req.generator, dtype=torch.float64)
-            noise[i] = draw.to(device)
+            if req.params.early_commit is not None:
+                greedy.draw_states[member_of[i]] = req.generator.get_state()
+            shape = (len(window_rows[i]), vocab)
+            noise[i] = torch.rand(shape, generator=req.generator, dtype=torch.float64).to(device)
         if shared:
-            sizes = [row_ranges[i][1] - row_ranges[i][0] for i in shared]
+            sizes = [len(window_rows[i]) for i in shared]
             draw = torch.rand(
                 (sum(sizes), vocab), generator=self.generator, dtype=torch.float64, device=device
             )
@@ -408,8 +420,7 @@ class ModelRunner:
             )
             groups.setdefault(key, []).append(i)
         for (family, rule, temperature, top_p, top_k, dtype, left_out), same in groups.items():
-            index = np.concatenate([np.arange(*row_ranges[i]) for i in same])
-            index_d = torch.from_numpy(index).to(device)
+            index_d = torch.from_numpy(np.concatenate([window_rows[i] for i in same])).to(device)
             drawn = [noise[i] for i in same if i in noise]
             x0, score = candidates(
                 gathered[index_d],
