@@ -233,8 +233,9 @@ def _scored_params(family: str, n: int, seed: int, sampled: bool = False) -> lis
                 )
             )
         if family == "dream":
-            rules = ["maskgit_plus", "topk_margin", "entropy", "random"]
+            rules = ["maskgit_plus", "topk_margin", "entropy", "random", "confidence_threshold"]
             kwargs["remasking"] = rng.choice(rules)
+            kwargs["threshold"] = rng.choice([0.1, 0.5, 0.9])
             kwargs["steps"] = rng.choice([2, gen // 2, gen])
         else:
             block = rng.choice([b for b in (4, 8) if gen % b == 0])

@@ -96,7 +96,7 @@ def batchable(req: Request) -> bool:
     if req.family == "dream":
         if p.kv_cache is not None:  # Fast-dLLM's Dream: entropy or threshold (validated)
             return not p.alg_temp
-        return not p.alg_temp and p.remasking in (*_SCORED, "random")
+        return not p.alg_temp and p.remasking in (*_SCORED, "random", _THRESHOLD)
     return p.remasking in (*_SCORED, "random", _THRESHOLD)
 
 
@@ -518,7 +518,7 @@ class GreedyBatch:
         total = len(self.ids)
         in_window = self.window[rows]
         window_size = torch.bincount(seq_of_row[in_window], minlength=self.num_seqs).tolist()
-        members, ks, thresholds = [], [], []
+        members, ks, thresholds, strict = [], [], [], []
         for j, req in enumerate(self.reqs):
             size = window_size[self.seq_index[j]]
             # Fast-dLLM's Dream refresh reveals its window (the block's first position) whole.
@@ -538,6 +538,8 @@ class GreedyBatch:
                 k = 1
                 # Compared in the request's own confidence dtype, as it is alone.
                 thresholds.append(_in_dtype(req.params.threshold, self._own_dtype(req)))
+            # Dream's uncached threshold keeps scores above it; Fast-dLLM's, at or above.
+            strict.append(req.family == "dream" and not req.uses_blocks)
             members.append(j)
             ks.append(k)
         nothing = stats.prob.new_zeros(0, dtype=torch.bool)
@@ -578,7 +580,9 @@ class GreedyBatch:
         ranks = torch.arange(k_top, device=device)
         picked = torch.zeros(total + 1, dtype=torch.bool, device=device)
         picked.scatter_(0, index_d.gather(1, order).flatten(), (ranks < k_d[:, None]).flatten())
-        above = is_threshold[:, None] & (scores >= thr_d[:, None]) & (index_d < total)
+        strict_d = torch.tensor(strict, device=device)[:, None]
+        passes = torch.where(strict_d, scores > thr_d[:, None], scores >= thr_d[:, None])
+        above = is_threshold[:, None] & passes & (index_d < total)
         kept = torch.zeros(total + 1, dtype=torch.bool, device=device)
         kept.scatter_(0, index_d.flatten(), above.flatten())
         chosen_flat = picked | kept
@@ -589,7 +593,7 @@ class GreedyBatch:
             kth = values.gather(1, (k_d - 1)[:, None]).squeeze(1)
             nxt = values.gather(1, k_d.clamp(max=k_top - 1)[:, None]).squeeze(1)
             tied = (k_d < k_top) & (kth == nxt) & (kth > float("-inf"))
-            tied &= ~is_threshold | (values[:, 0] < thr_d)
+            tied &= ~is_threshold | ~above.any(dim=1)
         return _Ranking(members, ks, row_start, row_len, scores, chosen_flat[rows.to(device)], tied)
 
     def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: np.ndarray) -> None:
@@ -602,7 +606,11 @@ class GreedyBatch:
             start, length = ranking.row_start[i], ranking.row_len[i]
             line = row[:length].to(self._rank_dtype(req))
             chosen[start : start + length] = False
-            if req.params.remasking == _THRESHOLD:
+            if req.params.remasking == _THRESHOLD and not req.uses_blocks:
+                # Dream: every score above the threshold, or else the first best one.
+                above = (line > req.params.threshold).nonzero().flatten()
+                picked = above if above.numel() else line.argmax().reshape(1)
+            elif req.params.remasking == _THRESHOLD:
                 values, order = torch.topk(line, int(torch.isfinite(line).sum()))
                 keep = values >= req.params.threshold
                 keep[0] = True
@@ -707,7 +715,10 @@ class GreedyBatch:
         else:
             req.write_np(revealed, plan.x0[picked])
         if not req.uses_blocks:  # Dream: one grid of steps over the whole generation
-            if req.global_step == p.steps:
+            if p.remasking == _THRESHOLD:  # until no mask is left, whatever the budget
+                if req.masked_count(req.prompt_len) == 0:
+                    req.finish("steps")
+            elif req.global_step == p.steps:
                 req.finish("steps")
         elif p.remasking == _THRESHOLD:
             stalled = bool((plan.x0[picked] == self.mask_token_id).all())
