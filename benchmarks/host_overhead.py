@@ -115,10 +115,10 @@ class HostReadCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def micro_model(seed: int = 0) -> LoadedModel:
-    """A one-layer LLaDA of width 32: its forward is nearly free, so the rest is host work."""
+def micro_model(seed: int = 0, family: str = "llada") -> LoadedModel:
+    """A one-layer model of width 32: its forward is nearly free, so the rest is host work."""
     return tiny_model(
-        "llada",
+        family,
         seed=seed,
         hidden_size=32,
         num_layers=1,
@@ -140,9 +140,22 @@ def takes_unseeded() -> bool:
     return True
 
 
-def mix_stream(loaded: LoadedModel, seed: int = 0) -> Iterator[tuple[list[int], DecodeParams]]:
+# The mixes (``--mix``): the issue's (greedy LLaDA rules), and every request kind the batched
+# step takes, per family (each on its own micro model: an engine serves one model).
+MIXES = ("issue", "every-kind-llada", "every-kind-dream")
+
+
+def mix_family(mix: str) -> str:
+    return "dream" if mix == "every-kind-dream" else "llada"
+
+
+def mix_stream(
+    loaded: LoadedModel, seed: int = 0, mix: str = "issue"
+) -> Iterator[tuple[list[int], DecodeParams]]:
     """An endless, seeded stream of (prompt token ids, params) drawn from the realistic mix;
     every second request has Prophet (``answer_start=None``: the whole remaining generation)."""
+    if mix not in MIXES:
+        raise ValueError(f"mix: choose one of {MIXES}, got {mix!r}")
     rng = random.Random(seed)
     unseeded = takes_unseeded()
     special = set(loaded.tokenizer.all_special_ids) | {loaded.model.mask_token_id}
@@ -150,6 +163,11 @@ def mix_stream(loaded: LoadedModel, seed: int = 0) -> Iterator[tuple[list[int], 
     for index in range(sys.maxsize):
         gen = rng.choice(GEN_LENGTHS)
         drawn = rng.randrange(2**31)  # drawn either way, so the mix is the same either way
+        if mix != "issue":
+            params = every_kind(rng, mix_family(mix), gen, index)
+            prompt = [rng.choice(vocab) for _ in range(rng.randint(*PROMPT_LENGTHS))]
+            yield prompt, params
+            continue
         params = DecodeParams(
             gen_length=gen,
             steps=rng.choice((gen, gen // 2)),
@@ -161,6 +179,36 @@ def mix_stream(loaded: LoadedModel, seed: int = 0) -> Iterator[tuple[list[int], 
         )
         prompt = [rng.choice(vocab) for _ in range(rng.randint(*PROMPT_LENGTHS))]
         yield prompt, params
+
+
+def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeParams:
+    """One request of an every-kind mix: every rule of the family, sampling (temperature,
+    top-p, top-k) on a third, Fast-dLLM's caches where the rule takes one, guidance (LLaDA) on
+    some uncached ones, Prophet on every second; no seeds (the engine's stream)."""
+    prophet = Prophet(answer_start=None) if index % 2 else None
+    block = rng.choice(BLOCK_LENGTHS)
+    kw: dict = {"gen_length": gen, "seed": None, "early_commit": prophet}
+    if rng.random() < 1 / 3:
+        kw.update(temperature=0.7, top_p=rng.choice((None, 0.9)), top_k=rng.choice((None, 8)))
+    sampled = "temperature" in kw
+    if family == "llada":
+        rule = rng.choice(("low_confidence", "random", "confidence_threshold", "margin", "entropy"))
+        kw.update(remasking=rule, block_length=block, steps=rng.choice((gen, gen // 2)))
+        cacheable = rule in ("low_confidence", "random", "confidence_threshold")
+        if cacheable and rng.random() < 2 / 3 and not (sampled and prophet):
+            kw["kv_cache"] = rng.choice(("prefix", "dual"))
+        elif rng.random() < 0.25:
+            kw["cfg_scale"] = 1.0
+    else:
+        rules = ("maskgit_plus", "topk_margin", "entropy", "random", "confidence_threshold")
+        rule = rng.choice(rules)
+        kw["remasking"] = rule
+        if rule in ("entropy", "confidence_threshold") and rng.random() < 0.5:
+            kw.update(kv_cache=rng.choice(("prefix", "dual")), early_commit=None)
+            kw.update(block_length=block, steps=rng.choice((gen, gen // 2)))
+        else:
+            kw.update(block_length=gen, steps=rng.choice((gen, gen // 2)))
+    return DecodeParams(**kw)
 
 
 def make_engine(loaded: LoadedModel, batch_size: int, backend: str = "auto") -> Engine:
@@ -236,6 +284,7 @@ def run_mix(
     seed: int = 0,
     count: bool,
     backend: str = "auto",
+    mix: str = "issue",
 ) -> MixRun:
     """Run the mix at ``batch_size`` and total the measured steps.
 
@@ -245,7 +294,7 @@ def run_mix(
     ``count`` the measured steps run under the op and read counters (their times are then
     inflated and mean nothing); without, only times are taken."""
     engine = make_engine(loaded, batch_size, backend)
-    stream = mix_stream(loaded, seed)
+    stream = mix_stream(loaded, seed, mix)
     run = MixRun(batch_size)
     live = 0
     for index in range(warmup_steps + steps):
@@ -299,9 +348,11 @@ def measure(
     seed: int,
     repeats: int,
     backend: str = "auto",
+    mix: str = "issue",
 ) -> dict:
     """One counted run, then ``repeats`` timed runs of the same steps (median host time)."""
     kw = {"warmup_steps": warmup_steps, "steps": steps, "seed": seed, "backend": backend}
+    kw["mix"] = mix
     counted = run_mix(loaded, batch_size, count=True, **kw)
     timed = [run_mix(loaded, batch_size, count=False, **kw) for _ in range(repeats)]
     host_us = [run.host_us_per_request_step for run in timed]
@@ -410,11 +461,18 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the engine's attention backend (sdpa_buckets: one call per length bucket)",
     )
+    p.add_argument(
+        "--mix",
+        default="issue",
+        choices=MIXES,
+        help="issue: the issue's greedy LLaDA mix; every-kind-*: every request kind the batched "
+        "step takes (rules, sampling, caches, guidance, Prophet) for one family",
+    )
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    loaded = micro_model(args.seed)
+    loaded = micro_model(args.seed, mix_family(args.mix))
     records = []
     for size in sizes:
         print(f"B={size}: counting, then {args.repeats} timed runs", file=sys.stderr, flush=True)
@@ -427,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 repeats=args.repeats,
                 backend=args.attention_backend,
+                mix=args.mix,
             )
         )
     goals = targets(records)
@@ -440,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 "targets": goals,
                 "trivial_op_us": op_us,
                 "mix": {
+                    "name": args.mix,
                     "prompt_lengths": list(PROMPT_LENGTHS),
                     "gen_lengths": list(GEN_LENGTHS),
                     "block_lengths": list(BLOCK_LENGTHS),

@@ -89,6 +89,15 @@ def test_request_too_large_for_the_budget_is_refused_at_add(llada64) -> None:
     assert not engine.has_unfinished_requests()
 
 
+# Guidance with an explicit Prophet span (one that never commits) takes the per-request step.
+PER_REQUEST = DecodeParams(
+    gen_length=16,
+    steps=8,
+    cfg_scale=1.0,
+    early_commit=Prophet((1e9,) * 3, answer_start=0, answer_length=4),
+)
+
+
 def _run_three(engine: Engine, params: DecodeParams) -> dict:
     engine.add_request("1+1=", params, request_id="good-1")
     engine.add_request("2+2=", params, request_id="bad")
@@ -107,8 +116,7 @@ def test_a_failing_request_finishes_with_error_and_the_others_complete(
     batch's step) ends that request only."""
     engine = Engine(llada64, dtype="float64", max_num_seqs=4)
     if path == "per-request":
-        # Guided requests take the per-request step.
-        params = DecodeParams(gen_length=16, steps=8, cfg_scale=1.0, seed=3)
+        params = PER_REQUEST.replace(seed=3)
         real = engine_module.advance
 
         def failing(req, *args):
@@ -138,8 +146,7 @@ def test_a_failing_greedy_batch_step_spares_the_per_request_path(llada64, monkey
     monkeypatch.setattr(batched_module.GreedyBatch, "_plan", broken)
     engine = Engine(llada64, dtype="float64", max_num_seqs=4)
     greedy = engine.add_request("1+1=", DecodeParams(gen_length=16, steps=8))
-    guided = DecodeParams(gen_length=16, steps=8, cfg_scale=1.0)  # the per-request step
-    sampled = engine.add_request("2+2=", guided)
+    sampled = engine.add_request("2+2=", PER_REQUEST)
     outs = {}
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step()})
