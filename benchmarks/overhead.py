@@ -5,8 +5,8 @@
 Runs the ``engine`` and ``engine-prophet`` modes of ``foretell bench`` on the default model's
 workload and splits each run's wall time into buckets by wrapping (at run time, not in the
 source) the engine's own functions with timers: the scheduler, the runner's packing around the
-forward pass, the per-request decoding step (``advance``), the greedy batch's step for all
-greedy LLaDA requests at once (``GreedyBatch.advance``), building the outputs (detokenising),
+forward pass, the per-request decoding step (``advance``), the batched step for all
+greedy LLaDA requests at once (``BatchedStep.advance``), building the outputs (detokenising),
 and the ``generate`` loop around ``step()``. ``--profile`` adds a cProfile of the engine-prophet
 run: top functions by own time, then the engine's own Python (decoding, scheduler, runner,
 engine) by cumulative time, so that the time outside the forward pass can be traced to lines.
@@ -56,19 +56,19 @@ class Buckets:
 @contextmanager
 def instrumented(engine, buckets: Buckets):
     """Time the engine's parts without editing its source: instance attributes for the
-    engine's and scheduler's methods, class attributes for the greedy batch's, module globals
+    engine's and scheduler's methods, class attributes for the batched step's, module globals
     for the functions the engine and runner call by name."""
     saved = {
         "advance": engine_module.advance,
         "positions_needed": runner_module.positions_needed,
-        "greedy": batched_module.GreedyBatch.advance,
-        "greedy_init": batched_module.GreedyBatch.__init__,
+        "greedy": batched_module.BatchedStep.advance,
+        "greedy_init": batched_module.BatchedStep.__init__,
     }
-    batched_module.GreedyBatch.__init__ = buckets.wrap(
-        "runner: greedy batch geometry", saved["greedy_init"]
+    batched_module.BatchedStep.__init__ = buckets.wrap(
+        "runner: batched step geometry", saved["greedy_init"]
     )
-    batched_module.GreedyBatch.advance = buckets.wrap(
-        "decode: greedy batch (all greedy requests at once)", saved["greedy"]
+    batched_module.BatchedStep.advance = buckets.wrap(
+        "decode: batched step (all greedy requests at once)", saved["greedy"]
     )
     engine_module.advance = buckets.wrap("decode: advance (per request)", saved["advance"])
     runner_module.positions_needed = buckets.wrap(
@@ -85,8 +85,8 @@ def instrumented(engine, buckets: Buckets):
     finally:
         engine_module.advance = saved["advance"]
         runner_module.positions_needed = saved["positions_needed"]
-        batched_module.GreedyBatch.advance = saved["greedy"]
-        batched_module.GreedyBatch.__init__ = saved["greedy_init"]
+        batched_module.BatchedStep.advance = saved["greedy"]
+        batched_module.BatchedStep.__init__ = saved["greedy_init"]
 
 
 def breakdown(engine, buckets: Buckets, wall: float) -> list[dict]:
@@ -95,17 +95,17 @@ def breakdown(engine, buckets: Buckets, wall: float) -> list[dict]:
     forward = engine.runner.forward_seconds
     run = s["runner: run (incl. forward)"]
     needed = s["runner: positions_needed (per request)"]
-    geometry = s["runner: greedy batch geometry"]
+    geometry = s["runner: batched step geometry"]
     step = s["engine: step (total)"]
     rows = [
         ("model forward pass (forward_packed + logits_at)", forward),
         ("runner: packing, gathering, splitting", run - forward - needed - geometry),
         ("runner: positions_needed (per request)", needed),
-        ("runner: greedy batch geometry", geometry),
+        ("runner: batched step geometry", geometry),
         ("decode: advance (per request)", s["decode: advance (per request)"]),
         (
-            "decode: greedy batch (all greedy requests at once)",
-            s["decode: greedy batch (all greedy requests at once)"],
+            "decode: batched step (all greedy requests at once)",
+            s["decode: batched step (all greedy requests at once)"],
         ),
         ("scheduler: schedule", s["scheduler: schedule"]),
         ("scheduler: update (evict)", s["scheduler: update (evict)"]),

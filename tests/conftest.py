@@ -44,18 +44,18 @@ def dream_engine(dream64):
 
 @pytest.fixture()
 def fail_greedy_step(monkeypatch):
-    """``fail_greedy_step(when)``: the greedy batch's step raises "injected fault" for every
+    """``fail_greedy_step(when)``: the batched step raises "injected fault" for every
     request ``when(req)`` picks (a fault in the engine's own decoding, for one request)."""
 
     def install(when) -> None:
-        real = batched_module.GreedyBatch._apply
+        real = batched_module.BatchedStep._apply
 
         def failing(self, j, req, *args):
             if when(req):
                 raise RuntimeError("injected fault")
             return real(self, j, req, *args)
 
-        monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
+        monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
 
     return install
 

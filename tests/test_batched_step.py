@@ -1,4 +1,4 @@
-"""The greedy batch's step equals the per-request step, request for request and step by step."""
+"""The batched step equals the per-request step, request for request and step by step."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ PROMPTS = ["1+1=", "22+22=", "333+333=", "4444+4444=", "a", "bb", "ccc+d", "9"]
 
 
 def _mixed_params(n: int, seed: int) -> list[DecodeParams]:
-    """Greedy LLaDA requests of every shape the greedy batch takes (lengths, blocks, budgets,
+    """Greedy LLaDA requests of every shape the batched step takes (lengths, blocks, budgets,
     both remaskings, Prophet spans and masked regions with mean and min, constraints that leave
     steps with nothing to reveal), plus requests it must leave to the per-request path."""
     rng = random.Random(seed)
@@ -97,7 +97,7 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, recheck, monke
         monkeypatch.setattr(batched_module, "undecided", lambda *args: True)
     loaded = tiny_model("llada", seed=5, dtype=dtype, logit_scale=logit_scale)
     members, fills, outside = [], [], []
-    real_bind = batched_module.GreedyBatch.bind
+    real_bind = batched_module.BatchedStep.bind
 
     def counting(self, rows, stats, more, read_only=None, logits=None):
         members.append(len(self.reqs))
@@ -112,7 +112,7 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, recheck, monke
 
         return real_bind(self, rows, stats, counted_more, counted_read_only, logits)
 
-    monkeypatch.setattr(batched_module.GreedyBatch, "bind", counting)
+    monkeypatch.setattr(batched_module.BatchedStep, "bind", counting)
     engines = [Engine(loaded, dtype=dtype, max_num_seqs=6) for _ in range(2)]
     engines[1].runner.batched = False
     params = _mixed_params(54, seed=int(logit_scale))
@@ -153,7 +153,7 @@ def test_a_greedy_batch_that_cannot_be_built_falls_back_to_the_per_request_path(
     def broken(self, *args, **kwargs):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(batched_module.GreedyBatch, "__init__", broken)
+    monkeypatch.setattr(batched_module.BatchedStep, "__init__", broken)
     outs = Engine(llada64, dtype="float64").generate(PROMPTS[:3], params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     assert {o.finish_reason for o in outs} == {"steps"}
@@ -307,7 +307,7 @@ def _lockstep(loaded, dtype: str, params: list[DecodeParams]) -> tuple[dict, lis
         for engine in engines:
             engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
     members: list[int] = []
-    real_bind = batched_module.GreedyBatch.bind
+    real_bind = batched_module.BatchedStep.bind
 
     def counting(self, *args, **kwargs):
         members.append(len(self.reqs))
@@ -315,7 +315,7 @@ def _lockstep(loaded, dtype: str, params: list[DecodeParams]) -> tuple[dict, lis
 
     finished: list[dict] = [{}, {}]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(batched_module.GreedyBatch, "bind", counting)
+        mp.setattr(batched_module.BatchedStep, "bind", counting)
         while engines[0].has_unfinished_requests() or engines[1].has_unfinished_requests():
             for engine, done in zip(engines, finished, strict=True):
                 done.update({o.request_id: _state(o) for o in engine.step()})

@@ -137,13 +137,13 @@ def test_a_failing_request_finishes_with_error_and_the_others_complete(
 
 
 def test_a_failing_greedy_batch_step_spares_the_per_request_path(llada64, monkeypatch):
-    """A fault while planning the greedy batch's step (before any request changed) ends the
+    """A fault while planning the batched step (before any request changed) ends the
     batch's members; requests on the per-request path in the same pass complete."""
 
     def broken(self, *args):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(batched_module.GreedyBatch, "_plan", broken)
+    monkeypatch.setattr(batched_module.BatchedStep, "_plan", broken)
     engine = Engine(llada64, dtype="float64", max_num_seqs=4)
     greedy = engine.add_request("1+1=", DecodeParams(gen_length=16, steps=8))
     sampled = engine.add_request("2+2=", PER_REQUEST)

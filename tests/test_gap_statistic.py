@@ -30,7 +30,7 @@ def test_reported_mean_is_the_row_order_float64_sum_over_the_count() -> None:
 
 
 def test_one_sum_over_segments_reports_each_request_as_alone() -> None:
-    """What ``GreedyBatch._gaps`` computes for a whole pass equals each request's own value,
+    """What ``BatchedStep._gaps`` computes for a whole pass equals each request's own value,
     whatever shares the pass."""
     sizes = [1, 7, 64, 3, 200]
     parts = [_gaps(n, torch.float32, i) for i, n in enumerate(sizes)]

@@ -295,14 +295,14 @@ def test_cache_is_freed_on_abort_and_error(llada64, monkeypatch) -> None:
     engine.abort(gone)
     assert engine.metrics.kv_cache_bytes == _one_cache(engine, "12+34=", 16)
 
-    real = batched_module.GreedyBatch._apply  # greedy cached requests step together
+    real = batched_module.BatchedStep._apply  # greedy cached requests step together
 
     def failing(self, j, req, plan):
         if req.request_id == keep and req.cached_step:
             raise RuntimeError("injected fault")
         return real(self, j, req, plan)
 
-    monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
+    monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
     outs = engine.step()
     assert [o.finish_reason for o in outs if o.request_id == keep] == ["error"]
     assert engine.metrics.kv_cache_bytes == 0

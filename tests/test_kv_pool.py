@@ -175,7 +175,7 @@ def test_every_page_returns_on_finish_commit_abort_and_error(llada, monkeypatch)
     (out,) = engine.step()
     assert out.finish_reason == "error" and pool.free_pages == total
     monkeypatch.setattr(engine_module, "advance", real)
-    monkeypatch.setattr(batched_module.GreedyBatch, "_apply", failing)
+    monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
     engine.add_request("12+34=", DUAL)  # the batched step
     (out,) = engine.step()
     assert out.finish_reason == "error" and pool.free_pages == total

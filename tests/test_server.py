@@ -276,7 +276,7 @@ def test_a_failing_request_answers_500_and_others_go_on(
     server, client, reference, fail_greedy_step
 ):
     """A fault injected into one request's decoding (the engine's own failure path; greedy
-    requests are stepped by the greedy batch)."""
+    requests are stepped by the batched step)."""
     fail_greedy_step(lambda req: req.prompt == "boom" and req.global_step == 3)
     # The client hears which stage failed, never the exception's text (the log has it).
     with pytest.raises(openai.InternalServerError, match="decoding failed") as info:

@@ -1,20 +1,22 @@
-"""One denoising step for every greedy LLaDA request of a pass at once.
+"""One denoising step for every batchable request of a pass at once.
 
 The per-request step (:mod:`foretell.decoding.step`) runs a few dozen small tensor ops per
-request; with a small model that is a large share of each pass. Greedy LLaDA decoding (the
-common case: temperature 0, no classifier-free guidance; low-confidence, random or
-confidence-threshold remasking; with or without Prophet; uncached, or in any step of
-Fast-dLLM's prefix and dual caches) reads only :class:`RowStats` from its rows, so the whole
-step runs as a fixed number of ops over the packed batch, however many requests it holds and
-however their lengths differ.
+request; on a GPU each is a kernel launch, and with a small model they are a large share of
+each pass. Almost every request (``batchable``: LLaDA's and Dream's rules, uncached and cached
+steps, greedy or sampled, guided, with or without Prophet) reads only a score per row
+(:class:`RowStats`: the candidate, its score, Prophet's gap; the runner puts sampled
+candidates and guided rows in place first), so the whole step runs as a fixed number of ops
+over the packed batch, however many requests it holds and however their lengths differ;
+the request-by-request remainder works on host arrays.
 
 The result equals the per-request step exactly (``tests/test_batched_step.py`` runs both paths
-side by side): the same rows are gathered; Prophet's statistic is reduced row by row with the
-same kernel (a ``[requests, span]`` mean or min); and every request's reveal ranks the same
-scores. The ranking is one ``topk`` over the requests' ranking rows padded to one length. Where
-it could differ from the reference's ``topk`` over the unpadded row, that is only when two
-scores tie exactly at the cut (saturated probabilities do): such a request is detected on the
-device and ranked again alone, over its own row, as the reference ranks it.
+side by side): the same rows are gathered; Prophet's statistic is one float64 segment sum per
+pass (a mean too close to its threshold is decided by the reference's own reduction); and
+every request's reveal ranks the same scores. The ranking is one ``topk`` over the requests'
+ranking rows padded to one length. Where it could differ from the reference's ``topk`` over
+the unpadded row, that is only when two scores tie exactly at the cut (saturated
+probabilities do): such a request is detected on the device and ranked again alone, over its
+own row, as the reference ranks it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def filters(params: object) -> bool:
 
 
 def batchable(req: Request) -> bool:
-    """Whether :class:`GreedyBatch` can step ``req`` (otherwise it takes the per-request path):
+    """Whether :class:`BatchedStep` can step ``req`` (otherwise it takes the per-request path):
     LLaDA with any of its rules and cache modes, and Dream without a cache by a scored rule
     (``maskgit_plus``, ``topk_margin``, ``entropy``) or ``random``, no ``alg_temp``. Sampled or
     filtered candidates (temperature, top-p, top-k) are batched, with Prophet only without a
@@ -132,7 +134,7 @@ class _Gaps:
 
 @dataclass
 class _Ranking:
-    """One pass's reveal, as computed on the device (see ``GreedyBatch._reveal``)."""
+    """One pass's reveal, as computed on the device (see ``BatchedStep._reveal``)."""
 
     members: list[int]  # requests that rank this step
     ks: list[int]  # each one's reveal count (threshold: 1, the best)
@@ -143,7 +145,7 @@ class _Ranking:
     tied: torch.Tensor  # bool per member: its cut tied, so it is ranked again alone
 
 
-class GreedyBatch:
+class BatchedStep:
     """The batchable requests of one packed pass: which rows they need, then their step.
 
     ``ids`` and ``positions`` are the pass's flat tokens and their canvas positions;

@@ -3,7 +3,7 @@
 The pass's inputs come packed from ``foretell.engine.packing`` (a ``StepInput``: every canvas
 back to back, no padding, with its KV pool use). The LM head then runs once, on just the rows
 the decoders asked for (still-masked positions and Prophet's answer region), not on the whole
-canvas. Greedy LLaDA requests get their rows and their step from one ``GreedyBatch``; the
+canvas. Greedy LLaDA requests get their rows and their step from one ``BatchedStep``; the
 others ask per request (``positions_needed``) and are stepped per request (``advance``). The
 gathered logits stay on the model's device; decoding brings only token ids, flags and gaps to
 the host.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from foretell.decoding import positions_needed
-from foretell.decoding.batched import GreedyBatch, batchable, filters
+from foretell.decoding.batched import BatchedStep, batchable, filters
 from foretell.decoding.block_step import block_positions, sample_rows, samples, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
@@ -62,10 +62,10 @@ class RequestLogits:
 @dataclass
 class PassOutput:
     """A forward pass's results: per request for the general path, and the greedy LLaDA
-    requests as one :class:`GreedyBatch`, stepped together."""
+    requests as one :class:`BatchedStep`, stepped together."""
 
     per_request: list[tuple[Request, RequestLogits]]
-    batched: GreedyBatch | None = None
+    batched: BatchedStep | None = None
     # Query tokens the model ran for this pass: canvases, cached spans and read-only rows
     # (a commit's read-only rows, asked for while decoding, are added then).
     query_tokens: int = 0
@@ -138,7 +138,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.kv_pool = kv_pool  # where cached requests' pages live
-        self.batched = batched  # step greedy LLaDA requests together (GreedyBatch)
+        self.batched = batched  # step greedy LLaDA requests together (BatchedStep)
         # Run the packed batch through the model in chunks of whole sequences of at most this
         # many tokens (None: in one piece); sequences never see each other, so results equal
         # up to rounding.
@@ -162,7 +162,7 @@ class ModelRunner:
         greedy = None
         if group:
             try:
-                greedy = GreedyBatch(
+                greedy = BatchedStep(
                     [batch[i] for i in group],
                     [seq_of[i] for i in group],
                     [offsets[i][0] for i in group],
@@ -175,7 +175,7 @@ class ModelRunner:
                     logits_dtype=self.model.embed.weight.dtype,
                 )
             except Exception:  # nothing has changed: the per-request path can take them
-                logger.exception("greedy batch failed; stepping its requests one by one")
+                logger.exception("batched step failed; stepping its requests one by one")
                 group = []
         needed = greedy.needed.clone() if greedy else torch.zeros(total, dtype=torch.bool)
         guided = [i for i in group if batch[i].params.cfg_scale > 0]
@@ -361,7 +361,7 @@ class ModelRunner:
         self,
         batch: list[Request],
         group: list[int],
-        greedy: GreedyBatch,
+        greedy: BatchedStep,
         rows: torch.Tensor,
         gathered: torch.Tensor,
         stats: RowStats,
@@ -376,7 +376,7 @@ class ModelRunner:
         its own ``[window rows, vocab]`` from it, as alone; the others share one draw from the
         engine's device stream. Random remasking's draws follow, in the step. A seeded request
         with Prophet keeps its generator's state from before the draw: if its test commits,
-        its stream goes back there and draws its commit instead (``GreedyBatch``), as alone."""
+        its stream goes back there and draws its commit instead (``BatchedStep``), as alone."""
         members = [i for i in group if filters(batch[i].params)]
         if not members:
             return
