@@ -375,3 +375,27 @@ def _dream_cached(n: int, seed: int, sampled: bool) -> list[DecodeParams]:
             )
         )
     return out
+
+
+def test_a_failed_sampling_pass_leaves_seeded_streams_as_they_were(monkeypatch) -> None:
+    """The batched step draws a seeded request's uniforms inside the pass; when the pass then
+    fails and is retried in halves, each stream is back where it was, so every request still
+    decodes exactly what it decodes alone."""
+    import foretell.engine.runner as runner_module
+
+    loaded = tiny_model("llada", seed=3, dtype="float32")
+    params = [DecodeParams(gen_length=16, steps=8, temperature=0.9, seed=s) for s in (1, 2, 3)]
+    prompts = PROMPTS[:3]
+    clean = Engine(loaded, dtype="float32").generate(prompts, params, use_tqdm=False)
+    real, calls = runner_module.candidates, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "candidates", failing_once)
+    outs = Engine(loaded, dtype="float32", max_num_seqs=4).generate(prompts, params, use_tqdm=False)
+    assert [o.finish_reason for o in outs] == ["steps"] * 3
+    assert [o.token_ids for o in outs] == [o.token_ids for o in clean]

@@ -1,5 +1,5 @@
 """Decoding rules: reveal schedules, remasking, and Prophet early commit; per request
-(``advance``) and, for greedy LLaDA requests, for a whole pass at once (``BatchedStep``)."""
+(``advance``) and, for every batchable request, for a whole pass at once (``BatchedStep``)."""
 
 from foretell.decoding.step import advance, positions_needed
 

@@ -65,7 +65,8 @@ ReadOnly = Callable[[Sequence[Request], Sequence[torch.Tensor]], list[torch.Tens
 
 # Rules the batched step ranks by a score column of :class:`RowStats` (``prob``: the greedy
 # token's probability, or a variant's margin or entropy).
-_SCORED = ("low_confidence", "margin", "entropy")
+OTHER_SCORES = ("margin", "entropy")
+_SCORED = ("low_confidence", *OTHER_SCORES)
 
 
 def _dream_refresh(req: Request) -> bool:
@@ -82,9 +83,10 @@ def filters(params: object) -> bool:
 
 def batchable(req: Request) -> bool:
     """Whether :class:`BatchedStep` can step ``req`` (otherwise it takes the per-request path):
-    LLaDA with any of its rules and cache modes, and Dream without a cache by a scored rule
-    (``maskgit_plus``, ``topk_margin``, ``entropy``) or ``random``, no ``alg_temp``. Sampled or
-    filtered candidates (temperature, top-p, top-k) are batched, with Prophet only without a
+    LLaDA with any of its rules and cache modes; Dream without a cache by a scored rule
+    (``maskgit_plus``, ``topk_margin``, ``entropy``), ``random`` or its threshold rule, and
+    Fast-dLLM's cached Dream steps; no ``alg_temp`` (nor ``origin``). Sampled or filtered
+    candidates (temperature, top-p, top-k) are batched, with Prophet only without a
     cache (a cached commit's masks outside the pass would be drawn out of the reference's
     order). Guided requests (cfg) are batched without an explicit Prophet span (the runner
     guides their rows first)."""
@@ -109,7 +111,7 @@ class _Plan:
     writes them with NumPy, dispatching no tensor op per request."""
 
     new_ids: np.ndarray  # the pass's flat tokens with every reveal written
-    x0: np.ndarray  # flat greedy tokens of the gathered rows (commits add theirs)
+    x0: np.ndarray  # flat candidates of the gathered rows: greedy or sampled (commits add theirs)
     chosen: np.ndarray  # flat rows revealed (bool [tokens])
     gaps: list[float | None]
     commits: list[bool]
@@ -303,7 +305,9 @@ class BatchedStep:
         starting = [
             j
             for j, req in enumerate(self.reqs)
-            if req.uses_blocks and req.step_in_block == 0 and req.params.remasking != _THRESHOLD
+            if req.family != "dream"  # Dream's counts come from its grid (``_k``)
+            and req.step_in_block == 0
+            and req.params.remasking != _THRESHOLD
         ]
         if starting:
             in_block = self.seq_of_token[self.in_block]
@@ -349,41 +353,54 @@ class BatchedStep:
         order (gathered, or asked for), with its stream back where it stood before this
         step's reveal draw (a seeded request) or a fresh draw from the shared stream."""
         for j, req in enumerate(self.reqs):
-            p = req.params
-            if not plan.commits[j] or not filters(p):
-                continue
-            start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-            fill = np.flatnonzero(self.generated_np[start:end]) + start
-            have = self.needed_np[fill]
-            logits = self._logits.new_empty((len(fill), self._logits.shape[-1]))
-            if have.any():
-                at = torch.from_numpy(np.searchsorted(rows, fill[have])).to(logits.device)
-                logits[torch.from_numpy(have).to(logits.device)] = self._logits[at]
-            if not have.all():
-                cells = [(0, int((~have).sum()), t) for t in req.logits_suppress]
-                asked = suppress_cells(more(torch.from_numpy(fill[~have])), cells)
-                logits[torch.from_numpy(~have).to(logits.device)] = asked
-            noise = None
-            if p.temperature > 0:
-                shape = (len(fill), logits.shape[-1])
-                if req.generator is not None:
-                    req.generator.set_state(self.draw_states[j])
-                    noise = torch.rand(shape, generator=req.generator, dtype=torch.float64)
-                else:
-                    noise = torch.rand(
-                        shape, generator=self.generator, dtype=torch.float64, device=logits.device
-                    )
-            x0, _ = candidates(
-                logits,
-                family=req.family,
-                rule="random",
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                generator=None,
-                noise=noise,
-            )
-            plan.x0[fill] = x0.cpu().numpy()
+            if plan.commits[j] and filters(req.params):
+                try:
+                    self._sampled_commit(j, req, plan, rows, more)
+                except Exception as err:  # this request only
+                    plan.failed[j] = f"decoding failed: {err!r}"
+
+    def _sampled_commit(
+        self,
+        j: int,
+        req: Request,
+        plan: _Plan,
+        rows: np.ndarray,
+        more: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """One committing sampled request's fill (see :meth:`_sampled_commits`)."""
+        p = req.params
+        start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
+        fill = np.flatnonzero(self.generated_np[start:end]) + start
+        have = self.needed_np[fill]
+        logits = self._logits.new_empty((len(fill), self._logits.shape[-1]))
+        if have.any():
+            at = torch.from_numpy(np.searchsorted(rows, fill[have])).to(logits.device)
+            logits[torch.from_numpy(have).to(logits.device)] = self._logits[at]
+        if not have.all():
+            cells = [(0, int((~have).sum()), t) for t in req.logits_suppress]
+            asked = suppress_cells(more(torch.from_numpy(fill[~have])), cells)
+            logits[torch.from_numpy(~have).to(logits.device)] = asked
+        noise = None
+        if p.temperature > 0:
+            shape = (len(fill), logits.shape[-1])
+            if req.generator is not None:
+                req.generator.set_state(self.draw_states[j])
+                noise = torch.rand(shape, generator=req.generator, dtype=torch.float64)
+            else:
+                noise = torch.rand(
+                    shape, generator=self.generator, dtype=torch.float64, device=logits.device
+                )
+        x0, _ = candidates(
+            logits,
+            family=req.family,
+            rule="random",
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            generator=None,
+            noise=noise,
+        )
+        plan.x0[fill] = x0.cpu().numpy()
 
     def _decide(
         self, gap: _Gaps | None, values: np.ndarray, stats: RowStats
@@ -511,10 +528,11 @@ class BatchedStep:
         """Which gathered rows every request reveals, on the device, with no transfer.
 
         Each request ranks its ranking row (the rows its step recomputes, ``-inf`` outside its
-        window): low-confidence by the greedy token's probability, random by one uniform per
-        row, threshold (Fast-dLLM) keeps every window row at or above the threshold and at least
-        the best. All rows are ranked by one ``topk`` over a ``[requests, longest row]`` matrix;
-        requests whose cut ties are flagged, to be ranked again alone (:meth:`_rank_alone`).
+        window) by its score (the candidate's probability, a margin or an entropy), random by
+        its uniforms; the threshold rules keep every window row at or above the threshold
+        (Fast-dLLM; Dream's uncached rule: above it) and at least the best. All rows are
+        ranked by one ``topk`` over a ``[requests, longest row]`` matrix; requests whose cut
+        ties are flagged, to be ranked again alone (:meth:`_rank_alone`).
         """
         device = stats.prob.device
         total = len(self.ids)

@@ -33,11 +33,6 @@ def _span(start: int, end: int) -> torch.Tensor:
     return torch.arange(start, end)
 
 
-def logit_gap(logits: torch.Tensor, statistic: str) -> float | None:
-    """Top-1 minus top-2 logit per row, reduced by ``statistic`` (None for no rows)."""
-    return reduce_gaps(row_gaps(logits), statistic)
-
-
 def row_gaps(logits: torch.Tensor) -> torch.Tensor:
     """Top-1 minus top-2 logit of each row."""
     top2 = logits.topk(2, dim=-1).values
@@ -56,8 +51,9 @@ def reported_gap(gaps: torch.Tensor, statistic: str) -> float | None:
     """The statistic a request reports (``RequestOutput.last_gap``): the minimum, or the mean
     as a float64 sum taken row by row in order, divided by the count.
 
-    This is how the batched step reduces every request at once (one ``index_add_``), and its
-    value does not depend on what else shares the pass; the reference's own reduction
+    This is how the batched step reduces every request at once (one ``index_add_``), and on a
+    CPU its value does not depend on what else shares the pass (on CUDA ``index_add_`` adds
+    atomically, in no fixed order: the last bits may vary); the reference's own reduction
     (:func:`reduce_gaps`) can differ from it in the last bits, and decides the test."""
     n = gaps.shape[0]
     if n == 0:

@@ -3,8 +3,8 @@
 The runner asks ``positions_needed`` which canvas positions each request wants logits for,
 runs the model once for the whole batch, and hands each request its rows; ``advance`` then
 applies the early-commit test and the reveal rule and moves the request's cursor. This is the
-general path (any family, rule, sampling, cfg); greedy LLaDA requests take the equivalent
-batched step of :mod:`foretell.decoding.batched`.
+general path (any family, rule, sampling, cfg); it is the reference the batched step of
+:mod:`foretell.decoding.batched` equals, and steps the few requests that step does not take.
 """
 
 from __future__ import annotations

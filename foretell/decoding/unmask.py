@@ -85,7 +85,7 @@ class RowStats:
     Greedy LLaDA decoding and Prophet's gap need only these per row; computing them in a few
     batched ops instead of a few ops per request keeps the engine's per-step overhead small.
     Row ``i`` equals what :func:`candidates` (greedy, no filtering) and the gap of
-    :func:`foretell.decoding.early_commit.logit_gap` compute from that row alone. They stay on
+    :func:`foretell.decoding.early_commit.row_gaps` compute from that row alone. They stay on
     the logits' device.
     """
 

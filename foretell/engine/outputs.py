@@ -29,8 +29,8 @@ class RequestOutput:
     finish_reason: str | None
     committed_early: bool = False
     commit_step: int | None = None
-    # Prophet's gap statistic at the last step it was measured (a mean: summed in float64;
-    # docs/guide.md)
+    # Prophet's gap statistic at the last step it was measured (LLaDA and Dream's mean: summed
+    # in float64; docs/guide.md)
     last_gap: float | None = None
     error: str | None = None
     stop_string: str | None = None  # the ``stop`` string that cut ``text``, if one did

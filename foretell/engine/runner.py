@@ -3,8 +3,9 @@
 The pass's inputs come packed from ``foretell.engine.packing`` (a ``StepInput``: every canvas
 back to back, no padding, with its KV pool use). The LM head then runs once, on just the rows
 the decoders asked for (still-masked positions and Prophet's answer region), not on the whole
-canvas. Greedy LLaDA requests get their rows and their step from one ``BatchedStep``; the
-others ask per request (``positions_needed``) and are stepped per request (``advance``). The
+canvas. Batchable requests (almost all: ``foretell.decoding.batched.batchable``) get their
+rows and their step from one ``BatchedStep``; the others ask per request
+(``positions_needed``) and are stepped per request (``advance``). The
 gathered logits stay on the model's device; decoding brings only token ids, flags and gaps to
 the host.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from foretell.decoding import positions_needed
-from foretell.decoding.batched import BatchedStep, batchable, filters
+from foretell.decoding.batched import OTHER_SCORES, BatchedStep, batchable, filters
 from foretell.decoding.block_step import block_positions, sample_rows, samples, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
@@ -61,7 +62,7 @@ class RequestLogits:
 
 @dataclass
 class PassOutput:
-    """A forward pass's results: per request for the general path, and the greedy LLaDA
+    """A forward pass's results: per request for the general path, and the batchable
     requests as one :class:`BatchedStep`, stepped together."""
 
     per_request: list[tuple[Request, RequestLogits]]
@@ -73,9 +74,6 @@ class PassOutput:
     # (``foretell.decoding.block_step``).
     blocks: list[tuple[Request, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-
-# Rules whose score is not the greedy token's probability (``RowStats.prob`` holds theirs).
-_SCORE_RULES = ("margin", "entropy")
 
 # The CPU default of ``forward_chunk_tokens``: on the 2-core machine of docs/benchmarks.md a
 # full batch of the shipped model ran 1.2 to 1.3x faster per sequence in chunks of about this
@@ -138,7 +136,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.kv_pool = kv_pool  # where cached requests' pages live
-        self.batched = batched  # step greedy LLaDA requests together (BatchedStep)
+        self.batched = batched  # step batchable requests together (BatchedStep)
         # Run the packed batch through the model in chunks of whole sequences of at most this
         # many tokens (None: in one piece); sequences never see each other, so results equal
         # up to rounding.
@@ -231,12 +229,15 @@ class ModelRunner:
             own_rows[i] = (start, start + (end - start) // 2)
         if guided:
             self._guide_rows(gathered, batch, guided, row_ranges)
-        # One batched computation of what greedy decoding and Prophet read from each row, when
-        # some request reads it; cfg rows are guided per request first, so they do without.
+        # One batched computation of what the batched step and Prophet read from each row, when
+        # some request reads it (the batched step's guided rows are guided in place above; the
+        # per-request step guides its own rows and does without).
         reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
         stats = None
         if reads:
-            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, own_rows))
+            scored = {i: own_rows[i] for i in own_rows if batch[i].params.cfg_scale <= 0}
+            scored.update((i, own_rows[i]) for i in guided)
+            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, scored))
         out = PassOutput([], None, total)
 
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
@@ -380,12 +381,30 @@ class ModelRunner:
         members = [i for i in group if filters(batch[i].params)]
         if not members:
             return
-        member_of = {i: j for j, i in enumerate(group)}
         in_window = greedy.window[rows].numpy()
         window_rows: dict[int, np.ndarray] = {}
         for i in members:
             start, end = row_ranges[i]
             window_rows[i] = np.flatnonzero(in_window[start:end]) + start
+        drawn_from = [(g, g.get_state()) for g in {batch[i].generator for i in members} if g]
+        try:
+            self._sample_members(batch, members, group, greedy, window_rows, gathered, stats)
+        except Exception:  # the pass is retried in halves: each stream as it was
+            for generator, state in drawn_from:
+                generator.set_state(state)
+            raise
+
+    def _sample_members(
+        self,
+        batch: list[Request],
+        members: list[int],
+        group: list[int],
+        greedy: BatchedStep,
+        window_rows: dict[int, np.ndarray],
+        gathered: torch.Tensor,
+        stats: RowStats,
+    ) -> None:
+        member_of = {i: j for j, i in enumerate(group)}
         device, vocab = gathered.device, gathered.shape[-1]
         noise: dict[int, torch.Tensor] = {}
         shared = []
@@ -411,7 +430,7 @@ class ModelRunner:
             req, p = batch[i], batch[i].params
             key = (
                 req.family,
-                p.remasking if p.remasking in ("margin", "entropy", "random") else "low_confidence",
+                p.remasking if p.remasking in (*OTHER_SCORES, "random") else "low_confidence",
                 p.temperature,
                 p.top_p,
                 p.top_k,
@@ -519,7 +538,7 @@ class ModelRunner:
         groups: dict[tuple[torch.dtype, tuple[int, ...], str], list[np.ndarray]] = {}
         for i, (start, end) in spans.items():
             req = batch[i]
-            rule = req.params.remasking if req.params.remasking in _SCORE_RULES else None
+            rule = req.params.remasking if req.params.remasking in OTHER_SCORES else None
             if req.confidence_dtype is None and not req.confidence_suppress and rule is None:
                 continue  # the default (the engine resolved the dtype at admission)
             if start == end:

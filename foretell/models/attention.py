@@ -299,17 +299,19 @@ class _BucketGroup:
     mask: torch.Tensor  # [count, 1, 1, k_len] real keys
 
 
-# The last pass's groups: every layer of a pass has the same layout, so it is built (and its
-# indices copied to the device) once per pass, not once per layer.
-_last_layout: list = [None, None]
+# The last pass's (key, groups): every layer of a pass has the same layout, so it is built (and
+# its indices copied to the device) once per pass, not once per layer. One tuple, stored and
+# read whole, so that engines in two threads never pair one pass's key with another's groups.
+_last_layout: list = [None]
 
 
 def _bucket_groups(
     specs: list[tuple[int, int, int, int]], rows_q: int, rows_k: int, device: torch.device
 ) -> list[_BucketGroup]:
     key = (tuple(specs), rows_q, rows_k, device)
-    if _last_layout[0] == key:
-        return _last_layout[1]
+    last = _last_layout[0]
+    if last is not None and last[0] == key:
+        return last[1]
     by_shape: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for spec in specs:
         by_shape.setdefault((_bucket(spec[1]), _bucket(spec[3])), []).append(spec)
@@ -331,7 +333,7 @@ def _bucket_groups(
                 torch.from_numpy(real[:, None, None, :]).to(device),
             )
         )
-    _last_layout[0], _last_layout[1] = key, groups
+    _last_layout[0] = (key, groups)
     return groups
 
 
