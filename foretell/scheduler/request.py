@@ -112,7 +112,7 @@ class Request:
     # Sorted masked canvas positions, recomputed only after the canvas changes (``write``): the
     # decoding step asks for them several times per step.
     _masked: np.ndarray | None = field(default=None, init=False, repr=False)
-    _masked_list: list[int] = field(default_factory=list, init=False, repr=False)
+    _masked_list: list[int] | None = field(default=None, init=False, repr=False)
     _prompt_len: int = field(default=0, init=False, repr=False)
     _canvas_len: int = field(default=0, init=False, repr=False)
     _cached: bool = field(default=False, init=False, repr=False)
@@ -236,7 +236,7 @@ class Request:
     def set_masked(self, masked: np.ndarray) -> None:
         """The sorted masked positions, when the caller has them already (after a write)."""
         self._masked = masked
-        self._masked_list = masked.tolist()
+        self._masked_list = None
 
     def query_span(self) -> tuple[int, int]:
         """Canvas positions ``[start, end)`` this step recomputes: the whole canvas, or in a
@@ -264,6 +264,8 @@ class Request:
     def _masked_bounds(self, start: int, end: int | None) -> tuple[int, int]:
         if self._masked is None:
             self._masked = np.flatnonzero(self.canvas_np == self.mask_token_id)
+            self._masked_list = None
+        if self._masked_list is None:  # built when first asked (bisect over a list is cheap)
             self._masked_list = self._masked.tolist()
         lo = bisect.bisect_left(self._masked_list, start)
         hi = len(self._masked_list) if end is None else bisect.bisect_left(self._masked_list, end)
