@@ -31,9 +31,7 @@ import torch
 from foretell.decoding.early_commit import should_commit, undecided
 from foretell.decoding.step import (
     mark_committed,
-    move_block_cursor,
-    move_cached_cursor,
-    next_nonempty_block,
+    move_cursor,
 )
 from foretell.decoding.unmask import (
     RowStats,
@@ -734,26 +732,8 @@ class BatchedStep:
             req.set_masked(masked[lo[j] : hi[j]] - start)
         else:
             req.write_np(revealed, plan.x0[picked])
-        if not req.uses_blocks:  # Dream: one grid of steps over the whole generation
-            if p.remasking == _THRESHOLD:  # until no mask is left, whatever the budget
-                if req.masked_count(req.prompt_len) == 0:
-                    req.finish("steps")
-            elif req.global_step == p.steps:
-                req.finish("steps")
-        elif p.remasking == _THRESHOLD:
-            stalled = bool((plan.x0[picked] == self.mask_token_id).all())
-            if p.kv_cache is not None:
-                move_cached_cursor(req, stalled)
-            else:
-                if stalled and picked.size:
-                    # Every reveal was the mask token itself: each later step would be the
-                    # same, so the next block starts.
-                    req.block += 1
-                next_nonempty_block(req)
-        elif p.kv_cache is not None:
-            move_cached_cursor(req)
-        else:
-            move_block_cursor(req)
+        stalled = p.remasking == _THRESHOLD and bool((plan.x0[picked] == self.mask_token_id).all())
+        move_cursor(req, stalled, revealed=picked.size > 0)
 
 
 @functools.lru_cache(maxsize=256)

@@ -221,7 +221,6 @@ def _reveal_llada(
         scores = None if p.remasking == "random" else stats.prob.cpu().to(own)
     else:
         x0, scores = _candidates(req, logits, p.remasking)
-    cached = p.kv_cache is not None
     lo, hi = req.query_span()
     if p.remasking == "confidence_threshold":
         stalled = True
@@ -231,14 +230,7 @@ def _reveal_llada(
             chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
             _reveal(req, window, x0, chosen)
             stalled = bool((x0[chosen] == req.mask_token_id).all())
-        if cached:
-            move_cached_cursor(req, stalled)
-        else:
-            if stalled and window.numel():
-                # Every reveal was the mask token itself: each later step would be the same
-                # (Fast-dLLM would loop forever), so the next block starts.
-                req.block += 1
-            next_nonempty_block(req)
+        move_cursor(req, stalled, revealed=bool(window.numel()))
         return
     # The references rank (and draw random scores over) the rows the step computed: the canvas,
     # or a cached step's span.
@@ -247,8 +239,30 @@ def _reveal_llada(
         scores = torch.rand(hi - lo, generator=req.generator)[window - lo]
     count = req.block_schedule[req.step_in_block]
     _reveal(req, window, x0, choose(scores, count, None, req.generator, window - lo, hi - lo))
-    if cached:
-        move_cached_cursor(req)
+    move_cursor(req)
+
+
+def move_cursor(req: Request, stalled: bool = False, revealed: bool = False) -> None:
+    """After a step's reveal (both the per-request and the batched step): Dream's grid of
+    steps over the whole generation (its threshold rule: until no mask is left), Fast-dLLM's
+    cached block loop, threshold decoding's next non-empty block, or LLaDA's block schedule.
+    ``stalled``: a threshold step revealed only the mask token itself; ``revealed``: it
+    revealed something."""
+    p = req.params
+    if not req.uses_blocks:
+        if p.remasking == "confidence_threshold":
+            if req.masked_count(req.prompt_len) == 0:
+                req.finish("steps")
+        elif req.global_step == p.steps:
+            req.finish("steps")
+    elif p.kv_cache is not None:
+        move_cached_cursor(req, stalled)
+    elif p.remasking == "confidence_threshold":
+        if stalled and revealed:
+            # Every reveal was the mask token itself: each later step would be the same
+            # (Fast-dLLM would loop forever), so the next block starts.
+            req.block += 1
+        next_nonempty_block(req)
     else:
         move_block_cursor(req)
 
@@ -314,7 +328,7 @@ def _reveal_dream_cached(req: Request, window: torch.Tensor, logits: torch.Tenso
         lo, hi = req.query_span()
         chosen = choose(scores, count, None, req.generator, window - lo, hi - lo)
         _reveal(req, window, x0, chosen)
-    move_cached_cursor(req, stalled)
+    move_cursor(req, stalled)
 
 
 def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:
@@ -330,9 +344,6 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         x0, scores = _candidates(req, logits, p.remasking)
         if window.numel():
             _reveal(req, window, x0, above_threshold(scores, p.threshold))
-        if req.masked_count(req.prompt_len) == 0:
-            req.finish("steps")
-        return
     else:
         x0, scores = _candidates(req, logits, p.remasking)
         if p.remasking == "random":
@@ -340,5 +351,4 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         count = dream_transfer_count(int(window.numel()), step, p.steps, req.timesteps)
         chosen = choose(scores, count, p.alg_temp, req.generator, window, req.canvas_len)
         _reveal(req, window, x0, chosen)
-    if req.global_step == p.steps:
-        req.finish("steps")
+    move_cursor(req)
