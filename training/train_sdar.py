@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -38,12 +37,11 @@ from foretell.models.block_default import (
 )
 from foretell.models.registry import load_model, save_model
 from foretell.models.sdar import SDARConfig, SDARModel
+from foretell.models.tiny import init_weights
 from foretell.models.tokenizer import build_char_tokenizer
 from foretell.tasks import ALPHABET, CHAT_TEMPLATE, Example, get_task
 from training.block_decode import POLICIES, encode_prompt, score
-from training.train import lr_at, make_optimizer
-
-MASK_EPS = 1e-3
+from training.train import MASK_EPS, lr_at, make_optimizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,14 +109,7 @@ def build_sdar_model(
         mask_token_id=tokenizer.mask_token_id,  # type: ignore[attr-defined]
         eos_token_ids=(tokenizer.eos_token_id,),  # type: ignore[attr-defined]
     )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            std = 0.02
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                std /= math.sqrt(2 * layers)
-            p.normal_(0.0, std)
+    init_weights(model, layers)
     return model
 
 

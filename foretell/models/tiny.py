@@ -94,6 +94,13 @@ def build_default_model(
         mask_token_id=tokenizer.mask_token_id,  # type: ignore[attr-defined]
         eos_token_ids=(tokenizer.eos_token_id,),  # type: ignore[attr-defined]
     )
+    init_weights(model, layers)
+    return model
+
+
+def init_weights(model: torch.nn.Module, layers: int) -> None:
+    """GPT-2-style initialisation for training from scratch: normal(0, 0.02) weights, the
+    residual projections scaled by 1/sqrt(2 * layers), norms left at one."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -102,4 +109,3 @@ def build_default_model(
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 std /= math.sqrt(2 * layers)
             p.normal_(0.0, std)
-    return model

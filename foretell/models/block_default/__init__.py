@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The held-out convention is the LLaDA default's: the same seed, size and check.
+from foretell.models.default import HELDOUT_SEED, HELDOUT_SIZE, check_heldout_size
 from foretell.tasks import ANSWER_MARKER, Example, chat_prompt
 from foretell.tasks.permute import MAX_COUNT
 
@@ -41,10 +43,6 @@ ANSWER_START = MARKER_POSITION + len(ANSWER_MARKER) + 1  # one space after the m
 # The longest answer, and the generation budget: marker, space, letters and the EOS fit in it.
 MAX_ANSWER_LENGTH = MAX_COUNT
 GEN_LENGTH = 18
-HELDOUT_SEED = 1234  # seed of the held-out prompts (docs/training.md)
-# Training drops every problem among the first HELDOUT_SIZE prompts of each task's held-out
-# stream; later prompts of that stream may have been trained on.
-HELDOUT_SIZE = 500
 
 
 def generation_text(example: Example) -> str:
@@ -54,15 +52,6 @@ def generation_text(example: Example) -> str:
     if len(text) + 1 > GEN_LENGTH:
         raise ValueError(f"answer {example.answer!r} does not fit in {GEN_LENGTH} tokens with EOS")
     return text
-
-
-def check_heldout_size(n: int, seed: int = HELDOUT_SEED) -> None:
-    """Refuse to evaluate on more held-out prompts than training held out."""
-    if seed == HELDOUT_SEED and n > HELDOUT_SIZE:
-        raise ValueError(
-            f"n: {n} held-out prompts asked for, but training held out only the first "
-            f"{HELDOUT_SIZE} of each task (HELDOUT_SIZE); later ones may have been trained on"
-        )
 
 
 def answer_constraints(tokenizer: object) -> dict[int, int]:
