@@ -261,7 +261,8 @@ class ModelRunner:
             if bool(inside.any()):
                 logits[inside.to(gathered.device)] = more_flat(offsets[i][0] + at[inside])
             if not bool(inside.all()):
-                logits[(~inside).to(gathered.device)] = self._read_only(req, pos[~inside])
+                (found,) = self._read_only_many([req], [pos[~inside]])
+                logits[(~inside).to(gathered.device)] = found
                 out.query_tokens += int((~inside).sum())
             return suppress(logits, req.logits_suppress)
 
@@ -472,16 +473,6 @@ class ModelRunner:
         )
         logits = self.model.logits_at(hidden, pos_d, torch.arange(len(pos_d), device=self.device))
         return list(logits.split(lens))
-
-    def _read_only(self, req: Request, pos: torch.Tensor) -> torch.Tensor:
-        """Logits at canvas ``pos`` of a cached request, as read-only rows against its pages
-        (LLaDA: no shift; Prophet with a cache is refused for Dream)."""
-        cache = CacheUse(req.kv_slots, 0, 0, 0, req.canvas_len)
-        pos_d = pos.to(self.device)
-        hidden = self.model.forward_packed(
-            req.canvas[pos].to(self.device), pos_d, [len(pos)], [cache], self.kv_pool.storage
-        )
-        return self.model.logits_at(hidden, pos_d, torch.arange(len(pos), device=self.device))
 
     def _forward(
         self,
