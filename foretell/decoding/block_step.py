@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from foretell.decoding.early_commit import reduce_gaps
+from foretell.decoding.unmask import top2_gap
 from foretell.params import Prophet
 from foretell.scheduler.request import Request
 
@@ -90,8 +91,7 @@ def score_rows(logits: torch.Tensor, argmax_of_probs: bool) -> torch.Tensor:
     x0 = (probs if argmax_of_probs else logits).argmax(-1)
     conf = probs.gather(-1, x0[:, None])[:, 0]
     if logits.shape[-1] > 1:
-        top2 = logits.topk(2, dim=-1).values
-        gap = top2[:, 0] - top2[:, 1]
+        gap = top2_gap(logits, logits.argmax(-1) if argmax_of_probs else x0)
     else:
         gap = torch.zeros_like(conf)
     # Float32 confidences and gaps convert to float64 and back exactly.

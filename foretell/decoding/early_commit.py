@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from foretell.decoding.unmask import top2_gap
 from foretell.params import Prophet
 
 
@@ -35,8 +36,7 @@ def _span(start: int, end: int) -> torch.Tensor:
 
 def row_gaps(logits: torch.Tensor) -> torch.Tensor:
     """Top-1 minus top-2 logit of each row."""
-    top2 = logits.topk(2, dim=-1).values
-    return top2[:, 0] - top2[:, 1]
+    return top2_gap(logits, logits.argmax(dim=-1))
 
 
 def reduce_gaps(gaps: torch.Tensor, statistic: str) -> float | None:
