@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from foretell.decoding.step import needed_np
 from foretell.models.attention import CacheUse
 from foretell.scheduler.request import Request
 
@@ -39,7 +38,6 @@ class StepInput:
     layouts: list[Layout]  # each request's sequence
     offsets: list[tuple[int, int | None]]  # each request's (conditional, cfg) first flat token
     seq_of: list[int]  # each request's packed sequence
-    wanted: dict[int, np.ndarray]  # a cached step's needed positions, by request
     spans: dict[int, np.ndarray]  # a cached step's sequence positions, sorted, by request
     ids_d: torch.Tensor | None = field(default=None, repr=False)
     positions_d: torch.Tensor | None = field(default=None, repr=False)
@@ -58,7 +56,7 @@ class StepInput:
         """Where request ``i``'s recomputed rows begin in its packed sequence: after a cached
         step's read-only rows before its span; at the start otherwise."""
         cache = self.layouts[i][1]
-        return cache.write_row if i in self.wanted else 0
+        return cache.write_row if i in self.spans else 0
 
     def to(self, device: torch.device) -> StepInput:
         """Copy what the model reads to ``device``, once."""
@@ -81,10 +79,8 @@ class Packer:
         return self._aranges[n]
 
     def pack(self, batch: list[Request]) -> StepInput:
-        # A cached step's sequence is its recomputed span plus the read-only rows it needs
-        # outside it (Prophet's region), so its positions are known before packing.
-        wanted = {i: needed_np(r) for i, r in enumerate(batch) if r.cached_step}
-        layouts = [self.layout(req, wanted.get(i)) for i, req in enumerate(batch)]
+        layouts = [self.layout(req) for req in batch]
+        spans = {i: layouts[i][0] for i, r in enumerate(batch) if r.cached_step}
         seqs: list[np.ndarray] = []
         seq_positions: list[np.ndarray] = []
         caches: list[CacheUse | None] = []
@@ -121,7 +117,7 @@ class Packer:
         seq_lens = [len(s) for s in seqs]
         positions = np.concatenate(seq_positions)
         # Only a cached step's span differs from its canvas positions.
-        in_seq = np.concatenate([self.arange(n) for n in seq_lens]) if wanted else positions
+        in_seq = np.concatenate([self.arange(n) for n in seq_lens]) if spans else positions
         return StepInput(
             ids=torch.from_numpy(np.concatenate(seqs)),
             positions=torch.from_numpy(positions),
@@ -131,18 +127,18 @@ class Packer:
             layouts=layouts,
             offsets=offsets,
             seq_of=seq_of,
-            wanted=wanted,
-            spans={i: layouts[i][0] for i in wanted},
+            spans=spans,
         )
 
-    def layout(self, req: Request, needed: np.ndarray | None) -> Layout:
+    def layout(self, req: Request) -> Layout:
         """Canvas positions of ``req``'s sequence in this pass, and how it uses its pages.
 
         A block-causal request: its current block, attending to its pages up to the block's
         end. Uncached: the canvas. A cached request's block start: the canvas, whose keys and
         values refresh its pages. A cached step: the span it recomputes (its keys/values go
-        into its pages) plus read-only rows for ``needed`` positions outside it, attending to
-        its whole canvas in the pool."""
+        into its pages) plus read-only rows for the positions it needs outside it (Prophet's
+        region: :func:`foretell.decoding.step.needed_np`; its window is inside the span),
+        attending to its whole canvas in the pool."""
         if req.block_causal:  # its block's queries over its pages (see store_layout)
             lo, hi = req.query_start, req.block_bounds()[1]
             block = req.params.block_length
@@ -153,10 +149,23 @@ class Packer:
         if not req.cached_step:
             return self.arange(length), CacheUse(req.kv_slots, 0, 0, length, None)
         lo, hi = req.query_span()
-        # ``needed`` is sorted: the rows before the span, the span, the rows after it.
-        a, b = np.searchsorted(needed, (lo, hi))
-        pos = np.concatenate([needed[:a], np.arange(lo, hi), needed[b:]])
-        return pos, CacheUse(req.kv_slots, int(a), lo, hi - lo, length)
+        policy = req.params.early_commit
+        keep = None
+        if policy is not None and policy.answer_start is None:  # every generated mask
+            keep = req.canvas_np == req.mask_token_id
+            keep[: req.prompt_len] = False
+        elif policy is not None:  # an explicit answer span
+            start = req.prompt_len + policy.answer_start
+            end = min(start + policy.answer_length, length)
+            if end > start:
+                keep = np.zeros(length, dtype=bool)
+                keep[start:end] = True
+        if keep is None:
+            return np.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, length)
+        before = int(np.count_nonzero(keep[:lo]))  # read-only rows ahead of the span
+        keep[lo:hi] = True
+        pos = np.flatnonzero(keep)
+        return pos, CacheUse(req.kv_slots, before, lo, hi - lo, length)
 
     @staticmethod
     def store_layout(req: Request) -> tuple[Request, Layout] | None:

@@ -191,15 +191,12 @@ class ModelRunner:
         in_group.update(blocks)
         others = [i for i in range(len(batch)) if i not in in_group]
         # The per-request path reads a cached step's positions as tensors.
-        wanted = {i: torch.from_numpy(step.wanted[i]) for i in others if i in step.wanted}
         spans = {i: torch.from_numpy(step.spans[i]) for i in others if i in step.spans}
         for i in others:
             if batch[i].generator is None:  # once in the request's life
                 seed = torch.randint(2**62, (1,), generator=self.host_generator)
                 batch[i].generator = torch.Generator().manual_seed(int(seed))
-        for i in others:
-            if i not in wanted:
-                wanted[i] = positions_needed(batch[i])
+        wanted = {i: positions_needed(batch[i]) for i in others}
         for i in others:
             needed[self._rows(wanted[i], offsets[i], spans.get(i))] = True
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
