@@ -54,6 +54,10 @@ from foretell.scheduler.request import Request
     _WINDOW_END,
 ) = range(8)
 _COLUMNS = 8
+# Fields of ``Request.geometry``: prompt and canvas length, whether it decodes in blocks, where
+# block 0 starts, the block length, cached, prefix cache, Fast-dLLM's Dream, Prophet's explicit
+# span (start, end), and whether Prophet's region is every generated mask.
+GEOMETRY = 11
 _THRESHOLD = "confidence_threshold"
 
 # read_only(requests, canvas positions) -> logits at those positions of each request, from one
@@ -120,6 +124,9 @@ class _Plan:
     # left in the pass's tokens once every reveal is written.
     picked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # Masks left in each packed sequence's block and generation once every reveal is written.
+    block_masks: np.ndarray | None = None
+    masks: np.ndarray | None = None
 
 
 @dataclass
@@ -183,59 +190,80 @@ class BatchedStep:
         # A seeded sampled request with Prophet: its generator's state before this step's draw
         # (by index into ``reqs``), restored if it commits (see ``_sampled_commits``).
         self.draw_states: dict[int, torch.Tensor] = {}
-        # Every other sequence gets a geometry that selects nothing.
-        table = [[0] * _COLUMNS for _ in seq_lens]
-        # Each request's ranking row: the rows its step recomputes (its query span).
-        self.row_lens = []
-        for req, s in zip(self.reqs, self.seq_index, strict=True):
-            lo, hi = req.query_span()
-            self.row_lens.append(hi - lo)
-            start, end = req.block_bounds()
-            row = table[s]
-            row[_PROMPT_END], row[_BLOCK_START], row[_BLOCK_END] = req.prompt_len, start, end
-            # A cached step (Fast-dLLM) only sees its own block's masks; Fast-dLLM's Dream
-            # refresh step, only its block's first position.
-            row[_WINDOW_START] = start if req.cached_step else req.prompt_len
-            row[_WINDOW_END] = end
-            if _dream_refresh(req):
-                row[_WINDOW_START], row[_WINDOW_END] = start, start + 1
-            policy = req.params.early_commit
-            if policy is not None and policy.answer_start is None:
-                row[_REGION_IS_MASKED] = 1
-            elif policy is not None:
-                row[_SPAN_START] = req.prompt_len + policy.answer_start
-                row[_SPAN_END] = min(row[_SPAN_START] + policy.answer_length, req.canvas_len)
-        lens = torch.tensor(list(seq_lens))
-        per_token = torch.tensor(table).repeat_interleave(lens, dim=0)
-        (
-            prompt_end,
-            window_start,
-            block_start,
-            block_end,
-            span_start,
-            span_end,
-            is_masked,
-            window_end,
-        ) = per_token.T
-        self.seq_of_token = torch.arange(self.num_seqs).repeat_interleave(lens)
-        masked = ids == mask_token_id
-        generated = masked & (positions >= prompt_end)
+        # Each request's geometry from its fixed part (``Request.geometry``) and its cursor,
+        # as whole-batch arrays: no method call per request. Every other packed sequence gets
+        # a geometry that selects nothing.
+        n = len(self.reqs)
+        fixed = np.array([r.geometry for r in self.reqs], dtype=np.int64).reshape(n, GEOMETRY)
+        cursor = np.array([(r.block, r.step_in_block) for r in self.reqs], dtype=np.int64)
+        prompt, canvas, uses_blocks, blocks_from, block_len, cached, prefix = fixed[:, :7].T
+        dream_cached, span_start, span_end, every_mask = fixed[:, 7:].T
+        block, step_in_block = cursor.reshape(n, 2).T
+        uses_blocks = uses_blocks.astype(bool)
+        block_start = np.where(uses_blocks, blocks_from + block * block_len, prompt)
+        block_end = np.where(uses_blocks, block_start + block_len, canvas)
+        cached_step = cached.astype(bool) & (step_in_block > 0)  # Request.cached_step
+        # The rows the step recomputes (``Request.query_span``): a cached step's span.
+        span_lo = np.where(cached_step, block_start, 0)
+        span_hi = np.where(cached_step & ~prefix.astype(bool), block_end, canvas)
+        self.row_lens_np = span_hi - span_lo
+        self.row_lens = self.row_lens_np.tolist()
+        self.starts_np = np.asarray(self.starts)
+        self.row_offsets_np = np.asarray(self.row_offsets)
+        # A cached step (Fast-dLLM) only sees its own block's masks; Fast-dLLM's Dream refresh
+        # step, only its block's first position.
+        refresh = dream_cached.astype(bool) & ~cached_step
+        self.refresh = refresh
+        rules = [r.params.remasking for r in self.reqs]
+        self.is_threshold = np.array([rule == _THRESHOLD for rule in rules], dtype=bool)
+        self.seeded_random = np.array(
+            [r.params.remasking == "random" and r.generator is not None for r in self.reqs],
+            dtype=bool,
+        )
+        # Dream's uncached threshold rule keeps scores above it (Fast-dLLM's: at or above).
+        self.strict = np.array([r.family == "dream" for r in self.reqs], dtype=bool) & ~uses_blocks
+        window_start = np.where(cached_step | refresh, block_start, prompt)
+        window_end = np.where(refresh, block_start + 1, block_end)
+        table = np.zeros((self.num_seqs, _COLUMNS), dtype=np.int64)
+        table[self.seq_index] = np.stack(
+            [
+                prompt,
+                window_start,
+                block_start,
+                block_end,
+                span_start,
+                span_end,
+                every_mask,
+                window_end,
+            ],
+            axis=1,
+        )
+        lens = np.asarray(seq_lens)
+        seq_of_token = np.repeat(np.arange(self.num_seqs), lens)
+        per_token = table[seq_of_token].T
+        self.seq_of_token_np = seq_of_token
+        self.seq_of_token = torch.from_numpy(seq_of_token)
+        self.ids_np = ids.numpy()
+        self.positions_np = pos = positions.numpy()
+        masked = self.ids_np == mask_token_id
+        generated = masked & (pos >= per_token[_PROMPT_END])
         # The reveal window (masked, up to the end of the current block), Prophet's answer
         # region (an explicit span, masked or not, or every masked generated position), the
-        # current block's masks (its reveal schedule), and what a commit fills.
-        self.window = masked & (positions >= window_start) & (positions < window_end)
-        self.region = ((positions >= span_start) & (positions < span_end)) | (
-            generated & is_masked.bool()
-        )
-        self.in_block = masked & (positions >= block_start) & (positions < block_end)
-        self.generated = generated
-        self.needed = self.window | self.region
-        # Host arrays of the same (host) tensors, for the request-by-request part of the step.
-        self.ids_np = ids.numpy()
-        self.positions_np = positions.numpy()
-        self.generated_np = generated.numpy()
-        self.needed_np = self.needed.numpy()
-        self.window_np = self.window.numpy()
+        # current block's masks (its reveal schedule), and what a commit fills. Host arrays
+        # (the request-by-request part of the step reads them) and tensors of the same memory.
+        window = masked & (pos >= per_token[_WINDOW_START]) & (pos < per_token[_WINDOW_END])
+        region = (pos >= per_token[_SPAN_START]) & (pos < per_token[_SPAN_END])
+        region |= generated & per_token[_REGION_IS_MASKED].astype(bool)
+        in_block = masked & (pos >= per_token[_BLOCK_START]) & (pos < per_token[_BLOCK_END])
+        self.generated_np = generated
+        self.window_np = window
+        self.needed_np = window | region
+        self.window = torch.from_numpy(window)
+        self.region = torch.from_numpy(region)
+        self.in_block_np = in_block
+        self.in_block = torch.from_numpy(in_block)
+        self.generated = torch.from_numpy(generated)
+        self.needed = torch.from_numpy(self.needed_np)
 
     def bind(
         self,
@@ -271,6 +299,13 @@ class BatchedStep:
         masked = np.flatnonzero(plan.new_ids == self.mask_token_id)
         plan.picked = (picked, np.searchsorted(picked, starts), np.searchsorted(picked, ends))
         plan.masked = (masked, np.searchsorted(masked, starts), np.searchsorted(masked, ends))
+        # The masks every request has left in its block and in its generation once every
+        # reveal is written (the pass holds each one's block, and an uncached one's canvas),
+        # for the cursor rule: counted once for all.
+        left = plan.new_ids == self.mask_token_id
+        seqs = self.seq_of_token_np
+        plan.block_masks = np.bincount(seqs[left & self.in_block_np], minlength=self.num_seqs)
+        plan.masks = np.bincount(seqs[left & self.generated_np], minlength=self.num_seqs)
         for j, req in enumerate(self.reqs):
             if j in plan.failed:
                 req.finish("error", plan.failed[j])
@@ -535,35 +570,38 @@ class BatchedStep:
         device = stats.prob.device
         total = len(self.ids)
         in_window = self.window[rows]
-        window_size = torch.bincount(seq_of_row[in_window], minlength=self.num_seqs).tolist()
-        members, ks, thresholds, strict = [], [], [], []
-        for j, req in enumerate(self.reqs):
-            size = window_size[self.seq_index[j]]
-            # Fast-dLLM's Dream refresh reveals its window (the block's first position) whole.
-            ranked = req.params.remasking != _THRESHOLD or _dream_refresh(req)
-            k = self._k(req, j, schedules, size) if ranked else 1
-            if size == 0 or k <= 0:
-                if req.params.remasking == "random" and req.generator is not None:
-                    # The references draw their uniforms every step, revealing or not: LLaDA
-                    # one per computed row, Dream one per window row.
-                    draws = self.row_lens[j] if req.uses_blocks else size
-                    torch.rand(draws, generator=req.generator)
-                continue
-            if ranked:
-                k = min(k, size)
-                thresholds.append(float("nan"))  # compares false: no threshold
-            else:
-                k = 1
-                # Compared in the request's own confidence dtype, as it is alone.
-                thresholds.append(_in_dtype(req.params.threshold, self._own_dtype(req)))
-            # Dream's uncached threshold keeps scores above it; Fast-dLLM's, at or above.
-            strict.append(req.family == "dream" and not req.uses_blocks)
-            members.append(j)
-            ks.append(k)
+        in_window_np = in_window.numpy()
+        rows_np = rows.numpy()
+        counts = np.bincount(self.seq_of_token_np[rows_np[in_window_np]], minlength=self.num_seqs)
+        sizes = counts[self.seq_index]
+        # Fast-dLLM's Dream refresh reveals its window (the block's first position) whole; the
+        # other threshold rules reveal one best row and those above their threshold.
+        ranked = ~self.is_threshold | self.refresh
+        ks = np.ones(len(self.reqs), dtype=np.int64)
+        for j in np.flatnonzero(ranked).tolist():
+            ks[j] = self._k(self.reqs[j], j, schedules, int(sizes[j]))
+        idle = (sizes == 0) | (ks <= 0)
+        for j in np.flatnonzero(idle & self.seeded_random).tolist():
+            # The references draw their uniforms every step, revealing or not: LLaDA one per
+            # computed row, Dream one per window row.
+            req = self.reqs[j]
+            draws = self.row_lens[j] if req.uses_blocks else int(sizes[j])
+            torch.rand(draws, generator=req.generator)
+        members_np = np.flatnonzero(~idle)
+        members = members_np.tolist()
         nothing = stats.prob.new_zeros(0, dtype=torch.bool)
         if not members:
             chosen = stats.prob.new_zeros(len(rows), dtype=torch.bool)
             return _Ranking([], [], [], [], None, chosen, nothing)
+        ks = np.where(ranked, np.minimum(ks, sizes), 1)[members_np]
+        # A threshold is compared in the request's own confidence dtype, as it is alone; NaN
+        # (no threshold) compares false.
+        thresholds = np.full(len(members), np.nan)
+        for m in np.flatnonzero(~ranked[members_np]).tolist():
+            req = self.reqs[members[m]]
+            thresholds[m] = _in_dtype(req.params.threshold, self._own_dtype(req))
+        # Dream's uncached threshold keeps scores above it; Fast-dLLM's, at or above.
+        strict = self.strict[members_np]
         # Scores over the pass's flat tokens (one spare slot at the end for padding): the
         # greedy probability at window rows, -inf elsewhere.
         window_rows = in_window.nonzero().flatten()
@@ -572,33 +610,34 @@ class BatchedStep:
         wide = torch.promote_types(stats.prob.dtype, torch.float32)
         prob_flat = stats.prob.new_full((total + 1,), float("-inf"), dtype=wide)
         prob_flat[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)].to(wide)
-        row_start = [self.starts[j] + self.row_offsets[j] for j in members]
-        row_len = [self.row_lens[j] for j in members]
+        row_start_np = self.starts_np[members_np] + self.row_offsets_np[members_np]
+        row_len_np = self.row_lens_np[members_np]
+        row_start, row_len = row_start_np.tolist(), row_len_np.tolist()
         longest = max(row_len)
-        col = torch.arange(longest)
-        index = torch.tensor(row_start)[:, None] + col
-        index = torch.where(col < torch.tensor(row_len)[:, None], index, total)
-        index_d = index.to(device)
+        col = np.arange(longest)
+        index = np.where(col < row_len_np[:, None], row_start_np[:, None] + col, total)
+        index_d = torch.from_numpy(index).to(device)
         scores = prob_flat[index_d]
         draws = self._draws(members, row_start, row_len, longest, device)
         if draws is not None:
             random_rows, random_scores = draws
-            window_flat = torch.zeros(total + 1, dtype=torch.bool)
-            window_flat[:total] = self.window
-            outside = ~window_flat[index][random_rows].to(device)
+            window_flat = np.zeros(total + 1, dtype=bool)
+            window_flat[:total] = self.window_np
+            outside = torch.from_numpy(~window_flat[index[random_rows.numpy()]]).to(device)
             random_scores = random_scores.to(device, scores.dtype).masked_fill(outside, -torch.inf)
             scores[random_rows.to(device)] = random_scores
+        ks = ks.tolist()
         k_top = min(max(ks) + 1, longest)
         values, order = scores.topk(k_top, dim=1)
         k_d = torch.tensor(ks, device=device)
-        thr_d = torch.tensor(thresholds, dtype=values.dtype, device=device)
+        thr_d = torch.from_numpy(thresholds).to(device, values.dtype)
         is_threshold = ~torch.isnan(thr_d)
         # Rows the top-k picks (threshold: the best one), then the threshold's others; both
         # scattered, so that nothing waits for the device.
         ranks = torch.arange(k_top, device=device)
         picked = torch.zeros(total + 1, dtype=torch.bool, device=device)
         picked.scatter_(0, index_d.gather(1, order).flatten(), (ranks < k_d[:, None]).flatten())
-        strict_d = torch.tensor(strict, device=device)[:, None]
+        strict_d = torch.from_numpy(strict).to(device)[:, None]
         passes = torch.where(strict_d, scores > thr_d[:, None], scores >= thr_d[:, None])
         above = is_threshold[:, None] & passes & (index_d < total)
         kept = torch.zeros(total + 1, dtype=torch.bool, device=device)
@@ -733,7 +772,9 @@ class BatchedStep:
         else:
             req.write_np(revealed, plan.x0[picked])
         stalled = p.remasking == _THRESHOLD and bool((plan.x0[picked] == self.mask_token_id).all())
-        move_cursor(req, stalled, revealed=picked.size > 0)
+        s = self.seq_index[j]
+        masks = int(plan.masks[s]) if whole else None  # a cached step holds only its span
+        move_cursor(req, stalled, picked.size > 0, int(plan.block_masks[s]), masks)
 
 
 @functools.lru_cache(maxsize=256)

@@ -242,32 +242,41 @@ def _reveal_llada(
     move_cursor(req)
 
 
-def move_cursor(req: Request, stalled: bool = False, revealed: bool = False) -> None:
+def move_cursor(
+    req: Request,
+    stalled: bool = False,
+    revealed: bool = False,
+    block_masks: int | None = None,
+    masks: int | None = None,
+) -> None:
     """After a step's reveal (both the per-request and the batched step): Dream's grid of
     steps over the whole generation (its threshold rule: until no mask is left), Fast-dLLM's
     cached block loop, threshold decoding's next non-empty block, or LLaDA's block schedule.
     ``stalled``: a threshold step revealed only the mask token itself; ``revealed``: it
-    revealed something."""
+    revealed something. ``block_masks`` and ``masks``, when the caller has counted them: the
+    masks left in the current block and in the whole generation (the batched step counts
+    every request's at once; otherwise they are counted on the canvas)."""
     p = req.params
     if not req.uses_blocks:
         if p.remasking == "confidence_threshold":
-            if req.masked_count(req.prompt_len) == 0:
+            if (req.masked_count(req.prompt_len) if masks is None else masks) == 0:
                 req.finish("steps")
         elif req.global_step == p.steps:
             req.finish("steps")
     elif p.kv_cache is not None:
-        move_cached_cursor(req, stalled)
+        move_cached_cursor(req, stalled, block_masks)
     elif p.remasking == "confidence_threshold":
         if stalled and revealed:
             # Every reveal was the mask token itself: each later step would be the same
             # (Fast-dLLM would loop forever), so the next block starts.
             req.block += 1
-        next_nonempty_block(req)
+            block_masks = None
+        next_nonempty_block(req, block_masks)
     else:
         move_block_cursor(req)
 
 
-def move_cached_cursor(req: Request, stalled: bool = False) -> None:
+def move_cached_cursor(req: Request, stalled: bool = False, block_masks: int | None = None) -> None:
     """Fast-dLLM's block loop: the refresh step is always followed by cached steps until the
     block has no masks.
 
@@ -275,11 +284,13 @@ def move_cached_cursor(req: Request, stalled: bool = False) -> None:
     itself, decoding moves on to the next block (whose refresh step sees the masks left): when
     the step schedule (``steps_per_block`` entries) runs out with masks left, or when a cached
     threshold step changed nothing (``stalled``), as every later step would then be the same.
+    ``block_masks``: the masks left in the block, when the caller has counted them.
     """
-    start, end = req.block_bounds()
     p = req.params
     cached = req.step_in_block > 0
-    emptied = cached and req.masked_count(start, end) == 0
+    if cached and block_masks is None:
+        block_masks = req.masked_count(*req.block_bounds())
+    emptied = cached and block_masks == 0
     spent = p.remasking != "confidence_threshold" and req.step_in_block + 1 >= p.steps_per_block
     if not (emptied or spent or (cached and stalled)):
         req.step_in_block += 1
@@ -290,13 +301,16 @@ def move_cached_cursor(req: Request, stalled: bool = False) -> None:
         req.finish("steps")
 
 
-def next_nonempty_block(req: Request) -> None:
-    """Threshold decoding moves on once a block has no masks left."""
+def next_nonempty_block(req: Request, block_masks: int | None = None) -> None:
+    """Threshold decoding moves on once a block has no masks left (``block_masks``: the
+    current block's, when the caller has counted them)."""
     while req.block < req.params.num_blocks:
-        start, end = req.block_bounds()
-        if req.masked_count(start, end):
+        if block_masks is None:
+            block_masks = req.masked_count(*req.block_bounds())
+        if block_masks:
             return
         req.block += 1
+        block_masks = None
     req.finish("steps")
 
 
