@@ -34,6 +34,8 @@ batch. Requests are added outside ``step()``; their validation is not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import random
 import statistics
 import sys
@@ -76,17 +78,59 @@ HOST_READS = {
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every op that reaches the dispatcher: on a GPU, about one kernel launch each."""
+    """Counts every op that reaches the dispatcher: on a GPU, about one kernel launch each.
+
+    Ops outside the model's methods (``in_model`` is raised around them, see
+    :func:`model_calls_marked`) are also timed: on this CPU an op's time is its execution as
+    well as its dispatch, which a GPU would run on the device, asynchronously; the rest of the
+    host time is Python."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
         self.by_op: Counter[str] = Counter()
+        self.in_model = 0
+        self.outside = 0
+        self.outside_seconds = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         self.by_op[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        if self.in_model:
+            return func(*args, **(kwargs or {}))
+        self.outside += 1
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.outside_seconds += time.perf_counter() - start
+        return out
+
+
+MODEL_METHODS = ("forward_packed", "logits_at")  # what the runner calls of the model
+
+
+@contextlib.contextmanager
+def model_calls_marked(model: torch.nn.Module, ops: OpCounter) -> Iterator[None]:
+    """Raise ``ops.in_model`` while the model's own methods (``MODEL_METHODS``) run, by
+    shadowing them on the instance for the duration."""
+
+    def marked(method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            ops.in_model += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                ops.in_model -= 1
+
+        return call
+
+    for name in MODEL_METHODS:
+        setattr(model, name, marked(getattr(model, name)))
+    try:
+        yield
+    finally:
+        for name in MODEL_METHODS:
+            delattr(model, name)
 
 
 class HostReadCounter(TorchFunctionMode):
@@ -252,6 +296,8 @@ class MixRun:
     wall_s: float = 0.0
     forward_s: float = 0.0
     ops: int = 0
+    ops_outside: int = 0  # ops outside the model's methods
+    op_seconds_outside: float = 0.0  # their time (execution and dispatch)
     reads: int = 0
     transfers: int = 0
     finished: int = 0
@@ -307,7 +353,7 @@ def run_mix(
         forward0, steps0, seqs0 = engine_counters(engine)
         start = time.perf_counter()
         if measured and count:
-            with reads, ops:
+            with model_calls_marked(loaded.model, ops), reads, ops:
                 outputs = engine.step()
         else:
             outputs = engine.step()
@@ -328,6 +374,8 @@ def run_mix(
         run.forward_s += forward1 - forward0
         run.finished += len(outputs)
         run.ops += ops.count
+        run.ops_outside += ops.outside
+        run.op_seconds_outside += ops.outside_seconds
         run.reads += reads.reads
         run.transfers += reads.transfers
         run.ops_by_name.update(ops.by_op)
@@ -357,6 +405,9 @@ def measure(
     timed = [run_mix(loaded, batch_size, count=False, **kw) for _ in range(repeats)]
     host_us = [run.host_us_per_request_step for run in timed]
     median = statistics.median(host_us)
+    # The host time's share spent in ops outside the model (their execution, which a GPU
+    # would overlap, and dispatch), from the counted run (the same steps); the rest is Python.
+    op_us = 1e6 * counted.op_seconds_outside / counted.request_steps
     mid = min(timed, key=lambda run: abs(run.host_us_per_request_step - median))
     return {
         "batch_size": batch_size,
@@ -371,6 +422,9 @@ def measure(
         },
         "top_ops_per_step": {k: v / counted.steps for k, v in counted.ops_by_name.most_common(15)},
         "host_us_per_request_step": median,
+        "ops_outside_model_per_step": counted.ops_outside / counted.steps,
+        "op_us_outside_model_per_request_step": op_us,
+        "python_us_per_request_step": median - op_us,
         "host_us_per_request_step_runs": host_us,
         "wall_ms_per_step": 1e3 * mid.wall_s / mid.steps,
         "forward_ms_per_step": 1e3 * mid.forward_s / mid.steps,
@@ -425,20 +479,27 @@ def targets(records: list[dict]) -> list[dict]:
 def format_report(records: list[dict], goals: list[dict], op_us: float) -> str:
     header = (
         f"{'B':>4} {'steps':>6} {'ops/step':>9} {'reads/step':>10} {'xfers/step':>10} "
-        f"{'host us/req-step':>16} {'wall ms/step':>12} {'fwd ms/step':>11}"
+        f"{'host us/req-step':>16} {'of it ops':>9} {'python':>7} {'ops outside':>11} "
+        f"{'wall ms/step':>12} {'fwd ms/step':>11}"
     )
     lines = [header, "-" * len(header)]
     for r in records:
         lines.append(
             f"{r['batch_size']:>4} {r['measured_steps']:>6} {r['ops_per_step']:>9.1f} "
             f"{r['reads_per_step']:>10.1f} {r['transfers_per_step']:>10.1f} "
-            f"{r['host_us_per_request_step']:>16.1f} {r['wall_ms_per_step']:>12.2f} "
+            f"{r['host_us_per_request_step']:>16.1f} "
+            f"{r['op_us_outside_model_per_request_step']:>9.1f} "
+            f"{r['python_us_per_request_step']:>7.1f} {r['ops_outside_model_per_step']:>11.1f} "
+            f"{r['wall_ms_per_step']:>12.2f} "
             f"{r['forward_ms_per_step']:>11.2f}"
         )
     lines.append(
         "ops: aten ops dispatched in step() (model forward included); reads: .item/.tolist/"
         ".cpu/.numpy/bool/float/int/index on a tensor; xfers: Tensor.to another device; host "
-        "us: (wall - model forward) / request-steps, median of the timed runs (no counters)."
+        "us: (wall - model forward) / request-steps, median of the timed runs (no counters); "
+        "of it ops: the time of the ops dispatched outside the model's forward_packed and "
+        "logits_at (counted run: execution and dispatch; a GPU runs them asynchronously); "
+        "python: the rest; ops outside: how many."
     )
     lines.append(f"one trivial op (a + 1) costs {op_us:.1f} us on this machine now")
     lines.append("targets:")
