@@ -337,8 +337,9 @@ def run_mix(
     The queue holds 2B live requests at every step (refilled from the stream as requests
     finish), so each step runs B of them; the first ``warmup_steps`` steps are not measured, so
     that the batch holds requests at every stage of decoding, as a server's does. With
-    ``count`` the measured steps run under the op and read counters (their times are then
-    inflated and mean nothing); without, only times are taken."""
+    ``count`` the measured steps run under the op and read counters (their wall times are then
+    inflated and mean nothing; the counter also times each op outside the model, see
+    :class:`OpCounter`); without, only times are taken."""
     engine = make_engine(loaded, batch_size, backend)
     stream = mix_stream(loaded, seed, mix)
     run = MixRun(batch_size)
@@ -397,8 +398,10 @@ def measure(
     repeats: int,
     backend: str = "auto",
     mix: str = "issue",
+    mode_extra: float = 0.0,
 ) -> dict:
-    """One counted run, then ``repeats`` timed runs of the same steps (median host time)."""
+    """One counted run, then ``repeats`` timed runs of the same steps (median host time).
+    ``mode_extra``: :func:`mode_extra_us`."""
     kw = {"warmup_steps": warmup_steps, "steps": steps, "seed": seed, "backend": backend}
     kw["mix"] = mix
     counted = run_mix(loaded, batch_size, count=True, **kw)
@@ -406,8 +409,10 @@ def measure(
     host_us = [run.host_us_per_request_step for run in timed]
     median = statistics.median(host_us)
     # The host time's share spent in ops outside the model (their execution, which a GPU
-    # would overlap, and dispatch), from the counted run (the same steps); the rest is Python.
-    op_us = 1e6 * counted.op_seconds_outside / counted.request_steps
+    # would overlap, and dispatch), from the counted run (the same steps) less what the timing
+    # itself adds per op (``mode_extra``, us); the rest is Python.
+    op_seconds = counted.op_seconds_outside - counted.ops_outside * mode_extra * 1e-6
+    op_us = 1e6 * max(0.0, op_seconds) / counted.request_steps
     mid = min(timed, key=lambda run: abs(run.host_us_per_request_step - median))
     return {
         "batch_size": batch_size,
@@ -446,6 +451,23 @@ def op_cost_us(calls: int = 20000, repeats: int = 5) -> float:
     return 1e6 * statistics.median(times)
 
 
+def mode_extra_us(calls: int = 20000, repeats: int = 5) -> float:
+    """Microseconds that :class:`OpCounter`'s timing adds to each op it times (its call goes
+    through the dispatcher's Python path): a trivial op timed inside the mode, less the same op
+    called plainly (:func:`op_cost_us`, whose loop also counts, so this errs low and the op
+    time it corrects stays an upper bound)."""
+    a = torch.arange(100)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            ops = OpCounter()
+            with ops:
+                for _ in range(calls):
+                    a + 1
+            times.append(ops.outside_seconds / ops.outside)
+    return max(0.0, 1e6 * statistics.median(times) - op_cost_us(calls, repeats))
+
+
 def targets(records: list[dict]) -> list[dict]:
     """The issue's targets, from the smallest batch to the largest."""
     small = min(records, key=lambda r: r["batch_size"])
@@ -476,7 +498,9 @@ def targets(records: list[dict]) -> list[dict]:
     return out
 
 
-def format_report(records: list[dict], goals: list[dict], op_us: float) -> str:
+def format_report(
+    records: list[dict], goals: list[dict], op_us: float, mode_extra: float = 0.0
+) -> str:
     header = (
         f"{'B':>4} {'steps':>6} {'ops/step':>9} {'reads/step':>10} {'xfers/step':>10} "
         f"{'host us/req-step':>16} {'of it ops':>9} {'python':>7} {'ops outside':>11} "
@@ -498,10 +522,12 @@ def format_report(records: list[dict], goals: list[dict], op_us: float) -> str:
         ".cpu/.numpy/bool/float/int/index on a tensor; xfers: Tensor.to another device; host "
         "us: (wall - model forward) / request-steps, median of the timed runs (no counters); "
         "of it ops: the time of the ops dispatched outside the model's forward_packed and "
-        "logits_at (counted run: execution and dispatch; a GPU runs them asynchronously); "
-        "python: the rest; ops outside: how many."
+        "logits_at (counted run, less what timing adds per op: an estimate; execution and "
+        "dispatch, which a GPU runs asynchronously); python: the rest (an estimate, with the "
+        "rare model calls outside the timed forward); ops outside: how many."
     )
     lines.append(f"one trivial op (a + 1) costs {op_us:.1f} us on this machine now")
+    lines.append(f"timing an op inside the counting mode adds {mode_extra:.1f} us (subtracted)")
     lines.append("targets:")
     for t in goals:
         mark = "met" if t["met"] else "NOT MET"
@@ -534,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     loaded = micro_model(args.seed, mix_family(args.mix))
+    mode_extra = mode_extra_us()
     records = []
     for size in sizes:
         print(f"B={size}: counting, then {args.repeats} timed runs", file=sys.stderr, flush=True)
@@ -547,11 +574,12 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=args.repeats,
                 backend=args.attention_backend,
                 mix=args.mix,
+                mode_extra=mode_extra,
             )
         )
     goals = targets(records)
     op_us = op_cost_us()
-    print(format_report(records, goals, op_us))
+    print(format_report(records, goals, op_us, mode_extra))
     if args.out:
         write_json(
             args.out,
@@ -559,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                 "records": records,
                 "targets": goals,
                 "trivial_op_us": op_us,
+                "timing_mode_extra_us_per_op": mode_extra,
                 "mix": {
                     "name": args.mix,
                     "prompt_lengths": list(PROMPT_LENGTHS),

@@ -118,9 +118,10 @@ class Request:
     _cached: bool = field(default=False, init=False, repr=False)
     _uses_blocks: bool = field(default=True, init=False, repr=False)
     _blocks_from: int = field(default=0, init=False, repr=False)
-    # What the batched step's geometry reads of a request that never changes: one tuple, so
-    # that a whole batch's is one array (``foretell.decoding.batched.GEOMETRY``).
-    geometry: tuple[int, ...] = field(default=(), init=False, repr=False)
+    # What the batched step's geometry reads of the request's fixed part, and the params it
+    # was computed from (see ``geometry``).
+    _geometry: tuple[int, ...] = field(default=(), init=False, repr=False)
+    _geometry_of: DecodeParams | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._start()
@@ -150,23 +151,6 @@ class Request:
         # stream (the runner gives it a generator of its own only where a step needs one).
         seed = p.seed if p.seed is not None else self.draw_seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
-        policy = p.early_commit
-        span = (0, 0)
-        if policy is not None and policy.answer_start is not None:
-            start = self._prompt_len + policy.answer_start
-            span = (start, min(start + policy.answer_length, self._canvas_len))
-        self.geometry = (
-            self._prompt_len,
-            self._canvas_len,
-            int(self._uses_blocks),
-            self._blocks_from,
-            p.block_length if self._uses_blocks else 0,
-            int(self._cached),
-            int(p.kv_cache == "prefix"),
-            int(self.family == "dream" and self._cached),  # Fast-dLLM's Dream refresh rule
-            *span,
-            int(policy is not None and policy.answer_start is None),  # region: every mask
-        )
         if self.family == "dream":
             # Fast-dLLM's cached Dream decoding runs the grid within each block.
             steps = p.steps if p.kv_cache is None else p.steps_per_block
@@ -174,6 +158,32 @@ class Request:
             self.timesteps_np = self.timesteps.numpy()
 
     # -- geometry ------------------------------------------------------------------------
+    @property
+    def geometry(self) -> tuple[int, ...]:
+        """What the batched step's geometry reads of the request's fixed part, as one tuple so
+        that a whole batch's is one array (fields: ``foretell.decoding.batched.GEOMETRY``).
+        Computed once per params object (a caller that swaps ``params`` gets a fresh one)."""
+        if self._geometry_of is not self.params:
+            p, policy = self.params, self.params.early_commit
+            span = (0, 0)
+            if policy is not None and policy.answer_start is not None:
+                start = self._prompt_len + policy.answer_start
+                span = (start, min(start + policy.answer_length, self._canvas_len))
+            self._geometry = (
+                self._prompt_len,
+                self._canvas_len,
+                int(self._uses_blocks),
+                self._blocks_from,
+                p.block_length if self._uses_blocks else 0,
+                int(self._cached),
+                int(p.kv_cache == "prefix"),
+                int(self.family == "dream" and self._cached),  # Fast-dLLM's Dream refresh
+                *span,
+                int(policy is not None and policy.answer_start is None),  # region: every mask
+            )
+            self._geometry_of = p
+        return self._geometry
+
     @property
     def prompt_len(self) -> int:
         return self._prompt_len
