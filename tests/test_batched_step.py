@@ -399,3 +399,20 @@ def test_a_failed_sampling_pass_leaves_seeded_streams_as_they_were(monkeypatch) 
     outs = Engine(loaded, dtype="float32", max_num_seqs=4).generate(prompts, params, use_tqdm=False)
     assert [o.finish_reason for o in outs] == ["steps"] * 3
     assert [o.token_ids for o in outs] == [o.token_ids for o in clean]
+
+
+def test_request_geometry_follows_its_params() -> None:
+    """The batched step reads a request's fixed geometry from one cached tuple; a caller that
+    swaps the params (as tests and ``override`` users do) gets the new region, not a stale one."""
+    import dataclasses
+
+    from foretell.scheduler.request import Request
+
+    params = DecodeParams(gen_length=8, steps=8, block_length=4, early_commit=Prophet())
+    req = Request("r", "p", [1, 2, 3], params, 0, "llada")
+    # prompt and canvas length, blocks, where block 0 starts, block length, cached, prefix
+    assert req.geometry[:7] == (3, 11, 1, 3, 4, 0, 0)
+    assert req.geometry[8:] == (0, 0, 1)  # no explicit span; the region is every mask
+    span = Prophet(answer_start=2, answer_length=3)
+    req.params = dataclasses.replace(params, early_commit=span)
+    assert req.geometry[8:] == (5, 8, 0)

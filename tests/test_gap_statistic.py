@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from foretell.decoding.early_commit import DECIDE_MARGIN, reduce_gaps, reported_gap, undecided
+from foretell.decoding.unmask import top2_gap
 
 
 def _gaps(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -60,3 +61,23 @@ def test_a_decided_float64_mean_falls_on_the_same_side_as_the_reference_reductio
             decided += 1
             assert (mean64 >= threshold) == (reference >= threshold), (seed, rel)
     assert decided > 600
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_top2_gap_is_topk_difference_exactly(dtype: torch.dtype) -> None:
+    """``top2_gap`` (what every pass computes the gap and the margin with) equals the
+    references' ``topk(2)`` difference bit for bit: with ties at the top, suppressed (-inf)
+    columns, and short and long vocabularies."""
+    g = torch.Generator().manual_seed(7)
+    for vocab in (2, 3, 51, 1000):
+        logits = (torch.randn(300, vocab, generator=g) * 4).to(dtype)
+        # Ties at the top: rounded copies of a few rows, and a row of equal values.
+        logits[:40] = logits[:40].round()
+        logits[40] = 1.5
+        logits[41:60, : max(1, vocab // 3)] = float("-inf")
+        logits[60, 1:] = float("-inf")  # one finite value: an infinite gap, as topk's
+        top2 = logits.topk(2, dim=-1).values
+        expected = top2[:, 0] - top2[:, 1]
+        got = top2_gap(logits, logits.argmax(dim=-1))
+        assert got.dtype == expected.dtype
+        assert torch.equal(got, expected), vocab
