@@ -81,3 +81,39 @@ def test_top2_gap_is_topk_difference_exactly(dtype: torch.dtype) -> None:
         got = top2_gap(logits, logits.argmax(dim=-1))
         assert got.dtype == expected.dtype
         assert torch.equal(got, expected), vocab
+
+
+def test_row_stats_score_default_rows_alone_identically() -> None:
+    """The runner may give ``RowStats.of`` the rows that take the default confidence (when
+    variants hold most rows): the statistics are those of scoring every row, bit for bit."""
+    from foretell.decoding.unmask import ProbVariant, RowStats
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 37, generator=g, dtype=torch.float32)
+    variants = [
+        ProbVariant(torch.arange(10, 25), torch.float64),
+        ProbVariant(torch.arange(25, 32), torch.float32, (4, 5)),
+        ProbVariant(torch.arange(32, 40), torch.float32, (), "margin"),
+    ]
+    every = RowStats.of(logits, variants)
+    only = RowStats.of(logits, variants, torch.arange(10))
+    for field in ("argmax", "prob", "gap"):
+        a, b = getattr(every, field), getattr(only, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+    everything = [ProbVariant(torch.arange(40), torch.float64)]
+    assert torch.equal(
+        RowStats.of(logits, everything).prob,
+        RowStats.of(logits, everything, torch.arange(0)).prob,
+    )
+
+
+def test_row_stats_benchmark_checks_identity() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "row_stats.py"
+    spec = importlib.util.spec_from_file_location("row_stats_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = bench.measure(rows=8, share=0.75, repeats=1, vocab=50)
+    assert record["identical"] and record["rows"] == 8 and record["every_row_ms"] > 0

@@ -95,12 +95,27 @@ class RowStats:
     gap: torch.Tensor  # [rows] top-1 minus top-2 logit
 
     @classmethod
-    def of(cls, logits: torch.Tensor, variants: Sequence[ProbVariant] = ()) -> RowStats:
+    def of(
+        cls,
+        logits: torch.Tensor,
+        variants: Sequence[ProbVariant] = (),
+        default_rows: torch.Tensor | None = None,
+    ) -> RowStats:
         """``prob`` is in the logits' dtype (the default confidence), or in float64 when a
-        variant asks for it (the other rows' values are then exactly those of their dtype)."""
+        variant asks for it (the other rows' values are then exactly those of their dtype).
+        ``default_rows``: when given, the only rows that take the default confidence (the
+        others are all a variant's), so the default softmax runs over those rows alone; a
+        softmax is row by row, so their values are the same."""
         argmax = logits.argmax(dim=-1)
-        prob = _greedy_prob(logits, argmax, logits.dtype, ())
-        if any(v.dtype != prob.dtype for v in variants):
+        wide = any(v.dtype != logits.dtype for v in variants)
+        if default_rows is None:
+            prob = _greedy_prob(logits, argmax, logits.dtype, ())
+        else:
+            prob = logits.new_zeros(len(logits))
+            if len(default_rows):
+                rows = logits[default_rows]
+                prob[default_rows] = _greedy_prob(rows, argmax[default_rows], logits.dtype, ())
+        if wide:
             prob = prob.double()
         for v in variants:
             probs = confidence_probs(logits[v.rows], v.dtype, v.suppressed)

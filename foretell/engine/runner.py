@@ -234,7 +234,8 @@ class ModelRunner:
         if reads:
             scored = {i: own_rows[i] for i in own_rows if batch[i].params.cfg_scale <= 0}
             scored.update((i, own_rows[i]) for i in guided)
-            stats = RowStats.of(gathered, self._prob_variants(gathered, batch, scored))
+            variants, default_rows = self._prob_variants(gathered, batch, scored)
+            stats = RowStats.of(gathered, variants, default_rows)
         out = PassOutput([], None, total)
 
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
@@ -520,9 +521,11 @@ class ModelRunner:
 
     def _prob_variants(
         self, gathered: torch.Tensor, batch: list[Request], spans: dict[int, tuple[int, int]]
-    ) -> list[ProbVariant]:
+    ) -> tuple[list[ProbVariant], torch.Tensor | None]:
         """The rows whose confidence is not the default one (the model's dtype, nothing left
-        out), grouped by dtype and left-out columns."""
+        out), grouped by dtype and left-out columns; and, when variants hold most rows, the
+        rows that do take the default (so that its softmax over the vocabulary does not run
+        on rows a variant scores again: with Fast-dLLM's rules, float64, that is most rows)."""
         groups: dict[tuple[torch.dtype, tuple[int, ...], str], list[np.ndarray]] = {}
         for i, (start, end) in spans.items():
             req = batch[i]
@@ -534,12 +537,17 @@ class ModelRunner:
             dtype = req.confidence_dtype or gathered.dtype
             key = (dtype, req.confidence_suppress, rule or "low_confidence")
             groups.setdefault(key, []).append(np.arange(start, end))
-        return [
-            ProbVariant(
-                torch.from_numpy(np.concatenate(parts)).to(gathered.device), dtype, left, rule
+        variants, covered = [], np.zeros(len(gathered), dtype=bool)
+        for (dtype, left, rule), parts in groups.items():
+            rows = np.concatenate(parts)
+            covered[rows] = True
+            variants.append(
+                ProbVariant(torch.from_numpy(rows).to(gathered.device), dtype, left, rule)
             )
-            for (dtype, left, rule), parts in groups.items()
-        ]
+        default_rows = None
+        if covered.sum() * 2 > len(covered):  # cheaper to copy the rest than to score all
+            default_rows = torch.from_numpy(np.flatnonzero(~covered)).to(gathered.device)
+        return variants, default_rows
 
     @staticmethod
     def _rows(
