@@ -87,6 +87,14 @@ class Prophet:
                 f"early_commit.statistic: unknown {self.statistic!r}; choose one of {STATISTICS}"
             )
 
+    def answer_span(self, prompt_len: int, canvas_len: int) -> tuple[int, int] | None:
+        """The explicit answer span's canvas positions ``[start, end)``, clipped to the canvas
+        (possibly empty), or None when the region is every still-masked generated position."""
+        if self.answer_start is None:
+            return None
+        start = prompt_len + self.answer_start
+        return start, min(start + self.answer_length, canvas_len)
+
     def threshold(self, step: int, steps: int) -> float:
         """The gap needed at global step ``step`` (counted from 1) of a budget of ``steps``."""
         progress = step / steps

@@ -71,11 +71,6 @@ OTHER_SCORES = ("margin", "entropy")
 _SCORED = ("low_confidence", *OTHER_SCORES)
 
 
-def _dream_refresh(req: Request) -> bool:
-    """Fast-dLLM's Dream refresh step: the block's first position alone is revealed."""
-    return req.family == "dream" and req.params.kv_cache is not None and not req.cached_step
-
-
 def filters(params: object) -> bool:
     """Whether a request's candidates are drawn or filtered (temperature, top-p, top-k), not
     the plain argmax: the batched step computes them per request group (``sampled_rows``)."""
@@ -293,16 +288,16 @@ class BatchedStep:
             return
         # Every request's revealed rows and remaining masks, from one pass over the flat arrays
         # (each request then takes its slices).
-        starts = np.asarray(self.starts)
+        starts = self.starts_np
         ends = starts + np.asarray(self.seq_lens)
+        left = plan.new_ids == self.mask_token_id
         picked = np.flatnonzero(plan.chosen)
-        masked = np.flatnonzero(plan.new_ids == self.mask_token_id)
+        masked = np.flatnonzero(left)
         plan.picked = (picked, np.searchsorted(picked, starts), np.searchsorted(picked, ends))
         plan.masked = (masked, np.searchsorted(masked, starts), np.searchsorted(masked, ends))
         # The masks every request has left in its block and in its generation once every
         # reveal is written (the pass holds each one's block, and an uncached one's canvas),
         # for the cursor rule: counted once for all.
-        left = plan.new_ids == self.mask_token_id
         seqs = self.seq_of_token_np
         plan.block_masks = np.bincount(seqs[left & self.in_block_np], minlength=self.num_seqs)
         plan.masks = np.bincount(seqs[left & self.generated_np], minlength=self.num_seqs)
@@ -348,7 +343,7 @@ class BatchedStep:
             for j in starting:
                 steps = self.reqs[j].params.steps_per_block
                 schedules[j] = llada_block_schedule(counts[self.seq_index[j]], steps)
-        ranking = self._reveal(rows, seq_of_row, stats, schedules)
+        ranking = self._reveal(rows, stats, schedules)
         # The pass's one device -> host transfer: the gathered rows' greedy tokens, which of
         # them are revealed, which requests' ranking tied at its cut, and the gaps (float64
         # holds token ids and the gaps' values exactly).
@@ -554,7 +549,6 @@ class BatchedStep:
     def _reveal(
         self,
         rows: torch.Tensor,
-        seq_of_row: torch.Tensor,
         stats: RowStats,
         schedules: list[list[int] | None],
     ) -> _Ranking:
@@ -579,7 +573,7 @@ class BatchedStep:
         ranked = ~self.is_threshold | self.refresh
         ks = np.ones(len(self.reqs), dtype=np.int64)
         for j in np.flatnonzero(ranked).tolist():
-            ks[j] = self._k(self.reqs[j], j, schedules, int(sizes[j]))
+            ks[j] = self._k(self.reqs[j], j, schedules, int(sizes[j]), bool(self.refresh[j]))
         idle = (sizes == 0) | (ks <= 0)
         for j in np.flatnonzero(idle & self.seeded_random).tolist():
             # The references draw their uniforms every step, revealing or not: LLaDA one per
@@ -720,11 +714,14 @@ class BatchedStep:
         return torch.tensor(random_rows), out
 
     @staticmethod
-    def _k(req: Request, j: int, schedules: list[list[int] | None], masked: int) -> int:
+    def _k(
+        req: Request, j: int, schedules: list[list[int] | None], masked: int, refresh: bool
+    ) -> int:
         """The reveal count of this step: LLaDA's block schedule, or Dream's count for its
-        ``masked`` window positions at this step of its timestep grid."""
+        ``masked`` window positions at this step of its timestep grid (all of them in
+        Fast-dLLM's Dream ``refresh`` step)."""
         if req.family == "dream":
-            if _dream_refresh(req):
+            if refresh:
                 return masked
             if req.uses_blocks:  # Fast-dLLM's cached steps: the grid runs within each block
                 step, steps = req.step_in_block, req.params.steps_per_block

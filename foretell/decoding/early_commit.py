@@ -22,10 +22,8 @@ def answer_region(policy: Prophet, prompt_len: int, canvas_len: int, masked: tor
     canvas) counts whether or not its tokens are still masked; without one the region is every
     still-masked position of the generation (``masked``).
     """
-    if policy.answer_start is None:
-        return masked
-    start = prompt_len + policy.answer_start
-    return _span(start, min(start + policy.answer_length, canvas_len))
+    span = policy.answer_span(prompt_len, canvas_len)
+    return masked if span is None else _span(*span)
 
 
 @functools.lru_cache(maxsize=1024)

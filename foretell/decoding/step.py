@@ -71,12 +71,12 @@ def needed_np(req: Request) -> np.ndarray:
     policy = req.params.early_commit
     if policy is None:
         return window
-    if policy.answer_start is None:
+    span = policy.answer_span(req.prompt_len, req.canvas_len)
+    if span is None:
         # The region is every generated mask: the window is inside it, and a commit needs
         # every mask anyway.
         return req.masked_np(req.prompt_len)
-    start = req.prompt_len + policy.answer_start
-    end = min(start + policy.answer_length, req.canvas_len)
+    start, end = span
     if end <= start:
         return window
     # The span is contiguous: keep the window's positions before and after it.

@@ -150,13 +150,13 @@ class Packer:
             return self.arange(length), CacheUse(req.kv_slots, 0, 0, length, None)
         lo, hi = req.query_span()
         policy = req.params.early_commit
+        span = None if policy is None else policy.answer_span(req.prompt_len, length)
         keep = None
-        if policy is not None and policy.answer_start is None:  # every generated mask
+        if policy is not None and span is None:  # every generated mask
             keep = req.canvas_np == req.mask_token_id
             keep[: req.prompt_len] = False
-        elif policy is not None:  # an explicit answer span
-            start = req.prompt_len + policy.answer_start
-            end = min(start + policy.answer_length, length)
+        elif span is not None:  # an explicit answer span
+            start, end = span
             if end > start:
                 keep = np.zeros(length, dtype=bool)
                 keep[start:end] = True

@@ -165,10 +165,7 @@ class Request:
         Computed once per params object (a caller that swaps ``params`` gets a fresh one)."""
         if self._geometry_of is not self.params:
             p, policy = self.params, self.params.early_commit
-            span = (0, 0)
-            if policy is not None and policy.answer_start is not None:
-                start = self._prompt_len + policy.answer_start
-                span = (start, min(start + policy.answer_length, self._canvas_len))
+            span = policy and policy.answer_span(self._prompt_len, self._canvas_len)
             self._geometry = (
                 self._prompt_len,
                 self._canvas_len,
@@ -178,8 +175,8 @@ class Request:
                 int(self._cached),
                 int(p.kv_cache == "prefix"),
                 int(self.family == "dream" and self._cached),  # Fast-dLLM's Dream refresh
-                *span,
-                int(policy is not None and policy.answer_start is None),  # region: every mask
+                *(span or (0, 0)),
+                int(policy is not None and span is None),  # region: every mask
             )
             self._geometry_of = p
         return self._geometry
@@ -222,11 +219,11 @@ class Request:
         lo, hi = self.query_span()
         policy = self.params.early_commit
         outside = 0
-        if policy is not None and policy.answer_start is None:
+        span = None if policy is None else policy.answer_span(self.prompt_len, self.canvas_len)
+        if policy is not None and span is None:
             outside = self.masked_count(self.prompt_len) - self.masked_count(lo, hi)
-        elif policy is not None:
-            start = self.prompt_len + policy.answer_start
-            end = min(start + policy.answer_length, self.canvas_len)
+        elif span is not None:
+            start, end = span
             outside = (end - start) - max(0, min(end, hi) - max(start, lo))
         return hi - lo + outside
 
