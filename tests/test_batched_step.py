@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,14 +289,34 @@ def _sampled_llada(n: int, seed: int) -> list[DecodeParams]:
 
 
 def test_dream_counts_without_tensors_equal_dreams_float32_counts() -> None:
-    from foretell.decoding.unmask import dream_transfer_count, dream_transfer_count_np
+    from foretell.decoding.unmask import dream_transfer_count, dream_transfer_counts_np
 
-    for steps in (1, 3, 7, 64, 255):
-        grid = torch.linspace(1, 1e-3, steps + 1)
-        for step in range(steps):
-            for masked in (0, 1, 5, 63, 200, 1001):
-                count = dream_transfer_count(masked, step, steps, grid)
-                assert dream_transfer_count_np(masked, step, steps, grid.numpy()) == count
+    for eps in (1e-3, 0.07):
+        for steps in (1, 3, 7, 64, 255):
+            grid = torch.linspace(1, eps, steps + 1)
+            cases = [(m, st) for st in range(steps) for m in (0, 1, 5, 63, 200, 1001)]
+            masked, step = (np.array(c, dtype=np.int64) for c in zip(*cases, strict=True))
+            at = np.maximum(np.minimum(step, steps - 2), 0)
+            g = grid.numpy()
+            counts = dream_transfer_counts_np(
+                masked, step, np.full_like(step, steps), g[at], g[at + 1]
+            )
+            expected = [dream_transfer_count(int(m), int(st), steps, grid) for m, st in cases]
+            assert counts.tolist() == expected
+
+
+def test_llada_step_counts_are_the_block_schedule() -> None:
+    """LLaDA's per-step counts, from the block's first mask count alone (ints or arrays)."""
+    from foretell.decoding.unmask import llada_step_count
+
+    for masked in (0, 1, 7, 32, 33):
+        for steps in (1, 4, 8, 32):
+            base, extra = divmod(masked, steps)
+            schedule = [base + (1 if i < extra else 0) for i in range(steps)]
+            assert [llada_step_count(masked, steps, i) for i in range(steps)] == schedule
+            assert sum(schedule) == masked
+            arr = llada_step_count(np.full(steps, masked), np.full(steps, steps), np.arange(steps))
+            assert arr.tolist() == schedule
 
 
 def _lockstep(loaded, dtype: str, params: list[DecodeParams]) -> tuple[dict, list[int]]:
@@ -412,7 +433,72 @@ def test_request_geometry_follows_its_params() -> None:
     req = Request("r", "p", [1, 2, 3], params, 0, "llada")
     # prompt and canvas length, blocks, where block 0 starts, block length, cached, prefix
     assert req.geometry[:7] == (3, 11, 1, 3, 4, 0, 0)
-    assert req.geometry[8:] == (0, 0, 1)  # no explicit span; the region is every mask
+    assert req.geometry[8:11] == (0, 0, 1)  # no explicit span; the region is every mask
+    assert req.geometry[11:] == (8, 4, 0, 0)  # steps, per block, Dream, the threshold rule
     span = Prophet(answer_start=2, answer_length=3)
-    req.params = dataclasses.replace(params, early_commit=span)
-    assert req.geometry[8:] == (5, 8, 0)
+    req.params = dataclasses.replace(params, early_commit=span, remasking="confidence_threshold")
+    assert req.geometry[8:11] == (5, 8, 0)
+    assert req.geometry[14] == 1
+
+
+def test_concat_ranges_is_the_concatenated_aranges() -> None:
+    """A batch's rows from each request's ``[start, end)`` in a fixed number of NumPy calls."""
+    from foretell.engine.packing import concat_ranges
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 8))
+        starts = rng.integers(0, 50, n)
+        ends = starts + rng.integers(0, 6, n)  # empty ranges too
+        expected = [i for s, e in zip(starts, ends, strict=True) for i in range(s, e)]
+        assert concat_ranges(starts, ends).tolist() == expected
+
+
+def test_cursor_stays_agrees_with_the_cursor_rule() -> None:
+    """The batched step moves a cursor with array arithmetic where it stays in its block and
+    calls ``move_cursor`` otherwise: for every kind and random outcomes, the arrays say "stays"
+    exactly when the rule keeps the block and does not finish, and give the step it takes."""
+    import dataclasses
+
+    from foretell.decoding.step import cursor_stays, move_cursor
+    from foretell.scheduler.request import Request
+
+    rng = random.Random(0)
+    kinds = [
+        (family, cache, rule)
+        for family in ("llada", "dream")
+        for cache in (None, "prefix", "dual")
+        for rule in ("low_confidence" if family == "llada" else "entropy", "confidence_threshold")
+    ]
+    rows, reqs, outcomes = [], [], []
+    for _ in range(400):
+        family, cache, rule = rng.choice(kinds)
+        params = DecodeParams(
+            gen_length=16, steps=rng.choice([8, 16]), block_length=4, kv_cache=cache
+        )
+        params = dataclasses.replace(params, remasking=rule)
+        req = Request("r", "p", [1, 2, 3], params, 0, family)
+        spb = params.steps_per_block
+        req.block = rng.randrange(params.num_blocks)
+        req.step_in_block = rng.randrange(2 * spb if rule == "confidence_threshold" else spb)
+        req.global_step = rng.randrange(1, params.steps + 3)  # after the step's increment
+        outcome = (rng.random() < 0.3, rng.random() < 0.7, rng.randrange(3), rng.randrange(3))
+        g = req.geometry
+        rows.append((req.step_in_block, req.global_step, g[11], g[12], g[2], g[5], g[14]))
+        reqs.append(req)
+        outcomes.append(outcome)
+    cols = [np.array(c) for c in zip(*rows, strict=True)]
+    stalled, revealed, block_masks, masks = (np.array(c) for c in zip(*outcomes, strict=True))
+    stays, steps_on = cursor_stays(
+        *cols[:4], *(c.astype(bool) for c in cols[4:]), stalled, revealed, block_masks, masks
+    )
+    seen = set()
+    for j, req in enumerate(reqs):
+        block, step = req.block, req.step_in_block
+        move_cursor(req, bool(stalled[j]), bool(revealed[j]), int(block_masks[j]), int(masks[j]))
+        kept = req.block == block and not req.is_finished
+        assert bool(stays[j]) == kept, (j, req.params, outcomes[j])
+        if kept:
+            assert req.step_in_block == step + int(steps_on[j])
+        seen.add((req.family, req.params.kv_cache, req.params.remasking, kept))
+    assert len(seen) == 2 * len(kinds)  # every kind both stays and moves on

@@ -30,14 +30,15 @@ import torch
 
 from foretell.decoding.early_commit import should_commit, undecided
 from foretell.decoding.step import (
+    cursor_stays,
     mark_committed,
     move_cursor,
 )
 from foretell.decoding.unmask import (
     RowStats,
     candidates,
-    dream_transfer_count_np,
-    llada_block_schedule,
+    dream_transfer_counts_np,
+    llada_step_count,
     suppress_cells,
 )
 from foretell.scheduler.request import Request
@@ -56,8 +57,9 @@ from foretell.scheduler.request import Request
 _COLUMNS = 8
 # Fields of ``Request.geometry``: prompt and canvas length, whether it decodes in blocks, where
 # block 0 starts, the block length, cached, prefix cache, Fast-dLLM's Dream, Prophet's explicit
-# span (start, end), and whether Prophet's region is every generated mask.
-GEOMETRY = 11
+# span (start, end), whether Prophet's region is every generated mask, the step budget and
+# steps per block, Dream, and the threshold rule.
+GEOMETRY = 15
 _THRESHOLD = "confidence_threshold"
 
 # read_only(requests, canvas positions) -> logits at those positions of each request, from one
@@ -112,16 +114,23 @@ class _Plan:
     chosen: np.ndarray  # flat rows revealed (bool [tokens])
     gaps: list[float | None]
     commits: list[bool]
-    schedules: list[list[int] | None]  # a new block's reveal counts, where one starts
+    block_masks_at_start: np.ndarray  # each request's (a new block's, where one starts)
     outside: dict[int, tuple[np.ndarray, np.ndarray]]  # a cached commit's other masks
     failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
     # (flat rows, each request's first and end index into them): revealed rows, and the masks
     # left in the pass's tokens once every reveal is written.
     picked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    # Masks left in each packed sequence's block and generation once every reveal is written.
+    # Per request: the masks left in its block and its generation once every reveal is
+    # written; whether its threshold step stalled (revealed only the mask token itself) and
+    # whether it revealed anything; whether its cursor stays in its block, and if so whether
+    # it takes the block's next step (``foretell.decoding.step.cursor_stays``).
     block_masks: np.ndarray | None = None
     masks: np.ndarray | None = None
+    stalled: np.ndarray | None = None
+    revealed: np.ndarray | None = None
+    stays: np.ndarray | None = None
+    steps_on: np.ndarray | None = None
 
 
 @dataclass
@@ -171,6 +180,7 @@ class BatchedStep:
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index = list(seq_index)
+        self.seq_index_np = np.asarray(self.seq_index, dtype=np.int64)
         self.starts = list(starts)
         self.seq_lens = [seq_lens[s] for s in self.seq_index]
         self.row_offsets = list(row_offsets) if row_offsets is not None else [0] * len(reqs)
@@ -190,14 +200,21 @@ class BatchedStep:
         # a geometry that selects nothing.
         n = len(self.reqs)
         fixed = np.array([r.geometry for r in self.reqs], dtype=np.int64).reshape(n, GEOMETRY)
-        cursor = np.array([(r.block, r.step_in_block) for r in self.reqs], dtype=np.int64)
+        cursor = [(r.block, r.step_in_block, r.global_step, r.block_masks_at_start) for r in reqs]
+        cursor = np.array(cursor, dtype=np.int64).reshape(n, 4)
         prompt, canvas, uses_blocks, blocks_from, block_len, cached, prefix = fixed[:, :7].T
-        dream_cached, span_start, span_end, every_mask = fixed[:, 7:].T
-        block, step_in_block = cursor.reshape(n, 2).T
+        dream_cached, span_start, span_end, every_mask = fixed[:, 7:11].T
+        self.steps_np, self.steps_per_block_np = fixed[:, 11:13].T
+        self.is_dream, self.is_threshold = fixed[:, 13:15].T.astype(bool)
+        block, step_in_block, self.global_step_np, self.block_masks_at_start_np = cursor.T
+        self.step_in_block_np = step_in_block
         uses_blocks = uses_blocks.astype(bool)
+        self.uses_blocks_np = uses_blocks
         block_start = np.where(uses_blocks, blocks_from + block * block_len, prompt)
         block_end = np.where(uses_blocks, block_start + block_len, canvas)
-        cached_step = cached.astype(bool) & (step_in_block > 0)  # Request.cached_step
+        self.cached_np = cached.astype(bool)
+        cached_step = self.cached_np & (step_in_block > 0)  # Request.cached_step
+        self.cached_step_np = cached_step
         # The rows the step recomputes (``Request.query_span``): a cached step's span.
         span_lo = np.where(cached_step, block_start, 0)
         span_hi = np.where(cached_step & ~prefix.astype(bool), block_end, canvas)
@@ -209,14 +226,12 @@ class BatchedStep:
         # step, only its block's first position.
         refresh = dream_cached.astype(bool) & ~cached_step
         self.refresh = refresh
-        rules = [r.params.remasking for r in self.reqs]
-        self.is_threshold = np.array([rule == _THRESHOLD for rule in rules], dtype=bool)
         self.seeded_random = np.array(
             [r.params.remasking == "random" and r.generator is not None for r in self.reqs],
             dtype=bool,
         )
         # Dream's uncached threshold rule keeps scores above it (Fast-dLLM's: at or above).
-        self.strict = np.array([r.family == "dream" for r in self.reqs], dtype=bool) & ~uses_blocks
+        self.strict = self.is_dream & ~uses_blocks
         window_start = np.where(cached_step | refresh, block_start, prompt)
         window_end = np.where(refresh, block_start + 1, block_end)
         table = np.zeros((self.num_seqs, _COLUMNS), dtype=np.int64)
@@ -299,8 +314,29 @@ class BatchedStep:
         # reveal is written (the pass holds each one's block, and an uncached one's canvas),
         # for the cursor rule: counted once for all.
         seqs = self.seq_of_token_np
-        plan.block_masks = np.bincount(seqs[left & self.in_block_np], minlength=self.num_seqs)
-        plan.masks = np.bincount(seqs[left & self.generated_np], minlength=self.num_seqs)
+        s = self.seq_index_np
+        block_masks = np.bincount(seqs[left & self.in_block_np], minlength=self.num_seqs)[s]
+        masks = np.bincount(seqs[left & self.generated_np], minlength=self.num_seqs)[s]
+        plan.block_masks, plan.masks = block_masks, masks
+        # What each request revealed: anything, and anything but the mask token itself.
+        revealed = np.bincount(seqs[picked], minlength=self.num_seqs)[s] > 0
+        real = picked[plan.x0[picked] != self.mask_token_id]
+        real_counts = np.bincount(seqs[real], minlength=self.num_seqs)[s]
+        plan.stalled = self.is_threshold & (real_counts == 0)
+        plan.revealed = revealed
+        plan.stays, plan.steps_on = cursor_stays(
+            self.step_in_block_np,
+            self.global_step_np + 1,  # as ``_apply`` leaves it
+            self.steps_np,
+            self.steps_per_block_np,
+            self.uses_blocks_np,
+            self.cached_np,
+            self.is_threshold,
+            plan.stalled,
+            plan.revealed,
+            block_masks,
+            masks,
+        )
         for j, req in enumerate(self.reqs):
             if j in plan.failed:
                 req.finish("error", plan.failed[j])
@@ -329,21 +365,14 @@ class BatchedStep:
         """
         seq_of_row = self.seq_of_token[rows]
         gap = self._gaps(seq_of_row, rows, stats)
-        schedules: list[list[int] | None] = [None] * len(self.reqs)
-        starting = [
-            j
-            for j, req in enumerate(self.reqs)
-            if req.family != "dream"  # Dream's counts come from its grid (``_k``)
-            and req.step_in_block == 0
-            and req.params.remasking != _THRESHOLD
-        ]
-        if starting:
-            in_block = self.seq_of_token[self.in_block]
-            counts = torch.bincount(in_block, minlength=self.num_seqs).tolist()
-            for j in starting:
-                steps = self.reqs[j].params.steps_per_block
-                schedules[j] = llada_block_schedule(counts[self.seq_index[j]], steps)
-        ranking = self._reveal(rows, stats, schedules)
+        # LLaDA's block schedule follows from the masks its block holds at its first step
+        # (Dream's counts come from its grid; the threshold rules have none).
+        at_start = self.block_masks_at_start_np.copy()
+        starting = ~self.is_dream & ~self.is_threshold & (self.step_in_block_np == 0)
+        if starting.any():
+            counts = np.bincount(self.seq_of_token_np[self.in_block_np], minlength=self.num_seqs)
+            at_start[starting] = counts[self.seq_index_np[starting]]
+        ranking = self._reveal(rows, stats, at_start)
         # The pass's one device -> host transfer: the gathered rows' greedy tokens, which of
         # them are revealed, which requests' ranking tied at its cut, and the gaps (float64
         # holds token ids and the gaps' values exactly).
@@ -368,7 +397,7 @@ class BatchedStep:
                 chosen[self.starts[j] : self.starts[j] + self.seq_lens[j]] = False
         new_ids = self.ids_np.copy()
         new_ids[chosen] = x0[chosen]
-        plan = _Plan(new_ids, x0, chosen, gaps, commits, schedules, {})
+        plan = _Plan(new_ids, x0, chosen, gaps, commits, at_start, {})
         self._fill_commits(plan, more, read_only)
         self._sampled_commits(plan, rows_np, more)
         return plan
@@ -550,7 +579,7 @@ class BatchedStep:
         self,
         rows: torch.Tensor,
         stats: RowStats,
-        schedules: list[list[int] | None],
+        block_masks_at_start: np.ndarray,
     ) -> _Ranking:
         """Which gathered rows every request reveals, on the device, with no transfer.
 
@@ -571,9 +600,7 @@ class BatchedStep:
         # Fast-dLLM's Dream refresh reveals its window (the block's first position) whole; the
         # other threshold rules reveal one best row and those above their threshold.
         ranked = ~self.is_threshold | self.refresh
-        ks = np.ones(len(self.reqs), dtype=np.int64)
-        for j in np.flatnonzero(ranked).tolist():
-            ks[j] = self._k(self.reqs[j], j, schedules, int(sizes[j]), bool(self.refresh[j]))
+        ks = np.where(ranked, self._counts(sizes, block_masks_at_start), 1)
         idle = (sizes == 0) | (ks <= 0)
         for j in np.flatnonzero(idle & self.seeded_random).tolist():
             # The references draw their uniforms every step, revealing or not: LLaDA one per
@@ -713,34 +740,35 @@ class BatchedStep:
             out[torch.tensor(unseeded, device=device)] = shared
         return torch.tensor(random_rows), out
 
-    @staticmethod
-    def _k(
-        req: Request, j: int, schedules: list[list[int] | None], masked: int, refresh: bool
-    ) -> int:
-        """The reveal count of this step: LLaDA's block schedule, or Dream's count for its
-        ``masked`` window positions at this step of its timestep grid (all of them in
-        Fast-dLLM's Dream ``refresh`` step)."""
-        if req.family == "dream":
-            if refresh:
-                return masked
-            if req.uses_blocks:  # Fast-dLLM's cached steps: the grid runs within each block
-                step, steps = req.step_in_block, req.params.steps_per_block
-            else:
-                step, steps = req.global_step, req.params.steps  # (advanced when applied)
-            return dream_transfer_count_np(masked, step, steps, req.timesteps_np)
-        schedule = schedules[j] if schedules[j] is not None else req.block_schedule
-        return schedule[req.step_in_block]
+    def _counts(self, sizes: np.ndarray, block_masks_at_start: np.ndarray) -> np.ndarray:
+        """Every request's reveal count this step, as one array: LLaDA's block schedule, or
+        Dream's count for its ``sizes`` window masks at this step of its timestep grid (all of
+        them in Fast-dLLM's Dream refresh step). Meaningless for the threshold rules."""
+        spb = np.maximum(self.steps_per_block_np, 1)
+        ks = llada_step_count(block_masks_at_start, spb, self.step_in_block_np)
+        dream = np.flatnonzero(self.is_dream)
+        if dream.size:
+            # Fast-dLLM's cached steps run the grid within each block.
+            in_blocks = self.uses_blocks_np[dream]
+            step = np.where(in_blocks, self.step_in_block_np[dream], self.global_step_np[dream])
+            steps = np.where(in_blocks, spb[dream], self.steps_np[dream])
+            at = np.maximum(np.minimum(step, steps - 2), 0)  # any entry past the grid's last
+            grids = [self.reqs[j].timesteps_np for j in dream.tolist()]
+            t = np.array([g[i] for g, i in zip(grids, at.tolist(), strict=True)], np.float32)
+            s = np.array([g[i + 1] for g, i in zip(grids, at.tolist(), strict=True)], np.float32)
+            counts = dream_transfer_counts_np(sizes[dream], step, steps, t, s)
+            ks[dream] = np.where(self.refresh[dream], sizes[dream], counts)
+        return ks
 
     # -- applying: one request at a time, on host arrays --------------------------------
     def _apply(self, j: int, req: Request, plan: _Plan) -> None:
         p = req.params
         req.global_step += 1
-        if plan.schedules[j] is not None:
-            req.block_schedule = plan.schedules[j]
+        req.block_masks_at_start = int(plan.block_masks_at_start[j])
         if p.early_commit is not None:
             req.last_gap = plan.gaps[j]
         start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-        whole = not req.cached_step  # the pass holds the whole canvas, in order
+        whole = not self.cached_step_np[j]  # the pass holds the whole canvas, in order
         if plan.commits[j]:
             # Every generated mask takes this step's argmax (rows not gathered were filled in
             # while planning, and a cached step's masks outside its pass by a read-only pass).
@@ -768,10 +796,12 @@ class BatchedStep:
             req.set_masked(masked[lo[j] : hi[j]] - start)
         else:
             req.write_np(revealed, plan.x0[picked])
-        stalled = p.remasking == _THRESHOLD and bool((plan.x0[picked] == self.mask_token_id).all())
-        s = self.seq_index[j]
-        masks = int(plan.masks[s]) if whole else None  # a cached step holds only its span
-        move_cursor(req, stalled, picked.size > 0, int(plan.block_masks[s]), masks)
+        if plan.stays[j]:
+            req.step_in_block += int(plan.steps_on[j])
+            return
+        masks = int(plan.masks[j]) if whole else None  # a cached step holds only its span
+        stalled, any_revealed = bool(plan.stalled[j]), bool(plan.revealed[j])
+        move_cursor(req, stalled, any_revealed, int(plan.block_masks[j]), masks)
 
 
 @functools.lru_cache(maxsize=256)

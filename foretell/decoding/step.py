@@ -29,7 +29,7 @@ from foretell.decoding.unmask import (
     confidence_dtype,
     dream_transfer_count,
     greedy_llada,
-    llada_block_schedule,
+    llada_step_count,
     ranked_threshold,
 )
 from foretell.scheduler.request import Request
@@ -112,7 +112,7 @@ def advance(
         and p.remasking != "confidence_threshold"
     ):
         start, end = req.block_bounds()
-        req.block_schedule = llada_block_schedule(req.masked_count(start, end), p.steps_per_block)
+        req.block_masks_at_start = req.masked_count(start, end)
     if p.early_commit is not None and _try_commit(req, positions, logits, more_logits, stats):
         return
     window_stats = None
@@ -237,7 +237,7 @@ def _reveal_llada(
     if p.remasking == "random":
         # The reference draws one uniform per computed position every step.
         scores = torch.rand(hi - lo, generator=req.generator)[window - lo]
-    count = req.block_schedule[req.step_in_block]
+    count = llada_step_count(req.block_masks_at_start, p.steps_per_block, req.step_in_block)
     _reveal(req, window, x0, choose(scores, count, None, req.generator, window - lo, hi - lo))
     move_cursor(req)
 
@@ -274,6 +274,43 @@ def move_cursor(
         next_nonempty_block(req, block_masks)
     else:
         move_block_cursor(req)
+
+
+def cursor_stays(
+    step_in_block: np.ndarray,
+    global_step: np.ndarray,
+    steps: np.ndarray,
+    steps_per_block: np.ndarray,
+    uses_blocks: np.ndarray,
+    cached: np.ndarray,
+    threshold: np.ndarray,
+    stalled: np.ndarray,
+    revealed: np.ndarray,
+    block_masks: np.ndarray,
+    masks: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`move_cursor` for a whole batch, where it stays in the block (most steps): which
+    requests' cursors stay, and which of those take the block's next step. Only a request
+    that leaves its block or finishes needs the rule itself, so the batched step runs no
+    per-request Python for the cursor in most steps. Arrays per request: the cursor before
+    the move (``global_step`` after the step's increment), the params' step budgets, the
+    kind (blocks, KV cache, threshold rule), and the step's outcome as ``move_cursor`` takes
+    it (``masks``: meaningful where the pass held the whole canvas)."""
+    # Dream's grid over the whole generation (its threshold rule: until no mask is left).
+    whole_grid = np.where(threshold, masks > 0, global_step != steps)
+    # Fast-dLLM's cached block loop: on until the block empties, its schedule is spent, or a
+    # cached threshold step stalls.
+    in_cache = step_in_block > 0
+    ends = (in_cache & (block_masks == 0)) | (~threshold & (step_in_block + 1 >= steps_per_block))
+    cached_loop = ~(ends | (in_cache & stalled))
+    # Threshold decoding: on in the block while it has masks and the step did not stall.
+    on_threshold = ~(stalled & revealed) & (block_masks > 0)
+    # LLaDA's schedule: the block's next step.
+    scheduled = step_in_block + 1 < steps_per_block
+    stays = np.select(
+        [~uses_blocks, cached, threshold], [whole_grid, cached_loop, on_threshold], scheduled
+    )
+    return stays, uses_blocks & (cached | ~threshold)
 
 
 def move_cached_cursor(req: Request, stalled: bool = False, block_masks: int | None = None) -> None:

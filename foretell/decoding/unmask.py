@@ -133,15 +133,6 @@ def _greedy_prob(
     return probs.gather(-1, argmax[:, None]).squeeze(-1)
 
 
-def dream_transfer_count_np(num_masked: int, step: int, steps: int, timesteps: np.ndarray) -> int:
-    """:func:`dream_transfer_count` with NumPy float32 scalars: the same IEEE float32 operations
-    (a quotient, a difference, a product, then truncation), with no tensor op."""
-    if step >= steps - 1:
-        return num_masked
-    t, s = timesteps[step], timesteps[step + 1]
-    return int(np.float32(num_masked) * (np.float32(1) - s / t))
-
-
 def greedy_llada(family: str, rule: str, temperature: float, top_p, top_k) -> bool:
     """Whether :class:`RowStats` give this decoding's candidates exactly (LLaDA's greedy rules
     without filtering; Dream scores with filtered float32 probabilities)."""
@@ -154,10 +145,22 @@ def greedy_llada(family: str, rule: str, temperature: float, top_p, top_k) -> bo
     )
 
 
-def llada_block_schedule(masked: int, steps: int) -> list[int]:
-    """LLaDA's reveal counts within a block: ``m // s`` each, plus one for the first ``m % s``."""
-    base, extra = divmod(masked, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
+def llada_step_count(masked, steps, step):
+    """LLaDA's reveal count at ``step`` of a block that held ``masked`` masks at its start:
+    ``masked // steps``, plus one in the first ``masked % steps`` steps. Ints or NumPy arrays
+    (a whole batch's counts in one expression)."""
+    return masked // steps + (step < masked % steps)
+
+
+def dream_transfer_counts_np(
+    masked: np.ndarray, step: np.ndarray, steps: np.ndarray, t: np.ndarray, s: np.ndarray
+) -> np.ndarray:
+    """:func:`dream_transfer_count` for a whole batch, with no tensor op: ``t`` and ``s`` are
+    each request's timesteps at ``step`` and ``step + 1`` (float32; anything where ``step`` is
+    its last). The same IEEE float32 operations element by element (a quotient, a difference,
+    a product), then truncation, so the counts are Dream's exactly."""
+    part = masked.astype(np.float32) * (np.float32(1) - s.astype(np.float32) / t.astype(np.float32))
+    return np.where(step >= steps - 1, masked, part.astype(np.int64))
 
 
 def dream_transfer_count(num_masked: int, step: int, steps: int, timesteps: torch.Tensor) -> int:

@@ -117,7 +117,11 @@ class Packer:
         seq_lens = [len(s) for s in seqs]
         positions = np.concatenate(seq_positions)
         # Only a cached step's span differs from its canvas positions.
-        in_seq = np.concatenate([self.arange(n) for n in seq_lens]) if spans else positions
+        if spans:
+            lens = np.asarray(seq_lens, dtype=np.int64)
+            in_seq = concat_ranges(np.zeros_like(lens), lens)
+        else:
+            in_seq = positions
         return StepInput(
             ids=torch.from_numpy(np.concatenate(seqs)),
             positions=torch.from_numpy(positions),
@@ -178,6 +182,14 @@ class Packer:
         start, block = req.kv_stored, req.params.block_length
         cache = CacheUse(req.kv_slots, 0, start, lo - start, lo, block)
         return req, (np.arange(start, lo), cache)
+
+
+def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The integers of every ``[starts[i], ends[i])`` in order, as one array: a batch's rows
+    in a fixed number of NumPy calls, not one ``arange`` per request."""
+    lens = ends - starts
+    first = np.cumsum(lens) - lens  # where each range begins in the result
+    return np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
 
 
 def _pack_key(layout: Layout) -> tuple:

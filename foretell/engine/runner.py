@@ -34,7 +34,7 @@ from foretell.decoding.unmask import (
     suppress_cells,
 )
 from foretell.engine.kv_cache import KVPool
-from foretell.engine.packing import Packer
+from foretell.engine.packing import Packer, concat_ranges
 from foretell.models.attention import CacheUse
 from foretell.models.transformer import DiffusionLM
 from foretell.scheduler.request import Request
@@ -526,7 +526,7 @@ class ModelRunner:
         out), grouped by dtype and left-out columns; and, when variants hold most rows, the
         rows that do take the default (so that its softmax over the vocabulary does not run
         on rows a variant scores again: with Fast-dLLM's rules, float64, that is most rows)."""
-        groups: dict[tuple[torch.dtype, tuple[int, ...], str], list[np.ndarray]] = {}
+        groups: dict[tuple[torch.dtype, tuple[int, ...], str], list[tuple[int, int]]] = {}
         for i, (start, end) in spans.items():
             req = batch[i]
             rule = req.params.remasking if req.params.remasking in OTHER_SCORES else None
@@ -536,10 +536,10 @@ class ModelRunner:
                 continue
             dtype = req.confidence_dtype or gathered.dtype
             key = (dtype, req.confidence_suppress, rule or "low_confidence")
-            groups.setdefault(key, []).append(np.arange(start, end))
+            groups.setdefault(key, []).append((start, end))
         variants, covered = [], np.zeros(len(gathered), dtype=bool)
-        for (dtype, left, rule), parts in groups.items():
-            rows = np.concatenate(parts)
+        for (dtype, left, rule), bounds in groups.items():
+            rows = concat_ranges(*np.array(bounds, dtype=np.int64).T)
             covered[rows] = True
             variants.append(
                 ProbVariant(torch.from_numpy(rows).to(gathered.device), dtype, left, rule)

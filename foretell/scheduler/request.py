@@ -73,7 +73,9 @@ class Request:
     global_step: int = 0
     block: int = 0
     step_in_block: int = 0
-    block_schedule: list[int] = field(default_factory=list)
+    # The masks the current block held at its first step: LLaDA's reveal counts over the block
+    # follow from it (``foretell.decoding.unmask.llada_step_count``).
+    block_masks_at_start: int = 0
     # Dream's timestep grid (float32, exactly as ``diffusion_generate`` builds it).
     timesteps: torch.Tensor | None = None
     timesteps_np: np.ndarray | None = field(default=None, repr=False)  # the same memory
@@ -177,6 +179,10 @@ class Request:
                 int(self.family == "dream" and self._cached),  # Fast-dLLM's Dream refresh
                 *(span or (0, 0)),
                 int(policy is not None and span is None),  # region: every mask
+                p.steps,
+                p.steps_per_block,
+                int(self.family == "dream"),
+                int(p.remasking == "confidence_threshold"),
             )
             self._geometry_of = p
         return self._geometry
@@ -344,7 +350,7 @@ class Request:
         decodes the same tokens again: its steps do not depend on its batch, and its random
         stream starts over from the same seed."""
         self.global_step = self.step_in_block = self.block = self.kv_stored = 0
-        self.block_schedule = []
+        self.block_masks_at_start = 0
         self.commit_step = self.last_gap = self.revealed_last_step = None
         self.steps_waited = 0
         self.preemptions += 1
