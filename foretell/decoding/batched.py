@@ -753,9 +753,11 @@ class BatchedStep:
             step = np.where(in_blocks, self.step_in_block_np[dream], self.global_step_np[dream])
             steps = np.where(in_blocks, spb[dream], self.steps_np[dream])
             at = np.maximum(np.minimum(step, steps - 2), 0)  # any entry past the grid's last
-            grids = [self.reqs[j].timesteps_np for j in dream.tolist()]
-            t = np.array([g[i] for g, i in zip(grids, at.tolist(), strict=True)], np.float32)
-            s = np.array([g[i + 1] for g, i in zip(grids, at.tolist(), strict=True)], np.float32)
+            pairs = [
+                self.reqs[j].timesteps_np[i : i + 2]
+                for j, i in zip(dream.tolist(), at.tolist(), strict=True)
+            ]
+            t, s = np.array(pairs, dtype=np.float32).reshape(len(pairs), 2).T
             counts = dream_transfer_counts_np(sizes[dream], step, steps, t, s)
             ks[dream] = np.where(self.refresh[dream], sizes[dream], counts)
         return ks

@@ -42,24 +42,17 @@ from __future__ import annotations
 import torch
 
 from foretell.decoding.early_commit import reduce_gaps
-from foretell.decoding.unmask import top2_gap
+from foretell.decoding.unmask import llada_step_count, top2_gap
 from foretell.params import Prophet
 from foretell.scheduler.request import Request
 
 _NOTHING = torch.empty(0, dtype=torch.long)
 
 
-def block_schedule(block_length: int, steps: int) -> list[int]:
-    """Tokens revealed at each step of a block: the official ``get_num_transfer_tokens``."""
-    base, extra = divmod(block_length, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
-
-
 def _span_in_block(policy: Prophet, req: Request, lo: int, hi: int) -> torch.Tensor:
     """The explicit answer span's positions inside ``[lo, hi)``, the generation's only (the
     tail past ``gen_length`` is cut)."""
-    start = req.prompt_len + policy.answer_start
-    end = min(start + policy.answer_length, req.prompt_len + req.params.gen_length)
+    start, end = policy.answer_span(req.prompt_len, req.prompt_len + req.params.gen_length)
     return torch.arange(max(start, lo), max(min(end, hi), max(start, lo)))
 
 
@@ -146,7 +139,7 @@ def advance_block(req: Request, positions: torch.Tensor, scores: torch.Tensor) -
         req.commit_step = req.global_step  # the step of the latest block committed
         _block_done(req)
         return
-    count = min(block_schedule(p.block_length, p.steps)[req.step_in_block], len(masked))
+    count = min(llada_step_count(p.block_length, p.steps, req.step_in_block), len(masked))
     row_conf = torch.full((hi - lo,), float("-inf"))
     row_conf[masked - lo] = conf[rows]
     chosen = None

@@ -147,8 +147,9 @@ def greedy_llada(family: str, rule: str, temperature: float, top_p, top_k) -> bo
 
 def llada_step_count(masked, steps, step):
     """LLaDA's reveal count at ``step`` of a block that held ``masked`` masks at its start:
-    ``masked // steps``, plus one in the first ``masked % steps`` steps. Ints or NumPy arrays
-    (a whole batch's counts in one expression)."""
+    ``masked // steps``, plus one in the first ``masked % steps`` steps (the official
+    ``get_num_transfer_tokens``, which SDAR and LLaDA2 apply to a whole block). Ints or NumPy
+    arrays (a whole batch's counts in one expression)."""
     return masked // steps + (step < masked % steps)
 
 

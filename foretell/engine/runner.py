@@ -303,7 +303,8 @@ class ModelRunner:
         out: dict[int, torch.Tensor] = {}
         greedy = [i for i in blocks if not samples(batch[i])]
         if greedy:
-            index = torch.cat([torch.arange(*row_ranges[i]) for i in greedy])
+            bounds = np.array([row_ranges[i] for i in greedy], dtype=np.int64)
+            index = torch.from_numpy(concat_ranges(bounds[:, 0], bounds[:, 1]))
             argmax_of_probs = getattr(self.model, "argmax_of_probs", False)
             scores = score_rows(gathered[index.to(gathered.device)], argmax_of_probs).cpu()
             parts = scores.split([len(positions[i]) for i in greedy], dim=1)
