@@ -434,7 +434,7 @@ def test_request_geometry_follows_its_params() -> None:
     # prompt and canvas length, blocks, where block 0 starts, block length, cached, prefix
     assert req.geometry[:7] == (3, 11, 1, 3, 4, 0, 0)
     assert req.geometry[8:11] == (0, 0, 1)  # no explicit span; the region is every mask
-    assert req.geometry[11:] == (8, 4, 0, 0)  # steps, per block, Dream, the threshold rule
+    assert req.geometry[11:] == (8, 4, 0, 0, 1)  # steps, per block, Dream, threshold, sequences
     span = Prophet(answer_start=2, answer_length=3)
     req.params = dataclasses.replace(params, early_commit=span, remasking="confidence_threshold")
     assert req.geometry[8:11] == (5, 8, 0)

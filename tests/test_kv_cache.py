@@ -297,10 +297,10 @@ def test_cache_is_freed_on_abort_and_error(llada64, monkeypatch) -> None:
 
     real = batched_module.BatchedStep._apply  # greedy cached requests step together
 
-    def failing(self, j, req, plan):
+    def failing(self, j, req, *args):
         if req.request_id == keep and req.cached_step:
             raise RuntimeError("injected fault")
-        return real(self, j, req, plan)
+        return real(self, j, req, *args)
 
     monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
     outs = engine.step()

@@ -41,6 +41,7 @@ from foretell.decoding.unmask import (
     llada_step_count,
     suppress_cells,
 )
+from foretell.scheduler.canvas_rows import CanvasRows
 from foretell.scheduler.request import Request
 
 # Columns of the per-sequence geometry table (canvas positions).
@@ -55,11 +56,6 @@ from foretell.scheduler.request import Request
     _WINDOW_END,
 ) = range(8)
 _COLUMNS = 8
-# Fields of ``Request.geometry``: prompt and canvas length, whether it decodes in blocks, where
-# block 0 starts, the block length, cached, prefix cache, Fast-dLLM's Dream, Prophet's explicit
-# span (start, end), whether Prophet's region is every generated mask, the step budget and
-# steps per block, Dream, and the threshold rule.
-GEOMETRY = 15
 _THRESHOLD = "confidence_threshold"
 
 # read_only(requests, canvas positions) -> logits at those positions of each request, from one
@@ -131,6 +127,14 @@ class _Plan:
     revealed: np.ndarray | None = None
     stays: np.ndarray | None = None
     steps_on: np.ndarray | None = None
+    # The same as lists for the per-request loop (no NumPy scalar per read): each request's
+    # (first, end) into ``revealed_positions`` (the revealed rows' canvas positions), its
+    # block's masks at its start, whether its cursor stays and by how many steps.
+    revealed_positions: np.ndarray | None = None
+    bounds: list[tuple[int, int]] = field(default_factory=list)
+    at_start: list[int] = field(default_factory=list)
+    stays_list: list[bool] = field(default_factory=list)
+    steps_on_list: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -177,6 +181,10 @@ class BatchedStep:
         row_offsets: Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         logits_dtype: torch.dtype = torch.float32,
+        *,
+        canvas_rows: CanvasRows,
+        geometry: np.ndarray,
+        cursor: np.ndarray,
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index = list(seq_index)
@@ -190,23 +198,23 @@ class BatchedStep:
         self.mask_token_id = mask_token_id
         self.generator = generator  # the shared stream of requests without a seed
         self.logits_dtype = logits_dtype  # the model's: a confidence's dtype unless set
+        self.canvas_rows = canvas_rows  # every request's canvas is a row of it
         self._pass: tuple | None = None  # (rows, stats, more, read_only), once the pass has run
         self._logits: torch.Tensor | None = None
         # A seeded sampled request with Prophet: its generator's state before this step's draw
         # (by index into ``reqs``), restored if it commits (see ``_sampled_commits``).
         self.draw_states: dict[int, torch.Tensor] = {}
-        # Each request's geometry from its fixed part (``Request.geometry``) and its cursor,
-        # as whole-batch arrays: no method call per request. Every other packed sequence gets
-        # a geometry that selects nothing.
-        n = len(self.reqs)
-        fixed = np.array([r.geometry for r in self.reqs], dtype=np.int64).reshape(n, GEOMETRY)
-        cursor = [(r.block, r.step_in_block, r.global_step, r.block_masks_at_start) for r in reqs]
-        cursor = np.array(cursor, dtype=np.int64).reshape(n, 4)
+        # Each request's geometry from its fixed part (``Request.geometry``) and its cursor
+        # (``foretell.engine.packing.CURSOR``), as whole-batch arrays the packer gathered: no
+        # method call per request. Every other packed sequence gets a geometry that selects
+        # nothing.
+        fixed = geometry
         prompt, canvas, uses_blocks, blocks_from, block_len, cached, prefix = fixed[:, :7].T
         dream_cached, span_start, span_end, every_mask = fixed[:, 7:11].T
         self.steps_np, self.steps_per_block_np = fixed[:, 11:13].T
         self.is_dream, self.is_threshold = fixed[:, 13:15].T.astype(bool)
-        block, step_in_block, self.global_step_np, self.block_masks_at_start_np = cursor.T
+        block, step_in_block, self.global_step_np, self.block_masks_at_start_np = cursor.T[:4]
+        self.canvas_row_np = cursor[:, 4]
         self.step_in_block_np = step_in_block
         uses_blocks = uses_blocks.astype(bool)
         self.uses_blocks_np = uses_blocks
@@ -337,6 +345,19 @@ class BatchedStep:
             block_masks,
             masks,
         )
+        # Every reveal written at once, into the requests' canvas rows (a commit discarded its
+        # reveal while planning; its fill is written by ``_commit``).
+        positions = self.positions_np[picked]
+        row_of_seq = np.zeros(self.num_seqs, dtype=np.int64)
+        row_of_seq[self.seq_index_np] = self.canvas_row_np
+        canvas = self.canvas_rows.flat
+        canvas[row_of_seq[seqs[picked]] * self.canvas_rows.width + positions] = plan.x0[picked]
+        # Then each request's cursor: plain attribute updates, and the rule itself only for a
+        # request that commits, leaves its block or finishes.
+        plan.revealed_positions = positions
+        plan.bounds = list(zip(plan.picked[1].tolist(), plan.picked[2].tolist(), strict=True))
+        plan.at_start = plan.block_masks_at_start.tolist()
+        plan.stays_list, plan.steps_on_list = plan.stays.tolist(), plan.steps_on.tolist()
         for j, req in enumerate(self.reqs):
             if j in plan.failed:
                 req.finish("error", plan.failed[j])
@@ -762,48 +783,43 @@ class BatchedStep:
             ks[dream] = np.where(self.refresh[dream], sizes[dream], counts)
         return ks
 
-    # -- applying: one request at a time, on host arrays --------------------------------
+    # -- applying: one request at a time, attribute updates only --------------------------
     def _apply(self, j: int, req: Request, plan: _Plan) -> None:
-        p = req.params
+        """Request ``j``'s cursor after its step (its reveals are written already)."""
+        req.forget_masked()
         req.global_step += 1
-        req.block_masks_at_start = int(plan.block_masks_at_start[j])
-        if p.early_commit is not None:
+        req.block_masks_at_start = plan.at_start[j]
+        if req.params.early_commit is not None:
             req.last_gap = plan.gaps[j]
-        start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-        whole = not self.cached_step_np[j]  # the pass holds the whole canvas, in order
         if plan.commits[j]:
-            # Every generated mask takes this step's argmax (rows not gathered were filled in
-            # while planning, and a cached step's masks outside its pass by a read-only pass).
-            fill = np.flatnonzero(self.generated_np[start:end])
-            if whole:
-                new_ids = plan.new_ids[start:end]
-                new_ids[fill] = plan.x0[fill + start]
-                req.write_np(slice(None), new_ids)
-                req.revealed_last_step = fill
-            else:
-                masked = req.masked_np(req.prompt_len)
-                req.write_np(self.positions_np[fill + start], plan.x0[fill + start])
-                if j in plan.outside:
-                    req.write_np(*plan.outside[j])
-                req.revealed_last_step = masked
-            mark_committed(req)
+            self._commit(j, req, plan)
             return
-        rows, lo, hi = plan.picked
-        picked = rows[lo[j] : hi[j]]
-        revealed = self.positions_np[picked]
-        req.revealed_last_step = revealed
-        if whole:
-            req.write_np(slice(None), plan.new_ids[start:end])
-            masked, lo, hi = plan.masked  # the canvas is the pass's tokens: its masks are known
-            req.set_masked(masked[lo[j] : hi[j]] - start)
-        else:
-            req.write_np(revealed, plan.x0[picked])
-        if plan.stays[j]:
-            req.step_in_block += int(plan.steps_on[j])
+        first, end = plan.bounds[j]
+        req.revealed_last_step = plan.revealed_positions[first:end]
+        if plan.stays_list[j]:
+            req.step_in_block += plan.steps_on_list[j]
             return
-        masks = int(plan.masks[j]) if whole else None  # a cached step holds only its span
+        whole = not self.cached_step_np[j]  # a cached step's pass holds only its span
+        masks = int(plan.masks[j]) if whole else None
         stalled, any_revealed = bool(plan.stalled[j]), bool(plan.revealed[j])
         move_cursor(req, stalled, any_revealed, int(plan.block_masks[j]), masks)
+
+    def _commit(self, j: int, req: Request, plan: _Plan) -> None:
+        """Every generated mask of a committing request takes this step's candidate (rows not
+        gathered were filled in while planning, and a cached step's masks outside its pass by a
+        read-only pass)."""
+        start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
+        fill = np.flatnonzero(self.generated_np[start:end])
+        if not self.cached_step_np[j]:  # the pass holds the whole canvas, in order
+            req.write_np(self.positions_np[fill + start], plan.x0[fill + start])
+            req.revealed_last_step = fill
+        else:
+            masked = req.masked_np(req.prompt_len)
+            req.write_np(self.positions_np[fill + start], plan.x0[fill + start])
+            if j in plan.outside:
+                req.write_np(*plan.outside[j])
+            req.revealed_last_step = masked
+        mark_committed(req)
 
 
 @functools.lru_cache(maxsize=256)

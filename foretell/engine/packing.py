@@ -18,11 +18,15 @@ import numpy as np
 import torch
 
 from foretell.models.attention import CacheUse
+from foretell.scheduler.canvas_rows import CanvasRows
 from foretell.scheduler.request import Request
 
 # A request's sequence in a pass: its canvas positions (a host array) and how it uses the KV
 # pool.
 Layout = tuple[np.ndarray, CacheUse | None]
+# Columns of ``StepInput.cursor``: a request's block, step in it, step, its block's masks at
+# the block's start, and its canvas row.
+CURSOR = 5
 
 
 @dataclass
@@ -35,10 +39,16 @@ class StepInput:
     in_seq: torch.Tensor  # [tokens] each token's row within its own sequence (Dream's shift)
     seq_lens: list[int]  # packed sequences' lengths (a cfg request has two)
     caches: list[CacheUse | None]  # each packed sequence's KV pool use
-    layouts: list[Layout]  # each request's sequence
+    # Where each request's recomputed rows begin in its packed sequence: after a cached step's
+    # read-only rows before its span; at the start otherwise.
+    row_offsets: list[int]
     offsets: list[tuple[int, int | None]]  # each request's (conditional, cfg) first flat token
     seq_of: list[int]  # each request's packed sequence
     spans: dict[int, np.ndarray]  # a cached step's sequence positions, sorted, by request
+    # Each request's geometry (``Request.geometry``) and cursor (``CURSOR``), as arrays: what
+    # the batched step reads of its requests, gathered once for the pass.
+    geometry: np.ndarray
+    cursor: np.ndarray
     ids_d: torch.Tensor | None = field(default=None, repr=False)
     positions_d: torch.Tensor | None = field(default=None, repr=False)
     in_seq_d: torch.Tensor | None = field(default=None, repr=False)
@@ -51,12 +61,6 @@ class StepInput:
     def pool_uses(self) -> list[CacheUse | None] | None:
         """The sequences' KV pool uses, or None when no sequence uses the pool."""
         return self.caches if any(c is not None for c in self.caches) else None
-
-    def row_offset(self, i: int) -> int:
-        """Where request ``i``'s recomputed rows begin in its packed sequence: after a cached
-        step's read-only rows before its span; at the start otherwise."""
-        cache = self.layouts[i][1]
-        return cache.write_row if i in self.spans else 0
 
     def to(self, device: torch.device) -> StepInput:
         """Copy what the model reads to ``device``, once."""
@@ -78,60 +82,127 @@ class Packer:
             self._aranges[n] = np.arange(n)
         return self._aranges[n]
 
-    def pack(self, batch: list[Request]) -> StepInput:
-        layouts = [self.layout(req) for req in batch]
-        spans = {i: layouts[i][0] for i, r in enumerate(batch) if r.cached_step}
-        seqs: list[np.ndarray] = []
-        seq_positions: list[np.ndarray] = []
-        caches: list[CacheUse | None] = []
-        offsets: list[tuple[int, int | None]] = [(0, None)] * len(batch)
-        seq_of: list[int] = [0] * len(batch)
-        total = 0
-        # A block-causal request's rows whose keys are due in its pages (the prompt's whole
-        # blocks, or the block it finished) are a sequence of their own, as the official
-        # prefill and store passes are; they come first, and are stored in every layer before
-        # any sequence reads.
-        stores = [s for s in (self.store_layout(r) for r in batch if r.block_causal) if s]
-        for req, (pos, cache) in sorted(stores, key=lambda s: _pack_key(s[1])):
-            seqs.append(req.canvas_np[pos[0] : pos[-1] + 1])
-            seq_positions.append(pos)
-            caches.append(cache)
-            total += len(pos)
-        for i in sorted(range(len(batch)), key=lambda i: _pack_key(layouts[i])):
-            req, (pos, cache) = batch[i], layouts[i]
-            cond = total
-            seq_of[i] = len(seqs)
-            whole = cache is None or cache.read_len is None
-            seqs.append(req.canvas_np if whole else req.canvas_np[pos])
-            seq_positions.append(pos)
-            caches.append(cache)
-            total += len(pos)
-            uncond = None
-            if req.params.cfg_scale > 0:
-                uncond = total
-                seqs.append(np.where(req.given_np, req.mask_token_id, req.canvas_np))
-                seq_positions.append(pos)
-                caches.append(None)
-                total += req.canvas_len
-            offsets[i] = (cond, uncond)
-        seq_lens = [len(s) for s in seqs]
-        positions = np.concatenate(seq_positions)
+    def pack(self, batch: list[Request], canvas_rows: CanvasRows) -> StepInput:
+        """The pass of ``batch``, whose canvases are rows of ``canvas_rows``.
+
+        Most sequences are one range of their canvas (the whole canvas, or a cached step's
+        span): their bounds come from the requests' geometry as arrays, and every sequence's
+        tokens are one gather from the canvas rows. Only a cached step with read-only rows and
+        a block-causal request lay out their positions one by one (:meth:`layout`)."""
+        n = len(batch)
+        cursor = [
+            (r.block, r.step_in_block, r.global_step, r.block_masks_at_start, r.canvas_row)
+            for r in batch
+        ]
+        cursor = np.array(cursor, dtype=np.int64).reshape(n, CURSOR)
+        block, step_in_block, canvas_row = cursor[:, 0], cursor[:, 1], cursor[:, 4]
+        fixed = canvas_rows.geometry_of(batch, canvas_row)
+        num_seqs = fixed[:, 15]
+        prompt, canvas, uses_blocks, blocks_from, block_len, cached, prefix = fixed[:, :7].T
+        span_start, span_end, every_mask = fixed[:, 8:11].T
+        cached = cached.astype(bool)
+        cached_step = cached & (step_in_block > 0)  # Request.cached_step
+        block_start = np.where(uses_blocks.astype(bool), blocks_from + block * block_len, prompt)
+        block_end = np.where(uses_blocks.astype(bool), block_start + block_len, canvas)
+        lo = np.where(cached_step, block_start, 0)  # Request.query_span
+        hi = np.where(cached_step & ~prefix.astype(bool), block_end, canvas)
+        # A cached step that adds read-only rows (Prophet's region outside its span) keeps a
+        # set of positions, all such steps' at once; a block-causal request is laid out alone.
+        lengths = hi - lo
+        write_row = np.zeros(n, dtype=np.int64)  # read-only rows ahead of a cached step's span
+        reads_more = np.flatnonzero(
+            cached_step & (every_mask.astype(bool) | (span_end > span_start))
+        )
+        if reads_more.size:
+            r = reads_more
+            kept, lengths[r], write_row[r] = _kept_positions(
+                canvas_rows.tokens[canvas_row[r], : canvas[r].max()],
+                batch[0].mask_token_id,
+                prompt[r],
+                canvas[r],
+                lo[r],
+                hi[r],
+                every_mask[r].astype(bool),
+                span_start[r],
+                span_end[r],
+            )
+        read_len = np.where(cached_step, canvas, 0)
+        blocks = [i for i, r in enumerate(batch) if r.block_causal]
+        block_layouts = {i: self.layout(batch[i]) for i in blocks}
+        for i, (pos, cache) in block_layouts.items():
+            lengths[i] = len(pos)
+            read_len[i] = cache.read_len
+        caches: list[CacheUse | None] = [None] * n
+        lo_l, span_l, row_l = lo.tolist(), (hi - lo).tolist(), write_row.tolist()
+        read_l = np.where(cached_step, canvas, -1).tolist()
+        for i in np.flatnonzero(cached).tolist():
+            read = read_l[i] if read_l[i] >= 0 else None  # None: a refresh attends to itself
+            caches[i] = CacheUse(batch[i].kv_slots, row_l[i], lo_l[i], span_l[i], read)
+        for i, (_, cache) in block_layouts.items():
+            caches[i] = cache
+        # Sequences in attention's order (``_pack_key``): a block-causal request's store rows
+        # first; then self-attending sequences by length; cached steps last, by query and key
+        # length. A guided request's unconditional copy follows its own.
+        stores = [s for s in (self.store_layout(batch[i]) for i in blocks) if s]
+        stores.sort(key=lambda s: _pack_key(s[1]))
+        reading = read_len > 0
+        order = np.lexsort((read_len, lengths, reading))
+        seq_req = np.repeat(order, num_seqs[order])
+        first = np.cumsum(num_seqs[order]) - num_seqs[order]  # each request's first sequence
+        uncond = np.zeros(len(seq_req), dtype=bool)
+        uncond[first[num_seqs[order] > 1] + 1] = True
+        seq_lens_np = np.where(uncond, canvas[seq_req], lengths[seq_req])
+        seq_lo = np.where(uncond, 0, lo[seq_req])
+        all_lens, all_lo, rows = seq_lens_np, seq_lo, canvas_row[seq_req]
+        if stores:
+            store_lens = np.array([len(pos) for _, (pos, _) in stores], dtype=np.int64)
+            store_lo = np.array([pos[0] for _, (pos, _) in stores], dtype=np.int64)
+            store_rows = np.array([r.canvas_row for r, _ in stores], dtype=np.int64)
+            all_lens = np.concatenate([store_lens, seq_lens_np])
+            all_lo = np.concatenate([store_lo, seq_lo])
+            rows = np.concatenate([store_rows, rows])
+        positions = concat_ranges(all_lo, all_lo + all_lens)
+        seq_start = np.cumsum(all_lens) - all_lens
+        # Laid-out positions (their ranges above are placeholders) written over their sequence.
+        k = len(stores)
+        req_first = np.empty(n, dtype=np.int64)
+        req_first[order] = first + k  # each request's conditional sequence
+        if reads_more.size:
+            at = seq_start[req_first[reads_more]]
+            positions[concat_ranges(at, at + lengths[reads_more])] = kept
+        for i, (pos, _) in block_layouts.items():
+            at = seq_start[req_first[i]]
+            positions[at : at + len(pos)] = pos
+        ids = canvas_rows.flat[np.repeat(rows * canvas_rows.width, all_lens) + positions]
+        cond_at = seq_start[req_first]
+        offsets: list[tuple[int, int | None]] = [(c, None) for c in cond_at.tolist()]
+        for i in np.flatnonzero(num_seqs > 1).tolist():  # guided: the prompt masked in the copy
+            req, at = batch[i], int(seq_start[req_first[i] + 1])
+            copy = ids[at : at + req.canvas_len]
+            copy[req.given_np] = req.mask_token_id
+            offsets[i] = (int(cond_at[i]), at)
+        seq_of = req_first.tolist()
+        all_caches = [c for _, (_, c) in stores]
+        pairs = zip(seq_req.tolist(), uncond.tolist(), strict=True)
+        all_caches += [None if copy else caches[i] for i, copy in pairs]
+        steps = np.flatnonzero(cached_step)
+        bounds = zip(cond_at[steps].tolist(), (cond_at + lengths)[steps].tolist(), strict=True)
+        spans = {i: positions[a:b] for i, (a, b) in zip(steps.tolist(), bounds, strict=True)}
+        row_offsets = row_l  # a cached step's rows begin after its read-only rows
         # Only a cached step's span differs from its canvas positions.
-        if spans:
-            lens = np.asarray(seq_lens, dtype=np.int64)
-            in_seq = concat_ranges(np.zeros_like(lens), lens)
-        else:
-            in_seq = positions
+        in_seq = concat_ranges(np.zeros_like(all_lens), all_lens) if spans else positions
         return StepInput(
-            ids=torch.from_numpy(np.concatenate(seqs)),
+            ids=torch.from_numpy(ids),
             positions=torch.from_numpy(positions),
             in_seq=torch.from_numpy(in_seq),
-            seq_lens=seq_lens,
-            caches=caches,
-            layouts=layouts,
+            seq_lens=all_lens.tolist(),
+            caches=all_caches,
+            row_offsets=row_offsets,
             offsets=offsets,
             seq_of=seq_of,
             spans=spans,
+            geometry=fixed,
+            cursor=cursor,
         )
 
     def layout(self, req: Request) -> Layout:
@@ -190,6 +261,32 @@ def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     lens = ends - starts
     first = np.cumsum(lens) - lens  # where each range begins in the result
     return np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
+
+
+def _kept_positions(
+    tokens: np.ndarray,
+    mask_token_id: int,
+    prompt: np.ndarray,
+    canvas: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    every_mask: np.ndarray,
+    span_start: np.ndarray,
+    span_end: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sequences of cached steps that add read-only rows (:meth:`Packer.layout`'s rule,
+    for all of them at once over their canvas rows ``tokens``): their positions back to back,
+    each one's count, and each one's read-only rows ahead of its span ``[lo, hi)``. Prophet's
+    region is every generated mask, or an explicit span."""
+    cols = np.arange(tokens.shape[1])
+    in_canvas = cols < canvas[:, None]
+    masks = (tokens == mask_token_id) & (cols >= prompt[:, None])
+    in_span = (cols >= span_start[:, None]) & (cols < span_end[:, None])
+    keep = np.where(every_mask[:, None], masks, in_span) & in_canvas
+    before = np.count_nonzero(keep & (cols < lo[:, None]), axis=1)
+    keep |= (cols >= lo[:, None]) & (cols < hi[:, None])
+    which, kept = np.nonzero(keep)
+    return kept, np.bincount(which, minlength=len(lo)), before
 
 
 def _pack_key(layout: Layout) -> tuple:

@@ -37,6 +37,7 @@ from foretell.engine.kv_cache import KVPool
 from foretell.engine.packing import Packer, concat_ranges
 from foretell.models.attention import CacheUse
 from foretell.models.transformer import DiffusionLM
+from foretell.scheduler.canvas_rows import CanvasRows
 from foretell.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,9 @@ class ModelRunner:
         self.forward_seconds = 0.0  # time inside the model, for overhead accounting
         self.forward_passes = 0
         self.packer = Packer()
+        # Every running request's canvas, as rows of one matrix (taken at a request's first
+        # pass, given back when it ends: ``Request.release_canvas_row``).
+        self.canvas_rows = CanvasRows()
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
         # one (the per-request path: sampling, Dream, alg_temp).
@@ -152,7 +156,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
-        step = self.packer.pack(batch)
+        for req in batch:
+            if req.canvas_row is None:
+                self.canvas_rows.add(req)
+        step = self.packer.pack(batch, self.canvas_rows)
         seq_lens, offsets, seq_of, total = step.seq_lens, step.offsets, step.seq_of, step.total
         ids, positions = step.ids, step.positions
 
@@ -168,9 +175,12 @@ class ModelRunner:
                     ids,
                     positions,
                     batch[group[0]].mask_token_id,
-                    row_offsets=[step.row_offset(i) for i in group],
+                    row_offsets=[step.row_offsets[i] for i in group],
                     generator=self.generator,
                     logits_dtype=self.model.embed.weight.dtype,
+                    canvas_rows=self.canvas_rows,
+                    geometry=step.geometry[group],
+                    cursor=step.cursor[group],
                 )
             except Exception:  # nothing has changed: the per-request path can take them
                 logger.exception("batched step failed; stepping its requests one by one")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,8 +81,7 @@ def _expand_kv(x: torch.Tensor, num_heads: int, head_dim_axis: int) -> torch.Ten
     return x if groups == 1 else x.repeat_interleave(groups, dim=head_dim_axis)
 
 
-@dataclass(frozen=True)
-class CacheUse:
+class CacheUse(NamedTuple):
     """How one packed sequence uses its request's pages of the KV pool in a pass.
 
     ``slots`` holds the pool slot of each canvas position of the request. Rows
@@ -95,6 +95,9 @@ class CacheUse:
     ``[write_start, read_len)``, all written, and a row sees a key when the key's block (of
     ``block_size`` positions from 0) is not after its own: a finished block's store rows and
     the next block's queries share one sequence.
+
+    A named tuple: a pass builds one per cached sequence, and a tuple is built in a fraction of
+    a frozen dataclass's time.
     """
 
     slots: np.ndarray  # the pool slot of each canvas position (a host page table)

@@ -11,11 +11,23 @@ import bisect
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from foretell.params import DecodeParams
+
+if TYPE_CHECKING:
+    from foretell.scheduler.canvas_rows import CanvasRows
+
+
+# Fields of ``Request.geometry`` (a whole batch's is one ``[requests, GEOMETRY]`` array): prompt
+# and canvas length, whether it decodes in blocks, where block 0 starts, the block length,
+# cached, prefix cache, Fast-dLLM's Dream, Prophet's explicit span (start, end), whether
+# Prophet's region is every generated mask, the step budget and steps per block, Dream, the
+# threshold rule, and the sequences it puts in a pass (2 with classifier-free guidance).
+GEOMETRY = 16
 
 
 def block_canvas(prompt_len: int, params: DecodeParams) -> tuple[int, int]:
@@ -111,6 +123,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     finished_time: float | None = None
+    # The row of the engine's canvas rows (``foretell.scheduler.canvas_rows``) the canvas is a
+    # view of while the request runs, and those rows; None before it first runs and after.
+    canvas_row: int | None = field(default=None, init=False, repr=False)
+    _canvas_rows: CanvasRows | None = field(default=None, init=False, repr=False)
     # Sorted masked canvas positions, recomputed only after the canvas changes (``write``): the
     # decoding step asks for them several times per step.
     _masked: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -183,6 +199,7 @@ class Request:
                 p.steps_per_block,
                 int(self.family == "dream"),
                 int(p.remasking == "confidence_threshold"),
+                self.num_sequences,
             )
             self._geometry_of = p
         return self._geometry
@@ -314,11 +331,39 @@ class Request:
         self.canvas_np[positions] = tokens
         self._masked = None
 
-    def set_canvas(self, canvas: torch.Tensor) -> None:
-        """Take a whole new canvas (a host tensor of its own: ``canvas_np`` shares its memory)."""
-        self.canvas = canvas
-        self.canvas_np = canvas.numpy()
+    def forget_masked(self) -> None:
+        """The canvas was written from outside (the batched step's one write for the batch):
+        its masked positions are counted again when next asked for."""
         self._masked = None
+
+    def set_canvas(self, canvas: torch.Tensor) -> None:
+        """Take a whole new canvas (a host tensor: ``canvas_np`` shares its memory); copied into
+        the request's canvas row while it holds one."""
+        if self.canvas_row is not None and len(canvas) == len(self.canvas_np):
+            self.canvas_np[:] = canvas.numpy()
+        else:
+            self.canvas = canvas
+            self.canvas_np = canvas.numpy()
+        self._masked = None
+
+    def hold_canvas_row(self, rows: CanvasRows, row: int) -> None:
+        """Make the canvas a view of ``rows``' row ``row`` (which already holds its tokens)."""
+        self.canvas_row, self._canvas_rows = row, rows
+        self.canvas_np = rows.view(row, self._canvas_len)
+        with torch.inference_mode(False):  # a normal tensor: decoding writes to it in place
+            self.canvas = torch.from_numpy(self.canvas_np)
+
+    def leave_canvas_row(self, tokens: np.ndarray) -> None:
+        """Take ``tokens`` (a copy of the row) as a canvas of its own again."""
+        self.canvas_row, self._canvas_rows = None, None
+        self.canvas_np = tokens
+        with torch.inference_mode(False):
+            self.canvas = torch.from_numpy(tokens)
+
+    def release_canvas_row(self) -> None:
+        """Give the canvas row back (the request ended or was preempted); its canvas is kept."""
+        if self._canvas_rows is not None:
+            self._canvas_rows.remove(self)
 
     def apply_constraints(self) -> None:
         for pos, token in self.constraint_ids.items():

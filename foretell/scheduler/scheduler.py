@@ -205,6 +205,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, req: Request) -> None:
+        req.release_canvas_row()
         pages = req.release_pages()
         if pages:
             self.kv_pool.free(pages)

@@ -1,0 +1,116 @@
+"""Every running request's canvas as one row of a single token matrix (vLLM's persistent batch).
+
+A request's canvas is read whole or in spans every pass and written at its reveals every step.
+Held as one array per request, both cost a NumPy call per request per step; held as rows of one
+matrix, a whole batch's reads are one gather and its reveals one scatter, whatever the batch
+size (``foretell.engine.packing``, ``foretell.decoding.batched``). On a GPU this matrix is the
+one to keep on the device; here it is a host array.
+
+A request takes a row when it first runs and gives it back when it ends (finished, aborted,
+failed or preempted: ``Request.release_canvas_row``). While it holds one, ``Request.canvas`` and
+``canvas_np`` are views of that row, so every reader and writer of a canvas, the per-request
+step included, works on the row itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from foretell.scheduler.request import GEOMETRY
+
+if TYPE_CHECKING:
+    from foretell.scheduler.request import Request
+
+# A block-causal request's geometry but for its sequences (the last field): its sequence is
+# laid out on its own (``Packer.layout``).
+NO_GEOMETRY = (0,) * (GEOMETRY - 1)
+
+
+class CanvasRows:
+    """Rows of ``[capacity, width]`` int64 tokens, one per running request; both dimensions
+    grow by doubling when a request needs more (every holder's views are moved along).
+
+    Each row also keeps its request's geometry (``Request.geometry``, fixed for its life), so
+    that a pass reads a whole batch's with one gather (:meth:`geometry_of`)."""
+
+    def __init__(self, capacity: int = 8, width: int = 64) -> None:
+        if capacity < 1 or width < 1:
+            raise ValueError(f"capacity and width: must be >= 1, got {capacity} and {width}")
+        self.tokens = np.zeros((capacity, width), dtype=np.int64)
+        self.geometry = np.zeros((capacity, GEOMETRY), dtype=np.int64)
+        self._geometry_of: list[object] = [None] * capacity  # the params each row's is from
+        self._holders: list[Request | None] = [None] * capacity
+        self._free = list(range(capacity - 1, -1, -1))  # popped from the end: lowest row first
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def flat(self) -> np.ndarray:
+        """The matrix as one array (a view): token ``p`` of row ``r`` is ``flat[r * width + p]``."""
+        return self.tokens.reshape(-1)
+
+    @property
+    def num_held(self) -> int:
+        return len(self._holders) - len(self._free)
+
+    def add(self, req: Request) -> int:
+        """Give ``req`` a row holding its canvas; its canvas becomes a view of the row."""
+        if req.canvas_row is not None:
+            raise ValueError(f"request {req.request_id!r} already holds row {req.canvas_row}")
+        if req.canvas_len > self.width or not self._free:
+            self._grow(
+                rows=len(self._holders) * (2 if not self._free else 1),
+                width=max(self.width, _pow2_at_least(req.canvas_len)),
+            )
+        row = self._free.pop()
+        self._holders[row] = req
+        self.tokens[row, : req.canvas_len] = req.canvas_np
+        req.hold_canvas_row(self, row)
+        return row
+
+    def remove(self, req: Request) -> None:
+        """Take ``req``'s row back; its canvas becomes a copy of its own again."""
+        row = req.canvas_row
+        if row is None or self._holders[row] is not req:
+            raise ValueError(f"request {req.request_id!r} holds no row of these canvas rows")
+        req.leave_canvas_row(self.tokens[row, : req.canvas_len].copy())
+        self._holders[row] = None
+        self._geometry_of[row] = None
+        self._free.append(row)
+
+    def view(self, row: int, length: int) -> np.ndarray:
+        return self.tokens[row, :length]
+
+    def geometry_of(self, batch: list[Request], rows: np.ndarray) -> np.ndarray:
+        """``[len(batch), GEOMETRY]``: the geometry of every request of ``batch`` (holding
+        ``rows``), recomputed only for a request whose params were swapped since."""
+        held = self._geometry_of
+        for req in [r for r in batch if held[r.canvas_row] is not r.params]:
+            row = req.canvas_row
+            block_causal = (*NO_GEOMETRY, req.num_sequences) if req.block_causal else None
+            self.geometry[row] = block_causal or req.geometry
+            held[row] = req.params
+        return self.geometry[rows]
+
+    def _grow(self, rows: int, width: int) -> None:
+        old = self.tokens
+        self.tokens = np.zeros((rows, width), dtype=np.int64)
+        self.tokens[: old.shape[0], : old.shape[1]] = old
+        geometry = self.geometry
+        self.geometry = np.zeros((rows, GEOMETRY), dtype=np.int64)
+        self.geometry[: len(geometry)] = geometry
+        added = rows - len(self._holders)
+        self._free = list(range(rows - 1, rows - 1 - added, -1)) + self._free
+        self._holders += [None] * added
+        self._geometry_of += [None] * added
+        for row, req in enumerate(self._holders):
+            if req is not None:  # its views were of the old matrix
+                req.hold_canvas_row(self, row)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
