@@ -17,6 +17,10 @@ for each batch size it reports per engine step:
   int/index`` on a tensor (a ``TorchFunctionMode``). Here every tensor is on the host, so the
   calls themselves are counted: on a GPU each is a synchronisation. ``Tensor.to`` calls whose
   target device differs from the tensor's are counted apart, as transfers;
+- Python function calls per step outside the model's methods (``cProfile``, a run of its
+  own; calls of C functions counted apart): how much per-request Python a step runs, which a
+  GPU cannot take off the host. Their growth from the smallest batch to the largest, per
+  extra request, is printed under the table;
 - host microseconds per request-step: wall time of the ``step()`` calls less the time inside
   the model's forward (``engine.runner.forward_seconds``), over the request-steps run
   (``engine.metrics.sequences_in_passes``), from separate runs without the counting modes,
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import functools
 import random
 import statistics
@@ -131,6 +136,43 @@ def model_calls_marked(model: torch.nn.Module, ops: OpCounter) -> Iterator[None]
     finally:
         for name in MODEL_METHODS:
             delattr(model, name)
+
+
+@contextlib.contextmanager
+def model_calls_unprofiled(model: torch.nn.Module, profiler: cProfile.Profile) -> Iterator[None]:
+    """Pause ``profiler`` while the model's own methods (``MODEL_METHODS``) run, by shadowing
+    them on the instance for the duration: the calls counted are the engine's own."""
+
+    def paused(method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            profiler.disable()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                profiler.enable()
+
+        return call
+
+    for name in MODEL_METHODS:
+        setattr(model, name, paused(getattr(model, name)))
+    try:
+        yield
+    finally:
+        for name in MODEL_METHODS:
+            delattr(model, name)
+
+
+def profiled_calls(profiler: cProfile.Profile) -> tuple[int, int]:
+    """(Python function calls, calls of C functions) the profiler recorded."""
+    profiler.create_stats()
+    python = builtin = 0
+    for (filename, _, _), (_, calls, *_) in profiler.stats.items():
+        if filename == "~":  # cProfile's name for built-in (C) functions
+            builtin += calls
+        else:
+            python += calls
+    return python, builtin
 
 
 class HostReadCounter(TorchFunctionMode):
@@ -301,6 +343,8 @@ class MixRun:
     reads: int = 0
     transfers: int = 0
     finished: int = 0
+    python_calls: int = 0  # profiled runs: Python function calls outside the model
+    c_calls: int = 0  # and calls of C functions
     ops_by_name: Counter[str] = field(default_factory=Counter)
     reads_by_kind: Counter[str] = field(default_factory=Counter)
 
@@ -331,6 +375,7 @@ def run_mix(
     count: bool,
     backend: str = "auto",
     mix: str = "issue",
+    profile: bool = False,
 ) -> MixRun:
     """Run the mix at ``batch_size`` and total the measured steps.
 
@@ -339,7 +384,8 @@ def run_mix(
     that the batch holds requests at every stage of decoding, as a server's does. With
     ``count`` the measured steps run under the op and read counters (their wall times are then
     inflated and mean nothing; the counter also times each op outside the model, see
-    :class:`OpCounter`); without, only times are taken."""
+    :class:`OpCounter`); without, only times are taken. With ``profile`` each measured step
+    runs under ``cProfile`` (outside the model's methods) and its calls are counted."""
     engine = make_engine(loaded, batch_size, backend)
     stream = mix_stream(loaded, seed, mix)
     run = MixRun(batch_size)
@@ -353,9 +399,18 @@ def run_mix(
         ops, reads = OpCounter(), HostReadCounter()
         forward0, steps0, seqs0 = engine_counters(engine)
         start = time.perf_counter()
+        profiler = None
         if measured and count:
             with model_calls_marked(loaded.model, ops), reads, ops:
                 outputs = engine.step()
+        elif measured and profile:
+            profiler = cProfile.Profile()
+            with model_calls_unprofiled(loaded.model, profiler):
+                profiler.enable()
+                try:
+                    outputs = engine.step()
+                finally:
+                    profiler.disable()
         else:
             outputs = engine.step()
         wall = time.perf_counter() - start
@@ -381,6 +436,10 @@ def run_mix(
         run.transfers += reads.transfers
         run.ops_by_name.update(ops.by_op)
         run.reads_by_kind.update(reads.by_kind)
+        if profiler is not None:
+            python, builtin = profiled_calls(profiler)
+            run.python_calls += python
+            run.c_calls += builtin
     if run.steps == 0:
         raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
     if run.forward_s <= 0:
@@ -400,11 +459,13 @@ def measure(
     mix: str = "issue",
     mode_extra: float = 0.0,
 ) -> dict:
-    """One counted run, then ``repeats`` timed runs of the same steps (median host time).
+    """One counted run, one profiled run (Python calls), then ``repeats`` timed runs of the
+    same steps (median host time).
     ``mode_extra``: :func:`mode_extra_us`."""
     kw = {"warmup_steps": warmup_steps, "steps": steps, "seed": seed, "backend": backend}
     kw["mix"] = mix
     counted = run_mix(loaded, batch_size, count=True, **kw)
+    profiled = run_mix(loaded, batch_size, count=False, profile=True, **kw)
     timed = [run_mix(loaded, batch_size, count=False, **kw) for _ in range(repeats)]
     host_us = [run.host_us_per_request_step for run in timed]
     median = statistics.median(host_us)
@@ -426,6 +487,8 @@ def measure(
             k: v / counted.steps for k, v in counted.reads_by_kind.most_common()
         },
         "top_ops_per_step": {k: v / counted.steps for k, v in counted.ops_by_name.most_common(15)},
+        "python_calls_per_step": profiled.python_calls / profiled.steps,
+        "c_calls_per_step": profiled.c_calls / profiled.steps,
         "host_us_per_request_step": median,
         "ops_outside_model_per_step": counted.ops_outside / counted.steps,
         "op_us_outside_model_per_request_step": op_us,
@@ -468,6 +531,20 @@ def mode_extra_us(calls: int = 20000, repeats: int = 5) -> float:
     return max(0.0, 1e6 * statistics.median(times) - op_cost_us(calls, repeats))
 
 
+def calls_per_extra_request(records: list[dict]) -> dict[str, float]:
+    """Python and C function calls per step that each request beyond the smallest batch adds
+    (the slope from the smallest batch to the largest): the per-request Python of a step."""
+    small = min(records, key=lambda r: r["batch_size"])
+    large = max(records, key=lambda r: r["batch_size"])
+    extra = large["batch_size"] - small["batch_size"]
+    if not extra:
+        return {"python": 0.0, "c": 0.0}
+    return {
+        kind: (large[f"{kind}_calls_per_step"] - small[f"{kind}_calls_per_step"]) / extra
+        for kind in ("python", "c")
+    }
+
+
 def targets(records: list[dict]) -> list[dict]:
     """The issue's targets, from the smallest batch to the largest."""
     small = min(records, key=lambda r: r["batch_size"])
@@ -504,7 +581,7 @@ def format_report(
     header = (
         f"{'B':>4} {'steps':>6} {'ops/step':>9} {'reads/step':>10} {'xfers/step':>10} "
         f"{'host us/req-step':>16} {'of it ops':>9} {'python':>7} {'ops outside':>11} "
-        f"{'wall ms/step':>12} {'fwd ms/step':>11}"
+        f"{'py calls/step':>13} {'wall ms/step':>12} {'fwd ms/step':>11}"
     )
     lines = [header, "-" * len(header)]
     for r in records:
@@ -514,7 +591,7 @@ def format_report(
             f"{r['host_us_per_request_step']:>16.1f} "
             f"{r['op_us_outside_model_per_request_step']:>9.1f} "
             f"{r['python_us_per_request_step']:>7.1f} {r['ops_outside_model_per_step']:>11.1f} "
-            f"{r['wall_ms_per_step']:>12.2f} "
+            f"{r['python_calls_per_step']:>13.1f} {r['wall_ms_per_step']:>12.2f} "
             f"{r['forward_ms_per_step']:>11.2f}"
         )
     lines.append(
@@ -524,7 +601,14 @@ def format_report(
         "of it ops: the time of the ops dispatched outside the model's forward_packed and "
         "logits_at (counted run, less what timing adds per op: an estimate; execution and "
         "dispatch, which a GPU runs asynchronously); python: the rest (an estimate, with the "
-        "rare model calls outside the timed forward); ops outside: how many."
+        "rare model calls outside the timed forward); ops outside: how many; py calls: "
+        "Python function calls in step() outside the model's methods (cProfile, a run of its "
+        "own)."
+    )
+    slope = calls_per_extra_request(records)
+    lines.append(
+        f"per extra request per step: {slope['python']:.1f} Python calls, "
+        f"{slope['c']:.1f} calls of C functions"
     )
     lines.append(f"one trivial op (a + 1) costs {op_us:.1f} us on this machine now")
     lines.append(f"timing an op inside the counting mode adds {mode_extra:.1f} us (subtracted)")
@@ -586,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "records": records,
                 "targets": goals,
+                "calls_per_extra_request": calls_per_extra_request(records),
                 "trivial_op_us": op_us,
                 "timing_mode_extra_us_per_op": mode_extra,
                 "mix": {

@@ -82,6 +82,8 @@ def test_a_restart_while_holding_a_row_starts_over_in_it() -> None:
     req.write(torch.tensor([3]), torch.tensor([7]))
     req.restart()
     np.testing.assert_array_equal(rows.tokens[req.canvas_row, : req.canvas_len], fresh)
+    with pytest.raises(ValueError, match="holds a canvas row"):  # its row fits its canvas only
+        req.set_canvas(torch.zeros(req.canvas_len + 1, dtype=torch.long))
 
 
 def test_every_row_returns_however_a_request_ends(llada64, monkeypatch) -> None:
@@ -123,6 +125,8 @@ def test_every_row_returns_however_a_request_ends(llada64, monkeypatch) -> None:
     while engine.has_unfinished_requests():
         finished.update({o.request_id: o for o in engine.step()})
     assert finished["bad"].finish_reason == "error" and finished["good"].finish_reason == "steps"
+    # The failed request's canvas is as its step found it, though the batch's write came first.
+    assert set(finished["bad"].token_ids) == {engine.mask_token_id}
     assert finished["good"].token_ids == outs[0].token_ids  # unaffected by its neighbour
     assert rows.num_held == 0
 

@@ -7,6 +7,8 @@ run benchmarks/host_overhead.py's counters and realistic mix on a micro model.
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
 import importlib.util
 import sys
 from pathlib import Path
@@ -79,6 +81,28 @@ def test_every_measured_step_runs_a_full_batch(bench, micro) -> None:
     run = bench.run_mix(micro, SMALL, warmup_steps=4, steps=6, count=False)
     assert run.steps == 6 and run.skipped_steps == 0
     assert run.request_steps == 6 * SMALL and run.forward_s > 0
+
+
+def test_profiled_calls_are_the_engines_own(bench, micro) -> None:
+    """The Python-call count leaves the model's methods out (their calls are not the engine's
+    per-request Python), and a profiled run counts every measured step's calls."""
+    model = micro.model
+    args = (torch.zeros(3, model.embed.weight.shape[1]), torch.arange(3), torch.arange(3))
+
+    def profiled_files(paused: bool) -> set[str]:
+        profiler = cProfile.Profile()
+        paused_model = bench.model_calls_unprofiled(model, profiler)
+        with paused_model if paused else contextlib.nullcontext():
+            profiler.enable()
+            model.logits_at(*args)
+            profiler.disable()
+        profiler.create_stats()
+        return {filename for filename, _, _ in profiler.stats}
+
+    assert any(f.endswith("transformer.py") for f in profiled_files(paused=False))
+    assert not any(f.endswith("transformer.py") for f in profiled_files(paused=True))
+    run = bench.run_mix(micro, SMALL, warmup_steps=4, steps=3, count=False, profile=True)
+    assert run.steps == 3 and run.python_calls > 0 and run.c_calls > 0
 
 
 def test_ops_and_reads_per_step_do_not_grow_with_the_batch(bench, micro) -> None:

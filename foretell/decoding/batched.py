@@ -365,7 +365,14 @@ class BatchedStep:
             try:
                 self._apply(j, req, plan)
             except Exception as err:
+                self._unwrite(j, req, plan, picked)  # its canvas as it was before this step
                 req.finish("error", f"decoding failed: {err!r}")
+
+    def _unwrite(self, j: int, req: Request, plan: _Plan, picked: np.ndarray) -> None:
+        """Put back the tokens request ``j``'s reveals overwrote in its canvas row (its step
+        failed after the batch's write: it ends with its canvas as the step found it)."""
+        first, end = plan.bounds[j]
+        req.write_np(plan.revealed_positions[first:end], self.ids_np[picked[first:end]])
 
     # -- planning: tensors only; no request changes except random remasking's draws --------
     def _plan(

@@ -36,7 +36,6 @@ class StepInput:
 
     ids: torch.Tensor  # [tokens] the pass's token ids
     positions: torch.Tensor  # [tokens] each token's canvas position (rotary angles)
-    in_seq: torch.Tensor  # [tokens] each token's row within its own sequence (Dream's shift)
     seq_lens: list[int]  # packed sequences' lengths (a cfg request has two)
     caches: list[CacheUse | None]  # each packed sequence's KV pool use
     # Where each request's recomputed rows begin in its packed sequence: after a cached step's
@@ -52,6 +51,7 @@ class StepInput:
     ids_d: torch.Tensor | None = field(default=None, repr=False)
     positions_d: torch.Tensor | None = field(default=None, repr=False)
     in_seq_d: torch.Tensor | None = field(default=None, repr=False)
+    _in_seq: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def total(self) -> int:
@@ -62,11 +62,26 @@ class StepInput:
         """The sequences' KV pool uses, or None when no sequence uses the pool."""
         return self.caches if any(c is not None for c in self.caches) else None
 
-    def to(self, device: torch.device) -> StepInput:
-        """Copy what the model reads to ``device``, once."""
+    @property
+    def in_seq(self) -> torch.Tensor:
+        """[tokens] each token's row within its own sequence: only a model with shifted logits
+        (Dream) reads it, so it is made when asked. Only a cached step's span differs from its
+        canvas positions."""
+        if self._in_seq is None:
+            if self.spans:
+                lens = np.asarray(self.seq_lens, dtype=np.int64)
+                self._in_seq = torch.from_numpy(concat_ranges(np.zeros_like(lens), lens))
+            else:
+                self._in_seq = self.positions
+        return self._in_seq
+
+    def to(self, device: torch.device, in_seq: bool = True) -> StepInput:
+        """Copy what the model reads to ``device``, once (``in_seq``: and the rows within
+        their sequences)."""
         if self.ids_d is None:
             self.ids_d = self.ids.to(device)
             self.positions_d = self.positions.to(device)
+        if in_seq and self.in_seq_d is None:
             self.in_seq_d = self.in_seq.to(device)
         return self
 
@@ -189,12 +204,9 @@ class Packer:
         bounds = zip(cond_at[steps].tolist(), (cond_at + lengths)[steps].tolist(), strict=True)
         spans = {i: positions[a:b] for i, (a, b) in zip(steps.tolist(), bounds, strict=True)}
         row_offsets = row_l  # a cached step's rows begin after its read-only rows
-        # Only a cached step's span differs from its canvas positions.
-        in_seq = concat_ranges(np.zeros_like(all_lens), all_lens) if spans else positions
         return StepInput(
             ids=torch.from_numpy(ids),
             positions=torch.from_numpy(positions),
-            in_seq=torch.from_numpy(in_seq),
             seq_lens=all_lens.tolist(),
             caches=all_caches,
             row_offsets=row_offsets,

@@ -213,8 +213,10 @@ class ModelRunner:
         rows = needed.nonzero().flatten()
 
         start = time.perf_counter()
-        step.to(self.device)
-        in_seq_d = step.in_seq_d
+        # Only a model with shifted logits (Dream) reads each row's place in its sequence.
+        shifted = self.model.shifted_logits
+        step.to(self.device, in_seq=shifted)
+        in_seq_d = step.in_seq_d if shifted else step.positions_d
         hidden = self._forward(step.ids_d, step.positions_d, seq_lens, step.pool_uses)
         # The gathered logits stay on the model's device, and so does everything computed from
         # them; decoding brings only token ids, counts and gaps to the host.

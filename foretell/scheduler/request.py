@@ -73,10 +73,11 @@ class Request:
     stop_ids: tuple[int, ...] = ()
 
     status: Status = Status.WAITING
-    # The canvas, and the same memory as a NumPy array: the batched step's host bookkeeping
-    # reads and writes it without dispatching a tensor op per request (see ``write_np``).
-    canvas: torch.Tensor = field(init=False)
+    # The canvas as a NumPy array (a view of the request's canvas row while it runs): the
+    # batched step's host bookkeeping reads and writes it without dispatching a tensor op per
+    # request (see ``write_np``); ``canvas`` is the same memory as a tensor, made when asked.
     canvas_np: np.ndarray = field(init=False, repr=False)
+    _canvas: torch.Tensor | None = field(default=None, init=False, repr=False)
     generator: torch.Generator | None = field(init=False)
     # Positions whose tokens the unconditional (cfg) copy hides: the prompt and constraints.
     given: torch.Tensor = field(init=False)
@@ -179,7 +180,7 @@ class Request:
     @property
     def geometry(self) -> tuple[int, ...]:
         """What the batched step's geometry reads of the request's fixed part, as one tuple so
-        that a whole batch's is one array (fields: ``foretell.decoding.batched.GEOMETRY``).
+        that a whole batch's is one array (fields: ``GEOMETRY``).
         Computed once per params object (a caller that swaps ``params`` gets a fresh one)."""
         if self._geometry_of is not self.params:
             p, policy = self.params, self.params.early_commit
@@ -331,6 +332,15 @@ class Request:
         self.canvas_np[positions] = tokens
         self._masked = None
 
+    @property
+    def canvas(self) -> torch.Tensor:
+        """The canvas as a tensor of the same memory as ``canvas_np`` (made at the first ask
+        after the canvas moved: a request the batched step decodes never needs it)."""
+        if self._canvas is None:
+            with torch.inference_mode(False):  # a normal tensor: decoding writes to it in place
+                self._canvas = torch.from_numpy(self.canvas_np)
+        return self._canvas
+
     def forget_masked(self) -> None:
         """The canvas was written from outside (the batched step's one write for the batch):
         its masked positions are counted again when next asked for."""
@@ -339,10 +349,15 @@ class Request:
     def set_canvas(self, canvas: torch.Tensor) -> None:
         """Take a whole new canvas (a host tensor: ``canvas_np`` shares its memory); copied into
         the request's canvas row while it holds one."""
-        if self.canvas_row is not None and len(canvas) == len(self.canvas_np):
+        if self.canvas_row is not None:
+            if len(canvas) != len(self.canvas_np):  # its row holds exactly its canvas
+                raise ValueError(
+                    f"request {self.request_id!r}: a canvas of {len(canvas)} tokens for one "
+                    f"of {len(self.canvas_np)} while it holds a canvas row"
+                )
             self.canvas_np[:] = canvas.numpy()
         else:
-            self.canvas = canvas
+            self._canvas = canvas
             self.canvas_np = canvas.numpy()
         self._masked = None
 
@@ -350,15 +365,13 @@ class Request:
         """Make the canvas a view of ``rows``' row ``row`` (which already holds its tokens)."""
         self.canvas_row, self._canvas_rows = row, rows
         self.canvas_np = rows.view(row, self._canvas_len)
-        with torch.inference_mode(False):  # a normal tensor: decoding writes to it in place
-            self.canvas = torch.from_numpy(self.canvas_np)
+        self._canvas = None
 
     def leave_canvas_row(self, tokens: np.ndarray) -> None:
         """Take ``tokens`` (a copy of the row) as a canvas of its own again."""
         self.canvas_row, self._canvas_rows = None, None
         self.canvas_np = tokens
-        with torch.inference_mode(False):
-            self.canvas = torch.from_numpy(tokens)
+        self._canvas = None
 
     def release_canvas_row(self) -> None:
         """Give the canvas row back (the request ended or was preempted); its canvas is kept."""
