@@ -144,3 +144,78 @@ def test_finished_outputs_keep_their_tokens_after_the_row_is_reused(llada64) -> 
         engine.step()
     engine.step()  # the second request takes the row
     assert first.generated_ids == alone
+
+
+def _reference_sequence(req: Request) -> tuple[np.ndarray, tuple | None]:
+    """A request's sequence in a pass, request by request (the rule the packer computes for the
+    whole batch at once): its canvas positions, and (write_row, write_start, write_len,
+    read_len) of its KV pool use."""
+    length = req.canvas_len
+    if req.params.kv_cache is None:
+        return np.arange(length), None
+    if not req.cached_step:  # a refresh: the canvas, attending to itself
+        return np.arange(length), (0, 0, length, None)
+    lo, hi = req.query_span()
+    policy = req.params.early_commit
+    keep = np.zeros(length, dtype=bool)
+    if policy is not None and policy.answer_start is None:  # every generated mask
+        keep[req.prompt_len :] = req.canvas_np[req.prompt_len :] == req.mask_token_id
+    elif policy is not None:
+        keep[req.prompt_len + policy.answer_start :][: policy.answer_length] = True
+    before = int(keep[:lo].sum())  # read-only rows ahead of the span
+    keep[lo:hi] = True
+    return np.flatnonzero(keep), (before, lo, hi - lo, length)
+
+
+def test_every_pass_packs_each_request_by_the_layout_rule(llada64) -> None:
+    """Each request's sequence in every pass of a mixed run (uncached, guided, refreshes and
+    cached steps of both caches, with Prophet over every mask, an explicit span or none) is
+    the per-request rule's: positions, tokens from its canvas, its pool use, where its rows
+    begin, and the guided copy; sequences come in attention's order."""
+    engine = Engine(llada64, dtype="float64", max_num_seqs=8)
+    never = (1e9,) * 3  # Prophet's rows without its commit: every pass keeps them
+    params = []
+    for cache in (None, "prefix", "dual"):
+        for policy in (None, Prophet(never), Prophet(never, answer_start=2, answer_length=5)):
+            params.append(
+                DecodeParams(
+                    gen_length=24, block_length=8, steps=24, kv_cache=cache, early_commit=policy
+                )
+            )
+    params.append(DecodeParams(gen_length=16, block_length=8, steps=16, cfg_scale=1.0))
+    prompts = ["12+34=", "what is 7*8?", "1", "22+22="]
+    real = engine.runner.packer.pack
+    checked = []
+
+    def checking(batch, canvas_rows):
+        step = real(batch, canvas_rows)
+        ids, positions = step.ids.numpy(), step.positions.numpy()
+        keys = []
+        for i, req in enumerate(batch):
+            pos, cache = _reference_sequence(req)
+            seq, (cond, uncond) = step.seq_of[i], step.offsets[i]
+            assert step.seq_lens[seq] == len(pos)
+            np.testing.assert_array_equal(positions[cond : cond + len(pos)], pos)
+            np.testing.assert_array_equal(ids[cond : cond + len(pos)], req.canvas_np[pos])
+            use = step.caches[seq]
+            assert (None if use is None else tuple(use)[1:5]) == cache
+            assert step.row_offsets[i] == (cache[0] if req.cached_step else 0)
+            if req.cached_step:
+                np.testing.assert_array_equal(step.spans[i], pos)
+            if req.params.cfg_scale > 0:
+                copy = np.where(req.given_np, req.mask_token_id, req.canvas_np)
+                np.testing.assert_array_equal(ids[uncond : uncond + req.canvas_len], copy)
+                assert step.caches[seq + 1] is None
+            reading = cache is not None and cache[3] is not None
+            keys.append((seq, (reading, len(pos), cache[3] if reading else 0)))
+        assert [k for _, k in sorted(keys)] == sorted(k for _, k in keys)
+        checked.append({(r.params.kv_cache, r.cached_step) for r in batch})
+        return step
+
+    engine.runner.packer.pack = checking
+    outs = engine.generate(
+        [prompts[i % len(prompts)] for i in range(len(params))], params, use_tqdm=False
+    )
+    assert all(o.finish_reason == "steps" for o in outs)
+    seen = set().union(*checked)
+    assert {(None, False), ("prefix", False), ("prefix", True), ("dual", True)} <= seen

@@ -87,23 +87,19 @@ class StepInput:
 
 
 class Packer:
-    """Builds :class:`StepInput` s, keeping the ``arange`` s it has made (they recur)."""
-
-    def __init__(self) -> None:
-        self._aranges: dict[int, np.ndarray] = {}
-
-    def arange(self, n: int) -> np.ndarray:
-        if n not in self._aranges:
-            self._aranges[n] = np.arange(n)
-        return self._aranges[n]
+    """Builds :class:`StepInput` s from the requests' canvas rows."""
 
     def pack(self, batch: list[Request], canvas_rows: CanvasRows) -> StepInput:
         """The pass of ``batch``, whose canvases are rows of ``canvas_rows``.
 
-        Most sequences are one range of their canvas (the whole canvas, or a cached step's
-        span): their bounds come from the requests' geometry as arrays, and every sequence's
-        tokens are one gather from the canvas rows. Only a cached step with read-only rows and
-        a block-causal request lay out their positions one by one (:meth:`layout`)."""
+        An uncached request's sequence is its canvas; a cached request's, at its block's
+        start, its canvas too, whose keys and values refresh its pages; in a cached step, the
+        span it recomputes (its keys and values go into its pages) plus read-only rows for the
+        positions Prophet's region needs outside it, attending to its whole canvas in the pool;
+        a block-causal request's, its block (:meth:`block_layout`). The bounds come from the
+        requests' geometry as arrays, the read-only rows of every cached step are laid out at
+        once (:func:`_kept_positions`), and every sequence's tokens are one gather from the
+        canvas rows."""
         n = len(batch)
         cursor = [
             (r.block, r.step_in_block, r.global_step, r.block_masks_at_start, r.canvas_row)
@@ -143,7 +139,7 @@ class Packer:
             )
         read_len = np.where(cached_step, canvas, 0)
         blocks = [i for i, r in enumerate(batch) if r.block_causal]
-        block_layouts = {i: self.layout(batch[i]) for i in blocks}
+        block_layouts = {i: self.block_layout(batch[i]) for i in blocks}
         for i, (pos, cache) in block_layouts.items():
             lengths[i] = len(pos)
             read_len[i] = cache.read_len
@@ -217,42 +213,14 @@ class Packer:
             cursor=cursor,
         )
 
-    def layout(self, req: Request) -> Layout:
-        """Canvas positions of ``req``'s sequence in this pass, and how it uses its pages.
-
-        A block-causal request: its current block, attending to its pages up to the block's
-        end. Uncached: the canvas. A cached request's block start: the canvas, whose keys and
-        values refresh its pages. A cached step: the span it recomputes (its keys/values go
-        into its pages) plus read-only rows for the positions it needs outside it (Prophet's
-        region: :func:`foretell.decoding.step.needed_np`; its window is inside the span),
-        attending to its whole canvas in the pool."""
-        if req.block_causal:  # its block's queries over its pages (see store_layout)
-            lo, hi = req.query_start, req.block_bounds()[1]
-            block = req.params.block_length
-            return np.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
-        if req.params.kv_cache is None:
-            return self.arange(req.canvas_len), None
-        length = req.canvas_len
-        if not req.cached_step:
-            return self.arange(length), CacheUse(req.kv_slots, 0, 0, length, None)
-        lo, hi = req.query_span()
-        policy = req.params.early_commit
-        span = None if policy is None else policy.answer_span(req.prompt_len, length)
-        keep = None
-        if policy is not None and span is None:  # every generated mask
-            keep = req.canvas_np == req.mask_token_id
-            keep[: req.prompt_len] = False
-        elif span is not None:  # an explicit answer span
-            start, end = span
-            if end > start:
-                keep = np.zeros(length, dtype=bool)
-                keep[start:end] = True
-        if keep is None:
-            return np.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, length)
-        before = int(np.count_nonzero(keep[:lo]))  # read-only rows ahead of the span
-        keep[lo:hi] = True
-        pos = np.flatnonzero(keep)
-        return pos, CacheUse(req.kv_slots, before, lo, hi - lo, length)
+    @staticmethod
+    def block_layout(req: Request) -> Layout:
+        """A block-causal request's sequence: its current block's queries (or, without the
+        block cache, its window re-encoded), attending to its pages up to the block's end (its
+        store rows, when due, are a sequence of their own: :meth:`store_layout`)."""
+        lo, hi = req.query_start, req.block_bounds()[1]
+        block = req.params.block_length
+        return np.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
 
     @staticmethod
     def store_layout(req: Request) -> tuple[Request, Layout] | None:
@@ -286,8 +254,8 @@ def _kept_positions(
     span_start: np.ndarray,
     span_end: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sequences of cached steps that add read-only rows (:meth:`Packer.layout`'s rule,
-    for all of them at once over their canvas rows ``tokens``): their positions back to back,
+    """The sequences of cached steps that add read-only rows, for all of them at once over
+    their canvas rows ``tokens``: their positions back to back,
     each one's count, and each one's read-only rows ahead of its span ``[lo, hi)``. Prophet's
     region is every generated mask, or an explicit span."""
     cols = np.arange(tokens.shape[1])
