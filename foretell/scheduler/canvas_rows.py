@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from foretell.scheduler.request import Request
 
 # A block-causal request's geometry but for its sequences (the last field): its sequence is
-# laid out on its own (``Packer.layout``).
+# laid out on its own (``Packer.block_layout``).
 NO_GEOMETRY = (0,) * (GEOMETRY - 1)
 
 
