@@ -46,7 +46,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -114,23 +114,25 @@ MODEL_METHODS = ("forward_packed", "logits_at")  # what the runner calls of the 
 
 
 @contextlib.contextmanager
-def model_calls_marked(model: torch.nn.Module, ops: OpCounter) -> Iterator[None]:
-    """Raise ``ops.in_model`` while the model's own methods (``MODEL_METHODS``) run, by
-    shadowing them on the instance for the duration."""
+def around_model_calls(
+    model: torch.nn.Module, enter: Callable[[], object], leave: Callable[[], object]
+) -> Iterator[None]:
+    """Call ``enter`` before and ``leave`` after every call of the model's own methods
+    (``MODEL_METHODS``), by shadowing them on the instance for the duration."""
 
-    def marked(method):
+    def wrapped(method):
         @functools.wraps(method)
         def call(*args, **kwargs):
-            ops.in_model += 1
+            enter()
             try:
                 return method(*args, **kwargs)
             finally:
-                ops.in_model -= 1
+                leave()
 
         return call
 
     for name in MODEL_METHODS:
-        setattr(model, name, marked(getattr(model, name)))
+        setattr(model, name, wrapped(getattr(model, name)))
     try:
         yield
     finally:
@@ -138,29 +140,26 @@ def model_calls_marked(model: torch.nn.Module, ops: OpCounter) -> Iterator[None]
             delattr(model, name)
 
 
-@contextlib.contextmanager
-def model_calls_unprofiled(model: torch.nn.Module, profiler: cProfile.Profile) -> Iterator[None]:
-    """Pause ``profiler`` while the model's own methods (``MODEL_METHODS``) run, by shadowing
-    them on the instance for the duration: the calls counted are the engine's own."""
+def model_calls_marked(
+    model: torch.nn.Module, ops: OpCounter
+) -> contextlib.AbstractContextManager[None]:
+    """Raise ``ops.in_model`` while the model's own methods run."""
 
-    def paused(method):
-        @functools.wraps(method)
-        def call(*args, **kwargs):
-            profiler.disable()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                profiler.enable()
+    def enter() -> None:
+        ops.in_model += 1
 
-        return call
+    def leave() -> None:
+        ops.in_model -= 1
 
-    for name in MODEL_METHODS:
-        setattr(model, name, paused(getattr(model, name)))
-    try:
-        yield
-    finally:
-        for name in MODEL_METHODS:
-            delattr(model, name)
+    return around_model_calls(model, enter, leave)
+
+
+def model_calls_unprofiled(
+    model: torch.nn.Module, profiler: cProfile.Profile
+) -> contextlib.AbstractContextManager[None]:
+    """Pause ``profiler`` while the model's own methods run: the calls counted are the
+    engine's own."""
+    return around_model_calls(model, profiler.disable, profiler.enable)
 
 
 def profiled_calls(profiler: cProfile.Profile) -> tuple[int, int]:

@@ -113,28 +113,22 @@ class _Plan:
     block_masks_at_start: np.ndarray  # each request's (a new block's, where one starts)
     outside: dict[int, tuple[np.ndarray, np.ndarray]]  # a cached commit's other masks
     failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
-    # (flat rows, each request's first and end index into them): revealed rows, and the masks
-    # left in the pass's tokens once every reveal is written.
+    # (flat rows, each request's first and end index into them): revealed rows.
     picked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     # Per request: the masks left in its block and its generation once every reveal is
     # written; whether its threshold step stalled (revealed only the mask token itself) and
     # whether it revealed anything; whether its cursor stays in its block, and if so whether
-    # it takes the block's next step (``foretell.decoding.step.cursor_stays``).
+    # it takes the block's next step (``foretell.decoding.step.cursor_stays``; lists, read
+    # once per request).
     block_masks: np.ndarray | None = None
     masks: np.ndarray | None = None
     stalled: np.ndarray | None = None
     revealed: np.ndarray | None = None
-    stays: np.ndarray | None = None
-    steps_on: np.ndarray | None = None
-    # The same as lists for the per-request loop (no NumPy scalar per read): each request's
-    # (first, end) into ``revealed_positions`` (the revealed rows' canvas positions), its
-    # block's masks at its start, whether its cursor stays and by how many steps.
+    stays: list[bool] = field(default_factory=list)
+    steps_on: list[int] = field(default_factory=list)
+    # The revealed rows' canvas positions, and each request's (first, end) into them.
     revealed_positions: np.ndarray | None = None
     bounds: list[tuple[int, int]] = field(default_factory=list)
-    at_start: list[int] = field(default_factory=list)
-    stays_list: list[bool] = field(default_factory=list)
-    steps_on_list: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -315,9 +309,7 @@ class BatchedStep:
         ends = starts + np.asarray(self.seq_lens)
         left = plan.new_ids == self.mask_token_id
         picked = np.flatnonzero(plan.chosen)
-        masked = np.flatnonzero(left)
         plan.picked = (picked, np.searchsorted(picked, starts), np.searchsorted(picked, ends))
-        plan.masked = (masked, np.searchsorted(masked, starts), np.searchsorted(masked, ends))
         # The masks every request has left in its block and in its generation once every
         # reveal is written (the pass holds each one's block, and an uncached one's canvas),
         # for the cursor rule: counted once for all.
@@ -332,7 +324,7 @@ class BatchedStep:
         real_counts = np.bincount(seqs[real], minlength=self.num_seqs)[s]
         plan.stalled = self.is_threshold & (real_counts == 0)
         plan.revealed = revealed
-        plan.stays, plan.steps_on = cursor_stays(
+        stays, steps_on = cursor_stays(
             self.step_in_block_np,
             self.global_step_np + 1,  # as ``_apply`` leaves it
             self.steps_np,
@@ -345,6 +337,7 @@ class BatchedStep:
             block_masks,
             masks,
         )
+        plan.stays, plan.steps_on = stays.tolist(), steps_on.tolist()
         # Every reveal written at once, into the requests' canvas rows (a commit discarded its
         # reveal while planning; its fill is written by ``_commit``).
         positions = self.positions_np[picked]
@@ -356,8 +349,6 @@ class BatchedStep:
         # request that commits, leaves its block or finishes.
         plan.revealed_positions = positions
         plan.bounds = list(zip(plan.picked[1].tolist(), plan.picked[2].tolist(), strict=True))
-        plan.at_start = plan.block_masks_at_start.tolist()
-        plan.stays_list, plan.steps_on_list = plan.stays.tolist(), plan.steps_on.tolist()
         for j, req in enumerate(self.reqs):
             if j in plan.failed:
                 req.finish("error", plan.failed[j])
@@ -365,14 +356,15 @@ class BatchedStep:
             try:
                 self._apply(j, req, plan)
             except Exception as err:
-                self._unwrite(j, req, plan, picked)  # its canvas as it was before this step
+                self._unwrite(j, req, plan)  # its canvas as it was before this step
                 req.finish("error", f"decoding failed: {err!r}")
 
-    def _unwrite(self, j: int, req: Request, plan: _Plan, picked: np.ndarray) -> None:
+    def _unwrite(self, j: int, req: Request, plan: _Plan) -> None:
         """Put back the tokens request ``j``'s reveals overwrote in its canvas row (its step
         failed after the batch's write: it ends with its canvas as the step found it)."""
         first, end = plan.bounds[j]
-        req.write_np(plan.revealed_positions[first:end], self.ids_np[picked[first:end]])
+        picked = plan.picked[0][first:end]
+        req.write_np(plan.revealed_positions[first:end], self.ids_np[picked])
 
     # -- planning: tensors only; no request changes except random remasking's draws --------
     def _plan(
@@ -795,7 +787,7 @@ class BatchedStep:
         """Request ``j``'s cursor after its step (its reveals are written already)."""
         req.forget_masked()
         req.global_step += 1
-        req.block_masks_at_start = plan.at_start[j]
+        req.block_masks_at_start = int(plan.block_masks_at_start[j])
         if req.params.early_commit is not None:
             req.last_gap = plan.gaps[j]
         if plan.commits[j]:
@@ -803,8 +795,8 @@ class BatchedStep:
             return
         first, end = plan.bounds[j]
         req.revealed_last_step = plan.revealed_positions[first:end]
-        if plan.stays_list[j]:
-            req.step_in_block += plan.steps_on_list[j]
+        if plan.stays[j]:
+            req.step_in_block += plan.steps_on[j]
             return
         whole = not self.cached_step_np[j]  # a cached step's pass holds only its span
         masks = int(plan.masks[j]) if whole else None
@@ -817,15 +809,13 @@ class BatchedStep:
         read-only pass)."""
         start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
         fill = np.flatnonzero(self.generated_np[start:end])
-        if not self.cached_step_np[j]:  # the pass holds the whole canvas, in order
-            req.write_np(self.positions_np[fill + start], plan.x0[fill + start])
-            req.revealed_last_step = fill
-        else:
-            masked = req.masked_np(req.prompt_len)
-            req.write_np(self.positions_np[fill + start], plan.x0[fill + start])
-            if j in plan.outside:
-                req.write_np(*plan.outside[j])
-            req.revealed_last_step = masked
+        # The pass holds an uncached canvas whole, in order: its masks are ``fill``; a cached
+        # step's are all its canvas's, its span's and those the read-only pass filled.
+        masked = fill if not self.cached_step_np[j] else req.masked_np(req.prompt_len)
+        req.write_np(self.positions_np[fill + start], plan.x0[fill + start])
+        if j in plan.outside:
+            req.write_np(*plan.outside[j])
+        req.revealed_last_step = masked
         mark_committed(req)
 
 
