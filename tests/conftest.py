@@ -48,14 +48,16 @@ def fail_greedy_step(monkeypatch):
     request ``when(req)`` picks (a fault in the engine's own decoding, for one request)."""
 
     def install(when) -> None:
-        real = batched_module.BatchedStep._apply
+        real = batched_module.BatchedStep._plan
 
-        def failing(self, j, req, *args):
-            if when(req):
-                raise RuntimeError("injected fault")
-            return real(self, j, req, *args)
+        def failing(self, *args):
+            plan = real(self, *args)
+            for j, req in enumerate(self.reqs):  # as a request's own part of the step fails
+                if when(req):
+                    plan.failed[j] = f"decoding failed: {RuntimeError('injected fault')!r}"
+            return plan
 
-        monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
+        monkeypatch.setattr(batched_module.BatchedStep, "_plan", failing)
 
     return install
 

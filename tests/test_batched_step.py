@@ -443,7 +443,7 @@ def test_request_geometry_follows_its_params() -> None:
 
 def test_concat_ranges_is_the_concatenated_aranges() -> None:
     """A batch's rows from each request's ``[start, end)`` in a fixed number of NumPy calls."""
-    from foretell.engine.packing import concat_ranges
+    from foretell.ranges import concat_ranges
 
     rng = np.random.default_rng(0)
     for _ in range(500):

@@ -110,7 +110,8 @@ def test_every_row_returns_however_a_request_ends(llada64, monkeypatch) -> None:
     engine.abort(running)
     engine.step()
     assert rows.num_held == 0
-    # Failed inside the batched step: its row returns, the other request's runs on.
+    # Failed inside the batched step, in its own rule (it leaves its block at its first step:
+    # one step per block), after the batch's write: its row returns, the other runs on.
     real = batched_module.BatchedStep._apply
 
     def failing(self, j, req, *args):
@@ -119,7 +120,8 @@ def test_every_row_returns_however_a_request_ends(llada64, monkeypatch) -> None:
         return real(self, j, req, *args)
 
     monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
-    engine.add_request("12+34=", dual, request_id="bad")
+    one_step_blocks = DecodeParams(gen_length=16, block_length=8, steps=2)
+    engine.add_request("12+34=", one_step_blocks, request_id="bad")
     engine.add_request("12+34=", dual, request_id="good")
     finished = {}
     while engine.has_unfinished_requests():
@@ -197,7 +199,7 @@ def test_every_pass_packs_each_request_by_the_layout_rule(llada64) -> None:
             assert step.seq_lens[seq] == len(pos)
             np.testing.assert_array_equal(positions[cond : cond + len(pos)], pos)
             np.testing.assert_array_equal(ids[cond : cond + len(pos)], req.canvas_np[pos])
-            use = step.caches[seq]
+            use = step.caches.use(seq)
             assert (None if use is None else tuple(use)[1:5]) == cache
             assert step.row_offsets[i] == (cache[0] if req.cached_step else 0)
             if req.cached_step:
@@ -205,7 +207,7 @@ def test_every_pass_packs_each_request_by_the_layout_rule(llada64) -> None:
             if req.params.cfg_scale > 0:
                 copy = np.where(req.given_np, req.mask_token_id, req.canvas_np)
                 np.testing.assert_array_equal(ids[uncond : uncond + req.canvas_len], copy)
-                assert step.caches[seq + 1] is None
+                assert step.caches.use(seq + 1) is None
             reading = cache is not None and cache[3] is not None
             keys.append((seq, (reading, len(pos), cache[3] if reading else 0)))
         assert [k for _, k in sorted(keys)] == sorted(k for _, k in keys)

@@ -11,7 +11,6 @@ import torch
 from reference_cache import LLaDAReference, cached_generate, dream_cached_generate
 from reference_decoders import early_exit_of
 
-import foretell.decoding.batched as batched_module
 from foretell import DecodeParams, Engine, Prophet
 from foretell.engine.kv_cache import bytes_per_token
 from foretell.params import as_params
@@ -284,7 +283,7 @@ def test_cache_is_freed_on_early_commit(llada64) -> None:
     assert engine.metrics.kv_cache_bytes == 0 and engine.metrics.kv_cache_peak_bytes > 0
 
 
-def test_cache_is_freed_on_abort_and_error(llada64, monkeypatch) -> None:
+def test_cache_is_freed_on_abort_and_error(llada64, fail_greedy_step) -> None:
     engine = Engine(llada64, dtype="float64")
     p = DecodeParams(gen_length=16, block_length=8, steps=16, kv_cache="dual")
     keep = engine.add_request("12+34=", p)
@@ -295,14 +294,8 @@ def test_cache_is_freed_on_abort_and_error(llada64, monkeypatch) -> None:
     engine.abort(gone)
     assert engine.metrics.kv_cache_bytes == _one_cache(engine, "12+34=", 16)
 
-    real = batched_module.BatchedStep._apply  # greedy cached requests step together
-
-    def failing(self, j, req, *args):
-        if req.request_id == keep and req.cached_step:
-            raise RuntimeError("injected fault")
-        return real(self, j, req, *args)
-
-    monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
+    # Greedy cached requests step together.
+    fail_greedy_step(lambda req: req.request_id == keep and req.cached_step)
     outs = engine.step()
     assert [o.finish_reason for o in outs if o.request_id == keep] == ["error"]
     assert engine.metrics.kv_cache_bytes == 0

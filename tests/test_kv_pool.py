@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import foretell.decoding.batched as batched_module
 import foretell.engine.engine as engine_module
 from foretell import DecodeParams, Engine, Prophet
 from foretell.engine.kv_cache import KVPool
@@ -143,7 +142,9 @@ def test_head_is_admitted_within_its_age_bound(llada, bound) -> None:
         assert started[smalls[1]] == done[smalls[0]] + 1 < started[head]
 
 
-def test_every_page_returns_on_finish_commit_abort_and_error(llada, monkeypatch) -> None:
+def test_every_page_returns_on_finish_commit_abort_and_error(
+    llada, monkeypatch, fail_greedy_step
+) -> None:
     engine = Engine(llada, dtype="float64", kv_page_size=8)
     pool = engine.kv_pool
     total = pool.num_pages
@@ -175,7 +176,7 @@ def test_every_page_returns_on_finish_commit_abort_and_error(llada, monkeypatch)
     (out,) = engine.step()
     assert out.finish_reason == "error" and pool.free_pages == total
     monkeypatch.setattr(engine_module, "advance", real)
-    monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
+    fail_greedy_step(lambda req: True)
     engine.add_request("12+34=", DUAL)  # the batched step
     (out,) = engine.step()
     assert out.finish_reason == "error" and pool.free_pages == total

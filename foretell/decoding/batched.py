@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from foretell.decoding.early_commit import should_commit, undecided
+from foretell.decoding.early_commit import undecided
 from foretell.decoding.step import (
     cursor_stays,
     mark_committed,
@@ -42,7 +42,7 @@ from foretell.decoding.unmask import (
     suppress_cells,
 )
 from foretell.scheduler.canvas_rows import CanvasRows
-from foretell.scheduler.request import Request
+from foretell.scheduler.request import AT_START, GLOBAL_STEP, STEP_IN_BLOCK, WRITES, Request
 
 # Columns of the per-sequence geometry table (canvas positions).
 (
@@ -108,8 +108,8 @@ class _Plan:
     new_ids: np.ndarray  # the pass's flat tokens with every reveal written
     x0: np.ndarray  # flat candidates of the gathered rows: greedy or sampled (commits add theirs)
     chosen: np.ndarray  # flat rows revealed (bool [tokens])
-    gaps: list[float | None]
-    commits: list[bool]
+    gaps: np.ndarray  # each request's statistic this step (float64; NaN: none)
+    commits: np.ndarray  # bool: whether each request commits
     block_masks_at_start: np.ndarray  # each request's (a new block's, where one starts)
     outside: dict[int, tuple[np.ndarray, np.ndarray]]  # a cached commit's other masks
     failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
@@ -118,17 +118,13 @@ class _Plan:
     # Per request: the masks left in its block and its generation once every reveal is
     # written; whether its threshold step stalled (revealed only the mask token itself) and
     # whether it revealed anything; whether its cursor stays in its block, and if so whether
-    # it takes the block's next step (``foretell.decoding.step.cursor_stays``; lists, read
-    # once per request).
+    # it takes the block's next step (``foretell.decoding.step.cursor_stays``).
     block_masks: np.ndarray | None = None
     masks: np.ndarray | None = None
     stalled: np.ndarray | None = None
     revealed: np.ndarray | None = None
-    stays: list[bool] = field(default_factory=list)
-    steps_on: list[int] = field(default_factory=list)
-    # The revealed rows' canvas positions, and each request's (first, end) into them.
-    revealed_positions: np.ndarray | None = None
-    bounds: list[tuple[int, int]] = field(default_factory=list)
+    stays: np.ndarray | None = None
+    steps_on: np.ndarray | None = None
 
 
 @dataclass
@@ -149,7 +145,8 @@ class _Ranking:
     ks: list[int]  # each one's reveal count (threshold: 1, the best)
     row_start: list[int]  # flat first row of each one's ranking row
     row_len: list[int]
-    scores: torch.Tensor | None  # [members, longest row], -inf outside each window
+    offset: list[int]  # the column of its ranking row where its ranked extent begins
+    scores: torch.Tensor | None  # [members, widest extent], -inf outside each window
     chosen: torch.Tensor  # bool over the gathered rows
     tied: torch.Tensor  # bool per member: its cut tied, so it is ranked again alone
 
@@ -179,6 +176,7 @@ class BatchedStep:
         canvas_rows: CanvasRows,
         geometry: np.ndarray,
         cursor: np.ndarray,
+        thresholds: np.ndarray,
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index = list(seq_index)
@@ -209,6 +207,12 @@ class BatchedStep:
         self.is_dream, self.is_threshold = fixed[:, 13:15].T.astype(bool)
         block, step_in_block, self.global_step_np, self.block_masks_at_start_np = cursor.T[:4]
         self.canvas_row_np = cursor[:, 4]
+        # Prophet's constants of each request (``CanvasRows.policy``; NaN: no policy).
+        self.policy_np = canvas_rows.policy[self.canvas_row_np]
+        self.has_policy = ~np.isnan(self.policy_np[:, 0])
+        # Each request's threshold rounded to its confidence's dtype (:func:`in_dtype`; NaN:
+        # none), as the runner keeps it with the canvas rows.
+        self.threshold_np = thresholds
         self.step_in_block_np = step_in_block
         uses_blocks = uses_blocks.astype(bool)
         self.uses_blocks_np = uses_blocks
@@ -236,6 +240,7 @@ class BatchedStep:
         self.strict = self.is_dream & ~uses_blocks
         window_start = np.where(cached_step | refresh, block_start, prompt)
         window_end = np.where(refresh, block_start + 1, block_end)
+        self.window_start_np, self.window_end_np = window_start, window_end
         table = np.zeros((self.num_seqs, _COLUMNS), dtype=np.int64)
         table[self.seq_index] = np.stack(
             [
@@ -261,8 +266,8 @@ class BatchedStep:
         generated = masked & (pos >= per_token[_PROMPT_END])
         # The reveal window (masked, up to the end of the current block), Prophet's answer
         # region (an explicit span, masked or not, or every masked generated position), the
-        # current block's masks (its reveal schedule), and what a commit fills. Host arrays
-        # (the request-by-request part of the step reads them) and tensors of the same memory.
+        # current block's masks (its reveal schedule), and what a commit fills: host arrays
+        # (the window also as a tensor of the same memory, which the ranking indexes).
         window = masked & (pos >= per_token[_WINDOW_START]) & (pos < per_token[_WINDOW_END])
         region = (pos >= per_token[_SPAN_START]) & (pos < per_token[_SPAN_END])
         region |= generated & per_token[_REGION_IS_MASKED].astype(bool)
@@ -271,11 +276,8 @@ class BatchedStep:
         self.window_np = window
         self.needed_np = window | region
         self.window = torch.from_numpy(window)
-        self.region = torch.from_numpy(region)
+        self.region_np = region
         self.in_block_np = in_block
-        self.in_block = torch.from_numpy(in_block)
-        self.generated = torch.from_numpy(generated)
-        self.needed = torch.from_numpy(self.needed_np)
 
     def bind(
         self,
@@ -337,20 +339,34 @@ class BatchedStep:
             block_masks,
             masks,
         )
-        plan.stays, plan.steps_on = stays.tolist(), steps_on.tolist()
+        plan.stays, plan.steps_on = stays, steps_on
         # Every reveal written at once, into the requests' canvas rows (a commit discarded its
         # reveal while planning; its fill is written by ``_commit``).
         positions = self.positions_np[picked]
         row_of_seq = np.zeros(self.num_seqs, dtype=np.int64)
         row_of_seq[self.seq_index_np] = self.canvas_row_np
-        canvas = self.canvas_rows.flat
-        canvas[row_of_seq[seqs[picked]] * self.canvas_rows.width + positions] = plan.x0[picked]
-        # Then each request's cursor: plain attribute updates, and the rule itself only for a
-        # request that commits, leaves its block or finishes.
-        plan.revealed_positions = positions
-        plan.bounds = list(zip(plan.picked[1].tolist(), plan.picked[2].tolist(), strict=True))
-        for j, req in enumerate(self.reqs):
-            if j in plan.failed:
+        rows = self.canvas_rows
+        at = row_of_seq[seqs[picked]] * rows.width + positions
+        rows.flat[at] = plan.x0[picked]
+        # Then every cursor, gap and reveal record at once, in the rows; a request's own rule
+        # runs only when it fails, commits, or leaves its block (or finishes).
+        failed = np.zeros(len(self.reqs), dtype=bool)
+        failed[list(plan.failed)] = True
+        own = self.canvas_row_np
+        moved = own[~failed]
+        rows.cursor[moved, GLOBAL_STEP] += 1
+        rows.cursor[moved, AT_START] = plan.block_masks_at_start[~failed]
+        rows.cursor[own, WRITES] += 1  # their masked positions are counted again
+        gapped = self.has_policy & ~failed
+        rows.last_gap[own[gapped]] = plan.gaps[gapped]
+        revealing = ~failed & ~plan.commits
+        rows.revealed[own[revealing]] = False
+        rows.revealed.reshape(-1)[at] = True
+        staying = stays & revealing
+        rows.cursor[own[staying], STEP_IN_BLOCK] += steps_on[staying]
+        for j in np.flatnonzero(~staying).tolist():
+            req = self.reqs[j]
+            if failed[j]:
                 req.finish("error", plan.failed[j])
                 continue
             try:
@@ -362,9 +378,9 @@ class BatchedStep:
     def _unwrite(self, j: int, req: Request, plan: _Plan) -> None:
         """Put back the tokens request ``j``'s reveals overwrote in its canvas row (its step
         failed after the batch's write: it ends with its canvas as the step found it)."""
-        first, end = plan.bounds[j]
-        picked = plan.picked[0][first:end]
-        req.write_np(plan.revealed_positions[first:end], self.ids_np[picked])
+        flat, first, end = plan.picked
+        picked = flat[first[j] : end[j]]
+        req.write_np(self.positions_np[picked], self.ids_np[picked])
 
     # -- planning: tensors only; no request changes except random remasking's draws --------
     def _plan(
@@ -412,9 +428,8 @@ class BatchedStep:
         chosen[rows_np[chosen_rows]] = True
         if tied.any():
             self._rank_alone(np.flatnonzero(tied).tolist(), ranking, chosen)
-        for j in range(len(self.reqs)):
-            if commits[j]:  # a commit discards its reveal
-                chosen[self.starts[j] : self.starts[j] + self.seq_lens[j]] = False
+        for j in np.flatnonzero(commits).tolist():  # a commit discards its reveal
+            chosen[self.starts[j] : self.starts[j] + self.seq_lens[j]] = False
         new_ids = self.ids_np.copy()
         new_ids[chosen] = x0[chosen]
         plan = _Plan(new_ids, x0, chosen, gaps, commits, at_start, {})
@@ -429,8 +444,9 @@ class BatchedStep:
         argmax, as the per-request step does: from the logits of all its masks in position
         order (gathered, or asked for), with its stream back where it stood before this
         step's reveal draw (a seeded request) or a fresh draw from the shared stream."""
-        for j, req in enumerate(self.reqs):
-            if plan.commits[j] and filters(req.params):
+        for j in np.flatnonzero(plan.commits).tolist():
+            req = self.reqs[j]
+            if filters(req.params):
                 try:
                     self._sampled_commit(j, req, plan, rows, more)
                 except Exception as err:  # this request only
@@ -481,25 +497,33 @@ class BatchedStep:
 
     def _decide(
         self, gap: _Gaps | None, values: np.ndarray, stats: RowStats
-    ) -> tuple[list[float | None], list[bool]]:
-        """Each request's reported gap and Prophet's decision at this step. A mean decides in
-        float64 unless it falls within :data:`DECIDE_MARGIN` of the threshold; then the
-        reference's own reduction of its rows decides (one more transfer, rarely)."""
-        gaps: list[float | None] = [None] * len(self.reqs)
-        commits = [False] * len(self.reqs)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each request's reported gap (NaN: none) and Prophet's decision at this step, as
+        arrays (``Prophet.threshold`` and ``should_commit`` over the batch's policies). A mean
+        decides in float64 unless it falls too close to the threshold (:func:`undecided`, over
+        the arrays); then the reference's own reduction of its rows decides (one more
+        transfer, rarely)."""
+        gaps = np.full(len(self.reqs), np.nan)
+        commits = np.zeros(len(self.reqs), dtype=bool)
         if gap is None:
             return gaps, commits
-        for m, (j, value) in enumerate(zip(gap.members, values.tolist(), strict=True)):
-            req = self.reqs[j]
-            policy, step = req.params.early_commit, req.global_step + 1
-            gaps[j] = decisive = value
-            threshold = policy.threshold(step, req.params.steps)
-            # A minimum is exact in any order; a float64 mean stands for the reference's own
-            # reduction unless it is too close to the threshold to tell.
-            if policy.statistic == "mean" and undecided(value, threshold, stats.gap.dtype):
-                own = gap.region_rows[gap.segment == m]
-                decisive = float(stats.gap[torch.from_numpy(own).to(stats.gap.device)].mean())
-            commits[j] = should_commit(policy, decisive, step, req.params.steps)
+        members = np.asarray(gap.members, dtype=np.int64)
+        policy = self.policy_np[members]
+        progress = (self.global_step_np[members] + 1) / self.steps_np[members]
+        threshold = np.where(
+            progress < policy[:, 3],
+            policy[:, 0],
+            np.where(progress < policy[:, 4], policy[:, 1], policy[:, 2]),
+        )
+        gaps[members] = values
+        decisive = values.copy()
+        # A minimum is exact in any order; a float64 mean stands for the reference's own
+        # reduction unless it is too close to the threshold to tell.
+        close = (policy[:, 5] > 0) & undecided(values, threshold, stats.gap.dtype)
+        for m in np.flatnonzero(close).tolist():
+            own = gap.region_rows[gap.segment == m]
+            decisive[m] = float(stats.gap[torch.from_numpy(own).to(stats.gap.device)].mean())
+        commits[members] = decisive >= threshold  # NaN (no statistic) never commits
         return gaps, commits
 
     def _fill_commits(
@@ -514,9 +538,8 @@ class BatchedStep:
         missing, cells = [], []
         outside_reqs, outside_pos, outside_of = [], [], []
         at = 0
-        for j, req in enumerate(self.reqs):
-            if not plan.commits[j]:
-                continue
+        for j in np.flatnonzero(plan.commits).tolist():
+            req = self.reqs[j]
             start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
             fill = np.flatnonzero(self.generated_np[start:end])
             rows = fill[~self.needed_np[start:end][fill]] + start
@@ -563,16 +586,14 @@ class BatchedStep:
         ``scatter_reduce_`` takes every minimum (exact in any order). None without a policy
         with region rows."""
         member_of_seq = np.full(self.num_seqs, -1)
-        members = [
-            j
-            for j in sorted(range(len(self.reqs)), key=lambda j: self.seq_index[j])
-            if self.reqs[j].params.early_commit is not None
-        ]
-        if not members:
+        holders = np.flatnonzero(self.has_policy)
+        if not holders.size:
             return None
-        member_of_seq[[self.seq_index[j] for j in members]] = np.arange(len(members))
+        members_np = holders[np.argsort(self.seq_index_np[holders], kind="stable")]
+        members = members_np.tolist()
+        member_of_seq[self.seq_index_np[members_np]] = np.arange(len(members))
         segment_of_row = member_of_seq[seq_of_row.numpy()]
-        region_rows = np.flatnonzero(self.region.numpy()[rows.numpy()] & (segment_of_row >= 0))
+        region_rows = np.flatnonzero(self.region_np[rows.numpy()] & (segment_of_row >= 0))
         segment = segment_of_row[region_rows]
         counts = np.bincount(segment, minlength=len(members))
         if not counts.any():
@@ -582,7 +603,8 @@ class BatchedStep:
             renumber = np.full(len(members), -1)
             renumber[kept] = np.arange(len(kept))
             segment = renumber[segment]
-            members, counts = [members[m] for m in kept], counts[kept]
+            members_np, counts = members_np[kept], counts[kept]
+            members = members_np.tolist()
         device = stats.gap.device
         gap = stats.gap[torch.from_numpy(region_rows).to(device)]
         seg_d = torch.from_numpy(segment).to(device)
@@ -591,7 +613,7 @@ class BatchedStep:
         means = sums / torch.from_numpy(counts).to(device)
         mins = torch.full((n,), torch.inf, dtype=gap.dtype, device=device)
         mins = mins.scatter_reduce_(0, seg_d, gap, "amin")
-        is_mean = np.array([self.reqs[j].params.early_commit.statistic == "mean" for j in members])
+        is_mean = self.policy_np[members_np, 5] > 0
         values = torch.where(torch.from_numpy(is_mean).to(device), means, mins.double())
         return _Gaps(members, values, region_rows, segment)
 
@@ -633,14 +655,11 @@ class BatchedStep:
         nothing = stats.prob.new_zeros(0, dtype=torch.bool)
         if not members:
             chosen = stats.prob.new_zeros(len(rows), dtype=torch.bool)
-            return _Ranking([], [], [], [], None, chosen, nothing)
+            return _Ranking([], [], [], [], [], None, chosen, nothing)
         ks = np.where(ranked, np.minimum(ks, sizes), 1)[members_np]
         # A threshold is compared in the request's own confidence dtype, as it is alone; NaN
         # (no threshold) compares false.
-        thresholds = np.full(len(members), np.nan)
-        for m in np.flatnonzero(~ranked[members_np]).tolist():
-            req = self.reqs[members[m]]
-            thresholds[m] = _in_dtype(req.params.threshold, self._own_dtype(req))
+        thresholds = np.where(ranked[members_np], np.nan, self.threshold_np[members_np])
         # Dream's uncached threshold keeps scores above it; Fast-dLLM's, at or above.
         strict = self.strict[members_np]
         # Scores over the pass's flat tokens (one spare slot at the end for padding): the
@@ -654,12 +673,19 @@ class BatchedStep:
         row_start_np = self.starts_np[members_np] + self.row_offsets_np[members_np]
         row_len_np = self.row_lens_np[members_np]
         row_start, row_len = row_start_np.tolist(), row_len_np.tolist()
-        longest = max(row_len)
+        # Only the window's extent of each ranking row is ranked (the rest is -inf in the
+        # reference's row, and no reveal count exceeds the window's masks): its columns
+        # ``[offset, offset + width)``, from the positions the row's first token holds.
+        span_lo = self.positions_np[row_start_np]
+        lo = np.clip(self.window_start_np[members_np] - span_lo, 0, row_len_np)
+        hi = np.clip(self.window_end_np[members_np] - span_lo, lo, row_len_np)
+        width_np = hi - lo
+        longest = max(int(width_np.max()), 1)
         col = np.arange(longest)
-        index = np.where(col < row_len_np[:, None], row_start_np[:, None] + col, total)
+        index = np.where(col < width_np[:, None], (row_start_np + lo)[:, None] + col, total)
         index_d = torch.from_numpy(index).to(device)
         scores = prob_flat[index_d]
-        draws = self._draws(members, row_start, row_len, longest, device)
+        draws = self._draws(members, row_start, row_len, lo, longest, device)
         if draws is not None:
             random_rows, random_scores = draws
             window_flat = np.zeros(total + 1, dtype=bool)
@@ -692,7 +718,8 @@ class BatchedStep:
             nxt = values.gather(1, k_d.clamp(max=k_top - 1)[:, None]).squeeze(1)
             tied = (k_d < k_top) & (kth == nxt) & (kth > float("-inf"))
             tied &= ~is_threshold | ~above.any(dim=1)
-        return _Ranking(members, ks, row_start, row_len, scores, chosen_flat[rows.to(device)], tied)
+        chosen = chosen_flat[rows.to(device)]
+        return _Ranking(members, ks, row_start, row_len, lo.tolist(), scores, chosen, tied)
 
     def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: np.ndarray) -> None:
         """Rank the requests whose cut tied over their own row, as the references do: the
@@ -702,7 +729,11 @@ class BatchedStep:
         for row, i in zip(scores, tied, strict=True):
             req = self.reqs[ranking.members[i]]
             start, length = ranking.row_start[i], ranking.row_len[i]
-            line = row[:length].to(self._rank_dtype(req))
+            # The whole row, as the reference ranks it: -inf outside the ranked extent.
+            offset = ranking.offset[i]
+            width = min(len(row), length - offset)
+            line = torch.full((length,), float("-inf"), dtype=self._rank_dtype(req))
+            line[offset : offset + width] = row[:width].to(line.dtype)
             chosen[start : start + length] = False
             if req.params.remasking == _THRESHOLD and not req.uses_blocks:
                 # Dream: every score above the threshold, or else the first best one.
@@ -731,28 +762,33 @@ class BatchedStep:
         members: list[int],
         row_start: list[int],
         row_len: list[int],
+        offset: np.ndarray,
         longest: int,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Random remasking's scores, ``[random members, longest]`` with the index of each among
-        ``members``. A seeded request draws its own from its generator, as its reference does
-        (so it stays exact with it): LLaDA one uniform per ranking row, Dream one per window
-        row, in order; the others share one draw from the engine's stream."""
+        """Random remasking's scores over the ranked extents (columns ``offset`` on of each
+        ranking row), ``[random members, longest]`` with the index of each among ``members``.
+        A seeded request draws its own from its generator, as its reference does (so it stays
+        exact with it): LLaDA one uniform per ranking row, Dream one per window row, in order;
+        the others share one draw from the engine's stream, over the extents alone."""
         reqs = [self.reqs[j] for j in members]
         random_rows = [i for i, r in enumerate(reqs) if r.params.remasking == "random"]
         if not random_rows:
             return None
         out = torch.empty(len(random_rows), longest)
-        unseeded = []
+        drawn = [reqs[i].generator for i in random_rows]
+        unseeded = [n for n, gen in enumerate(drawn) if gen is None]
         for n, i in enumerate(random_rows):
-            gen = reqs[i].generator
+            gen = drawn[n]
             if gen is None:
-                unseeded.append(n)
-            elif reqs[i].uses_blocks:
-                out[n, : row_len[i]] = torch.rand(row_len[i], generator=gen)
+                continue
+            if reqs[i].uses_blocks:
+                lo = int(offset[i])
+                width = min(longest, row_len[i] - lo)
+                out[n, :width] = torch.rand(row_len[i], generator=gen)[lo : lo + width]
             else:
                 start = row_start[i]
-                cols = np.flatnonzero(self.window_np[start : start + row_len[i]])
+                cols = np.flatnonzero(self.window_np[start : start + row_len[i]]) - offset[i]
                 out[n, torch.from_numpy(cols)] = torch.rand(len(cols), generator=gen)
         if unseeded:
             shared = torch.rand((len(unseeded), longest), generator=self.generator, device=device)
@@ -784,19 +820,10 @@ class BatchedStep:
 
     # -- applying: one request at a time, attribute updates only --------------------------
     def _apply(self, j: int, req: Request, plan: _Plan) -> None:
-        """Request ``j``'s cursor after its step (its reveals are written already)."""
-        req.forget_masked()
-        req.global_step += 1
-        req.block_masks_at_start = int(plan.block_masks_at_start[j])
-        if req.params.early_commit is not None:
-            req.last_gap = plan.gaps[j]
+        """Request ``j``'s own rule, when it commits or its cursor leaves its block (its
+        reveals, step count and gap are written already: ``advance``)."""
         if plan.commits[j]:
             self._commit(j, req, plan)
-            return
-        first, end = plan.bounds[j]
-        req.revealed_last_step = plan.revealed_positions[first:end]
-        if plan.stays[j]:
-            req.step_in_block += plan.steps_on[j]
             return
         whole = not self.cached_step_np[j]  # a cached step's pass holds only its span
         masks = int(plan.masks[j]) if whole else None
@@ -820,6 +847,6 @@ class BatchedStep:
 
 
 @functools.lru_cache(maxsize=256)
-def _in_dtype(value: float, dtype: torch.dtype) -> float:
+def in_dtype(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype`` (a threshold compared in a confidence's dtype), once."""
     return float(torch.tensor(value, dtype=dtype))

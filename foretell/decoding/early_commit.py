@@ -70,9 +70,9 @@ def reported_gap(gaps: torch.Tensor, statistic: str) -> float | None:
 DECIDE_MARGIN = 1e-3
 
 
-def undecided(mean: float, threshold: float, dtype: torch.dtype) -> bool:
+def undecided(mean, threshold, dtype: torch.dtype):
     """Whether a float64 mean is too close to ``threshold`` to stand for the reference's
-    reduction in ``dtype`` (see :data:`DECIDE_MARGIN`)."""
+    reduction in ``dtype`` (see :data:`DECIDE_MARGIN`): floats, or NumPy arrays of them."""
     return abs(mean - threshold) <= (DECIDE_MARGIN + torch.finfo(dtype).eps) * abs(threshold)
 
 

@@ -100,13 +100,17 @@ class RowStats:
         logits: torch.Tensor,
         variants: Sequence[ProbVariant] = (),
         default_rows: torch.Tensor | None = None,
+        gap_rows: torch.Tensor | None = None,
     ) -> RowStats:
         """``prob`` is in the logits' dtype (the default confidence), or in float64 when a
         variant asks for it (the other rows' values are then exactly those of their dtype).
         ``default_rows``: when given, the only rows that take the default confidence (the
-        others are all a variant's), so the default softmax runs over those rows alone; a
-        softmax is row by row, so their values are the same."""
-        argmax = logits.argmax(dim=-1)
+        others are a variant's or read no score: 0), so the default softmax runs over those
+        rows alone; a softmax is row by row, so their values are the same. ``gap_rows``: when
+        given, the only rows whose gap anything reads (the others: NaN), for the same reason.
+        A pass gathers many rows that only a commit's fill reads (their argmax): Prophet's
+        region outside a request's block."""
+        best, argmax = logits.max(dim=-1)  # the first maximal index, as ``argmax``
         wide = any(v.dtype != logits.dtype for v in variants)
         if default_rows is None:
             prob = _greedy_prob(logits, argmax, logits.dtype, ())
@@ -120,7 +124,13 @@ class RowStats:
         for v in variants:
             probs = confidence_probs(logits[v.rows], v.dtype, v.suppressed)
             prob[v.rows] = confidence(probs, argmax[v.rows], v.rule).to(prob.dtype)
-        return cls(argmax, prob, top2_gap(logits, argmax))
+        if gap_rows is None:
+            gap = top2_gap(logits, argmax, best)
+        else:
+            gap = logits.new_full((len(logits),), float("nan"))
+            if len(gap_rows):
+                gap[gap_rows] = top2_gap(logits[gap_rows], argmax[gap_rows], best[gap_rows])
+        return cls(argmax, prob, gap)
 
     def take(self, rows: torch.Tensor | slice) -> RowStats:
         return RowStats(self.argmax[rows], self.prob[rows], self.gap[rows])
@@ -216,11 +226,15 @@ def sample(
     return (logits.double() / temperature + gumbel).argmax(dim=-1)
 
 
-def top2_gap(values: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-    """Each row's largest value less its second largest, given the rows' ``argmax``: exactly
-    ``topk(2)``'s two values subtracted (a tied best gives 0, as there), without ``topk``,
-    which over a short last dimension costs several times a reduction (5x on a CPU)."""
-    best = values.gather(-1, argmax[:, None]).squeeze(-1)
+def top2_gap(
+    values: torch.Tensor, argmax: torch.Tensor, best: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each row's largest value less its second largest, given the rows' ``argmax`` (and
+    their largest values, when known): exactly ``topk(2)``'s two values subtracted (a tied
+    best gives 0, as there), without ``topk``, which over a short last dimension costs
+    several times a reduction (5x on a CPU)."""
+    if best is None:
+        best = values.gather(-1, argmax[:, None]).squeeze(-1)
     rest = values.scatter(-1, argmax[:, None], float("-inf"))
     return best - rest.amax(dim=-1)
 

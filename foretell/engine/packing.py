@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from foretell.models.attention import CacheUse
+from foretell.models.attention import CacheUse, PoolUses
+from foretell.ranges import concat_ranges
 from foretell.scheduler.canvas_rows import CanvasRows
 from foretell.scheduler.request import Request
 
@@ -25,7 +26,7 @@ from foretell.scheduler.request import Request
 # pool.
 Layout = tuple[np.ndarray, CacheUse | None]
 # Columns of ``StepInput.cursor``: a request's block, step in it, step, its block's masks at
-# the block's start, and its canvas row.
+# the block's start (``Request.cursor_np``'s first four), and its canvas row.
 CURSOR = 5
 
 
@@ -37,7 +38,7 @@ class StepInput:
     ids: torch.Tensor  # [tokens] the pass's token ids
     positions: torch.Tensor  # [tokens] each token's canvas position (rotary angles)
     seq_lens: list[int]  # packed sequences' lengths (a cfg request has two)
-    caches: list[CacheUse | None]  # each packed sequence's KV pool use
+    caches: PoolUses  # every packed sequence's KV pool use
     # Where each request's recomputed rows begin in its packed sequence: after a cached step's
     # read-only rows before its span; at the start otherwise.
     row_offsets: list[int]
@@ -57,10 +58,12 @@ class StepInput:
     def total(self) -> int:
         return len(self.ids)
 
+    uses_pool: bool = False  # whether some sequence reads or writes the KV pool
+
     @property
-    def pool_uses(self) -> list[CacheUse | None] | None:
+    def pool_uses(self) -> PoolUses | None:
         """The sequences' KV pool uses, or None when no sequence uses the pool."""
-        return self.caches if any(c is not None for c in self.caches) else None
+        return self.caches if self.uses_pool else None
 
     @property
     def in_seq(self) -> torch.Tensor:
@@ -101,12 +104,11 @@ class Packer:
         once (:func:`_kept_positions`), and every sequence's tokens are one gather from the
         canvas rows."""
         n = len(batch)
-        cursor = [
-            (r.block, r.step_in_block, r.global_step, r.block_masks_at_start, r.canvas_row)
-            for r in batch
-        ]
-        cursor = np.array(cursor, dtype=np.int64).reshape(n, CURSOR)
-        block, step_in_block, canvas_row = cursor[:, 0], cursor[:, 1], cursor[:, 4]
+        canvas_row = np.array([r.canvas_row for r in batch], dtype=np.int64)
+        # The rows' cursors (``Request.cursor_np``) with the row itself in the last column.
+        cursor = canvas_rows.cursor[canvas_row]
+        cursor[:, 4] = canvas_row
+        block, step_in_block = cursor[:, 0], cursor[:, 1]
         fixed = canvas_rows.geometry_of(batch, canvas_row)
         num_seqs = fixed[:, 15]
         prompt, canvas, uses_blocks, blocks_from, block_len, cached, prefix = fixed[:, :7].T
@@ -138,19 +140,27 @@ class Packer:
                 span_end[r],
             )
         read_len = np.where(cached_step, canvas, 0)
-        blocks = [i for i, r in enumerate(batch) if r.block_causal]
+        # A block-causal request's geometry is all zeros but its sequences (``NO_GEOMETRY``).
+        blocks = np.flatnonzero(canvas == 0).tolist()
         block_layouts = {i: self.block_layout(batch[i]) for i in blocks}
         for i, (pos, cache) in block_layouts.items():
             lengths[i] = len(pos)
             read_len[i] = cache.read_len
-        caches: list[CacheUse | None] = [None] * n
-        lo_l, span_l, row_l = lo.tolist(), (hi - lo).tolist(), write_row.tolist()
-        read_l = np.where(cached_step, canvas, -1).tolist()
-        for i in np.flatnonzero(cached).tolist():
-            read = read_l[i] if read_l[i] >= 0 else None  # None: a refresh attends to itself
-            caches[i] = CacheUse(batch[i].kv_slots, row_l[i], lo_l[i], span_l[i], read)
+        # Each request's pool use (``PoolUses``' fields; its page table is its canvas row's):
+        # a cached request writes the span it recomputes, after its read-only rows, and in a
+        # cached step reads its whole canvas (a refresh attends to itself: -1).
+        use = np.stack(
+            [
+                np.where(cached, canvas_row, -1),
+                write_row,
+                lo,
+                hi - lo,
+                np.where(cached_step, canvas, -1),
+                np.zeros(n, dtype=np.int64),
+            ]
+        )
         for i, (_, cache) in block_layouts.items():
-            caches[i] = cache
+            use[:, i] = (canvas_row[i], *cache[1:5], cache.block_size)
         # Sequences in attention's order (``_pack_key``): a block-causal request's store rows
         # first; then self-attending sequences by length; cached steps last, by query and key
         # length. A guided request's unconditional copy follows its own.
@@ -193,24 +203,28 @@ class Packer:
             copy[req.given_np] = req.mask_token_id
             offsets[i] = (int(cond_at[i]), at)
         seq_of = req_first.tolist()
-        all_caches = [c for _, (_, c) in stores]
-        pairs = zip(seq_req.tolist(), uncond.tolist(), strict=True)
-        all_caches += [None if copy else caches[i] for i, copy in pairs]
+        seq_use = use[:, seq_req]
+        seq_use[0, uncond] = -1  # a guided request's copy uses no pool
+        if stores:
+            store_use = [(r.canvas_row, *c[1:5], c.block_size) for r, (_, c) in stores]
+            seq_use = np.concatenate([np.array(store_use, dtype=np.int64).T, seq_use], axis=1)
+        caches = PoolUses(canvas_rows.slots, *seq_use)
         steps = np.flatnonzero(cached_step)
         bounds = zip(cond_at[steps].tolist(), (cond_at + lengths)[steps].tolist(), strict=True)
         spans = {i: positions[a:b] for i, (a, b) in zip(steps.tolist(), bounds, strict=True)}
-        row_offsets = row_l  # a cached step's rows begin after its read-only rows
+        row_offsets = write_row.tolist()  # a cached step's rows begin after its read-only rows
         return StepInput(
             ids=torch.from_numpy(ids),
             positions=torch.from_numpy(positions),
             seq_lens=all_lens.tolist(),
-            caches=all_caches,
+            caches=caches,
             row_offsets=row_offsets,
             offsets=offsets,
             seq_of=seq_of,
             spans=spans,
             geometry=fixed,
             cursor=cursor,
+            uses_pool=bool(cached.any()) or bool(blocks),
         )
 
     @staticmethod
@@ -233,14 +247,6 @@ class Packer:
         start, block = req.kv_stored, req.params.block_length
         cache = CacheUse(req.kv_slots, 0, start, lo - start, lo, block)
         return req, (np.arange(start, lo), cache)
-
-
-def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """The integers of every ``[starts[i], ends[i])`` in order, as one array: a batch's rows
-    in a fixed number of NumPy calls, not one ``arange`` per request."""
-    lens = ends - starts
-    first = np.cumsum(lens) - lens  # where each range begins in the result
-    return np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
 
 
 def _kept_positions(

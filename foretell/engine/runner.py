@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from foretell.decoding import positions_needed
-from foretell.decoding.batched import OTHER_SCORES, BatchedStep, batchable, filters
+from foretell.decoding.batched import OTHER_SCORES, BatchedStep, batchable, filters, in_dtype
 from foretell.decoding.block_step import block_positions, sample_rows, samples, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
@@ -34,13 +34,31 @@ from foretell.decoding.unmask import (
     suppress_cells,
 )
 from foretell.engine.kv_cache import KVPool
-from foretell.engine.packing import Packer, concat_ranges
-from foretell.models.attention import CacheUse
+from foretell.engine.packing import Packer
+from foretell.models.attention import CacheUse, PoolUses
 from foretell.models.transformer import DiffusionLM
+from foretell.ranges import concat_ranges
 from foretell.scheduler.canvas_rows import CanvasRows
-from foretell.scheduler.request import Request
+from foretell.scheduler.request import GEOMETRY, NUM_SEQUENCES, Request
 
 logger = logging.getLogger(__name__)
+
+
+def _index_in(registry: list, value: object) -> int:
+    """``value``'s index in ``registry``, added at the end when new (a handful of entries)."""
+    for index, known in enumerate(registry):
+        if known == value or (known != known and value != value):  # NaN: one entry
+            return index
+    registry.append(value)
+    return len(registry) - 1
+
+
+def _some_rows(wanted: np.ndarray, gathered: torch.Tensor) -> torch.Tensor | None:
+    """The indices of the ``wanted`` rows, on the logits' device; or None (every row) when
+    they are nearly all of them: then computing the rest costs less than gathering these."""
+    if wanted.sum() * 5 >= len(wanted) * 4:
+        return None
+    return torch.from_numpy(np.flatnonzero(wanted)).to(gathered.device)
 
 
 def _reads_stats(req: Request) -> bool:
@@ -112,6 +130,17 @@ def chunk_bounds(seq_lens: list[int], budget: int | None) -> list[tuple[int, int
     return [(i, i + 1) for i in range(len(seq_lens))]
 
 
+# Columns the runner keeps beside each canvas row's geometry (``CanvasRows.extra``), from a
+# request's params alone, so that a pass sorts its requests with array ops, not a call per
+# request: whether the batched step takes it, whether its candidates are drawn or filtered,
+# whether it suppresses logits, whether it is a block-causal model's, its confidence variant
+# and its threshold in its confidence's dtype (indices into ``ModelRunner``'s registries; 0:
+# the default confidence, no threshold).
+_BATCHABLE, _FILTERS, _SUPPRESSES, _BLOCK_CAUSAL, _VARIANT, _THRESHOLD = range(
+    GEOMETRY, GEOMETRY + 6
+)
+
+
 def _balanced(seq_lens: list[int], target: float) -> list[tuple[int, int]]:
     """Runs cut wherever adding the next sequence would leave the run further from ``target``."""
     bounds, i, tokens = [], 0, 0
@@ -145,14 +174,40 @@ class ModelRunner:
         self.forward_seconds = 0.0  # time inside the model, for overhead accounting
         self.forward_passes = 0
         self.packer = Packer()
+        # The confidence variants and thresholds the requests' rows refer to (see
+        # ``_row_columns``): entry 0 is the default / none.
+        self._variants: list[tuple | None] = [None]
+        self._thresholds: list[float] = [float("nan")]
         # Every running request's canvas, as rows of one matrix (taken at a request's first
         # pass, given back when it ends: ``Request.release_canvas_row``).
-        self.canvas_rows = CanvasRows()
+        self.canvas_rows = CanvasRows(extra=self._row_columns, extra_width=6)
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
         # one (the per-request path: sampling, Dream, alg_temp).
         self.generator = torch.Generator(self.device).manual_seed(0)
         self.host_generator = torch.Generator().manual_seed(0)
+
+    def _row_columns(self, req: Request) -> tuple[int, ...]:
+        """A request's columns beside its geometry (``_BATCHABLE`` on): computed once per
+        params object, when it first runs."""
+        p = req.params
+        rule = p.remasking if p.remasking in OTHER_SCORES else None
+        variant = 0
+        if req.confidence_dtype is not None or req.confidence_suppress or rule is not None:
+            key = (req.confidence_dtype, req.confidence_suppress, rule or "low_confidence")
+            variant = _index_in(self._variants, key)
+        threshold = 0
+        if p.remasking == "confidence_threshold" and not req.block_causal:
+            own = req.confidence_dtype or self.model.embed.weight.dtype
+            threshold = _index_in(self._thresholds, in_dtype(p.threshold, own))
+        return (
+            int(batchable(req)),
+            int(filters(p)),
+            int(bool(req.logits_suppress)),
+            int(req.block_causal),
+            variant,
+            threshold,
+        )
 
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
@@ -162,8 +217,11 @@ class ModelRunner:
         step = self.packer.pack(batch, self.canvas_rows)
         seq_lens, offsets, seq_of, total = step.seq_lens, step.offsets, step.seq_of, step.total
         ids, positions = step.ids, step.positions
+        geo = step.geometry
+        num_seqs = geo[:, NUM_SEQUENCES]
 
-        group = [i for i, req in enumerate(batch) if self.batched and batchable(req)]
+        group_np = np.flatnonzero(geo[:, _BATCHABLE]) if self.batched else np.zeros(0, int)
+        group = group_np.tolist()
         greedy = None
         if group:
             try:
@@ -179,27 +237,29 @@ class ModelRunner:
                     generator=self.generator,
                     logits_dtype=self.model.embed.weight.dtype,
                     canvas_rows=self.canvas_rows,
-                    geometry=step.geometry[group],
-                    cursor=step.cursor[group],
+                    geometry=geo[group_np],
+                    cursor=step.cursor[group_np],
+                    thresholds=np.asarray(self._thresholds)[geo[group_np, _THRESHOLD]],
                 )
             except Exception:  # nothing has changed: the per-request path can take them
                 logger.exception("batched step failed; stepping its requests one by one")
-                group = []
-        needed = greedy.needed.clone() if greedy else torch.zeros(total, dtype=torch.bool)
-        guided = [i for i in group if batch[i].params.cfg_scale > 0]
-        if guided:  # the unconditional copy's rows at the positions the conditional one needs
-            flags = needed.numpy()
-            for i in guided:
-                cond, uncond = offsets[i]
-                length = batch[i].canvas_len
-                flags[uncond : uncond + length] = flags[cond : cond + length]
-        in_group = set(group)
-        blocks = [i for i, req in enumerate(batch) if req.block_causal]
+                group, group_np = [], np.zeros(0, int)
+        # The rows to gather, as host flags (``needed_t``: the same memory, for tensor indices).
+        needed = greedy.needed_np.copy() if greedy else np.zeros(total, dtype=bool)
+        needed_t = torch.from_numpy(needed)
+        guided = group_np[num_seqs[group_np] > 1].tolist()
+        for i in guided:  # the unconditional copy's rows at the positions the conditional needs
+            cond, uncond = offsets[i]
+            length = batch[i].canvas_len
+            needed[uncond : uncond + length] = needed[cond : cond + length]
+        blocks = np.flatnonzero(geo[:, _BLOCK_CAUSAL]).tolist()
         block_pos = {i: block_positions(batch[i]) for i in blocks}
         for i in blocks:  # its sequence is its block (or, without the cache, its window)
-            needed[block_pos[i] - batch[i].query_start + offsets[i][0]] = True
-        in_group.update(blocks)
-        others = [i for i in range(len(batch)) if i not in in_group]
+            needed_t[block_pos[i] - batch[i].query_start + offsets[i][0]] = True
+        alone = np.ones(len(batch), dtype=bool)
+        alone[group_np] = False
+        alone[blocks] = False
+        others = np.flatnonzero(alone).tolist()
         # The per-request path reads a cached step's positions as tensors.
         spans = {i: torch.from_numpy(step.spans[i]) for i in others if i in step.spans}
         for i in others:
@@ -208,9 +268,10 @@ class ModelRunner:
                 batch[i].generator = torch.Generator().manual_seed(int(seed))
         wanted = {i: positions_needed(batch[i]) for i in others}
         for i in others:
-            needed[self._rows(wanted[i], offsets[i], spans.get(i))] = True
+            needed_t[self._rows(wanted[i], offsets[i], spans.get(i))] = True
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
-        rows = needed.nonzero().flatten()
+        rows_np = np.flatnonzero(needed)
+        rows = torch.from_numpy(rows_np)
 
         start = time.perf_counter()
         # Only a model with shifted logits (Dream) reads each row's place in its sequence.
@@ -223,19 +284,17 @@ class ModelRunner:
         gathered = self.model.logits_at(hidden, in_seq_d, rows.to(self.device))
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
-        first_row = self._first_rows(rows, seq_lens)
+        first_row = self._first_rows(rows_np, seq_lens)
         # Each request's gathered rows: conditional copy, then the cfg copy when there is one.
-        row_ranges = {
-            i: (first_row[seq_of[i]], first_row[seq_of[i] + req.num_sequences])
-            for i, req in enumerate(batch)
-        }
-        if any(req.logits_suppress for req in batch):
+        seq_of_np = np.asarray(seq_of, dtype=np.int64)
+        row_lo, row_hi = first_row[seq_of_np], first_row[seq_of_np + num_seqs]
+        row_ranges = dict(enumerate(zip(row_lo.tolist(), row_hi.tolist(), strict=True)))
+        if geo[:, _SUPPRESSES].any():
             self._suppress_logits(gathered, batch, row_ranges)
         # The batched step reads a guided request's conditional rows, guided in place.
-        own_rows = dict(row_ranges)
-        for i in guided:
-            start, end = row_ranges[i]
-            own_rows[i] = (start, start + (end - start) // 2)
+        own_hi = row_hi.copy()
+        own_hi[guided] = row_lo[guided] + (row_hi[guided] - row_lo[guided]) // 2
+        own_rows = dict(enumerate(zip(row_lo.tolist(), own_hi.tolist(), strict=True)))
         if guided:
             self._guide_rows(gathered, batch, guided, row_ranges)
         # One batched computation of what the batched step and Prophet read from each row, when
@@ -244,10 +303,22 @@ class ModelRunner:
         reads = greedy is not None or any(_reads_stats(batch[i]) for i in others)
         stats = None
         if reads:
-            scored = {i: own_rows[i] for i in own_rows if batch[i].params.cfg_scale <= 0}
-            scored.update((i, own_rows[i]) for i in guided)
-            variants, default_rows = self._prob_variants(gathered, batch, scored)
-            stats = RowStats.of(gathered, variants, default_rows)
+            scored = num_seqs == 1  # unguided, and the batched step's guided requests
+            scored[guided] = True
+            # The rows anything reads a score or a gap of: the batched step's window rows
+            # (scores) and Prophet's region rows (gaps); every row of a per-request one.
+            reads_score = np.zeros(len(rows), dtype=bool)
+            reads_gap = np.zeros(len(rows), dtype=bool)
+            if greedy is not None:
+                reads_score[:] = greedy.window_np[rows_np]
+                reads_gap[:] = greedy.region_np[rows_np]
+            for i in others:
+                reads_score[row_ranges[i][0] : row_ranges[i][1]] = True
+                reads_gap[row_ranges[i][0] : row_ranges[i][1]] = True
+            variant = np.where(scored, geo[:, _VARIANT], 0)
+            bounds = (row_lo, own_hi)
+            variants, default_rows = self._prob_variants(gathered, variant, bounds, reads_score)
+            stats = RowStats.of(gathered, variants, default_rows, _some_rows(reads_gap, gathered))
         out = PassOutput([], None, total)
 
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
@@ -294,7 +365,8 @@ class ModelRunner:
             return found
 
         if greedy is not None:
-            self._sampled_rows(batch, group, greedy, rows, gathered, stats, own_rows)
+            drawn = group_np[geo[group_np, _FILTERS] > 0].tolist()
+            self._sampled_rows(batch, group, drawn, greedy, rows, gathered, stats, own_rows)
             greedy.bind(rows, stats, more_flat, read_only, gathered)
         out.batched = greedy
         if blocks:
@@ -374,26 +446,26 @@ class ModelRunner:
         self,
         batch: list[Request],
         group: list[int],
+        members: list[int],
         greedy: BatchedStep,
         rows: torch.Tensor,
         gathered: torch.Tensor,
         stats: RowStats,
         row_ranges: dict[int, tuple[int, int]],
     ) -> None:
-        """The batched step's sampled or filtered requests: their candidates and scores in
-        place of the greedy ones in ``stats`` at their window rows, computed as the
-        per-request step computes them (:func:`candidates`, row by row), one call per group of
-        equal parameters.
+        """The batched step's sampled or filtered requests (``members``): their candidates and
+        scores in place of the greedy ones in ``stats`` at their window rows, computed as the
+        per-request step computes them (:func:`candidates`, row by row), one call per group
+        of equal parameters.
 
         The uniforms come first, in request order: a request with a generator (a seed) draws
         its own ``[window rows, vocab]`` from it, as alone; the others share one draw from the
         engine's device stream. Random remasking's draws follow, in the step. A seeded request
         with Prophet keeps its generator's state from before the draw: if its test commits,
         its stream goes back there and draws its commit instead (``BatchedStep``), as alone."""
-        members = [i for i in group if filters(batch[i].params)]
         if not members:
             return
-        in_window = greedy.window[rows].numpy()
+        in_window = greedy.window_np[rows.numpy()]
         window_rows: dict[int, np.ndarray] = {}
         for i in members:
             start, end = row_ranges[i]
@@ -490,7 +562,7 @@ class ModelRunner:
         ids: torch.Tensor,
         positions: torch.Tensor,
         seq_lens: list[int],
-        caches: list[CacheUse | None] | None = None,
+        caches: PoolUses | None = None,
     ) -> torch.Tensor:
         """Hidden states of the packed batch, chunk by chunk (see ``forward_chunk_tokens``)."""
         storage = None if caches is None else self.kv_pool.storage
@@ -513,11 +585,11 @@ class ModelRunner:
         return torch.cat(parts)
 
     @staticmethod
-    def _first_rows(rows: torch.Tensor, seq_lens: list[int]) -> list[int]:
+    def _first_rows(rows: np.ndarray, seq_lens: list[int]) -> np.ndarray:
         """Index into ``rows`` of each packed sequence's first gathered row, and the number of
-        rows last (host tensors only)."""
-        ends = torch.tensor(seq_lens).cumsum(0)
-        return [0, *torch.searchsorted(rows, ends[:-1]).tolist(), len(rows)]
+        rows last."""
+        ends = np.cumsum(seq_lens)
+        return np.concatenate([[0], np.searchsorted(rows, ends[:-1]), [len(rows)]])
 
     def _suppress_logits(
         self, gathered: torch.Tensor, batch: list[Request], spans: dict[int, tuple[int, int]]
@@ -533,34 +605,29 @@ class ModelRunner:
         suppress_cells(gathered, cells, inplace=True)
 
     def _prob_variants(
-        self, gathered: torch.Tensor, batch: list[Request], spans: dict[int, tuple[int, int]]
+        self,
+        gathered: torch.Tensor,
+        variant: np.ndarray,
+        bounds: tuple[np.ndarray, np.ndarray],
+        reads_score: np.ndarray,
     ) -> tuple[list[ProbVariant], torch.Tensor | None]:
         """The rows whose confidence is not the default one (the model's dtype, nothing left
-        out), grouped by dtype and left-out columns; and, when variants hold most rows, the
-        rows that do take the default (so that its softmax over the vocabulary does not run
-        on rows a variant scores again: with Fast-dLLM's rules, float64, that is most rows)."""
-        groups: dict[tuple[torch.dtype, tuple[int, ...], str], list[tuple[int, int]]] = {}
-        for i, (start, end) in spans.items():
-            req = batch[i]
-            rule = req.params.remasking if req.params.remasking in OTHER_SCORES else None
-            if req.confidence_dtype is None and not req.confidence_suppress and rule is None:
-                continue  # the default (the engine resolved the dtype at admission)
-            if start == end:
-                continue
-            dtype = req.confidence_dtype or gathered.dtype
-            key = (dtype, req.confidence_suppress, rule or "low_confidence")
-            groups.setdefault(key, []).append((start, end))
+        out), one group per variant (``variant``: each request's index into the registry, 0
+        for the default; ``bounds``: each request's first and end row); and the rows that do
+        take the default, unless that is nearly every row (see :func:`_some_rows`). Only rows
+        in ``reads_score`` are scored: the softmax over the vocabulary is the costly part."""
+        first, end = bounds
         variants, covered = [], np.zeros(len(gathered), dtype=bool)
-        for (dtype, left, rule), bounds in groups.items():
-            rows = concat_ranges(*np.array(bounds, dtype=np.int64).T)
+        for index in np.unique(variant[variant > 0]).tolist():
+            dtype, left, rule = self._variants[index]
+            held = variant == index
+            rows = concat_ranges(first[held], end[held])
+            rows = rows[reads_score[rows]]
             covered[rows] = True
-            variants.append(
-                ProbVariant(torch.from_numpy(rows).to(gathered.device), dtype, left, rule)
-            )
-        default_rows = None
-        if covered.sum() * 2 > len(covered):  # cheaper to copy the rest than to score all
-            default_rows = torch.from_numpy(np.flatnonzero(~covered)).to(gathered.device)
-        return variants, default_rows
+            if rows.size:
+                at = torch.from_numpy(rows).to(gathered.device)
+                variants.append(ProbVariant(at, dtype or gathered.dtype, left, rule))
+        return variants, _some_rows(reads_score & ~covered, gathered)
 
     @staticmethod
     def _rows(

@@ -29,12 +29,15 @@ GPU).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from foretell.ranges import concat_ranges
 
 BACKENDS = ("auto", "sdpa", "sdpa_buckets", "flash", "xformers")
 
@@ -130,6 +133,10 @@ class KVPlan:
     read_masks: tuple[torch.Tensor | None, ...]
     seq_lens: tuple[int, ...]
     k_lens: tuple[int, ...]  # keys each sequence attends to (flash-attn / xformers)
+    # ``sdpa_buckets``: every sequence's (first query row, queries, first key row, keys), where
+    # a reading sequence's keys are its gathered ones, which follow the pass's own rows;
+    # self-attending sequences first, then reading ones, each in packed order.
+    specs: np.ndarray | None = None
     # flash-attn / xformers only: every sequence's keys back to back, as indices into the
     # pass's keys followed by the gathered ones, and the cumulative query and key lengths.
     key_index: torch.Tensor | None = None
@@ -142,94 +149,175 @@ class KVPlan:
         return max(self.k_lens, default=0)
 
 
+@dataclass(frozen=True)
+class PoolUses:
+    """Every packed sequence's :class:`CacheUse` as arrays, one entry per sequence: how a
+    pass's KV pool use is handed to the model. The packer builds a pass's from its requests'
+    rows with a few array ops, and :func:`plan_kv` works it out with a few more, whatever the
+    batch (a list of :class:`CacheUse` is turned into one by :meth:`of`)."""
+
+    slots: np.ndarray  # [tables, width]: page tables (the pool slot of each canvas position)
+    table: np.ndarray  # [sequences] each one's row of ``slots``; -1: it uses no pool
+    write_row: np.ndarray
+    write_start: np.ndarray
+    write_len: np.ndarray
+    read_len: np.ndarray  # -1: it attends to itself
+    block_size: np.ndarray  # 0: not block-causal
+
+    @classmethod
+    def of(cls, caches: Sequence[CacheUse | None]) -> PoolUses:
+        n = len(caches)
+        width = max((len(c.slots) for c in caches if c is not None), default=1)
+        slots = np.zeros((n, max(width, 1)), dtype=np.int64)
+        fields = np.zeros((6, n), dtype=np.int64)
+        fields[0] = fields[4] = -1
+        for i, c in enumerate(caches):
+            if c is not None:
+                slots[i, : len(c.slots)] = c.slots
+                read = -1 if c.read_len is None else c.read_len
+                fields[:, i] = (i, c.write_row, c.write_start, c.write_len, read, c.block_size or 0)
+        return cls(slots, *fields)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, part: slice) -> PoolUses:
+        """The uses of a run of consecutive sequences (their page tables shared)."""
+        return PoolUses(
+            self.slots,
+            self.table[part],
+            self.write_row[part],
+            self.write_start[part],
+            self.write_len[part],
+            self.read_len[part],
+            self.block_size[part],
+        )
+
+    def uses_any(self) -> bool:
+        return bool((self.table >= 0).any())
+
+    def uses_all(self) -> bool:
+        return bool((self.table >= 0).all())
+
+    def use(self, seq: int) -> CacheUse | None:
+        """Sequence ``seq``'s use as a :class:`CacheUse` (for inspection), or None."""
+        if self.table[seq] < 0:
+            return None
+        read, block = int(self.read_len[seq]), int(self.block_size[seq])
+        return CacheUse(
+            self.slots[self.table[seq]],
+            int(self.write_row[seq]),
+            int(self.write_start[seq]),
+            int(self.write_len[seq]),
+            None if read < 0 else read,
+            block or None,
+        )
+
+
+def pool_uses(caches: PoolUses | Sequence[CacheUse | None] | None) -> PoolUses | None:
+    """``caches`` as :class:`PoolUses` (None stays None)."""
+    if caches is None or isinstance(caches, PoolUses):
+        return caches
+    return PoolUses.of(caches)
+
+
 def plan_kv(
     storage: torch.Tensor,
     seq_lens: list[int],
-    caches: list[CacheUse | None],
+    caches: PoolUses | Sequence[CacheUse | None],
     varlen: bool = False,
 ) -> KVPlan:
     """The :class:`KVPlan` of packed sequences ``seq_lens`` using ``caches`` (one entry per
-    sequence). Reading sequences of equal shapes that are neighbours share one call: the runner
-    packs them so. ``varlen``: also lay out every sequence's keys for one varlen call
-    (flash-attn, xformers)."""
+    sequence), from array ops over the whole pass: the write rows and slots and the read slots
+    are each one gather out of the page tables. Reading sequences of equal shapes that are
+    neighbours share one call: the runner packs them so. ``varlen``: also lay out every
+    sequence's keys for one varlen call (flash-attn, xformers)."""
+    uses = pool_uses(caches)
     device = storage.device
-    write_rows, write_slots, read_slots = [], [], []
-    self_runs: list[tuple[int, list[int]]] = []
-    groups: list[list[int]] = []
-    masks: list[torch.Tensor | None] = []
-    k_lens = []
-    start, read_at = 0, 0
-    for length, cache in zip(seq_lens, caches, strict=True):
-        if cache is not None and cache.write_len:
-            first = start + cache.write_row
-            slots = np.asarray(cache.slots)
-            write_rows.append(np.arange(first, first + cache.write_len))
-            write_slots.append(slots[cache.write_start : cache.write_start + cache.write_len])
-        if cache is None or cache.read_len is None:
-            k_lens.append(length)
-            if self_runs and sum(self_runs[-1][1]) + self_runs[-1][0] == start:
-                self_runs[-1][1].append(length)
-            else:
-                self_runs.append((start, [length]))
-        else:
-            k_lens.append(cache.read_len)
-            read_slots.append(np.asarray(cache.slots)[: cache.read_len])
-            g = groups[-1] if groups else None
-            shape = (length, cache.read_len, cache.block_size)
-            if g and g[0] + g[1] * g[2] == start and (g[2], g[4], g[5]) == shape:
-                g[1] += 1
-            else:
-                groups.append([start, 1, length, read_at, cache.read_len, cache.block_size])
-                masks.append(_block_mask(length, cache, device))
-            read_at += cache.read_len
-        start += length
+    lens = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
+    starts = np.cumsum(lens) - lens
+    width, flat = uses.slots.shape[1], uses.slots.reshape(-1)
+    used = uses.table >= 0
+    writes = used & (uses.write_len > 0)
+    first = starts[writes] + uses.write_row[writes]
+    write_len = uses.write_len[writes]
+    write_rows = concat_ranges(first, first + write_len)
+    at = uses.table[writes] * width + uses.write_start[writes]
+    write_slots = flat[concat_ranges(at, at + write_len)]
+    reads = used & (uses.read_len >= 0)
+    read_len = np.where(reads, uses.read_len, 0)
+    at = uses.table[reads] * width
+    read_slots = flat[concat_ranges(at, at + read_len[reads])]
+    k_lens = np.where(reads, uses.read_len, lens)
+    read_at = np.cumsum(read_len) - read_len  # each reading sequence's first gathered key
+    # Runs of consecutive sequences attending to themselves.
+    own = np.flatnonzero(~reads)
+    run_first = np.flatnonzero(np.diff(own, prepend=-2) != 1)
+    run_end = np.append(run_first[1:], len(own))[: len(run_first)]
+    own_lens = lens[own].tolist()
+    self_runs = tuple(
+        (int(starts[own[a]]), tuple(own_lens[a:b]))
+        for a, b in zip(run_first.tolist(), run_end.tolist(), strict=True)
+    )
+    # Groups of neighbouring reading sequences of equal query length, key length and block.
+    seqs = np.flatnonzero(reads)
+    shape = np.stack([lens[seqs], uses.read_len[seqs], uses.block_size[seqs]])
+    new = np.ones(len(seqs), dtype=bool)
+    new[1:] = (np.diff(seqs) != 1) | (np.diff(shape, axis=1) != 0).any(axis=0)
+    heads = np.flatnonzero(new)
+    counts = np.diff(np.append(heads, len(seqs)))
+    g = seqs[heads]
+    columns = (starts[g], counts, lens[g], read_at[g], uses.read_len[g], uses.block_size[g])
+    groups = list(zip(*(c.tolist() for c in columns), strict=True))
+    masks = tuple(_block_mask(q, k, block, device) for _, _, q, _, k, block in groups)
 
-    def cat(parts: list[np.ndarray]) -> torch.Tensor | None:
-        """The host pieces as one device tensor: one copy for the whole pass."""
-        return torch.from_numpy(np.concatenate(parts)).to(device) if parts else None
+    def to_device(index: np.ndarray) -> torch.Tensor | None:
+        """A host index as one device tensor: one copy for the whole pass."""
+        return torch.from_numpy(index).to(device) if index.size else None
 
     key_index = cu_q = cu_k = None
     if varlen:
         # Keys of a self-attending sequence are its own rows; a reading one's are its gathered
         # keys, which follow the pass's own rows in the concatenation attention builds.
-        parts, start, read_at, total = [], 0, 0, sum(seq_lens)
-        for length, cache in zip(seq_lens, caches, strict=True):
-            if cache is None or cache.read_len is None:
-                parts.append(np.arange(start, start + length))
-            else:
-                parts.append(np.arange(read_at, read_at + cache.read_len) + total)
-                read_at += cache.read_len
-            start += length
-        key_index = torch.from_numpy(np.concatenate(parts)).to(device)
+        key_from = np.where(reads, read_at + int(lens.sum()), starts)
+        key_index = torch.from_numpy(concat_ranges(key_from, key_from + k_lens)).to(device)
         cu_q = torch.tensor(np.cumsum([0, *seq_lens]), dtype=torch.int32, device=device)
         cu_k = torch.tensor(np.cumsum([0, *k_lens]), dtype=torch.int32, device=device)
+    # Self-attending sequences first, then reading ones (whose keys follow the pass's rows).
+    spec_order = np.concatenate([own, seqs])
+    key_first = np.where(reads, read_at + int(lens.sum()), starts)
+    specs = np.stack([starts, lens, key_first, k_lens], axis=1)[spec_order]
     return KVPlan(
         storage=storage,
-        write_rows=cat(write_rows),
-        write_slots=cat(write_slots),
-        read_slots=cat(read_slots),
-        self_runs=tuple((s, tuple(lens)) for s, lens in self_runs),
-        read_groups=tuple(tuple(g[:5]) for g in groups),
-        read_masks=tuple(masks),
+        write_rows=to_device(write_rows),
+        write_slots=to_device(write_slots),
+        read_slots=to_device(read_slots),
+        self_runs=self_runs,
+        read_groups=tuple(group[:5] for group in groups),
+        read_masks=masks,
         seq_lens=tuple(seq_lens),
-        k_lens=tuple(k_lens),
+        k_lens=tuple(k_lens.tolist()),
         key_index=key_index,
         cu_q=cu_q,
         cu_k=cu_k,
+        specs=specs,
     )
 
 
-def _block_mask(length: int, cache: CacheUse, device: torch.device) -> torch.Tensor | None:
-    """A block-causal sequence's mask: its rows are the last ``length`` of its keys. None
-    when every row sees every key (a block's queries over the blocks before it: the common
-    step), where SDPA gives the same numbers without a mask."""
-    if cache.block_size is None:
+def _block_mask(
+    length: int, read_len: int, block_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """A block-causal sequence's mask: its rows are the last ``length`` of its ``read_len``
+    keys. None when every row sees every key (a block's queries over the blocks before it:
+    the common step), where SDPA gives the same numbers without a mask; and without blocks
+    (``block_size`` 0)."""
+    if not block_size:
         return None
-    first_row, last_key = cache.read_len - length, cache.read_len - 1
-    if first_row // cache.block_size == last_key // cache.block_size:
+    first_row, last_key = read_len - length, read_len - 1
+    if first_row // block_size == last_key // block_size:
         return None
-    keys = torch.arange(cache.read_len, device=device) // cache.block_size
-    rows = keys[cache.read_len - length :]
+    keys = torch.arange(read_len, device=device) // block_size
+    rows = keys[read_len - length :]
     return keys[None, :] <= rows[:, None]
 
 
@@ -281,8 +369,9 @@ def _sdpa_buckets(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
 ) -> torch.Tensor:
     """Self-attention of packed sequences, one call per length bucket (``k``/``v`` expanded)."""
-    starts = np.cumsum([0, *seq_lens[:-1]])
-    specs = [(int(s), n, int(s), n) for s, n in zip(starts, seq_lens, strict=True)]
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    starts = np.cumsum(lens) - lens
+    specs = np.stack([starts, lens, starts, lens], axis=1)
     out = torch.empty_like(q)
     _bucketed(q, k, v, out, specs)
     return out
@@ -308,26 +397,39 @@ class _BucketGroup:
 _last_layout: list = [None]
 
 
+def _buckets(lengths: np.ndarray) -> np.ndarray:
+    """:func:`_bucket` of every length at once."""
+    exponent = np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+    return np.maximum(16, np.left_shift(1, exponent))
+
+
 def _bucket_groups(
-    specs: list[tuple[int, int, int, int]], rows_q: int, rows_k: int, device: torch.device
+    specs: np.ndarray | list[tuple[int, int, int, int]],
+    rows_q: int,
+    rows_k: int,
+    device: torch.device,
 ) -> list[_BucketGroup]:
-    key = (tuple(specs), rows_q, rows_k, device)
+    """The SDPA calls of ``specs`` (``[sequences, 4]``: first query row, queries, first key
+    row, keys): one per pair of buckets, in the order each pair first appears, its members in
+    ``specs``' order. Worked out once per pass (every layer has the same layout)."""
+    specs = np.asarray(specs, dtype=np.int64).reshape(-1, 4)
+    key = (specs.tobytes(), rows_q, rows_k, device)
     last = _last_layout[0]
     if last is not None and last[0] == key:
         return last[1]
-    by_shape: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
-    for spec in specs:
-        by_shape.setdefault((_bucket(spec[1]), _bucket(spec[3])), []).append(spec)
+    shape = _buckets(specs[:, 1]) * (1 << 32) + _buckets(specs[:, 3])
+    _, first, which = np.unique(shape, return_index=True, return_inverse=True)
     groups = []
-    for (qb, kb), members in by_shape.items():
-        table = np.array(members)
+    for pair in np.argsort(first, kind="stable").tolist():
+        table = specs[which.reshape(-1) == pair]
+        qb, kb = _bucket(int(table[0, 1])), _bucket(int(table[0, 3]))
         q_col, k_col = np.arange(qb), np.arange(kb)
         q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
         k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, rows_k)
         real = k_col < table[:, 3:4]
         groups.append(
             _BucketGroup(
-                len(members),
+                len(table),
                 qb,
                 kb,
                 torch.from_numpy(q_index).to(device),
@@ -345,7 +447,7 @@ def _bucketed(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    specs: list[tuple[int, int, int, int]],
+    specs: np.ndarray,
 ) -> None:
     """Attention of each ``(first query row, queries, first key row, keys)`` in ``specs``, into
     ``out``: queries and keys padded to their buckets, padding keys masked, one SDPA call per
@@ -446,18 +548,9 @@ def _bucketed_cached(
     """``sdpa_buckets`` with the pool: sequences attending to themselves and cached steps
     (over their gathered keys, which follow the pass's own rows) in one bucketed layout."""
     num_heads = q.shape[1]
-    specs = []
-    for start, lens in kv.self_runs:
-        for n in lens:
-            specs.append((start, n, start, n))
-            start += n
-    if read is not None:
+    if read is not None:  # a reading sequence's keys follow the pass's own rows
         k, v = torch.cat((k, read[0])), torch.cat((v, read[1]))
-        for start, count, q_len, k_start, k_len in kv.read_groups:
-            for i in range(count):
-                at = q.shape[0] + k_start + i * k_len
-                specs.append((start + i * q_len, q_len, at, k_len))
-    _bucketed(q, _expand_kv(k, num_heads, 1), _expand_kv(v, num_heads, 1), out, specs)
+    _bucketed(q, _expand_kv(k, num_heads, 1), _expand_kv(v, num_heads, 1), out, kv.specs)
 
 
 def _varlen_cached(

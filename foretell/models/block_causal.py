@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foretell.models.attention import CacheUse, packed_attention, plan_kv, resolve_backend
+from foretell.models.attention import (
+    CacheUse,
+    PoolUses,
+    packed_attention,
+    plan_kv,
+    pool_uses,
+    resolve_backend,
+)
 from foretell.models.transformer import CheckpointNames, token_ids
 
 # A layer's attention: (q [B, L, heads, D], k, v [B, L, kv_heads, D]) -> [B, L, heads, D], the
@@ -281,13 +288,14 @@ class BlockCausalLM(CheckpointNames, nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         seq_lens: list[int],
-        caches: list[CacheUse | None] | None = None,
+        caches: PoolUses | list[CacheUse | None] | None = None,
         kv_storage: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (normed) hidden states ``[T, hidden]`` of packed sequences, each using the KV
         pool with a block-causal :class:`CacheUse`: its rows' keys and values are stored, then
         it attends to its canvas's keys up to its end under the block rule."""
-        if caches is None or kv_storage is None or any(c is None for c in caches):
+        caches = pool_uses(caches)
+        if caches is None or kv_storage is None or not caches.uses_all():
             raise ValueError(
                 f"{self.family}: every packed sequence needs its KV pool use (block-causal "
                 "decoding always caches finished blocks)"

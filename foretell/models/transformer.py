@@ -19,9 +19,11 @@ from torch import nn
 from foretell.models.attention import (
     CacheUse,
     KVPlan,
+    PoolUses,
     packed_attention,
     padded_attention,
     plan_kv,
+    pool_uses,
     resolve_backend,
 )
 
@@ -310,7 +312,7 @@ class DiffusionLM(CheckpointNames, nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         seq_lens: list[int],
-        caches: list[CacheUse | None] | None = None,
+        caches: PoolUses | list[CacheUse | None] | None = None,
         kv_storage: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` for sequences packed back to back (no padding).
@@ -321,7 +323,8 @@ class DiffusionLM(CheckpointNames, nn.Module):
         """
         backend = self.attention_backend
         plan: KVPlan | None = None
-        if caches is not None and any(c is not None for c in caches):
+        caches = pool_uses(caches)
+        if caches is not None and caches.uses_any():
             if kv_storage is None:
                 raise ValueError("kv_storage: required when a sequence uses the KV pool")
             varlen = backend in ("flash", "xformers")

@@ -9,16 +9,20 @@ one to keep on the device; here it is a host array.
 A request takes a row when it first runs and gives it back when it ends (finished, aborted,
 failed or preempted: ``Request.release_canvas_row``). While it holds one, ``Request.canvas`` and
 ``canvas_np`` are views of that row, so every reader and writer of a canvas, the per-request
-step included, works on the row itself.
+step included, works on the row itself. So are the rest of what a step changes: the request's
+cursor (``Request.cursor_np``), its last Prophet gap and the positions it revealed last, so
+that the batched step moves a whole batch on with a few array writes, not a call per request;
+and its KV page table (``Request.kv_slots``), so that a pass's pool use is cut from one matrix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from foretell.scheduler.request import GEOMETRY
+from foretell.scheduler.request import CURSOR_FIELDS, GEOMETRY
 
 if TYPE_CHECKING:
     from foretell.scheduler.request import Request
@@ -27,19 +31,39 @@ if TYPE_CHECKING:
 # laid out on its own (``Packer.block_layout``).
 NO_GEOMETRY = (0,) * (GEOMETRY - 1)
 
+# Columns of ``CanvasRows.policy``: a request's Prophet thresholds (three), their bounds (two),
+# and whether its statistic is the mean (1.0) or the minimum (0.0); NaN without a policy.
+POLICY_FIELDS = 6
+
 
 class CanvasRows:
     """Rows of ``[capacity, width]`` int64 tokens, one per running request; both dimensions
     grow by doubling when a request needs more (every holder's views are moved along).
 
-    Each row also keeps its request's geometry (``Request.geometry``, fixed for its life), so
-    that a pass reads a whole batch's with one gather (:meth:`geometry_of`)."""
+    Each row also keeps its request's geometry (``Request.geometry``, fixed for its life) and
+    the ``extra`` columns its user derives from a request's params alone (the runner's: which
+    path steps it), so that a pass reads a whole batch's with one gather (:meth:`geometry_of`);
+    and its cursor, last gap and last reveals (``cursor``, ``last_gap``, ``revealed``)."""
 
-    def __init__(self, capacity: int = 8, width: int = 64) -> None:
+    def __init__(
+        self,
+        capacity: int = 8,
+        width: int = 64,
+        extra: Callable[[Request], tuple[int, ...]] | None = None,
+        extra_width: int = 0,
+    ) -> None:
         if capacity < 1 or width < 1:
             raise ValueError(f"capacity and width: must be >= 1, got {capacity} and {width}")
+        if (extra is None) != (extra_width == 0):
+            raise ValueError("extra and extra_width: give both or neither")
+        self.extra, self.extra_width = extra, extra_width
         self.tokens = np.zeros((capacity, width), dtype=np.int64)
-        self.geometry = np.zeros((capacity, GEOMETRY), dtype=np.int64)
+        self.revealed = np.zeros((capacity, width), dtype=bool)
+        self.slots = np.zeros((capacity, width), dtype=np.int64)  # KV page tables, as slots
+        self.geometry = np.zeros((capacity, GEOMETRY + extra_width), dtype=np.int64)
+        self.cursor = np.zeros((capacity, CURSOR_FIELDS), dtype=np.int64)
+        self.last_gap = np.full(capacity, np.nan)
+        self.policy = np.full((capacity, POLICY_FIELDS), np.nan)
         self._geometry_of: list[object] = [None] * capacity  # the params each row's is from
         self._holders: list[Request | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))  # popped from the end: lowest row first
@@ -69,6 +93,11 @@ class CanvasRows:
         row = self._free.pop()
         self._holders[row] = req
         self.tokens[row, : req.canvas_len] = req.canvas_np
+        self.revealed[row, : req.canvas_len] = req.revealed_np
+        if req.kv_slots is not None:
+            self.slots[row, : len(req.kv_slots)] = req.kv_slots
+        self.cursor[row] = req.cursor_np
+        self.last_gap[row] = req.gap_np[0]
         req.hold_canvas_row(self, row)
         return row
 
@@ -77,7 +106,7 @@ class CanvasRows:
         row = req.canvas_row
         if row is None or self._holders[row] is not req:
             raise ValueError(f"request {req.request_id!r} holds no row of these canvas rows")
-        req.leave_canvas_row(self.tokens[row, : req.canvas_len].copy())
+        req.leave_canvas_row()
         self._holders[row] = None
         self._geometry_of[row] = None
         self._free.append(row)
@@ -92,17 +121,25 @@ class CanvasRows:
         for req in [r for r in batch if held[r.canvas_row] is not r.params]:
             row = req.canvas_row
             block_causal = (*NO_GEOMETRY, req.num_sequences) if req.block_causal else None
-            self.geometry[row] = block_causal or req.geometry
+            self.geometry[row, :GEOMETRY] = block_causal or req.geometry
+            if self.extra is not None:
+                self.geometry[row, GEOMETRY:] = self.extra(req)
+            policy = None if req.block_causal else req.params.early_commit
+            self.policy[row] = np.nan
+            if policy is not None:
+                mean = float(policy.statistic == "mean")
+                self.policy[row] = (*policy.thresholds, *policy.bounds, mean)
             held[row] = req.params
         return self.geometry[rows]
 
     def _grow(self, rows: int, width: int) -> None:
-        old = self.tokens
-        self.tokens = np.zeros((rows, width), dtype=np.int64)
-        self.tokens[: old.shape[0], : old.shape[1]] = old
-        geometry = self.geometry
-        self.geometry = np.zeros((rows, GEOMETRY), dtype=np.int64)
-        self.geometry[: len(geometry)] = geometry
+        self.tokens = _grown(self.tokens, (rows, width), 0)
+        self.revealed = _grown(self.revealed, (rows, width), False)
+        self.slots = _grown(self.slots, (rows, width), 0)
+        self.geometry = _grown(self.geometry, (rows, self.geometry.shape[1]), 0)
+        self.cursor = _grown(self.cursor, (rows, CURSOR_FIELDS), 0)
+        self.last_gap = _grown(self.last_gap, (rows,), np.nan)
+        self.policy = _grown(self.policy, (rows, POLICY_FIELDS), np.nan)
         added = rows - len(self._holders)
         self._free = list(range(rows - 1, rows - 1 - added, -1)) + self._free
         self._holders += [None] * added
@@ -110,6 +147,13 @@ class CanvasRows:
         for row, req in enumerate(self._holders):
             if req is not None:  # its views were of the old matrix
                 req.hold_canvas_row(self, row)
+
+
+def _grown(old: np.ndarray, shape: tuple[int, ...], fill: object) -> np.ndarray:
+    """``old`` in the top-left corner of a new array of ``shape``, the rest ``fill``."""
+    new = np.full(shape, fill, dtype=old.dtype)
+    new[tuple(slice(0, n) for n in old.shape)] = old
+    return new
 
 
 def _pow2_at_least(n: int) -> int:

@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 # Prophet's region is every generated mask, the step budget and steps per block, Dream, the
 # threshold rule, and the sequences it puts in a pass (2 with classifier-free guidance).
 GEOMETRY = 16
+NUM_SEQUENCES = 15  # the field of the sequences a request puts in a pass
+
+# Columns of a request's cursor (``Request.cursor_np``: a row of ``CanvasRows.cursor`` while it
+# runs, so that the batched step moves a whole batch's with a few array writes): its block, its
+# step in that block, its step, its block's masks at the block's start, and how many times the
+# batched step wrote its canvas (its cached masked positions are stale once that moves on).
+BLOCK, STEP_IN_BLOCK, GLOBAL_STEP, AT_START, WRITES = range(5)
+CURSOR_FIELDS = 5
 
 
 def block_canvas(prompt_len: int, params: DecodeParams) -> tuple[int, int]:
@@ -82,13 +90,17 @@ class Request:
     # Positions whose tokens the unconditional (cfg) copy hides: the prompt and constraints.
     given: torch.Tensor = field(init=False)
     given_np: np.ndarray = field(init=False, repr=False)
-    # Decoding cursor.
-    global_step: int = 0
-    block: int = 0
-    step_in_block: int = 0
-    # The masks the current block held at its first step: LLaDA's reveal counts over the block
-    # follow from it (``foretell.decoding.unmask.llada_step_count``).
-    block_masks_at_start: int = 0
+    # Decoding cursor (``CURSOR_FIELDS``; the properties ``block``, ``step_in_block``,
+    # ``global_step`` and ``block_masks_at_start`` read and write it): an array of its own, or a
+    # view of its canvas row's cursor while it holds one.
+    cursor_np: np.ndarray = field(
+        default_factory=lambda: np.zeros(CURSOR_FIELDS, dtype=np.int64), init=False, repr=False
+    )
+    # The last gap Prophet's test measured (NaN: none yet; ``last_gap`` reads it) and the
+    # canvas positions revealed last step (as flags over the canvas; ``revealed_last_step``):
+    # arrays of their own, or views of the request's canvas row's.
+    gap_np: np.ndarray = field(default_factory=lambda: np.full(1, np.nan), init=False, repr=False)
+    revealed_np: np.ndarray = field(init=False, repr=False)
     # Dream's timestep grid (float32, exactly as ``diffusion_generate`` builds it).
     timesteps: torch.Tensor | None = None
     timesteps_np: np.ndarray | None = field(default=None, repr=False)  # the same memory
@@ -96,16 +108,13 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     commit_step: int | None = None
-    last_gap: float | None = None
-    # Canvas positions revealed last step (a tensor from the per-request step, an array from
-    # the batched one).
-    revealed_last_step: torch.Tensor | np.ndarray | None = None
     # Block KV cache (``params.kv_cache``): the pool pages it needs, and from admission until
     # it ends the pages it holds and the pool slot of each canvas position (see
     # foretell.engine.kv_cache).
     kv_pages_needed: int = 0
     kv_pages: list[int] | None = None
-    kv_slots: np.ndarray | None = None
+    # ``kv_slots`` (a property): an array of its own, or a view of its canvas row's page table.
+    _kv_slots: np.ndarray | None = field(default=None, init=False, repr=False)
     # A block-causal request's pages for its whole canvas: it takes them a block at a time
     # (``kv_pages_needed`` at admission: those of its first pass), as an autoregressive
     # sequence's grow.
@@ -120,6 +129,8 @@ class Request:
     # Engine steps this request has waited: at the head of the queue (the age bound of fair
     # admission), and, once running, since it last took part in a pass.
     steps_waited: int = 0
+    # The ``cost`` the scheduler added to its running sum when the request started running.
+    charged_cost: int = 0
     # Timing (time.monotonic seconds).
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -132,6 +143,7 @@ class Request:
     # decoding step asks for them several times per step.
     _masked: np.ndarray | None = field(default=None, init=False, repr=False)
     _masked_list: list[int] | None = field(default=None, init=False, repr=False)
+    _masked_writes: int = field(default=-1, init=False, repr=False)  # cursor WRITES it is of
     _prompt_len: int = field(default=0, init=False, repr=False)
     _canvas_len: int = field(default=0, init=False, repr=False)
     _cached: bool = field(default=False, init=False, repr=False)
@@ -161,6 +173,10 @@ class Request:
         prompt = torch.tensor(self.prompt_token_ids, dtype=torch.long)
         masks = torch.full((self.canvas_len - self.prompt_len,), self.mask_token_id)
         self.set_canvas(torch.cat([prompt, masks]))
+        if self.canvas_row is None:
+            self.revealed_np = np.zeros(self._canvas_len, dtype=bool)
+        else:  # a restart in its row
+            self.revealed_np[:] = False
         if self.block_causal:  # the first block to denoise holds the prompt's tail
             self.block = self.prompt_len // p.block_length
         self.apply_constraints()
@@ -175,6 +191,81 @@ class Request:
             steps = p.steps if p.kv_cache is None else p.steps_per_block
             self.timesteps = torch.linspace(1, p.eps, steps + 1)
             self.timesteps_np = self.timesteps.numpy()
+
+    # -- cursor ----------------------------------------------------------------------------
+    @property
+    def block(self) -> int:
+        return int(self.cursor_np[BLOCK])
+
+    @block.setter
+    def block(self, value: int) -> None:
+        self.cursor_np[BLOCK] = value
+
+    @property
+    def step_in_block(self) -> int:
+        return int(self.cursor_np[STEP_IN_BLOCK])
+
+    @step_in_block.setter
+    def step_in_block(self, value: int) -> None:
+        self.cursor_np[STEP_IN_BLOCK] = value
+
+    @property
+    def global_step(self) -> int:
+        return int(self.cursor_np[GLOBAL_STEP])
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.cursor_np[GLOBAL_STEP] = value
+
+    @property
+    def block_masks_at_start(self) -> int:
+        """The masks the current block held at its first step: LLaDA's reveal counts over the
+        block follow from it (``foretell.decoding.unmask.llada_step_count``)."""
+        return int(self.cursor_np[AT_START])
+
+    @block_masks_at_start.setter
+    def block_masks_at_start(self, value: int) -> None:
+        self.cursor_np[AT_START] = value
+
+    @property
+    def last_gap(self) -> float | None:
+        """The statistic Prophet's test compared at the last step (None before any)."""
+        value = float(self.gap_np[0])
+        return None if value != value else value
+
+    @last_gap.setter
+    def last_gap(self, value: float | None) -> None:
+        self.gap_np[0] = np.nan if value is None else value
+
+    @property
+    def kv_slots(self) -> np.ndarray | None:
+        """The pool slot of each canvas position while the request holds pages (its page
+        table as slots): a view of its canvas row's table while it holds a row, so that a
+        pass's pool use is cut from one matrix (``foretell.models.attention.PoolUses``)."""
+        return self._kv_slots
+
+    @kv_slots.setter
+    def kv_slots(self, slots: np.ndarray | None) -> None:
+        if slots is None:
+            self._kv_slots = None
+            return
+        slots = np.asarray(slots, dtype=np.int64)[: self._canvas_len]  # none past the canvas
+        if self._canvas_rows is not None:
+            table = self._canvas_rows.slots[self.canvas_row, : len(slots)]
+            table[:] = slots
+            slots = table
+        self._kv_slots = slots
+
+    @property
+    def revealed_last_step(self) -> np.ndarray:
+        """Canvas positions revealed by the last step (sorted; none before the first)."""
+        return np.flatnonzero(self.revealed_np)
+
+    @revealed_last_step.setter
+    def revealed_last_step(self, positions: torch.Tensor | np.ndarray | None) -> None:
+        self.revealed_np[:] = False
+        if positions is not None:
+            self.revealed_np[np.asarray(positions, dtype=np.int64)] = True
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -313,9 +404,11 @@ class Request:
         return hi - lo
 
     def _masked_bounds(self, start: int, end: int | None) -> tuple[int, int]:
-        if self._masked is None:
+        writes = self.cursor_np[WRITES]
+        if self._masked is None or self._masked_writes != writes:
             self._masked = np.flatnonzero(self.canvas_np == self.mask_token_id)
             self._masked_list = None
+            self._masked_writes = writes
         if self._masked_list is None:  # built when first asked (bisect over a list is cheap)
             self._masked_list = self._masked.tolist()
         lo = bisect.bisect_left(self._masked_list, start)
@@ -341,11 +434,6 @@ class Request:
                 self._canvas = torch.from_numpy(self.canvas_np)
         return self._canvas
 
-    def forget_masked(self) -> None:
-        """The canvas was written from outside (the batched step's one write for the batch):
-        its masked positions are counted again when next asked for."""
-        self._masked = None
-
     def set_canvas(self, canvas: torch.Tensor) -> None:
         """Take a whole new canvas (a host tensor: ``canvas_np`` shares its memory); copied into
         the request's canvas row while it holds one."""
@@ -362,15 +450,26 @@ class Request:
         self._masked = None
 
     def hold_canvas_row(self, rows: CanvasRows, row: int) -> None:
-        """Make the canvas a view of ``rows``' row ``row`` (which already holds its tokens)."""
+        """Make the canvas, cursor, gap and reveals views of ``rows``' row ``row`` (which
+        already holds their values)."""
         self.canvas_row, self._canvas_rows = row, rows
         self.canvas_np = rows.view(row, self._canvas_len)
+        self.cursor_np = rows.cursor[row]
+        self.gap_np = rows.last_gap[row : row + 1]
+        self.revealed_np = rows.revealed[row, : self._canvas_len]
+        if self._kv_slots is not None:
+            self._kv_slots = rows.slots[row, : len(self._kv_slots)]
         self._canvas = None
 
-    def leave_canvas_row(self, tokens: np.ndarray) -> None:
-        """Take ``tokens`` (a copy of the row) as a canvas of its own again."""
+    def leave_canvas_row(self) -> None:
+        """Take copies of the row's canvas, cursor, gap and reveals as its own again."""
+        self.canvas_np = self.canvas_np.copy()
+        self.cursor_np = self.cursor_np.copy()
+        self.gap_np = self.gap_np.copy()
+        self.revealed_np = self.revealed_np.copy()
+        if self._kv_slots is not None:
+            self._kv_slots = self._kv_slots.copy()
         self.canvas_row, self._canvas_rows = None, None
-        self.canvas_np = tokens
         self._canvas = None
 
     def release_canvas_row(self) -> None:
@@ -409,7 +508,7 @@ class Request:
         stream starts over from the same seed."""
         self.global_step = self.step_in_block = self.block = self.kv_stored = 0
         self.block_masks_at_start = 0
-        self.commit_step = self.last_gap = self.revealed_last_step = None
+        self.commit_step = self.last_gap = None
         self.steps_waited = 0
         self.preemptions += 1
         self._start()

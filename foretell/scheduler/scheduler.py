@@ -52,6 +52,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # block-causal requests sent back to wait for pages
+        # Kept as requests join and leave the running list, so that a step whose requests all
+        # fit decides its batch without a call per request: the running requests' summed
+        # ``cost`` (an upper bound of what their next pass runs), how many take pages a block
+        # at a time, and whether some running request was left out of a pass since.
+        self._running_cost = 0
+        self._growing = 0
+        self._some_waited = False
+        self._grow_failed = False  # a running request failed to grow its pages this step
 
     def check_fits(self, req: Request) -> None:
         """Refuse a request that could never be scheduled, before it is queued."""
@@ -85,7 +93,13 @@ class Scheduler:
         fits, waiting requests join in arrival order, each one that fits (see the module's
         docstring for the head's age bound).
         """
-        preempted = self._grow_block_caches()
+        self._grow_failed = False
+        preempted = self._grow_block_caches() if self._growing else False
+        if not preempted and not self._some_waited and self._fits_by_cost():
+            # Every running request fits even charged its largest pass: all run, in the order
+            # the loop below would give (no one has waited), each charged what it runs only
+            # when an admission needs the exact sum (``tokens`` is None until then).
+            return self._admit(list(self.running), None)
         tokens = 0
         batch: list[Request] = []
         skipped: list[Request] = []
@@ -100,12 +114,28 @@ class Scheduler:
             batch.append(req)
             tokens += need
             req.steps_waited = 0
+        self._some_waited = bool(skipped)
         if skipped or preempted:
             return batch
+        return self._admit(batch, tokens)
+
+    def _fits_by_cost(self) -> bool:
+        """Whether every running request fits charged its cost, and none has finished (after
+        ``update()`` only a block-causal request failing to grow its pages can have)."""
+        return self._running_cost <= self.max_num_batched_tokens and not self._grow_failed
+
+    def _admit(self, batch: list[Request], tokens: int | None) -> list[Request]:
+        """Waiting requests join ``batch`` (whose pass runs ``tokens``, or when None at most
+        the running requests' summed cost) in arrival order, each one that fits."""
+        bound = self._running_cost if tokens is None else tokens
+        running_part = len(batch)
+        admitted = 0  # the costs of the requests admitted so far
         now = time.monotonic()
         # Pages kept for the running block-causal requests' next blocks, so that admitting
         # a request does not preempt one at once.
-        free_pages = 0 if self.kv_pool is None else self.kv_pool.free_pages - self._next_blocks()
+        free_pages = 0
+        if self.kv_pool is not None:
+            free_pages = self.kv_pool.free_pages - (self._next_blocks() if self._growing else 0)
         seqs = len(self.running)
         head = self.waiting[0] if self.waiting else None
         for req in list(self.waiting):
@@ -113,8 +143,12 @@ class Scheduler:
                 break
             if req is not head and head.steps_waited >= self.max_head_wait:
                 break  # the head has waited long enough: the room freed is kept for it
-            if tokens + req.cost > self.max_num_batched_tokens:
-                continue
+            if bound + req.cost > self.max_num_batched_tokens:
+                if tokens is None:  # charged the cost: the exact sum may leave room
+                    tokens = sum(r.step_tokens for r in batch[:running_part])
+                    bound = tokens + admitted
+                if bound + req.cost > self.max_num_batched_tokens:
+                    continue
             if req.kv_pages_needed > free_pages:
                 continue
             if req.kv_pages_needed:
@@ -124,7 +158,7 @@ class Scheduler:
                     # nothing for the request, which ends with the error (update() outputs it)
                     self.waiting.remove(req)
                     req.finish("error", f"KV pool: {err!r}")
-                    self.running.append(req)
+                    self._start_running(req)
                     continue
                 req.kv_slots = self.kv_pool.slots(req.kv_pages, req.canvas_len)
                 free_pages -= req.kv_pages_needed + self._next_block(req)
@@ -133,13 +167,25 @@ class Scheduler:
             if req.first_scheduled_time is None:  # a restarted request keeps its first
                 req.first_scheduled_time = now
             req.steps_waited = 0
-            self.running.append(req)
+            self._start_running(req)
             batch.append(req)
             seqs += 1
-            tokens += req.cost
+            bound += req.cost
+            admitted += req.cost
         if self.waiting and self.waiting[0] is head:
             head.steps_waited += 1
         return batch
+
+    def _start_running(self, req: Request) -> None:
+        self.running.append(req)
+        req.charged_cost = req.cost  # what leaving takes off the sum (params may be swapped)
+        self._running_cost += req.charged_cost
+        self._growing += bool(req.kv_pages_max)
+
+    def _stop_running(self, req: Request) -> None:
+        """Book-keeping of a request that left ``running``."""
+        self._running_cost -= req.charged_cost
+        self._growing -= bool(req.kv_pages_max)
 
     def _grow_block_caches(self) -> bool:
         """Give every running block-causal request the pages of the block it denoises next,
@@ -172,6 +218,7 @@ class Scheduler:
                     req.kv_pages = req.kv_pages + pool.allocate(want)
                 except Exception as err:  # the pool could not grow: this request ends
                     req.finish("error", f"KV pool: {err!r}")
+                    self._grow_failed = True
                     continue
                 req.kv_slots = pool.slots(req.kv_pages, len(req.kv_pages) * pool.page_size)
         return preempted
@@ -193,6 +240,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Send a running block-causal request back to the head of the queue, restarted."""
         self.running.remove(req)
+        self._stop_running(req)
         self._release(req)
         req.restart()
         req.status = Status.WAITING
@@ -212,11 +260,13 @@ class Scheduler:
 
     def update(self) -> list[Request]:
         """Evict every finished request and return its pages; returns them."""
-        done = [r for r in self.running if r.is_finished]
+        finished = Status.FINISHED  # compared inline: no call per running request
+        done = [r for r in self.running if r.status is finished]
         for req in done:
             self._release(req)
+            self._stop_running(req)
         if done:
-            self.running = [r for r in self.running if not r.is_finished]
+            self.running = [r for r in self.running if r.status is not finished]
         return done
 
     def abort(self, request_id: str) -> Request | None:
@@ -225,6 +275,8 @@ class Scheduler:
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
+                    if queue is self.running:
+                        self._stop_running(req)
                     self._release(req)
                     if not req.is_finished:
                         req.finish("aborted")

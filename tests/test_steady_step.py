@@ -1,0 +1,265 @@
+"""A step runs no Python per request while its requests only move on (issue #24).
+
+Per-request Python may run when a request joins, finishes, commits or leaves its block, never
+in a step where every request just takes its next step: then the scheduler's batch, the packed
+pass, the KV pool plan, attention's layout, the decoding and every cursor's move are array
+operations over the whole batch. These tests count the Python function calls of such a step
+(model included) at two batch sizes, and check the pieces that make it so against
+independent per-sequence rules.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import itertools
+import pstats
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from foretell import DecodeParams, Engine, Prophet
+from foretell.engine.kv_cache import KVPool
+from foretell.models.attention import CacheUse, PoolUses, plan_kv
+from foretell.models.tiny import tiny_model
+from foretell.scheduler.request import Request
+
+NEVER = (1e9,) * 3  # Prophet measures its gap every step and never commits
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return tiny_model(
+        "llada",
+        seed=0,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
+
+
+def _kinds() -> list[DecodeParams]:
+    """Every greedy kind of the issue's mix: each rule with no cache, prefix and dual, with and
+    without Prophet; one block of 32 steps, so nothing leaves its block for a while."""
+    kinds = []
+    rules = ("low_confidence", "random", "confidence_threshold")
+    for rule, cache, prophet in itertools.product(rules, (None, "prefix", "dual"), (0, 1)):
+        kw = {"threshold": 1.0} if rule == "confidence_threshold" else {}
+        kinds.append(
+            DecodeParams(
+                gen_length=32,
+                block_length=32,
+                steps=32,
+                remasking=rule,
+                kv_cache=cache,
+                early_commit=Prophet(NEVER) if prophet else None,
+                seed=None,
+                **kw,
+            )
+        )
+    return kinds
+
+
+def _step_calls(loaded, copies: int) -> dict[str, int]:
+    """Python calls of one steady step with ``copies`` requests of every kind running."""
+    kinds = _kinds()
+    engine = Engine(
+        loaded,
+        max_num_seqs=copies * len(kinds),
+        max_num_batched_tokens=1 << 30,
+        kv_cache_memory=None,
+        forward_chunk_tokens=None,
+        attention_backend="sdpa_buckets",
+    )
+    for params in kinds * copies:
+        engine.add_request("12+34=", params)
+    for _ in range(3):  # admitted, refreshed, and into their cached steps
+        assert not engine.step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    outs = engine.step()
+    profiler.disable()
+    assert not outs and engine.scheduler.num_running == copies * len(kinds)
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    return {f"{path.split('/')[-1]}:{line}:{name}": v[1] for (path, line, name), v in stats.items()}
+
+
+def test_a_steady_step_runs_no_python_per_request(micro) -> None:
+    """Four times the requests, the same Python calls: none runs per request (the model's
+    own included). It fails while any per-request call is left (a property read per request
+    in a comprehension, a tuple per cached sequence, a spec per sequence in attention)."""
+    small, large = _step_calls(micro, 1), _step_calls(micro, 4)
+    grew = {k: large.get(k, 0) - small.get(k, 0) for k in set(small) | set(large)}
+    grew = {k: d for k, d in grew.items() if d}
+    assert not grew, f"calls that grew with the batch (x4): {sorted(grew.items())[:20]}"
+
+
+def test_the_scheduler_charges_what_a_pass_runs_only_when_costs_do_not_fit(
+    llada64, monkeypatch
+) -> None:
+    """While every running request fits charged its largest pass (its cost), a step's batch is
+    decided without asking any request what its pass runs; under a budget the costs exceed,
+    the exact sum is asked for and admits what it leaves room for (a cached request's step
+    runs its block, not its canvas)."""
+    asked = []
+    real = Request.step_tokens
+
+    def counting(req):
+        asked.append(req.request_id)
+        return real.fget(req)
+
+    monkeypatch.setattr(Request, "step_tokens", property(counting))
+    dual = DecodeParams(gen_length=16, block_length=8, steps=16, kv_cache="dual")
+    prompt = [5, 6, 7, 8]  # a canvas of 20: the cost; a cached step runs 8
+    roomy = Engine(llada64, dtype="float64", max_num_seqs=4, kv_cache_memory=None)
+    for _ in range(3):
+        roomy.add_request(prompt, dual)
+    outs = roomy.generate([prompt], dual, use_tqdm=False)
+    assert outs[0].finish_reason == "steps" and asked == []
+    tight = Engine(
+        llada64, dtype="float64", max_num_seqs=4, max_num_batched_tokens=40, kv_cache_memory=None
+    )
+    first, second = (tight.add_request(prompt, dual) for _ in range(2))
+    tight.step()  # both refresh: 40 tokens
+    third = tight.add_request(prompt, dual)
+    tight.step()  # costs 60 > 40; the cached steps run 16, so the third's refresh fits
+    assert asked and {first, second} <= set(asked)
+    assert [r.request_id for r in tight.scheduler.running] == [first, second, third]
+
+
+def test_cursor_gap_reveals_and_page_table_live_in_the_row(llada64) -> None:
+    """What a step moves is held in the request's canvas row while it runs (so the batched
+    step moves a whole batch with array writes) and is the request's own again after."""
+    engine = Engine(llada64, dtype="float64", max_num_seqs=2, kv_cache_memory=None)
+    rows = engine.runner.canvas_rows
+    params = DecodeParams(
+        gen_length=16, block_length=8, steps=16, kv_cache="dual", early_commit=Prophet(NEVER)
+    )
+    rid = engine.add_request("12+34=", params)
+    engine.step()
+    engine.step()
+    (req,) = engine.scheduler.running
+    row = req.canvas_row
+    assert np.shares_memory(req.cursor_np, rows.cursor)
+    assert np.shares_memory(req.kv_slots, rows.slots)
+    assert req.global_step == rows.cursor[row, 2] == 2
+    assert req.step_in_block == rows.cursor[row, 1] == 2
+    assert req.last_gap == rows.last_gap[row] and req.last_gap is not None
+    revealed = req.revealed_last_step
+    assert len(revealed) == 1 and rows.revealed[row, revealed[0]]
+    assert req.canvas_np[revealed[0]] != engine.mask_token_id
+    rows.cursor[row, 2] = 7  # the batched step's write is the request's state
+    assert req.global_step == 7
+    req.global_step = 2
+    slots = req.kv_slots.copy()
+    req.release_canvas_row()
+    rows.cursor[row] = -1
+    rows.slots[row] = -1
+    rows.revealed[row] = False
+    assert req.global_step == 2 and req.step_in_block == 2
+    np.testing.assert_array_equal(req.kv_slots, slots)
+    np.testing.assert_array_equal(req.revealed_last_step, revealed)
+    engine.abort(rid)
+
+
+def _reference_plan(seq_lens: list[int], caches: list[CacheUse | None]) -> dict:
+    """The KV plan, sequence by sequence: what every piece of a pass's pool use must be."""
+    write_rows, write_slots, read_slots, k_lens, runs, groups, specs = [], [], [], [], [], [], []
+    start = read_at = 0
+    total = sum(seq_lens)
+    own_specs, read_specs = [], []
+    for length, cache in zip(seq_lens, caches, strict=True):
+        reads = cache is not None and cache.read_len is not None
+        if cache is not None and cache.write_len:
+            first = start + cache.write_row
+            write_rows += range(first, first + cache.write_len)
+            write_slots += list(
+                cache.slots[cache.write_start : cache.write_start + cache.write_len]
+            )
+        if not reads:
+            k_lens.append(length)
+            own_specs.append((start, length, start, length))
+            if runs and runs[-1][0] + sum(runs[-1][1]) == start:
+                runs[-1][1].append(length)
+            else:
+                runs.append((start, [length]))
+        else:
+            k_lens.append(cache.read_len)
+            read_slots += list(cache.slots[: cache.read_len])
+            read_specs.append((start, length, total + read_at, cache.read_len))
+            shape = (length, cache.read_len, cache.block_size or 0)
+            last = groups[-1] if groups else None
+            if last and last[0] + last[1] * last[2] == start and last[5] == shape:
+                last[1] += 1
+            else:
+                groups.append([start, 1, length, read_at, cache.read_len, shape])
+            read_at += cache.read_len
+        start += length
+    specs = own_specs + read_specs
+    return {
+        "write_rows": write_rows,
+        "write_slots": write_slots,
+        "read_slots": read_slots,
+        "k_lens": tuple(k_lens),
+        "self_runs": tuple((s, tuple(lens)) for s, lens in runs),
+        "read_groups": tuple(tuple(g[:5]) for g in groups),
+        "specs": specs,
+    }
+
+
+def test_the_pool_plan_is_the_per_sequence_rule(llada64) -> None:
+    """``plan_kv`` over :class:`PoolUses` (array ops for the whole pass) lays out every random
+    mix of self-attending, refreshing, cached and block-causal sequences as the per-sequence
+    rule does; ``PoolUses.of`` and ``use`` carry each sequence's use both ways."""
+    pool = KVPool(llada64.model, torch.device("cpu"), 10**7, page_size=4)
+    rng = random.Random(0)
+    for _ in range(40):
+        seq_lens, caches = [], []
+        for _ in range(rng.randint(1, 9)):
+            canvas = rng.randint(4, 30)
+            slots = pool.slots(list(rng.sample(range(pool.num_pages), -(-canvas // 4))), canvas)
+            kind = rng.choice(("none", "refresh", "step", "step", "block"))
+            if kind == "none":
+                seq_lens.append(canvas)
+                caches.append(None)
+            elif kind == "refresh":
+                seq_lens.append(canvas)
+                caches.append(CacheUse(slots, 0, 0, canvas, None))
+            elif kind == "step":
+                lo = rng.randint(0, canvas - 2)
+                span = rng.randint(1, canvas - lo)
+                before = rng.randint(0, 3)
+                seq_lens.append(before + span + rng.randint(0, 2))
+                caches.append(CacheUse(slots, before, lo, span, canvas))
+            else:
+                block = 4
+                hi = rng.randrange(block, canvas + 1, block)
+                lo = rng.randrange(0, hi, block)
+                seq_lens.append(hi - lo)
+                caches.append(CacheUse(slots, 0, lo, hi - lo, hi, block))
+        if rng.random() < 0.3:  # equal neighbours share one attention call
+            seq_lens, caches = seq_lens + seq_lens[-1:], caches + caches[-1:]
+        uses = PoolUses.of(caches)
+        for i, cache in enumerate(caches):
+            back = uses.use(i)
+            assert (back is None) == (cache is None)
+            if cache is not None:
+                np.testing.assert_array_equal(back.slots[: len(cache.slots)], cache.slots)
+                assert tuple(back)[1:] == tuple(cache)[1:]
+        plan = plan_kv(pool.storage, seq_lens, uses, varlen=True)
+        expected = _reference_plan(seq_lens, caches)
+        for name in ("write_rows", "write_slots", "read_slots"):
+            got = getattr(plan, name)
+            assert (got.tolist() if got is not None else []) == expected[name], name
+        assert plan.k_lens == expected["k_lens"]
+        assert plan.self_runs == expected["self_runs"]
+        assert plan.read_groups == expected["read_groups"]
+        assert plan.specs.tolist() == [list(s) for s in expected["specs"]]
+        assert len(plan.read_masks) == len(plan.read_groups)
+        half = len(seq_lens) // 2  # a chunk of the pass is the plan of its sequences
+        if half:
+            chunk = plan_kv(pool.storage, seq_lens[half:], uses[half:])
+            assert chunk.k_lens == _reference_plan(seq_lens[half:], caches[half:])["k_lens"]
