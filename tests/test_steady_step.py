@@ -263,3 +263,20 @@ def test_the_pool_plan_is_the_per_sequence_rule(llada64) -> None:
         if half:
             chunk = plan_kv(pool.storage, seq_lens[half:], uses[half:])
             assert chunk.k_lens == _reference_plan(seq_lens[half:], caches[half:])["k_lens"]
+
+
+def test_a_swapped_cost_is_charged_at_once(llada64) -> None:
+    """A running request whose params are swapped for ones whose passes cost more (guidance
+    doubles its sequences) is charged its new cost from the next schedule on: the batch
+    stays within the token budget, as the per-request rule keeps it."""
+    engine = Engine(llada64, dtype="float64", max_num_seqs=4, max_num_batched_tokens=40)
+    params = DecodeParams(gen_length=12, block_length=12, steps=12)
+    first = engine.add_request("1+1=", params)  # a canvas of 16 tokens
+    second = engine.add_request("2+2=", params)
+    engine.step()
+    req = next(r for r in engine.scheduler.running if r.request_id == second)
+    req.params = req.params.replace(cfg_scale=1.0)  # its passes now run 32 tokens
+    batch = engine.scheduler.schedule()
+    assert [r.request_id for r in batch] == [first]
+    assert sum(r.step_tokens for r in batch) <= 40
+    assert engine.scheduler._running_cost == 16 + 32

@@ -178,14 +178,21 @@ class Scheduler:
 
     def _start_running(self, req: Request) -> None:
         self.running.append(req)
-        req.charged_cost = req.cost  # what leaving takes off the sum (params may be swapped)
+        req.charged_cost = req.cost  # what leaving takes off the sum
         self._running_cost += req.charged_cost
         self._growing += bool(req.kv_pages_max)
+        req.on_params_swap = self._recharge
 
     def _stop_running(self, req: Request) -> None:
         """Book-keeping of a request that left ``running``."""
         self._running_cost -= req.charged_cost
         self._growing -= bool(req.kv_pages_max)
+        req.on_params_swap = None
+
+    def _recharge(self, req: Request) -> None:
+        """A running request's params were swapped: the sum holds its new cost."""
+        self._running_cost += req.cost - req.charged_cost
+        req.charged_cost = req.cost
 
     def _grow_block_caches(self) -> bool:
         """Give every running block-causal request the pages of the block it denoises next,
