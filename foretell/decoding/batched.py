@@ -726,14 +726,17 @@ class BatchedStep:
         ``topk`` of ``k`` (threshold: of the window's size) over a row of the step's length,
         on the host (only these rows' scores cross). ``chosen`` is the host flat choice."""
         scores = ranking.scores[torch.tensor(tied, device=ranking.scores.device)].cpu()
-        for row, i in zip(scores, tied, strict=True):
+        # Every tied request's whole row, as the reference ranks it: -inf outside the ranked
+        # extent (one scatter for all; columns past a row's end go to a spare last column).
+        lengths = np.asarray([ranking.row_len[i] for i in tied])
+        cols = np.asarray([ranking.offset[i] for i in tied])[:, None] + np.arange(scores.shape[1])
+        cols = np.where(cols < lengths[:, None], cols, lengths.max())
+        rows = scores.new_full((len(tied), int(lengths.max()) + 1), float("-inf"))
+        rows.scatter_(1, torch.from_numpy(cols), scores)
+        for row, i in zip(rows, tied, strict=True):
             req = self.reqs[ranking.members[i]]
             start, length = ranking.row_start[i], ranking.row_len[i]
-            # The whole row, as the reference ranks it: -inf outside the ranked extent.
-            offset = ranking.offset[i]
-            width = min(len(row), length - offset)
-            line = torch.full((length,), float("-inf"), dtype=self._rank_dtype(req))
-            line[offset : offset + width] = row[:width].to(line.dtype)
+            line = row[:length].to(self._rank_dtype(req))
             chosen[start : start + length] = False
             if req.params.remasking == _THRESHOLD and not req.uses_blocks:
                 # Dream: every score above the threshold, or else the first best one.

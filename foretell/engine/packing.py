@@ -38,7 +38,7 @@ class StepInput:
     ids: torch.Tensor  # [tokens] the pass's token ids
     positions: torch.Tensor  # [tokens] each token's canvas position (rotary angles)
     seq_lens: list[int]  # packed sequences' lengths (a cfg request has two)
-    caches: PoolUses  # every packed sequence's KV pool use
+    caches: PoolUses | None  # every packed sequence's KV pool use (None: no sequence's)
     # Where each request's recomputed rows begin in its packed sequence: after a cached step's
     # read-only rows before its span; at the start otherwise.
     row_offsets: list[int]
@@ -148,16 +148,22 @@ class Packer:
             read_len[i] = cache.read_len
         # Each request's pool use (``PoolUses``' fields; its page table is its canvas row's):
         # a cached request writes the span it recomputes, after its read-only rows, and in a
-        # cached step reads its whole canvas (a refresh attends to itself: -1).
-        use = np.stack(
-            [
-                np.where(cached, canvas_row, -1),
-                write_row,
-                lo,
-                hi - lo,
-                np.where(cached_step, canvas, -1),
-                np.zeros(n, dtype=np.int64),
-            ]
+        # cached step reads its whole canvas (a refresh attends to itself: -1). None uses it:
+        # no pool use at all.
+        uses_pool = bool(cached.any()) or bool(blocks)
+        use = (
+            None
+            if not uses_pool
+            else np.stack(
+                [
+                    np.where(cached, canvas_row, -1),
+                    write_row,
+                    lo,
+                    hi - lo,
+                    np.where(cached_step, canvas, -1),
+                    np.zeros(n, dtype=np.int64),
+                ]
+            )
         )
         for i, (_, cache) in block_layouts.items():
             use[:, i] = (canvas_row[i], *cache[1:5], cache.block_size)
@@ -203,12 +209,15 @@ class Packer:
             copy[req.given_np] = req.mask_token_id
             offsets[i] = (int(cond_at[i]), at)
         seq_of = req_first.tolist()
-        seq_use = use[:, seq_req]
-        seq_use[0, uncond] = -1  # a guided request's copy uses no pool
-        if stores:
-            store_use = [(r.canvas_row, *c[1:5], c.block_size) for r, (_, c) in stores]
-            seq_use = np.concatenate([np.array(store_use, dtype=np.int64).T, seq_use], axis=1)
-        caches = PoolUses(canvas_rows.slots, *seq_use)
+        caches = None
+        if uses_pool:
+            seq_use = use[:, seq_req]
+            seq_use[0, uncond] = -1  # a guided request's copy uses no pool
+            if stores:
+                store_use = [(r.canvas_row, *c[1:5], c.block_size) for r, (_, c) in stores]
+                store_use = np.array(store_use, dtype=np.int64).T
+                seq_use = np.concatenate([store_use, seq_use], axis=1)
+            caches = PoolUses(canvas_rows.slots, *seq_use)
         steps = np.flatnonzero(cached_step)
         bounds = zip(cond_at[steps].tolist(), (cond_at + lengths)[steps].tolist(), strict=True)
         spans = {i: positions[a:b] for i, (a, b) in zip(steps.tolist(), bounds, strict=True)}
@@ -224,7 +233,7 @@ class Packer:
             spans=spans,
             geometry=fixed,
             cursor=cursor,
-            uses_pool=bool(cached.any()) or bool(blocks),
+            uses_pool=uses_pool,
         )
 
     @staticmethod

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -130,12 +129,10 @@ class Request:
     # Engine steps this request has waited: at the head of the queue (the age bound of fair
     # admission), and, once running, since it last took part in a pass.
     steps_waited: int = 0
-    # The ``cost`` the scheduler's running sum holds for the request, and what to call when
-    # its params object is swapped while it runs (the sum follows a changed cost).
+    # The ``cost`` the scheduler's running sum holds for the request, and the params object
+    # it was computed from (a swapped one is charged again).
     charged_cost: int = 0
-    on_params_swap: Callable[[Request], None] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    charged_params: DecodeParams | None = field(default=None, init=False, repr=False)
     # Timing (time.monotonic seconds).
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -161,11 +158,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self._start()
-
-    def __setattr__(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
-        if name == "params" and getattr(self, "on_params_swap", None) is not None:
-            self.on_params_swap(self)
 
     def _start(self) -> None:
         """The request as it begins: a fresh canvas, cursors at the start, its own stream."""

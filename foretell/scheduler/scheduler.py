@@ -94,6 +94,7 @@ class Scheduler:
         docstring for the head's age bound).
         """
         self._grow_failed = False
+        self._recharge_swapped()
         preempted = self._grow_block_caches() if self._growing else False
         if not preempted and not self._some_waited and self._fits_by_cost():
             # Every running request fits even charged its largest pass: all run, in the order
@@ -178,21 +179,21 @@ class Scheduler:
 
     def _start_running(self, req: Request) -> None:
         self.running.append(req)
-        req.charged_cost = req.cost  # what leaving takes off the sum
+        req.charged_cost, req.charged_params = req.cost, req.params  # what leaving takes off
         self._running_cost += req.charged_cost
         self._growing += bool(req.kv_pages_max)
-        req.on_params_swap = self._recharge
 
     def _stop_running(self, req: Request) -> None:
         """Book-keeping of a request that left ``running``."""
         self._running_cost -= req.charged_cost
         self._growing -= bool(req.kv_pages_max)
-        req.on_params_swap = None
 
-    def _recharge(self, req: Request) -> None:
-        """A running request's params were swapped: the sum holds its new cost."""
-        self._running_cost += req.cost - req.charged_cost
-        req.charged_cost = req.cost
+    def _recharge_swapped(self) -> None:
+        """A running request whose params object was swapped is charged its cost again (an
+        identity check per request, no call: as ``CanvasRows.geometry_of`` finds swaps)."""
+        for req in [r for r in self.running if r.params is not r.charged_params]:
+            self._running_cost += req.cost - req.charged_cost
+            req.charged_cost, req.charged_params = req.cost, req.params
 
     def _grow_block_caches(self) -> bool:
         """Give every running block-causal request the pages of the block it denoises next,
