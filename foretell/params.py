@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 REMASKING = ("low_confidence", "random", "margin", "entropy", "confidence_threshold", "origin")
 # Dream's names for the same confidence rules.
 REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
@@ -21,6 +23,11 @@ KV_CACHE_MODES = ("prefix", "dual")
 KV_CACHE_RULES = ("low_confidence", "random", "entropy", "confidence_threshold")
 # What torch.Generator.manual_seed takes.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# A Prophet policy as numbers (``Prophet.columns``), one row per request where a whole batch's
+# decisions are array arithmetic: its three thresholds, their two bounds, and whether its
+# statistic is the mean (1.0) or the minimum (0.0).
+PROPHET_COLUMNS = 6
+MEAN_COLUMN = 5
 
 
 def _is_real(v: object) -> bool:
@@ -103,6 +110,21 @@ class Prophet:
         if progress < self.bounds[1]:
             return self.thresholds[1]
         return self.thresholds[2]
+
+    def columns(self) -> tuple[float, ...]:
+        """The policy as one row of ``PROPHET_COLUMNS`` numbers."""
+        return (*self.thresholds, *self.bounds, float(self.statistic == "mean"))
+
+    @staticmethod
+    def thresholds_at(columns: np.ndarray, step: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """:meth:`threshold` of a batch of policies (rows of :meth:`columns`) at their steps
+        ``step`` (from 1) of their budgets ``steps``: the same float64 comparisons."""
+        progress = step / steps
+        return np.where(
+            progress < columns[:, 3],
+            columns[:, 0],
+            np.where(progress < columns[:, 4], columns[:, 1], columns[:, 2]),
+        )
 
 
 EarlyCommit = Prophet | str | dict | None

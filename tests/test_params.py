@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from foretell import DecodeParams, Prophet
@@ -105,6 +106,23 @@ def test_prophet_phases_by_progress() -> None:
     phases = [policy.threshold(step, steps) for step in range(1, steps + 1)]
     # p = step / steps: < 0.33 -> 7.5 (steps 1-9), < 0.67 -> 5.0 (10-20), else 2.5 (21-30).
     assert phases == [7.5] * 9 + [5.0] * 11 + [2.5] * 10
+
+
+def test_prophet_thresholds_over_a_batch_are_its_thresholds() -> None:
+    """``Prophet.thresholds_at`` (the batched step's array form) gives every policy's own
+    ``threshold`` at every step of its budget, at the bounds' edges too."""
+    policies = [
+        Prophet(),
+        Prophet((9.0, 4.0, 1.0), bounds=(0.25, 0.5)),
+        Prophet((3.0, 3.0, 2.0), bounds=(0.5, 0.5), statistic="min"),
+        Prophet((6.0, 2.0, 0.5), bounds=(0.1, 1.0)),
+    ]
+    for steps in (1, 3, 7, 30, 64):
+        for step in range(1, steps + 1):
+            columns = np.array([p.columns() for p in policies])
+            batch = Prophet.thresholds_at(columns, np.full(4, step), np.full(4, steps))
+            assert batch.tolist() == [p.threshold(step, steps) for p in policies]
+    assert [p.columns()[5] for p in policies] == [1.0, 1.0, 0.0, 1.0]
 
 
 def test_override_of_the_length_keeps_defaults_as_defaults() -> None:

@@ -41,6 +41,7 @@ from foretell.decoding.unmask import (
     llada_step_count,
     suppress_cells,
 )
+from foretell.params import MEAN_COLUMN, Prophet
 from foretell.scheduler.canvas_rows import CanvasRows
 from foretell.scheduler.request import AT_START, GLOBAL_STEP, STEP_IN_BLOCK, WRITES, Request
 
@@ -509,17 +510,13 @@ class BatchedStep:
             return gaps, commits
         members = np.asarray(gap.members, dtype=np.int64)
         policy = self.policy_np[members]
-        progress = (self.global_step_np[members] + 1) / self.steps_np[members]
-        threshold = np.where(
-            progress < policy[:, 3],
-            policy[:, 0],
-            np.where(progress < policy[:, 4], policy[:, 1], policy[:, 2]),
-        )
+        step, steps = self.global_step_np[members] + 1, self.steps_np[members]
+        threshold = Prophet.thresholds_at(policy, step, steps)
         gaps[members] = values
         decisive = values.copy()
         # A minimum is exact in any order; a float64 mean stands for the reference's own
         # reduction unless it is too close to the threshold to tell.
-        close = (policy[:, 5] > 0) & undecided(values, threshold, stats.gap.dtype)
+        close = (policy[:, MEAN_COLUMN] > 0) & undecided(values, threshold, stats.gap.dtype)
         for m in np.flatnonzero(close).tolist():
             own = gap.region_rows[gap.segment == m]
             decisive[m] = float(stats.gap[torch.from_numpy(own).to(stats.gap.device)].mean())
@@ -613,7 +610,7 @@ class BatchedStep:
         means = sums / torch.from_numpy(counts).to(device)
         mins = torch.full((n,), torch.inf, dtype=gap.dtype, device=device)
         mins = mins.scatter_reduce_(0, seg_d, gap, "amin")
-        is_mean = self.policy_np[members_np, 5] > 0
+        is_mean = self.policy_np[members_np, MEAN_COLUMN] > 0
         values = torch.where(torch.from_numpy(is_mean).to(device), means, mins.double())
         return _Gaps(members, values, region_rows, segment)
 

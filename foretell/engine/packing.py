@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from foretell.models.attention import CacheUse, PoolUses
+from foretell.models.attention import CacheUse, PoolUses, pool_columns
 from foretell.ranges import concat_ranges
-from foretell.scheduler.canvas_rows import CanvasRows
+from foretell.scheduler.canvas_rows import CanvasRows, block_causal_rows
 from foretell.scheduler.request import Request
 
 # A request's sequence in a pass: its canvas positions (a host array) and how it uses the KV
@@ -140,8 +140,7 @@ class Packer:
                 span_end[r],
             )
         read_len = np.where(cached_step, canvas, 0)
-        # A block-causal request's geometry is all zeros but its sequences (``NO_GEOMETRY``).
-        blocks = np.flatnonzero(canvas == 0).tolist()
+        blocks = np.flatnonzero(block_causal_rows(fixed)).tolist()
         block_layouts = {i: self.block_layout(batch[i]) for i in blocks}
         for i, (pos, cache) in block_layouts.items():
             lengths[i] = len(pos)
@@ -166,7 +165,7 @@ class Packer:
             )
         )
         for i, (_, cache) in block_layouts.items():
-            use[:, i] = (canvas_row[i], *cache[1:5], cache.block_size)
+            use[:, i] = pool_columns(canvas_row[i], cache)
         # Sequences in attention's order (``_pack_key``): a block-causal request's store rows
         # first; then self-attending sequences by length; cached steps last, by query and key
         # length. A guided request's unconditional copy follows its own.
@@ -214,7 +213,7 @@ class Packer:
             seq_use = use[:, seq_req]
             seq_use[0, uncond] = -1  # a guided request's copy uses no pool
             if stores:
-                store_use = [(r.canvas_row, *c[1:5], c.block_size) for r, (_, c) in stores]
+                store_use = [pool_columns(r.canvas_row, c) for r, (_, c) in stores]
                 store_use = np.array(store_use, dtype=np.int64).T
                 seq_use = np.concatenate([store_use, seq_use], axis=1)
             caches = PoolUses(canvas_rows.slots, *seq_use)

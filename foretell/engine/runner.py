@@ -38,7 +38,7 @@ from foretell.engine.packing import Packer
 from foretell.models.attention import CacheUse, PoolUses
 from foretell.models.transformer import DiffusionLM
 from foretell.ranges import concat_ranges
-from foretell.scheduler.canvas_rows import CanvasRows
+from foretell.scheduler.canvas_rows import CanvasRows, block_causal_rows
 from foretell.scheduler.request import GEOMETRY, NUM_SEQUENCES, Request
 
 logger = logging.getLogger(__name__)
@@ -139,12 +139,9 @@ def chunk_bounds(seq_lens: list[int], budget: int | None) -> list[tuple[int, int
 # Columns the runner keeps beside each canvas row's geometry (``CanvasRows.extra``), from a
 # request's params alone, so that a pass sorts its requests with array ops, not a call per
 # request: whether the batched step takes it, whether its candidates are drawn or filtered,
-# whether it suppresses logits, whether it is a block-causal model's, its confidence variant
-# and its threshold in its confidence's dtype (indices into ``ModelRunner``'s registries; 0:
-# the default confidence, no threshold).
-_BATCHABLE, _FILTERS, _SUPPRESSES, _BLOCK_CAUSAL, _VARIANT, _THRESHOLD = range(
-    GEOMETRY, GEOMETRY + 6
-)
+# whether it suppresses logits, its confidence variant and its threshold in its confidence's
+# dtype (indices into ``ModelRunner``'s registries; 0: the default confidence, no threshold).
+_BATCHABLE, _FILTERS, _SUPPRESSES, _VARIANT, _THRESHOLD = range(GEOMETRY, GEOMETRY + 5)
 
 
 def _balanced(seq_lens: list[int], target: float) -> list[tuple[int, int]]:
@@ -186,7 +183,7 @@ class ModelRunner:
         self._thresholds: list[float] = [float("nan")]
         # Every running request's canvas, as rows of one matrix (taken at a request's first
         # pass, given back when it ends: ``Request.release_canvas_row``).
-        self.canvas_rows = CanvasRows(extra=self._row_columns, extra_width=6)
+        self.canvas_rows = CanvasRows(extra=self._row_columns, extra_width=5)
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
         # one (the per-request path: sampling, Dream, alg_temp).
@@ -210,7 +207,6 @@ class ModelRunner:
             int(batchable(req)),
             int(filters(p)),
             int(bool(req.logits_suppress)),
-            int(req.block_causal),
             variant,
             threshold,
         )
@@ -258,7 +254,7 @@ class ModelRunner:
             cond, uncond = offsets[i]
             length = batch[i].canvas_len
             needed[uncond : uncond + length] = needed[cond : cond + length]
-        blocks = np.flatnonzero(geo[:, _BLOCK_CAUSAL]).tolist()
+        blocks = np.flatnonzero(block_causal_rows(geo)).tolist()
         block_pos = {i: block_positions(batch[i]) for i in blocks}
         for i in blocks:  # its sequence is its block (or, without the cache, its window)
             needed_t[block_pos[i] - batch[i].query_start + offsets[i][0]] = True

@@ -174,8 +174,7 @@ class PoolUses:
         for i, c in enumerate(caches):
             if c is not None:
                 slots[i, : len(c.slots)] = c.slots
-                read = -1 if c.read_len is None else c.read_len
-                fields[:, i] = (i, c.write_row, c.write_start, c.write_len, read, c.block_size or 0)
+                fields[:, i] = pool_columns(i, c)
         return cls(slots, *fields)
 
     def __len__(self) -> int:
@@ -212,6 +211,13 @@ class PoolUses:
             None if read < 0 else read,
             block or None,
         )
+
+
+def pool_columns(table: int, cache: CacheUse) -> tuple[int, int, int, int, int, int]:
+    """``cache`` as one sequence's :class:`PoolUses` fields, its page table being row
+    ``table`` of the slots."""
+    read = -1 if cache.read_len is None else cache.read_len
+    return (table, cache.write_row, cache.write_start, cache.write_len, read, cache.block_size or 0)
 
 
 def pool_uses(caches: PoolUses | Sequence[CacheUse | None] | None) -> PoolUses | None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from foretell.params import PROPHET_COLUMNS
 from foretell.scheduler.request import CURSOR_FIELDS, GEOMETRY
 
 if TYPE_CHECKING:
@@ -31,9 +32,11 @@ if TYPE_CHECKING:
 # laid out on its own (``Packer.block_layout``).
 NO_GEOMETRY = (0,) * (GEOMETRY - 1)
 
-# Columns of ``CanvasRows.policy``: a request's Prophet thresholds (three), their bounds (two),
-# and whether its statistic is the mean (1.0) or the minimum (0.0); NaN without a policy.
-POLICY_FIELDS = 6
+
+def block_causal_rows(geometry: np.ndarray) -> np.ndarray:
+    """Which rows of a batch's geometry are block-causal requests' (``NO_GEOMETRY``: the only
+    geometry with a canvas of 0)."""
+    return geometry[:, 1] == 0
 
 
 class CanvasRows:
@@ -56,14 +59,15 @@ class CanvasRows:
             raise ValueError(f"capacity and width: must be >= 1, got {capacity} and {width}")
         if (extra is None) != (extra_width == 0):
             raise ValueError("extra and extra_width: give both or neither")
-        self.extra, self.extra_width = extra, extra_width
+        self.extra = extra
         self.tokens = np.zeros((capacity, width), dtype=np.int64)
         self.revealed = np.zeros((capacity, width), dtype=bool)
         self.slots = np.zeros((capacity, width), dtype=np.int64)  # KV page tables, as slots
         self.geometry = np.zeros((capacity, GEOMETRY + extra_width), dtype=np.int64)
         self.cursor = np.zeros((capacity, CURSOR_FIELDS), dtype=np.int64)
         self.last_gap = np.full(capacity, np.nan)
-        self.policy = np.full((capacity, POLICY_FIELDS), np.nan)
+        # Each row's Prophet policy (``Prophet.columns``; NaN: none).
+        self.policy = np.full((capacity, PROPHET_COLUMNS), np.nan)
         self._geometry_of: list[object] = [None] * capacity  # the params each row's is from
         self._holders: list[Request | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))  # popped from the end: lowest row first
@@ -125,10 +129,7 @@ class CanvasRows:
             if self.extra is not None:
                 self.geometry[row, GEOMETRY:] = self.extra(req)
             policy = None if req.block_causal else req.params.early_commit
-            self.policy[row] = np.nan
-            if policy is not None:
-                mean = float(policy.statistic == "mean")
-                self.policy[row] = (*policy.thresholds, *policy.bounds, mean)
+            self.policy[row] = np.nan if policy is None else policy.columns()
             held[row] = req.params
         return self.geometry[rows]
 
@@ -139,7 +140,7 @@ class CanvasRows:
         self.geometry = _grown(self.geometry, (rows, self.geometry.shape[1]), 0)
         self.cursor = _grown(self.cursor, (rows, CURSOR_FIELDS), 0)
         self.last_gap = _grown(self.last_gap, (rows,), np.nan)
-        self.policy = _grown(self.policy, (rows, POLICY_FIELDS), np.nan)
+        self.policy = _grown(self.policy, (rows, PROPHET_COLUMNS), np.nan)
         added = rows - len(self._holders)
         self._free = list(range(rows - 1, rows - 1 - added, -1)) + self._free
         self._holders += [None] * added

@@ -51,6 +51,22 @@ def block_canvas(prompt_len: int, params: DecodeParams) -> tuple[int, int]:
     return canvas, min(canvas, max(prompt_len // block + 1, 2) * block)
 
 
+class _CursorField:
+    """One column of a request's cursor (``Request.cursor_np``) read and written as an int
+    attribute: the request's own array, or its canvas row's while it runs."""
+
+    def __init__(self, column: int) -> None:
+        self.column = column
+
+    def __get__(self, req: Request | None, owner: type | None = None) -> int:
+        if req is None:
+            return self  # type: ignore[return-value]
+        return int(req.cursor_np[self.column])
+
+    def __set__(self, req: Request, value: int) -> None:
+        req.cursor_np[self.column] = value
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -195,39 +211,12 @@ class Request:
             self.timesteps_np = self.timesteps.numpy()
 
     # -- cursor ----------------------------------------------------------------------------
-    @property
-    def block(self) -> int:
-        return int(self.cursor_np[BLOCK])
-
-    @block.setter
-    def block(self, value: int) -> None:
-        self.cursor_np[BLOCK] = value
-
-    @property
-    def step_in_block(self) -> int:
-        return int(self.cursor_np[STEP_IN_BLOCK])
-
-    @step_in_block.setter
-    def step_in_block(self, value: int) -> None:
-        self.cursor_np[STEP_IN_BLOCK] = value
-
-    @property
-    def global_step(self) -> int:
-        return int(self.cursor_np[GLOBAL_STEP])
-
-    @global_step.setter
-    def global_step(self, value: int) -> None:
-        self.cursor_np[GLOBAL_STEP] = value
-
-    @property
-    def block_masks_at_start(self) -> int:
-        """The masks the current block held at its first step: LLaDA's reveal counts over the
-        block follow from it (``foretell.decoding.unmask.llada_step_count``)."""
-        return int(self.cursor_np[AT_START])
-
-    @block_masks_at_start.setter
-    def block_masks_at_start(self, value: int) -> None:
-        self.cursor_np[AT_START] = value
+    block = _CursorField(BLOCK)
+    step_in_block = _CursorField(STEP_IN_BLOCK)
+    global_step = _CursorField(GLOBAL_STEP)
+    # The masks the current block held at its first step: LLaDA's reveal counts over the
+    # block follow from it (``foretell.decoding.unmask.llada_step_count``).
+    block_masks_at_start = _CursorField(AT_START)
 
     @property
     def last_gap(self) -> float | None:
