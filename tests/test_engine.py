@@ -348,3 +348,38 @@ def test_the_canvas_and_its_host_array_are_one_memory() -> None:
     req.set_masked(np.array([6, 7, 8, 9, 10]))  # what a batched step knows after its write
     assert req.masked_count(7) == 4
     assert req.generated_ids[:3] == [7, 8, 9]
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "alone"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_stalled_dream_threshold_request_ends_with_its_masks_left(dtype, batched) -> None:
+    """Dream's uncached threshold rule runs one grid over the whole generation until no mask
+    is left; a step whose every reveal is the mask token itself would repeat forever (this
+    seeded request draws the mask token at its last mask), so it ends there, with the mask
+    left, as a stalled block moves on to the next. Before, it held its slot for good."""
+    from foretell.models.tiny import tiny_model
+
+    dream = tiny_model("dream", seed=7, dtype=dtype)
+    engine = Engine(dream, dtype=dtype)
+    engine.runner.batched = batched
+    stalls = DecodeParams(
+        gen_length=16,
+        steps=2,
+        temperature=0.7,
+        remasking="confidence_threshold",
+        threshold=0.1,
+        cfg_scale=1.0,
+        seed=42,
+    )
+    engine.add_request([31, 41, 31, 44], stalls, request_id="stalls")
+    engine.add_request("1+1=", DecodeParams(gen_length=16, steps=16), request_id="other")
+    done = {}
+    for _ in range(40):
+        done.update({o.request_id: o for o in engine.step()})
+        if not engine.has_unfinished_requests():
+            break
+    assert set(done) == {"stalls", "other"}
+    mask = dream.model.mask_token_id
+    assert done["stalls"].finish_reason == "steps"
+    assert done["stalls"].token_ids.count(mask) == 1
+    assert done["other"].finish_reason == "steps"

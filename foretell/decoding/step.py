@@ -250,7 +250,8 @@ def move_cursor(
     masks: int | None = None,
 ) -> None:
     """After a step's reveal (both the per-request and the batched step): Dream's grid of
-    steps over the whole generation (its threshold rule: until no mask is left), Fast-dLLM's
+    steps over the whole generation (its threshold rule: until no mask is left, or a step
+    stalls), Fast-dLLM's
     cached block loop, threshold decoding's next non-empty block, or LLaDA's block schedule.
     ``stalled``: a threshold step revealed only the mask token itself; ``revealed``: it
     revealed something. ``block_masks`` and ``masks``, when the caller has counted them: the
@@ -259,7 +260,11 @@ def move_cursor(
     p = req.params
     if not req.uses_blocks:
         if p.remasking == "confidence_threshold":
-            if (req.masked_count(req.prompt_len) if masks is None else masks) == 0:
+            # Its one grid spans the whole generation: a stall (each later step would repeat
+            # it; Fast-dLLM's block loop would never end) ends it with its masks left, as a
+            # stalled block moves on to the next one.
+            left = req.masked_count(req.prompt_len) if masks is None else masks
+            if left == 0 or (stalled and revealed):
                 req.finish("steps")
         elif req.global_step == p.steps:
             req.finish("steps")
@@ -296,8 +301,9 @@ def cursor_stays(
     the move (``global_step`` after the step's increment), the params' step budgets, the
     kind (blocks, KV cache, threshold rule), and the step's outcome as ``move_cursor`` takes
     it (``masks``: meaningful where the pass held the whole canvas)."""
-    # Dream's grid over the whole generation (its threshold rule: until no mask is left).
-    whole_grid = np.where(threshold, masks > 0, global_step != steps)
+    # Dream's grid over the whole generation (its threshold rule: until no mask is left, or
+    # a step stalls).
+    whole_grid = np.where(threshold, (masks > 0) & ~(stalled & revealed), global_step != steps)
     # Fast-dLLM's cached block loop: on until the block empties, its schedule is spent, or a
     # cached threshold step stalls.
     in_cache = step_in_block > 0
@@ -394,7 +400,11 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
     elif p.remasking == "confidence_threshold":
         x0, scores = _candidates(req, logits, p.remasking)
         if window.numel():
-            _reveal(req, window, x0, above_threshold(scores, p.threshold))
+            chosen = above_threshold(scores, p.threshold)
+            _reveal(req, window, x0, chosen)
+            stalled = bool((x0[chosen] == req.mask_token_id).all())
+            move_cursor(req, stalled, revealed=True)
+            return
     else:
         x0, scores = _candidates(req, logits, p.remasking)
         if p.remasking == "random":
