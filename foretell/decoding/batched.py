@@ -730,7 +730,10 @@ class BatchedStep:
         cols = np.where(cols < lengths[:, None], cols, lengths.max())
         rows = scores.new_full((len(tied), int(lengths.max()) + 1), float("-inf"))
         rows.scatter_(1, torch.from_numpy(cols), scores)
-        for row, i in zip(rows, tied, strict=True):
+        # Host tensors from here: each request's picks are gathered and read once for all.
+        finite = np.isfinite(rows.numpy())
+        picks = []
+        for n, (row, i) in enumerate(zip(rows, tied, strict=True)):
             req = self.reqs[ranking.members[i]]
             start, length = ranking.row_start[i], ranking.row_len[i]
             line = row[:length].to(self._rank_dtype(req))
@@ -740,13 +743,14 @@ class BatchedStep:
                 above = (line > req.params.threshold).nonzero().flatten()
                 picked = above if above.numel() else line.argmax().reshape(1)
             elif req.params.remasking == _THRESHOLD:
-                values, order = torch.topk(line, int(torch.isfinite(line).sum()))
+                values, order = torch.topk(line, int(finite[n, :length].sum()))
                 keep = values >= req.params.threshold
                 keep[0] = True
                 picked = order[keep]
             else:
                 picked = torch.topk(line, ranking.ks[i]).indices
-            chosen[picked.numpy() + start] = True
+            picks.append(picked + start)
+        chosen[torch.cat(picks).numpy()] = True
 
     def _own_dtype(self, req: Request) -> torch.dtype:
         """The dtype of the request's confidence (the model's unless its rule sets one)."""
