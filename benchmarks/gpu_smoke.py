@@ -16,6 +16,12 @@ Prophet on half, prompts of different lengths, each request seeded) is generated
   differently, so a near-tie can flip a token: the table shows how many do);
 - the dispatched aten ops and host reads of tensor values per engine step are counted with the
   counters of ``benchmarks/host_overhead.py`` (on a GPU, kernel launches and synchronisations).
+
+Then the batched step's per-row sampling (temperature, top-p, top-k and guidance factors, each
+row with its own) is checked bit for bit against each row alone with Python scalars, in
+float32, float64, bfloat16 and float16: CUDA divides by a host scalar through its reciprocal,
+which the row-wise code follows on CUDA, untested until this runs there. Any row that differs
+fails the run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,6 +104,47 @@ def run(loaded: LoadedModel, backend: str, dtype: str, device: str, cases) -> di
     }
 
 
+def row_filtering(device: str, trials: int = 40) -> list[dict]:
+    """Per dtype, how many rows of the batched step's per-row sampling differ from the same
+    row alone with Python scalars (the references' expression): temperature, top-p and
+    top-k filtering (``filter_logits_by_row``), and guidance factors (``scale_rows``). On
+    CUDA a division by a host scalar is a product with its reciprocal, which
+    ``scale_rows`` follows there: this is what checks it."""
+    from foretell.decoding.unmask import filter_logits, filter_logits_by_row, scale_rows
+
+    out = []
+    rng = np.random.default_rng(0)
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for dtype in dtypes:
+        rows_checked = differ = 0
+        for trial in range(trials):
+            n, vocab = int(rng.integers(1, 24)), int(rng.choice([7, 50, 333]))
+            logits = torch.from_numpy(rng.standard_normal((n, vocab)) * rng.choice([1, 5, 30]))
+            if trial % 3 == 0:
+                logits = (logits * 2).round() / 2  # ties
+            logits = logits.to(device, dtype)
+            temperature = rng.choice([0.0, 0.7, 0.3, 1.3, 0.123456789], n)
+            top_p = rng.choice([1.0, 0.9, 0.5, 0.3333333], n)
+            top_k = rng.choice([0, 1, 3, 8], n)
+            scale = rng.choice([0.3, 1.7, 0.123456789], n)
+            together = filter_logits_by_row(logits, temperature, top_p, top_k)
+            guided = scale_rows(logits, scale + 1, divide=False)
+            for r in range(n):
+                alone = filter_logits(
+                    logits[r : r + 1],
+                    float(temperature[r]),
+                    None if top_p[r] >= 1 else float(top_p[r]),
+                    None if top_k[r] == 0 else int(top_k[r]),
+                )
+                scalar = (float(scale[r]) + 1) * logits[r]
+                same = torch.equal(together[r : r + 1], alone) and torch.equal(guided[r], scalar)
+                differ += not same
+                rows_checked += 1
+        name = str(dtype).removeprefix("torch.")
+        out.append({"dtype": name, "rows": rows_checked, "differ": differ})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
@@ -142,9 +190,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['identical']:>6}/{r['requests']:<3}{len(r['errors']):>7}"
             f"{r['ops_per_step']:>10.1f}{r['reads_per_step']:>11.1f}"
         )
+    filtering = row_filtering(args.device)
+    print("per-row sampling against each row alone (rows that differ):")
+    for r in filtering:
+        print(f"  {r['dtype']:<10}{r['differ']:>5} of {r['rows']}")
     if args.out:
-        write_json(args.out, {"rows": rows, "device": args.device, "machine": machine_info()})
-    failed = [r for r in rows if r["errors"]]
+        write_json(
+            args.out,
+            {
+                "rows": rows,
+                "row_filtering": filtering,
+                "device": args.device,
+                "machine": machine_info(),
+            },
+        )
+    failed = [r for r in rows if r["errors"]] + [r for r in filtering if r["differ"]]
     return 1 if failed else 0
 
 

@@ -408,7 +408,7 @@ def test_a_failed_sampling_pass_leaves_seeded_streams_as_they_were(monkeypatch) 
     params = [DecodeParams(gen_length=16, steps=8, temperature=0.9, seed=s) for s in (1, 2, 3)]
     prompts = PROMPTS[:3]
     clean = Engine(loaded, dtype="float32").generate(prompts, params, use_tqdm=False)
-    real, calls = runner_module.candidates, []
+    real, calls = runner_module.sample, []  # the Gumbel-max, after the uniforms are drawn
 
     def failing_once(*args, **kwargs):
         calls.append(1)
@@ -416,7 +416,7 @@ def test_a_failed_sampling_pass_leaves_seeded_streams_as_they_were(monkeypatch) 
             raise RuntimeError("injected fault")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "candidates", failing_once)
+    monkeypatch.setattr(runner_module, "sample", failing_once)
     outs = Engine(loaded, dtype="float32", max_num_seqs=4).generate(prompts, params, use_tqdm=False)
     assert [o.finish_reason for o in outs] == ["steps"] * 3
     assert [o.token_ids for o in outs] == [o.token_ids for o in clean]
@@ -502,3 +502,67 @@ def test_cursor_stays_agrees_with_the_cursor_rule() -> None:
             assert req.step_in_block == step + int(steps_on[j])
         seen.add((req.family, req.params.kv_cache, req.params.remasking, kept))
     assert len(seen) == 2 * len(kinds)  # every kind both stays and moves on
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_filtering_by_row_equals_filtering_each_row_alone(dtype) -> None:
+    """Each row filtered with its own temperature, top-p and top-k in one call is bit for bit
+    that row filtered alone with Python scalars (the references' expression), and a row-wise
+    guidance factor rounds as the scalar does: with ties, ``-inf`` columns and parameters that
+    no dtype holds exactly."""
+    from foretell.decoding.unmask import filter_logits, filter_logits_by_row, scale_rows
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        rows, vocab = int(rng.integers(1, 24)), int(rng.choice([7, 50, 333]))
+        logits = torch.from_numpy(rng.standard_normal((rows, vocab)) * rng.choice([1, 5, 30]))
+        if trial % 3 == 0:
+            logits = (logits * 2).round() / 2  # ties
+        logits = logits.to(dtype)
+        logits[:, 3] = float("-inf")
+        temperature = rng.choice([0.0, 0.7, 0.3, 1.0, 1.3, 0.123456789], rows)
+        top_p = rng.choice([1.0, 0.9, 0.5, 0.95, 0.3333333], rows)
+        top_k = rng.choice([0, 1, 3, 8, 1000], rows)
+        got = filter_logits_by_row(logits, temperature, top_p, top_k)
+        scale = rng.choice([0.3, 1.7, 2.0, 0.123456789], rows)
+        guided = scale_rows(logits, scale + 1, divide=False)
+        for r in range(rows):
+            alone = filter_logits(
+                logits[r : r + 1],
+                float(temperature[r]),
+                None if top_p[r] >= 1 else float(top_p[r]),
+                None if top_k[r] == 0 else int(top_k[r]),
+            )
+            assert torch.equal(got[r : r + 1], alone), (trial, r)
+            assert torch.equal(guided[r], (float(scale[r]) + 1) * logits[r]), (trial, r)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_distinct_sampling_values_in_the_batch_equal_the_per_request_step(family, dtype) -> None:
+    """Every request with its own temperature, top-p, top-k (and, for LLaDA, guidance scale),
+    values no dtype holds exactly, filtered and drawn in one call for the batch: every step
+    equals the per-request step's, which filters each request with Python scalars. A top-k
+    beyond any integer type (the API takes any int) keeps the whole vocabulary, as alone."""
+    loaded = tiny_model(family, seed=13, dtype=dtype, logit_scale=4.0)
+    rng = random.Random(8)
+    params = []
+    for i in range(12):
+        kwargs = dict(
+            gen_length=16,
+            block_length=8 if family == "llada" else 16,
+            steps=8,
+            seed=rng.randrange(99),
+            temperature=rng.choice([0.0, 0.37, 0.71, 1.3]) + i * 1e-3,
+            top_p=rng.choice([None, 0.83, 0.9137]),
+            top_k=rng.choice([None, 3, 7, 10**40]),  # any int: past the vocabulary, all
+        )
+        if family == "llada":
+            kwargs["remasking"] = rng.choice(["low_confidence", "margin", "entropy"])
+            kwargs["cfg_scale"] = rng.choice([0.0, 0.3, 1.7])
+        else:
+            kwargs["remasking"] = rng.choice(["maskgit_plus", "topk_margin", "entropy"])
+        params.append(DecodeParams(**kwargs))
+    finished, members = _lockstep(loaded, dtype, params)
+    assert len(finished) == len(params)
+    assert sum(members) >= 2 * len(params)

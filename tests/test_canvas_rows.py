@@ -59,6 +59,40 @@ def test_rows_grow_and_holders_follow() -> None:
     assert rows.tokens[short.canvas_row, 3] == 6
 
 
+def test_float_values_follow_the_params_across_growth_and_swaps() -> None:
+    """A row's float columns (the runner's sampling values) come from its request's params
+    at its first gather, survive the rows growing, follow a params swap, and are recomputed
+    for the next holder of a row given back."""
+    import dataclasses
+
+    def values(req: Request) -> tuple[float, ...]:
+        return (req.params.temperature, float(req.prompt_len))
+
+    rows = CanvasRows(capacity=1, width=8, values=values, values_width=2)
+    first = _request("first", 2)
+    first.params = dataclasses.replace(first.params, temperature=0.3)
+    rows.add(first)
+    rows.geometry_of([first], np.array([first.canvas_row]))
+    assert rows.values[first.canvas_row].tolist() == [0.3, 2.0]
+    more = [_request(str(i), 3 + i, gen_length=16) for i in range(3)]  # grows both ways
+    for req in more:
+        rows.add(req)
+    held = np.array([r.canvas_row for r in [first, *more]])
+    rows.geometry_of([first, *more], held)
+    assert rows.values[held].tolist() == [[0.3, 2.0], [0.0, 3.0], [0.0, 4.0], [0.0, 5.0]]
+    first.params = dataclasses.replace(first.params, temperature=0.9)  # swapped mid-life
+    rows.geometry_of([first], held[:1])
+    assert rows.values[first.canvas_row].tolist() == [0.9, 2.0]
+    row = first.canvas_row
+    first.release_canvas_row()
+    late = _request("late", 6)
+    assert rows.add(late) == row
+    rows.geometry_of([late], np.array([row]))
+    assert rows.values[row].tolist() == [0.0, 6.0]
+    with pytest.raises(ValueError, match="values and values_width"):
+        CanvasRows(values=values)
+
+
 def test_a_row_is_reused_and_misuse_is_refused() -> None:
     rows = CanvasRows(capacity=2, width=16)
     a, b = _request("a", 3), _request("b", 4)

@@ -32,6 +32,9 @@ def test_dry_run_on_cpu_reports_every_cache_mode(tmp_path) -> None:
     ]
     assert all(r["identical"] == r["requests"] and not r["errors"] for r in rows)
     assert all(r["ops_per_step"] > 0 and r["reads_per_step"] > 0 for r in rows)
+    filtering = json.loads(out.read_text())["row_filtering"]
+    assert [r["dtype"] for r in filtering] == ["float32", "float64", "bfloat16", "float16"]
+    assert all(r["rows"] > 0 and r["differ"] == 0 for r in filtering)
 
 
 def test_without_cuda_it_says_it_skipped() -> None:

@@ -132,3 +132,40 @@ def test_ops_and_reads_per_step_do_not_grow_with_the_batch(bench, micro) -> None
         f"{large.reads_per_step:.1f} reads per step"
     )
     assert ops <= bench.OPS_GROWTH_GOAL and reads <= bench.OPS_GROWTH_GOAL, detail
+
+
+def test_ops_per_step_do_not_depend_on_distinct_sampling_values(bench, micro) -> None:
+    """Sampled requests are filtered, drawn and guided in one call for the batch whatever their
+    temperatures, top-p, top-k and guidance scales (a server's users pick their own), so a
+    batch in which every request has values of its own dispatches the ops, step by step, of
+    one in which all share them (before, one group of ops per distinct set of values). Random
+    remasking: its float32 draws do not tie, so both batches rank with the same ops."""
+    from foretell import DecodeParams
+
+    def ops_per_step(distinct: bool) -> list[int]:
+        engine = bench.make_engine(micro, 16, "sdpa_buckets")
+        for i in range(16):
+            own = i if distinct else 0
+            params = DecodeParams(
+                gen_length=16,
+                block_length=16,
+                steps=8,
+                seed=None,
+                temperature=0.7 + own * 1e-2,
+                top_p=0.9 - own * 1e-2,
+                top_k=5 + own,
+                cfg_scale=1.0 + own * 1e-2 if i % 2 else 0.0,
+                remasking="random",
+            )
+            engine.add_request("1+2=3" * (1 + i % 3), params)
+        counts = []
+        while engine.has_unfinished_requests():
+            ops = bench.OpCounter()
+            with ops:
+                engine.step()
+            counts.append(ops.count)
+        return counts
+
+    ops_per_step(distinct=False)  # the model's first pass builds its rotary tables
+    shared, distinct = ops_per_step(distinct=False), ops_per_step(distinct=True)
+    assert len(shared) == 8 and shared == distinct

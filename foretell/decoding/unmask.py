@@ -203,6 +203,56 @@ def filter_logits(
     return logits
 
 
+def scale_rows(logits: torch.Tensor, factor: np.ndarray, *, divide: bool) -> torch.Tensor:
+    """``logits`` divided (or multiplied) row by row by ``factor`` (float64 [rows]), rounded as
+    the same op with a Python float on each row alone rounds it: the factor in the op's
+    compute type (float64 for float64 logits, float32 otherwise; half-precision logits are
+    computed in float32 and rounded back). CUDA divides by a host scalar as a product with its
+    reciprocal, taken in that compute type, so on CUDA a division is that product too (not
+    run here: no GPU)."""
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    np_compute = np.float64 if compute == torch.float64 else np.float32
+    by = factor.astype(np_compute)
+    if divide and logits.device.type == "cuda":
+        by, divide = np_compute(1) / by, False
+    by_d = torch.from_numpy(by).to(logits.device)[:, None]
+    out = logits / by_d if divide else logits * by_d
+    return out.to(logits.dtype)
+
+
+def filter_logits_by_row(
+    logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray
+) -> torch.Tensor:
+    """:func:`filter_logits` with each row's own parameters, in a fixed number of ops whatever
+    they are (no group per distinct value): ``temperature`` float64 [rows] (0: none),
+    ``top_p`` float64 (>= 1: none), ``top_k`` int64 (0: none). Each row equals
+    :func:`filter_logits` of that row alone, bit for bit in float32, float64 and bfloat16:
+    each filter is row-wise, and each row's parameter takes the dtype the scalar would."""
+    device, out = logits.device, logits
+    tempered = temperature > 0
+    if tempered.any():
+        out = scale_rows(out, np.where(tempered, temperature, 1.0), divide=True)
+    nucleus = top_p < 1
+    if nucleus.any():
+        sorted_logits, sorted_idx = torch.sort(out, descending=True)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        # The comparison's scalar takes the cumulative sum's dtype; +inf: nothing removed.
+        cut = torch.from_numpy(np.where(nucleus, top_p, np.inf)).to(device, cumulative.dtype)
+        remove = cumulative > cut[:, None]
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        mask = torch.zeros_like(remove).scatter_(-1, sorted_idx, remove)
+        out = out.masked_fill(mask, torch.finfo(out.dtype).min)
+    has_k = top_k > 0
+    if has_k.any():
+        k = np.minimum(np.where(has_k, top_k, 1), out.shape[-1])
+        values = torch.topk(out, int(k.max())).values  # sorted: the k-th largest at k - 1
+        kth = values.gather(1, torch.from_numpy(k - 1).to(device)[:, None])
+        kth = kth.masked_fill(torch.from_numpy(~has_k).to(device)[:, None], float("-inf"))
+        out = out.masked_fill(out < kth, torch.finfo(out.dtype).min)
+    return out
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float,

@@ -49,6 +49,7 @@ class StepInput:
     # the batched step reads of its requests, gathered once for the pass.
     geometry: np.ndarray
     cursor: np.ndarray
+    values: np.ndarray  # each request's float columns (``CanvasRows.values``)
     ids_d: torch.Tensor | None = field(default=None, repr=False)
     positions_d: torch.Tensor | None = field(default=None, repr=False)
     in_seq_d: torch.Tensor | None = field(default=None, repr=False)
@@ -204,7 +205,7 @@ class Packer:
         offsets: list[tuple[int, int | None]] = [(c, None) for c in cond_at.tolist()]
         for i in np.flatnonzero(num_seqs > 1).tolist():  # guided: the prompt masked in the copy
             req, at = batch[i], int(seq_start[req_first[i] + 1])
-            copy = ids[at : at + req.canvas_len]
+            copy = ids[at : at + int(canvas[i])]
             copy[req.given_np] = req.mask_token_id
             offsets[i] = (int(cond_at[i]), at)
         seq_of = req_first.tolist()
@@ -232,6 +233,7 @@ class Packer:
             spans=spans,
             geometry=fixed,
             cursor=cursor,
+            values=canvas_rows.values[canvas_row],
             uses_pool=uses_pool,
         )
 

@@ -27,9 +27,13 @@ from foretell.decoding.block_step import block_positions, sample_rows, samples, 
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
-    candidates,
+    confidence,
     confidence_dtype,
+    confidence_probs,
+    filter_logits_by_row,
     greedy_llada,
+    sample,
+    scale_rows,
     suppress,
     suppress_cells,
 )
@@ -39,7 +43,7 @@ from foretell.models.attention import CacheUse, PoolUses
 from foretell.models.transformer import DiffusionLM
 from foretell.ranges import concat_ranges
 from foretell.scheduler.canvas_rows import CanvasRows, block_causal_rows
-from foretell.scheduler.request import GEOMETRY, NUM_SEQUENCES, Request
+from foretell.scheduler.request import CANVAS_LEN, GEOMETRY, NUM_SEQUENCES, Request
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +143,16 @@ def chunk_bounds(seq_lens: list[int], budget: int | None) -> list[tuple[int, int
 # Columns the runner keeps beside each canvas row's geometry (``CanvasRows.extra``), from a
 # request's params alone, so that a pass sorts its requests with array ops, not a call per
 # request: whether the batched step takes it, whether its candidates are drawn or filtered,
-# whether it suppresses logits, its confidence variant and its threshold in its confidence's
-# dtype (indices into ``ModelRunner``'s registries; 0: the default confidence, no threshold).
-_BATCHABLE, _FILTERS, _SUPPRESSES, _VARIANT, _THRESHOLD = range(GEOMETRY, GEOMETRY + 5)
+# whether it suppresses logits, its confidence variant, and the kind of score a sampled
+# request's drawn candidates take (indices into ``ModelRunner``'s registries, which hold a
+# handful of entries fixed by the rules: 0 for the default confidence, no score).
+_COLUMNS = 5
+_BATCHABLE, _FILTERS, _SUPPRESSES, _VARIANT, _SCORE_KIND = range(GEOMETRY, GEOMETRY + _COLUMNS)
+# And its float columns (``CanvasRows.values``): its threshold in its confidence's dtype (NaN:
+# none), temperature, top-p (1: none), top-k (0: none) and guidance factor (``cfg_scale + 1``),
+# so that every row's sampling runs with its own values in one call.
+_VALUES = 5
+_THRESHOLD, _TEMPERATURE, _TOP_P, _TOP_K, _GUIDANCE = range(_VALUES)
 
 
 def _balanced(seq_lens: list[int], target: float) -> list[tuple[int, int]]:
@@ -180,10 +191,16 @@ class ModelRunner:
         # The confidence variants and thresholds the requests' rows refer to (see
         # ``_row_columns``): entry 0 is the default / none.
         self._variants: list[tuple | None] = [None]
-        self._thresholds: list[float] = [float("nan")]
+        # (rule, confidence dtype, suppressed ids) of sampled candidates' scores.
+        self._score_kinds: list[tuple | None] = [None]
         # Every running request's canvas, as rows of one matrix (taken at a request's first
         # pass, given back when it ends: ``Request.release_canvas_row``).
-        self.canvas_rows = CanvasRows(extra=self._row_columns, extra_width=5)
+        self.canvas_rows = CanvasRows(
+            extra=self._row_columns,
+            extra_width=_COLUMNS,
+            values=self._row_values,
+            values_width=_VALUES,
+        )
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
         # one (the per-request path: sampling, Dream, alg_temp).
@@ -199,17 +216,30 @@ class ModelRunner:
         if req.confidence_dtype is not None or req.confidence_suppress or rule is not None:
             key = (req.confidence_dtype, req.confidence_suppress, rule or "low_confidence")
             variant = _index_in(self._variants, key)
-        threshold = 0
-        if p.remasking == "confidence_threshold" and not req.block_causal:
-            own = req.confidence_dtype or self.model.embed.weight.dtype
-            threshold = _index_in(self._thresholds, in_dtype(p.threshold, own))
+        score_kind = 0
+        if filters(p) and p.remasking != "random":  # random remasking reads no score
+            dtype = confidence_dtype(p, req.family, self.model.embed.weight.dtype)
+            key = (rule or "low_confidence", dtype, req.confidence_suppress)
+            score_kind = _index_in(self._score_kinds, key)
         return (
             int(batchable(req)),
             int(filters(p)),
             int(bool(req.logits_suppress)),
             variant,
-            threshold,
+            score_kind,
         )
+
+    def _row_values(self, req: Request) -> tuple[float, ...]:
+        """A request's float columns (``_THRESHOLD`` on), once per params object."""
+        p = req.params
+        threshold = float("nan")
+        if p.remasking == "confidence_threshold" and not req.block_causal:
+            own = req.confidence_dtype or self.model.embed.weight.dtype
+            threshold = in_dtype(p.threshold, own)
+        top_p = 1.0 if p.top_p is None else p.top_p
+        # A top-k past the vocabulary keeps it all (any int is valid): held as the vocabulary.
+        top_k = 0 if p.top_k is None else min(p.top_k, self.model.vocab_size)
+        return (threshold, p.temperature, top_p, top_k, p.cfg_scale + 1)
 
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
@@ -241,7 +271,7 @@ class ModelRunner:
                     canvas_rows=self.canvas_rows,
                     geometry=geo[group_np],
                     cursor=step.cursor[group_np],
-                    thresholds=np.asarray(self._thresholds)[geo[group_np, _THRESHOLD]],
+                    thresholds=step.values[group_np, _THRESHOLD],
                 )
             except Exception:  # nothing has changed: the per-request path can take them
                 logger.exception("batched step failed; stepping its requests one by one")
@@ -250,10 +280,12 @@ class ModelRunner:
         needed = greedy.needed_np.copy() if greedy else np.zeros(total, dtype=bool)
         needed_t = torch.from_numpy(needed)
         guided = group_np[num_seqs[group_np] > 1].tolist()
-        for i in guided:  # the unconditional copy's rows at the positions the conditional needs
-            cond, uncond = offsets[i]
-            length = batch[i].canvas_len
-            needed[uncond : uncond + length] = needed[cond : cond + length]
+        if guided:  # the unconditional copy's rows at the positions the conditional needs
+            cond = np.array([offsets[i][0] for i in guided], dtype=np.int64)
+            uncond = np.array([offsets[i][1] for i in guided], dtype=np.int64)
+            length = geo[guided, CANVAS_LEN]
+            copied = needed[concat_ranges(cond, cond + length)]
+            needed[concat_ranges(uncond, uncond + length)] = copied
         blocks = np.flatnonzero(block_causal_rows(geo)).tolist()
         block_pos = {i: block_positions(batch[i]) for i in blocks}
         for i in blocks:  # its sequence is its block (or, without the cache, its window)
@@ -296,9 +328,10 @@ class ModelRunner:
         # The batched step reads a guided request's conditional rows, guided in place.
         own_hi = row_hi.copy()
         own_hi[guided] = row_lo[guided] + (row_hi[guided] - row_lo[guided]) // 2
-        own_rows = dict(enumerate(zip(row_lo.tolist(), own_hi.tolist(), strict=True)))
         if guided:
-            self._guide_rows(gathered, batch, guided, row_ranges)
+            suppressing = np.asarray(guided)[geo[guided, _SUPPRESSES] > 0].tolist()
+            factors = step.values[guided, _GUIDANCE]
+            self._guide_rows(gathered, batch, guided, suppressing, (row_lo, row_hi), factors)
         # One batched computation of what the batched step and Prophet read from each row, when
         # some request reads it (the batched step's guided rows are guided in place above; the
         # per-request step guides its own rows and does without).
@@ -368,7 +401,9 @@ class ModelRunner:
 
         if greedy is not None:
             drawn = group_np[geo[group_np, _FILTERS] > 0].tolist()
-            self._sampled_rows(batch, group, drawn, greedy, rows, gathered, stats, own_rows)
+            bounds = (row_lo, own_hi)
+            columns = (geo[:, _SCORE_KIND], step.values)
+            self._sampled_rows(batch, group, drawn, greedy, rows, gathered, stats, bounds, columns)
             greedy.bind(rows, stats, more_flat, read_only, gathered)
         out.batched = greedy
         if blocks:
@@ -419,29 +454,29 @@ class ModelRunner:
         gathered: torch.Tensor,
         batch: list[Request],
         guided: list[int],
-        row_ranges: dict[int, tuple[int, int]],
+        suppressing: list[int],
+        bounds: tuple[np.ndarray, np.ndarray],
+        factors: np.ndarray,
     ) -> None:
         """Classifier-free guidance of the batched step's guided requests, in place on their
-        conditional rows (:meth:`_guided`'s expression, one per distinct scale), then their
-        ``logits_eos_inf`` columns, as the per-request step orders them."""
-        by_scale: dict[float, list[int]] = {}
-        for i in guided:
-            by_scale.setdefault(batch[i].params.cfg_scale, []).append(i)
-        for scale, same in by_scale.items():
-            cond, uncond = [], []
-            for i in same:
-                start, end = row_ranges[i]
-                half = (end - start) // 2
-                cond.append(np.arange(start, start + half))
-                uncond.append(np.arange(start + half, end))
-            cond_d = torch.from_numpy(np.concatenate(cond)).to(gathered.device)
-            uncond_d = torch.from_numpy(np.concatenate(uncond)).to(gathered.device)
-            c, u = gathered[cond_d], gathered[uncond_d]
-            gathered[cond_d] = u + (scale + 1) * (c - u)
-        cells = []
-        for i in guided:
-            start, end = row_ranges[i]
-            cells += [(start, start + (end - start) // 2, t) for t in batch[i].logits_suppress]
+        conditional rows (:meth:`_guided`'s expression, each row with its own scale, rounded
+        as that scalar rounds it: :func:`scale_rows`), then the ``logits_eos_inf`` columns of
+        those ``suppressing``, as the per-request step orders them. ``bounds``: each request's
+        first and end row; ``factors``: each one's ``cfg_scale + 1``."""
+        first, end = bounds[0][guided], bounds[1][guided]
+        half = first + (end - first) // 2
+        cond_d = torch.from_numpy(concat_ranges(first, half)).to(gathered.device)
+        uncond_d = torch.from_numpy(concat_ranges(half, end)).to(gathered.device)
+        factor = np.repeat(factors, half - first)
+        c, u = gathered[cond_d], gathered[uncond_d]
+        gathered[cond_d] = u + scale_rows(c - u, factor, divide=False)
+        lo = bounds[0][suppressing]
+        hi = lo + (bounds[1][suppressing] - lo) // 2
+        cells = [
+            (a, b, t)
+            for i, a, b in zip(suppressing, lo.tolist(), hi.tolist(), strict=True)
+            for t in batch[i].logits_suppress
+        ]
         suppress_cells(gathered, cells, inplace=True)
 
     def _sampled_rows(
@@ -453,12 +488,17 @@ class ModelRunner:
         rows: torch.Tensor,
         gathered: torch.Tensor,
         stats: RowStats,
-        row_ranges: dict[int, tuple[int, int]],
+        bounds: tuple[np.ndarray, np.ndarray],
+        columns: tuple[np.ndarray, np.ndarray],
     ) -> None:
         """The batched step's sampled or filtered requests (``members``): their candidates and
         scores in place of the greedy ones in ``stats`` at their window rows, computed as the
-        per-request step computes them (:func:`candidates`, row by row), one call per group
-        of equal parameters.
+        per-request step computes them (:func:`candidates`, row by row), in a fixed number of
+        ops whatever their parameters: one filtering of every row with its own temperature,
+        top-p and top-k (:func:`filter_logits_by_row`), one draw, and one score per kind of
+        score (rule, confidence dtype, suppressed ids). ``bounds``: each request's first and end
+        row of its own (conditional) rows; ``columns``: each request's score kind (an index
+        into the registry) and float columns (``_TEMPERATURE``, ...).
 
         The uniforms come first, in request order: a request with a generator (a seed) draws
         its own ``[window rows, vocab]`` from it, as alone; the others share one draw from the
@@ -467,14 +507,17 @@ class ModelRunner:
         its stream goes back there and draws its commit instead (``BatchedStep``), as alone."""
         if not members:
             return
-        in_window = greedy.window_np[rows.numpy()]
-        window_rows: dict[int, np.ndarray] = {}
-        for i in members:
-            start, end = row_ranges[i]
-            window_rows[i] = np.flatnonzero(in_window[start:end]) + start
+        own = concat_ranges(bounds[0][members], bounds[1][members])
+        keep = greedy.window_np[rows.numpy()[own]]
+        member_of_row = np.repeat(np.arange(len(members)), bounds[1][members] - bounds[0][members])
+        window_rows = own[keep]
+        sizes = np.bincount(member_of_row[keep], minlength=len(members))
         drawn_from = [(g, g.get_state()) for g in {batch[i].generator for i in members} if g]
         try:
-            self._sample_members(batch, members, group, greedy, window_rows, gathered, stats)
+            kinds, values = columns[0][members], columns[1][members]
+            self._sample_members(
+                batch, members, group, greedy, window_rows, sizes, gathered, stats, kinds, values
+            )
         except Exception:  # the pass is retried in halves: each stream as it was
             for generator, state in drawn_from:
                 generator.set_state(state)
@@ -486,62 +529,55 @@ class ModelRunner:
         members: list[int],
         group: list[int],
         greedy: BatchedStep,
-        window_rows: dict[int, np.ndarray],
+        window_rows: np.ndarray,
+        sizes: np.ndarray,
         gathered: torch.Tensor,
         stats: RowStats,
+        kinds: np.ndarray,
+        values: np.ndarray,
     ) -> None:
-        member_of = {i: j for j, i in enumerate(group)}
         device, vocab = gathered.device, gathered.shape[-1]
-        noise: dict[int, torch.Tensor] = {}
-        shared = []
-        for i in members:
-            req = batch[i]
-            if req.params.temperature <= 0:
-                continue  # filtered, not drawn
-            if req.generator is None:
-                shared.append(i)
-                continue
-            if req.params.early_commit is not None:
-                greedy.draw_states[member_of[i]] = req.generator.get_state()
-            shape = (len(window_rows[i]), vocab)
-            noise[i] = torch.rand(shape, generator=req.generator, dtype=torch.float64).to(device)
-        if shared:
-            sizes = [len(window_rows[i]) for i in shared]
-            draw = torch.rand(
-                (sum(sizes), vocab), generator=self.generator, dtype=torch.float64, device=device
-            )
-            noise.update(zip(shared, draw.split(sizes), strict=True))
-        groups: dict[tuple, list[int]] = {}
-        for i in members:
-            req, p = batch[i], batch[i].params
-            key = (
-                req.family,
-                p.remasking if p.remasking in (*OTHER_SCORES, "random") else "low_confidence",
-                p.temperature,
-                p.top_p,
-                p.top_k,
-                confidence_dtype(p, req.family, gathered.dtype),
-                req.confidence_suppress,
-            )
-            groups.setdefault(key, []).append(i)
-        for (family, rule, temperature, top_p, top_k, dtype, left_out), same in groups.items():
-            index_d = torch.from_numpy(np.concatenate([window_rows[i] for i in same])).to(device)
-            drawn = [noise[i] for i in same if i in noise]
-            x0, score = candidates(
-                gathered[index_d],
-                family=family,
-                rule=rule,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                generator=None,
-                prob_dtype=dtype,
-                suppressed=left_out,
-                noise=torch.cat(drawn) if drawn else None,
-            )
-            stats.argmax[index_d] = x0
-            if score is not None:
-                stats.prob[index_d] = score.to(stats.prob.dtype)
+        reqs = [batch[i] for i in members]
+        temperature, top_p = values[:, _TEMPERATURE], values[:, _TOP_P]
+        top_k = values[:, _TOP_K].astype(np.int64)
+        index_d = torch.from_numpy(window_rows).to(device)
+        logits = gathered[index_d]
+        filtered = filter_logits_by_row(
+            logits, np.repeat(temperature, sizes), np.repeat(top_p, sizes), np.repeat(top_k, sizes)
+        )
+        x0 = filtered.argmax(dim=-1)
+        first = np.cumsum(sizes) - sizes  # each member's first row in ``window_rows``
+        drawn = temperature > 0
+        if drawn.any():
+            noise = torch.full((len(window_rows), vocab), 0.5, dtype=torch.float64, device=device)
+            shared = drawn & np.array([req.generator is None for req in reqs])
+            for m in np.flatnonzero(drawn & ~shared).tolist():
+                req = reqs[m]
+                if req.params.early_commit is not None:
+                    greedy.draw_states[group.index(members[m])] = req.generator.get_state()
+                shape = (int(sizes[m]), vocab)
+                draw = torch.rand(shape, generator=req.generator, dtype=torch.float64)
+                noise[first[m] : first[m] + sizes[m]] = draw.to(device)
+            if shared.any():
+                at = concat_ranges(first[shared], first[shared] + sizes[shared])
+                noise[torch.from_numpy(at).to(device)] = torch.rand(
+                    (len(at), vocab), generator=self.generator, dtype=torch.float64, device=device
+                )
+            # Gumbel-max over the filtered rows (already divided by their temperature).
+            sampled = sample(filtered, 1.0, None, noise)
+            x0 = torch.where(torch.from_numpy(np.repeat(drawn, sizes)).to(device), sampled, x0)
+        stats.argmax[index_d] = x0
+        dream = reqs[0].family == "dream"  # one model, one family
+        for kind in np.unique(kinds[kinds > 0]).tolist():
+            rule, dtype, left_out = self._score_kinds[kind]
+            same = np.flatnonzero(kinds == kind)
+            at_np = concat_ranges(first[same], first[same] + sizes[same])
+            at = torch.from_numpy(at_np).to(device)
+            if dream:  # Dream scores the filtered logits
+                probs = torch.softmax(filtered[at].to(dtype), dim=-1)
+            else:
+                probs = confidence_probs(logits[at], dtype, left_out)
+            stats.prob[index_d[at]] = confidence(probs, x0[at], rule).to(stats.prob.dtype)
 
     def _read_only_many(
         self, reqs: list[Request], positions: list[torch.Tensor]

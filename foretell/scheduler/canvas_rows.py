@@ -45,8 +45,10 @@ class CanvasRows:
 
     Each row also keeps its request's geometry (``Request.geometry``, fixed for its life) and
     the ``extra`` columns its user derives from a request's params alone (the runner's: which
-    path steps it), so that a pass reads a whole batch's with one gather (:meth:`geometry_of`);
-    and its cursor, last gap and last reveals (``cursor``, ``last_gap``, ``revealed``)."""
+    path steps it), and the float ``values`` its user derives likewise (the runner's: sampling
+    parameters, threshold, guidance), so that a pass reads a whole batch's with one gather
+    (:meth:`geometry_of`, ``values``); and its cursor, last gap and last reveals (``cursor``,
+    ``last_gap``, ``revealed``)."""
 
     def __init__(
         self,
@@ -54,12 +56,19 @@ class CanvasRows:
         width: int = 64,
         extra: Callable[[Request], tuple[int, ...]] | None = None,
         extra_width: int = 0,
+        values: Callable[[Request], tuple[float, ...]] | None = None,
+        values_width: int = 0,
     ) -> None:
         if capacity < 1 or width < 1:
             raise ValueError(f"capacity and width: must be >= 1, got {capacity} and {width}")
         if (extra is None) != (extra_width == 0):
             raise ValueError("extra and extra_width: give both or neither")
+        if (values is None) != (values_width == 0):
+            raise ValueError("values and values_width: give both or neither")
         self.extra = extra
+        self.row_values = values
+        # Each row's float columns (``values``), read with the geometry.
+        self.values = np.full((capacity, values_width), np.nan)
         self.tokens = np.zeros((capacity, width), dtype=np.int64)
         self.revealed = np.zeros((capacity, width), dtype=bool)
         self.slots = np.zeros((capacity, width), dtype=np.int64)  # KV page tables, as slots
@@ -120,7 +129,8 @@ class CanvasRows:
 
     def geometry_of(self, batch: list[Request], rows: np.ndarray) -> np.ndarray:
         """``[len(batch), GEOMETRY]``: the geometry of every request of ``batch`` (holding
-        ``rows``), recomputed only for a request whose params were swapped since."""
+        ``rows``), recomputed only for a request whose params were swapped since (with its
+        ``values`` and policy)."""
         held = self._geometry_of
         for req in [r for r in batch if held[r.canvas_row] is not r.params]:
             row = req.canvas_row
@@ -128,6 +138,8 @@ class CanvasRows:
             self.geometry[row, :GEOMETRY] = block_causal or req.geometry
             if self.extra is not None:
                 self.geometry[row, GEOMETRY:] = self.extra(req)
+            if self.row_values is not None:
+                self.values[row] = self.row_values(req)
             policy = None if req.block_causal else req.params.early_commit
             self.policy[row] = np.nan if policy is None else policy.columns()
             held[row] = req.params
@@ -141,6 +153,7 @@ class CanvasRows:
         self.cursor = _grown(self.cursor, (rows, CURSOR_FIELDS), 0)
         self.last_gap = _grown(self.last_gap, (rows,), np.nan)
         self.policy = _grown(self.policy, (rows, PROPHET_COLUMNS), np.nan)
+        self.values = _grown(self.values, (rows, self.values.shape[1]), np.nan)
         added = rows - len(self._holders)
         self._free = list(range(rows - 1, rows - 1 - added, -1)) + self._free
         self._holders += [None] * added

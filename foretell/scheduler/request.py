@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # Prophet's region is every generated mask, the step budget and steps per block, Dream, the
 # threshold rule, and the sequences it puts in a pass (2 with classifier-free guidance).
 GEOMETRY = 16
+CANVAS_LEN = 1  # the field of the canvas length
 NUM_SEQUENCES = 15  # the field of the sequences a request puts in a pass
 
 # Columns of a request's cursor (``Request.cursor_np``: a row of ``CanvasRows.cursor`` while it
