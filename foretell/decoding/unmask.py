@@ -7,7 +7,7 @@ Random draws come from the request's own generator.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,30 +227,53 @@ def filter_logits_by_row(
     they are (no group per distinct value): ``temperature`` float64 [rows] (0: none),
     ``top_p`` float64 (>= 1: none), ``top_k`` int64 (0: none). Each row equals
     :func:`filter_logits` of that row alone, bit for bit in float32, float64 and bfloat16:
-    each filter is row-wise, and each row's parameter takes the dtype the scalar would."""
-    device, out = logits.device, logits
+    each filter is row-wise, and each row's parameter takes the dtype the scalar would. The
+    nucleus's sort and the top-k run only over the rows that ask for them (over a real
+    vocabulary they cost far more than the gather)."""
+    out = logits
     tempered = temperature > 0
     if tempered.any():
         out = scale_rows(out, np.where(tempered, temperature, 1.0), divide=True)
     nucleus = top_p < 1
     if nucleus.any():
-        sorted_logits, sorted_idx = torch.sort(out, descending=True)
-        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-        # The comparison's scalar takes the cumulative sum's dtype; +inf: nothing removed.
-        cut = torch.from_numpy(np.where(nucleus, top_p, np.inf)).to(device, cumulative.dtype)
-        remove = cumulative > cut[:, None]
-        remove[..., 1:] = remove[..., :-1].clone()
-        remove[..., 0] = False
-        mask = torch.zeros_like(remove).scatter_(-1, sorted_idx, remove)
-        out = out.masked_fill(mask, torch.finfo(out.dtype).min)
+        out = _on_rows(out, nucleus, lambda rows: _nucleus(rows, top_p[nucleus]))
     has_k = top_k > 0
     if has_k.any():
-        k = np.minimum(np.where(has_k, top_k, 1), out.shape[-1])
-        values = torch.topk(out, int(k.max())).values  # sorted: the k-th largest at k - 1
-        kth = values.gather(1, torch.from_numpy(k - 1).to(device)[:, None])
-        kth = kth.masked_fill(torch.from_numpy(~has_k).to(device)[:, None], float("-inf"))
-        out = out.masked_fill(out < kth, torch.finfo(out.dtype).min)
+        out = _on_rows(out, has_k, lambda rows: _top_k(rows, top_k[has_k]))
     return out
+
+
+def _on_rows(
+    logits: torch.Tensor, which: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``fn`` applied to the rows ``which`` (bool [rows]), the others as they are."""
+    if which.all():
+        return fn(logits)
+    at = torch.from_numpy(np.flatnonzero(which)).to(logits.device)
+    out = logits.clone()
+    out[at] = fn(logits[at])
+    return out
+
+
+def _nucleus(logits: torch.Tensor, top_p: np.ndarray) -> torch.Tensor:
+    """Dream's top-p over each row with its own ``top_p`` (each < 1)."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    # The comparison's scalar takes the cumulative sum's dtype.
+    cut = torch.from_numpy(top_p).to(logits.device, cumulative.dtype)
+    remove = cumulative > cut[:, None]
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    mask = torch.zeros_like(remove).scatter_(-1, sorted_idx, remove)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def _top_k(logits: torch.Tensor, top_k: np.ndarray) -> torch.Tensor:
+    """Top-k over each row with its own ``top_k`` (each >= 1)."""
+    k = np.minimum(top_k, logits.shape[-1])
+    values = torch.topk(logits, int(k.max())).values  # sorted: the k-th largest at k - 1
+    kth = values.gather(1, torch.from_numpy(k - 1).to(logits.device)[:, None])
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
 
 
 def sample(
