@@ -476,7 +476,8 @@ def test_cursor_stays_agrees_with_the_cursor_rule() -> None:
         params = DecodeParams(
             gen_length=16, steps=rng.choice([8, 16]), block_length=4, kv_cache=cache
         )
-        params = dataclasses.replace(params, remasking=rule)
+        drawn = rng.random() < 0.5
+        params = dataclasses.replace(params, remasking=rule, temperature=0.7 if drawn else 0.0)
         req = Request("r", "p", [1, 2, 3], params, 0, family)
         spb = params.steps_per_block
         req.block = rng.randrange(params.num_blocks)
@@ -484,13 +485,14 @@ def test_cursor_stays_agrees_with_the_cursor_rule() -> None:
         req.global_step = rng.randrange(1, params.steps + 3)  # after the step's increment
         outcome = (rng.random() < 0.3, rng.random() < 0.7, rng.randrange(3), rng.randrange(3))
         g = req.geometry
-        rows.append((req.step_in_block, req.global_step, g[11], g[12], g[2], g[5], g[14]))
+        rows.append((req.step_in_block, req.global_step, g[11], g[12], g[2], g[5], g[14], drawn))
         reqs.append(req)
         outcomes.append(outcome)
     cols = [np.array(c) for c in zip(*rows, strict=True)]
     stalled, revealed, block_masks, masks = (np.array(c) for c in zip(*outcomes, strict=True))
+    flags = [c.astype(bool) for c in cols[4:]]
     stays, steps_on = cursor_stays(
-        *cols[:4], *(c.astype(bool) for c in cols[4:]), stalled, revealed, block_masks, masks
+        *cols[:4], *flags[:3], stalled, revealed, block_masks, masks, flags[3]
     )
     seen = set()
     for j, req in enumerate(reqs):

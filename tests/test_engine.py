@@ -351,35 +351,36 @@ def test_the_canvas_and_its_host_array_are_one_memory() -> None:
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "alone"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_stalled_dream_threshold_request_ends_with_its_masks_left(dtype, batched) -> None:
+def test_a_stalled_dream_threshold_request_ends_only_when_the_stall_would_repeat(batched) -> None:
     """Dream's uncached threshold rule runs one grid over the whole generation until no mask
-    is left; a step whose every reveal is the mask token itself would repeat forever (this
-    seeded request draws the mask token at its last mask), so it ends there, with the mask
-    left, as a stalled block moves on to the next. Before, it held its slot for good."""
+    is left. A step whose every reveal is the mask token itself (a stall) would repeat forever
+    with greedy candidates, so it ends the request there, with its masks left; drawn
+    candidates may do better next step, so a sampled request draws again until its step
+    budget is spent, and then a stall ends it. Before, such requests held their slots for
+    good (the reviewers' reproductions)."""
     from foretell.models.tiny import tiny_model
 
-    dream = tiny_model("dream", seed=7, dtype=dtype)
-    engine = Engine(dream, dtype=dtype)
+    dream = tiny_model("dream", seed=7, dtype="float32")
+    engine = Engine(dream, dtype="float32")
     engine.runner.batched = batched
-    stalls = DecodeParams(
-        gen_length=16,
-        steps=2,
-        temperature=0.7,
-        remasking="confidence_threshold",
-        threshold=0.1,
-        cfg_scale=1.0,
-        seed=42,
-    )
-    engine.add_request([31, 41, 31, 44], stalls, request_id="stalls")
+    rule = dict(gen_length=16, remasking="confidence_threshold", threshold=0.1, cfg_scale=1.0)
+    greedy = DecodeParams(steps=16, **rule)  # greedy: its argmax is the mask token
+    spent = DecodeParams(steps=2, temperature=0.7, seed=42, **rule)  # stalls past its budget
+    redraws = DecodeParams(steps=16, temperature=0.7, seed=42, **rule)  # within its budget
+    engine.add_request([31, 41, 31, 44, 32], greedy, request_id="greedy")
+    engine.add_request([31, 41, 31, 44], spent, request_id="spent")
+    engine.add_request([31, 41, 31, 44], redraws, request_id="redraws")
     engine.add_request("1+1=", DecodeParams(gen_length=16, steps=16), request_id="other")
     done = {}
-    for _ in range(40):
+    for _ in range(60):
         done.update({o.request_id: o for o in engine.step()})
         if not engine.has_unfinished_requests():
             break
-    assert set(done) == {"stalls", "other"}
+    assert set(done) == {"greedy", "spent", "redraws", "other"}
+    assert all(o.finish_reason == "steps" for o in done.values())
     mask = dream.model.mask_token_id
-    assert done["stalls"].finish_reason == "steps"
-    assert done["stalls"].token_ids.count(mask) == 1
-    assert done["other"].finish_reason == "steps"
+    left = {rid: o.token_ids.count(mask) for rid, o in done.items()}
+    assert left == {"greedy": 2, "spent": 1, "redraws": 1, "other": 0}
+    passes = {rid: o.num_forward_passes for rid, o in done.items()}
+    # The stalls: greedy's first ends it; the drawn one's go on to its budget's last step.
+    assert passes == {"greedy": 3, "spent": 2, "redraws": 16, "other": passes["other"]}, passes

@@ -178,6 +178,7 @@ class BatchedStep:
         geometry: np.ndarray,
         cursor: np.ndarray,
         thresholds: np.ndarray,
+        drawn: np.ndarray,
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index = list(seq_index)
@@ -214,6 +215,7 @@ class BatchedStep:
         # Each request's threshold rounded to its confidence's dtype (:func:`in_dtype`; NaN:
         # none), as the runner keeps it with the canvas rows.
         self.threshold_np = thresholds
+        self.drawn = drawn  # whether each request's candidates are drawn (temperature > 0)
         self.step_in_block_np = step_in_block
         uses_blocks = uses_blocks.astype(bool)
         self.uses_blocks_np = uses_blocks
@@ -339,6 +341,7 @@ class BatchedStep:
             plan.revealed,
             block_masks,
             masks,
+            self.drawn,
         )
         plan.stays, plan.steps_on = stays, steps_on
         # Every reveal written at once, into the requests' canvas rows (a commit discarded its

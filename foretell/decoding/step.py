@@ -251,7 +251,7 @@ def move_cursor(
 ) -> None:
     """After a step's reveal (both the per-request and the batched step): Dream's grid of
     steps over the whole generation (its threshold rule: until no mask is left, or a step
-    stalls), Fast-dLLM's
+    stalls for good), Fast-dLLM's
     cached block loop, threshold decoding's next non-empty block, or LLaDA's block schedule.
     ``stalled``: a threshold step revealed only the mask token itself; ``revealed``: it
     revealed something. ``block_masks`` and ``masks``, when the caller has counted them: the
@@ -260,11 +260,13 @@ def move_cursor(
     p = req.params
     if not req.uses_blocks:
         if p.remasking == "confidence_threshold":
-            # Its one grid spans the whole generation: a stall (each later step would repeat
-            # it; Fast-dLLM's block loop would never end) ends it with its masks left, as a
-            # stalled block moves on to the next one.
+            # Its one grid spans the whole generation, so a stall ends it with its masks left,
+            # as a stalled block moves on to the next one, where the stall would repeat:
+            # greedy candidates repeat it every later step (Fast-dLLM's loop would never
+            # end); drawn ones may not, so they draw again until the step budget is spent.
             left = req.masked_count(req.prompt_len) if masks is None else masks
-            if left == 0 or (stalled and revealed):
+            final = p.temperature == 0 or req.global_step >= p.steps
+            if left == 0 or (stalled and revealed and final):
                 req.finish("steps")
         elif req.global_step == p.steps:
             req.finish("steps")
@@ -293,17 +295,20 @@ def cursor_stays(
     revealed: np.ndarray,
     block_masks: np.ndarray,
     masks: np.ndarray,
+    drawn: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`move_cursor` for a whole batch, where it stays in the block (most steps): which
     requests' cursors stay, and which of those take the block's next step. Only a request
     that leaves its block or finishes needs the rule itself, so the batched step runs no
     per-request Python for the cursor in most steps. Arrays per request: the cursor before
     the move (``global_step`` after the step's increment), the params' step budgets, the
-    kind (blocks, KV cache, threshold rule), and the step's outcome as ``move_cursor`` takes
-    it (``masks``: meaningful where the pass held the whole canvas)."""
+    kind (blocks, KV cache, threshold rule, whether its candidates are ``drawn``:
+    temperature > 0), and the step's outcome as ``move_cursor`` takes it (``masks``:
+    meaningful where the pass held the whole canvas)."""
     # Dream's grid over the whole generation (its threshold rule: until no mask is left, or
-    # a step stalls).
-    whole_grid = np.where(threshold, (masks > 0) & ~(stalled & revealed), global_step != steps)
+    # a step stalls that would repeat: greedy, or drawn past the step budget).
+    final_stall = stalled & revealed & (~drawn | (global_step >= steps))
+    whole_grid = np.where(threshold, (masks > 0) & ~final_stall, global_step != steps)
     # Fast-dLLM's cached block loop: on until the block empties, its schedule is spent, or a
     # cached threshold step stalls.
     in_cache = step_in_block > 0

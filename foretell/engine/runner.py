@@ -237,8 +237,9 @@ class ModelRunner:
             own = req.confidence_dtype or self.model.embed.weight.dtype
             threshold = in_dtype(p.threshold, own)
         top_p = 1.0 if p.top_p is None else p.top_p
-        # A top-k past the vocabulary keeps it all (any int is valid): held as the vocabulary.
-        top_k = 0 if p.top_k is None else min(p.top_k, self.model.vocab_size)
+        # Any int is a valid top-k: one past every vocabulary is held as 2**31 (a float64
+        # holds it exactly; the filter clamps it to the logits' width, as alone).
+        top_k = 0 if p.top_k is None else min(p.top_k, 1 << 31)
         return (threshold, p.temperature, top_p, top_k, p.cfg_scale + 1)
 
     @torch.inference_mode()
@@ -272,6 +273,7 @@ class ModelRunner:
                     geometry=geo[group_np],
                     cursor=step.cursor[group_np],
                     thresholds=step.values[group_np, _THRESHOLD],
+                    drawn=step.values[group_np, _TEMPERATURE] > 0,
                 )
             except Exception:  # nothing has changed: the per-request path can take them
                 logger.exception("batched step failed; stepping its requests one by one")
