@@ -104,29 +104,34 @@ def run(loaded: LoadedModel, backend: str, dtype: str, device: str, cases) -> di
     }
 
 
-def row_filtering(device: str, trials: int = 40) -> list[dict]:
+DTYPES_FILTERED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def row_filtering(device: str, dtypes=DTYPES_FILTERED, trials: int = 40) -> list[dict]:
     """Per dtype, how many rows of the batched step's per-row sampling differ from the same
     row alone with Python scalars (the references' expression): temperature, top-p and
-    top-k filtering (``filter_logits_by_row``), and guidance factors (``scale_rows``). On
-    CUDA a division by a host scalar is a product with its reciprocal, which
-    ``scale_rows`` follows there: this is what checks it."""
+    top-k filtering (``filter_logits_by_row``), and guidance factors (``scale_rows``), with
+    ties, a ``-inf`` column, and values no dtype holds exactly; and the first (trial, row)
+    that differs. On CUDA a division by a host scalar is a product with its reciprocal,
+    which ``scale_rows`` follows there: this is what checks it. ``tests/test_batched_step.py``
+    runs it on the CPU."""
     from foretell.decoding.unmask import filter_logits, filter_logits_by_row, scale_rows
 
     out = []
     rng = np.random.default_rng(0)
-    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     for dtype in dtypes:
-        rows_checked = differ = 0
+        rows_checked, differ, first = 0, 0, None
         for trial in range(trials):
             n, vocab = int(rng.integers(1, 24)), int(rng.choice([7, 50, 333]))
             logits = torch.from_numpy(rng.standard_normal((n, vocab)) * rng.choice([1, 5, 30]))
             if trial % 3 == 0:
                 logits = (logits * 2).round() / 2  # ties
             logits = logits.to(device, dtype)
-            temperature = rng.choice([0.0, 0.7, 0.3, 1.3, 0.123456789], n)
-            top_p = rng.choice([1.0, 0.9, 0.5, 0.3333333], n)
-            top_k = rng.choice([0, 1, 3, 8], n)
-            scale = rng.choice([0.3, 1.7, 0.123456789], n)
+            logits[:, 3] = float("-inf")
+            temperature = rng.choice([0.0, 0.7, 0.3, 1.0, 1.3, 0.123456789], n)
+            top_p = rng.choice([1.0, 0.9, 0.5, 0.95, 0.3333333], n)
+            top_k = rng.choice([0, 1, 3, 8, 1000], n)
+            scale = rng.choice([0.3, 1.7, 2.0, 0.123456789], n)
             together = filter_logits_by_row(logits, temperature, top_p, top_k)
             guided = scale_rows(logits, scale + 1, divide=False)
             for r in range(n):
@@ -138,10 +143,12 @@ def row_filtering(device: str, trials: int = 40) -> list[dict]:
                 )
                 scalar = (float(scale[r]) + 1) * logits[r]
                 same = torch.equal(together[r : r + 1], alone) and torch.equal(guided[r], scalar)
+                if not same and first is None:
+                    first = (trial, r)
                 differ += not same
                 rows_checked += 1
         name = str(dtype).removeprefix("torch.")
-        out.append({"dtype": name, "rows": rows_checked, "differ": differ})
+        out.append({"dtype": name, "rows": rows_checked, "differ": differ, "first": first})
     return out
 
 

@@ -68,7 +68,7 @@ def test_float_values_follow_the_params_across_growth_and_swaps() -> None:
     def values(req: Request) -> tuple[float, ...]:
         return (req.params.temperature, float(req.prompt_len))
 
-    rows = CanvasRows(capacity=1, width=8, values=values, values_width=2)
+    rows = CanvasRows(capacity=1, width=8, values_of=values, values_width=2)
     first = _request("first", 2)
     first.params = dataclasses.replace(first.params, temperature=0.3)
     rows.add(first)
@@ -89,8 +89,8 @@ def test_float_values_follow_the_params_across_growth_and_swaps() -> None:
     assert rows.add(late) == row
     rows.geometry_of([late], np.array([row]))
     assert rows.values[row].tolist() == [0.0, 6.0]
-    with pytest.raises(ValueError, match="values and values_width"):
-        CanvasRows(values=values)
+    with pytest.raises(ValueError, match="values_of and values_width"):
+        CanvasRows(values_of=values)
 
 
 def test_a_row_is_reused_and_misuse_is_refused() -> None:

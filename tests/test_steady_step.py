@@ -46,37 +46,22 @@ def _kinds() -> list[DecodeParams]:
     without Prophet; and sampled, filtered and guided kinds of every LLaDA rule (uncached:
     sampling with Prophet and a cache is stepped per request). One block of 32 steps, so
     nothing leaves its block for a while."""
+    one_block = dict(gen_length=32, block_length=32, steps=32, seed=None)
     kinds = []
     sampling = ({"temperature": 0.7}, {"temperature": 0.9, "top_p": 0.9}, {"top_k": 5})
     for rule, drawn, cfg in itertools.product(
         ("low_confidence", "random", "margin", "entropy"), sampling, (0.0, 1.0)
     ):
+        policy = None if cfg else Prophet(NEVER)
         kinds.append(
-            DecodeParams(
-                gen_length=32,
-                block_length=32,
-                steps=32,
-                remasking=rule,
-                cfg_scale=cfg,
-                early_commit=None if cfg else Prophet(NEVER),
-                seed=None,
-                **drawn,
-            )
+            DecodeParams(remasking=rule, cfg_scale=cfg, early_commit=policy, **drawn, **one_block)
         )
     rules = ("low_confidence", "random", "confidence_threshold")
     for rule, cache, prophet in itertools.product(rules, (None, "prefix", "dual"), (0, 1)):
         kw = {"threshold": 1.0} if rule == "confidence_threshold" else {}
+        policy = Prophet(NEVER) if prophet else None
         kinds.append(
-            DecodeParams(
-                gen_length=32,
-                block_length=32,
-                steps=32,
-                remasking=rule,
-                kv_cache=cache,
-                early_commit=Prophet(NEVER) if prophet else None,
-                seed=None,
-                **kw,
-            )
+            DecodeParams(remasking=rule, kv_cache=cache, early_commit=policy, **kw, **one_block)
         )
     return kinds
 

@@ -396,6 +396,7 @@ def _reveal_dream_cached(req: Request, window: torch.Tensor, logits: torch.Tenso
 def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> None:
     p = req.params
     step = req.global_step - 1
+    stalled = revealed = False  # the threshold rule's outcome (``move_cursor``)
     if p.remasking == "origin":
         t, s = req.timesteps[step], req.timesteps[step + 1]
         p_transfer = 1 - s / t if step < p.steps - 1 else 1
@@ -407,9 +408,7 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         if window.numel():
             chosen = above_threshold(scores, p.threshold)
             _reveal(req, window, x0, chosen)
-            stalled = bool((x0[chosen] == req.mask_token_id).all())
-            move_cursor(req, stalled, revealed=True)
-            return
+            stalled, revealed = bool((x0[chosen] == req.mask_token_id).all()), True
     else:
         x0, scores = _candidates(req, logits, p.remasking)
         if p.remasking == "random":
@@ -417,4 +416,4 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         count = dream_transfer_count(int(window.numel()), step, p.steps, req.timesteps)
         chosen = choose(scores, count, p.alg_temp, req.generator, window, req.canvas_len)
         _reveal(req, window, x0, chosen)
-    move_cursor(req)
+    move_cursor(req, stalled, revealed)

@@ -198,7 +198,7 @@ class ModelRunner:
         self.canvas_rows = CanvasRows(
             extra=self._row_columns,
             extra_width=_COLUMNS,
-            values=self._row_values,
+            values_of=self._row_values,
             values_width=_VALUES,
         )
         # The shared random stream of requests without a seed (one draw a step for all), and
@@ -216,14 +216,15 @@ class ModelRunner:
         if req.confidence_dtype is not None or req.confidence_suppress or rule is not None:
             key = (req.confidence_dtype, req.confidence_suppress, rule or "low_confidence")
             variant = _index_in(self._variants, key)
+        drawn_or_filtered = filters(p)
         score_kind = 0
-        if filters(p) and p.remasking != "random":  # random remasking reads no score
+        if drawn_or_filtered and p.remasking != "random":  # random remasking reads no score
             dtype = confidence_dtype(p, req.family, self.model.embed.weight.dtype)
             key = (rule or "low_confidence", dtype, req.confidence_suppress)
             score_kind = _index_in(self._score_kinds, key)
         return (
             int(batchable(req)),
-            int(filters(p)),
+            int(drawn_or_filtered),
             int(bool(req.logits_suppress)),
             variant,
             score_kind,

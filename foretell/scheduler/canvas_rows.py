@@ -45,10 +45,10 @@ class CanvasRows:
 
     Each row also keeps its request's geometry (``Request.geometry``, fixed for its life) and
     the ``extra`` columns its user derives from a request's params alone (the runner's: which
-    path steps it), and the float ``values`` its user derives likewise (the runner's: sampling
-    parameters, threshold, guidance), so that a pass reads a whole batch's with one gather
-    (:meth:`geometry_of`, ``values``); and its cursor, last gap and last reveals (``cursor``,
-    ``last_gap``, ``revealed``)."""
+    path steps it), and the float ``values`` it derives likewise with ``values_of`` (the
+    runner's: sampling parameters, threshold, guidance), so that a pass reads a whole
+    batch's with one gather (:meth:`geometry_of`, ``values``); and its cursor, last gap and
+    last reveals (``cursor``, ``last_gap``, ``revealed``)."""
 
     def __init__(
         self,
@@ -56,17 +56,17 @@ class CanvasRows:
         width: int = 64,
         extra: Callable[[Request], tuple[int, ...]] | None = None,
         extra_width: int = 0,
-        values: Callable[[Request], tuple[float, ...]] | None = None,
+        values_of: Callable[[Request], tuple[float, ...]] | None = None,
         values_width: int = 0,
     ) -> None:
         if capacity < 1 or width < 1:
             raise ValueError(f"capacity and width: must be >= 1, got {capacity} and {width}")
         if (extra is None) != (extra_width == 0):
             raise ValueError("extra and extra_width: give both or neither")
-        if (values is None) != (values_width == 0):
-            raise ValueError("values and values_width: give both or neither")
+        if (values_of is None) != (values_width == 0):
+            raise ValueError("values_of and values_width: give both or neither")
         self.extra = extra
-        self.row_values = values
+        self.values_of = values_of
         # Each row's float columns (``values``), read with the geometry.
         self.values = np.full((capacity, values_width), np.nan)
         self.tokens = np.zeros((capacity, width), dtype=np.int64)
@@ -138,8 +138,8 @@ class CanvasRows:
             self.geometry[row, :GEOMETRY] = block_causal or req.geometry
             if self.extra is not None:
                 self.geometry[row, GEOMETRY:] = self.extra(req)
-            if self.row_values is not None:
-                self.values[row] = self.row_values(req)
+            if self.values_of is not None:
+                self.values[row] = self.values_of(req)
             policy = None if req.block_causal else req.params.early_commit
             self.policy[row] = np.nan if policy is None else policy.columns()
             held[row] = req.params
