@@ -229,7 +229,7 @@ def test_every_pass_packs_each_request_by_the_layout_rule(llada64) -> None:
         keys = []
         for i, req in enumerate(batch):
             pos, cache = _reference_sequence(req)
-            seq, (cond, uncond) = step.seq_of[i], step.offsets[i]
+            seq, (cond, uncond) = step.seq_of[i], step.offsets(i)
             assert step.seq_lens[seq] == len(pos)
             np.testing.assert_array_equal(positions[cond : cond + len(pos)], pos)
             np.testing.assert_array_equal(ids[cond : cond + len(pos)], req.canvas_np[pos])
@@ -237,7 +237,10 @@ def test_every_pass_packs_each_request_by_the_layout_rule(llada64) -> None:
             assert (None if use is None else tuple(use)[1:5]) == cache
             assert step.row_offsets[i] == (cache[0] if req.cached_step else 0)
             if req.cached_step:
-                np.testing.assert_array_equal(step.spans[i], pos)
+                np.testing.assert_array_equal(step.span(i), pos)
+            else:
+                assert step.span(i) is None
+            assert (uncond is None) == (req.params.cfg_scale <= 0)
             if req.params.cfg_scale > 0:
                 copy = np.where(req.given_np, req.mask_token_id, req.canvas_np)
                 np.testing.assert_array_equal(ids[uncond : uncond + req.canvas_len], copy)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import cProfile
 import itertools
+import os
 import pstats
 import random
+import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -66,8 +69,10 @@ def _kinds() -> list[DecodeParams]:
     return kinds
 
 
-def _step_calls(loaded, copies: int) -> dict[str, int]:
-    """Python calls of one steady step with ``copies`` requests of every kind running."""
+def _step_calls(loaded, copies: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Python calls of one steady step with ``copies`` requests of every kind running, and the
+    lines of foretell's code the next steady step runs (a comprehension over the batch runs a
+    line per request but no call)."""
     kinds = _kinds()
     engine = Engine(
         loaded,
@@ -87,7 +92,30 @@ def _step_calls(loaded, copies: int) -> dict[str, int]:
     profiler.disable()
     assert not outs and engine.scheduler.num_running == copies * len(kinds)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    return {f"{path.split('/')[-1]}:{line}:{name}": v[1] for (path, line, name), v in stats.items()}
+    calls = {
+        f"{path.split('/')[-1]}:{line}:{name}": v[1] for (path, line, name), v in stats.items()
+    }
+    lines: Counter[str] = Counter()
+
+    def trace(frame, event, arg):
+        path = frame.f_code.co_filename
+        if f"{os.sep}foretell{os.sep}" not in path:
+            return None
+
+        def line(frame, event, arg):
+            if event == "line":
+                lines[f"{path.split(os.sep)[-1]}:{frame.f_lineno}"] += 1
+            return line
+
+        return line
+
+    sys.settrace(trace)
+    try:
+        outs = engine.step()
+    finally:
+        sys.settrace(None)
+    assert not outs
+    return calls, dict(lines)
 
 
 def test_a_steady_step_runs_no_python_per_request(micro) -> None:
@@ -96,12 +124,29 @@ def test_a_steady_step_runs_no_python_per_request(micro) -> None:
     add a few (the rows' scores gathered apart once the rows left out are many); a single
     call per request (a property read in a comprehension, a tuple per cached sequence, a
     spec per sequence in attention) adds one per added request, and fails this."""
-    small, large = _step_calls(micro, 1), _step_calls(micro, 4)
+    (small, _), (large, _) = _step_calls(micro, 1), _step_calls(micro, 4)
     added = 3 * len(_kinds())
-    grew = {k: large.get(k, 0) - small.get(k, 0) for k in set(small) | set(large)}
-    grew = {k: d for k, d in grew.items() if d > 0}
+    grew = _grown(small, large)
     detail = f"calls that grew with {added} more requests: {sorted(grew.items())[:20]}"
     assert sum(grew.values()) < added, detail
+
+
+def test_a_steady_step_runs_no_line_of_python_per_request(micro) -> None:
+    """The same at the level of lines: four times the requests, and the lines of foretell's
+    code a steady step runs grow by less than one per added request in all. What a step reads
+    of every request (its canvas row, its params object, whether it has a generator) is
+    gathered in C (``foretell.scheduler.gather``); a comprehension or a loop over the batch
+    (``[r.canvas_row for r in batch]``) runs a line per request, and fails this."""
+    (_, small), (_, large) = _step_calls(micro, 1), _step_calls(micro, 4)
+    added = 3 * len(_kinds())
+    grew = _grown(small, large)
+    detail = f"lines that grew with {added} more requests: {sorted(grew.items())[:20]}"
+    assert sum(grew.values()) < added, detail
+
+
+def _grown(small: dict[str, int], large: dict[str, int]) -> dict[str, int]:
+    grew = {k: large.get(k, 0) - small.get(k, 0) for k in set(small) | set(large)}
+    return {k: d for k, d in grew.items() if d > 0}
 
 
 def test_the_scheduler_charges_what_a_pass_runs_only_when_costs_do_not_fit(

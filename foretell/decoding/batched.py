@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, getitem
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from foretell.decoding.unmask import (
 )
 from foretell.params import MEAN_COLUMN, Prophet
 from foretell.scheduler.canvas_rows import CanvasRows
+from foretell.scheduler.gather import equals, is_none, pick
 from foretell.scheduler.request import AT_START, GLOBAL_STEP, STEP_IN_BLOCK, WRITES, Request
 
 # Columns of the per-sequence geometry table (canvas positions).
@@ -181,11 +183,14 @@ class BatchedStep:
         drawn: np.ndarray,
     ) -> None:
         self.reqs = list(reqs)
-        self.seq_index = list(seq_index)
-        self.seq_index_np = np.asarray(self.seq_index, dtype=np.int64)
-        self.starts = list(starts)
-        self.seq_lens = [seq_lens[s] for s in self.seq_index]
-        self.row_offsets = list(row_offsets) if row_offsets is not None else [0] * len(reqs)
+        self.seq_index_np = np.asarray(seq_index, dtype=np.int64)
+        self.seq_index = self.seq_index_np.tolist()
+        self.starts_np = np.asarray(starts, dtype=np.int64)
+        self.starts = self.starts_np.tolist()
+        self.seq_lens = np.asarray(seq_lens, dtype=np.int64)[self.seq_index_np].tolist()
+        if row_offsets is None:
+            row_offsets = np.zeros(len(reqs), dtype=np.int64)
+        self.row_offsets_np = np.asarray(row_offsets, dtype=np.int64)
         self.num_seqs = len(seq_lens)
         self.ids = ids
         self.positions = positions
@@ -229,16 +234,12 @@ class BatchedStep:
         span_hi = np.where(cached_step & ~prefix.astype(bool), block_end, canvas)
         self.row_lens_np = span_hi - span_lo
         self.row_lens = self.row_lens_np.tolist()
-        self.starts_np = np.asarray(self.starts)
-        self.row_offsets_np = np.asarray(self.row_offsets)
         # A cached step (Fast-dLLM) only sees its own block's masks; Fast-dLLM's Dream refresh
         # step, only its block's first position.
         refresh = dream_cached.astype(bool) & ~cached_step
         self.refresh = refresh
-        self.seeded_random = np.array(
-            [r.params.remasking == "random" and r.generator is not None for r in self.reqs],
-            dtype=bool,
-        )
+        self.is_random = equals(self.reqs, "params.remasking", "random")
+        self.seeded_random = self.is_random & ~is_none(self.reqs, "generator")
         # Dream's uncached threshold rule keeps scores above it (Fast-dLLM's: at or above).
         self.strict = self.is_dream & ~uses_blocks
         window_start = np.where(cached_step | refresh, block_start, prompt)
@@ -685,7 +686,7 @@ class BatchedStep:
         index = np.where(col < width_np[:, None], (row_start_np + lo)[:, None] + col, total)
         index_d = torch.from_numpy(index).to(device)
         scores = prob_flat[index_d]
-        draws = self._draws(members, row_start, row_len, lo, longest, device)
+        draws = self._draws(members_np, row_start, row_len, lo, longest, device)
         if draws is not None:
             random_rows, random_scores = draws
             window_flat = np.zeros(total + 1, dtype=bool)
@@ -766,7 +767,7 @@ class BatchedStep:
 
     def _draws(
         self,
-        members: list[int],
+        members: np.ndarray,
         row_start: list[int],
         row_len: list[int],
         offset: np.ndarray,
@@ -778,18 +779,16 @@ class BatchedStep:
         A seeded request draws its own from its generator, as its reference does (so it stays
         exact with it): LLaDA one uniform per ranking row, Dream one per window row, in order;
         the others share one draw from the engine's stream, over the extents alone."""
-        reqs = [self.reqs[j] for j in members]
-        random_rows = [i for i, r in enumerate(reqs) if r.params.remasking == "random"]
-        if not random_rows:
+        random_rows = np.flatnonzero(self.is_random[members])
+        if not random_rows.size:
             return None
         out = torch.empty(len(random_rows), longest)
-        drawn = [reqs[i].generator for i in random_rows]
-        unseeded = [n for n, gen in enumerate(drawn) if gen is None]
-        for n, i in enumerate(random_rows):
-            gen = drawn[n]
-            if gen is None:
-                continue
-            if reqs[i].uses_blocks:
+        seeded = self.seeded_random[members[random_rows]]
+        unseeded = np.flatnonzero(~seeded).tolist()
+        for n in np.flatnonzero(seeded).tolist():  # each from its own stream, as alone
+            i = int(random_rows[n])
+            gen = self.reqs[members[i]].generator
+            if self.uses_blocks_np[members[i]]:
                 lo = int(offset[i])
                 width = min(longest, row_len[i] - lo)
                 out[n, :width] = torch.rand(row_len[i], generator=gen)[lo : lo + width]
@@ -801,7 +800,7 @@ class BatchedStep:
             shared = torch.rand((len(unseeded), longest), generator=self.generator, device=device)
             out = out.to(device)
             out[torch.tensor(unseeded, device=device)] = shared
-        return torch.tensor(random_rows), out
+        return torch.from_numpy(random_rows), out
 
     def _counts(self, sizes: np.ndarray, block_masks_at_start: np.ndarray) -> np.ndarray:
         """Every request's reveal count this step, as one array: LLaDA's block schedule, or
@@ -816,11 +815,9 @@ class BatchedStep:
             step = np.where(in_blocks, self.step_in_block_np[dream], self.global_step_np[dream])
             steps = np.where(in_blocks, spb[dream], self.steps_np[dream])
             at = np.maximum(np.minimum(step, steps - 2), 0)  # any entry past the grid's last
-            pairs = [
-                self.reqs[j].timesteps_np[i : i + 2]
-                for j, i in zip(dream.tolist(), at.tolist(), strict=True)
-            ]
-            t, s = np.array(pairs, dtype=np.float32).reshape(len(pairs), 2).T
+            grids = list(map(attrgetter("timesteps_np"), pick(self.reqs, dream)))
+            t = np.fromiter(map(getitem, grids, at.tolist()), np.float32, len(grids))
+            s = np.fromiter(map(getitem, grids, (at + 1).tolist()), np.float32, len(grids))
             counts = dream_transfer_counts_np(sizes[dream], step, steps, t, s)
             ks[dream] = np.where(self.refresh[dream], sizes[dream], counts)
         return ks

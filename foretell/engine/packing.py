@@ -20,6 +20,7 @@ import torch
 from foretell.models.attention import CacheUse, PoolUses, pool_columns
 from foretell.ranges import concat_ranges
 from foretell.scheduler.canvas_rows import CanvasRows, block_causal_rows
+from foretell.scheduler.gather import attribute_array
 from foretell.scheduler.request import Request
 
 # A request's sequence in a pass: its canvas positions (a host array) and how it uses the KV
@@ -41,10 +42,14 @@ class StepInput:
     caches: PoolUses | None  # every packed sequence's KV pool use (None: no sequence's)
     # Where each request's recomputed rows begin in its packed sequence: after a cached step's
     # read-only rows before its span; at the start otherwise.
-    row_offsets: list[int]
-    offsets: list[tuple[int, int | None]]  # each request's (conditional, cfg) first flat token
-    seq_of: list[int]  # each request's packed sequence
-    spans: dict[int, np.ndarray]  # a cached step's sequence positions, sorted, by request
+    row_offsets: np.ndarray
+    # Each request's first flat token: of its (conditional) sequence, and of its cfg copy (-1:
+    # none).
+    cond_at: np.ndarray
+    uncond_at: np.ndarray
+    seq_of: np.ndarray  # each request's packed (conditional) sequence
+    cached_step: np.ndarray  # whether each request's sequence is a cached step's span
+    lengths: np.ndarray  # each request's (conditional) sequence length
     # Each request's geometry (``Request.geometry``) and cursor (``CURSOR``), as arrays: what
     # the batched step reads of its requests, gathered once for the pass.
     geometry: np.ndarray
@@ -72,12 +77,24 @@ class StepInput:
         (Dream) reads it, so it is made when asked. Only a cached step's span differs from its
         canvas positions."""
         if self._in_seq is None:
-            if self.spans:
+            if self.cached_step.any():
                 lens = np.asarray(self.seq_lens, dtype=np.int64)
                 self._in_seq = torch.from_numpy(concat_ranges(np.zeros_like(lens), lens))
             else:
                 self._in_seq = self.positions
         return self._in_seq
+
+    def offsets(self, i: int) -> tuple[int, int | None]:
+        """Request ``i``'s (conditional, cfg copy or None) first flat token."""
+        uncond = int(self.uncond_at[i])
+        return int(self.cond_at[i]), (None if uncond < 0 else uncond)
+
+    def span(self, i: int) -> np.ndarray | None:
+        """A cached step's sequence positions (sorted), or None for any other request."""
+        if not self.cached_step[i]:
+            return None
+        at = int(self.cond_at[i])
+        return self.positions.numpy()[at : at + int(self.lengths[i])]
 
     def to(self, device: torch.device, in_seq: bool = True) -> StepInput:
         """Copy what the model reads to ``device``, once (``in_seq``: and the rows within
@@ -105,7 +122,7 @@ class Packer:
         once (:func:`_kept_positions`), and every sequence's tokens are one gather from the
         canvas rows."""
         n = len(batch)
-        canvas_row = np.array([r.canvas_row for r in batch], dtype=np.int64)
+        canvas_row = attribute_array(batch, "canvas_row", np.int64)
         # The rows' cursors (``Request.cursor_np``) with the row itself in the last column.
         cursor = canvas_rows.cursor[canvas_row]
         cursor[:, 4] = canvas_row
@@ -202,13 +219,14 @@ class Packer:
             positions[at : at + len(pos)] = pos
         ids = canvas_rows.flat[np.repeat(rows * canvas_rows.width, all_lens) + positions]
         cond_at = seq_start[req_first]
-        offsets: list[tuple[int, int | None]] = [(c, None) for c in cond_at.tolist()]
-        for i in np.flatnonzero(num_seqs > 1).tolist():  # guided: the prompt masked in the copy
-            req, at = batch[i], int(seq_start[req_first[i] + 1])
-            copy = ids[at : at + int(canvas[i])]
-            copy[req.given_np] = req.mask_token_id
-            offsets[i] = (int(cond_at[i]), at)
-        seq_of = req_first.tolist()
+        uncond_at = np.full(n, -1, dtype=np.int64)
+        guided = np.flatnonzero(num_seqs > 1)
+        if guided.size:  # the copy's given positions (prompt, constraints) masked, all at once
+            uncond_at[guided] = seq_start[req_first[guided] + 1]
+            flat = concat_ranges(uncond_at[guided], uncond_at[guided] + canvas[guided])
+            row_at = canvas_row[guided] * canvas_rows.width
+            cells = concat_ranges(row_at, row_at + canvas[guided])
+            ids[flat[canvas_rows.given.reshape(-1)[cells]]] = batch[0].mask_token_id
         caches = None
         if uses_pool:
             seq_use = use[:, seq_req]
@@ -218,19 +236,17 @@ class Packer:
                 store_use = np.array(store_use, dtype=np.int64).T
                 seq_use = np.concatenate([store_use, seq_use], axis=1)
             caches = PoolUses(canvas_rows.slots, *seq_use)
-        steps = np.flatnonzero(cached_step)
-        bounds = zip(cond_at[steps].tolist(), (cond_at + lengths)[steps].tolist(), strict=True)
-        spans = {i: positions[a:b] for i, (a, b) in zip(steps.tolist(), bounds, strict=True)}
-        row_offsets = write_row.tolist()  # a cached step's rows begin after its read-only rows
         return StepInput(
             ids=torch.from_numpy(ids),
             positions=torch.from_numpy(positions),
             seq_lens=all_lens.tolist(),
             caches=caches,
-            row_offsets=row_offsets,
-            offsets=offsets,
-            seq_of=seq_of,
-            spans=spans,
+            row_offsets=write_row,
+            cond_at=cond_at,
+            uncond_at=uncond_at,
+            seq_of=req_first,
+            cached_step=cached_step,
+            lengths=lengths,
             geometry=fixed,
             cursor=cursor,
             values=canvas_rows.values[canvas_row],

@@ -43,6 +43,7 @@ from foretell.models.attention import CacheUse, PoolUses
 from foretell.models.transformer import DiffusionLM
 from foretell.ranges import concat_ranges
 from foretell.scheduler.canvas_rows import CanvasRows, block_causal_rows
+from foretell.scheduler.gather import is_none, pick, where
 from foretell.scheduler.request import CANVAS_LEN, GEOMETRY, NUM_SEQUENCES, Request
 
 logger = logging.getLogger(__name__)
@@ -245,9 +246,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
-        for req in batch:
-            if req.canvas_row is None:
-                self.canvas_rows.add(req)
+        joined = is_none(batch, "canvas_row")
+        for req in where(batch, joined) if joined.any() else ():  # its first pass
+            self.canvas_rows.add(req)
         step = self.packer.pack(batch, self.canvas_rows)
         seq_lens, offsets, seq_of, total = step.seq_lens, step.offsets, step.seq_of, step.total
         ids, positions = step.ids, step.positions
@@ -260,14 +261,14 @@ class ModelRunner:
         if group:
             try:
                 greedy = BatchedStep(
-                    [batch[i] for i in group],
-                    [seq_of[i] for i in group],
-                    [offsets[i][0] for i in group],
+                    pick(batch, group_np),
+                    seq_of[group_np],
+                    step.cond_at[group_np],
                     seq_lens,
                     ids,
                     positions,
                     batch[group[0]].mask_token_id,
-                    row_offsets=[step.row_offsets[i] for i in group],
+                    row_offsets=step.row_offsets[group_np],
                     generator=self.generator,
                     logits_dtype=self.model.embed.weight.dtype,
                     canvas_rows=self.canvas_rows,
@@ -284,28 +285,27 @@ class ModelRunner:
         needed_t = torch.from_numpy(needed)
         guided = group_np[num_seqs[group_np] > 1].tolist()
         if guided:  # the unconditional copy's rows at the positions the conditional needs
-            cond = np.array([offsets[i][0] for i in guided], dtype=np.int64)
-            uncond = np.array([offsets[i][1] for i in guided], dtype=np.int64)
+            cond, uncond = step.cond_at[guided], step.uncond_at[guided]
             length = geo[guided, CANVAS_LEN]
             copied = needed[concat_ranges(cond, cond + length)]
             needed[concat_ranges(uncond, uncond + length)] = copied
         blocks = np.flatnonzero(block_causal_rows(geo)).tolist()
         block_pos = {i: block_positions(batch[i]) for i in blocks}
         for i in blocks:  # its sequence is its block (or, without the cache, its window)
-            needed_t[block_pos[i] - batch[i].query_start + offsets[i][0]] = True
+            needed_t[block_pos[i] - batch[i].query_start + int(step.cond_at[i])] = True
         alone = np.ones(len(batch), dtype=bool)
         alone[group_np] = False
         alone[blocks] = False
         others = np.flatnonzero(alone).tolist()
         # The per-request path reads a cached step's positions as tensors.
-        spans = {i: torch.from_numpy(step.spans[i]) for i in others if i in step.spans}
+        spans = {i: torch.from_numpy(step.span(i)) for i in others if step.cached_step[i]}
         for i in others:
             if batch[i].generator is None:  # once in the request's life
                 seed = torch.randint(2**62, (1,), generator=self.host_generator)
                 batch[i].generator = torch.Generator().manual_seed(int(seed))
         wanted = {i: positions_needed(batch[i]) for i in others}
         for i in others:
-            needed_t[self._rows(wanted[i], offsets[i], spans.get(i))] = True
+            needed_t[self._rows(wanted[i], offsets(i), spans.get(i))] = True
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
         rows_np = np.flatnonzero(needed)
         rows = torch.from_numpy(rows_np)
@@ -323,8 +323,7 @@ class ModelRunner:
         self.forward_passes += 1
         first_row = self._first_rows(rows_np, seq_lens)
         # Each request's gathered rows: conditional copy, then the cfg copy when there is one.
-        seq_of_np = np.asarray(seq_of, dtype=np.int64)
-        row_lo, row_hi = first_row[seq_of_np], first_row[seq_of_np + num_seqs]
+        row_lo, row_hi = first_row[seq_of], first_row[seq_of + num_seqs]
         row_ranges = dict(enumerate(zip(row_lo.tolist(), row_hi.tolist(), strict=True)))
         if geo[:, _SUPPRESSES].any():
             self._suppress_logits(gathered, batch, row_ranges)
@@ -367,7 +366,7 @@ class ModelRunner:
         def more(pos: torch.Tensor, req: Request, i: int) -> torch.Tensor:
             span = spans.get(i)
             if span is None:
-                logits = self._guided(req, more_flat(self._rows(pos, offsets[i])))
+                logits = self._guided(req, more_flat(self._rows(pos, offsets(i))))
                 return suppress(logits, req.logits_suppress)
             # A cached step: rows of its sequence from this pass; any other position is a
             # read-only query against the cache as this pass left it (the same numbers as if
@@ -378,7 +377,7 @@ class ModelRunner:
             at = torch.searchsorted(span, pos).clamp(max=len(span) - 1)
             inside = span[at] == pos
             if bool(inside.any()):
-                logits[inside.to(gathered.device)] = more_flat(offsets[i][0] + at[inside])
+                logits[inside.to(gathered.device)] = more_flat(int(step.cond_at[i]) + at[inside])
             if not bool(inside.all()):
                 (found,) = self._read_only_many([req], [pos[~inside]])
                 logits[(~inside).to(gathered.device)] = found
@@ -515,7 +514,9 @@ class ModelRunner:
         member_of_row = np.repeat(np.arange(len(members)), bounds[1][members] - bounds[0][members])
         window_rows = own[keep]
         sizes = np.bincount(member_of_row[keep], minlength=len(members))
-        drawn_from = [(g, g.get_state()) for g in {batch[i].generator for i in members} if g]
+        seeded = pick(batch, members)
+        seeded = where(seeded, ~is_none(seeded, "generator"))
+        drawn_from = [(g, g.get_state()) for g in {req.generator for req in seeded}]
         try:
             kinds, values = columns[0][members], columns[1][members]
             self._sample_members(
@@ -540,7 +541,7 @@ class ModelRunner:
         values: np.ndarray,
     ) -> None:
         device, vocab = gathered.device, gathered.shape[-1]
-        reqs = [batch[i] for i in members]
+        reqs = pick(batch, members)
         temperature, top_p = values[:, _TEMPERATURE], values[:, _TOP_P]
         top_k = values[:, _TOP_K].astype(np.int64)
         index_d = torch.from_numpy(window_rows).to(device)
@@ -553,7 +554,7 @@ class ModelRunner:
         drawn = temperature > 0
         if drawn.any():
             noise = torch.full((len(window_rows), vocab), 0.5, dtype=torch.float64, device=device)
-            shared = drawn & np.array([req.generator is None for req in reqs])
+            shared = drawn & is_none(reqs, "generator")
             for m in np.flatnonzero(drawn & ~shared).tolist():
                 req = reqs[m]
                 if req.params.early_commit is not None:

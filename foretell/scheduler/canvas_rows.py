@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from foretell.params import PROPHET_COLUMNS
+from foretell.scheduler.gather import identities, where
 from foretell.scheduler.request import CURSOR_FIELDS, GEOMETRY
 
 if TYPE_CHECKING:
@@ -78,6 +79,10 @@ class CanvasRows:
         # Each row's Prophet policy (``Prophet.columns``; NaN: none).
         self.policy = np.full((capacity, PROPHET_COLUMNS), np.nan)
         self._geometry_of: list[object] = [None] * capacity  # the params each row's is from
+        self._geometry_id = np.zeros(capacity, dtype=np.uint64)  # their ids (0: none)
+        # Each row's given positions (the prompt and constraints: ``Request.given_np``), which
+        # a guided request's unconditional copy masks.
+        self.given = np.zeros((capacity, width), dtype=bool)
         self._holders: list[Request | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))  # popped from the end: lowest row first
 
@@ -107,6 +112,8 @@ class CanvasRows:
         self._holders[row] = req
         self.tokens[row, : req.canvas_len] = req.canvas_np
         self.revealed[row, : req.canvas_len] = req.revealed_np
+        self.given[row] = False
+        self.given[row, : req.canvas_len] = req.given_np
         if req.kv_slots is not None:
             self.slots[row, : len(req.kv_slots)] = req.kv_slots
         self.cursor[row] = req.cursor_np
@@ -122,6 +129,7 @@ class CanvasRows:
         req.leave_canvas_row()
         self._holders[row] = None
         self._geometry_of[row] = None
+        self._geometry_id[row] = 0
         self._free.append(row)
 
     def view(self, row: int, length: int) -> np.ndarray:
@@ -132,7 +140,8 @@ class CanvasRows:
         ``rows``), recomputed only for a request whose params were swapped since (with its
         ``values`` and policy)."""
         held = self._geometry_of
-        for req in [r for r in batch if held[r.canvas_row] is not r.params]:
+        stale = self._geometry_id[rows] != identities(batch, "params")
+        for req in where(batch, stale) if stale.any() else ():
             row = req.canvas_row
             block_causal = (*NO_GEOMETRY, req.num_sequences) if req.block_causal else None
             self.geometry[row, :GEOMETRY] = block_causal or req.geometry
@@ -143,11 +152,14 @@ class CanvasRows:
             policy = None if req.block_causal else req.params.early_commit
             self.policy[row] = np.nan if policy is None else policy.columns()
             held[row] = req.params
+            self._geometry_id[row] = id(req.params)  # ``held`` keeps it alive
         return self.geometry[rows]
 
     def _grow(self, rows: int, width: int) -> None:
         self.tokens = _grown(self.tokens, (rows, width), 0)
         self.revealed = _grown(self.revealed, (rows, width), False)
+        self.given = _grown(self.given, (rows, width), False)
+        self._geometry_id = _grown(self._geometry_id, (rows,), 0)
         self.slots = _grown(self.slots, (rows, width), 0)
         self.geometry = _grown(self.geometry, (rows, self.geometry.shape[1]), 0)
         self.cursor = _grown(self.cursor, (rows, CURSOR_FIELDS), 0)

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from foretell.scheduler.gather import equals, identities, where
 from foretell.scheduler.request import Request, Status
 
 if TYPE_CHECKING:
@@ -189,9 +190,11 @@ class Scheduler:
         self._growing -= bool(req.kv_pages_max)
 
     def _recharge_swapped(self) -> None:
-        """A running request whose params object was swapped is charged its cost again (an
-        identity check per request, no call: as ``CanvasRows.geometry_of`` finds swaps)."""
-        for req in [r for r in self.running if r.params is not r.charged_params]:
+        """A running request whose params object was swapped is charged its cost again (the
+        held and charged params compared by identity in C: as ``CanvasRows.geometry_of``)."""
+        running = self.running
+        swapped = identities(running, "params") != identities(running, "charged_params")
+        for req in where(running, swapped) if swapped.any() else ():
             self._running_cost += req.cost - req.charged_cost
             req.charged_cost, req.charged_params = req.cost, req.params
 
@@ -268,13 +271,14 @@ class Scheduler:
 
     def update(self) -> list[Request]:
         """Evict every finished request and return its pages; returns them."""
-        finished = Status.FINISHED  # compared inline: no call per running request
-        done = [r for r in self.running if r.status is finished]
+        ended = equals(self.running, "status", Status.FINISHED)
+        if not ended.any():
+            return []
+        done = where(self.running, ended)
         for req in done:
             self._release(req)
             self._stop_running(req)
-        if done:
-            self.running = [r for r in self.running if r.status is not finished]
+        self.running = where(self.running, ~ended)
         return done
 
     def abort(self, request_id: str) -> Request | None:
