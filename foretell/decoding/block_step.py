@@ -39,12 +39,22 @@ on its own block.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 
-from foretell.decoding.early_commit import reduce_gaps
+from foretell.decoding.early_commit import DECIDE_MARGIN, reduce_gaps, reported_gap
 from foretell.decoding.unmask import llada_step_count, top2_gap
-from foretell.params import Prophet
-from foretell.scheduler.request import Request
+from foretell.params import PROPHET_COLUMNS, DecodeParams, Prophet
+from foretell.scheduler.gather import attribute_array, pick
+from foretell.scheduler.request import BLOCK, GLOBAL_STEP, STEP_IN_BLOCK, WRITES, Request
+
+if TYPE_CHECKING:
+    from foretell.scheduler.canvas_rows import CanvasRows
 
 _NOTHING = torch.empty(0, dtype=torch.long)
 
@@ -165,8 +175,9 @@ def _prophet_fires(
         region = req.masked_positions(lo, hi)
     else:
         region = _span_in_block(policy, req, lo, hi)
-    gap = reduce_gaps(gaps[torch.searchsorted(positions, region)], policy.statistic)
-    req.last_gap = gap
+    region_gaps = gaps[torch.searchsorted(positions, region)]
+    req.last_gap = reported_gap(region_gaps, policy.statistic)
+    gap = reduce_gaps(region_gaps, policy.statistic)  # the reference's reduction decides
     if gap is None:
         return False
     return gap >= policy.threshold(req.step_in_block + 1, req.params.steps)
@@ -207,3 +218,201 @@ def _block_done(req: Request) -> None:
     req.step_in_block = 0
     if req.block * req.params.block_length >= req.canvas_len:
         req.finish("steps")
+
+
+# Columns of ``_constants``: a block-causal request's fixed numbers, one row per params object.
+_BLOCK_LEN, _STEPS, _THRESHOLD_RULE, _THRESHOLD, _EOS_STOP, _HAS_POLICY = range(6)
+_POLICY = 6  # Prophet's columns (``Prophet.columns``) from here
+
+
+def _constants(params: DecodeParams) -> tuple[float, ...]:
+    policy = params.early_commit
+    columns = policy.columns() if policy is not None else (np.nan,) * PROPHET_COLUMNS
+    return (
+        params.block_length,
+        params.steps,
+        float(params.remasking == "confidence_threshold"),
+        params.threshold if params.threshold is not None else np.nan,
+        float(bool(params.eos_early_stop)),
+        float(policy is not None),
+        *columns,
+    )
+
+
+def advance_blocks(
+    items: Sequence[tuple[Request, torch.Tensor, torch.Tensor]], canvas_rows: CanvasRows
+) -> None:
+    """:func:`advance_block` for every block-causal request of a pass at once, as array work
+    over their canvas rows: the reveal counts, Prophet's gaps and test, the threshold rule's
+    picks, the best ``k`` of each block, the writes and the cursors. Per request only what
+    happens to one: a tie at its ``k``-th score, or a mean gap too close to its threshold (both
+    settled by :func:`advance_block`'s own reduction), a revealed stop id (LLaDA2's early
+    stop), and a finished block. If planning fails, nothing has changed and every request
+    takes :func:`advance_block` on its own."""
+    if not items:
+        return
+    try:
+        plan = _plan_blocks(items, canvas_rows)
+    except Exception:  # nothing has changed: each request alone attributes its own error
+        for req, positions, scores in items:
+            try:
+                advance_block(req, positions, scores)
+            except Exception as err:
+                req.finish("error", f"decoding failed: {err!r}")
+        return
+    _apply_blocks(items, canvas_rows, plan)
+
+
+@dataclass
+class _BlockPlan:
+    row: np.ndarray  # each request's canvas row
+    lo: np.ndarray  # its block's first canvas position
+    fired: np.ndarray  # Prophet's test fired: every mask of the block is written
+    gap: np.ndarray  # the gap it reports (NaN: none measured)
+    gap_set: np.ndarray  # whether Prophet measured this step (``last_gap`` is written)
+    chosen: np.ndarray  # [requests, width] block columns written this step
+    x0: np.ndarray  # [requests, width] the token each column takes
+    left: np.ndarray  # masks the block holds after the writes
+    steps: np.ndarray  # each request's steps per block
+    eos_stop: np.ndarray  # LLaDA2's ``eos_early_stop``
+    ties: list[int]  # requests ranked alone (a tie at the cut): ``advance_block`` steps them
+
+
+def _plan_blocks(items, canvas_rows: CanvasRows) -> _BlockPlan:
+    reqs = [item[0] for item in items]
+    n = len(reqs)
+    params = [req.params for req in reqs]
+    known = {id(p): _constants(p) for p in params}
+    const = np.array([known[id(p)] for p in params], dtype=np.float64).reshape(n, -1)
+    block_len = const[:, _BLOCK_LEN].astype(np.int64)
+    steps = const[:, _STEPS].astype(np.int64)
+    row = attribute_array(reqs, "canvas_row", np.int64)
+    cursor = canvas_rows.cursor[row]
+    step_in_block = cursor[:, STEP_IN_BLOCK]
+    lo = cursor[:, BLOCK] * block_len  # blocks are aligned at position 0
+    width = int(block_len.max())
+    cols = np.arange(width)
+    inside = cols < block_len[:, None]
+    at = np.where(inside, lo[:, None] + cols, 0)
+    masked = inside & (canvas_rows.tokens[row[:, None], at] == reqs[0].mask_token_id)
+    n_masked = masked.sum(axis=1)
+    # Each request's scored rows (its positions) as block columns.
+    lens = np.array([len(item[1]) for item in items], dtype=np.int64)
+    positions = torch.cat([item[1] for item in items]).numpy()
+    scores = torch.cat([item[2] for item in items], dim=1).numpy()
+    owner = np.repeat(np.arange(n), lens)
+    col = positions - lo[owner]
+    x0 = np.zeros((n, width), dtype=np.int64)
+    x0[owner, col] = scores[0].astype(np.int64)
+    conf = np.full((n, width), -np.inf, dtype=np.float32)
+    conf[owner, col] = scores[1].astype(np.float32)
+    gaps = np.full((n, width), np.nan, dtype=np.float32)
+    gaps[owner, col] = scores[2].astype(np.float32)
+    # Prophet: the gap over the block's masks (or an explicit span's part in the block).
+    measured = (const[:, _HAS_POLICY] > 0) & (n_masked > 0)
+    region = masked.copy()
+    for i in np.flatnonzero(measured).tolist():
+        policy = params[i].early_commit
+        if policy.answer_start is not None:
+            span = _span_in_block(policy, reqs[i], int(lo[i]), int(lo[i] + block_len[i]))
+            region[i] = False
+            region[i, span.numpy() - lo[i]] = True
+    in_region = region.sum(axis=1)
+    policy_cols = const[:, _POLICY:]
+    is_mean = policy_cols[:, PROPHET_COLUMNS - 1] > 0
+    ordered = np.where(region, gaps.astype(np.float64), 0.0).cumsum(axis=1)[:, -1]
+    mean = ordered / np.maximum(in_region, 1)  # the float64 sum, in order: ``reported_gap``
+    least = np.where(region, gaps, np.inf).min(axis=1).astype(np.float64)
+    gap = np.where(is_mean, mean, least)
+    gap_set = measured.copy()
+    has_gap = measured & (in_region > 0)
+    gap = np.where(has_gap, gap, np.nan)
+    threshold = np.full(n, np.nan)
+    if measured.any():
+        threshold[measured] = Prophet.thresholds_at(
+            policy_cols[measured], step_in_block[measured] + 1, steps[measured]
+        )
+    fired = has_gap & (gap >= threshold)
+    # A mean near its threshold is decided by the reference's own reduction (``reduce_gaps``).
+    close = has_gap & is_mean & (np.abs(gap - threshold) <= DECIDE_MARGIN * np.abs(threshold))
+    for i in np.flatnonzero(close).tolist():
+        values = torch.from_numpy(gaps[i][region[i]])
+        fired[i] = reduce_gaps(values, "mean") >= threshold[i]
+    # The reveal: the threshold rule's scores above it when there are enough, else the best k.
+    count = np.minimum(llada_step_count(block_len, steps, step_in_block), n_masked)
+    row_conf = np.where(masked, conf, np.float32(-np.inf))
+    threshold_rule = const[:, _THRESHOLD_RULE] > 0
+    above = row_conf > const[:, _THRESHOLD].astype(np.float32)[:, None]
+    by_threshold = threshold_rule & (above.sum(axis=1) >= count)
+    order = np.argsort(-row_conf, axis=1, kind="stable")
+    ranked = np.take_along_axis(row_conf, order, axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(cols, order.shape), axis=1)
+    best = rank < count[:, None]
+    # A tie at the cut (the k-th and the next score equal) is ranked as the reference ranks it.
+    kth = np.take_along_axis(ranked, np.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    nxt = np.take_along_axis(ranked, np.minimum(count, width - 1)[:, None], axis=1)[:, 0]
+    tied = ~fired & ~by_threshold & (count > 0) & (count < block_len) & (kth == nxt)
+    chosen = np.where(by_threshold[:, None], above, best) & ~fired[:, None]
+    chosen |= fired[:, None] & masked
+    ties = np.flatnonzero(tied).tolist()
+    chosen[ties] = False
+    left = n_masked - chosen.sum(axis=1)
+    eos_stop = const[:, _EOS_STOP] > 0
+    return _BlockPlan(row, lo, fired, gap, gap_set, chosen, x0, left, steps, eos_stop, ties)
+
+
+def _apply_blocks(items, canvas_rows: CanvasRows, plan: _BlockPlan) -> None:
+    reqs = [item[0] for item in items]
+    n = len(reqs)
+    tied = np.zeros(n, dtype=bool)
+    tied[plan.ties] = True
+    mine = ~tied
+    row, lo = plan.row[mine], plan.lo[mine]
+    cursor = canvas_rows.cursor
+    cursor[row, GLOBAL_STEP] += 1
+    canvas_rows.revealed[row] = False
+    list(map(setattr, pick(reqs, np.flatnonzero(mine)), repeat("kv_stored"), lo.tolist()))
+    gap_set = plan.gap_set & mine
+    canvas_rows.last_gap[plan.row[gap_set]] = plan.gap[gap_set]
+    who, col = np.nonzero(plan.chosen)
+    where_ = plan.lo[who] + col
+    canvas_rows.tokens[plan.row[who], where_] = plan.x0[who, col]
+    canvas_rows.revealed[plan.row[who], where_] = True
+    written = np.zeros(n, dtype=bool)
+    written[who] = True
+    cursor[plan.row[written], WRITES] += 1
+    fired = np.flatnonzero(plan.fired & mine)
+    for i in fired.tolist():  # committed: the block is done
+        req = reqs[i]
+        req.commit_step = req.global_step
+    moved = mine & ~plan.fired
+    stopped = np.zeros(n, dtype=bool)
+    eos = np.flatnonzero(moved & written & plan.eos_stop)
+    if eos.size:
+        stop_ids = np.array(sorted(set().union(*(reqs[i].stop_ids for i in eos.tolist()))))
+        hit = np.isin(plan.x0, stop_ids) & plan.chosen
+        for i in eos[hit[eos].any(axis=1)].tolist():
+            revealed = torch.from_numpy(plan.x0[i][plan.chosen[i]])
+            stopped[i] = _call(reqs[i], _early_eos, revealed) or reqs[i].is_finished
+    moved &= ~stopped
+    cursor[plan.row[moved], STEP_IN_BLOCK] += 1
+    done = plan.fired & mine
+    done |= moved & ((cursor[plan.row, STEP_IN_BLOCK] >= plan.steps) | (plan.left == 0))
+    for i in np.flatnonzero(done).tolist():
+        _call(reqs[i], _block_done)
+    for i in plan.ties:  # ranked as the reference ranks, alone
+        req, positions, scores = items[i]
+        try:
+            advance_block(req, positions, scores)
+        except Exception as err:
+            req.finish("error", f"decoding failed: {err!r}")
+
+
+def _call(req: Request, fn, *args) -> bool:
+    """``fn(req, *args)``, a failure ending this request alone."""
+    try:
+        return bool(fn(req, *args))
+    except Exception as err:
+        req.finish("error", f"decoding failed: {err!r}")
+        return False

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from foretell.decoding import advance
-from foretell.decoding.block_step import advance_block
+from foretell.decoding.block_step import advance_blocks
 from foretell.engine import kv_cache
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
@@ -326,11 +326,7 @@ class Engine:
                 advance(req, res.positions, res.logits, res.more, res.stats)
             except Exception as err:  # one request's failure must not stop the others
                 req.finish("error", f"decoding failed: {err!r}")
-        for req, positions, scores in result.blocks:
-            try:
-                advance_block(req, positions, scores)
-            except Exception as err:
-                req.finish("error", f"decoding failed: {err!r}")
+        advance_blocks(result.blocks, self.runner.canvas_rows)  # errors attributed inside
         if result.batched is not None:
             result.batched.advance()  # errors are attributed inside, per request where possible
         # Counted after decoding: a commit's read-only rows of a cached request run then.

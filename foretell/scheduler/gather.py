@@ -2,9 +2,10 @@
 
 A step holds its batch as a list of ``Request`` objects, and a few of their attributes (the
 canvas row, the params object, whether it has a generator) are read for the whole batch every
-step. A comprehension over the batch runs bytecode for every request; ``map`` with an
-``operator.attrgetter`` runs the same loop in C, about 30 ns a request here, with no Python
-call or line per request (``tests/test_steady_step.py`` counts both).
+step. ``map`` with an ``operator.attrgetter`` runs that loop in C: no Python call or line per
+request, so ``tests/test_steady_step.py`` can pin that a steady step runs none, and a loop over
+the batch added later fails it. It is not faster than a comprehension: both cost about 0.1-0.2
+us a request and a read here (Python 3.11, NumPy's conversion included).
 """
 
 from __future__ import annotations

@@ -1,0 +1,148 @@
+"""Every block-causal request of a pass steps at once (``block_step.advance_blocks``), and
+each one's step equals the per-request rule (``block_step.advance_block``, which the engine
+tests pin against the SDAR and LLaDA2 reference decoders).
+
+The scores are synthetic so that every branch runs often: confidences on a grid of quarters
+(ties at the cut, and at the threshold), Prophet gaps around the thresholds (means within
+the margin that the reference's own reduction decides), stop ids among the tokens (LLaDA2's
+early stop and the stop after a block)."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from foretell.decoding import block_step
+from foretell.engine import Engine
+from foretell.engine import engine as engine_module
+from foretell.engine.runner import ModelRunner
+from foretell.params import DecodeParams, Prophet
+from tests.block_checkpoints import llada2_checkpoint, sdar_checkpoint
+
+STOP = 7  # a token id the synthetic draws return now and then
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("block-batched")
+    return {
+        "sdar": sdar_checkpoint(root / "sdar", seed=11, block_size=4)[0],
+        "llada2": llada2_checkpoint(root / "llada2", seed=12, block_size=8)[0],
+    }
+
+
+def _synthetic_scores(self, batch, blocks, positions, gathered, row_ranges):
+    """``ModelRunner._block_scores`` from a stream of the request's prompt and step alone."""
+    out = []
+    for i in blocks:
+        req, pos = batch[i], positions[i]
+        key = f"{req.prompt_token_ids}:{req.global_step}".encode()  # the same in both runs
+        g = torch.Generator().manual_seed(zlib.crc32(key))
+        n = len(pos)
+        tokens = torch.randint(4, 40, (n,), generator=g)
+        tokens[torch.rand(n, generator=g) < 0.03] = STOP
+        conf = torch.randint(0, 4, (n,), generator=g).float() / 4
+        # The middle threshold, and its float32 neighbours: a float32 mean and a float64
+        # one fall on either side of it often.
+        gaps = 2.5 + (torch.randint(-1, 2, (n,), generator=g) * 2.0**-22)
+        scores = torch.stack([tokens.double(), conf.double(), gaps.float().double()])
+        out.append((req, pos, scores))
+    return out
+
+
+def _params(rng: random.Random, family: str, i: int) -> DecodeParams:
+    block = (4, 8, 16)[i % 3]
+    steps = rng.choice([s for s in (1, 2, 3, 4, 8, block) if s <= block])
+    policy = None
+    if i % 2:
+        span = (None, 5) if i % 4 == 1 else (rng.randrange(0, 6), rng.randrange(1, 6))
+        statistic = rng.choice(["mean", "min"])
+        policy = Prophet((4.0, 2.5, 1.0), (0.33, 0.67), *span, statistic)
+    rule = rng.choice(["low_confidence", "confidence_threshold"])
+    early_stop = family == "llada2" and i % 3 == 0
+    return DecodeParams(
+        gen_length=rng.randrange(6, 41),
+        block_length=block,
+        steps=steps,
+        remasking=rule,
+        threshold=rng.choice([0.25, 0.5, 0.6]),
+        early_commit=policy,
+        stop_token_ids=[STOP] if i % 5 == 0 or early_stop else [],
+        ignore_eos=True,
+        eos_early_stop=early_stop,
+    )
+
+
+def _per_request(items, canvas_rows) -> None:
+    for req, positions, scores in items:
+        try:
+            block_step.advance_block(req, positions, scores)
+        except Exception as err:
+            req.finish("error", f"decoding failed: {err!r}")
+
+
+@pytest.mark.parametrize("family", ["sdar", "llada2"])
+def test_the_batched_block_step_equals_each_request_stepped_alone(
+    checkpoints, family, monkeypatch
+) -> None:
+    monkeypatch.setattr(ModelRunner, "_block_scores", _synthetic_scores)
+    rng = random.Random(5)
+    engine = Engine(str(checkpoints[family]), max_num_seqs=24)
+    vocab, mask = engine.model.vocab_size, engine.mask_token_id
+    tokens = [t for t in range(4, vocab) if t not in (mask, STOP)]
+    prompts = [[rng.choice(tokens) for _ in range(rng.randrange(1, 30))] for _ in range(60)]
+    params = [_params(rng, family, i) for i in range(60)]
+    # The batched step's fallbacks, counted: each must run for this test to mean anything.
+    alone_calls, reductions = [], []
+    real_alone, real_reduce = block_step.advance_block, block_step.reduce_gaps
+
+    def counting_alone(req, positions, scores):
+        alone_calls.append(req.request_id)
+        return real_alone(req, positions, scores)
+
+    def counting_reduce(gaps, statistic):
+        reductions.append(statistic)
+        return real_reduce(gaps, statistic)
+
+    monkeypatch.setattr(block_step, "advance_block", counting_alone)
+    monkeypatch.setattr(block_step, "reduce_gaps", counting_reduce)
+    batched = engine.generate(prompts, params, use_tqdm=False)
+    assert alone_calls and reductions  # ties were ranked alone; close means were reduced
+    monkeypatch.setattr(engine_module, "advance_blocks", _per_request)
+    alone = engine.generate(prompts, params, use_tqdm=False)
+
+    def outcome(o):
+        return (
+            o.token_ids,
+            o.finish_reason,
+            o.num_forward_passes,
+            o.commit_step,
+            o.last_gap,
+            o.error,
+            o.revealed,
+        )
+
+    assert [outcome(o) for o in batched] == [outcome(o) for o in alone]
+    reasons = {o.finish_reason for o in batched}
+    assert {"stop", "steps"} <= reasons and any(o.committed_early for o in batched)
+    assert all(o.error is None for o in batched)
+    assert engine.kv_pool.used_pages == 0
+
+
+def test_a_failing_plan_steps_every_request_alone(checkpoints, monkeypatch) -> None:
+    """Planning changes nothing before it fails, so each request then takes its own step."""
+    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=4)
+    params = DecodeParams(gen_length=8, block_length=4, steps=4, ignore_eos=True)
+    prompts = [[5, 9, 12], [7, 8, 9, 10, 11]]
+    expected = engine.generate(prompts, params, use_tqdm=False)
+
+    def failing(items, canvas_rows):
+        raise RuntimeError("planning failed")
+
+    monkeypatch.setattr(block_step, "_plan_blocks", failing)
+    got = engine.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.num_forward_passes for o in got] == [o.num_forward_passes for o in expected]
