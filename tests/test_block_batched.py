@@ -12,12 +12,14 @@ from __future__ import annotations
 import random
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
 from foretell.decoding import block_step
 from foretell.engine import Engine
 from foretell.engine import engine as engine_module
+from foretell.engine import runner as runner_module
 from foretell.engine.runner import ModelRunner
 from foretell.params import DecodeParams, Prophet
 from tests.block_checkpoints import llada2_checkpoint, sdar_checkpoint
@@ -34,11 +36,13 @@ def checkpoints(tmp_path_factory):
     }
 
 
-def _synthetic_scores(self, batch, blocks, positions, gathered, row_ranges):
+def _synthetic_scores(self, batch, blocks, block_pos, gathered, bounds):
     """``ModelRunner._block_scores`` from a stream of the request's prompt and step alone."""
     out = []
-    for i in blocks:
-        req, pos = batch[i], positions[i]
+    flat, counts = block_pos[0], block_pos[1]
+    positions = torch.from_numpy(flat).split(counts.tolist())
+    for i, pos in zip(blocks.tolist(), positions, strict=True):
+        req = batch[i]
         key = f"{req.prompt_token_ids}:{req.global_step}".encode()  # the same in both runs
         g = torch.Generator().manual_seed(zlib.crc32(key))
         n = len(pos)
@@ -146,3 +150,43 @@ def test_a_failing_plan_steps_every_request_alone(checkpoints, monkeypatch) -> N
     got = engine.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     assert [o.num_forward_passes for o in got] == [o.num_forward_passes for o in expected]
+
+
+def test_the_rows_of_a_pass_are_each_requests_block_positions(checkpoints, monkeypatch) -> None:
+    """``block_rows`` (every request of a pass at once) equals ``block_positions`` (one
+    request) at every step of a mix: greedy and sampled, with and without the block cache,
+    Prophet with an explicit span or none."""
+    rng = random.Random(8)
+    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=16)
+    params = []
+    for i in range(24):
+        policy = Prophet((4.0, 2.5, 1.0), answer_start=rng.randrange(0, 6), answer_length=3)
+        params.append(
+            DecodeParams(
+                gen_length=rng.randrange(6, 30),
+                block_length=(4, 8)[i % 2],
+                steps=4,
+                temperature=0.7 if i % 3 == 0 else 0.0,
+                block_cache=i % 4 != 1,
+                early_commit=policy if i % 3 == 2 else None,
+                ignore_eos=True,
+                seed=i,
+            )
+        )
+    checked = []
+    real = block_step.block_rows
+
+    def checking(reqs, canvas_rows):
+        flat, counts, query, drawn = real(reqs, canvas_rows)
+        parts = np.split(flat, np.cumsum(counts)[:-1])
+        for req, part, start, sampled in zip(reqs, parts, query, drawn, strict=True):
+            np.testing.assert_array_equal(part, block_step.block_positions(req).numpy())
+            assert start == req.query_start and sampled == block_step.samples(req)
+            checked.append((sampled, req.params.block_cache, req.params.early_commit is None))
+        return flat, counts, query, drawn
+
+    monkeypatch.setattr(runner_module, "block_rows", checking)
+    prompts = [[rng.randrange(4, 30) for _ in range(rng.randrange(1, 20))] for _ in params]
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert all(o.error is None for o in outs)
+    assert len(set(checked)) == 6  # every kind above, checked at many steps

@@ -68,7 +68,10 @@ def _span_in_block(policy: Prophet, req: Request, lo: int, hi: int) -> torch.Ten
 
 def samples(req: Request) -> bool:
     """Whether ``req`` samples (else it is greedy)."""
-    p = req.params
+    return _samples(req.params)
+
+
+def _samples(p: DecodeParams) -> bool:
     return p.temperature > 0 or p.top_k is not None or p.top_p is not None
 
 
@@ -84,6 +87,43 @@ def block_positions(req: Request) -> torch.Tensor:
     if policy is None or policy.answer_start is None:
         return masked
     return torch.unique(torch.cat([masked, _span_in_block(policy, req, lo, hi)]))
+
+
+def block_rows(
+    reqs: Sequence[Request], canvas_rows: CanvasRows
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`block_positions` of every request of a pass at once, from the canvas rows:
+    (their positions back to back, each one's count, the first position of each one's query
+    sequence (``Request.query_start``), and whether each samples). Per request only an
+    explicit Prophet span's part in the block, for a greedy request that has one."""
+    n = len(reqs)
+    params = [req.params for req in reqs]
+    known = {
+        id(p): (
+            p.block_length,
+            _samples(p),
+            bool(p.block_cache),
+            p.early_commit is not None and p.early_commit.answer_start is not None,
+        )
+        for p in params
+    }
+    const = np.array([known[id(p)] for p in params], dtype=np.int64).reshape(n, 4)
+    block_len, drawn = const[:, 0], const[:, 1] > 0
+    row = attribute_array(reqs, "canvas_row", np.int64)
+    lo = canvas_rows.cursor[row, BLOCK] * block_len  # blocks are aligned at position 0
+    cols = np.arange(int(block_len.max()))
+    inside = cols < block_len[:, None]
+    at = np.where(inside, lo[:, None] + cols, 0)
+    masked = inside & (canvas_rows.tokens[row[:, None], at] == reqs[0].mask_token_id)
+    need = np.where(drawn[:, None], inside, masked)
+    for i in np.flatnonzero((const[:, 3] > 0) & ~drawn).tolist():
+        span = _span_in_block(
+            params[i].early_commit, reqs[i], int(lo[i]), int(lo[i] + block_len[i])
+        )
+        need[i, span.numpy() - lo[i]] = True
+    who, col = np.nonzero(need)
+    query = np.where(const[:, 2] > 0, lo, 0)
+    return lo[who] + col, need.sum(axis=1), query, drawn
 
 
 def score_rows(logits: torch.Tensor, argmax_of_probs: bool) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from foretell.decoding import positions_needed
 from foretell.decoding.batched import OTHER_SCORES, BatchedStep, batchable, filters, in_dtype
-from foretell.decoding.block_step import block_positions, sample_rows, samples, score_rows
+from foretell.decoding.block_step import block_rows, sample_rows, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
@@ -289,10 +289,14 @@ class ModelRunner:
             length = geo[guided, CANVAS_LEN]
             copied = needed[concat_ranges(cond, cond + length)]
             needed[concat_ranges(uncond, uncond + length)] = copied
-        blocks = np.flatnonzero(block_causal_rows(geo)).tolist()
-        block_pos = {i: block_positions(batch[i]) for i in blocks}
-        for i in blocks:  # its sequence is its block (or, without the cache, its window)
-            needed_t[block_pos[i] - batch[i].query_start + int(step.cond_at[i])] = True
+        blocks_np = np.flatnonzero(block_causal_rows(geo))
+        blocks = blocks_np.tolist()
+        block_pos = None
+        if blocks:  # its sequence is its block (or, without the cache, its window)
+            block_pos = block_rows(pick(batch, blocks_np), self.canvas_rows)
+            flat, counts, query, _ = block_pos
+            owner = np.repeat(np.arange(len(blocks)), counts)
+            needed[step.cond_at[blocks_np][owner] + flat - query[owner]] = True
         alone = np.ones(len(batch), dtype=bool)
         alone[group_np] = False
         alone[blocks] = False
@@ -409,47 +413,54 @@ class ModelRunner:
             greedy.bind(rows, stats, more_flat, read_only, gathered)
         out.batched = greedy
         if blocks:
-            out.blocks = self._block_scores(batch, blocks, block_pos, gathered, row_ranges)
+            row_bounds = (row_lo, row_hi)
+            out.blocks = self._block_scores(batch, blocks_np, block_pos, gathered, row_bounds)
         return out
 
     def _block_scores(
         self,
         batch: list[Request],
-        blocks: list[int],
-        positions: dict[int, torch.Tensor],
+        blocks: np.ndarray,
+        block_pos: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         gathered: torch.Tensor,
-        row_ranges: dict[int, tuple[int, int]],
+        bounds: tuple[np.ndarray, np.ndarray],
     ) -> list[tuple[Request, torch.Tensor, torch.Tensor]]:
         """Every greedy block-causal request's rows scored in one batched computation and
         brought to the host in one transfer; a sampled request's drawn from its own generator
-        (seeded from the engine's host stream when it has no seed)."""
-        out: dict[int, torch.Tensor] = {}
-        greedy = [i for i in blocks if not samples(batch[i])]
-        if greedy:
-            bounds = np.array([row_ranges[i] for i in greedy], dtype=np.int64)
-            index = torch.from_numpy(concat_ranges(bounds[:, 0], bounds[:, 1]))
+        (seeded from the engine's host stream when it has no seed). ``block_pos``:
+        :func:`block_rows`' positions of ``blocks``; ``bounds``: each request's first and end
+        gathered row."""
+        flat, counts, _, drawn = block_pos
+        reqs = pick(batch, blocks)
+        positions = torch.from_numpy(flat).split(counts.tolist())
+        scores: list[torch.Tensor | None] = [None] * len(blocks)
+        greedy = np.flatnonzero(~drawn)
+        if greedy.size:
+            first, end = bounds[0][blocks[greedy]], bounds[1][blocks[greedy]]
+            index = torch.from_numpy(concat_ranges(first, end))
             argmax_of_probs = getattr(self.model, "argmax_of_probs", False)
-            scores = score_rows(gathered[index.to(gathered.device)], argmax_of_probs).cpu()
-            parts = scores.split([len(positions[i]) for i in greedy], dim=1)
-            out.update(zip(greedy, parts, strict=True))
-        for i in blocks:
-            if i in out:
-                continue
-            req, p = batch[i], batch[i].params
+            scored = score_rows(gathered[index.to(gathered.device)], argmax_of_probs).cpu()
+            parts = scored.split(counts[greedy].tolist(), dim=1)
+            if greedy.size == len(blocks):
+                return list(zip(reqs, positions, parts, strict=True))
+            for k, part in zip(greedy.tolist(), parts, strict=True):
+                scores[k] = part
+        for k in np.flatnonzero(drawn).tolist():
+            req, p = reqs[k], reqs[k].params
             if req.generator is None:  # once in the request's life (kept for a restart)
                 req.draw_seed = int(torch.randint(2**62, (1,), generator=self.host_generator))
                 req.generator = torch.Generator().manual_seed(req.draw_seed)
-            start, end = row_ranges[i]
+            start, end = int(bounds[0][blocks[k]]), int(bounds[1][blocks[k]])
             state = req.generator.get_state()
             try:
-                out[i] = sample_rows(
+                scores[k] = sample_rows(
                     gathered[start:end], p.temperature, p.top_k, p.top_p, req.generator
                 )
             except Exception as err:  # this request only; its stream as it was
                 req.generator.set_state(state)
                 req.finish("error", f"sampling failed: {err!r}")
-                out[i] = None
-        return [(batch[i], positions[i], out[i]) for i in blocks if out[i] is not None]
+        items = zip(reqs, positions, scores, strict=True)
+        return [item for item in items if item[2] is not None]
 
     def _guide_rows(
         self,
