@@ -226,12 +226,13 @@ def takes_unseeded() -> bool:
 
 
 # The mixes (``--mix``): the issue's (greedy LLaDA rules), and every request kind the batched
-# step takes, per family (each on its own micro model: an engine serves one model).
-MIXES = ("issue", "every-kind-llada", "every-kind-dream")
+# step takes, per family (each on its own micro model: an engine serves one model); the
+# block-causal family (SDAR) is stepped by ``block_step.advance_blocks``.
+MIXES = ("issue", "every-kind-llada", "every-kind-dream", "every-kind-block")
 
 
 def mix_family(mix: str) -> str:
-    return "dream" if mix == "every-kind-dream" else "llada"
+    return {"every-kind-dream": "dream", "every-kind-block": "sdar"}.get(mix, "llada")
 
 
 def mix_stream(
@@ -276,7 +277,11 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
     if rng.random() < 1 / 3:
         kw.update(temperature=0.7, top_p=rng.choice((None, 0.9)), top_k=rng.choice((None, 8)))
     sampled = "temperature" in kw
-    if family == "llada":
+    if family == "sdar":  # static and dynamic schedules, sampled on a third, EOS ignored
+        rule = rng.choice(("low_confidence", "confidence_threshold"))
+        kw.update(remasking=rule, block_length=block, steps=rng.choice((block, block // 2)))
+        kw.update(ignore_eos=True)
+    elif family == "llada":
         rule = rng.choice(("low_confidence", "random", "confidence_threshold", "margin", "entropy"))
         kw.update(remasking=rule, block_length=block, steps=rng.choice((gen, gen // 2)))
         cacheable = rule in ("low_confidence", "random", "confidence_threshold")
@@ -636,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         default="issue",
         choices=MIXES,
         help="issue: the issue's greedy LLaDA mix; every-kind-*: every request kind the batched "
-        "step takes (rules, sampling, caches, guidance, Prophet) for one family",
+        "step takes (rules, sampling, caches, guidance, Prophet) for one family; "
+        "every-kind-block: SDAR's (run it with --attention-backend sdpa)",
     )
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)

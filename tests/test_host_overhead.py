@@ -77,6 +77,22 @@ def test_mix_is_seeded_and_valid(bench, micro) -> None:
     assert all(4 <= len(prompt) <= 200 for prompt, _ in first)
 
 
+def test_the_block_mix_covers_the_block_kinds_and_runs_full_batches(bench) -> None:
+    """``--mix every-kind-block``: an SDAR micro model, both schedules, sampled and greedy,
+    Prophet on half; its batches are full, as the other mixes'."""
+    loaded = bench.micro_model(0, bench.mix_family("every-kind-block"))
+    assert loaded.model.family == "sdar"
+    stream = bench.mix_stream(loaded, seed=3, mix="every-kind-block")
+    params = [p for _, p in (next(stream) for _ in range(60))]
+    assert {p.remasking for p in params} == {"low_confidence", "confidence_threshold"}
+    assert {p.temperature > 0 for p in params} == {True, False}
+    assert sum(p.early_commit is not None for p in params) == 30
+    run = bench.run_mix(
+        loaded, SMALL, warmup_steps=4, steps=6, count=False, mix="every-kind-block", backend="sdpa"
+    )
+    assert run.steps == 6 and run.skipped_steps == 0 and run.request_steps == 6 * SMALL
+
+
 def test_every_measured_step_runs_a_full_batch(bench, micro) -> None:
     run = bench.run_mix(micro, SMALL, warmup_steps=4, steps=6, count=False)
     assert run.steps == 6 and run.skipped_steps == 0

@@ -16,11 +16,12 @@ import torch
 from foretell.models.dream import DreamModel
 from foretell.models.llada import LLaDAModelLM
 from foretell.models.registry import LoadedModel, resolve_dtype
+from foretell.models.sdar import SDARConfig, SDARModel
 from foretell.models.tokenizer import build_char_tokenizer
 from foretell.models.transformer import TransformerConfig
 
 TINY_ALPHABET = string.ascii_lowercase + string.digits + " +-*=:.,?!\n"
-FAMILIES = {"llada": LLaDAModelLM, "dream": DreamModel}
+FAMILIES = {"llada": LLaDAModelLM, "dream": DreamModel, "sdar": SDARModel}
 
 
 def tiny_model(
@@ -34,11 +35,28 @@ def tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     logit_scale: float = 8.0,
+    block_size: int = 4,
 ) -> LoadedModel:
-    """A seeded random model with a character tokenizer (vocabulary of about 50 tokens)."""
+    """A seeded random model with a character tokenizer (vocabulary of about 50 tokens).
+    ``block_size``: a block-causal family's (SDAR) block."""
     if family not in FAMILIES:
         raise ValueError(f"family: unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     tokenizer = build_char_tokenizer(TINY_ALPHABET)
+    if family == "sdar":
+        sdar = SDARConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=hidden_size // num_heads,
+        )
+        eos = (tokenizer.eos_token_id,)
+        model = SDARModel(
+            sdar, block_size=block_size, mask_token_id=tokenizer.mask_token_id, eos_token_ids=eos
+        )
+        return _randomised(model, tokenizer, seed, dtype, logit_scale)
     cfg = TransformerConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -52,8 +70,14 @@ def tiny_model(
         rope_full_precision=family == "llada",  # LLaDA-8B's setting; Dream has no such option
     )
     cls = FAMILIES[family]
-    generator = torch.Generator().manual_seed(seed)
     model = cls(cfg, mask_token_id=tokenizer.mask_token_id, eos_token_ids=(tokenizer.eos_token_id,))
+    return _randomised(model, tokenizer, seed, dtype, logit_scale)
+
+
+def _randomised(
+    model: torch.nn.Module, tokenizer: object, seed: int, dtype: str | torch.dtype, scale: float
+) -> LoadedModel:
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -62,7 +86,7 @@ def tiny_model(
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
-        model.lm_head.weight.mul_(logit_scale)
+        model.lm_head.weight.mul_(scale)
     model = model.to(resolve_dtype(dtype)).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, path=None)
 
