@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every number in docs/benchmarks.md, in one go (about 55 minutes on a 2-core CPU; run it with
+# Every number in docs/benchmarks.md, in one go (about 60 minutes on a 2-core CPU; run it with
 # nothing else on the machine).
 # Usage: bash benchmarks/run_all.sh   (from the repository root, with foretell installed)
 set -euo pipefail
@@ -37,6 +37,14 @@ python benchmarks/overhead.py --profile "$out/overhead_profile.txt" --out "$out/
 python benchmarks/attention_layout.py --out "$out/attention_layout.json" \
   | tee "$out/attention_layout.txt"
 python benchmarks/forward_chunks.py --out "$out/forward_chunks.json" | tee "$out/forward_chunks.txt"
+# Host work per step against the batch (issue #24) at this revision, every mix; the A/B
+# comparisons in docs/benchmarks.md run the same command in a checkout of each revision.
+for mix in issue every-kind-llada every-kind-dream; do
+  OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
+    --attention-backend sdpa_buckets --mix "$mix" --out "$out/host_overhead_$mix.json"
+done
+OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
+  --attention-backend sdpa --mix every-kind-block --out "$out/host_overhead_every-kind-block.json"
 # One block of 32 with low-confidence remasking: where the reference rule's mean lets an open
 # letter through, against the default min rule.
 foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \

@@ -3,9 +3,10 @@ each one's step equals the per-request rule (``block_step.advance_block``, which
 tests pin against the SDAR and LLaDA2 reference decoders).
 
 The scores are synthetic so that every branch runs often: confidences on a grid of quarters
-(ties at the cut, and at the threshold), Prophet gaps around the thresholds (means within
-the margin that the reference's own reduction decides), stop ids among the tokens (LLaDA2's
-early stop and the stop after a block)."""
+(ties at the cut, and at the threshold) and now and then NaN, Prophet gaps around the
+thresholds (means within the margin that the reference's own reduction decides), stop ids
+among the tokens (LLaDA2's early stop and the stop after a block), and the mask token among
+them (a block's last mask revealed as the mask token is not done)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def _synthetic_scores(self, batch, blocks, block_pos, gathered, bounds):
         n = len(pos)
         tokens = torch.randint(4, 40, (n,), generator=g)
         tokens[torch.rand(n, generator=g) < 0.03] = STOP
+        tokens[torch.rand(n, generator=g) < 0.05] = req.mask_token_id  # stays masked
         conf = torch.randint(0, 4, (n,), generator=g).float() / 4
+        conf[torch.rand(n, generator=g) < 0.02] = float("nan")  # topk ranks it first
         # The middle threshold, and its float32 neighbours: a float32 mean and a float64
         # one fall on either side of it often.
         gaps = 2.5 + (torch.randint(-1, 2, (n,), generator=g) * 2.0**-22)

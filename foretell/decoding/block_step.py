@@ -393,11 +393,15 @@ def _plan_blocks(items, canvas_rows: CanvasRows) -> _BlockPlan:
     kth = np.take_along_axis(ranked, np.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     nxt = np.take_along_axis(ranked, np.minimum(count, width - 1)[:, None], axis=1)[:, 0]
     tied = ~fired & ~by_threshold & (count > 0) & (count < block_len) & (kth == nxt)
+    # torch's topk ranks NaN above every number, a sort below: such a row is ranked alone.
+    tied |= ~fired & ~by_threshold & (count > 0) & np.isnan(row_conf).any(axis=1)
     chosen = np.where(by_threshold[:, None], above, best) & ~fired[:, None]
     chosen |= fired[:, None] & masked
     ties = np.flatnonzero(tied).tolist()
     chosen[ties] = False
-    left = n_masked - chosen.sum(axis=1)
+    # A revealed token may be the mask token itself: that position stays masked.
+    mask_token = reqs[0].mask_token_id
+    left = n_masked - (chosen & (x0 != mask_token)).sum(axis=1)
     eos_stop = const[:, _EOS_STOP] > 0
     return _BlockPlan(row, lo, fired, gap, gap_set, chosen, x0, left, steps, eos_stop, ties)
 

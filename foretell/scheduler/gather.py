@@ -4,8 +4,9 @@ A step holds its batch as a list of ``Request`` objects, and a few of their attr
 canvas row, the params object, whether it has a generator) are read for the whole batch every
 step. ``map`` with an ``operator.attrgetter`` runs that loop in C: no Python call or line per
 request, so ``tests/test_steady_step.py`` can pin that a steady step runs none, and a loop over
-the batch added later fails it. It is not faster than a comprehension: both cost about 0.1-0.2
-us a request and a read here (Python 3.11, NumPy's conversion included).
+the batch added later fails it. It is not faster than a comprehension: 0.09-0.22 us a request
+and a read here against 0.06-0.14 us for a comprehension and ``np.array`` (Python 3.11), a few
+us a step at 64 requests.
 """
 
 from __future__ import annotations
