@@ -9,8 +9,20 @@ import foretell.decoding.batched as batched_module
 from foretell import Engine
 from foretell.models import save_model
 from foretell.models.tiny import tiny_model
+from tests.block_checkpoints import llada2_checkpoint, sdar_checkpoint
 
 torch.set_num_threads(1)  # deterministic and fair on a shared 2-core machine
+
+
+@pytest.fixture(scope="session")
+def block_checkpoints(tmp_path_factory):
+    """Random SDAR (blocks of 4) and LLaDA2 (blocks of 8) checkpoints in the official layouts,
+    built once for every block-causal engine test."""
+    root = tmp_path_factory.mktemp("block-checkpoints")
+    return {
+        "sdar": sdar_checkpoint(root / "sdar", seed=11, block_size=4)[0],
+        "llada2": llada2_checkpoint(root / "llada2", seed=12, block_size=8)[0],
+    }
 
 
 @pytest.fixture(scope="session")

@@ -23,18 +23,8 @@ from foretell.engine import engine as engine_module
 from foretell.engine import runner as runner_module
 from foretell.engine.runner import ModelRunner
 from foretell.params import DecodeParams, Prophet
-from tests.block_checkpoints import llada2_checkpoint, sdar_checkpoint
 
 STOP = 7  # a token id the synthetic draws return now and then
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("block-batched")
-    return {
-        "sdar": sdar_checkpoint(root / "sdar", seed=11, block_size=4)[0],
-        "llada2": llada2_checkpoint(root / "llada2", seed=12, block_size=8)[0],
-    }
 
 
 def _synthetic_scores(self, batch, blocks, block_pos, gathered, bounds):
@@ -93,11 +83,11 @@ def _per_request(items, canvas_rows) -> None:
 
 @pytest.mark.parametrize("family", ["sdar", "llada2"])
 def test_the_batched_block_step_equals_each_request_stepped_alone(
-    checkpoints, family, monkeypatch
+    block_checkpoints, family, monkeypatch
 ) -> None:
     monkeypatch.setattr(ModelRunner, "_block_scores", _synthetic_scores)
     rng = random.Random(5)
-    engine = Engine(str(checkpoints[family]), max_num_seqs=24)
+    engine = Engine(str(block_checkpoints[family]), max_num_seqs=24)
     vocab, mask = engine.model.vocab_size, engine.mask_token_id
     tokens = [t for t in range(4, vocab) if t not in (mask, STOP)]
     prompts = [[rng.choice(tokens) for _ in range(rng.randrange(1, 30))] for _ in range(60)]
@@ -139,9 +129,9 @@ def test_the_batched_block_step_equals_each_request_stepped_alone(
     assert engine.kv_pool.used_pages == 0
 
 
-def test_a_failing_plan_steps_every_request_alone(checkpoints, monkeypatch) -> None:
+def test_a_failing_plan_steps_every_request_alone(block_checkpoints, monkeypatch) -> None:
     """Planning changes nothing before it fails, so each request then takes its own step."""
-    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=4)
+    engine = Engine(str(block_checkpoints["sdar"]), max_num_seqs=4)
     params = DecodeParams(gen_length=8, block_length=4, steps=4, ignore_eos=True)
     prompts = [[5, 9, 12], [7, 8, 9, 10, 11]]
     expected = engine.generate(prompts, params, use_tqdm=False)
@@ -155,12 +145,14 @@ def test_a_failing_plan_steps_every_request_alone(checkpoints, monkeypatch) -> N
     assert [o.num_forward_passes for o in got] == [o.num_forward_passes for o in expected]
 
 
-def test_the_rows_of_a_pass_are_each_requests_block_positions(checkpoints, monkeypatch) -> None:
+def test_the_rows_of_a_pass_are_each_requests_block_positions(
+    block_checkpoints, monkeypatch
+) -> None:
     """``block_rows`` (every request of a pass at once) equals ``block_positions`` (one
     request) at every step of a mix: greedy and sampled, with and without the block cache,
     Prophet with an explicit span or none."""
     rng = random.Random(8)
-    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=16)
+    engine = Engine(str(block_checkpoints["sdar"]), max_num_seqs=16)
     params = []
     for i in range(24):
         policy = Prophet((4.0, 2.5, 1.0), answer_start=rng.randrange(0, 6), answer_length=3)

@@ -11,20 +11,11 @@ import torch
 
 from foretell.engine import Engine
 from foretell.params import DecodeParams, Prophet
-from tests.block_checkpoints import llada2_checkpoint, sdar_checkpoint
+from tests.block_checkpoints import sdar_checkpoint
 from tests.reference_llada2 import llada2_generate
 from tests.reference_sdar import bd3_generate, cut
 
 BOUNDS = (0.33, 0.67)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("block-engine")
-    return {
-        "sdar": sdar_checkpoint(root / "sdar", seed=11, block_size=4)[0],
-        "llada2": llada2_checkpoint(root / "llada2", seed=12, block_size=8)[0],
-    }
 
 
 def _cases(n: int, seed: int, vocab: int, mask: int) -> list[dict]:
@@ -99,7 +90,7 @@ def _reference(
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", ["sdar", "llada2"])
-def test_mixed_batch_equals_the_reference_decoder(checkpoints, family, dtype) -> None:
+def test_mixed_batch_equals_the_reference_decoder(block_checkpoints, family, dtype) -> None:
     """LLaDA2's official decoder re-encodes the window every step; foretell caches it. In
     float32 the tokens equal the official decoding's; in bfloat16 the cache's rounding
     differs from the re-encoding's, so they are compared with the cached reference (the same
@@ -107,7 +98,7 @@ def test_mixed_batch_equals_the_reference_decoder(checkpoints, family, dtype) ->
     (see ``test_llada2_bf16_without_the_cache_is_the_official_decoding``)."""
     cached = family == "llada2" and dtype == "bfloat16"
     torch.manual_seed(0)
-    engine = Engine(str(checkpoints[family]), dtype=dtype, max_num_seqs=16)
+    engine = Engine(str(block_checkpoints[family]), dtype=dtype, max_num_seqs=16)
     model = engine.model
     cases = _cases(
         44, seed=3 if family == "sdar" else 4, vocab=model.vocab_size, mask=model.mask_token_id
@@ -133,8 +124,8 @@ def test_mixed_batch_equals_the_reference_decoder(checkpoints, family, dtype) ->
 
 
 @pytest.mark.parametrize("family", ["sdar", "llada2"])
-def test_batched_equals_alone(checkpoints, family) -> None:
-    engine = Engine(str(checkpoints[family]), max_num_seqs=8)
+def test_batched_equals_alone(block_checkpoints, family) -> None:
+    engine = Engine(str(block_checkpoints[family]), max_num_seqs=8)
     cases = _cases(12, seed=9, vocab=engine.model.vocab_size, mask=engine.mask_token_id)
     params = [_params(c, ()) for c in cases]
     prompts = [c["prompt"] for c in cases]
@@ -145,9 +136,9 @@ def test_batched_equals_alone(checkpoints, family) -> None:
     assert [o.num_forward_passes for o in together] == [o.num_forward_passes for o in alone]
 
 
-def test_llada2_eos_early_stop_and_minimal_topk(checkpoints) -> None:
+def test_llada2_eos_early_stop_and_minimal_topk(block_checkpoints) -> None:
     """Both options against the reference, on settings where each changes the result."""
-    engine = Engine(str(checkpoints["llada2"]))
+    engine = Engine(str(block_checkpoints["llada2"]))
     model = engine.model
     prompt = [5, 9, 12, 7, 20, 21, 22, 23, 24, 6]
     kw = dict(gen_length=32, block_length=8, steps=8, threshold=None)
@@ -211,8 +202,8 @@ def test_the_model_eos_stops_unless_ignored(tmp_path) -> None:
     assert (out.token_ids, out.finish_reason) == (canvas[:7], "steps")
 
 
-def test_block_defaults_come_from_the_model(checkpoints) -> None:
-    engine = Engine(str(checkpoints["llada2"]))
+def test_block_defaults_come_from_the_model(block_checkpoints) -> None:
+    engine = Engine(str(block_checkpoints["llada2"]))
     req = engine.make_request([5, 6, 7], DecodeParams(gen_length=20))
     assert req.params.block_length == engine.model.block_size == 8
     assert req.params.steps == 8  # per block: one token a step
@@ -237,8 +228,8 @@ def test_block_defaults_come_from_the_model(checkpoints) -> None:
         (dict(logits_eos_inf=True), "logits_eos_inf"),
     ],
 )
-def test_bad_block_params_are_refused_by_name(checkpoints, params, field) -> None:
-    engine = Engine(str(checkpoints["sdar"]))
+def test_bad_block_params_are_refused_by_name(block_checkpoints, params, field) -> None:
+    engine = Engine(str(block_checkpoints["sdar"]))
     with pytest.raises(ValueError, match=field):
         engine.make_request([5, 6], DecodeParams(gen_length=8, **params))
     assert engine.kv_pool.used_pages == 0
@@ -251,10 +242,10 @@ def test_llada_refuses_block_only_options(tmp_path) -> None:
             engine.make_request("arrange abc", engine.default_params.replace(**{field: value}))
 
 
-def test_llada2_bf16_without_the_cache_is_the_official_decoding(checkpoints) -> None:
+def test_llada2_bf16_without_the_cache_is_the_official_decoding(block_checkpoints) -> None:
     """``block_cache=False`` re-encodes the window every step, as LLaDA2's official generate:
     in bfloat16 too the tokens are the official decoding's, on the whole mixed batch."""
-    engine = Engine(str(checkpoints["llada2"]), dtype="bfloat16", max_num_seqs=16)
+    engine = Engine(str(block_checkpoints["llada2"]), dtype="bfloat16", max_num_seqs=16)
     model = engine.model
     cases = _cases(44, seed=4, vocab=model.vocab_size, mask=model.mask_token_id)
     expected = [_reference("llada2", model, c, ()) for c in cases]
@@ -269,10 +260,10 @@ def test_llada2_bf16_without_the_cache_is_the_official_decoding(checkpoints) -> 
     assert same >= 32, same
 
 
-def test_pages_return_on_abort_and_stop(checkpoints) -> None:
+def test_pages_return_on_abort_and_stop(block_checkpoints) -> None:
     """A block-causal request takes its pages a block at a time; they all come back when it
     is aborted mid-way or stops at a stop id."""
-    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=4)
+    engine = Engine(str(block_checkpoints["sdar"]), max_num_seqs=4)
     pool = engine.kv_pool
     params = DecodeParams(gen_length=30, ignore_eos=True)
     rid = engine.add_request([5, 6, 7], params)
@@ -293,10 +284,10 @@ def test_pages_return_on_abort_and_stop(checkpoints) -> None:
 
 
 @pytest.mark.parametrize("family", ["sdar", "llada2"])
-def test_seeded_sampling_equals_the_official_draws(checkpoints, family) -> None:
+def test_seeded_sampling_equals_the_official_draws(block_checkpoints, family) -> None:
     """Temperature, top-k and top-p as both official files sample, from the request's seeded
     generator: the same draws as the reference seeded the same way, batched with others."""
-    engine = Engine(str(checkpoints[family]), max_num_seqs=4)
+    engine = Engine(str(block_checkpoints[family]), max_num_seqs=4)
     model = engine.model
     settings = [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.9, 8, 0.9)]
     prompts = [[5, 9, 12], list(range(4, 15)), [7], [20, 21, 22, 23, 24, 25, 26, 27]]
@@ -330,11 +321,11 @@ def test_seeded_sampling_equals_the_official_draws(checkpoints, family) -> None:
     assert [(o.token_ids, o.num_forward_passes) for o in outs] == expected
 
 
-def test_pages_grow_a_block_at_a_time_and_preemption_recomputes_the_same(checkpoints) -> None:
+def test_pages_grow_a_block_at_a_time_and_preemption_recomputes_the_same(block_checkpoints) -> None:
     """A pool too small for every canvas at once: requests take pages a block at a time, the
     youngest are preempted (restarted) when an older one needs its next block, and every
     output still equals the request decoded alone; every page comes back."""
-    path = str(checkpoints["sdar"])
+    path = str(block_checkpoints["sdar"])
     alone = Engine(path)
     cases = _cases(10, seed=21, vocab=alone.model.vocab_size, mask=alone.mask_token_id)
     params = [_params(c, ()) for c in cases]
@@ -360,13 +351,13 @@ def test_pages_grow_a_block_at_a_time_and_preemption_recomputes_the_same(checkpo
 
 
 def test_a_failed_draw_fails_its_request_only_and_keeps_the_others_streams(
-    checkpoints, monkeypatch
+    block_checkpoints, monkeypatch
 ) -> None:
     """One request's sampling fails: it ends with the error; a seeded request sampled before
     it in the same pass keeps its stream and equals its run alone."""
     import foretell.engine.runner as runner_module
 
-    engine = Engine(str(checkpoints["sdar"]), max_num_seqs=4)
+    engine = Engine(str(block_checkpoints["sdar"]), max_num_seqs=4)
     good = DecodeParams(gen_length=12, temperature=0.8, seed=7, ignore_eos=True)
     alone = engine.generate([[5, 9]], good, use_tqdm=False)[0]
     real = runner_module.sample_rows
@@ -384,11 +375,11 @@ def test_a_failed_draw_fails_its_request_only_and_keeps_the_others_streams(
     assert engine.kv_pool.used_pages == 0
 
 
-def test_preemption_keeps_arrival_order(checkpoints) -> None:
+def test_preemption_keeps_arrival_order(block_checkpoints) -> None:
     """A pool of 12 pages of 4: the oldest request grows, younger ones are preempted and go
     back in arrival order, so an older waiting request is never overtaken by a restarted
     younger one; every output equals the request alone."""
-    path = str(checkpoints["sdar"])
+    path = str(block_checkpoints["sdar"])
     probe = Engine(path)
     page = probe.kv_pool.bytes_per_token * 4
     engine = Engine(
@@ -413,7 +404,7 @@ def test_preemption_keeps_arrival_order(checkpoints) -> None:
     assert engine.kv_pool.used_pages == 0
 
 
-def test_cuda_profile_runs_a_block_causal_pass(checkpoints, monkeypatch) -> None:
+def test_cuda_profile_runs_a_block_causal_pass(block_checkpoints, monkeypatch) -> None:
     """kv_cache_memory="auto" on CUDA profiles a maximal pass first: for a block-causal model
     that pass writes and reads a (scratch) pool, which its forward requires. Run here with the
     CUDA memory calls stubbed."""
@@ -422,7 +413,7 @@ def test_cuda_profile_runs_a_block_causal_pass(checkpoints, monkeypatch) -> None
     for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
-    model = Engine(str(checkpoints["llada2"])).model
+    model = Engine(str(block_checkpoints["llada2"])).model
     assert engine_module._profile_forward_peak(model, 100, 48) == 123
 
 

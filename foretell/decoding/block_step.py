@@ -96,34 +96,13 @@ def block_rows(
     (their positions back to back, each one's count, the first position of each one's query
     sequence (``Request.query_start``), and whether each samples). Per request only an
     explicit Prophet span's part in the block, for a greedy request that has one."""
-    n = len(reqs)
-    params = [req.params for req in reqs]
-    known = {
-        id(p): (
-            p.block_length,
-            _samples(p),
-            bool(p.block_cache),
-            p.early_commit is not None and p.early_commit.answer_start is not None,
-        )
-        for p in params
-    }
-    const = np.array([known[id(p)] for p in params], dtype=np.int64).reshape(n, 4)
-    block_len, drawn = const[:, 0], const[:, 1] > 0
-    row = attribute_array(reqs, "canvas_row", np.int64)
-    lo = canvas_rows.cursor[row, BLOCK] * block_len  # blocks are aligned at position 0
-    cols = np.arange(int(block_len.max()))
-    inside = cols < block_len[:, None]
-    at = np.where(inside, lo[:, None] + cols, 0)
-    masked = inside & (canvas_rows.tokens[row[:, None], at] == reqs[0].mask_token_id)
-    need = np.where(drawn[:, None], inside, masked)
-    for i in np.flatnonzero((const[:, 3] > 0) & ~drawn).tolist():
-        span = _span_in_block(
-            params[i].early_commit, reqs[i], int(lo[i]), int(lo[i] + block_len[i])
-        )
-        need[i, span.numpy() - lo[i]] = True
+    view = _BlockView.of(reqs, canvas_rows)
+    drawn = view.const[:, _SAMPLES] > 0
+    need = np.where(drawn[:, None], view.inside, view.masked)
+    need |= view.spans(np.flatnonzero(~drawn))
     who, col = np.nonzero(need)
-    query = np.where(const[:, 2] > 0, lo, 0)
-    return lo[who] + col, need.sum(axis=1), query, drawn
+    query = np.where(view.const[:, _BLOCK_CACHE] > 0, view.lo, 0)
+    return view.lo[who] + col, need.sum(axis=1), query, drawn
 
 
 def score_rows(logits: torch.Tensor, argmax_of_probs: bool) -> torch.Tensor:
@@ -261,8 +240,18 @@ def _block_done(req: Request) -> None:
 
 
 # Columns of ``_constants``: a block-causal request's fixed numbers, one row per params object.
-_BLOCK_LEN, _STEPS, _THRESHOLD_RULE, _THRESHOLD, _EOS_STOP, _HAS_POLICY = range(6)
-_POLICY = 6  # Prophet's columns (``Prophet.columns``) from here
+(
+    _BLOCK_LEN,
+    _STEPS,
+    _THRESHOLD_RULE,
+    _THRESHOLD,
+    _EOS_STOP,
+    _HAS_POLICY,
+    _SAMPLES,
+    _BLOCK_CACHE,
+    _EXPLICIT_SPAN,
+) = range(9)
+_POLICY = 9  # Prophet's columns (``Prophet.columns``) from here
 
 
 def _constants(params: DecodeParams) -> tuple[float, ...]:
@@ -275,8 +264,49 @@ def _constants(params: DecodeParams) -> tuple[float, ...]:
         params.threshold if params.threshold is not None else np.nan,
         float(bool(params.eos_early_stop)),
         float(policy is not None),
+        float(_samples(params)),
+        float(bool(params.block_cache)),
+        float(policy is not None and policy.answer_start is not None),
         *columns,
     )
+
+
+@dataclass
+class _BlockView:
+    """The current blocks of a pass's block-causal requests, as ``[requests, width]`` arrays
+    over their canvas rows (``width``: the longest block; ``inside`` marks each one's own)."""
+
+    reqs: Sequence[Request]
+    const: np.ndarray  # each request's ``_constants`` row
+    row: np.ndarray  # its canvas row
+    lo: np.ndarray  # its block's first canvas position (blocks are aligned at position 0)
+    block_len: np.ndarray
+    inside: np.ndarray
+    masked: np.ndarray  # the block's columns that hold the mask token
+
+    @classmethod
+    def of(cls, reqs: Sequence[Request], canvas_rows: CanvasRows) -> _BlockView:
+        params = [req.params for req in reqs]
+        known = {id(p): _constants(p) for p in params}
+        const = np.array([known[id(p)] for p in params], dtype=np.float64)
+        const = const.reshape(len(reqs), -1)
+        block_len = const[:, _BLOCK_LEN].astype(np.int64)
+        row = attribute_array(reqs, "canvas_row", np.int64)
+        lo = canvas_rows.cursor[row, BLOCK] * block_len
+        inside = np.arange(int(block_len.max())) < block_len[:, None]
+        at = np.where(inside, lo[:, None] + np.arange(inside.shape[1]), 0)
+        masked = inside & (canvas_rows.tokens[row[:, None], at] == reqs[0].mask_token_id)
+        return cls(reqs, const, row, lo, block_len, inside, masked)
+
+    def spans(self, among: np.ndarray) -> np.ndarray:
+        """The block columns of an explicit Prophet span (:func:`_span_in_block`), for those
+        ``among`` the given requests that have one (the others' rows: none)."""
+        flags = np.zeros_like(self.masked)
+        for i in among[self.const[among, _EXPLICIT_SPAN] > 0].tolist():
+            start, end = int(self.lo[i]), int(self.lo[i] + self.block_len[i])
+            span = _span_in_block(self.reqs[i].params.early_commit, self.reqs[i], start, end)
+            flags[i, span.numpy() - start] = True
+        return flags
 
 
 def advance_blocks(
@@ -295,10 +325,7 @@ def advance_blocks(
         plan = _plan_blocks(items, canvas_rows)
     except Exception:  # nothing has changed: each request alone attributes its own error
         for req, positions, scores in items:
-            try:
-                advance_block(req, positions, scores)
-            except Exception as err:
-                req.finish("error", f"decoding failed: {err!r}")
+            _call(req, advance_block, positions, scores)
         return
     _apply_blocks(items, canvas_rows, plan)
 
@@ -321,20 +348,12 @@ class _BlockPlan:
 def _plan_blocks(items, canvas_rows: CanvasRows) -> _BlockPlan:
     reqs = [item[0] for item in items]
     n = len(reqs)
-    params = [req.params for req in reqs]
-    known = {id(p): _constants(p) for p in params}
-    const = np.array([known[id(p)] for p in params], dtype=np.float64).reshape(n, -1)
-    block_len = const[:, _BLOCK_LEN].astype(np.int64)
+    view = _BlockView.of(reqs, canvas_rows)
+    const, row, lo, block_len, masked = view.const, view.row, view.lo, view.block_len, view.masked
     steps = const[:, _STEPS].astype(np.int64)
-    row = attribute_array(reqs, "canvas_row", np.int64)
-    cursor = canvas_rows.cursor[row]
-    step_in_block = cursor[:, STEP_IN_BLOCK]
-    lo = cursor[:, BLOCK] * block_len  # blocks are aligned at position 0
-    width = int(block_len.max())
+    step_in_block = canvas_rows.cursor[row, STEP_IN_BLOCK]
+    width = masked.shape[1]
     cols = np.arange(width)
-    inside = cols < block_len[:, None]
-    at = np.where(inside, lo[:, None] + cols, 0)
-    masked = inside & (canvas_rows.tokens[row[:, None], at] == reqs[0].mask_token_id)
     n_masked = masked.sum(axis=1)
     # Each request's scored rows (its positions) as block columns.
     lens = np.array([len(item[1]) for item in items], dtype=np.int64)
@@ -350,13 +369,8 @@ def _plan_blocks(items, canvas_rows: CanvasRows) -> _BlockPlan:
     gaps[owner, col] = scores[2].astype(np.float32)
     # Prophet: the gap over the block's masks (or an explicit span's part in the block).
     measured = (const[:, _HAS_POLICY] > 0) & (n_masked > 0)
-    region = masked.copy()
-    for i in np.flatnonzero(measured).tolist():
-        policy = params[i].early_commit
-        if policy.answer_start is not None:
-            span = _span_in_block(policy, reqs[i], int(lo[i]), int(lo[i] + block_len[i]))
-            region[i] = False
-            region[i, span.numpy() - lo[i]] = True
+    explicit = const[:, _EXPLICIT_SPAN] > 0
+    region = np.where(explicit[:, None], view.spans(np.flatnonzero(measured)), masked)
     in_region = region.sum(axis=1)
     policy_cols = const[:, _POLICY:]
     is_mean = policy_cols[:, PROPHET_COLUMNS - 1] > 0
@@ -447,10 +461,7 @@ def _apply_blocks(items, canvas_rows: CanvasRows, plan: _BlockPlan) -> None:
         _call(reqs[i], _block_done)
     for i in plan.ties:  # ranked as the reference ranks, alone
         req, positions, scores = items[i]
-        try:
-            advance_block(req, positions, scores)
-        except Exception as err:
-            req.finish("error", f"decoding failed: {err!r}")
+        _call(req, advance_block, positions, scores)
 
 
 def _call(req: Request, fn, *args) -> bool:

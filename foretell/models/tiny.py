@@ -42,35 +42,27 @@ def tiny_model(
     if family not in FAMILIES:
         raise ValueError(f"family: unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     tokenizer = build_char_tokenizer(TINY_ALPHABET)
-    if family == "sdar":
-        sdar = SDARConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=hidden_size // num_heads,
-        )
-        eos = (tokenizer.eos_token_id,)
-        model = SDARModel(
-            sdar, block_size=block_size, mask_token_id=tokenizer.mask_token_id, eos_token_ids=eos
-        )
-        return _randomised(model, tokenizer, seed, dtype, logit_scale)
-    cfg = TransformerConfig(
+    shape = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        qkv_bias=family == "dream",
-        rope_full_precision=family == "llada",  # LLaDA-8B's setting; Dream has no such option
     )
-    cls = FAMILIES[family]
-    model = cls(cfg, mask_token_id=tokenizer.mask_token_id, eos_token_ids=(tokenizer.eos_token_id,))
+    special = dict(mask_token_id=tokenizer.mask_token_id, eos_token_ids=(tokenizer.eos_token_id,))
+    if family == "sdar":
+        sdar = SDARConfig(**shape, head_dim=hidden_size // num_heads)
+        model = SDARModel(sdar, block_size=block_size, **special)
+    else:
+        cfg = TransformerConfig(
+            **shape,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            qkv_bias=family == "dream",
+            rope_full_precision=family == "llada",  # LLaDA-8B's setting; Dream has none
+        )
+        model = FAMILIES[family](cfg, **special)
     return _randomised(model, tokenizer, seed, dtype, logit_scale)
 
 
