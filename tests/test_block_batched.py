@@ -27,7 +27,7 @@ from foretell.params import DecodeParams, Prophet
 STOP = 7  # a token id the synthetic draws return now and then
 
 
-def _synthetic_scores(self, batch, blocks, block_pos, gathered, bounds):
+def _synthetic_scores(self, batch, blocks, block_pos, gathered, bounds, values):
     """``ModelRunner._block_scores`` from a stream of the request's prompt and step alone."""
     out = []
     flat, counts = block_pos[0], block_pos[1]

@@ -253,11 +253,12 @@ def test_llada2_bf16_without_the_cache_is_the_official_decoding(block_checkpoint
     outs = engine.generate([c["prompt"] for c in cases], params, use_tqdm=False)
     assert [(o.token_ids, o.num_forward_passes) for o in outs] == expected
     assert engine.kv_pool.used_pages == 0
-    # With the cache (the default) the rounding differs: 36 of the 44 when measured, a bound
-    # here, not equality (a random model's first differing token changes every later one).
+    # With the cache (the default) the rounding differs: 36 of the 44 when measured with two
+    # threads, 31 with one (bfloat16 reductions split by thread), so a bound here, not
+    # equality (a random model's first differing token changes every later one).
     cached = engine.generate([c["prompt"] for c in cases], [_params(c, ()) for c in cases])
     same = sum(o.token_ids == e for o, (e, _) in zip(cached, expected, strict=True))
-    assert same >= 32, same
+    assert same >= 28, same
 
 
 def test_pages_return_on_abort_and_stop(block_checkpoints) -> None:
@@ -287,7 +288,7 @@ def test_pages_return_on_abort_and_stop(block_checkpoints) -> None:
 def test_seeded_sampling_equals_the_official_draws(block_checkpoints, family) -> None:
     """Temperature, top-k and top-p as both official files sample, from the request's seeded
     generator: the same draws as the reference seeded the same way, batched with others."""
-    engine = Engine(str(block_checkpoints[family]), max_num_seqs=4)
+    engine = Engine(str(block_checkpoints[family]), max_num_seqs=6)
     model = engine.model
     settings = [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.9, 8, 0.9)]
     prompts = [[5, 9, 12], list(range(4, 15)), [7], [20, 21, 22, 23, 24, 25, 26, 27]]
@@ -317,8 +318,12 @@ def test_seeded_sampling_equals_the_official_draws(block_checkpoints, family) ->
                 ignore_eos=True,
             )
         )
-    outs = engine.generate(prompts, params, use_tqdm=False)
-    assert [(o.token_ids, o.num_forward_passes) for o in outs] == expected
+    # Unseeded sampled requests share the pass, drawing from the engine's stream: the seeded
+    # ones' draws are untouched.
+    shared = DecodeParams(gen_length=14, steps=2, temperature=0.8, top_k=6, ignore_eos=True)
+    outs = engine.generate([*prompts, [9, 10], [11]], [*params, shared, shared], use_tqdm=False)
+    assert [(o.token_ids, o.num_forward_passes) for o in outs[:4]] == expected
+    assert all(o.finish_reason == "steps" for o in outs[4:])
 
 
 def test_pages_grow_a_block_at_a_time_and_preemption_recomputes_the_same(block_checkpoints) -> None:

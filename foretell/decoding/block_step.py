@@ -18,7 +18,9 @@ the cached keys of every earlier block and reveals some of its masks:
 - sampled (temperature > 0, or top-k / top-p), as both official decoders sample: the logits
   divided by the temperature, top-k then top-p filtered (to -inf), one multinomial draw per
   row of the whole block from the request's generator, and the confidence is the drawn
-  token's filtered probability;
+  token's filtered probability; an unseeded request's rows are filtered the same way, row by
+  row with their own parameters, and drawn from the engine's shared stream for every such
+  request of a pass at once (Gumbel-max: the same distribution, not the same draws);
 - Prophet, block by block: the top-1 minus top-2 logit gap over the block's masks (or the part
   of an explicit answer span inside the block), against the threshold of the block's progress
   ``(step + 1) / steps``. When it fires, every mask of the block takes its argmax and the
@@ -48,7 +50,7 @@ import numpy as np
 import torch
 
 from foretell.decoding.early_commit import DECIDE_MARGIN, reduce_gaps, reported_gap
-from foretell.decoding.unmask import llada_step_count, top2_gap
+from foretell.decoding.unmask import filter_logits_by_row, llada_step_count, sample, top2_gap
 from foretell.params import PROPHET_COLUMNS, DecodeParams, Prophet
 from foretell.scheduler.gather import attribute_array, pick
 from foretell.scheduler.request import BLOCK, GLOBAL_STEP, STEP_IN_BLOCK, WRITES, Request
@@ -120,16 +122,11 @@ def score_rows(logits: torch.Tensor, argmax_of_probs: bool) -> torch.Tensor:
     return torch.stack([x0.double(), conf.float().double(), gap.float().double()])
 
 
-def sample_rows(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator,
+def filter_block_logits(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
 ) -> torch.Tensor:
-    """:func:`score_rows` for a sampled step, on the host: the drawn tokens, their filtered
-    probabilities and the raw logits' gaps (Prophet reads the logits before sampling)."""
-    gaps = score_rows(logits, False)[2]
+    """The logits as both official block decoders filter them before a draw: divided by the
+    temperature, then top-k, then top-p, dropped logits at ``-inf``."""
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     if top_k is not None and top_k > 0:
@@ -142,10 +139,50 @@ def sample_rows(
         beyond[..., 0] = False
         drop = torch.zeros_like(beyond).scatter(-1, order, beyond)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1).cpu()
+    return logits
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """:func:`score_rows` for a seeded sampled step, on the host: the drawn tokens (one
+    multinomial draw a row from the request's own generator, as the official decoders draw),
+    their filtered probabilities and the raw logits' gaps (Prophet reads the logits before
+    sampling)."""
+    gaps = score_rows(logits, False)[2]
+    probs = filter_block_logits(logits, temperature, top_k, top_p).softmax(-1).cpu()
     token = torch.multinomial(probs, 1, generator=generator)
     conf = probs.gather(-1, token)[:, 0]
     return torch.stack([token[:, 0].double(), conf.float().double(), gaps.cpu()])
+
+
+def sample_shared_rows(
+    logits: torch.Tensor,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """:func:`sample_rows` for the rows of unseeded requests, each row with its own
+    parameters (float64 ``temperature``, 0: none; int64 ``top_k``, 0: none; float64 ``top_p``,
+    >= 1: none), in a fixed number of ops on the logits' device: each row is filtered exactly
+    as :func:`filter_block_logits` filters it alone, and every row's token is drawn from the
+    engine's shared ``generator`` by one ``[rows, vocab]`` uniform draw (Gumbel-max: a draw
+    from the same distribution as the multinomial's, not the same draw)."""
+    gaps = score_rows(logits, False)[2]
+    filtered = filter_logits_by_row(
+        logits, temperature, top_p, top_k, top_k_first=True, fill=float("-inf")
+    )
+    noise = torch.rand(
+        filtered.shape, generator=generator, dtype=torch.float64, device=filtered.device
+    )
+    token = sample(filtered, 1.0, None, noise)  # the rows are divided by their temperature
+    conf = filtered.softmax(-1).gather(-1, token[:, None])[:, 0]
+    return torch.stack([token.double(), conf.float().double(), gaps])
 
 
 def advance_block(req: Request, positions: torch.Tensor, scores: torch.Tensor) -> None:

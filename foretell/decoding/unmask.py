@@ -221,7 +221,13 @@ def scale_rows(logits: torch.Tensor, factor: np.ndarray, *, divide: bool) -> tor
 
 
 def filter_logits_by_row(
-    logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray
+    logits: torch.Tensor,
+    temperature: np.ndarray,
+    top_p: np.ndarray,
+    top_k: np.ndarray,
+    *,
+    top_k_first: bool = False,
+    fill: float | None = None,
 ) -> torch.Tensor:
     """:func:`filter_logits` with each row's own parameters, in a fixed number of ops whatever
     they are (no group per distinct value): ``temperature`` float64 [rows] (0: none),
@@ -229,17 +235,25 @@ def filter_logits_by_row(
     :func:`filter_logits` of that row alone, bit for bit in float32, float64 and bfloat16:
     each filter is row-wise, and each row's parameter takes the dtype the scalar would. The
     nucleus's sort and the top-k run only over the rows that ask for them (over a real
-    vocabulary they cost far more than the gather)."""
+    vocabulary they cost far more than the gather). ``top_k_first`` and ``fill=-inf``: the
+    block decoders' filter instead (``foretell.decoding.block_step.filter_block_logits``),
+    which applies top-k before top-p and drops logits to ``-inf``."""
     out = logits
     tempered = temperature > 0
     if tempered.any():
         out = scale_rows(out, np.where(tempered, temperature, 1.0), divide=True)
-    nucleus = top_p < 1
-    if nucleus.any():
-        out = _on_rows(out, nucleus, lambda rows: _nucleus(rows, top_p[nucleus]))
-    has_k = top_k > 0
-    if has_k.any():
-        out = _on_rows(out, has_k, lambda rows: _top_k(rows, top_k[has_k]))
+    nucleus, has_k = top_p < 1, top_k > 0
+
+    def nucleus_filter(out: torch.Tensor) -> torch.Tensor:
+        return _on_rows(out, nucleus, lambda rows: _nucleus(rows, top_p[nucleus], fill))
+
+    def top_k_filter(out: torch.Tensor) -> torch.Tensor:
+        return _on_rows(out, has_k, lambda rows: _top_k(rows, top_k[has_k], fill))
+
+    filters = [(has_k, top_k_filter), (nucleus, nucleus_filter)]
+    for asked, apply in filters if top_k_first else filters[::-1]:
+        if asked.any():
+            out = apply(out)
     return out
 
 
@@ -255,8 +269,9 @@ def _on_rows(
     return out
 
 
-def _nucleus(logits: torch.Tensor, top_p: np.ndarray) -> torch.Tensor:
-    """Dream's top-p over each row with its own ``top_p`` (each < 1)."""
+def _nucleus(logits: torch.Tensor, top_p: np.ndarray, fill: float | None = None) -> torch.Tensor:
+    """Dream's top-p over each row with its own ``top_p`` (each < 1); dropped logits take
+    ``fill`` (default: the dtype's lowest, as Dream; the block decoders use ``-inf``)."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=True)
     cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
     # The comparison's scalar takes the cumulative sum's dtype.
@@ -265,15 +280,15 @@ def _nucleus(logits: torch.Tensor, top_p: np.ndarray) -> torch.Tensor:
     remove[..., 1:] = remove[..., :-1].clone()
     remove[..., 0] = False
     mask = torch.zeros_like(remove).scatter_(-1, sorted_idx, remove)
-    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min if fill is None else fill)
 
 
-def _top_k(logits: torch.Tensor, top_k: np.ndarray) -> torch.Tensor:
-    """Top-k over each row with its own ``top_k`` (each >= 1)."""
+def _top_k(logits: torch.Tensor, top_k: np.ndarray, fill: float | None = None) -> torch.Tensor:
+    """Top-k over each row with its own ``top_k`` (each >= 1); ``fill`` as :func:`_nucleus`."""
     k = np.minimum(top_k, logits.shape[-1])
     values = torch.topk(logits, int(k.max())).values  # sorted: the k-th largest at k - 1
     kth = values.gather(1, torch.from_numpy(k - 1).to(logits.device)[:, None])
-    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min if fill is None else fill)
 
 
 def sample(

@@ -23,7 +23,7 @@ import torch
 
 from foretell.decoding import positions_needed
 from foretell.decoding.batched import OTHER_SCORES, BatchedStep, batchable, filters, in_dtype
-from foretell.decoding.block_step import block_rows, sample_rows, score_rows
+from foretell.decoding.block_step import block_rows, sample_rows, sample_shared_rows, score_rows
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
@@ -204,7 +204,8 @@ class ModelRunner:
         )
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
-        # one (the per-request path: sampling, Dream, alg_temp).
+        # one (the per-request path: Dream's origin and alg_temp, guidance with an explicit
+        # Prophet span, sampling with Prophet and a cache).
         self.generator = torch.Generator(self.device).manual_seed(0)
         self.host_generator = torch.Generator().manual_seed(0)
 
@@ -414,7 +415,10 @@ class ModelRunner:
         out.batched = greedy
         if blocks:
             row_bounds = (row_lo, row_hi)
-            out.blocks = self._block_scores(batch, blocks_np, block_pos, gathered, row_bounds)
+            values = step.values[blocks_np]
+            out.blocks = self._block_scores(
+                batch, blocks_np, block_pos, gathered, row_bounds, values
+            )
         return out
 
     def _block_scores(
@@ -424,43 +428,91 @@ class ModelRunner:
         block_pos: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         gathered: torch.Tensor,
         bounds: tuple[np.ndarray, np.ndarray],
+        values: np.ndarray,
     ) -> list[tuple[Request, torch.Tensor, torch.Tensor]]:
-        """Every greedy block-causal request's rows scored in one batched computation and
-        brought to the host in one transfer; a sampled request's drawn from its own generator
-        (seeded from the engine's host stream when it has no seed). ``block_pos``:
-        :func:`block_rows`' positions of ``blocks``; ``bounds``: each request's first and end
-        gathered row."""
+        """Every block-causal request's rows scored on the device and brought to the host in
+        one transfer: the greedy ones' (:func:`score_rows`) and the unseeded sampled ones'
+        (:func:`sample_shared_rows`: one draw from the engine's shared stream for all) in a
+        fixed number of ops; a seeded sampled request's drawn from its own generator, as the
+        official decoders draw. ``block_pos``: :func:`block_rows`' positions of ``blocks``;
+        ``bounds``: each request's first and end gathered row; ``values``: each request's
+        float columns (``_TEMPERATURE``, ...)."""
         flat, counts, _, drawn = block_pos
         reqs = pick(batch, blocks)
         positions = torch.from_numpy(flat).split(counts.tolist())
         scores: list[torch.Tensor | None] = [None] * len(blocks)
-        greedy = np.flatnonzero(~drawn)
+        seeded = drawn & ~is_none(reqs, "params.seed")
+        greedy, shared = np.flatnonzero(~drawn), np.flatnonzero(drawn & ~seeded)
+        first, end = bounds[0][blocks], bounds[1][blocks]
+        device = gathered.device
+        parts = []
         if greedy.size:
-            first, end = bounds[0][blocks[greedy]], bounds[1][blocks[greedy]]
-            index = torch.from_numpy(concat_ranges(first, end))
+            index = torch.from_numpy(concat_ranges(first[greedy], end[greedy])).to(device)
             argmax_of_probs = getattr(self.model, "argmax_of_probs", False)
-            scored = score_rows(gathered[index.to(gathered.device)], argmax_of_probs).cpu()
-            parts = scored.split(counts[greedy].tolist(), dim=1)
-            if greedy.size == len(blocks):
-                return list(zip(reqs, positions, parts, strict=True))
-            for k, part in zip(greedy.tolist(), parts, strict=True):
+            parts.append(score_rows(gathered[index], argmax_of_probs))
+        if shared.size:
+            shared, drawn_shared = self._shared_samples(reqs, shared, first, end, gathered, values)
+            parts.append(drawn_shared)
+        if parts:
+            scored = torch.cat(parts, dim=1).cpu() if len(parts) > 1 else parts[0].cpu()
+            order = np.concatenate([greedy, shared])
+            split = scored.split(counts[order].tolist(), dim=1)
+            for k, part in zip(order.tolist(), split, strict=True):
                 scores[k] = part
-        for k in np.flatnonzero(drawn).tolist():
+            if len(order) == len(blocks):
+                return list(zip(reqs, positions, scores, strict=True))
+        for k in np.flatnonzero(seeded).tolist():
             req, p = reqs[k], reqs[k].params
-            if req.generator is None:  # once in the request's life (kept for a restart)
-                req.draw_seed = int(torch.randint(2**62, (1,), generator=self.host_generator))
-                req.generator = torch.Generator().manual_seed(req.draw_seed)
-            start, end = int(bounds[0][blocks[k]]), int(bounds[1][blocks[k]])
             state = req.generator.get_state()
             try:
-                scores[k] = sample_rows(
-                    gathered[start:end], p.temperature, p.top_k, p.top_p, req.generator
-                )
+                rows = gathered[int(first[k]) : int(end[k])]
+                scores[k] = sample_rows(rows, p.temperature, p.top_k, p.top_p, req.generator)
             except Exception as err:  # this request only; its stream as it was
                 req.generator.set_state(state)
                 req.finish("error", f"sampling failed: {err!r}")
         items = zip(reqs, positions, scores, strict=True)
         return [item for item in items if item[2] is not None]
+
+    def _shared_samples(
+        self,
+        reqs: list[Request],
+        members: np.ndarray,
+        first: np.ndarray,
+        end: np.ndarray,
+        gathered: torch.Tensor,
+        values: np.ndarray,
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """The unseeded sampled block-causal requests ``members`` (indices into ``reqs``)
+        drawn at once (:func:`sample_shared_rows`); if that fails, each is drawn alone, so
+        that only a request that fails alone ends with an error. Returns the members drawn
+        and their rows' scores, back to back."""
+
+        def draw(at: np.ndarray) -> torch.Tensor:
+            sizes = end[at] - first[at]
+            index = torch.from_numpy(concat_ranges(first[at], end[at])).to(gathered.device)
+            own = values[at]
+            return sample_shared_rows(
+                gathered[index],
+                np.repeat(own[:, _TEMPERATURE], sizes),
+                np.repeat(own[:, _TOP_K], sizes).astype(np.int64),
+                np.repeat(own[:, _TOP_P], sizes),
+                self.generator,
+            )
+
+        try:
+            return members, draw(members)
+        except Exception:
+            logger.exception("shared draw failed; drawing its requests one by one")
+        kept, parts = [], []
+        for k in members.tolist():
+            try:
+                parts.append(draw(np.asarray([k])))
+                kept.append(k)
+            except Exception as err:  # this request only
+                reqs[k].finish("error", f"sampling failed: {err!r}")
+        if not parts:
+            return np.zeros(0, dtype=np.int64), gathered.new_zeros((3, 0), dtype=torch.float64)
+        return np.asarray(kept, dtype=np.int64), torch.cat(parts, dim=1)
 
     def _guide_rows(
         self,

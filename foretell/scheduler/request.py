@@ -136,9 +136,6 @@ class Request:
     # (``kv_pages_needed`` at admission: those of its first pass), as an autoregressive
     # sequence's grow.
     kv_pages_max: int = 0
-    # The seed of the generator an unseeded sampled request drew once from the engine's
-    # stream, so that a recomputation after preemption draws the same tokens.
-    draw_seed: int | None = None
     preemptions: int = 0
     # A block-causal request: canvas positions [0, kv_stored) have their final keys and
     # values in its pages.
@@ -203,8 +200,7 @@ class Request:
         self.given_np = self.given.numpy()
         # A seeded request owns its stream; an unseeded one draws from the engine's shared
         # stream (the runner gives it a generator of its own only where a step needs one).
-        seed = p.seed if p.seed is not None else self.draw_seed
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.generator = None if p.seed is None else torch.Generator().manual_seed(p.seed)
         if self.family == "dream":
             # Fast-dLLM's cached Dream decoding runs the grid within each block.
             steps = p.steps if p.kv_cache is None else p.steps_per_block
