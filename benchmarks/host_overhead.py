@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=MIXES,
         help="issue: the issue's greedy LLaDA mix; every-kind-*: every request kind the batched "
         "step takes (rules, sampling, caches, guidance, Prophet) for one family; "
-        "every-kind-block: SDAR's (run it with --attention-backend sdpa)",
+        "every-kind-block: SDAR's (both schedules, sampling on a third, Prophet on half)",
     )
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)

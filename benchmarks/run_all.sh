@@ -39,12 +39,10 @@ python benchmarks/attention_layout.py --out "$out/attention_layout.json" \
 python benchmarks/forward_chunks.py --out "$out/forward_chunks.json" | tee "$out/forward_chunks.txt"
 # Host work per step against the batch (issue #24) at this revision, every mix; the A/B
 # comparisons in docs/benchmarks.md run the same command in a checkout of each revision.
-for mix in issue every-kind-llada every-kind-dream; do
+for mix in issue every-kind-llada every-kind-dream every-kind-block; do
   OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
     --attention-backend sdpa_buckets --mix "$mix" --out "$out/host_overhead_$mix.json"
 done
-OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
-  --attention-backend sdpa --mix every-kind-block --out "$out/host_overhead_every-kind-block.json"
 # One block of 32 with low-confidence remasking: where the reference rule's mean lets an open
 # letter through, against the default min rule.
 foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \

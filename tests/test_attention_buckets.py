@@ -142,3 +142,86 @@ def test_a_pass_builds_its_bucket_layout_once_for_every_layer() -> None:
     assert first[0].q_index.tolist()[1][:3] == [25, 26, 27] and first[0].q_index[1, 3] == 28
     other = attention._bucket_groups(specs[:2], 25, 25, torch.device("cpu"))
     assert other is not first and len(other) == 2
+
+
+@pytest.fixture(scope="module")
+def sdar():
+    return tiny_model("sdar", seed=5, dtype="float64", block_size=4)
+
+
+def _block_cases() -> list[tuple[list[int], DecodeParams]]:
+    """Prompts of 1 to 13 tokens (their whole blocks stored at the first pass: block-causal
+    masks over several blocks), both schedules, with and without the block cache (without it
+    the window is re-encoded block-causally every step), Prophet on some."""
+    cases = []
+    for i in range(12):
+        cases.append(
+            (
+                [5 + (i * 7 + j) % 30 for j in range(1 + i)],
+                DecodeParams(
+                    gen_length=(8, 12, 16)[i % 3],
+                    block_length=4,
+                    steps=(4, 2)[i % 2],
+                    remasking=("low_confidence", "confidence_threshold")[(i // 2) % 2],
+                    threshold=0.3,
+                    block_cache=i % 4 != 3,
+                    early_commit=Prophet((4.0, 2.5, 1.0), (0.33, 0.67)) if i % 3 == 1 else None,
+                    ignore_eos=True,
+                ),
+            )
+        )
+    return cases
+
+
+def test_block_causal_sequences_are_bucketed_close_to_the_exact_path(sdar) -> None:
+    """Block-causal sequences (a store sequence spanning blocks, a block's queries over its
+    pages) in buckets, with a mask per query where the queries see different keys: within
+    1e-12 of the exact path in float64; and the decoded tokens equal the exact path's, batched
+    and alone."""
+    model = sdar.model
+    pool = KVPool(model, torch.device("cpu"), 10**8, page_size=4)
+    slots = pool.slots(pool.allocate(pool.pages_for(24)), 24)
+    ids = torch.randint(4, 40, (24,), generator=torch.Generator().manual_seed(1))
+    # Positions 0-14 stored block-causally (the prompt's whole blocks and a part block), then
+    # the block [12, 16) re-run over its pages, and a window [0, 20) re-encoded.
+    uses = [CacheUse(slots, 0, 0, 15, 15, 4), CacheUse(slots, 0, 12, 4, 16, 4)]
+    pieces = [(torch.arange(15), uses[0]), (torch.arange(12, 16), uses[1])]
+    outs = {}
+    with torch.no_grad():
+        for backend in ("sdpa", "sdpa_buckets"):
+            model.set_attention_backend(backend)
+            pool.storage.zero_()
+            pos = torch.cat([p for p, _ in pieces])
+            outs[backend] = model.forward_packed(
+                ids[pos], pos, [len(p) for p, _ in pieces], [u for _, u in pieces], pool.storage
+            )
+        model.set_attention_backend("sdpa")
+    torch.testing.assert_close(outs["sdpa_buckets"], outs["sdpa"], rtol=0, atol=1e-12)
+    cases = _block_cases()
+    prompts, params = [c[0] for c in cases], [c[1] for c in cases]
+    exact = Engine(sdar, dtype="float64", attention_backend="sdpa", max_num_seqs=12)
+    expected = [o.token_ids for o in exact.generate(prompts, params, use_tqdm=False)]
+    bucketed = Engine(sdar, dtype="float64", attention_backend="sdpa_buckets", max_num_seqs=12)
+    mixed = bucketed.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in mixed] == expected
+    for prompt, param, out in list(zip(prompts, params, mixed, strict=True))[:4]:
+        solo = Engine(sdar, dtype="float64", attention_backend="sdpa_buckets", max_num_seqs=1)
+        assert solo.generate([prompt], param, use_tqdm=False)[0].token_ids == out.token_ids
+
+
+def test_block_causal_calls_do_not_grow_with_the_batch(sdar) -> None:
+    """The first pass of 4 and of 12 block-causal requests (store sequences of several blocks
+    and first blocks, of many lengths): the same number of attention calls a layer under
+    ``sdpa_buckets``; under ``sdpa`` they grow with the batch's shapes."""
+    cases = _block_cases()
+    counts = {}
+    for backend in ("sdpa_buckets", "sdpa"):
+        for n in (4, 12):
+            engine = Engine(sdar, dtype="float64", attention_backend=backend, max_num_seqs=n)
+            for prompt, params in cases[:n]:
+                engine.add_request(prompt, params)
+            with _Calls() as calls:
+                engine.step()
+            counts[backend, n] = calls.sdpa
+    assert counts["sdpa_buckets", 4] == counts["sdpa_buckets", 12]
+    assert counts["sdpa", 12] > counts["sdpa", 4]

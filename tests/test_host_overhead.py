@@ -88,7 +88,13 @@ def test_the_block_mix_covers_the_block_kinds_and_runs_full_batches(bench) -> No
     assert {p.temperature > 0 for p in params} == {True, False}
     assert sum(p.early_commit is not None for p in params) == 30
     run = bench.run_mix(
-        loaded, SMALL, warmup_steps=4, steps=6, count=False, mix="every-kind-block", backend="sdpa"
+        loaded,
+        SMALL,
+        warmup_steps=4,
+        steps=6,
+        count=False,
+        mix="every-kind-block",
+        backend="sdpa_buckets",
     )
     assert run.steps == 6 and run.skipped_steps == 0 and run.request_steps == 6 * SMALL
 

@@ -233,7 +233,7 @@ def _reference_plan(seq_lens: list[int], caches: list[CacheUse | None]) -> dict:
             )
         if not reads:
             k_lens.append(length)
-            own_specs.append((start, length, start, length))
+            own_specs.append((start, length, start, length, 0, 0))
             if runs and runs[-1][0] + sum(runs[-1][1]) == start:
                 runs[-1][1].append(length)
             else:
@@ -241,7 +241,9 @@ def _reference_plan(seq_lens: list[int], caches: list[CacheUse | None]) -> dict:
         else:
             k_lens.append(cache.read_len)
             read_slots += list(cache.slots[: cache.read_len])
-            read_specs.append((start, length, total + read_at, cache.read_len))
+            # A block-causal sequence's rows are the last ``length`` of its keys' positions.
+            block, first_query = cache.block_size or 0, cache.read_len - length
+            read_specs.append((start, length, total + read_at, cache.read_len, block, first_query))
             shape = (length, cache.read_len, cache.block_size or 0)
             last = groups[-1] if groups else None
             if last and last[0] + last[1] * last[2] == start and last[5] == shape:

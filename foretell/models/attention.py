@@ -11,7 +11,8 @@ per-sequence boundaries, so attention must never cross a boundary. Backends:
   sequence padded to its own bucket and its padding keys masked, so the number of calls does
   not grow with the batch's variety of lengths and a sequence's result does not depend on its
   batch-mates; padding changes rounding, so it is not bitwise the official kernel's result
-  (``sdpa`` is: it stays the default).
+  (``sdpa`` is: it stays the default). Block-causal sequences (SDAR, LLaDA2) take a mask per
+  query in their bucket where their queries see different blocks.
 - ``flash``: flash-attn's varlen kernel (CUDA only; untested on the CPU machines we develop on).
 - ``xformers``: xformers' memory-efficient attention with a block-diagonal mask (CUDA only;
   untested here).
@@ -133,8 +134,9 @@ class KVPlan:
     read_masks: tuple[torch.Tensor | None, ...]
     seq_lens: tuple[int, ...]
     k_lens: tuple[int, ...]  # keys each sequence attends to (flash-attn / xformers)
-    # ``sdpa_buckets``: every sequence's (first query row, queries, first key row, keys), where
-    # a reading sequence's keys are its gathered ones, which follow the pass's own rows;
+    # ``sdpa_buckets``: every sequence's (first query row, queries, first key row, keys, block
+    # size, canvas position of its first query), where a reading sequence's keys are its
+    # gathered ones, which follow the pass's own rows (key ``j`` is canvas position ``j``);
     # self-attending sequences first, then reading ones, each in packed order.
     specs: np.ndarray | None = None
     # flash-attn / xformers only: every sequence's keys back to back, as indices into the
@@ -292,7 +294,9 @@ def plan_kv(
     # Self-attending sequences first, then reading ones (whose keys follow the pass's rows).
     spec_order = np.concatenate([own, seqs])
     key_first = np.where(reads, read_at + int(lens.sum()), starts)
-    specs = np.stack([starts, lens, key_first, k_lens], axis=1)[spec_order]
+    block = np.where(reads, uses.block_size, 0)
+    first_query = np.where(reads, uses.read_len - lens, 0)
+    specs = np.stack([starts, lens, key_first, k_lens, block, first_query], axis=1)[spec_order]
     return KVPlan(
         storage=storage,
         write_rows=to_device(write_rows),
@@ -394,7 +398,9 @@ class _BucketGroup:
     q_index: torch.Tensor  # [count, q_len] rows of q (the padding row past the end)
     k_index: torch.Tensor  # [count, k_len] rows of k and v
     q_flat: torch.Tensor  # q_index flattened (where the outputs go)
-    mask: torch.Tensor  # [count, 1, 1, k_len] real keys
+    # [count, 1, 1, k_len] real keys, or [count, 1, q_len, k_len] the keys each query sees
+    # when a block-causal sequence's queries do not all see the same ones.
+    mask: torch.Tensor
 
 
 # The last pass's (key, groups): every layer of a pass has the same layout, so it is built (and
@@ -415,10 +421,14 @@ def _bucket_groups(
     rows_k: int,
     device: torch.device,
 ) -> list[_BucketGroup]:
-    """The SDPA calls of ``specs`` (``[sequences, 4]``: first query row, queries, first key
-    row, keys): one per pair of buckets, in the order each pair first appears, its members in
+    """The SDPA calls of ``specs`` (``[sequences, 4 or 6]``: first query row, queries, first
+    key row, keys, and for a block-causal sequence its block size and its first query's canvas
+    position): one per pair of buckets, in the order each pair first appears, its members in
     ``specs``' order. Worked out once per pass (every layer has the same layout)."""
-    specs = np.asarray(specs, dtype=np.int64).reshape(-1, 4)
+    specs = np.asarray(specs, dtype=np.int64)
+    specs = specs.reshape(-1, specs.shape[-1] if specs.size else 4)
+    if specs.shape[1] == 4:  # no block-causal sequence
+        specs = np.concatenate([specs, np.zeros((len(specs), 2), dtype=np.int64)], axis=1)
     key = (specs.tobytes(), rows_q, rows_k, device)
     last = _last_layout[0]
     if last is not None and last[0] == key:
@@ -433,6 +443,7 @@ def _bucket_groups(
         q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
         k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, rows_k)
         real = k_col < table[:, 3:4]
+        mask = _bucket_mask(table, real, q_col, k_col)
         groups.append(
             _BucketGroup(
                 len(table),
@@ -441,11 +452,32 @@ def _bucket_groups(
                 torch.from_numpy(q_index).to(device),
                 torch.from_numpy(k_index).to(device),
                 torch.from_numpy(q_index.reshape(-1)).to(device),
-                torch.from_numpy(real[:, None, None, :]).to(device),
+                torch.from_numpy(mask).to(device),
             )
         )
     _last_layout[0] = (key, groups)
     return groups
+
+
+def _bucket_mask(
+    table: np.ndarray, real: np.ndarray, q_col: np.ndarray, k_col: np.ndarray
+) -> np.ndarray:
+    """The mask of one bucket group (``table``: its members' specs; ``real``: ``[count,
+    k_len]`` which padded keys are real): the real keys, the same for every query, unless a
+    block-causal member's queries see different keys (:func:`_block_mask`: a key is seen when
+    its block is not after the query's). A padding query sees what its sequence's last query
+    sees (never nothing, so no row of the call is all masked)."""
+    block = table[:, 4]
+    if not block.any():
+        return real[:, None, None, :]
+    size = np.maximum(block, 1)[:, None]
+    query_pos = table[:, 5:6] + np.minimum(q_col, table[:, 1:2] - 1)  # [count, q_len]
+    sees = (k_col // size)[:, None, :] <= (query_pos // size)[:, :, None]
+    sees |= (block == 0)[:, None, None]
+    sees &= real[:, None, :]
+    if (sees == real[:, None, :]).all():  # every query sees every real key (the common step)
+        return real[:, None, None, :]
+    return sees[:, None, :, :]
 
 
 def _bucketed(
@@ -514,8 +546,10 @@ def _cached_attention(
         pool.index_copy_(1, kv.write_slots, fresh)
     read = None if kv.read_slots is None else pool.index_select(1, kv.read_slots)
     num_heads = q.shape[1]
-    if backend != "sdpa" and any(m is not None for m in kv.read_masks):
-        raise ValueError(f"attention_backend: block-causal masks need 'sdpa', not {backend!r}")
+    if backend in ("flash", "xformers") and any(m is not None for m in kv.read_masks):
+        raise ValueError(
+            f"attention_backend: block-causal masks need 'sdpa' or 'sdpa_buckets', not {backend!r}"
+        )
     if backend in ("flash", "xformers"):
         return _varlen_cached(q, k, v, backend, kv, read)
     out = torch.empty_like(q)

@@ -210,13 +210,18 @@ class BlockCausalLM(CheckpointNames, nn.Module):
         return None if limit is None else int(limit)
 
     def set_attention_backend(self, name: str) -> str:
-        """Only SDPA for now: the block-causal mask is an explicit tensor."""
+        """SDPA, exact (``sdpa``) or in length buckets (``sdpa_buckets``): the block-causal
+        mask is an explicit tensor, which flash-attn's and xformers' calls here do not take;
+        ``auto`` is ``sdpa``."""
         backend = resolve_backend(name, self.embed.weight.device)
-        if name != "auto" and backend != "sdpa":
+        if name == "auto":
+            backend = "sdpa"
+        if backend not in ("sdpa", "sdpa_buckets"):
             raise ValueError(
-                f"attention_backend: {name!r} is not supported for {self.family} yet (sdpa only)"
+                f"attention_backend: {name!r} is not supported for {self.family} "
+                "(block-causal masks: 'sdpa' or 'sdpa_buckets')"
             )
-        self.attention_backend = "sdpa"
+        self.attention_backend = backend
         return self.attention_backend
 
     # -- the forward pass ----------------------------------------------------------------
@@ -306,7 +311,8 @@ class BlockCausalLM(CheckpointNames, nn.Module):
 
         def attend_at(index: int) -> Attend:
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                out = packed_attention(q[0], k[0], v[0], seq_lens, "sdpa", plan, index)
+                backend = self.attention_backend
+                out = packed_attention(q[0], k[0], v[0], seq_lens, backend, plan, index)
                 return out[None]
 
             return attend
