@@ -13,6 +13,7 @@ import torch
 
 import foretell.decoding.batched as batched_module
 from foretell import DecodeParams, Engine, Prophet
+from foretell.models.tiny import tiny_model
 from foretell.scheduler.canvas_rows import CanvasRows
 from foretell.scheduler.request import Request
 
@@ -258,3 +259,127 @@ def test_every_pass_packs_each_request_by_the_layout_rule(llada64) -> None:
     assert all(o.finish_reason == "steps" for o in outs)
     seen = set().union(*checked)
     assert {(None, False), ("prefix", False), ("prefix", True), ("dual", True)} <= seen
+
+
+def _reference_block_sequences(req: Request) -> list[tuple[np.ndarray, tuple]]:
+    """A block-causal request's sequences in a pass, request by request: a store sequence when
+    keys are due (from the first position not stored to its block's start), then its query
+    sequence (its block, or without the block cache its window from 0), each with (write_row,
+    write_start, write_len, read_len, block_size) of its pool use."""
+    size = req.params.block_length
+    start = req.block * size
+    end = start + size
+    out = []
+    if req.params.block_cache and req.kv_stored < start:
+        out.append((np.arange(req.kv_stored, start), (0, req.kv_stored, start - req.kv_stored)))
+        out[-1] = (out[-1][0], (*out[-1][1], start, size))
+    query = start if req.params.block_cache else 0
+    out.append((np.arange(query, end), (0, query, end - query, end, size)))
+    return out
+
+
+def test_every_pass_packs_each_block_causal_request_by_the_layout_rule() -> None:
+    """Each SDAR request's sequences in every pass of a mixed run (prompts over several blocks:
+    their whole blocks stored at the first pass; blocks finished and stored with the next
+    block's queries; the window re-encoded without the block cache): positions, tokens, pool
+    use and page table; store sequences first, in (length, keys) order, then the queries."""
+    loaded = tiny_model("sdar", seed=3, block_size=4)
+    # Fewer slots than requests: late joiners' prompts are stored beside earlier requests'
+    # finished blocks, so the store order (length first) is put to the test.
+    engine = Engine(loaded, max_num_seqs=3)
+    params = [
+        DecodeParams(gen_length=g, block_length=4, steps=s, block_cache=c, ignore_eos=True)
+        for g, s, c in [(8, 4, True), (12, 2, True), (8, 2, False), (16, 4, True)]
+    ]
+    prompts = [[5 + i % 30 for i in range(n)] for n in (1, 6, 2, 13, 3, 17, 11, 9)]
+    real = engine.runner.packer.pack
+    seen = {"store": 0, "window": 0}
+
+    def checking(batch, canvas_rows):
+        step = real(batch, canvas_rows)
+        ids, positions = step.ids.numpy(), step.positions.numpy()
+        starts = np.cumsum(step.seq_lens) - np.asarray(step.seq_lens)
+        stores, queries = [], []
+        for i, req in enumerate(batch):
+            *store, query = _reference_block_sequences(req)
+            stores += [(req, *s) for s in store]
+            queries.append((i, req, *query))
+            seen["window"] += not req.params.block_cache
+        stores.sort(key=lambda s: (len(s[1]), s[2][3]))
+        for seq, (req, pos, use) in enumerate(stores):  # the pass's first sequences
+            assert step.seq_lens[seq] == len(pos)
+            at = starts[seq]
+            np.testing.assert_array_equal(positions[at : at + len(pos)], pos)
+            np.testing.assert_array_equal(ids[at : at + len(pos)], req.canvas_np[pos])
+            got = step.caches.use(seq)
+            assert tuple(got)[1:] == use
+            np.testing.assert_array_equal(got.slots[: len(req.kv_slots)], req.kv_slots)
+        seen["store"] += len(stores)
+        for i, req, pos, use in queries:
+            seq = step.seq_of[i]
+            assert seq >= len(stores) and step.seq_lens[seq] == len(pos)
+            at = step.offsets(i)[0]
+            np.testing.assert_array_equal(positions[at : at + len(pos)], pos)
+            np.testing.assert_array_equal(ids[at : at + len(pos)], req.canvas_np[pos])
+            got = step.caches.use(seq)
+            assert tuple(got)[1:] == use
+            np.testing.assert_array_equal(got.slots[: len(req.kv_slots)], req.kv_slots)
+        return step
+
+    engine.runner.packer.pack = checking
+    outs = engine.generate(prompts, [params[i % 4] for i in range(8)], use_tqdm=False)
+    assert all(o.finish_reason == "steps" for o in outs)
+    assert seen["store"] > 8 and seen["window"] > 0
+
+
+def test_store_sequences_come_by_length_then_keys() -> None:
+    """A late joiner's prompt store (12 positions up to 12) and a finished block's (4 up to
+    16) in one pass: the shorter first, whatever their keys; equal lengths by keys, then in
+    batch order; no store without the block cache or with the keys already stored."""
+    from types import SimpleNamespace
+
+    from foretell.engine.packing import _block_layouts
+
+    def req(stored: int, cache: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(
+            params=SimpleNamespace(block_length=4, block_cache=cache), kv_stored=stored
+        )
+
+    reqs = [req(0), req(12), req(8), req(4), req(0, cache=False), req(12)]
+    block = np.array([3, 4, 4, 2, 2, 3])
+    queries, stores = _block_layouts(reqs, block)
+    assert stores[0].tolist() == [3, 1, 2, 0]  # which requests, in pass order
+    assert stores[3].tolist() == [4, 4, 8, 12] and stores[4].tolist() == [8, 16, 16, 12]
+    assert stores[2].tolist() == [4, 12, 8, 0]  # each from its first position not stored
+    assert queries[2].tolist() == [12, 16, 16, 8, 0, 12]  # the window from 0 without the cache
+    assert queries[4].tolist() == [16, 20, 20, 12, 12, 16]
+
+
+def test_block_constants_are_kept_per_block_causal_row_and_follow_a_swap() -> None:
+    """A block-causal request's constants (the batched block step's table) are computed at
+    its row's first gather, follow a params swap, and other requests' rows hold none."""
+    import dataclasses
+
+    from foretell.decoding.block_step import BLOCK_CONSTANTS, _constants, block_constants
+
+    rows = CanvasRows(
+        capacity=1,
+        width=8,
+        block_constants_of=block_constants,
+        block_constants_width=BLOCK_CONSTANTS,
+    )
+    params = DecodeParams(gen_length=8, block_length=4, steps=2, ignore_eos=True)
+    block = Request("b", "p", [1, 2, 3], params, 0, "sdar", block_causal=True)
+    assert block.block_causal
+    other = _request("o", 3)
+    for req in (block, other):
+        rows.add(req)
+    held = np.array([block.canvas_row, other.canvas_row])
+    rows.geometry_of([block, other], held)
+    np.testing.assert_array_equal(rows.block_constants[held[0]], _constants(params))
+    assert np.isnan(rows.block_constants[held[1]]).all()
+    block.params = dataclasses.replace(params, steps=4, early_commit=Prophet())
+    rows.geometry_of([block], held[:1])
+    np.testing.assert_array_equal(rows.block_constants[held[0]], _constants(block.params))
+    with pytest.raises(ValueError, match="block_constants_of and block_constants_width"):
+        CanvasRows(block_constants_of=block_constants)

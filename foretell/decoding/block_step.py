@@ -276,7 +276,8 @@ def _block_done(req: Request) -> None:
         req.finish("steps")
 
 
-# Columns of ``_constants``: a block-causal request's fixed numbers, one row per params object.
+# Columns of :func:`block_constants`: a block-causal request's fixed numbers, which its canvas
+# row keeps (``CanvasRows.block_constants``, computed once per params object).
 (
     _BLOCK_LEN,
     _STEPS,
@@ -289,6 +290,13 @@ def _block_done(req: Request) -> None:
     _EXPLICIT_SPAN,
 ) = range(9)
 _POLICY = 9  # Prophet's columns (``Prophet.columns``) from here
+BLOCK_CONSTANTS = _POLICY + PROPHET_COLUMNS  # how many
+
+
+def block_constants(req: Request) -> tuple[float, ...]:
+    """A block-causal request's fixed numbers, as the batched block step reads them: one row
+    of a pass's table (see the column names above)."""
+    return _constants(req.params)
 
 
 def _constants(params: DecodeParams) -> tuple[float, ...]:
@@ -314,7 +322,7 @@ class _BlockView:
     over their canvas rows (``width``: the longest block; ``inside`` marks each one's own)."""
 
     reqs: Sequence[Request]
-    const: np.ndarray  # each request's ``_constants`` row
+    const: np.ndarray  # each request's :func:`block_constants` row
     row: np.ndarray  # its canvas row
     lo: np.ndarray  # its block's first canvas position (blocks are aligned at position 0)
     block_len: np.ndarray
@@ -323,12 +331,15 @@ class _BlockView:
 
     @classmethod
     def of(cls, reqs: Sequence[Request], canvas_rows: CanvasRows) -> _BlockView:
-        params = [req.params for req in reqs]
-        known = {id(p): _constants(p) for p in params}
-        const = np.array([known[id(p)] for p in params], dtype=np.float64)
-        const = const.reshape(len(reqs), -1)
-        block_len = const[:, _BLOCK_LEN].astype(np.int64)
         row = attribute_array(reqs, "canvas_row", np.int64)
+        if canvas_rows.block_constants.shape[1] == BLOCK_CONSTANTS:  # kept with the rows
+            const = canvas_rows.block_constants[row]
+        else:  # rows that keep none: computed here, once per params object
+            params = [req.params for req in reqs]
+            known = {id(p): _constants(p) for p in params}
+            const = np.array([known[id(p)] for p in params], dtype=np.float64)
+            const = const.reshape(len(reqs), BLOCK_CONSTANTS)
+        block_len = const[:, _BLOCK_LEN].astype(np.int64)
         lo = canvas_rows.cursor[row, BLOCK] * block_len
         inside = np.arange(int(block_len.max())) < block_len[:, None]
         at = np.where(inside, lo[:, None] + np.arange(inside.shape[1]), 0)

@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from foretell.models.attention import CacheUse, PoolUses, pool_columns
+from foretell.models.attention import PoolUses
 from foretell.ranges import concat_ranges
 from foretell.scheduler.canvas_rows import CanvasRows, block_causal_rows
-from foretell.scheduler.gather import attribute_array
+from foretell.scheduler.gather import attribute_array, equals, pick
 from foretell.scheduler.request import Request
 
-# A request's sequence in a pass: its canvas positions (a host array) and how it uses the KV
-# pool.
-Layout = tuple[np.ndarray, CacheUse | None]
 # Columns of ``StepInput.cursor``: a request's block, step in it, step, its block's masks at
 # the block's start (``Request.cursor_np``'s first four), and its canvas row.
 CURSOR = 5
@@ -117,10 +114,10 @@ class Packer:
         start, its canvas too, whose keys and values refresh its pages; in a cached step, the
         span it recomputes (its keys and values go into its pages) plus read-only rows for the
         positions Prophet's region needs outside it, attending to its whole canvas in the pool;
-        a block-causal request's, its block (:meth:`block_layout`). The bounds come from the
-        requests' geometry as arrays, the read-only rows of every cached step are laid out at
-        once (:func:`_kept_positions`), and every sequence's tokens are one gather from the
-        canvas rows."""
+        a block-causal request's, its block's queries (:func:`_block_layouts`). The bounds come
+        from the requests' geometry as arrays, the read-only rows of every cached step are laid
+        out at once (:func:`_kept_positions`), and every sequence's tokens are one gather from
+        the canvas rows."""
         n = len(batch)
         canvas_row = attribute_array(batch, "canvas_row", np.int64)
         # The rows' cursors (``Request.cursor_np``) with the row itself in the last column.
@@ -158,16 +155,15 @@ class Packer:
                 span_end[r],
             )
         read_len = np.where(cached_step, canvas, 0)
-        blocks = np.flatnonzero(block_causal_rows(fixed)).tolist()
-        block_layouts = {i: self.block_layout(batch[i]) for i in blocks}
-        for i, (pos, cache) in block_layouts.items():
-            lengths[i] = len(pos)
-            read_len[i] = cache.read_len
+        blocks = np.flatnonzero(block_causal_rows(fixed))
+        if blocks.size:
+            queries, stores = _block_layouts(pick(batch, blocks), cursor[blocks, 0])
+            lo[blocks], lengths[blocks], read_len[blocks] = queries[2], queries[3], queries[4]
         # Each request's pool use (``PoolUses``' fields; its page table is its canvas row's):
         # a cached request writes the span it recomputes, after its read-only rows, and in a
         # cached step reads its whole canvas (a refresh attends to itself: -1). None uses it:
         # no pool use at all.
-        uses_pool = bool(cached.any()) or bool(blocks)
+        uses_pool = bool(cached.any()) or bool(blocks.size)
         use = (
             None
             if not uses_pool
@@ -182,13 +178,13 @@ class Packer:
                 ]
             )
         )
-        for i, (_, cache) in block_layouts.items():
-            use[:, i] = pool_columns(canvas_row[i], cache)
-        # Sequences in attention's order (``_pack_key``): a block-causal request's store rows
-        # first; then self-attending sequences by length; cached steps last, by query and key
-        # length. A guided request's unconditional copy follows its own.
-        stores = [s for s in (self.store_layout(batch[i]) for i in blocks) if s]
-        stores.sort(key=lambda s: _pack_key(s[1]))
+        if blocks.size:
+            use[:, blocks] = queries
+            use[0, blocks] = canvas_row[blocks]
+            stores[0] = canvas_row[blocks[stores[0]]]  # (which block request) -> its table
+        # Sequences in attention's order: block-causal requests' store sequences first (by
+        # length and keys); then self-attending sequences by length; cached steps last, by
+        # query and key length. A guided request's unconditional copy follows its own.
         reading = read_len > 0
         order = np.lexsort((read_len, lengths, reading))
         seq_req = np.repeat(order, num_seqs[order])
@@ -198,25 +194,19 @@ class Packer:
         seq_lens_np = np.where(uncond, canvas[seq_req], lengths[seq_req])
         seq_lo = np.where(uncond, 0, lo[seq_req])
         all_lens, all_lo, rows = seq_lens_np, seq_lo, canvas_row[seq_req]
-        if stores:
-            store_lens = np.array([len(pos) for _, (pos, _) in stores], dtype=np.int64)
-            store_lo = np.array([pos[0] for _, (pos, _) in stores], dtype=np.int64)
-            store_rows = np.array([r.canvas_row for r, _ in stores], dtype=np.int64)
-            all_lens = np.concatenate([store_lens, seq_lens_np])
-            all_lo = np.concatenate([store_lo, seq_lo])
-            rows = np.concatenate([store_rows, rows])
+        k = 0 if not blocks.size else stores.shape[1]  # store sequences, ahead of the rest
+        if k:
+            all_lens = np.concatenate([stores[3], seq_lens_np])
+            all_lo = np.concatenate([stores[2], seq_lo])
+            rows = np.concatenate([stores[0], rows])
         positions = concat_ranges(all_lo, all_lo + all_lens)
         seq_start = np.cumsum(all_lens) - all_lens
         # Laid-out positions (their ranges above are placeholders) written over their sequence.
-        k = len(stores)
         req_first = np.empty(n, dtype=np.int64)
         req_first[order] = first + k  # each request's conditional sequence
         if reads_more.size:
             at = seq_start[req_first[reads_more]]
             positions[concat_ranges(at, at + lengths[reads_more])] = kept
-        for i, (pos, _) in block_layouts.items():
-            at = seq_start[req_first[i]]
-            positions[at : at + len(pos)] = pos
         ids = canvas_rows.flat[np.repeat(rows * canvas_rows.width, all_lens) + positions]
         cond_at = seq_start[req_first]
         uncond_at = np.full(n, -1, dtype=np.int64)
@@ -231,10 +221,8 @@ class Packer:
         if uses_pool:
             seq_use = use[:, seq_req]
             seq_use[0, uncond] = -1  # a guided request's copy uses no pool
-            if stores:
-                store_use = [pool_columns(r.canvas_row, c) for r, (_, c) in stores]
-                store_use = np.array(store_use, dtype=np.int64).T
-                seq_use = np.concatenate([store_use, seq_use], axis=1)
+            if k:
+                seq_use = np.concatenate([stores, seq_use], axis=1)
             caches = PoolUses(canvas_rows.slots, *seq_use)
         return StepInput(
             ids=torch.from_numpy(ids),
@@ -253,26 +241,32 @@ class Packer:
             uses_pool=uses_pool,
         )
 
-    @staticmethod
-    def block_layout(req: Request) -> Layout:
-        """A block-causal request's sequence: its current block's queries (or, without the
-        block cache, its window re-encoded), attending to its pages up to the block's end (its
-        store rows, when due, are a sequence of their own: :meth:`store_layout`)."""
-        lo, hi = req.query_start, req.block_bounds()[1]
-        block = req.params.block_length
-        return np.arange(lo, hi), CacheUse(req.kv_slots, 0, lo, hi - lo, hi, block)
 
-    @staticmethod
-    def store_layout(req: Request) -> tuple[Request, Layout] | None:
-        """A block-causal request's store sequence, when keys are due: canvas positions from
-        the first not stored to its block's start, written and read block-causally (the
-        official decoders' prefill, and SDAR's store pass of a finished block)."""
-        lo = req.block_bounds()[0]
-        if req.kv_stored >= lo or not req.params.block_cache:
-            return None
-        start, block = req.kv_stored, req.params.block_length
-        cache = CacheUse(req.kv_slots, 0, start, lo - start, lo, block)
-        return req, (np.arange(start, lo), cache)
+def _block_layouts(reqs: list[Request], block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block-causal requests' sequences as :class:`PoolUses` columns (table, write row, write
+    start, write length, read length, block size), the table column holding each one's index
+    into ``reqs`` until the caller puts its canvas row there; ``block``: each one's block.
+
+    Each request's query sequence is its block's positions (without the block cache, its window
+    from position 0, re-encoded), written and read block-causally up to the block's end. When
+    keys are due (``Request.kv_stored`` short of the block's start, with the block cache), a
+    store sequence of its own holds the positions from the first not stored to the block's
+    start (the official decoders' prefill, and SDAR's store pass of a finished block); store
+    sequences come ordered by length and keys (a stable order)."""
+    n = len(reqs)
+    size = attribute_array(reqs, "params.block_length", np.int64)
+    cached = equals(reqs, "params.block_cache", True)
+    stored = attribute_array(reqs, "kv_stored", np.int64)
+    start = block * size  # blocks are aligned at position 0
+    end = start + size
+    query = np.where(cached, start, 0)
+    zeros = np.zeros(n, dtype=np.int64)
+    queries = np.stack([np.arange(n), zeros, query, end - query, end, size])
+    due = np.flatnonzero(cached & (stored < start))
+    due = due[np.lexsort((start[due], start[due] - stored[due]))]
+    lens = start[due] - stored[due]
+    stores = np.stack([due, zeros[due], stored[due], lens, start[due], size[due]])
+    return queries, stores
 
 
 def _kept_positions(
@@ -299,10 +293,3 @@ def _kept_positions(
     keep |= (cols >= lo[:, None]) & (cols < hi[:, None])
     which, kept = np.nonzero(keep)
     return kept, np.bincount(which, minlength=len(lo)), before
-
-
-def _pack_key(layout: Layout) -> tuple:
-    pos, cache = layout
-    if cache is None or cache.read_len is None:
-        return (0, len(pos), 0)
-    return (1, len(pos), cache.read_len)

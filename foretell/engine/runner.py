@@ -23,7 +23,14 @@ import torch
 
 from foretell.decoding import positions_needed
 from foretell.decoding.batched import OTHER_SCORES, BatchedStep, batchable, filters, in_dtype
-from foretell.decoding.block_step import block_rows, sample_rows, sample_shared_rows, score_rows
+from foretell.decoding.block_step import (
+    BLOCK_CONSTANTS,
+    block_constants,
+    block_rows,
+    sample_rows,
+    sample_shared_rows,
+    score_rows,
+)
 from foretell.decoding.unmask import (
     ProbVariant,
     RowStats,
@@ -201,6 +208,8 @@ class ModelRunner:
             extra_width=_COLUMNS,
             values_of=self._row_values,
             values_width=_VALUES,
+            block_constants_of=block_constants,
+            block_constants_width=BLOCK_CONSTANTS,
         )
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from foretell.scheduler.request import Request
 
 # A block-causal request's geometry but for its sequences (the last field): its sequence is
-# laid out on its own (``Packer.block_layout``).
+# laid out on its own (``foretell.engine.packing._block_layouts``).
 NO_GEOMETRY = (0,) * (GEOMETRY - 1)
 
 
@@ -47,9 +47,11 @@ class CanvasRows:
     Each row also keeps its request's geometry (``Request.geometry``, fixed for its life) and
     the ``extra`` columns its user derives from a request's params alone (the runner's: which
     path steps it), and the float ``values`` it derives likewise with ``values_of`` (the
-    runner's: sampling parameters, threshold, guidance), so that a pass reads a whole
-    batch's with one gather (:meth:`geometry_of`, ``values``); and its cursor, last gap and
-    last reveals (``cursor``, ``last_gap``, ``revealed``)."""
+    runner's: sampling parameters, threshold, guidance), and for a block-causal request the
+    float ``block_constants`` it derives with ``block_constants_of`` (the block step's: block
+    length, steps, rule, Prophet), so that a pass reads a whole batch's with one gather
+    (:meth:`geometry_of`, ``values``, ``block_constants``); and its cursor, last gap and last
+    reveals (``cursor``, ``last_gap``, ``revealed``)."""
 
     def __init__(
         self,
@@ -59,6 +61,8 @@ class CanvasRows:
         extra_width: int = 0,
         values_of: Callable[[Request], tuple[float, ...]] | None = None,
         values_width: int = 0,
+        block_constants_of: Callable[[Request], tuple[float, ...]] | None = None,
+        block_constants_width: int = 0,
     ) -> None:
         if capacity < 1 or width < 1:
             raise ValueError(f"capacity and width: must be >= 1, got {capacity} and {width}")
@@ -66,8 +70,13 @@ class CanvasRows:
             raise ValueError("extra and extra_width: give both or neither")
         if (values_of is None) != (values_width == 0):
             raise ValueError("values_of and values_width: give both or neither")
+        if (block_constants_of is None) != (block_constants_width == 0):
+            raise ValueError("block_constants_of and block_constants_width: give both or neither")
         self.extra = extra
         self.values_of = values_of
+        self.block_constants_of = block_constants_of
+        # A block-causal row's constants (NaN: another kind of request, or none computed).
+        self.block_constants = np.full((capacity, block_constants_width), np.nan)
         # Each row's float columns (``values``), read with the geometry.
         self.values = np.full((capacity, values_width), np.nan)
         self.tokens = np.zeros((capacity, width), dtype=np.int64)
@@ -149,6 +158,8 @@ class CanvasRows:
                 self.geometry[row, GEOMETRY:] = self.extra(req)
             if self.values_of is not None:
                 self.values[row] = self.values_of(req)
+            if self.block_constants_of is not None and req.block_causal:
+                self.block_constants[row] = self.block_constants_of(req)
             policy = None if req.block_causal else req.params.early_commit
             self.policy[row] = np.nan if policy is None else policy.columns()
             held[row] = req.params
@@ -166,6 +177,8 @@ class CanvasRows:
         self.last_gap = _grown(self.last_gap, (rows,), np.nan)
         self.policy = _grown(self.policy, (rows, PROPHET_COLUMNS), np.nan)
         self.values = _grown(self.values, (rows, self.values.shape[1]), np.nan)
+        width = self.block_constants.shape[1]
+        self.block_constants = _grown(self.block_constants, (rows, width), np.nan)
         added = rows - len(self._holders)
         self._free = list(range(rows - 1, rows - 1 - added, -1)) + self._free
         self._holders += [None] * added

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import repeat
+from operator import attrgetter, getitem
 from typing import TYPE_CHECKING
 
-from foretell.scheduler.gather import equals, identities, where
-from foretell.scheduler.request import Request, Status
+import numpy as np
+
+from foretell.scheduler.gather import attribute_array, equals, identities, is_none, where
+from foretell.scheduler.request import BLOCK, Request, Status
 
 if TYPE_CHECKING:
     from foretell.engine.kv_cache import KVPool
@@ -198,13 +202,44 @@ class Scheduler:
             self._running_cost += req.cost - req.charged_cost
             req.charged_cost, req.charged_params = req.cost, req.params
 
+    def _growing_requests(self) -> list[Request]:
+        """The running block-causal requests holding pages, not finished (gathered in C: no
+        call per request)."""
+        running = self.running
+        growing = attribute_array(running, "kv_pages_max", np.int64) > 0
+        growing &= ~is_none(running, "kv_pages") & ~equals(running, "status", Status.FINISHED)
+        return where(running, growing)
+
+    def _pages_short(self, reqs: list[Request], ahead: int) -> np.ndarray:
+        """The pages each of ``reqs`` (block-causal, holding pages) lacks for its canvas up to
+        the end of its current block (``ahead`` 0) or of the one after (1), as one array: a
+        negative count is pages to spare. Read from the requests' cursors and page lists in C,
+        not by a call per request."""
+        n = len(reqs)
+        size = attribute_array(reqs, "params.block_length", np.int64)
+        cursors = map(attrgetter("cursor_np"), reqs)
+        block = np.fromiter(map(getitem, cursors, repeat(BLOCK)), np.int64, n)
+        canvas = attribute_array(reqs, "_canvas_len", np.int64)
+        end = np.minimum((block + 1 + ahead) * size, canvas)  # blocks are aligned at 0
+        held = np.fromiter(map(len, map(attrgetter("kv_pages"), reqs)), np.int64, n)
+        return -(-end // self.kv_pool.page_size) - held
+
     def _grow_block_caches(self) -> bool:
         """Give every running block-causal request the pages of the block it denoises next,
         oldest first; where the pool is short, the youngest running ones are preempted (their
         pages taken back, restarted at the head of the queue) until the older ones fit.
-        Returns whether any was preempted."""
+        Returns whether any was preempted. When every request's pages fit, only those that
+        need more take a step of their own (a request's once a block)."""
         pool = self.kv_pool
-        growing = [r for r in self.running if r.kv_pages_max and r.kv_pages is not None]
+        growing = self._growing_requests()
+        if not growing:
+            return False
+        short = self._pages_short(growing, 0)
+        need = np.flatnonzero(short > 0)
+        if int(short[need].sum()) <= pool.free_pages:
+            for i in sorted(need.tolist(), key=lambda i: growing[i].arrival_time):
+                self._grow(growing[i], int(short[i]))
+            return False
         preempted = False
         for req in sorted(growing, key=lambda r: r.arrival_time):
             if req.kv_pages is None or req.is_finished:
@@ -225,22 +260,26 @@ class Scheduler:
                 preempted = True
                 continue
             if want > 0:
-                try:
-                    req.kv_pages = req.kv_pages + pool.allocate(want)
-                except Exception as err:  # the pool could not grow: this request ends
-                    req.finish("error", f"KV pool: {err!r}")
-                    self._grow_failed = True
-                    continue
-                req.kv_slots = pool.slots(req.kv_pages, len(req.kv_pages) * pool.page_size)
+                self._grow(req, want)
         return preempted
+
+    def _grow(self, req: Request, want: int) -> None:
+        """``want`` more pages for ``req``; if the pool cannot give them, it ends."""
+        pool = self.kv_pool
+        try:
+            req.kv_pages = req.kv_pages + pool.allocate(want)
+        except Exception as err:  # the pool could not grow: this request ends
+            req.finish("error", f"KV pool: {err!r}")
+            self._grow_failed = True
+            return
+        req.kv_slots = pool.slots(req.kv_pages, len(req.kv_pages) * pool.page_size)
 
     def _next_blocks(self) -> int:
         """Pages the running block-causal requests need for their next block."""
-        return sum(
-            self._next_block(r)
-            for r in self.running
-            if r.kv_pages_max and r.kv_pages is not None and not r.is_finished
-        )
+        growing = self._growing_requests()
+        if not growing:
+            return 0
+        return int(np.maximum(self._pages_short(growing, 1), 0).sum())
 
     def _next_block(self, r: Request) -> int:
         if not r.kv_pages_max:
