@@ -182,8 +182,9 @@ def test_block_causal_sequences_are_bucketed_close_to_the_exact_path(sdar) -> No
     pool = KVPool(model, torch.device("cpu"), 10**8, page_size=4)
     slots = pool.slots(pool.allocate(pool.pages_for(24)), 24)
     ids = torch.randint(4, 40, (24,), generator=torch.Generator().manual_seed(1))
-    # Positions 0-14 stored block-causally (the prompt's whole blocks and a part block), then
-    # the block [12, 16) re-run over its pages, and a window [0, 20) re-encoded.
+    # Positions 0-14 written and read block-causally (three whole blocks and part of a fourth:
+    # its queries see different keys), and the block [12, 16) over its pages; the engine's
+    # passes (prompt stores, the window without the block cache) run in the tokens below.
     uses = [CacheUse(slots, 0, 0, 15, 15, 4), CacheUse(slots, 0, 12, 4, 16, 4)]
     pieces = [(torch.arange(15), uses[0]), (torch.arange(12, 16), uses[1])]
     outs = {}

@@ -171,3 +171,26 @@ def test_a_failed_shared_draw_fails_only_the_request_that_fails_alone(
     assert [o.finish_reason for o in outs] == ["steps", "error", "steps"]
     assert "sampling failed" in outs[1].error and "boom" in outs[1].error
     assert engine.kv_pool.used_pages == 0
+
+
+@pytest.mark.parametrize("family", ["sdar", "llada2"])
+def test_each_request_is_filtered_with_its_own_parameters(block_checkpoints, family) -> None:
+    """Unseeded requests whose filters leave one token a row (top-k 1, or a nucleus of 1e-6)
+    draw what their seeded twins draw, in a batch with other unseeded sampled requests: the
+    shared draw reads each request's own temperature, top-k and top-p (read crosswise, as
+    top-k 0 and top-p 1, they would sample freely)."""
+    single = [(1.0, 1, 0.5), (1.3, 40, 1e-6), (0.7, 1, None)]
+    rng = random.Random(2)
+    prompts = [[rng.randrange(4, 40) for _ in range(n)] for n in (3, 7, 5, 2, 9)]
+
+    def params(t, k, p, seed=None):
+        return DecodeParams(
+            gen_length=16, steps=2, temperature=t, top_k=k, top_p=p, seed=seed, ignore_eos=True
+        )
+
+    others = [params(0.9, None, 0.9), params(1.2, 6, None)]
+    engine = Engine(str(block_checkpoints[family]), max_num_seqs=5)
+    unseeded = engine.generate(prompts, [params(*s) for s in single] + others, use_tqdm=False)
+    twins = [params(*s, seed=i) for i, s in enumerate(single)]
+    seeded = engine.generate(prompts[:3], twins, use_tqdm=False)
+    assert [o.token_ids for o in unseeded[:3]] == [o.token_ids for o in seeded]

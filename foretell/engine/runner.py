@@ -450,7 +450,8 @@ class ModelRunner:
         reqs = pick(batch, blocks)
         positions = torch.from_numpy(flat).split(counts.tolist())
         scores: list[torch.Tensor | None] = [None] * len(blocks)
-        seeded = drawn & ~is_none(reqs, "params.seed")
+        # A request with a generator (a seed) draws from it, as the batched step's do.
+        seeded = drawn & ~is_none(reqs, "generator")
         greedy, shared = np.flatnonzero(~drawn), np.flatnonzero(drawn & ~seeded)
         first, end = bounds[0][blocks], bounds[1][blocks]
         device = gathered.device
@@ -472,12 +473,14 @@ class ModelRunner:
                 return list(zip(reqs, positions, scores, strict=True))
         for k in np.flatnonzero(seeded).tolist():
             req, p = reqs[k], reqs[k].params
-            state = req.generator.get_state()
+            state = None
             try:
+                state = req.generator.get_state()
                 rows = gathered[int(first[k]) : int(end[k])]
                 scores[k] = sample_rows(rows, p.temperature, p.top_k, p.top_p, req.generator)
             except Exception as err:  # this request only; its stream as it was
-                req.generator.set_state(state)
+                if state is not None:
+                    req.generator.set_state(state)
                 req.finish("error", f"sampling failed: {err!r}")
         items = zip(reqs, positions, scores, strict=True)
         return [item for item in items if item[2] is not None]

@@ -426,7 +426,7 @@ def _bucket_groups(
     position): one per pair of buckets, in the order each pair first appears, its members in
     ``specs``' order. Worked out once per pass (every layer has the same layout)."""
     specs = np.asarray(specs, dtype=np.int64)
-    specs = specs.reshape(-1, specs.shape[-1] if specs.size else 4)
+    specs = specs.reshape(-1, specs.shape[-1] if specs.ndim == 2 else 4)
     if specs.shape[1] == 4:  # no block-causal sequence
         specs = np.concatenate([specs, np.zeros((len(specs), 2), dtype=np.int64)], axis=1)
     key = (specs.tobytes(), rows_q, rows_k, device)
@@ -443,7 +443,7 @@ def _bucket_groups(
         q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
         k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, rows_k)
         real = k_col < table[:, 3:4]
-        mask = _bucket_mask(table, real, q_col, k_col)
+        mask = _bucket_mask(table, real, q_col, device)
         groups.append(
             _BucketGroup(
                 len(table),
@@ -452,7 +452,7 @@ def _bucket_groups(
                 torch.from_numpy(q_index).to(device),
                 torch.from_numpy(k_index).to(device),
                 torch.from_numpy(q_index.reshape(-1)).to(device),
-                torch.from_numpy(mask).to(device),
+                mask,
             )
         )
     _last_layout[0] = (key, groups)
@@ -460,24 +460,29 @@ def _bucket_groups(
 
 
 def _bucket_mask(
-    table: np.ndarray, real: np.ndarray, q_col: np.ndarray, k_col: np.ndarray
-) -> np.ndarray:
+    table: np.ndarray, real: np.ndarray, q_col: np.ndarray, device: torch.device
+) -> torch.Tensor:
     """The mask of one bucket group (``table``: its members' specs; ``real``: ``[count,
-    k_len]`` which padded keys are real): the real keys, the same for every query, unless a
-    block-causal member's queries see different keys (:func:`_block_mask`: a key is seen when
-    its block is not after the query's). A padding query sees what its sequence's last query
-    sees (never nothing, so no row of the call is all masked)."""
-    block = table[:, 4]
-    if not block.any():
-        return real[:, None, None, :]
-    size = np.maximum(block, 1)[:, None]
+    k_len]`` which padded keys are real), on ``device``: the real keys, the same for every
+    query, unless a block-causal member's queries see different keys (:func:`_block_mask`: a
+    key is seen when its block is not after the query's); then ``[count, 1, q_len, k_len]``,
+    built on the device from each member's block size and query positions (a padding query
+    sees what its sequence's last query sees: no row of the call is all masked)."""
+    real_d = torch.from_numpy(real).to(device)
+    block, first_query = table[:, 4], table[:, 5]
+    size = np.maximum(block, 1)
+    # A member's queries all see every real key when its first query's block is not before
+    # its last key's (the common step: a block's queries over the blocks before it).
+    differs = (block > 0) & (first_query // size < (table[:, 3] - 1) // size)
+    if not differs.any():
+        return real_d[:, None, None, :]
+    size_d = torch.from_numpy(size).to(device)[:, None]
+    key_block = torch.arange(real.shape[1], device=device)[None, :] // size_d
     query_pos = table[:, 5:6] + np.minimum(q_col, table[:, 1:2] - 1)  # [count, q_len]
-    sees = (k_col // size)[:, None, :] <= (query_pos // size)[:, :, None]
-    sees |= (block == 0)[:, None, None]
-    sees &= real[:, None, :]
-    if (sees == real[:, None, :]).all():  # every query sees every real key (the common step)
-        return real[:, None, None, :]
-    return sees[:, None, :, :]
+    query_block = torch.from_numpy(query_pos).to(device) // size_d
+    sees = key_block[:, None, :] <= query_block[:, :, None]
+    sees |= torch.from_numpy(block == 0).to(device)[:, None, None]
+    return (sees & real_d[:, None, :])[:, None]
 
 
 def _bucketed(

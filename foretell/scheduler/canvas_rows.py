@@ -75,7 +75,7 @@ class CanvasRows:
         self.extra = extra
         self.values_of = values_of
         self.block_constants_of = block_constants_of
-        # A block-causal row's constants (NaN: another kind of request, or none computed).
+        # A block-causal row's constants (NaN: another kind of request's row, or a free one).
         self.block_constants = np.full((capacity, block_constants_width), np.nan)
         # Each row's float columns (``values``), read with the geometry.
         self.values = np.full((capacity, values_width), np.nan)
@@ -139,6 +139,7 @@ class CanvasRows:
         self._holders[row] = None
         self._geometry_of[row] = None
         self._geometry_id[row] = 0
+        self.block_constants[row] = np.nan
         self._free.append(row)
 
     def view(self, row: int, length: int) -> np.ndarray:
