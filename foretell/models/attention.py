@@ -466,23 +466,23 @@ def _bucket_mask(
     k_len]`` which padded keys are real), on ``device``: the real keys, the same for every
     query, unless a block-causal member's queries see different keys (:func:`_block_mask`: a
     key is seen when its block is not after the query's); then ``[count, 1, q_len, k_len]``,
-    built on the device from each member's block size and query positions (a padding query
-    sees what its sequence's last query sees: no row of the call is all masked)."""
-    real_d = torch.from_numpy(real).to(device)
+    one comparison on the device of each key's block with each query's (small host arrays:
+    a padding key's block is past every query's, a member without blocks sees every key, and
+    a padding query sees what its sequence's last one sees, so no row is all masked)."""
     block, first_query = table[:, 4], table[:, 5]
     size = np.maximum(block, 1)
     # A member's queries all see every real key when its first query's block is not before
     # its last key's (the common step: a block's queries over the blocks before it).
     differs = (block > 0) & (first_query // size < (table[:, 3] - 1) // size)
     if not differs.any():
-        return real_d[:, None, None, :]
-    size_d = torch.from_numpy(size).to(device)[:, None]
-    key_block = torch.arange(real.shape[1], device=device)[None, :] // size_d
+        return torch.from_numpy(real[:, None, None, :]).to(device)
+    past = np.iinfo(np.int64).max
+    key_block = np.where(real, np.arange(real.shape[1]) // size[:, None], past)
     query_pos = table[:, 5:6] + np.minimum(q_col, table[:, 1:2] - 1)  # [count, q_len]
-    query_block = torch.from_numpy(query_pos).to(device) // size_d
-    sees = key_block[:, None, :] <= query_block[:, :, None]
-    sees |= torch.from_numpy(block == 0).to(device)[:, None, None]
-    return (sees & real_d[:, None, :])[:, None]
+    query_block = np.where(block[:, None] > 0, query_pos // size[:, None], past - 1)
+    keys = torch.from_numpy(key_block).to(device)
+    queries = torch.from_numpy(query_block).to(device)
+    return (keys[:, None, :] <= queries[:, :, None])[:, None]
 
 
 def _bucketed(
