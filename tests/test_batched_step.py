@@ -559,3 +559,39 @@ def test_distinct_sampling_values_in_the_batch_equal_the_per_request_step(family
     finished, members = _lockstep(loaded, dtype, params)
     assert len(finished) == len(params)
     assert sum(members) >= 2 * len(params)
+
+
+def test_dream_threshold_rules_at_saturation_equal_the_per_request_step() -> None:
+    """Dream's uncached threshold rule keeps scores strictly above its threshold and
+    Fast-dLLM's cached one those at or above it: with a huge logit scale many confidences are
+    exactly 1.0, so a threshold of 1.0 tells the two apart (the batched step compares a strict
+    threshold as ``>=`` of its next value up). Batched and per-request agree at every step."""
+    loaded = tiny_model("dream", seed=7, dtype="float64", logit_scale=400.0)
+    params = []
+    for i in range(12):
+        gen = (8, 16)[i % 2]
+        threshold = (1.0, 0.9, 1.0)[i % 3]
+        if i % 4 < 2:  # uncached: the whole generation at once, strictly above
+            kw = dict(gen_length=gen, block_length=gen, steps=gen)
+        else:  # Fast-dLLM's cached Dream: blocks of 4, at or above
+            kw = dict(gen_length=gen, block_length=4, steps=gen, kv_cache=("prefix", "dual")[i % 2])
+        params.append(
+            DecodeParams(**kw, remasking="confidence_threshold", threshold=threshold, seed=i)
+        )
+    engines = [Engine(loaded, dtype="float64", max_num_seqs=6) for _ in range(2)]
+    engines[1].runner.batched = False
+    for i, p in enumerate(params):
+        for engine in engines:
+            engine.add_request(PROMPTS[i % len(PROMPTS)], p, request_id=str(i))
+    finished: list[dict] = [{}, {}]
+    revealed_at_once = 0
+    while engines[0].has_unfinished_requests() or engines[1].has_unfinished_requests():
+        for engine, done in zip(engines, finished, strict=True):
+            done.update({o.request_id: _state(o) for o in engine.step()})
+        assert finished[0] == finished[1]
+        for req in engines[0].scheduler.running:
+            state = _state(engines[0].snapshot(req.request_id))
+            assert state == _state(engines[1].snapshot(req.request_id)), req.request_id
+            revealed_at_once += len(state[1]) > 1
+    assert len(finished[0]) == len(params)
+    assert revealed_at_once  # some step revealed several saturated positions at once

@@ -270,8 +270,7 @@ class BatchedStep:
         generated = masked & (pos >= per_token[_PROMPT_END])
         # The reveal window (masked, up to the end of the current block), Prophet's answer
         # region (an explicit span, masked or not, or every masked generated position), the
-        # current block's masks (its reveal schedule), and what a commit fills: host arrays
-        # (the window also as a tensor of the same memory, which the ranking indexes).
+        # current block's masks (its reveal schedule), and what a commit fills: host arrays.
         window = masked & (pos >= per_token[_WINDOW_START]) & (pos < per_token[_WINDOW_END])
         region = (pos >= per_token[_SPAN_START]) & (pos < per_token[_SPAN_END])
         region |= generated & per_token[_REGION_IS_MASKED].astype(bool)
@@ -279,7 +278,6 @@ class BatchedStep:
         self.generated_np = generated
         self.window_np = window
         self.needed_np = window | region
-        self.window = torch.from_numpy(window)
         self.region_np = region
         self.in_block_np = in_block
 
@@ -635,9 +633,8 @@ class BatchedStep:
         """
         device = stats.prob.device
         total = len(self.ids)
-        in_window = self.window[rows]
-        in_window_np = in_window.numpy()
         rows_np = rows.numpy()
+        in_window_np = self.window_np[rows_np]
         counts = np.bincount(self.seq_of_token_np[rows_np[in_window_np]], minlength=self.num_seqs)
         sizes = counts[self.seq_index]
         # Fast-dLLM's Dream refresh reveals its window (the block's first position) whole; the
@@ -653,10 +650,9 @@ class BatchedStep:
             torch.rand(draws, generator=req.generator)
         members_np = np.flatnonzero(~idle)
         members = members_np.tolist()
-        nothing = stats.prob.new_zeros(0, dtype=torch.bool)
         if not members:
             chosen = stats.prob.new_zeros(len(rows), dtype=torch.bool)
-            return _Ranking([], [], [], [], [], None, chosen, nothing)
+            return _Ranking([], [], [], [], [], None, chosen, chosen[:0])
         ks = np.where(ranked, np.minimum(ks, sizes), 1)[members_np]
         # A threshold is compared in the request's own confidence dtype, as it is alone; NaN
         # (no threshold) compares false.
@@ -665,12 +661,13 @@ class BatchedStep:
         strict = self.strict[members_np]
         # Scores over the pass's flat tokens (one spare slot at the end for padding): the
         # greedy probability at window rows, -inf elsewhere.
-        window_rows = in_window.nonzero().flatten()
+        window_rows = np.flatnonzero(in_window_np)
         # At least float32, so that random remasking's float32 draws keep their order in the
         # same matrix (a confidence is held exactly in a wider type).
         wide = torch.promote_types(stats.prob.dtype, torch.float32)
         prob_flat = stats.prob.new_full((total + 1,), float("-inf"), dtype=wide)
-        prob_flat[rows[window_rows].to(device)] = stats.prob[window_rows.to(device)].to(wide)
+        window_d = torch.from_numpy(window_rows).to(device)
+        prob_flat[torch.from_numpy(rows_np[window_rows]).to(device)] = stats.prob[window_d].to(wide)
         row_start_np = self.starts_np[members_np] + self.row_offsets_np[members_np]
         row_len_np = self.row_lens_np[members_np]
         row_start, row_len = row_start_np.tolist(), row_len_np.tolist()
@@ -678,8 +675,8 @@ class BatchedStep:
         # reference's row, and no reveal count exceeds the window's masks): its columns
         # ``[offset, offset + width)``, from the positions the row's first token holds.
         span_lo = self.positions_np[row_start_np]
-        lo = np.clip(self.window_start_np[members_np] - span_lo, 0, row_len_np)
-        hi = np.clip(self.window_end_np[members_np] - span_lo, lo, row_len_np)
+        lo = np.minimum(np.maximum(self.window_start_np[members_np] - span_lo, 0), row_len_np)
+        hi = np.minimum(np.maximum(self.window_end_np[members_np] - span_lo, lo), row_len_np)
         width_np = hi - lo
         longest = max(int(width_np.max()), 1)
         col = np.arange(longest)
@@ -694,32 +691,36 @@ class BatchedStep:
             outside = torch.from_numpy(~window_flat[index[random_rows.numpy()]]).to(device)
             random_scores = random_scores.to(device, scores.dtype).masked_fill(outside, -torch.inf)
             scores[random_rows.to(device)] = random_scores
-        ks = ks.tolist()
-        k_top = min(max(ks) + 1, longest)
+        k_top = min(int(ks.max()) + 1, longest)
         values, order = scores.topk(k_top, dim=1)
-        k_d = torch.tensor(ks, device=device)
-        thr_d = torch.from_numpy(thresholds).to(device, values.dtype)
-        is_threshold = ~torch.isnan(thr_d)
         # Rows the top-k picks (threshold: the best one), then the threshold's others; both
-        # scattered, so that nothing waits for the device.
-        ranks = torch.arange(k_top, device=device)
+        # scattered, so that nothing waits for the device. What the host knows goes over once
+        # each: the ranks each request takes, and its threshold in the scores' dtype (+inf:
+        # none; a strict one as the next value above it, so that ``>=`` is its ``>``; padding
+        # and rows outside a window score -inf, below every threshold, which is positive).
+        take = torch.from_numpy(np.arange(k_top) < ks[:, None]).to(device)
         picked = torch.zeros(total + 1, dtype=torch.bool, device=device)
-        picked.scatter_(0, index_d.gather(1, order).flatten(), (ranks < k_d[:, None]).flatten())
-        strict_d = torch.from_numpy(strict).to(device)[:, None]
-        passes = torch.where(strict_d, scores > thr_d[:, None], scores >= thr_d[:, None])
-        above = is_threshold[:, None] & passes & (index_d < total)
+        picked.scatter_(0, index_d.gather(1, order).flatten(), take.flatten())
+        is_threshold = ~np.isnan(thresholds)
+        like = np.float64 if scores.dtype == torch.float64 else np.float32
+        threshold = thresholds.astype(like)
+        threshold = np.where(strict, np.nextafter(threshold, like(np.inf)), threshold)
+        threshold = np.where(is_threshold, threshold, like(np.inf))
+        above = scores >= torch.from_numpy(threshold).to(device)[:, None]
         kept = torch.zeros(total + 1, dtype=torch.bool, device=device)
         kept.scatter_(0, index_d.flatten(), above.flatten())
         chosen_flat = picked | kept
         # A tie at the cut: the k-th and (k+1)-th scores equal (for the threshold rule, the best
         # two, below the threshold).
-        tied = nothing.new_zeros(len(members))
+        tied = torch.zeros(len(members), dtype=torch.bool, device=device)
         if k_top > 1:
-            kth = values.gather(1, (k_d - 1)[:, None]).squeeze(1)
-            nxt = values.gather(1, k_d.clamp(max=k_top - 1)[:, None]).squeeze(1)
-            tied = (k_d < k_top) & (kth == nxt) & (kth > float("-inf"))
-            tied &= ~is_threshold | ~above.any(dim=1)
+            at = np.stack([ks - 1, np.minimum(ks, k_top - 1)], axis=1)
+            kth, nxt = values.gather(1, torch.from_numpy(at).to(device)).unbind(1)
+            can_tie = torch.from_numpy(ks < k_top).to(device)
+            tied = can_tie & (kth == nxt) & (kth > float("-inf"))
+            tied &= torch.from_numpy(~is_threshold).to(device) | ~above.any(dim=1)
         chosen = chosen_flat[rows.to(device)]
+        ks = ks.tolist()
         return _Ranking(members, ks, row_start, row_len, lo.tolist(), scores, chosen, tied)
 
     def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: np.ndarray) -> None:
