@@ -332,13 +332,7 @@ class _BlockView:
     @classmethod
     def of(cls, reqs: Sequence[Request], canvas_rows: CanvasRows) -> _BlockView:
         row = attribute_array(reqs, "canvas_row", np.int64)
-        if canvas_rows.block_constants.shape[1] == BLOCK_CONSTANTS:  # kept with the rows
-            const = canvas_rows.block_constants[row]
-        else:  # rows that keep none: computed here, once per params object
-            params = [req.params for req in reqs]
-            known = {id(p): _constants(p) for p in params}
-            const = np.array([known[id(p)] for p in params], dtype=np.float64)
-            const = const.reshape(len(reqs), BLOCK_CONSTANTS)
+        const = canvas_rows.block_constants[row]  # kept with the rows (``block_constants``)
         block_len = const[:, _BLOCK_LEN].astype(np.int64)
         lo = canvas_rows.cursor[row, BLOCK] * block_len
         inside = np.arange(int(block_len.max())) < block_len[:, None]

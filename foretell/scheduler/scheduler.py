@@ -241,10 +241,10 @@ class Scheduler:
                 self._grow(growing[i], int(short[i]))
             return False
         preempted = False
-        for req in sorted(growing, key=lambda r: r.arrival_time):
+        for i in sorted(range(len(growing)), key=lambda i: growing[i].arrival_time):
+            req, want = growing[i], int(short[i])  # preempting others leaves its own as it is
             if req.kv_pages is None or req.is_finished:
                 continue  # preempted for an older one in this round
-            want = pool.pages_for(min(req.block_bounds()[1], req.canvas_len)) - len(req.kv_pages)
             while want > pool.free_pages:
                 younger = [
                     r
@@ -282,10 +282,10 @@ class Scheduler:
         return int(np.maximum(self._pages_short(growing, 1), 0).sum())
 
     def _next_block(self, r: Request) -> int:
+        """Pages ``r`` (holding its first pages) needs for its next block."""
         if not r.kv_pages_max:
             return 0
-        end = min(r.block_bounds()[1] + r.params.block_length, r.canvas_len)
-        return max(0, self.kv_pool.pages_for(end) - len(r.kv_pages or []))
+        return max(0, int(self._pages_short([r], 1)[0]))
 
     def _preempt(self, req: Request) -> None:
         """Send a running block-causal request back to the head of the queue, restarted."""
