@@ -269,14 +269,14 @@ def mix_stream(
 
 def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeParams:
     """One request of an every-kind mix: every rule of the family, sampling (temperature,
-    top-p, top-k) on a third, Fast-dLLM's caches where the rule takes one, guidance (LLaDA) on
-    some uncached ones, Prophet on every second; no seeds (the engine's stream)."""
+    top-p, top-k) on a third, Fast-dLLM's caches where the rule takes one (with Prophet and
+    sampling too), guidance (LLaDA) on some uncached ones (Prophet with an explicit span),
+    Prophet on every second; no seeds (the engine's stream)."""
     prophet = Prophet(answer_start=None) if index % 2 else None
     block = rng.choice(BLOCK_LENGTHS)
     kw: dict = {"gen_length": gen, "seed": None, "early_commit": prophet}
     if rng.random() < 1 / 3:
         kw.update(temperature=0.7, top_p=rng.choice((None, 0.9)), top_k=rng.choice((None, 8)))
-    sampled = "temperature" in kw
     if family == "sdar":  # static and dynamic schedules, sampled on a third, EOS ignored
         rule = rng.choice(("low_confidence", "confidence_threshold"))
         kw.update(remasking=rule, block_length=block, steps=rng.choice((block, block // 2)))
@@ -285,10 +285,12 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
         rule = rng.choice(("low_confidence", "random", "confidence_threshold", "margin", "entropy"))
         kw.update(remasking=rule, block_length=block, steps=rng.choice((gen, gen // 2)))
         cacheable = rule in ("low_confidence", "random", "confidence_threshold")
-        if cacheable and rng.random() < 2 / 3 and not (sampled and prophet):
+        if cacheable and rng.random() < 2 / 3:
             kw["kv_cache"] = rng.choice(("prefix", "dual"))
         elif rng.random() < 0.25:
             kw["cfg_scale"] = 1.0
+            if prophet:  # an explicit span: a commit asks for guided rows not gathered
+                kw["early_commit"] = Prophet(answer_start=0, answer_length=gen // 4)
     else:
         rules = ("maskgit_plus", "topk_margin", "entropy", "random", "confidence_threshold")
         rule = rng.choice(rules)

@@ -172,11 +172,11 @@ def test_batchable_covers_every_llada_rule_and_dreams_scored_rules() -> None:
     assert batched_module.batchable(req(temperature=0.5, early_commit=Prophet()))
     cached = {"kv_cache": "dual", "steps": 4, "block_length": 4}
     assert batched_module.batchable(req(temperature=0.5, **cached))
-    assert not batched_module.batchable(req(temperature=0.5, early_commit=Prophet(), **cached))
+    assert batched_module.batchable(req(temperature=0.5, early_commit=Prophet(), **cached))
     assert batched_module.batchable(req(cfg_scale=1.0))
     assert batched_module.batchable(req(cfg_scale=1.0, early_commit=Prophet()))
     span = Prophet(answer_start=0, answer_length=4)  # a commit would need unguided rows
-    assert not batched_module.batchable(req(cfg_scale=1.0, early_commit=span))
+    assert batched_module.batchable(req(cfg_scale=1.0, early_commit=span))
     assert batched_module.batchable(req(remasking="confidence_threshold"))
     assert batched_module.batchable(req(kv_cache="dual", steps=4, block_length=4))
     assert batched_module.batchable(req(remasking="margin"))
@@ -349,12 +349,14 @@ def _lockstep(loaded, dtype: str, params: list[DecodeParams]) -> tuple[dict, lis
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_guided_requests_in_the_batch_equal_the_per_request_step(dtype) -> None:
     """Classifier-free guidance in the batched step (rows guided in place, then
-    ``logits_eos_inf``): greedy with and without Prophet's masked region, sampled, random
-    remasking, a float64 confidence; every step equal to the per-request step."""
+    ``logits_eos_inf``): greedy with and without Prophet's masked region or an explicit span
+    (whose commit asks for guided rows the pass did not gather), sampled, random remasking, a
+    float64 confidence; every step equal to the per-request step."""
     loaded = tiny_model("llada", seed=11, dtype=dtype)
     rng = random.Random(5)
+    span = Prophet(answer_start=0, answer_length=3, thresholds=(2.0, 1.0, 0.5))
     params = []
-    for _ in range(16):
+    for _ in range(24):
         kwargs = dict(
             gen_length=16, block_length=8, steps=rng.choice([4, 8, 16]), seed=rng.randrange(99)
         )
@@ -364,6 +366,9 @@ def test_guided_requests_in_the_batch_equal_the_per_request_step(dtype) -> None:
                 [
                     {},
                     {"early_commit": Prophet(thresholds=(2.0, 1.0, 0.5))},
+                    {"early_commit": span},
+                    {"early_commit": span, "logits_eos_inf": True},
+                    {"early_commit": span, "temperature": 0.8, "logits_eos_inf": True},
                     {"temperature": 0.8},
                     {"remasking": "random"},
                     {"logits_eos_inf": True, "confidence_dtype": "float64"},
@@ -371,8 +376,86 @@ def test_guided_requests_in_the_batch_equal_the_per_request_step(dtype) -> None:
             )
         )
         params.append(DecodeParams(**kwargs))
-    finished, members = _lockstep(loaded, dtype, params)
+    asked, real_more_own = [], batched_module.BatchedStep._more_own
+
+    def counting(self, j, flat, more):
+        asked.append((self.uncond_at[j] >= 0, self.reqs[j].params.temperature > 0))
+        return real_more_own(self, j, flat, more)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.BatchedStep, "_more_own", counting)
+        finished, members = _lockstep(loaded, dtype, params)
     assert len(finished) == len(params) and sum(members) >= 2 * len(params)
+    # Guided commits asked for rows the pass did not gather: greedy and sampled ones.
+    assert set(asked) == {(True, False), (True, True)}, asked
+
+
+def test_guided_commits_suppress_eos_in_the_rows_they_ask_for() -> None:
+    """A guided commit with an explicit span asks for rows the pass did not gather; with
+    ``logits_eos_inf`` their EOS column is suppressed after guidance, as alone. On a model
+    made to favour EOS (otherwise a tiny random model never predicts it), those rows' argmax
+    is EOS before suppression; every step equals the per-request step."""
+    loaded = tiny_model("llada", seed=21, dtype="float32", logit_scale=16.0)
+    eos = loaded.model.eos_token_ids[0]
+    with torch.no_grad():  # EOS where the model's most frequent prediction (40) was
+        weight = loaded.model.lm_head.weight
+        weight[eos] = weight[40] * 1.02
+    params = [
+        DecodeParams(
+            gen_length=16,
+            block_length=8,
+            steps=16,
+            cfg_scale=scale,
+            logits_eos_inf=True,
+            early_commit=Prophet(thresholds=(t, t / 2, t / 4), answer_start=0, answer_length=2),
+            seed=1,
+        )
+        for scale in (0.5, 1.0)
+        for t in (1.0, 4.0, 8.0)
+    ]
+    asked_eos, real_more_own = [], batched_module.BatchedStep._more_own
+
+    def watching(self, j, flat, more):
+        logits = real_more_own(self, j, flat, more)
+        asked_eos.append(bool((logits.argmax(dim=-1) == eos).any()))
+        return logits
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.BatchedStep, "_more_own", watching)
+        finished, members = _lockstep(loaded, "float32", params)
+    assert len(finished) == len(params) and sum(members) >= 2 * len(params)
+    assert True in asked_eos, asked_eos
+
+
+def test_a_guided_commit_that_fails_to_ask_for_its_rows_fails_alone() -> None:
+    """A fault while a guided commit asks for its rows ends that request only: the others of
+    the pass, committing at the same step, complete as alone."""
+    loaded = tiny_model("llada", seed=11, dtype="float32")
+    span = Prophet(thresholds=(0.5, 0.25, 0.1), answer_start=0, answer_length=2)
+    params = DecodeParams(gen_length=16, block_length=8, steps=16, cfg_scale=1.0, early_commit=span)
+    alone = Engine(loaded, dtype="float32").generate(["1+1="], params, use_tqdm=False)[0]
+    assert alone.finish_reason == "early_commit"
+    real_more_own, asked = batched_module.BatchedStep._more_own, []
+
+    def failing(self, j, flat, more):
+        asked.append(self.reqs[j].request_id)
+        if self.reqs[j].request_id == "bad":
+            raise RuntimeError("injected fault")
+        return real_more_own(self, j, flat, more)
+
+    engine = Engine(loaded, dtype="float32")
+    for rid in ("good-1", "bad", "good-2"):
+        engine.add_request("1+1=", params, request_id=rid)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.BatchedStep, "_more_own", failing)
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o for o in engine.step()})
+    assert sorted(asked) == ["bad", "good-1", "good-2"]
+    assert outs["bad"].finish_reason == "error" and "injected fault" in outs["bad"].error
+    for rid in ("good-1", "good-2"):
+        assert outs[rid].finish_reason == "early_commit"
+        assert outs[rid].token_ids == alone.token_ids
 
 
 def _dream_cached(n: int, seed: int, sampled: bool) -> list[DecodeParams]:
@@ -396,6 +479,74 @@ def _dream_cached(n: int, seed: int, sampled: bool) -> list[DecodeParams]:
             )
         )
     return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampled_cached_commits_in_the_batch_equal_the_per_request_step(dtype) -> None:
+    """Seeded sampled or filtered LLaDA requests over Fast-dLLM's caches with Prophet: a
+    commit draws over every mask of its canvas in position order, those outside its cached
+    pass (an explicit span leaves some out) from the read-only pass, also where they lie
+    between the pass's own (positions revealed as the mask token itself stay masks), from its
+    stream as it stood before the step's reveal draw; every step equal to the per-request
+    step."""
+    loaded = tiny_model("llada", seed=3, dtype=dtype, logit_scale=3.0)
+    # The dual cache's pass holds the block and the span at 8: a commit in the first block
+    # leaves masks out both between them and past the span.
+    params = [
+        DecodeParams(
+            gen_length=16,
+            block_length=4,
+            steps=16,
+            temperature=1.0,
+            kv_cache="dual",
+            seed=seed,
+            early_commit=Prophet(thresholds=(t, t / 2, t / 4), answer_start=8, answer_length=3),
+        )
+        for seed in range(4)
+        for t in (0.5, 1.0, 1.5, 2.0)
+    ]
+    rng = random.Random(3)
+    for _ in range(24):  # nucleus, top-k, filtered but not drawn; every rule; both caches
+        block = rng.choice([4, 8])
+        kwargs = dict(gen_length=16, block_length=block, seed=rng.randrange(99))
+        kwargs["steps"] = 2 * (16 // block) * rng.choice([1, 2])
+        kwargs.update(
+            rng.choice(
+                [
+                    {"temperature": 2.0},
+                    {"temperature": 1.0, "top_p": 0.9},
+                    {"temperature": 1.0, "top_k": 5},
+                    {"temperature": 0.0, "top_k": 3},
+                ]
+            )
+        )
+        kwargs["remasking"] = rng.choice(["low_confidence", "random", "confidence_threshold"])
+        kwargs.update(threshold=0.5, kv_cache=rng.choice(["prefix", "dual"]))
+        kwargs["early_commit"] = Prophet(
+            thresholds=(1.0, 0.5, 0.2),
+            answer_start=rng.choice([None, 0, 8]),
+            answer_length=3,  # (no span without a start)
+            statistic=rng.choice(["mean", "min"]),
+        )
+        params.append(DecodeParams(**kwargs))
+    outside = []  # per drawn commit with masks outside its pass: whether they interleave
+    real_commit = batched_module.BatchedStep._sampled_commit
+
+    def watching(self, j, req, plan, rows, more):
+        if j in plan.outside_logits and req.params.temperature > 0:
+            start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
+            own = self.positions_np[start:end][self.generated_np[start:end]]
+            outside.append(bool(plan.outside_logits[j][0].min() < own.max()))
+        return real_commit(self, j, req, plan, rows, more)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.BatchedStep, "_sampled_commit", watching)
+        finished, members = _lockstep(loaded, dtype, params)
+    assert len(finished) == len(params)
+    assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
+    commits = [rid for rid, state in finished.items() if state[2] == "early_commit"]
+    assert len(commits) >= len(params) // 2, commits
+    assert True in outside and False in outside, outside
 
 
 def test_a_failed_sampling_pass_leaves_seeded_streams_as_they_were(monkeypatch) -> None:

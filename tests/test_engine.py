@@ -89,7 +89,8 @@ def test_request_too_large_for_the_budget_is_refused_at_add(llada64) -> None:
     assert not engine.has_unfinished_requests()
 
 
-# Guidance with an explicit Prophet span (one that never commits) takes the per-request step.
+# Guidance with an explicit Prophet span (one that never commits): in the batched step, or
+# in the per-request step where an engine runs that one alone (``runner.batched = False``).
 PER_REQUEST = DecodeParams(
     gen_length=16,
     steps=8,
@@ -116,6 +117,7 @@ def test_a_failing_request_finishes_with_error_and_the_others_complete(
     batch's step) ends that request only."""
     engine = Engine(llada64, dtype="float64", max_num_seqs=4)
     if path == "per-request":
+        engine.runner.batched = False
         params = PER_REQUEST.replace(seed=3)
         real = engine_module.advance
 
@@ -136,17 +138,18 @@ def test_a_failing_request_finishes_with_error_and_the_others_complete(
     assert outs["good-1"].token_ids == alone.token_ids
 
 
-def test_a_failing_greedy_batch_step_spares_the_per_request_path(llada64, monkeypatch):
+def test_a_failing_greedy_batch_step_spares_the_per_request_path(dream64, monkeypatch):
     """A fault while planning the batched step (before any request changed) ends the
-    batch's members; requests on the per-request path in the same pass complete."""
+    batch's members; requests on the per-request path in the same pass (Dream's ``origin``
+    rule) complete."""
 
     def broken(self, *args):
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(batched_module.BatchedStep, "_plan", broken)
-    engine = Engine(llada64, dtype="float64", max_num_seqs=4)
+    engine = Engine(dream64, dtype="float64", max_num_seqs=4)
     greedy = engine.add_request("1+1=", DecodeParams(gen_length=16, steps=8))
-    sampled = engine.add_request("2+2=", PER_REQUEST)
+    sampled = engine.add_request("2+2=", DecodeParams(gen_length=16, steps=8, remasking="origin"))
     outs = {}
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step()})

@@ -171,11 +171,12 @@ def test_every_page_returns_on_finish_commit_abort_and_error(
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(engine_module, "advance", failing)
-    # Sampled with Prophet: the per-request step.
+    engine.runner.batched = False  # the per-request step
     engine.add_request("12+34=", DUAL.replace(temperature=0.5, early_commit=Prophet()))
     (out,) = engine.step()
     assert out.finish_reason == "error" and pool.free_pages == total
     monkeypatch.setattr(engine_module, "advance", real)
+    engine.runner.batched = True
     fail_greedy_step(lambda req: True)
     engine.add_request("12+34=", DUAL)  # the batched step
     (out,) = engine.step()

@@ -39,6 +39,7 @@ from foretell.decoding.unmask import (
     RowStats,
     candidates,
     dream_transfer_counts_np,
+    guided,
     llada_step_count,
     suppress_cells,
 )
@@ -84,17 +85,13 @@ def batchable(req: Request) -> bool:
     LLaDA with any of its rules and cache modes; Dream without a cache by a scored rule
     (``maskgit_plus``, ``topk_margin``, ``entropy``), ``random`` or its threshold rule, and
     Fast-dLLM's cached Dream steps; no ``alg_temp`` (nor ``origin``). Sampled or filtered
-    candidates (temperature, top-p, top-k) are batched, with Prophet only without a
-    cache (a cached commit's masks outside the pass would be drawn out of the reference's
-    order). Guided requests (cfg) are batched without an explicit Prophet span (the runner
-    guides their rows first)."""
+    candidates (temperature, top-p, top-k) are batched, with or without Prophet and a cache (a
+    cached commit draws over every mask of its canvas in position order, those outside its
+    pass from the read-only pass). Guided requests (cfg) are batched (the runner guides their
+    gathered rows first; a commit guides the rows it asks for, :meth:`BatchedStep._more_own`)."""
     p = req.params
     if req.block_causal:
         return False
-    if filters(p) and p.early_commit is not None and p.kv_cache is not None:
-        return False  # its commit's masks outside the pass would need the per-request order
-    if p.cfg_scale > 0 and p.early_commit is not None and p.early_commit.answer_start is not None:
-        return False  # a commit would need guided rows the pass did not gather
     if req.family == "dream":
         if p.kv_cache is not None:  # Fast-dLLM's Dream: entropy or threshold (validated)
             return not p.alg_temp
@@ -115,6 +112,8 @@ class _Plan:
     commits: np.ndarray  # bool: whether each request commits
     block_masks_at_start: np.ndarray  # each request's (a new block's, where one starts)
     outside: dict[int, tuple[np.ndarray, np.ndarray]]  # a cached commit's other masks
+    # A sampled cached commit's other masks and their logits (suppressed), to draw from.
+    outside_logits: dict[int, tuple[np.ndarray, torch.Tensor]] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
     # (flat rows, each request's first and end index into them): revealed rows.
     picked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -161,6 +160,7 @@ class BatchedStep:
     ``seq_index[i]`` is the packed sequence holding ``reqs[i]`` and ``starts[i]`` its first flat
     token. ``row_offsets[i]`` is where, within that sequence, the rows the step ranks begin
     (the rows it recomputes: the canvas, or a cached step's span after its read-only rows).
+    ``uncond_at[i]``: a guided request's unconditional copy's first flat token (-1: none).
     """
 
     def __init__(
@@ -173,6 +173,7 @@ class BatchedStep:
         positions: torch.Tensor,
         mask_token_id: int,
         row_offsets: Sequence[int] | None = None,
+        uncond_at: np.ndarray | None = None,
         generator: torch.Generator | None = None,
         logits_dtype: torch.dtype = torch.float32,
         *,
@@ -191,6 +192,8 @@ class BatchedStep:
         if row_offsets is None:
             row_offsets = np.zeros(len(reqs), dtype=np.int64)
         self.row_offsets_np = np.asarray(row_offsets, dtype=np.int64)
+        # A guided request's unconditional copy's first flat token (-1: none).
+        self.uncond_at = np.full(len(reqs), -1) if uncond_at is None else uncond_at
         self.num_seqs = len(seq_lens)
         self.ids = ids
         self.positions = positions
@@ -397,7 +400,8 @@ class BatchedStep:
         one transfer for the whole pass, whatever its size (greedy tokens, reveals, ties and
         gaps); one more when some request's ranking ties at its cut (its scores), when a
         request's mean gap is too close to its threshold to decide in float64 (its rows'
-        reference reduction), and when a commit fills masks whose rows were not gathered.
+        reference reduction), and when a commit fills masks whose rows were not gathered
+        (one for the greedy unguided ones; one per guided or sampled one).
 
         The reveal is computed for every request, also those whose gap will commit them
         (they discard it): so nothing waits for the gaps to reach the host first.
@@ -449,7 +453,7 @@ class BatchedStep:
         step's reveal draw (a seeded request) or a fresh draw from the shared stream."""
         for j in np.flatnonzero(plan.commits).tolist():
             req = self.reqs[j]
-            if filters(req.params):
+            if filters(req.params) and j not in plan.failed:
                 try:
                     self._sampled_commit(j, req, plan, rows, more)
                 except Exception as err:  # this request only
@@ -463,22 +467,35 @@ class BatchedStep:
         rows: np.ndarray,
         more: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        """One committing sampled request's fill (see :meth:`_sampled_commits`)."""
+        """One committing sampled request's fill (see :meth:`_sampled_commits`): over every
+        mask of its canvas in position order, as alone. An uncached pass holds them all; a
+        cached step's pass holds its span and Prophet's region, and the read-only pass gave
+        the others (``plan.outside_logits``)."""
         p = req.params
         start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
         fill = np.flatnonzero(self.generated_np[start:end]) + start
         have = self.needed_np[fill]
-        logits = self._logits.new_empty((len(fill), self._logits.shape[-1]))
+        own = self._logits.new_empty((len(fill), self._logits.shape[-1]))
         if have.any():
-            at = torch.from_numpy(np.searchsorted(rows, fill[have])).to(logits.device)
-            logits[torch.from_numpy(have).to(logits.device)] = self._logits[at]
+            at = torch.from_numpy(np.searchsorted(rows, fill[have])).to(own.device)
+            own[torch.from_numpy(have).to(own.device)] = self._logits[at]
         if not have.all():
             cells = [(0, int((~have).sum()), t) for t in req.logits_suppress]
-            asked = suppress_cells(more(torch.from_numpy(fill[~have])), cells)
-            logits[torch.from_numpy(~have).to(logits.device)] = asked
+            asked = suppress_cells(self._more_own(j, fill[~have], more), cells)
+            own[torch.from_numpy(~have).to(own.device)] = asked
+        logits = own
+        outside = plan.outside_logits.pop(j, None)
+        if outside is not None:  # the pass's masks and the others, in position order
+            pos, found = outside
+            masked = req.masked_np(req.prompt_len)
+            in_pass = np.searchsorted(masked, self.positions_np[fill])
+            others = np.searchsorted(masked, pos)
+            logits = own.new_empty((len(masked), own.shape[-1]))
+            logits[torch.from_numpy(in_pass).to(own.device)] = own
+            logits[torch.from_numpy(others).to(own.device)] = found
         noise = None
         if p.temperature > 0:
-            shape = (len(fill), logits.shape[-1])
+            shape = tuple(logits.shape)
             if req.generator is not None:
                 req.generator.set_state(self.draw_states[j])
                 noise = torch.rand(shape, generator=req.generator, dtype=torch.float64)
@@ -496,7 +513,26 @@ class BatchedStep:
             generator=None,
             noise=noise,
         )
-        plan.x0[fill] = x0.cpu().numpy()
+        x0 = x0.cpu().numpy()
+        if outside is None:
+            plan.x0[fill] = x0
+            return
+        plan.x0[fill] = x0[in_pass]
+        plan.outside[j] = (pos, x0[others])
+
+    def _more_own(
+        self, j: int, flat: np.ndarray, more: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Logits of request ``j``'s flat rows ``flat`` (of its conditional sequence) that
+        the pass did not gather, as its gathered rows are: a guided request's with the same
+        rows of its unconditional copy asked for too, then guided as alone (not yet
+        suppressed)."""
+        uncond = int(self.uncond_at[j])
+        if uncond < 0:
+            return more(torch.from_numpy(flat))
+        copy = flat - self.starts[j] + uncond
+        both = more(torch.from_numpy(np.concatenate([flat, copy])))
+        return guided(both, self.reqs[j].params.cfg_scale)
 
     def _decide(
         self, gap: _Gaps | None, values: np.ndarray, stats: RowStats
@@ -531,9 +567,12 @@ class BatchedStep:
         more: Callable[[torch.Tensor], torch.Tensor],
         read_only: ReadOnly | None,
     ) -> None:
-        """The argmax at every generated mask of the committing requests whose rows were not
-        gathered, from one LM-head call for all of them (with each one's suppressed ids); and
-        for cached steps, the masks outside their pass, from one read-only pass for all."""
+        """The argmax at every generated mask of the committing greedy requests whose rows
+        were not gathered, from one LM-head call for all the unguided ones (with each one's
+        suppressed ids) and one per guided one (both copies, guided: :meth:`_more_own`); a
+        sampled one asks for its own when it draws (:meth:`_sampled_commit`). For cached
+        steps, the masks outside their pass, from one read-only pass for all: their argmax,
+        or a sampled one's logits, to draw from with its other masks."""
         missing, cells = [], []
         outside_reqs, outside_pos, outside_of = [], [], []
         at = 0
@@ -542,7 +581,16 @@ class BatchedStep:
             start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
             fill = np.flatnonzero(self.generated_np[start:end])
             rows = fill[~self.needed_np[start:end][fill]] + start
-            if rows.size:
+            if not rows.size or filters(req.params):
+                pass
+            elif self.uncond_at[j] >= 0:  # guided: its own call, then guided
+                try:
+                    own = [(0, rows.size, t) for t in req.logits_suppress]
+                    logits = suppress_cells(self._more_own(j, rows, more), own)
+                    plan.x0[rows] = logits.argmax(dim=-1).cpu().numpy()
+                except Exception as err:  # this request only
+                    plan.failed[j] = f"decoding failed: {err!r}"
+            else:
                 missing.append(rows)
                 cells += [(at, at + rows.size, t) for t in req.logits_suppress]
                 at += rows.size
@@ -574,8 +622,11 @@ class BatchedStep:
                 if logits is None:
                     continue
                 cells = [(0, len(pos), t) for t in req.logits_suppress]
-                argmax = suppress_cells(logits, cells).argmax(dim=-1).cpu().numpy()
-                plan.outside[j] = (pos, argmax)
+                logits = suppress_cells(logits, cells)
+                if filters(req.params):  # drawn with its other masks (``_sampled_commit``)
+                    plan.outside_logits[j] = (pos, logits)
+                    continue
+                plan.outside[j] = (pos, logits.argmax(dim=-1).cpu().numpy())
 
     def _gaps(self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats) -> _Gaps | None:
         """Prophet's statistic of every request with a policy, on the device, in a fixed

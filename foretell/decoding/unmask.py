@@ -58,6 +58,16 @@ def suppress_cells(
     return logits.index_put((row_idx, col_idx), value)
 
 
+def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of rows stacked as ``[conditional; unconditional]``:
+    ``un + (scale + 1) * (cond - un)``, as LLaDA's reference (the logits as they are when
+    ``cfg_scale`` is 0)."""
+    if cfg_scale <= 0:
+        return logits
+    cond, un = logits.chunk(2)
+    return un + (cfg_scale + 1) * (cond - un)
+
+
 def confidence_probs(
     logits: torch.Tensor, dtype: torch.dtype, suppressed: tuple[int, ...] = ()
 ) -> torch.Tensor:

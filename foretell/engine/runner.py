@@ -39,6 +39,7 @@ from foretell.decoding.unmask import (
     confidence_probs,
     filter_logits_by_row,
     greedy_llada,
+    guided,
     sample,
     scale_rows,
     suppress,
@@ -213,8 +214,7 @@ class ModelRunner:
         )
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
-        # one (the per-request path: Dream's origin and alg_temp, guidance with an explicit
-        # Prophet span, sampling with Prophet and a cache).
+        # one (the per-request path: Dream's origin and alg_temp).
         self.generator = torch.Generator(self.device).manual_seed(0)
         self.host_generator = torch.Generator().manual_seed(0)
 
@@ -279,6 +279,7 @@ class ModelRunner:
                     positions,
                     batch[group[0]].mask_token_id,
                     row_offsets=step.row_offsets[group_np],
+                    uncond_at=step.uncond_at[group_np],
                     generator=self.generator,
                     logits_dtype=self.model.embed.weight.dtype,
                     canvas_rows=self.canvas_rows,
@@ -759,8 +760,5 @@ class ModelRunner:
 
     @staticmethod
     def _guided(req: Request, logits: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance: ``un + (scale + 1) * (cond - un)``, as LLaDA's reference."""
-        if req.params.cfg_scale <= 0:
-            return logits
-        cond, un = logits.chunk(2)
-        return un + (req.params.cfg_scale + 1) * (cond - un)
+        """Classifier-free guidance with the request's scale (:func:`guided`)."""
+        return guided(logits, req.params.cfg_scale)
