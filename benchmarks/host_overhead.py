@@ -271,7 +271,8 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
     """One request of an every-kind mix: every rule of the family, sampling (temperature,
     top-p, top-k) on a third, Fast-dLLM's caches where the rule takes one (with Prophet and
     sampling too), guidance (LLaDA) on some uncached ones (Prophet with an explicit span),
-    Prophet on every second; no seeds (the engine's stream)."""
+    ``alg_temp`` (Dream) on some uncached ranked ones, Prophet on every second; no seeds (the
+    engine's stream)."""
     prophet = Prophet(answer_start=None) if index % 2 else None
     block = rng.choice(BLOCK_LENGTHS)
     kw: dict = {"gen_length": gen, "seed": None, "early_commit": prophet}
@@ -300,6 +301,8 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
             kw.update(block_length=block, steps=rng.choice((gen, gen // 2)))
         else:
             kw.update(block_length=gen, steps=rng.choice((gen, gen // 2)))
+            if rule != "confidence_threshold" and rng.random() < 0.3:
+                kw["alg_temp"] = 0.5  # its reveal drawn from softmax(scores / alg_temp)
     return DecodeParams(**kw)
 
 

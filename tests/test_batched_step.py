@@ -7,9 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import foretell.decoding.batched as batched_module
 from foretell import DecodeParams, Engine, Prophet
+from foretell.decoding.unmask import gumbel_perturbed
 from foretell.models.tiny import tiny_model
 
 PROMPTS = ["1+1=", "22+22=", "333+333=", "4444+4444=", "a", "bb", "ccc+d", "9"]
@@ -186,7 +188,8 @@ def test_batchable_covers_every_llada_rule_and_dreams_scored_rules() -> None:
     assert batched_module.batchable(req(family="dream", remasking="topk_margin"))
     assert batched_module.batchable(req(family="dream", remasking="random"))
     assert not batched_module.batchable(req(family="dream", remasking="origin"))
-    assert not batched_module.batchable(req(family="dream", alg_temp=0.5))
+    assert batched_module.batchable(req(family="dream", alg_temp=0.5))
+    assert batched_module.batchable(req(family="dream", remasking="random", alg_temp=0.5))
     assert batched_module.batchable(req(family="dream", temperature=0.2, top_p=0.95))
     dream_cached = req(
         family="dream", kv_cache="dual", steps=8, block_length=4, remasking="entropy"
@@ -264,6 +267,38 @@ def test_scored_rules_in_the_batch_equal_the_per_request_step(family, dtype, sam
     assert len(finished) == len(params)
     assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
     assert {state[2] for state in finished.values()} == {"steps", "early_commit"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_dreams_alg_temp_in_the_batch_equals_the_per_request_step(dtype) -> None:
+    """Dream's ``alg_temp`` (the reveal drawn without replacement from ``softmax(scores /
+    alg_temp)``) by every ranked rule, greedy or sampled, with Prophet on some, seeded: drawn
+    from each request's own stream after its candidates' and random remasking's draws, every
+    step equal to the per-request step; the threshold rule ignores it there and here."""
+    loaded = tiny_model("dream", seed=7, dtype=dtype)
+    rng = random.Random(12)
+    params = []
+    for _ in range(20):
+        gen = rng.choice([8, 16])
+        kwargs = dict(gen_length=gen, steps=rng.choice([2, gen // 2, gen]), seed=rng.randrange(99))
+        kwargs["remasking"] = rng.choice(["maskgit_plus", "topk_margin", "entropy", "random"])
+        kwargs["alg_temp"] = rng.choice([0.05, 0.5, 2.0])
+        kwargs["temperature"] = rng.choice([0.0, 0.7])
+        kwargs["early_commit"] = rng.choice([None, Prophet(thresholds=(2.5, 1.5, 0.5))])
+        params.append(DecodeParams(**kwargs))
+    params.append(DecodeParams(gen_length=8, remasking="confidence_threshold", alg_temp=0.5))
+    drawn, real = [], batched_module.BatchedStep._draw_reveals
+
+    def counting(self, ranking, chosen):
+        drawn.append(len(ranking.draws_own))
+        return real(self, ranking, chosen)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.BatchedStep, "_draw_reveals", counting)
+        finished, members = _lockstep(loaded, dtype, params)
+    assert len(finished) == len(params)
+    assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
+    assert sum(drawn) >= 2 * len(params)
 
 
 def _sampled_llada(n: int, seed: int) -> list[DecodeParams]:
@@ -746,3 +781,74 @@ def test_dream_threshold_rules_at_saturation_equal_the_per_request_step() -> Non
             revealed_at_once += len(state[1]) > 1
     assert len(finished[0]) == len(params)
     assert revealed_at_once  # some step revealed several saturated positions at once
+
+
+# Chi-square critical values at p = 0.001: 2 and 5 degrees of freedom.
+CHI2_CRIT_DF2, CHI2_CRIT_DF5 = 13.816, 20.515
+
+
+def test_gumbel_perturbed_top_k_is_dreams_draw_without_replacement() -> None:
+    """20,000 rows of three scores: the top one of the perturbed row follows
+    ``softmax(scores / alg_temp)`` (Dream's ``multinomial`` of one) and the ordered top two
+    the draw of two without replacement; a ``-inf`` (a padding column) is never drawn."""
+    draws = 20000
+    scores = torch.tensor([0.9, 0.6, 0.2, float("-inf")], dtype=torch.float64)
+    alg_temp = 0.4
+    rows = scores.expand(draws, -1)
+    uniforms = torch.rand(
+        rows.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    temps = torch.full((draws,), alg_temp, dtype=torch.float64)
+    top2 = gumbel_perturbed(rows, temps, uniforms).topk(2, dim=1).indices
+    assert (top2 < 3).all()
+    weights = torch.softmax(scores[:3] / alg_temp, dim=0)
+    first = torch.bincount(top2[:, 0], minlength=3).double()
+    chi2 = float(((first - weights * draws) ** 2 / (weights * draws)).sum())
+    assert chi2 < CHI2_CRIT_DF2, (first, weights * draws)
+    pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+    expected = torch.tensor([weights[a] * weights[b] / (1 - weights[a]) for a, b in pairs]) * draws
+    observed = torch.tensor(
+        [float(((top2[:, 0] == a) & (top2[:, 1] == b)).sum()) for a, b in pairs]
+    )
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_CRIT_DF5, (observed, expected)
+
+
+class _OpNames(TorchDispatchMode):
+    """The aten ops dispatched, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("count", [2, 6])
+def test_unseeded_alg_temp_requests_share_one_draw_a_step(count) -> None:
+    """Unseeded greedy Dream requests with ``alg_temp`` in one batch: each step draws their
+    reveals from the shared stream once (one ``rand``, no ``multinomial``) whatever their
+    number, none gets a generator of its own, and a fresh engine repeats the run exactly."""
+    loaded = tiny_model("dream", seed=7, dtype="float32")
+    rules = ["maskgit_plus", "topk_margin", "entropy"]
+    params = [
+        DecodeParams(gen_length=16, steps=8, remasking=rules[i % 3], alg_temp=0.5 + i / 4)
+        for i in range(count)
+    ]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    engine = Engine(loaded, dtype="float32")
+    reqs = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+    outputs, draws_per_step = {}, []
+    while engine.has_unfinished_requests():
+        ops = _OpNames()
+        with ops:
+            for out in engine.step():
+                outputs[out.request_id] = out
+        draws_per_step.append((ops.names.count("aten.rand"), ops.names.count("aten.multinomial")))
+        assert all(req.generator is None for req in engine._live.values())
+    assert set(draws_per_step) == {(1, 0)}, draws_per_step
+    assert all(outputs[r].finish_reason == "steps" for r in reqs)
+    repeated = Engine(loaded, dtype="float32").generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in repeated] == [outputs[r].token_ids for r in reqs]

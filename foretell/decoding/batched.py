@@ -28,6 +28,7 @@ from operator import attrgetter, getitem
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from foretell.decoding.early_commit import undecided
 from foretell.decoding.step import (
@@ -40,6 +41,7 @@ from foretell.decoding.unmask import (
     candidates,
     dream_transfer_counts_np,
     guided,
+    gumbel_perturbed,
     llada_step_count,
     suppress_cells,
 )
@@ -80,22 +82,34 @@ def filters(params: object) -> bool:
     return p.temperature > 0 or (p.top_p is not None and p.top_p < 1) or p.top_k is not None
 
 
+def draws_reveal(req: Request) -> bool:
+    """Whether Dream's ``alg_temp`` applies to ``req``: its uncached ranked rules (scored or
+    random) draw their reveal from ``softmax(scores / alg_temp)`` without replacement; its
+    threshold rule, ``origin`` and Fast-dLLM's cached steps do not read it."""
+    p = req.params
+    return (
+        req.family == "dream"
+        and bool(p.alg_temp)
+        and p.kv_cache is None
+        and p.remasking in (*_SCORED, "random")
+    )
+
+
 def batchable(req: Request) -> bool:
     """Whether :class:`BatchedStep` can step ``req`` (otherwise it takes the per-request path):
     LLaDA with any of its rules and cache modes; Dream without a cache by a scored rule
-    (``maskgit_plus``, ``topk_margin``, ``entropy``), ``random`` or its threshold rule, and
-    Fast-dLLM's cached Dream steps; no ``alg_temp`` (nor ``origin``). Sampled or filtered
-    candidates (temperature, top-p, top-k) are batched, with or without Prophet and a cache (a
-    cached commit draws over every mask of its canvas in position order, those outside its
-    pass from the read-only pass). Guided requests (cfg) are batched (the runner guides their
-    gathered rows first; a commit guides the rows it asks for, :meth:`BatchedStep._more_own`)."""
+    (``maskgit_plus``, ``topk_margin``, ``entropy``), ``random`` or its threshold rule, with or
+    without ``alg_temp``, and Fast-dLLM's cached Dream steps; not Dream's ``origin``. Sampled
+    or filtered candidates (temperature, top-p, top-k) are batched, with or without Prophet
+    and a cache (a cached commit draws over every mask of its canvas in position order, those
+    outside its pass from the read-only pass). Guided requests (cfg) are batched (the runner
+    guides their gathered rows first; a commit guides the rows it asks for,
+    :meth:`BatchedStep._more_own`)."""
     p = req.params
     if req.block_causal:
         return False
-    if req.family == "dream":
-        if p.kv_cache is not None:  # Fast-dLLM's Dream: entropy or threshold (validated)
-            return not p.alg_temp
-        return not p.alg_temp and p.remasking in (*_SCORED, "random", _THRESHOLD)
+    if req.family == "dream" and p.kv_cache is not None:
+        return True  # Fast-dLLM's Dream: entropy or threshold (validated)
     return p.remasking in (*_SCORED, "random", _THRESHOLD)
 
 
@@ -151,6 +165,11 @@ class _Ranking:
     scores: torch.Tensor | None  # [members, widest extent], -inf outside each window
     chosen: torch.Tensor  # bool over the gathered rows
     tied: torch.Tensor  # bool per member: its cut tied, so it is ranked again alone
+    # Each member's ranked columns as flat tokens (the pass's length past a row's end), and
+    # the members (indices into ``members``) that draw their reveal from their own stream
+    # (Dream's ``alg_temp`` with a seed: :meth:`BatchedStep._draw_reveals`).
+    index: np.ndarray | None = None
+    draws_own: np.ndarray | None = None
 
 
 class BatchedStep:
@@ -182,6 +201,7 @@ class BatchedStep:
         cursor: np.ndarray,
         thresholds: np.ndarray,
         drawn: np.ndarray,
+        alg_temps: np.ndarray | None = None,
     ) -> None:
         self.reqs = list(reqs)
         self.seq_index_np = np.asarray(seq_index, dtype=np.int64)
@@ -224,6 +244,8 @@ class BatchedStep:
         # none), as the runner keeps it with the canvas rows.
         self.threshold_np = thresholds
         self.drawn = drawn  # whether each request's candidates are drawn (temperature > 0)
+        # Dream's ``alg_temp`` where the request's rule draws its reveal with it (0: none).
+        self.alg_temps = np.zeros(len(reqs)) if alg_temps is None else alg_temps
         self.step_in_block_np = step_in_block
         uses_blocks = uses_blocks.astype(bool)
         self.uses_blocks_np = uses_blocks
@@ -242,7 +264,8 @@ class BatchedStep:
         refresh = dream_cached.astype(bool) & ~cached_step
         self.refresh = refresh
         self.is_random = equals(self.reqs, "params.remasking", "random")
-        self.seeded_random = self.is_random & ~is_none(self.reqs, "generator")
+        self.seeded = ~is_none(self.reqs, "generator")
+        self.seeded_random = self.is_random & self.seeded
         # Dream's uncached threshold rule keeps scores above it (Fast-dLLM's: at or above).
         self.strict = self.is_dream & ~uses_blocks
         window_start = np.where(cached_step | refresh, block_start, prompt)
@@ -433,6 +456,9 @@ class BatchedStep:
         x0[rows_np] = argmax
         chosen = np.zeros(len(self.ids_np), dtype=bool)
         chosen[rows_np[chosen_rows]] = True
+        if ranking.draws_own is not None and ranking.draws_own.size:
+            tied[ranking.draws_own] = False  # not ranked: drawn
+            self._draw_reveals(ranking, chosen)
         if tied.any():
             self._rank_alone(np.flatnonzero(tied).tolist(), ranking, chosen)
         for j in np.flatnonzero(commits).tolist():  # a commit discards its reveal
@@ -714,8 +740,13 @@ class BatchedStep:
         # greedy probability at window rows, -inf elsewhere.
         window_rows = np.flatnonzero(in_window_np)
         # At least float32, so that random remasking's float32 draws keep their order in the
-        # same matrix (a confidence is held exactly in a wider type).
+        # same matrix (a confidence is held exactly in a wider type); float64 when some
+        # request draws its reveal from the shared stream (``alg_temp``: float64 scores).
+        sampling = self.alg_temps[members_np] > 0
+        shared = np.flatnonzero(sampling & ~self.seeded[members_np])
         wide = torch.promote_types(stats.prob.dtype, torch.float32)
+        if shared.size:
+            wide = torch.float64
         prob_flat = stats.prob.new_full((total + 1,), float("-inf"), dtype=wide)
         window_d = torch.from_numpy(window_rows).to(device)
         prob_flat[torch.from_numpy(rows_np[window_rows]).to(device)] = stats.prob[window_d].to(wide)
@@ -742,6 +773,13 @@ class BatchedStep:
             outside = torch.from_numpy(~window_flat[index[random_rows.numpy()]]).to(device)
             random_scores = random_scores.to(device, scores.dtype).masked_fill(outside, -torch.inf)
             scores[random_rows.to(device)] = random_scores
+        if shared.size:  # drawn without replacement as top-k of Gumbel-perturbed scores
+            temps = torch.from_numpy(self.alg_temps[members_np[shared]]).to(device)
+            at = torch.from_numpy(shared).to(device)
+            uniforms = torch.rand(
+                (len(shared), longest), generator=self.generator, dtype=torch.float64, device=device
+            )
+            scores[at] = gumbel_perturbed(scores[at], temps, uniforms)
         k_top = min(int(ks.max()) + 1, longest)
         values, order = scores.topk(k_top, dim=1)
         # Rows the top-k picks (threshold: the best one), then the threshold's others; both
@@ -772,7 +810,10 @@ class BatchedStep:
             tied &= torch.from_numpy(~is_threshold).to(device) | ~above.any(dim=1)
         chosen = chosen_flat[rows.to(device)]
         ks = ks.tolist()
-        return _Ranking(members, ks, row_start, row_len, lo.tolist(), scores, chosen, tied)
+        own = np.flatnonzero(sampling & self.seeded[members_np])
+        return _Ranking(
+            members, ks, row_start, row_len, lo.tolist(), scores, chosen, tied, index, own
+        )
 
     def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: np.ndarray) -> None:
         """Rank the requests whose cut tied over their own row, as the references do: the
@@ -808,6 +849,24 @@ class BatchedStep:
             picks.append(picked + start)
         chosen[torch.cat(picks).numpy()] = True
 
+    def _draw_reveals(self, ranking: _Ranking, chosen: np.ndarray) -> None:
+        """The seeded ``alg_temp`` members' reveals (``ranking.draws_own``), as Dream draws
+        them alone: ``multinomial(softmax(scores / alg_temp), k)`` without replacement over its
+        window's scores in position order, from its own stream (after its candidates' and
+        random remasking's draws this step, as there). Their scores cross to the host in one
+        transfer; ``chosen``, the host flat choice, takes their draws in place of the top-k."""
+        which = ranking.draws_own
+        scores = ranking.scores[torch.from_numpy(which).to(ranking.scores.device)].cpu()
+        window = np.append(self.window_np, False)  # the padding column is no window row
+        for n, i in enumerate(which.tolist()):
+            req = self.reqs[ranking.members[i]]
+            cols = np.flatnonzero(window[ranking.index[i]])
+            flat = ranking.index[i][cols]
+            weights = F.softmax(scores[n, cols].double() / req.params.alg_temp, dim=-1)
+            drawn = torch.multinomial(weights, ranking.ks[i], generator=req.generator)
+            chosen[flat] = False
+            chosen[flat[drawn.numpy()]] = True
+
     def _own_dtype(self, req: Request) -> torch.dtype:
         """The dtype of the request's confidence (the model's unless its rule sets one)."""
         return req.confidence_dtype or self.logits_dtype
@@ -815,6 +874,8 @@ class BatchedStep:
     def _rank_dtype(self, req: Request) -> torch.dtype:
         """The dtype a request ranks in alone: random draws are float32; confidences are in
         the request's own confidence dtype (the pass's may be wider, for another request)."""
+        if req.params.alg_temp:  # only an unseeded one ranks: its perturbed float64 scores
+            return torch.float64
         return torch.float32 if req.params.remasking == "random" else self._own_dtype(req)
 
     def _draws(

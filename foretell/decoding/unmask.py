@@ -407,6 +407,17 @@ def choose(
     return torch.searchsorted(window, torch.topk(row, count).indices)
 
 
+def gumbel_perturbed(
+    scores: torch.Tensor, alg_temp: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Rows of ``scores`` (float64) over their ``alg_temp`` (one per row) plus Gumbel noise
+    from ``uniforms``: their top ``k`` is a draw of ``k`` without replacement from
+    ``softmax(scores / alg_temp)``, the distribution of Dream's ``multinomial`` (not its
+    draws), in one op for any number of rows. ``-inf`` stays ``-inf``."""
+    gumbel = -torch.log(-torch.log(uniforms.clamp_min(1e-300)))
+    return scores.double() / alg_temp[:, None] + gumbel
+
+
 def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Fast-dLLM's parallel rule: every row above ``threshold``, and at least the best one."""
     chosen = (scores > threshold).nonzero().flatten()

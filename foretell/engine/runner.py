@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from foretell.decoding import positions_needed
-from foretell.decoding.batched import OTHER_SCORES, BatchedStep, batchable, filters, in_dtype
+from foretell.decoding.batched import (
+    OTHER_SCORES,
+    BatchedStep,
+    batchable,
+    draws_reveal,
+    filters,
+    in_dtype,
+)
 from foretell.decoding.block_step import (
     BLOCK_CONSTANTS,
     block_constants,
@@ -158,10 +165,11 @@ def chunk_bounds(seq_lens: list[int], budget: int | None) -> list[tuple[int, int
 _COLUMNS = 5
 _BATCHABLE, _FILTERS, _SUPPRESSES, _VARIANT, _SCORE_KIND = range(GEOMETRY, GEOMETRY + _COLUMNS)
 # And its float columns (``CanvasRows.values``): its threshold in its confidence's dtype (NaN:
-# none), temperature, top-p (1: none), top-k (0: none) and guidance factor (``cfg_scale + 1``),
-# so that every row's sampling runs with its own values in one call.
-_VALUES = 5
-_THRESHOLD, _TEMPERATURE, _TOP_P, _TOP_K, _GUIDANCE = range(_VALUES)
+# none), temperature, top-p (1: none), top-k (0: none), guidance factor (``cfg_scale + 1``) and
+# Dream's ``alg_temp`` where its rule draws its reveal with it (0: none), so that every row's
+# sampling runs with its own values in one call.
+_VALUES = 6
+_THRESHOLD, _TEMPERATURE, _TOP_P, _TOP_K, _GUIDANCE, _ALG_TEMP = range(_VALUES)
 
 
 def _balanced(seq_lens: list[int], target: float) -> list[tuple[int, int]]:
@@ -214,7 +222,7 @@ class ModelRunner:
         )
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
-        # one (the per-request path: Dream's origin and alg_temp).
+        # one (the per-request path: Dream's origin rule).
         self.generator = torch.Generator(self.device).manual_seed(0)
         self.host_generator = torch.Generator().manual_seed(0)
 
@@ -252,7 +260,8 @@ class ModelRunner:
         # Any int is a valid top-k: one past every vocabulary is held as 2**31 (a float64
         # holds it exactly; the filter clamps it to the logits' width, as alone).
         top_k = 0 if p.top_k is None else min(p.top_k, 1 << 31)
-        return (threshold, p.temperature, top_p, top_k, p.cfg_scale + 1)
+        alg_temp = (p.alg_temp or 0.0) if draws_reveal(req) else 0.0
+        return (threshold, p.temperature, top_p, top_k, p.cfg_scale + 1, alg_temp)
 
     @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
@@ -286,6 +295,7 @@ class ModelRunner:
                     geometry=geo[group_np],
                     cursor=step.cursor[group_np],
                     thresholds=step.values[group_np, _THRESHOLD],
+                    alg_temps=step.values[group_np, _ALG_TEMP],
                     drawn=step.values[group_np, _TEMPERATURE] > 0,
                 )
             except Exception:  # nothing has changed: the per-request path can take them
