@@ -187,7 +187,7 @@ def test_batchable_covers_every_llada_rule_and_dreams_scored_rules() -> None:
     assert batched_module.batchable(req(family="dream", remasking="entropy"))
     assert batched_module.batchable(req(family="dream", remasking="topk_margin"))
     assert batched_module.batchable(req(family="dream", remasking="random"))
-    assert not batched_module.batchable(req(family="dream", remasking="origin"))
+    assert batched_module.batchable(req(family="dream", remasking="origin"))
     assert batched_module.batchable(req(family="dream", alg_temp=0.5))
     assert batched_module.batchable(req(family="dream", remasking="random", alg_temp=0.5))
     assert batched_module.batchable(req(family="dream", temperature=0.2, top_p=0.95))
@@ -849,6 +849,63 @@ def test_unseeded_alg_temp_requests_share_one_draw_a_step(count) -> None:
         draws_per_step.append((ops.names.count("aten.rand"), ops.names.count("aten.multinomial")))
         assert all(req.generator is None for req in engine._live.values())
     assert set(draws_per_step) == {(1, 0)}, draws_per_step
+    assert all(outputs[r].finish_reason == "steps" for r in reqs)
+    repeated = Engine(loaded, dtype="float32").generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in repeated] == [outputs[r].token_ids for r in reqs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_dreams_origin_rule_in_the_batch_equals_the_per_request_step(dtype) -> None:
+    """Dream's ``origin`` rule, seeded: each window row transfers with the step's
+    probability (its uniforms first), then the transferred rows alone draw their candidates
+    (greedy, sampled, filtered), with Prophet on some; in a batch with ranked Dream requests,
+    every step equal to the per-request step."""
+    loaded = tiny_model("dream", seed=7, dtype=dtype)
+    rng = random.Random(21)
+    params = []
+    for i in range(20):
+        gen = rng.choice([8, 16])
+        kwargs = dict(gen_length=gen, steps=rng.choice([2, gen // 2, gen]), seed=rng.randrange(99))
+        kwargs.update(
+            rng.choice([{}, {"temperature": 0.8}, {"temperature": 1.0, "top_p": 0.9}, {"top_k": 3}])
+        )
+        kwargs["early_commit"] = rng.choice([None, Prophet(thresholds=(2.5, 1.5, 0.5))])
+        kwargs["remasking"] = "origin" if i % 4 else rng.choice(["maskgit_plus", "random"])
+        params.append(DecodeParams(**kwargs))
+    own, real = [], batched_module.BatchedStep._origin_own
+
+    def counting(self, members, rows, x0, chosen):
+        own.append(len(members))
+        return real(self, members, rows, x0, chosen)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batched_module.BatchedStep, "_origin_own", counting)
+        finished, members = _lockstep(loaded, dtype, params)
+    assert len(finished) == len(params)
+    assert sum(members) >= 2 * len(params)  # every request took the batch, step after step
+    assert sum(own) >= len(params)
+    assert {state[2] for state in finished.values()} == {"steps", "early_commit"}
+
+
+@pytest.mark.parametrize("count", [2, 6])
+def test_unseeded_origin_requests_share_one_draw_a_step(count) -> None:
+    """Unseeded greedy Dream ``origin`` requests: each step draws every window row's
+    transfer uniform from the shared stream at once (one ``rand``) whatever their number,
+    none gets a generator of its own, and a fresh engine repeats the run exactly."""
+    loaded = tiny_model("dream", seed=7, dtype="float32")
+    params = [DecodeParams(gen_length=16, steps=4 + i, remasking="origin") for i in range(count)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    engine = Engine(loaded, dtype="float32")
+    reqs = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+    outputs, draws_per_step = {}, []
+    while engine.has_unfinished_requests():
+        ops = _OpNames()
+        with ops:
+            for out in engine.step():
+                outputs[out.request_id] = out
+        draws_per_step.append(ops.names.count("aten.rand"))
+        assert all(req.generator is None for req in engine._live.values())
+    assert set(draws_per_step) == {1}, draws_per_step
     assert all(outputs[r].finish_reason == "steps" for r in reqs)
     repeated = Engine(loaded, dtype="float32").generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in repeated] == [outputs[r].token_ids for r in reqs]

@@ -138,23 +138,29 @@ def test_a_failing_request_finishes_with_error_and_the_others_complete(
     assert outs["good-1"].token_ids == alone.token_ids
 
 
-def test_a_failing_greedy_batch_step_spares_the_per_request_path(dream64, monkeypatch):
-    """A fault while planning the batched step (before any request changed) ends the
-    batch's members; requests on the per-request path in the same pass (Dream's ``origin``
-    rule) complete."""
+def test_a_failing_batched_step_ends_its_members_and_the_engine_goes_on(llada64, monkeypatch):
+    """A fault while planning the batched step (before any request changed) ends that pass's
+    members with the error; a request added afterwards decodes as it does alone."""
+    real, calls = batched_module.BatchedStep._plan, []
 
-    def broken(self, *args):
-        raise RuntimeError("injected fault")
+    def broken_once(self, *args):
+        calls.append(len(self.reqs))
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(self, *args)
 
-    monkeypatch.setattr(batched_module.BatchedStep, "_plan", broken)
-    engine = Engine(dream64, dtype="float64", max_num_seqs=4)
-    greedy = engine.add_request("1+1=", DecodeParams(gen_length=16, steps=8))
-    sampled = engine.add_request("2+2=", DecodeParams(gen_length=16, steps=8, remasking="origin"))
-    outs = {}
+    monkeypatch.setattr(batched_module.BatchedStep, "_plan", broken_once)
+    engine = Engine(llada64, dtype="float64", max_num_seqs=4)
+    params = DecodeParams(gen_length=16, steps=8)
+    first = [engine.add_request(p, params) for p in ("1+1=", "2+2=")]
+    outs = {o.request_id: o for o in engine.step()}
+    assert calls == [2] and sorted(outs) == sorted(first)
+    assert all(o.finish_reason == "error" and "injected fault" in o.error for o in outs.values())
+    later = engine.add_request("3+3=", params)
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step()})
-    assert outs[greedy].finish_reason == "error" and "injected fault" in outs[greedy].error
-    assert outs[sampled].finish_reason == "steps"
+    alone = Engine(llada64, dtype="float64").generate(["3+3="], params, use_tqdm=False)[0]
+    assert outs[later].finish_reason == "steps" and outs[later].token_ids == alone.token_ids
 
 
 def test_generate_keeps_input_order_and_is_all_or_nothing(llada64) -> None:

@@ -63,6 +63,7 @@ from foretell.scheduler.request import AT_START, GLOBAL_STEP, STEP_IN_BLOCK, WRI
 ) = range(8)
 _COLUMNS = 8
 _THRESHOLD = "confidence_threshold"
+_ORIGIN = "origin"
 
 # read_only(requests, canvas positions) -> logits at those positions of each request, from one
 # pass of read-only rows against the requests' KV caches (a cached commit's masks outside it).
@@ -98,19 +99,19 @@ def draws_reveal(req: Request) -> bool:
 def batchable(req: Request) -> bool:
     """Whether :class:`BatchedStep` can step ``req`` (otherwise it takes the per-request path):
     LLaDA with any of its rules and cache modes; Dream without a cache by a scored rule
-    (``maskgit_plus``, ``topk_margin``, ``entropy``), ``random`` or its threshold rule, with or
-    without ``alg_temp``, and Fast-dLLM's cached Dream steps; not Dream's ``origin``. Sampled
-    or filtered candidates (temperature, top-p, top-k) are batched, with or without Prophet
-    and a cache (a cached commit draws over every mask of its canvas in position order, those
+    (``maskgit_plus``, ``topk_margin``, ``entropy``), ``random``, ``origin`` or its threshold
+    rule, with or without ``alg_temp``, and Fast-dLLM's cached Dream steps. Sampled or
+    filtered candidates (temperature, top-p, top-k) are batched, with or without Prophet and a
+    cache (a cached commit draws over every mask of its canvas in position order, those
     outside its pass from the read-only pass). Guided requests (cfg) are batched (the runner
     guides their gathered rows first; a commit guides the rows it asks for,
-    :meth:`BatchedStep._more_own`)."""
+    :meth:`BatchedStep._more_own`). Only a block-causal request takes another path."""
     p = req.params
     if req.block_causal:
         return False
     if req.family == "dream" and p.kv_cache is not None:
         return True  # Fast-dLLM's Dream: entropy or threshold (validated)
-    return p.remasking in (*_SCORED, "random", _THRESHOLD)
+    return p.remasking in (*_SCORED, "random", _THRESHOLD, _ORIGIN)
 
 
 @dataclass
@@ -266,6 +267,9 @@ class BatchedStep:
         self.is_random = equals(self.reqs, "params.remasking", "random")
         self.seeded = ~is_none(self.reqs, "generator")
         self.seeded_random = self.is_random & self.seeded
+        # Dream's ``origin`` rule transfers each window row with a probability of its own
+        # (``_origin``): it ranks nothing.
+        self.is_origin = equals(self.reqs, "params.remasking", _ORIGIN)
         # Dream's uncached threshold rule keeps scores above it (Fast-dLLM's: at or above).
         self.strict = self.is_dream & ~uses_blocks
         window_start = np.where(cached_step | refresh, block_start, prompt)
@@ -439,6 +443,11 @@ class BatchedStep:
             counts = np.bincount(self.seq_of_token_np[self.in_block_np], minlength=self.num_seqs)
             at_start[starting] = counts[self.seq_index_np[starting]]
         ranking = self._reveal(rows, stats, at_start)
+        origin = np.flatnonzero(self.is_origin)
+        if origin.size:
+            transfer = self._origin_transfers(origin[~self.seeded[origin]], rows)
+            if transfer is not None:
+                ranking.chosen = ranking.chosen | transfer
         # The pass's one device -> host transfer: the gathered rows' greedy tokens, which of
         # them are revealed, which requests' ranking tied at its cut, and the gaps (float64
         # holds token ids and the gaps' values exactly).
@@ -463,9 +472,13 @@ class BatchedStep:
             self._rank_alone(np.flatnonzero(tied).tolist(), ranking, chosen)
         for j in np.flatnonzero(commits).tolist():  # a commit discards its reveal
             chosen[self.starts[j] : self.starts[j] + self.seq_lens[j]] = False
+        failed: dict[int, str] = {}
+        if origin.size:
+            own = origin[self.seeded[origin] & ~commits[origin]]
+            failed = self._origin_own(own.tolist(), rows_np, x0, chosen)
         new_ids = self.ids_np.copy()
         new_ids[chosen] = x0[chosen]
-        plan = _Plan(new_ids, x0, chosen, gaps, commits, at_start, {})
+        plan = _Plan(new_ids, x0, chosen, gaps, commits, at_start, {}, failed=failed)
         self._fill_commits(plan, more, read_only)
         self._sampled_commits(plan, rows_np, more)
         return plan
@@ -523,7 +536,8 @@ class BatchedStep:
         if p.temperature > 0:
             shape = tuple(logits.shape)
             if req.generator is not None:
-                req.generator.set_state(self.draw_states[j])
+                if j in self.draw_states:  # back before this step's draw (none: none made)
+                    req.generator.set_state(self.draw_states[j])
                 noise = torch.rand(shape, generator=req.generator, dtype=torch.float64)
             else:
                 noise = torch.rand(
@@ -718,7 +732,7 @@ class BatchedStep:
         # other threshold rules reveal one best row and those above their threshold.
         ranked = ~self.is_threshold | self.refresh
         ks = np.where(ranked, self._counts(sizes, block_masks_at_start), 1)
-        idle = (sizes == 0) | (ks <= 0)
+        idle = (sizes == 0) | (ks <= 0) | self.is_origin
         for j in np.flatnonzero(idle & self.seeded_random).tolist():
             # The references draw their uniforms every step, revealing or not: LLaDA one per
             # computed row, Dream one per window row.
@@ -848,6 +862,76 @@ class BatchedStep:
                 picked = torch.topk(line, ranking.ks[i]).indices
             picks.append(picked + start)
         chosen[torch.cat(picks).numpy()] = True
+
+    def _origin_p(self, members: np.ndarray) -> np.ndarray:
+        """Dream's ``origin`` transfer probability of each of ``members`` at this step,
+        ``1 - s / t`` over its timestep grid in float32 as Dream computes it (1 at its last
+        step: every row)."""
+        step, steps = self.global_step_np[members], self.steps_np[members]
+        at = np.maximum(np.minimum(step, steps - 2), 0)  # any entry past the grid's last
+        grids = list(map(attrgetter("timesteps_np"), pick(self.reqs, members)))
+        t = np.fromiter(map(getitem, grids, at.tolist()), np.float32, len(grids))
+        s = np.fromiter(map(getitem, grids, (at + 1).tolist()), np.float32, len(grids))
+        return np.where(step < steps - 1, np.float32(1) - s / t, np.float32(1))
+
+    def _origin_transfers(self, members: np.ndarray, rows: torch.Tensor) -> torch.Tensor | None:
+        """Unseeded ``origin`` requests' transfers, over the gathered rows: each window row of
+        theirs with a uniform from one shared draw below its request's probability (Dream's
+        rule, from the engine's stream). None without such a request or row."""
+        if not members.size:
+            return None
+        rows_np = rows.numpy()
+        seq_p = np.zeros(self.num_seqs, dtype=np.float32)
+        seq_p[self.seq_index_np[members]] = self._origin_p(members)
+        theirs = np.zeros(self.num_seqs, dtype=bool)
+        theirs[self.seq_index_np[members]] = True
+        at = np.flatnonzero(self.window_np[rows_np] & theirs[self.seq_of_token_np[rows_np]])
+        if not at.size:
+            return None
+        device = self._logits.device
+        uniforms = torch.rand(len(at), generator=self.generator, device=device)
+        p = torch.from_numpy(seq_p[self.seq_of_token_np[rows_np[at]]]).to(device)
+        transfer = torch.zeros(len(rows_np), dtype=torch.bool, device=device)
+        transfer[torch.from_numpy(at).to(device)] = uniforms < p
+        return transfer
+
+    def _origin_own(
+        self, members: list[int], rows: np.ndarray, x0: np.ndarray, chosen: np.ndarray
+    ) -> dict[int, str]:
+        """Seeded ``origin`` requests' reveals, as Dream steps them alone, from their own
+        streams: one uniform per window row against the transfer probability, then the
+        candidates of the rows transferred alone (a drawn one's noise over those rows only,
+        after the transfer draw: so the runner draws none for it). ``x0`` and ``chosen`` are
+        the host flat candidates and choice. The requests that fail, with their errors."""
+        failed = {}
+        if not members:
+            return failed
+        p = self._origin_p(np.asarray(members))
+        for n, j in enumerate(members):
+            req = self.reqs[j]
+            try:
+                start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
+                window = np.flatnonzero(self.window_np[start:end]) + start
+                uniforms = torch.rand(len(window), generator=req.generator)
+                moved = window[uniforms.numpy() < p[n]]
+                if self.drawn[j] and moved.size:
+                    at = torch.from_numpy(np.searchsorted(rows, moved)).to(self._logits.device)
+                    pr = req.params
+                    drawn, _ = candidates(
+                        self._logits[at],
+                        family=req.family,
+                        rule=_ORIGIN,
+                        temperature=pr.temperature,
+                        top_p=pr.top_p,
+                        top_k=pr.top_k,
+                        generator=req.generator,
+                    )
+                    x0[moved] = drawn.cpu().numpy()
+                chosen[window] = False
+                chosen[moved] = True
+            except Exception as err:  # this request only
+                failed[j] = f"decoding failed: {err!r}"
+        return failed
 
     def _draw_reveals(self, ranking: _Ranking, chosen: np.ndarray) -> None:
         """The seeded ``alg_temp`` members' reveals (``ranking.draws_own``), as Dream draws

@@ -222,7 +222,7 @@ class ModelRunner:
         )
         # The shared random stream of requests without a seed (one draw a step for all), and
         # the host stream that seeds an unseeded request's own generator where its step needs
-        # one (the per-request path: Dream's origin rule).
+        # one (the per-request path, the fallback when a batched step cannot be built).
         self.generator = torch.Generator(self.device).manual_seed(0)
         self.host_generator = torch.Generator().manual_seed(0)
 
@@ -237,7 +237,7 @@ class ModelRunner:
             variant = _index_in(self._variants, key)
         drawn_or_filtered = filters(p)
         score_kind = 0
-        if drawn_or_filtered and p.remasking != "random":  # random remasking reads no score
+        if drawn_or_filtered and p.remasking not in ("random", "origin"):  # they read no score
             dtype = confidence_dtype(p, req.family, self.model.embed.weight.dtype)
             key = (rule or "low_confidence", dtype, req.confidence_suppress)
             score_kind = _index_in(self._score_kinds, key)
@@ -427,7 +427,9 @@ class ModelRunner:
             return found
 
         if greedy is not None:
-            drawn = group_np[geo[group_np, _FILTERS] > 0].tolist()
+            # A seeded origin request draws its candidates itself, after its transfer draw.
+            own = greedy.is_origin & greedy.seeded
+            drawn = group_np[(geo[group_np, _FILTERS] > 0) & ~own].tolist()
             bounds = (row_lo, own_hi)
             columns = (geo[:, _SCORE_KIND], step.values)
             self._sampled_rows(batch, group, drawn, greedy, rows, gathered, stats, bounds, columns)
