@@ -271,8 +271,8 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
     """One request of an every-kind mix: every rule of the family, sampling (temperature,
     top-p, top-k) on a third, Fast-dLLM's caches where the rule takes one (with Prophet and
     sampling too), guidance (LLaDA) on some uncached ones (Prophet with an explicit span),
-    ``alg_temp`` (Dream) on some uncached ranked ones, Prophet on every second; no seeds (the
-    engine's stream)."""
+    ``alg_temp`` (Dream) on some uncached ranked ones, Dream's ``origin`` rule among its rules,
+    Prophet on every second; no seeds (the engine's stream)."""
     prophet = Prophet(answer_start=None) if index % 2 else None
     block = rng.choice(BLOCK_LENGTHS)
     kw: dict = {"gen_length": gen, "seed": None, "early_commit": prophet}
@@ -294,6 +294,7 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
                 kw["early_commit"] = Prophet(answer_start=0, answer_length=gen // 4)
     else:
         rules = ("maskgit_plus", "topk_margin", "entropy", "random", "confidence_threshold")
+        rules += ("origin",)
         rule = rng.choice(rules)
         kw["remasking"] = rule
         if rule in ("entropy", "confidence_threshold") and rng.random() < 0.5:
@@ -301,7 +302,7 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
             kw.update(block_length=block, steps=rng.choice((gen, gen // 2)))
         else:
             kw.update(block_length=gen, steps=rng.choice((gen, gen // 2)))
-            if rule != "confidence_threshold" and rng.random() < 0.3:
+            if rule not in ("confidence_threshold", "origin") and rng.random() < 0.3:
                 kw["alg_temp"] = 0.5  # its reveal drawn from softmax(scores / alg_temp)
     return DecodeParams(**kw)
 
