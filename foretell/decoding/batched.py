@@ -443,7 +443,7 @@ class BatchedStep:
             counts = np.bincount(self.seq_of_token_np[self.in_block_np], minlength=self.num_seqs)
             at_start[starting] = counts[self.seq_index_np[starting]]
         ranking = self._reveal(rows, stats, at_start)
-        origin = np.flatnonzero(self.is_origin)
+        origin = self.is_origin.nonzero()[0]  # (ndarray.nonzero: no Python call a step)
         if origin.size:
             transfer = self._origin_transfers(origin[~self.seeded[origin]], rows)
             if transfer is not None:
@@ -757,7 +757,7 @@ class BatchedStep:
         # same matrix (a confidence is held exactly in a wider type); float64 when some
         # request draws its reveal from the shared stream (``alg_temp``: float64 scores).
         sampling = self.alg_temps[members_np] > 0
-        shared = np.flatnonzero(sampling & ~self.seeded[members_np])
+        shared = (sampling & ~self.seeded[members_np]).nonzero()[0]
         wide = torch.promote_types(stats.prob.dtype, torch.float32)
         if shared.size:
             wide = torch.float64
@@ -824,7 +824,7 @@ class BatchedStep:
             tied &= torch.from_numpy(~is_threshold).to(device) | ~above.any(dim=1)
         chosen = chosen_flat[rows.to(device)]
         ks = ks.tolist()
-        own = np.flatnonzero(sampling & self.seeded[members_np])
+        own = (sampling & self.seeded[members_np]).nonzero()[0]
         return _Ranking(
             members, ks, row_start, row_len, lo.tolist(), scores, chosen, tied, index, own
         )
