@@ -43,6 +43,9 @@ for mix in issue every-kind-llada every-kind-dream every-kind-block; do
   OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
     --attention-backend sdpa_buckets --mix "$mix" --out "$out/host_overhead_$mix.json"
 done
+# Where that host time goes, part by part (the issue's mix, B = 16 and 64).
+OMP_NUM_THREADS=1 python benchmarks/step_phases.py --batch-sizes 16,64 --repeats 3 \
+  --out "$out/step_phases.json" | tee "$out/step_phases.txt"
 # One block of 32 with low-confidence remasking: where the reference rule's mean lets an open
 # letter through, against the default min rule.
 foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \
