@@ -267,8 +267,8 @@ class BatchedStep:
         self.is_random = equals(self.reqs, "params.remasking", "random")
         self.seeded = ~is_none(self.reqs, "generator")
         self.seeded_random = self.is_random & self.seeded
-        # Dream's ``origin`` rule transfers each window row with a probability of its own
-        # (``_origin``): it ranks nothing.
+        # Dream's ``origin`` rule transfers each window row with the step's probability
+        # (``_origin_transfers``, ``_origin_own``): it ranks nothing.
         self.is_origin = equals(self.reqs, "params.remasking", _ORIGIN)
         # Dream's uncached threshold rule keeps scores above it (Fast-dLLM's: at or above).
         self.strict = self.is_dream & ~uses_blocks
