@@ -7,12 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import foretell.decoding.batched as batched_module
 from foretell import DecodeParams, Engine, Prophet
 from foretell.decoding.unmask import gumbel_perturbed
 from foretell.models.tiny import tiny_model
+from tests.shared_draws import run_counting_draws
 
 PROMPTS = ["1+1=", "22+22=", "333+333=", "4444+4444=", "a", "bb", "ccc+d", "9"]
 
@@ -814,18 +814,6 @@ def test_gumbel_perturbed_top_k_is_dreams_draw_without_replacement() -> None:
     assert chi2 < CHI2_CRIT_DF5, (observed, expected)
 
 
-class _OpNames(TorchDispatchMode):
-    """The aten ops dispatched, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("count", [2, 6])
 def test_unseeded_alg_temp_requests_share_one_draw_a_step(count) -> None:
     """Unseeded greedy Dream requests with ``alg_temp`` in one batch: each step draws their
@@ -840,14 +828,7 @@ def test_unseeded_alg_temp_requests_share_one_draw_a_step(count) -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
     engine = Engine(loaded, dtype="float32")
     reqs = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
-    outputs, draws_per_step = {}, []
-    while engine.has_unfinished_requests():
-        ops = _OpNames()
-        with ops:
-            for out in engine.step():
-                outputs[out.request_id] = out
-        draws_per_step.append((ops.names.count("aten.rand"), ops.names.count("aten.multinomial")))
-        assert all(req.generator is None for req in engine._live.values())
+    outputs, draws_per_step = run_counting_draws(engine)
     assert set(draws_per_step) == {(1, 0)}, draws_per_step
     assert all(outputs[r].finish_reason == "steps" for r in reqs)
     repeated = Engine(loaded, dtype="float32").generate(prompts, params, use_tqdm=False)
@@ -897,15 +878,8 @@ def test_unseeded_origin_requests_share_one_draw_a_step(count) -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
     engine = Engine(loaded, dtype="float32")
     reqs = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
-    outputs, draws_per_step = {}, []
-    while engine.has_unfinished_requests():
-        ops = _OpNames()
-        with ops:
-            for out in engine.step():
-                outputs[out.request_id] = out
-        draws_per_step.append(ops.names.count("aten.rand"))
-        assert all(req.generator is None for req in engine._live.values())
-    assert set(draws_per_step) == {1}, draws_per_step
+    outputs, draws_per_step = run_counting_draws(engine)
+    assert {rand for rand, _ in draws_per_step} == {1}, draws_per_step
     assert all(outputs[r].finish_reason == "steps" for r in reqs)
     repeated = Engine(loaded, dtype="float32").generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in repeated] == [outputs[r].token_ids for r in reqs]

@@ -11,13 +11,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from foretell.decoding.block_step import filter_block_logits, sample_shared_rows, score_rows
 from foretell.decoding.unmask import filter_logits_by_row
 from foretell.engine import Engine
 from foretell.engine import runner as runner_module
 from foretell.params import DecodeParams
+from tests.shared_draws import run_counting_draws
 
 # Chi-square critical value for 3 degrees of freedom at p = 0.001.
 CHI2_CRIT_DF3 = 16.266
@@ -98,18 +98,6 @@ def test_shared_draws_follow_the_filtered_distribution() -> None:
     assert torch.equal(again, scores)
 
 
-class _OpNames(TorchDispatchMode):
-    """The aten ops dispatched, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _unseeded(rng: random.Random, n: int) -> list[DecodeParams]:
     settings = [rng.choice(SETTINGS[:-1]) for _ in range(n)]
     return [
@@ -136,14 +124,7 @@ def test_unseeded_requests_share_one_draw_a_step(block_checkpoints, family) -> N
     prompts = [[rng.randrange(4, vocab) for _ in range(rng.randrange(1, 12))] for _ in params]
     engine = Engine(str(block_checkpoints[family]), max_num_seqs=10)
     reqs = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
-    outputs, draws_per_step = {}, []
-    while engine.has_unfinished_requests():
-        ops = _OpNames()
-        with ops:
-            for out in engine.step():
-                outputs[out.request_id] = out
-        draws_per_step.append((ops.names.count("aten.rand"), ops.names.count("aten.multinomial")))
-        assert all(req.generator is None for req in engine._live.values())
+    outputs, draws_per_step = run_counting_draws(engine)
     assert set(draws_per_step) == {(1, 0)}, draws_per_step
     assert all(outputs[r].finish_reason == "steps" for r in reqs)
     again = Engine(str(block_checkpoints[family]), max_num_seqs=10)

@@ -28,17 +28,18 @@ from operator import attrgetter, getitem
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from foretell.decoding.early_commit import undecided
 from foretell.decoding.step import (
     cursor_stays,
     mark_committed,
     move_cursor,
+    request_candidates,
 )
 from foretell.decoding.unmask import (
     RowStats,
     candidates,
+    draw_without_replacement,
     dream_transfer_counts_np,
     guided,
     gumbel_perturbed,
@@ -868,10 +869,7 @@ class BatchedStep:
         ``1 - s / t`` over its timestep grid in float32 as Dream computes it (1 at its last
         step: every row)."""
         step, steps = self.global_step_np[members], self.steps_np[members]
-        at = np.maximum(np.minimum(step, steps - 2), 0)  # any entry past the grid's last
-        grids = list(map(attrgetter("timesteps_np"), pick(self.reqs, members)))
-        t = np.fromiter(map(getitem, grids, at.tolist()), np.float32, len(grids))
-        s = np.fromiter(map(getitem, grids, (at + 1).tolist()), np.float32, len(grids))
+        t, s = self._timesteps(members, step, steps)
         return np.where(step < steps - 1, np.float32(1) - s / t, np.float32(1))
 
     def _origin_transfers(self, members: np.ndarray, rows: torch.Tensor) -> torch.Tensor | None:
@@ -916,17 +914,8 @@ class BatchedStep:
                 moved = window[uniforms.numpy() < p[n]]
                 if self.drawn[j] and moved.size:
                     at = torch.from_numpy(np.searchsorted(rows, moved)).to(self._logits.device)
-                    pr = req.params
-                    drawn, _ = candidates(
-                        self._logits[at],
-                        family=req.family,
-                        rule=_ORIGIN,
-                        temperature=pr.temperature,
-                        top_p=pr.top_p,
-                        top_k=pr.top_k,
-                        generator=req.generator,
-                    )
-                    x0[moved] = drawn.cpu().numpy()
+                    drawn, _ = request_candidates(req, self._logits[at], _ORIGIN)
+                    x0[moved] = drawn.numpy()
                 chosen[window] = False
                 chosen[moved] = True
             except Exception as err:  # this request only
@@ -946,8 +935,8 @@ class BatchedStep:
             req = self.reqs[ranking.members[i]]
             cols = np.flatnonzero(window[ranking.index[i]])
             flat = ranking.index[i][cols]
-            weights = F.softmax(scores[n, cols].double() / req.params.alg_temp, dim=-1)
-            drawn = torch.multinomial(weights, ranking.ks[i], generator=req.generator)
+            alg_temp, count = req.params.alg_temp, ranking.ks[i]
+            drawn = draw_without_replacement(scores[n, cols], count, alg_temp, req.generator)
             chosen[flat] = False
             chosen[flat[drawn.numpy()]] = True
 
@@ -1011,13 +1000,22 @@ class BatchedStep:
             in_blocks = self.uses_blocks_np[dream]
             step = np.where(in_blocks, self.step_in_block_np[dream], self.global_step_np[dream])
             steps = np.where(in_blocks, spb[dream], self.steps_np[dream])
-            at = np.maximum(np.minimum(step, steps - 2), 0)  # any entry past the grid's last
-            grids = list(map(attrgetter("timesteps_np"), pick(self.reqs, dream)))
-            t = np.fromiter(map(getitem, grids, at.tolist()), np.float32, len(grids))
-            s = np.fromiter(map(getitem, grids, (at + 1).tolist()), np.float32, len(grids))
+            t, s = self._timesteps(dream, step, steps)
             counts = dream_transfer_counts_np(sizes[dream], step, steps, t, s)
             ks[dream] = np.where(self.refresh[dream], sizes[dream], counts)
         return ks
+
+    def _timesteps(
+        self, members: np.ndarray, step: np.ndarray, steps: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Dream's timesteps ``t`` and ``s`` (float32) at ``step`` and ``step + 1`` of each of
+        ``members``' grids of ``steps`` (anything where ``step`` is its grid's last), read
+        from their grids in C."""
+        at = np.maximum(np.minimum(step, steps - 2), 0)  # any entry past the grid's last
+        grids = list(map(attrgetter("timesteps_np"), pick(self.reqs, members)))
+        t = np.fromiter(map(getitem, grids, at.tolist()), np.float32, len(grids))
+        s = np.fromiter(map(getitem, grids, (at + 1).tolist()), np.float32, len(grids))
+        return t, s
 
     # -- applying: one request at a time, attribute updates only --------------------------
     def _apply(self, j: int, req: Request, plan: _Plan) -> None:

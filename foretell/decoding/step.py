@@ -159,7 +159,7 @@ def _try_commit(
     fill_logits[have.to(logits.device)] = logits[_rows(positions, masked[have])]
     if not bool(have.all()):
         fill_logits[(~have).to(logits.device)] = more_logits(masked[~have])
-    x0, _ = _candidates(req, fill_logits, "random")
+    x0, _ = request_candidates(req, fill_logits, "random")
     req.write(masked, x0)
     req.revealed_last_step = masked
     mark_committed(req)
@@ -183,7 +183,7 @@ def move_block_cursor(req: Request) -> None:
             req.finish("steps")
 
 
-def _candidates(req: Request, logits: torch.Tensor, rule: str):
+def request_candidates(req: Request, logits: torch.Tensor, rule: str):
     """Proposed tokens and their scores, brought to the host (the canvas lives there): one
     request's ``[rows]`` ids and scores cross, never its logits."""
     p = req.params
@@ -220,7 +220,7 @@ def _reveal_llada(
         own = req.confidence_dtype or logits.dtype
         scores = None if p.remasking == "random" else stats.prob.cpu().to(own)
     else:
-        x0, scores = _candidates(req, logits, p.remasking)
+        x0, scores = request_candidates(req, logits, p.remasking)
     lo, hi = req.query_span()
     if p.remasking == "confidence_threshold":
         stalled = True
@@ -372,19 +372,19 @@ def _reveal_dream_cached(req: Request, window: torch.Tensor, logits: torch.Tenso
     stalled = True
     if not req.cached_step:
         if window.numel():
-            x0, _ = _candidates(req, logits, "random")
+            x0, _ = request_candidates(req, logits, "random")
             _reveal(req, window, x0, torch.arange(window.numel()))
             stalled = bool((x0 == req.mask_token_id).all())
     elif p.remasking == "confidence_threshold":
         if window.numel():
-            x0, scores = _candidates(req, logits, p.remasking)
+            x0, scores = request_candidates(req, logits, p.remasking)
             lo, hi = req.query_span()
             chosen = ranked_threshold(scores, p.threshold, window - lo, hi - lo)
             _reveal(req, window, x0, chosen)
             stalled = bool((x0[chosen] == req.mask_token_id).all())
     else:
         stalled = False  # the schedule bounds the block
-        x0, scores = _candidates(req, logits, "entropy")
+        x0, scores = request_candidates(req, logits, "entropy")
         step = req.step_in_block
         count = dream_transfer_count(int(window.numel()), step, p.steps_per_block, req.timesteps)
         lo, hi = req.query_span()
@@ -401,16 +401,16 @@ def _reveal_dream(req: Request, window: torch.Tensor, logits: torch.Tensor) -> N
         t, s = req.timesteps[step], req.timesteps[step + 1]
         p_transfer = 1 - s / t if step < p.steps - 1 else 1
         transfer = torch.rand(window.shape[0], generator=req.generator) < p_transfer
-        x0, _ = _candidates(req, logits[transfer], "origin")
+        x0, _ = request_candidates(req, logits[transfer], "origin")
         _reveal(req, window[transfer], x0, torch.arange(x0.shape[0]))
     elif p.remasking == "confidence_threshold":
-        x0, scores = _candidates(req, logits, p.remasking)
+        x0, scores = request_candidates(req, logits, p.remasking)
         if window.numel():
             chosen = above_threshold(scores, p.threshold)
             _reveal(req, window, x0, chosen)
             stalled, revealed = bool((x0[chosen] == req.mask_token_id).all()), True
     else:
-        x0, scores = _candidates(req, logits, p.remasking)
+        x0, scores = request_candidates(req, logits, p.remasking)
         if p.remasking == "random":
             scores = torch.rand(window.shape[0], generator=req.generator)
         count = dream_transfer_count(int(window.numel()), step, p.steps, req.timesteps)

@@ -319,9 +319,13 @@ def sample(
     u = noise
     if u is None:
         u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
-    u = u.to(logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    return (logits.double() / temperature + gumbel).argmax(dim=-1)
+    return (logits.double() / temperature + gumbel_noise(u.to(logits.device))).argmax(dim=-1)
+
+
+def gumbel_noise(uniforms: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from float64 uniforms (a uniform of 0 held off at 1e-300): added to
+    scores, their argmax (top-k) is a draw (without replacement) from their softmax."""
+    return -torch.log(-torch.log(uniforms.clamp_min(1e-300)))
 
 
 def top2_gap(
@@ -400,11 +404,20 @@ def choose(
     if count <= 0:
         return torch.empty(0, dtype=torch.long)
     if alg_temp:
-        weights = F.softmax(scores.double() / alg_temp, dim=-1)
-        return torch.multinomial(weights, count, generator=generator)
+        return draw_without_replacement(scores, count, alg_temp, generator)
     row = torch.full((canvas_len,), float("-inf"), dtype=scores.dtype)
     row[window] = scores
     return torch.searchsorted(window, torch.topk(row, count).indices)
+
+
+def draw_without_replacement(
+    scores: torch.Tensor, count: int, alg_temp: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Dream's ``alg_temp`` reveal: ``count`` indices into ``scores`` drawn without
+    replacement from ``softmax(scores / alg_temp)`` in float64, from ``generator`` (Dream's
+    ``multinomial``, draw for draw)."""
+    weights = F.softmax(scores.double() / alg_temp, dim=-1)
+    return torch.multinomial(weights, count, generator=generator)
 
 
 def gumbel_perturbed(
@@ -414,8 +427,7 @@ def gumbel_perturbed(
     from ``uniforms``: their top ``k`` is a draw of ``k`` without replacement from
     ``softmax(scores / alg_temp)``, the distribution of Dream's ``multinomial`` (not its
     draws), in one op for any number of rows. ``-inf`` stays ``-inf``."""
-    gumbel = -torch.log(-torch.log(uniforms.clamp_min(1e-300)))
-    return scores.double() / alg_temp[:, None] + gumbel
+    return scores.double() / alg_temp[:, None] + gumbel_noise(uniforms)
 
 
 def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
