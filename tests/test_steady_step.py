@@ -69,11 +69,33 @@ def _kinds() -> list[DecodeParams]:
     return kinds
 
 
-def _step_calls(loaded, copies: int) -> tuple[dict[str, int], dict[str, int]]:
+def _block_moves() -> list[DecodeParams]:
+    """Kinds whose schedule moves every request on to its next block at every second step
+    (LLaDA's blocks of two steps, Fast-dLLM's refresh and one cached step), none finishing
+    for a while: each rule of a fixed schedule, greedy and sampled, with no cache, prefix and
+    dual, with and without Prophet."""
+    blocks = dict(gen_length=32, block_length=4, steps=16, seed=None)
+    kinds = []
+    for rule, cache, prophet, drawn in itertools.product(
+        ("low_confidence", "random"), (None, "prefix", "dual"), (0, 1), (0.0, 0.7)
+    ):
+        policy = Prophet(NEVER) if prophet else None
+        kinds.append(
+            DecodeParams(
+                remasking=rule, kv_cache=cache, early_commit=policy, temperature=drawn, **blocks
+            )
+        )
+    return kinds
+
+
+def _step_calls(
+    loaded, copies: int, kinds: list[DecodeParams] | None = None, warm: int = 3
+) -> tuple[dict[str, int], dict[str, int]]:
     """Python calls of one steady step with ``copies`` requests of every kind running, and the
     lines of foretell's code the next steady step runs (a comprehension over the batch runs a
-    line per request but no call)."""
-    kinds = _kinds()
+    line per request but no call). ``kinds``: :func:`_kinds` unless given; ``warm``: the
+    steps run before the profiled one."""
+    kinds = kinds or _kinds()
     engine = Engine(
         loaded,
         max_num_seqs=copies * len(kinds),
@@ -84,7 +106,7 @@ def _step_calls(loaded, copies: int) -> tuple[dict[str, int], dict[str, int]]:
     )
     for params in kinds * copies:
         engine.add_request("12+34=", params)
-    for _ in range(3):  # admitted, refreshed, and into their cached steps
+    for _ in range(warm):  # admitted, refreshed, and into their cached steps
         assert not engine.step()
     profiler = cProfile.Profile()
     profiler.enable()
@@ -142,6 +164,25 @@ def test_a_steady_step_runs_no_line_of_python_per_request(micro) -> None:
     grew = _grown(small, large)
     detail = f"lines that grew with {added} more requests: {sorted(grew.items())[:20]}"
     assert sum(grew.values()) < added, detail
+
+
+def test_a_block_move_runs_no_python_per_request(micro) -> None:
+    """A step that moves every request on to its next block, as its schedule does (no commit,
+    no finish), is a steady step too: the calls and the lines grow by less than one per added
+    request (the cursors move in one write for all; calling each request's cursor rule, as
+    before, adds a dozen calls per request)."""
+    kinds = _block_moves()
+    # Every second step moves: the calls of the fourth (the profiled one after three), the
+    # lines of the fourth (the traced one, after the profiled third).
+    small, _ = _step_calls(micro, 1, kinds, warm=3)
+    large, _ = _step_calls(micro, 4, kinds, warm=3)
+    _, small_lines = _step_calls(micro, 1, kinds, warm=2)
+    _, large_lines = _step_calls(micro, 4, kinds, warm=2)
+    added = 3 * len(kinds)
+    grown_calls, grown_lines = _grown(small, large), _grown(small_lines, large_lines)
+    for measured, grown in (("calls", grown_calls), ("lines", grown_lines)):
+        detail = f"{measured} that grew with {added} more requests: {sorted(grown.items())[:20]}"
+        assert sum(grown.values()) < added, detail
 
 
 def _grown(small: dict[str, int], large: dict[str, int]) -> dict[str, int]:

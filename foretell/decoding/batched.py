@@ -49,7 +49,14 @@ from foretell.decoding.unmask import (
 from foretell.params import MEAN_COLUMN, Prophet
 from foretell.scheduler.canvas_rows import CanvasRows
 from foretell.scheduler.gather import equals, is_none, pick
-from foretell.scheduler.request import AT_START, GLOBAL_STEP, STEP_IN_BLOCK, WRITES, Request
+from foretell.scheduler.request import (
+    AT_START,
+    BLOCK,
+    GLOBAL_STEP,
+    STEP_IN_BLOCK,
+    WRITES,
+    Request,
+)
 
 # Columns of the per-sequence geometry table (canvas positions).
 (
@@ -238,6 +245,10 @@ class BatchedStep:
         self.steps_np, self.steps_per_block_np = fixed[:, 11:13].T
         self.is_dream, self.is_threshold = fixed[:, 13:15].T.astype(bool)
         block, step_in_block, self.global_step_np, self.block_masks_at_start_np = cursor.T[:4]
+        # Whether the block after the current one exists (a block move that does not finish).
+        self.more_blocks_np = uses_blocks.astype(bool) & (
+            (block + 1) * block_len < canvas - blocks_from
+        )
         self.canvas_row_np = cursor[:, 4]
         # Prophet's constants of each request (``CanvasRows.policy``; NaN: no policy).
         self.policy_np = canvas_rows.policy[self.canvas_row_np]
@@ -398,7 +409,14 @@ class BatchedStep:
         rows.revealed.reshape(-1)[at] = True
         staying = stays & revealing
         rows.cursor[own[staying], STEP_IN_BLOCK] += steps_on[staying]
-        for j in np.flatnonzero(~staying).tolist():
+        # A request whose schedule moves it on to a next block (LLaDA's, or Fast-dLLM's cached
+        # loop: ``move_block_cursor``, ``move_cached_cursor``) that exists: one write for all.
+        # Only commits, finishes, threshold decoding's search for a block with masks and
+        # Dream's grid run a request's own rule.
+        on = ~stays & revealing & self.more_blocks_np & (self.cached_np | ~self.is_threshold)
+        rows.cursor[own[on], BLOCK] += 1
+        rows.cursor[own[on], STEP_IN_BLOCK] = 0
+        for j in np.flatnonzero(~staying & ~on).tolist():
             req = self.reqs[j]
             if failed[j]:
                 req.finish("error", plan.failed[j])
