@@ -620,11 +620,14 @@ def test_request_geometry_follows_its_params() -> None:
     # prompt and canvas length, blocks, where block 0 starts, block length, cached, prefix
     assert req.geometry[:7] == (3, 11, 1, 3, 4, 0, 0)
     assert req.geometry[8:11] == (0, 0, 1)  # no explicit span; the region is every mask
-    assert req.geometry[11:] == (8, 4, 0, 0, 1)  # steps, per block, Dream, threshold, sequences
+    # steps, per block, Dream, threshold, random, origin, sequences
+    assert req.geometry[11:] == (8, 4, 0, 0, 0, 0, 1)
     span = Prophet(answer_start=2, answer_length=3)
     req.params = dataclasses.replace(params, early_commit=span, remasking="confidence_threshold")
     assert req.geometry[8:11] == (5, 8, 0)
-    assert req.geometry[14] == 1
+    assert req.geometry[14:17] == (1, 0, 0)
+    req.params = dataclasses.replace(params, remasking="random")
+    assert req.geometry[14:17] == (0, 1, 0)
 
 
 def test_concat_ranges_is_the_concatenated_aranges() -> None:
@@ -643,7 +646,10 @@ def test_concat_ranges_is_the_concatenated_aranges() -> None:
 def test_cursor_stays_agrees_with_the_cursor_rule() -> None:
     """The batched step moves a cursor with array arithmetic where it stays in its block and
     calls ``move_cursor`` otherwise: for every kind and random outcomes, the arrays say "stays"
-    exactly when the rule keeps the block and does not finish, and give the step it takes."""
+    exactly when the rule keeps the block and does not finish, and give the step it takes;
+    where the block's schedule (LLaDA's, or the cached loop) ends with a block after it, the
+    rule moves on to that block's first step without finishing, as the batched step's one
+    write does for all."""
     import dataclasses
 
     from foretell.decoding.step import cursor_stays, move_cursor
@@ -688,6 +694,10 @@ def test_cursor_stays_agrees_with_the_cursor_rule() -> None:
         assert bool(stays[j]) == kept, (j, req.params, outcomes[j])
         if kept:
             assert req.step_in_block == step + int(steps_on[j])
+        p = req.params
+        scheduled = p.kv_cache is not None or p.remasking != "confidence_threshold"
+        if not kept and req.uses_blocks and scheduled and block + 1 < p.num_blocks:
+            assert (req.block, req.step_in_block, req.is_finished) == (block + 1, 0, False)
         seen.add((req.family, req.params.kv_cache, req.params.remasking, kept))
     assert len(seen) == 2 * len(kinds)  # every kind both stays and moves on
 

@@ -145,8 +145,8 @@ def test_every_row_returns_however_a_request_ends(llada64, monkeypatch) -> None:
     engine.abort(running)
     engine.step()
     assert rows.num_held == 0
-    # Failed inside the batched step, in its own rule (it leaves its block at its first step:
-    # one step per block), after the batch's write: its row returns, the other runs on.
+    # Failed inside the batched step, in its own rule (it finishes at its first step: one
+    # block of one step), after the batch's write: its row returns, the other runs on.
     real = batched_module.BatchedStep._apply
 
     def failing(self, j, req, *args):
@@ -155,8 +155,8 @@ def test_every_row_returns_however_a_request_ends(llada64, monkeypatch) -> None:
         return real(self, j, req, *args)
 
     monkeypatch.setattr(batched_module.BatchedStep, "_apply", failing)
-    one_step_blocks = DecodeParams(gen_length=16, block_length=8, steps=2)
-    engine.add_request("12+34=", one_step_blocks, request_id="bad")
+    one_step = DecodeParams(gen_length=8, block_length=8, steps=1)
+    engine.add_request("12+34=", one_step, request_id="bad")
     engine.add_request("12+34=", dual, request_id="good")
     finished = {}
     while engine.has_unfinished_requests():

@@ -48,11 +48,13 @@ from foretell.decoding.unmask import (
 )
 from foretell.params import MEAN_COLUMN, Prophet
 from foretell.scheduler.canvas_rows import CanvasRows
-from foretell.scheduler.gather import equals, is_none, pick
+from foretell.scheduler.gather import is_none, pick
 from foretell.scheduler.request import (
     AT_START,
     BLOCK,
     GLOBAL_STEP,
+    IS_ORIGIN,
+    IS_RANDOM,
     STEP_IN_BLOCK,
     WRITES,
     Request,
@@ -276,12 +278,12 @@ class BatchedStep:
         # step, only its block's first position.
         refresh = dream_cached.astype(bool) & ~cached_step
         self.refresh = refresh
-        self.is_random = equals(self.reqs, "params.remasking", "random")
+        self.is_random = fixed[:, IS_RANDOM].astype(bool)
         self.seeded = ~is_none(self.reqs, "generator")
         self.seeded_random = self.is_random & self.seeded
         # Dream's ``origin`` rule transfers each window row with the step's probability
         # (``_origin_transfers``, ``_origin_own``): it ranks nothing.
-        self.is_origin = equals(self.reqs, "params.remasking", _ORIGIN)
+        self.is_origin = fixed[:, IS_ORIGIN].astype(bool)
         # Dream's uncached threshold rule keeps scores above it (Fast-dLLM's: at or above).
         self.strict = self.is_dream & ~uses_blocks
         window_start = np.where(cached_step | refresh, block_start, prompt)

@@ -21,7 +21,7 @@ from foretell.models.attention import PoolUses
 from foretell.ranges import concat_ranges
 from foretell.scheduler.canvas_rows import CanvasRows, block_causal_rows
 from foretell.scheduler.gather import attribute_array, equals, pick
-from foretell.scheduler.request import Request
+from foretell.scheduler.request import NUM_SEQUENCES, Request
 
 # Columns of ``StepInput.cursor``: a request's block, step in it, step, its block's masks at
 # the block's start (``Request.cursor_np``'s first four), and its canvas row.
@@ -125,7 +125,7 @@ class Packer:
         cursor[:, 4] = canvas_row
         block, step_in_block = cursor[:, 0], cursor[:, 1]
         fixed = canvas_rows.geometry_of(batch, canvas_row)
-        num_seqs = fixed[:, 15]
+        num_seqs = fixed[:, NUM_SEQUENCES]
         prompt, canvas, uses_blocks, blocks_from, block_len, cached, prefix = fixed[:, :7].T
         span_start, span_end, every_mask = fixed[:, 8:11].T
         cached = cached.astype(bool)

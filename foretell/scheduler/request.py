@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 # and canvas length, whether it decodes in blocks, where block 0 starts, the block length,
 # cached, prefix cache, Fast-dLLM's Dream, Prophet's explicit span (start, end), whether
 # Prophet's region is every generated mask, the step budget and steps per block, Dream, the
-# threshold rule, and the sequences it puts in a pass (2 with classifier-free guidance).
-GEOMETRY = 16
+# threshold rule, random remasking, Dream's ``origin`` rule, and the sequences it puts in a pass
+# (2 with classifier-free guidance).
+GEOMETRY = 18
 CANVAS_LEN = 1  # the field of the canvas length
-NUM_SEQUENCES = 15  # the field of the sequences a request puts in a pass
+IS_RANDOM, IS_ORIGIN = 15, 16  # the fields of the rules that rank no score
+NUM_SEQUENCES = 17  # the field of the sequences a request puts in a pass
 
 # Columns of a request's cursor (``Request.cursor_np``: a row of ``CanvasRows.cursor`` while it
 # runs, so that the batched step moves a whole batch's with a few array writes): its block, its
@@ -279,6 +281,8 @@ class Request:
                 p.steps_per_block,
                 int(self.family == "dream"),
                 int(p.remasking == "confidence_threshold"),
+                int(p.remasking == "random"),
+                int(p.remasking == "origin"),
                 self.num_sequences,
             )
             self._geometry_of = p
