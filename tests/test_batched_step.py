@@ -381,6 +381,27 @@ def _lockstep(loaded, dtype: str, params: list[DecodeParams]) -> tuple[dict, lis
     return finished[0], members
 
 
+@pytest.mark.parametrize("statistics", [("min",), ("mean",), ("min", "mean")])
+def test_batches_of_one_gap_statistic_equal_the_per_request_step(statistics) -> None:
+    """The batched step computes only the statistics its Prophet requests take (the mean
+    alone, the minimum alone, or both); each batch, stepped in lockstep with the per-request
+    step, commits at the same steps with the same gaps (thresholds low enough to commit)."""
+    loaded = tiny_model("llada", seed=3)
+    rng = random.Random(5)
+    params = []
+    for i in range(8):
+        policy = Prophet(thresholds=(1.0, 0.5, 0.2), statistic=statistics[i % len(statistics)])
+        rule = rng.choice(["low_confidence", "random", "confidence_threshold"])
+        params.append(
+            DecodeParams(gen_length=16, block_length=8, steps=16, remasking=rule, seed=i).replace(
+                early_commit=policy, kv_cache=rng.choice([None, "dual"])
+            )
+        )
+    outcomes, members = _lockstep(loaded, "float32", params)
+    assert members and max(members) == 8
+    assert any(state[4] is not None for state in outcomes.values())  # some commit
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_guided_requests_in_the_batch_equal_the_per_request_step(dtype) -> None:
     """Classifier-free guidance in the batched step (rows guided in place, then

@@ -720,12 +720,20 @@ class BatchedStep:
         gap = stats.gap[torch.from_numpy(region_rows).to(device)]
         seg_d = torch.from_numpy(segment).to(device)
         n = len(members)
-        sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, seg_d, gap.double())
-        means = sums / torch.from_numpy(counts).to(device)
-        mins = torch.full((n,), torch.inf, dtype=gap.dtype, device=device)
-        mins = mins.scatter_reduce_(0, seg_d, gap, "amin")
+        # Only the statistics some member takes (the mean is the default: most passes take
+        # no minimum).
         is_mean = self.policy_np[members_np, MEAN_COLUMN] > 0
-        values = torch.where(torch.from_numpy(is_mean).to(device), means, mins.double())
+        values = None
+        if is_mean.any():
+            sums = torch.zeros(n, dtype=torch.float64, device=device)
+            values = sums.index_add_(0, seg_d, gap.double()) / torch.from_numpy(counts).to(device)
+        if not is_mean.all():
+            mins = torch.full((n,), torch.inf, dtype=gap.dtype, device=device)
+            mins = mins.scatter_reduce_(0, seg_d, gap, "amin").double()
+            if values is None:
+                values = mins
+            else:
+                values = torch.where(torch.from_numpy(is_mean).to(device), values, mins)
         return _Gaps(members, values, region_rows, segment)
 
     def _reveal(
