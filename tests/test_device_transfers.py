@@ -78,10 +78,10 @@ def _transfers_per_step(loaded, params: list[DecodeParams], monkeypatch) -> list
         counts.append(OnDevice.transfers)
     monkeypatch.undo()
     # Ids, flags and gaps only, never logits: no transfer carries a [rows, vocab] matrix
-    # (the largest is the pass's: a greedy token and a revealed flag per gathered row, a tie
-    # flag and a gap per request).
+    # (the largest is the pass's: a greedy token and a revealed flag per gathered row; per
+    # request, its two scores at its cut, whether any reaches its threshold, and a gap).
     rows = sum(p.gen_length for p in params)
-    assert OnDevice.largest <= 2 * rows + 2 * len(params) < loaded.model.vocab_size * rows
+    assert OnDevice.largest <= 2 * rows + 4 * len(params) < loaded.model.vocab_size * rows
     return counts
 
 

@@ -175,7 +175,14 @@ class _Ranking:
     offset: list[int]  # the column of its ranking row where its ranked extent begins
     scores: torch.Tensor | None  # [members, widest extent], -inf outside each window
     chosen: torch.Tensor  # bool over the gathered rows
-    tied: torch.Tensor  # bool per member: its cut tied, so it is ranked again alone
+    # Whether a member's cut tied (then it is ranked again alone), read on the host from the
+    # pass's one transfer: each member's k-th and next scores (``[members, 2]``) and whether
+    # any of its scores reaches its threshold (None: no member can tie), and what the host
+    # knows already: which can tie (a cut inside its row) and which take a threshold.
+    cut: torch.Tensor | None
+    any_above: torch.Tensor | None
+    can_tie: np.ndarray
+    threshold_rule: np.ndarray
     # Each member's ranked columns as flat tokens (the pass's length past a row's end), and
     # the members (indices into ``members``) that draw their reveal from their own stream
     # (Dream's ``alg_temp`` with a seed: :meth:`BatchedStep._draw_reveals`).
@@ -470,17 +477,25 @@ class BatchedStep:
             if transfer is not None:
                 ranking.chosen = ranking.chosen | transfer
         # The pass's one device -> host transfer: the gathered rows' greedy tokens, which of
-        # them are revealed, which requests' ranking tied at its cut, and the gaps (float64
-        # holds token ids and the gaps' values exactly).
-        parts = [stats.argmax, ranking.chosen, ranking.tied]
+        # them are revealed, each ranking's scores at its cut and whether any reaches its
+        # threshold, and the gaps (float64 holds token ids, scores and gaps exactly).
+        parts = [stats.argmax, ranking.chosen]
+        n_rows, n_ranked = len(rows), len(ranking.members)
+        n_cut = 0 if ranking.cut is None else 3 * n_ranked
+        if ranking.cut is not None:
+            parts += [ranking.cut.flatten(), ranking.any_above]
         if gap is not None:
             parts.append(gap.values)
         host = torch.cat([t.to(torch.float64) for t in parts]).cpu().numpy()
-        n_rows, n_ranked = len(rows), len(ranking.members)
         argmax = host[:n_rows].astype(np.int64)
         chosen_rows = host[n_rows : 2 * n_rows].astype(bool)
-        tied = host[2 * n_rows : 2 * n_rows + n_ranked].astype(bool)
-        gaps, commits = self._decide(gap, host[2 * n_rows + n_ranked :], stats)
+        tied = np.zeros(n_ranked, dtype=bool)
+        if n_cut:
+            kth, nxt = host[2 * n_rows : 2 * n_rows + 2 * n_ranked].reshape(-1, 2).T
+            any_above = host[2 * n_rows + 2 * n_ranked : 2 * n_rows + n_cut].astype(bool)
+            tied = ranking.can_tie & (kth == nxt) & (kth > -np.inf)
+            tied &= ~ranking.threshold_rule | ~any_above
+        gaps, commits = self._decide(gap, host[2 * n_rows + n_cut :], stats)
         rows_np = rows.numpy()
         x0 = np.zeros(len(self.ids_np), dtype=np.int64)
         x0[rows_np] = argmax
@@ -772,7 +787,8 @@ class BatchedStep:
         members = members_np.tolist()
         if not members:
             chosen = stats.prob.new_zeros(len(rows), dtype=torch.bool)
-            return _Ranking([], [], [], [], [], None, chosen, chosen[:0])
+            none = np.zeros(0, dtype=bool)
+            return _Ranking([], [], [], [], [], None, chosen, None, None, none, none)
         ks = np.where(ranked, np.minimum(ks, sizes), 1)[members_np]
         # A threshold is compared in the request's own confidence dtype, as it is alone; NaN
         # (no threshold) compares false.
@@ -843,19 +859,30 @@ class BatchedStep:
         kept.scatter_(0, index_d.flatten(), above.flatten())
         chosen_flat = picked | kept
         # A tie at the cut: the k-th and (k+1)-th scores equal (for the threshold rule, the best
-        # two, below the threshold).
-        tied = torch.zeros(len(members), dtype=torch.bool, device=device)
+        # two, below the threshold); decided on the host from the pass's one transfer.
+        cut = any_above = None
         if k_top > 1:
             at = np.stack([ks - 1, np.minimum(ks, k_top - 1)], axis=1)
-            kth, nxt = values.gather(1, torch.from_numpy(at).to(device)).unbind(1)
-            can_tie = torch.from_numpy(ks < k_top).to(device)
-            tied = can_tie & (kth == nxt) & (kth > float("-inf"))
-            tied &= torch.from_numpy(~is_threshold).to(device) | ~above.any(dim=1)
+            cut = values.gather(1, torch.from_numpy(at).to(device))
+            any_above = above.any(dim=1)
         chosen = chosen_flat[rows.to(device)]
+        can_tie = ks < k_top
         ks = ks.tolist()
         own = (sampling & self.seeded[members_np]).nonzero()[0]
         return _Ranking(
-            members, ks, row_start, row_len, lo.tolist(), scores, chosen, tied, index, own
+            members,
+            ks,
+            row_start,
+            row_len,
+            lo.tolist(),
+            scores,
+            chosen,
+            cut,
+            any_above,
+            can_tie,
+            is_threshold,
+            index,
+            own,
         )
 
     def _rank_alone(self, tied: list[int], ranking: _Ranking, chosen: np.ndarray) -> None:
