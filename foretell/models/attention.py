@@ -397,10 +397,15 @@ class _BucketGroup:
     k_len: int
     q_index: torch.Tensor  # [count, q_len] rows of q (the padding row past the end)
     k_index: torch.Tensor  # [count, k_len] rows of k and v
-    q_flat: torch.Tensor  # q_index flattened (where the outputs go)
-    # [count, 1, 1, k_len] real keys, or [count, 1, q_len, k_len] the keys each query sees
-    # when a block-causal sequence's queries do not all see the same ones.
+    # [count, 1, k_len] real keys, or [count, q_len, k_len] the keys each query sees when a
+    # block-causal sequence's queries do not all see the same ones (the call's batch is
+    # ``[heads, count]``: see :func:`_bucketed`).
     mask: torch.Tensor
+
+    @property
+    def q_flat(self) -> torch.Tensor:
+        """q_index flattened (where the outputs go): a view."""
+        return self.q_index.view(-1)
 
 
 # The last pass's (key, groups): every layer of a pass has the same layout, so it is built (and
@@ -451,7 +456,6 @@ def _bucket_groups(
                 kb,
                 torch.from_numpy(q_index).to(device),
                 torch.from_numpy(k_index).to(device),
-                torch.from_numpy(q_index.reshape(-1)).to(device),
                 mask,
             )
         )
@@ -465,7 +469,7 @@ def _bucket_mask(
     """The mask of one bucket group (``table``: its members' specs; ``real``: ``[count,
     k_len]`` which padded keys are real), on ``device``: the real keys, the same for every
     query, unless a block-causal member's queries see different keys (:func:`_block_mask`: a
-    key is seen when its block is not after the query's); then ``[count, 1, q_len, k_len]``,
+    key is seen when its block is not after the query's); then ``[count, q_len, k_len]``,
     one comparison on the device of each key's block with each query's (small host arrays:
     a padding key's block is past every query's, a member without blocks sees every key, and
     a padding query sees what its sequence's last one sees, so no row is all masked)."""
@@ -475,14 +479,14 @@ def _bucket_mask(
     # its last key's (the common step: a block's queries over the blocks before it).
     differs = (block > 0) & (first_query // size < (table[:, 3] - 1) // size)
     if not differs.any():
-        return torch.from_numpy(real[:, None, None, :]).to(device)
+        return torch.from_numpy(real[:, None, :]).to(device)
     past = np.iinfo(np.int64).max
     key_block = np.where(real, np.arange(real.shape[1]) // size[:, None], past)
     query_pos = table[:, 5:6] + np.minimum(q_col, table[:, 1:2] - 1)  # [count, q_len]
     query_block = np.where(block[:, None] > 0, query_pos // size[:, None], past - 1)
     keys = torch.from_numpy(key_block).to(device)
     queries = torch.from_numpy(query_block).to(device)
-    return (keys[:, None, :] <= queries[:, :, None])[:, None]
+    return keys[:, None, :] <= queries[:, :, None]
 
 
 def _bucketed(
@@ -494,23 +498,23 @@ def _bucketed(
 ) -> None:
     """Attention of each ``(first query row, queries, first key row, keys)`` in ``specs``, into
     ``out``: queries and keys padded to their buckets, padding keys masked, one SDPA call per
-    pair of buckets. ``k``/``v`` are expanded to every query head."""
+    pair of buckets. ``k``/``v`` are expanded to every query head.
+
+    The rows are taken heads first (``[heads, rows + 1, head_dim]``, the last a padding row),
+    once per layer, so that a group's gather is already SDPA's layout, with the call's batch
+    ``[heads, count]`` (every pair independent, as with ``[count, heads]``), and its output
+    goes back with one indexed copy: six ops a group, not one transpose per tensor more."""
     rows_q, rows_k = q.shape[0], k.shape[0]
     groups = _bucket_groups(specs, rows_q, rows_k, q.device)
-    qp = torch.cat((q, q.new_zeros(1, *q.shape[1:])))
-    kp = torch.cat((k, k.new_zeros(1, *k.shape[1:])))
-    vp = torch.cat((v, v.new_zeros(1, *v.shape[1:])))
-    outp = torch.cat((out, out.new_zeros(1, *out.shape[1:])))
+    heads, dim = q.shape[1], q.shape[2]
+    qp, kp, vp = (torch.cat((t, t.new_zeros(1, *t.shape[1:]))).transpose(0, 1) for t in (q, k, v))
+    outp = q.new_empty(heads, rows_q + 1, dim)
     for g in groups:
-        # [count, padded length, heads, head_dim] in one gather each, heads second for SDPA.
-        qs, ks, vs = (
-            qp[g.q_index].transpose(1, 2),
-            kp[g.k_index].transpose(1, 2),
-            vp[g.k_index].transpose(1, 2),
-        )
-        res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask).transpose(1, 2)
-        outp.index_copy_(0, g.q_flat, res.reshape(-1, *q.shape[1:]))
-    out.copy_(outp[:rows_q])
+        # [heads, count, padded length, head_dim] in one gather each.
+        qs, ks, vs = qp[:, g.q_index], kp[:, g.k_index], vp[:, g.k_index]
+        res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask)
+        outp.index_copy_(1, g.q_flat, res.view(heads, -1, dim))
+    out.copy_(outp[:, :rows_q].transpose(0, 1))
 
 
 def _sdpa_runs(
