@@ -396,10 +396,11 @@ class _BucketGroup:
     q_len: int
     k_len: int
     q_index: torch.Tensor  # [count, q_len] rows of q (the padding row past the end)
-    k_index: torch.Tensor  # [count, k_len] rows of k and v
-    # [count, 1, k_len] real keys, or [count, q_len, k_len] the keys each query sees when a
-    # block-causal sequence's queries do not all see the same ones (the call's batch is
-    # ``[heads, count]``: see :func:`_bucketed`).
+    k_index: torch.Tensor  # [count, k_len] rows of k and v (padding: its first key, masked)
+    # [1, count, 1, k_len] real keys, or [1, count, q_len, k_len] the keys each query sees
+    # when a block-causal sequence's queries do not all see the same ones (the call's batch
+    # is ``[heads, count]``: see :func:`_bucketed`; a mask of SDPA's four dimensions keeps
+    # its fused CPU kernel, where one of three fell back to a path four times as slow).
     mask: torch.Tensor
 
     @property
@@ -446,7 +447,7 @@ def _bucket_groups(
         qb, kb = _bucket(int(table[0, 1])), _bucket(int(table[0, 3]))
         q_col, k_col = np.arange(qb), np.arange(kb)
         q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
-        k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, rows_k)
+        k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, table[:, 2:3])
         real = k_col < table[:, 3:4]
         mask = _bucket_mask(table, real, q_col, device)
         groups.append(
@@ -469,7 +470,7 @@ def _bucket_mask(
     """The mask of one bucket group (``table``: its members' specs; ``real``: ``[count,
     k_len]`` which padded keys are real), on ``device``: the real keys, the same for every
     query, unless a block-causal member's queries see different keys (:func:`_block_mask`: a
-    key is seen when its block is not after the query's); then ``[count, q_len, k_len]``,
+    key is seen when its block is not after the query's); then ``[1, count, q_len, k_len]``,
     one comparison on the device of each key's block with each query's (small host arrays:
     a padding key's block is past every query's, a member without blocks sees every key, and
     a padding query sees what its sequence's last one sees, so no row is all masked)."""
@@ -479,14 +480,14 @@ def _bucket_mask(
     # its last key's (the common step: a block's queries over the blocks before it).
     differs = (block > 0) & (first_query // size < (table[:, 3] - 1) // size)
     if not differs.any():
-        return torch.from_numpy(real[:, None, :]).to(device)
+        return torch.from_numpy(real[None, :, None, :]).to(device)
     past = np.iinfo(np.int64).max
     key_block = np.where(real, np.arange(real.shape[1]) // size[:, None], past)
     query_pos = table[:, 5:6] + np.minimum(q_col, table[:, 1:2] - 1)  # [count, q_len]
     query_block = np.where(block[:, None] > 0, query_pos // size[:, None], past - 1)
     keys = torch.from_numpy(key_block).to(device)
     queries = torch.from_numpy(query_block).to(device)
-    return keys[:, None, :] <= queries[:, :, None]
+    return (keys[:, None, :] <= queries[:, :, None])[None]
 
 
 def _bucketed(
@@ -500,14 +501,18 @@ def _bucketed(
     ``out``: queries and keys padded to their buckets, padding keys masked, one SDPA call per
     pair of buckets. ``k``/``v`` are expanded to every query head.
 
-    The rows are taken heads first (``[heads, rows + 1, head_dim]``, the last a padding row),
-    once per layer, so that a group's gather is already SDPA's layout, with the call's batch
-    ``[heads, count]`` (every pair independent, as with ``[count, heads]``), and its output
-    goes back with one indexed copy: six ops a group, not one transpose per tensor more."""
+    The rows are read heads first (``[heads, rows, head_dim]`` views, once per layer; the
+    queries with a padding row after theirs, whose outputs go nowhere; a padding key reads its
+    sequence's first key, masked), so that a group's gather is already SDPA's layout, with the
+    call's batch ``[heads, count]`` (every pair independent, as with ``[count, heads]``: the
+    same numbers), and its output goes back with one indexed copy: six ops a group, where
+    transposing each gathered tensor took ten; and no copy of the keys and values to pad
+    them."""
     rows_q, rows_k = q.shape[0], k.shape[0]
     groups = _bucket_groups(specs, rows_q, rows_k, q.device)
     heads, dim = q.shape[1], q.shape[2]
-    qp, kp, vp = (torch.cat((t, t.new_zeros(1, *t.shape[1:]))).transpose(0, 1) for t in (q, k, v))
+    qp = torch.cat((q, q.new_zeros(1, *q.shape[1:]))).transpose(0, 1)
+    kp, vp = k.transpose(0, 1), v.transpose(0, 1)
     outp = q.new_empty(heads, rows_q + 1, dim)
     for g in groups:
         # [heads, count, padded length, head_dim] in one gather each.
