@@ -9,5 +9,6 @@ def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """The integers of every ``[starts[i], ends[i])`` in order, as one array: a batch's rows
     in a fixed number of NumPy calls, not one ``arange`` per request."""
     lens = ends - starts
-    first = np.cumsum(lens) - lens  # where each range begins in the result
-    return np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
+    first = lens.cumsum() - lens  # where each range begins in the result
+    # (array methods, not their ``np.`` functions: no Python-level call)
+    return (starts - first).repeat(lens) + np.arange(int(lens.sum()))

@@ -296,8 +296,10 @@ class BatchedStep:
         window_start = np.where(cached_step | refresh, block_start, prompt)
         window_end = np.where(refresh, block_start + 1, block_end)
         self.window_start_np, self.window_end_np = window_start, window_end
-        table = np.zeros((self.num_seqs, _COLUMNS), dtype=np.int64)
-        table[self.seq_index] = np.stack(
+        # One row per column, one column per packed sequence (each column's values per token
+        # then come out as contiguous rows of one gather).
+        table = np.zeros((_COLUMNS, self.num_seqs), dtype=np.int64)
+        table[:, self.seq_index] = np.array(
             [
                 prompt,
                 window_start,
@@ -307,12 +309,11 @@ class BatchedStep:
                 span_end,
                 every_mask,
                 window_end,
-            ],
-            axis=1,
+            ]
         )
         lens = np.asarray(seq_lens)
-        seq_of_token = np.repeat(np.arange(self.num_seqs), lens)
-        per_token = table[seq_of_token].T
+        seq_of_token = np.arange(self.num_seqs).repeat(lens)
+        per_token = table[:, seq_of_token]
         self.seq_of_token_np = seq_of_token
         self.seq_of_token = torch.from_numpy(seq_of_token)
         self.ids_np = ids.numpy()
@@ -363,8 +364,8 @@ class BatchedStep:
         starts = self.starts_np
         ends = starts + np.asarray(self.seq_lens)
         left = plan.new_ids == self.mask_token_id
-        picked = np.flatnonzero(plan.chosen)
-        plan.picked = (picked, np.searchsorted(picked, starts), np.searchsorted(picked, ends))
+        picked = plan.chosen.nonzero()[0]
+        plan.picked = (picked, picked.searchsorted(starts), picked.searchsorted(ends))
         # The masks every request has left in its block and in its generation once every
         # reveal is written (the pass holds each one's block, and an uncached one's canvas),
         # for the cursor rule: counted once for all.
@@ -425,7 +426,7 @@ class BatchedStep:
         on = ~stays & revealing & self.more_blocks_np & (self.cached_np | ~self.is_threshold)
         rows.cursor[own[on], BLOCK] += 1
         rows.cursor[own[on], STEP_IN_BLOCK] = 0
-        for j in np.flatnonzero(~staying & ~on).tolist():
+        for j in (~staying & ~on).nonzero()[0].tolist():
             req = self.reqs[j]
             if failed[j]:
                 req.finish("error", plan.failed[j])
@@ -505,8 +506,8 @@ class BatchedStep:
             tied[ranking.draws_own] = False  # not ranked: drawn
             self._draw_reveals(ranking, chosen)
         if tied.any():
-            self._rank_alone(np.flatnonzero(tied).tolist(), ranking, chosen)
-        for j in np.flatnonzero(commits).tolist():  # a commit discards its reveal
+            self._rank_alone(tied.nonzero()[0].tolist(), ranking, chosen)
+        for j in commits.nonzero()[0].tolist():  # a commit discards its reveal
             chosen[self.starts[j] : self.starts[j] + self.seq_lens[j]] = False
         failed: dict[int, str] = {}
         if origin.size:
@@ -526,7 +527,7 @@ class BatchedStep:
         argmax, as the per-request step does: from the logits of all its masks in position
         order (gathered, or asked for), with its stream back where it stood before this
         step's reveal draw (a seeded request) or a fresh draw from the shared stream."""
-        for j in np.flatnonzero(plan.commits).tolist():
+        for j in plan.commits.nonzero()[0].tolist():
             req = self.reqs[j]
             if filters(req.params) and j not in plan.failed:
                 try:
@@ -548,7 +549,7 @@ class BatchedStep:
         the others (``plan.outside_logits``)."""
         p = req.params
         start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-        fill = np.flatnonzero(self.generated_np[start:end]) + start
+        fill = self.generated_np[start:end].nonzero()[0] + start
         have = self.needed_np[fill]
         own = self._logits.new_empty((len(fill), self._logits.shape[-1]))
         if have.any():
@@ -631,7 +632,7 @@ class BatchedStep:
         # A minimum is exact in any order; a float64 mean stands for the reference's own
         # reduction unless it is too close to the threshold to tell.
         close = (policy[:, MEAN_COLUMN] > 0) & undecided(values, threshold, stats.gap.dtype)
-        for m in np.flatnonzero(close).tolist():
+        for m in close.nonzero()[0].tolist():
             own = gap.region_rows[gap.segment == m]
             decisive[m] = float(stats.gap[torch.from_numpy(own).to(stats.gap.device)].mean())
         commits[members] = decisive >= threshold  # NaN (no statistic) never commits
@@ -652,10 +653,10 @@ class BatchedStep:
         missing, cells = [], []
         outside_reqs, outside_pos, outside_of = [], [], []
         at = 0
-        for j in np.flatnonzero(plan.commits).tolist():
+        for j in plan.commits.nonzero()[0].tolist():
             req = self.reqs[j]
             start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-            fill = np.flatnonzero(self.generated_np[start:end])
+            fill = self.generated_np[start:end].nonzero()[0]
             rows = fill[~self.needed_np[start:end][fill]] + start
             if not rows.size or filters(req.params):
                 pass
@@ -712,19 +713,19 @@ class BatchedStep:
         ``scatter_reduce_`` takes every minimum (exact in any order). None without a policy
         with region rows."""
         member_of_seq = np.full(self.num_seqs, -1)
-        holders = np.flatnonzero(self.has_policy)
+        holders = self.has_policy.nonzero()[0]
         if not holders.size:
             return None
         members_np = holders[np.argsort(self.seq_index_np[holders], kind="stable")]
         members = members_np.tolist()
         member_of_seq[self.seq_index_np[members_np]] = np.arange(len(members))
         segment_of_row = member_of_seq[seq_of_row.numpy()]
-        region_rows = np.flatnonzero(self.region_np[rows.numpy()] & (segment_of_row >= 0))
+        region_rows = (self.region_np[rows.numpy()] & (segment_of_row >= 0)).nonzero()[0]
         segment = segment_of_row[region_rows]
         counts = np.bincount(segment, minlength=len(members))
         if not counts.any():
             return None
-        kept = np.flatnonzero(counts)  # requests whose region has rows this step
+        kept = counts.nonzero()[0]  # requests whose region has rows this step
         if len(kept) < len(members):
             renumber = np.full(len(members), -1)
             renumber[kept] = np.arange(len(kept))
@@ -777,13 +778,13 @@ class BatchedStep:
         ranked = ~self.is_threshold | self.refresh
         ks = np.where(ranked, self._counts(sizes, block_masks_at_start), 1)
         idle = (sizes == 0) | (ks <= 0) | self.is_origin
-        for j in np.flatnonzero(idle & self.seeded_random).tolist():
+        for j in (idle & self.seeded_random).nonzero()[0].tolist():
             # The references draw their uniforms every step, revealing or not: LLaDA one per
             # computed row, Dream one per window row.
             req = self.reqs[j]
             draws = self.row_lens[j] if req.uses_blocks else int(sizes[j])
             torch.rand(draws, generator=req.generator)
-        members_np = np.flatnonzero(~idle)
+        members_np = (~idle).nonzero()[0]
         members = members_np.tolist()
         if not members:
             chosen = stats.prob.new_zeros(len(rows), dtype=torch.bool)
@@ -797,7 +798,7 @@ class BatchedStep:
         strict = self.strict[members_np]
         # Scores over the pass's flat tokens (one spare slot at the end for padding): the
         # greedy probability at window rows, -inf elsewhere.
-        window_rows = np.flatnonzero(in_window_np)
+        window_rows = in_window_np.nonzero()[0]
         # At least float32, so that random remasking's float32 draws keep their order in the
         # same matrix (a confidence is held exactly in a wider type); float64 when some
         # request draws its reveal from the shared stream (``alg_temp``: float64 scores).
@@ -862,7 +863,8 @@ class BatchedStep:
         # two, below the threshold); decided on the host from the pass's one transfer.
         cut = any_above = None
         if k_top > 1:
-            at = np.stack([ks - 1, np.minimum(ks, k_top - 1)], axis=1)
+            at = np.empty((len(ks), 2), dtype=np.int64)
+            at[:, 0], at[:, 1] = ks - 1, np.minimum(ks, k_top - 1)
             cut = values.gather(1, torch.from_numpy(at).to(device))
             any_above = above.any(dim=1)
         chosen = chosen_flat[rows.to(device)]
@@ -938,7 +940,7 @@ class BatchedStep:
         seq_p[self.seq_index_np[members]] = self._origin_p(members)
         theirs = np.zeros(self.num_seqs, dtype=bool)
         theirs[self.seq_index_np[members]] = True
-        at = np.flatnonzero(self.window_np[rows_np] & theirs[self.seq_of_token_np[rows_np]])
+        at = (self.window_np[rows_np] & theirs[self.seq_of_token_np[rows_np]]).nonzero()[0]
         if not at.size:
             return None
         device = self._logits.device
@@ -964,7 +966,7 @@ class BatchedStep:
             req = self.reqs[j]
             try:
                 start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-                window = np.flatnonzero(self.window_np[start:end]) + start
+                window = self.window_np[start:end].nonzero()[0] + start
                 uniforms = torch.rand(len(window), generator=req.generator)
                 moved = window[uniforms.numpy() < p[n]]
                 if self.drawn[j] and moved.size:
@@ -988,7 +990,7 @@ class BatchedStep:
         window = np.append(self.window_np, False)  # the padding column is no window row
         for n, i in enumerate(which.tolist()):
             req = self.reqs[ranking.members[i]]
-            cols = np.flatnonzero(window[ranking.index[i]])
+            cols = window[ranking.index[i]].nonzero()[0]
             flat = ranking.index[i][cols]
             alg_temp, count = req.params.alg_temp, ranking.ks[i]
             drawn = draw_without_replacement(scores[n, cols], count, alg_temp, req.generator)
@@ -1020,13 +1022,13 @@ class BatchedStep:
         A seeded request draws its own from its generator, as its reference does (so it stays
         exact with it): LLaDA one uniform per ranking row, Dream one per window row, in order;
         the others share one draw from the engine's stream, over the extents alone."""
-        random_rows = np.flatnonzero(self.is_random[members])
+        random_rows = self.is_random[members].nonzero()[0]
         if not random_rows.size:
             return None
         out = torch.empty(len(random_rows), longest)
         seeded = self.seeded_random[members[random_rows]]
-        unseeded = np.flatnonzero(~seeded).tolist()
-        for n in np.flatnonzero(seeded).tolist():  # each from its own stream, as alone
+        unseeded = (~seeded).nonzero()[0].tolist()
+        for n in seeded.nonzero()[0].tolist():  # each from its own stream, as alone
             i = int(random_rows[n])
             gen = self.reqs[members[i]].generator
             if self.uses_blocks_np[members[i]]:
@@ -1035,7 +1037,7 @@ class BatchedStep:
                 out[n, :width] = torch.rand(row_len[i], generator=gen)[lo : lo + width]
             else:
                 start = row_start[i]
-                cols = np.flatnonzero(self.window_np[start : start + row_len[i]]) - offset[i]
+                cols = self.window_np[start : start + row_len[i]].nonzero()[0] - offset[i]
                 out[n, torch.from_numpy(cols)] = torch.rand(len(cols), generator=gen)
         if unseeded:
             shared = torch.rand((len(unseeded), longest), generator=self.generator, device=device)
@@ -1049,7 +1051,7 @@ class BatchedStep:
         them in Fast-dLLM's Dream refresh step). Meaningless for the threshold rules."""
         spb = np.maximum(self.steps_per_block_np, 1)
         ks = llada_step_count(block_masks_at_start, spb, self.step_in_block_np)
-        dream = np.flatnonzero(self.is_dream)
+        dream = self.is_dream.nonzero()[0]
         if dream.size:
             # Fast-dLLM's cached steps run the grid within each block.
             in_blocks = self.uses_blocks_np[dream]
@@ -1089,7 +1091,7 @@ class BatchedStep:
         gathered were filled in while planning, and a cached step's masks outside its pass by a
         read-only pass)."""
         start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
-        fill = np.flatnonzero(self.generated_np[start:end])
+        fill = self.generated_np[start:end].nonzero()[0]
         # The pass holds an uncached canvas whole, in order: its masks are ``fill``; a cached
         # step's are all its canvas's, its span's and those the read-only pass filled.
         masked = fill if not self.cached_step_np[j] else req.masked_np(req.prompt_len)

@@ -318,8 +318,11 @@ def cursor_stays(
     on_threshold = ~(stalled & revealed) & (block_masks > 0)
     # LLaDA's schedule: the block's next step.
     scheduled = step_in_block + 1 < steps_per_block
-    stays = np.select(
-        [~uses_blocks, cached, threshold], [whole_grid, cached_loop, on_threshold], scheduled
+    # (``np.select`` of the four, as nested ``where``: no Python-level NumPy call)
+    stays = np.where(
+        ~uses_blocks,
+        whole_grid,
+        np.where(cached, cached_loop, np.where(threshold, on_threshold, scheduled)),
     )
     return stays, uses_blocks & (cached | ~threshold)
 

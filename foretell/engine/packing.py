@@ -138,9 +138,8 @@ class Packer:
         # set of positions, all such steps' at once; a block-causal request is laid out alone.
         lengths = hi - lo
         write_row = np.zeros(n, dtype=np.int64)  # read-only rows ahead of a cached step's span
-        reads_more = np.flatnonzero(
-            cached_step & (every_mask.astype(bool) | (span_end > span_start))
-        )
+        reads_more = cached_step & (every_mask.astype(bool) | (span_end > span_start))
+        reads_more = reads_more.nonzero()[0]
         if reads_more.size:
             r = reads_more
             kept, lengths[r], write_row[r] = _kept_positions(
@@ -155,7 +154,7 @@ class Packer:
                 span_end[r],
             )
         read_len = np.where(cached_step, canvas, 0)
-        blocks = np.flatnonzero(block_causal_rows(fixed))
+        blocks = block_causal_rows(fixed).nonzero()[0]
         if blocks.size:
             queries, stores = _block_layouts(pick(batch, blocks), cursor[blocks, 0])
             lo[blocks], lengths[blocks], read_len[blocks] = queries[2], queries[3], queries[4]
@@ -167,7 +166,7 @@ class Packer:
         use = (
             None
             if not uses_pool
-            else np.stack(
+            else np.array(
                 [
                     np.where(cached, canvas_row, -1),
                     write_row,
@@ -187,8 +186,8 @@ class Packer:
         # query and key length. A guided request's unconditional copy follows its own.
         reading = read_len > 0
         order = np.lexsort((read_len, lengths, reading))
-        seq_req = np.repeat(order, num_seqs[order])
-        first = np.cumsum(num_seqs[order]) - num_seqs[order]  # each request's first sequence
+        seq_req = order.repeat(num_seqs[order])
+        first = num_seqs[order].cumsum() - num_seqs[order]  # each request's first sequence
         uncond = np.zeros(len(seq_req), dtype=bool)
         uncond[first[num_seqs[order] > 1] + 1] = True
         seq_lens_np = np.where(uncond, canvas[seq_req], lengths[seq_req])
@@ -200,17 +199,17 @@ class Packer:
             all_lo = np.concatenate([stores[2], seq_lo])
             rows = np.concatenate([stores[0], rows])
         positions = concat_ranges(all_lo, all_lo + all_lens)
-        seq_start = np.cumsum(all_lens) - all_lens
+        seq_start = all_lens.cumsum() - all_lens
         # Laid-out positions (their ranges above are placeholders) written over their sequence.
         req_first = np.empty(n, dtype=np.int64)
         req_first[order] = first + k  # each request's conditional sequence
         if reads_more.size:
             at = seq_start[req_first[reads_more]]
             positions[concat_ranges(at, at + lengths[reads_more])] = kept
-        ids = canvas_rows.flat[np.repeat(rows * canvas_rows.width, all_lens) + positions]
+        ids = canvas_rows.flat[(rows * canvas_rows.width).repeat(all_lens) + positions]
         cond_at = seq_start[req_first]
         uncond_at = np.full(n, -1, dtype=np.int64)
-        guided = np.flatnonzero(num_seqs > 1)
+        guided = (num_seqs > 1).nonzero()[0]
         if guided.size:  # the copy's given positions (prompt, constraints) masked, all at once
             uncond_at[guided] = seq_start[req_first[guided] + 1]
             flat = concat_ranges(uncond_at[guided], uncond_at[guided] + canvas[guided])
@@ -262,7 +261,7 @@ def _block_layouts(reqs: list[Request], block: np.ndarray) -> tuple[np.ndarray, 
     query = np.where(cached, start, 0)
     zeros = np.zeros(n, dtype=np.int64)
     queries = np.stack([np.arange(n), zeros, query, end - query, end, size])
-    due = np.flatnonzero(cached & (stored < start))
+    due = (cached & (stored < start)).nonzero()[0]
     due = due[np.lexsort((start[due], start[due] - stored[due]))]
     lens = start[due] - stored[due]
     stores = np.stack([due, zeros[due], stored[due], lens, start[due], size[due]])

@@ -84,7 +84,7 @@ def _some_rows(wanted: np.ndarray, gathered: torch.Tensor) -> torch.Tensor | Non
     the rows left out hold few logits (a small vocabulary, or nearly every row wanted)."""
     if (len(wanted) - wanted.sum()) * gathered.shape[-1] < SOME_ROWS_MIN_SAVED:
         return None
-    return torch.from_numpy(np.flatnonzero(wanted)).to(gathered.device)
+    return torch.from_numpy(wanted.nonzero()[0]).to(gathered.device)
 
 
 def _reads_stats(req: Request) -> bool:
@@ -274,7 +274,7 @@ class ModelRunner:
         geo = step.geometry
         num_seqs = geo[:, NUM_SEQUENCES]
 
-        group_np = np.flatnonzero(geo[:, _BATCHABLE]) if self.batched else np.zeros(0, int)
+        group_np = geo[:, _BATCHABLE].nonzero()[0] if self.batched else np.zeros(0, int)
         group = group_np.tolist()
         greedy = None
         if group:
@@ -310,7 +310,7 @@ class ModelRunner:
             length = geo[guided, CANVAS_LEN]
             copied = needed[concat_ranges(cond, cond + length)]
             needed[concat_ranges(uncond, uncond + length)] = copied
-        blocks_np = np.flatnonzero(block_causal_rows(geo))
+        blocks_np = block_causal_rows(geo).nonzero()[0]
         blocks = blocks_np.tolist()
         block_pos = None
         if blocks:  # its sequence is its block (or, without the cache, its window)
@@ -321,7 +321,7 @@ class ModelRunner:
         alone = np.ones(len(batch), dtype=bool)
         alone[group_np] = False
         alone[blocks] = False
-        others = np.flatnonzero(alone).tolist()
+        others = alone.nonzero()[0].tolist()
         # The per-request path reads a cached step's positions as tensors.
         spans = {i: torch.from_numpy(step.span(i)) for i in others if step.cached_step[i]}
         for i in others:
@@ -332,7 +332,7 @@ class ModelRunner:
         for i in others:
             needed_t[self._rows(wanted[i], offsets(i), spans.get(i))] = True
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
-        rows_np = np.flatnonzero(needed)
+        rows_np = needed.nonzero()[0]
         rows = torch.from_numpy(rows_np)
 
         start = time.perf_counter()
@@ -465,7 +465,7 @@ class ModelRunner:
         scores: list[torch.Tensor | None] = [None] * len(blocks)
         # A request with a generator (a seed) draws from it, as the batched step's do.
         seeded = drawn & ~is_none(reqs, "generator")
-        greedy, shared = np.flatnonzero(~drawn), np.flatnonzero(drawn & ~seeded)
+        greedy, shared = (~drawn).nonzero()[0], (drawn & ~seeded).nonzero()[0]
         first, end = bounds[0][blocks], bounds[1][blocks]
         device = gathered.device
         parts = []
@@ -484,7 +484,7 @@ class ModelRunner:
                 scores[k] = part
             if len(order) == len(blocks):
                 return list(zip(reqs, positions, scores, strict=True))
-        for k in np.flatnonzero(seeded).tolist():
+        for k in seeded.nonzero()[0].tolist():
             req, p = reqs[k], reqs[k].params
             state = None
             try:
@@ -643,7 +643,7 @@ class ModelRunner:
         if drawn.any():
             noise = torch.full((len(window_rows), vocab), 0.5, dtype=torch.float64, device=device)
             shared = drawn & is_none(reqs, "generator")
-            for m in np.flatnonzero(drawn & ~shared).tolist():
+            for m in (drawn & ~shared).nonzero()[0].tolist():
                 req = reqs[m]
                 if req.params.early_commit is not None:
                     greedy.draw_states[group.index(members[m])] = req.generator.get_state()
@@ -660,9 +660,11 @@ class ModelRunner:
             x0 = torch.where(torch.from_numpy(np.repeat(drawn, sizes)).to(device), sampled, x0)
         stats.argmax[index_d] = x0
         dream = reqs[0].family == "dream"  # one model, one family
-        for kind in np.unique(kinds[kinds > 0]).tolist():
+        present = np.bincount(kinds, minlength=1)  # the kinds of score present, in order
+        present[0] = 0
+        for kind in present.nonzero()[0].tolist():
             rule, dtype, left_out = self._score_kinds[kind]
-            same = np.flatnonzero(kinds == kind)
+            same = (kinds == kind).nonzero()[0]
             at_np = concat_ranges(first[same], first[same] + sizes[same])
             at = torch.from_numpy(at_np).to(device)
             if dream:  # Dream scores the filtered logits
@@ -719,7 +721,7 @@ class ModelRunner:
         """Index into ``rows`` of each packed sequence's first gathered row, and the number of
         rows last."""
         ends = np.cumsum(seq_lens)
-        return np.concatenate([[0], np.searchsorted(rows, ends[:-1]), [len(rows)]])
+        return np.concatenate([[0], rows.searchsorted(ends[:-1]), [len(rows)]])
 
     def _suppress_logits(
         self, gathered: torch.Tensor, batch: list[Request], spans: dict[int, tuple[int, int]]
@@ -748,7 +750,9 @@ class ModelRunner:
         in ``reads_score`` are scored: the softmax over the vocabulary is the costly part."""
         first, end = bounds
         variants, covered = [], np.zeros(len(gathered), dtype=bool)
-        for index in np.unique(variant[variant > 0]).tolist():
+        present = np.bincount(variant, minlength=1)  # the variants present, in order
+        present[0] = 0
+        for index in present.nonzero()[0].tolist():
             dtype, left, rule = self._variants[index]
             held = variant == index
             rows = concat_ranges(first[held], end[held])

@@ -249,7 +249,7 @@ class Request:
     @property
     def revealed_last_step(self) -> np.ndarray:
         """Canvas positions revealed by the last step (sorted; none before the first)."""
-        return np.flatnonzero(self.revealed_np)
+        return self.revealed_np.nonzero()[0]
 
     @revealed_last_step.setter
     def revealed_last_step(self, positions: torch.Tensor | np.ndarray | None) -> None:
@@ -398,7 +398,7 @@ class Request:
     def _masked_bounds(self, start: int, end: int | None) -> tuple[int, int]:
         writes = self.cursor_np[WRITES]
         if self._masked is None or self._masked_writes != writes:
-            self._masked = np.flatnonzero(self.canvas_np == self.mask_token_id)
+            self._masked = (self.canvas_np == self.mask_token_id).nonzero()[0]
             self._masked_list = None
             self._masked_writes = writes
         if self._masked_list is None:  # built when first asked (bisect over a list is cheap)

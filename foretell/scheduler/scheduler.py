@@ -235,7 +235,7 @@ class Scheduler:
         if not growing:
             return False
         short = self._pages_short(growing, 0)
-        need = np.flatnonzero(short > 0)
+        need = (short > 0).nonzero()[0]
         if int(short[need].sum()) <= pool.free_pages:
             for i in sorted(need.tolist(), key=lambda i: growing[i].arrival_time):
                 self._grow(growing[i], int(short[i]))
