@@ -226,3 +226,33 @@ def test_block_causal_calls_do_not_grow_with_the_batch(sdar) -> None:
             counts[backend, n] = calls.sdpa
     assert counts["sdpa_buckets", 4] == counts["sdpa_buckets", 12]
     assert counts["sdpa", 12] > counts["sdpa", 4]
+
+
+def test_each_bucket_group_adds_six_ops_a_layer() -> None:
+    """The bucketed call's ops: a constant part (padding the queries, the copy back) and six
+    per bucket group (three gathers, the SDPA call, a view and the indexed copy back), since
+    the rows are read heads first; transposing each gathered tensor, as before, took ten."""
+    from foretell.models import attention
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(lengths: list[int]) -> int:
+        lens = torch.tensor(lengths)
+        starts = (torch.cumsum(lens, 0) - lens).tolist()
+        specs = [(s, n, s, n) for s, n in zip(starts, lengths, strict=True)]
+        q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
+        out = torch.empty_like(q)
+        attention._bucketed(q, k, v, out, specs)  # the layout, built once for the pass
+        with Ops() as counted:
+            attention._bucketed(q, k, v, out, specs)
+        return counted.count
+
+    one, three = ops([20, 20, 20]), ops([20, 40, 70])  # buckets 32; 32, 64 and 128
+    assert three - one == 2 * 6

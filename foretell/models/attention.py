@@ -396,17 +396,15 @@ class _BucketGroup:
     q_len: int
     k_len: int
     q_index: torch.Tensor  # [count, q_len] rows of q (the padding row past the end)
+    q_flat: torch.Tensor  # q_index flattened, a view (where the outputs go)
     k_index: torch.Tensor  # [count, k_len] rows of k and v (padding: its first key, masked)
+    # Added to the scores, in the queries' dtype: 0 where a key is seen, -inf where not, what
+    # SDPA makes of a boolean mask at every call (three ops), made once per pass instead.
     # [1, count, 1, k_len] real keys, or [1, count, q_len, k_len] the keys each query sees
     # when a block-causal sequence's queries do not all see the same ones (the call's batch
     # is ``[heads, count]``: see :func:`_bucketed`; a mask of SDPA's four dimensions keeps
     # its fused CPU kernel, where one of three fell back to a path four times as slow).
     mask: torch.Tensor
-
-    @property
-    def q_flat(self) -> torch.Tensor:
-        """q_index flattened (where the outputs go): a view."""
-        return self.q_index.view(-1)
 
 
 # The last pass's (key, groups): every layer of a pass has the same layout, so it is built (and
@@ -426,16 +424,18 @@ def _bucket_groups(
     rows_q: int,
     rows_k: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> list[_BucketGroup]:
     """The SDPA calls of ``specs`` (``[sequences, 4 or 6]``: first query row, queries, first
     key row, keys, and for a block-causal sequence its block size and its first query's canvas
     position): one per pair of buckets, in the order each pair first appears, its members in
-    ``specs``' order. Worked out once per pass (every layer has the same layout)."""
+    ``specs``' order, its mask in ``dtype`` (the queries'). Worked out once per pass (every
+    layer has the same layout)."""
     specs = np.asarray(specs, dtype=np.int64)
     specs = specs.reshape(-1, specs.shape[-1] if specs.ndim == 2 else 4)
     if specs.shape[1] == 4:  # no block-causal sequence
         specs = np.concatenate([specs, np.zeros((len(specs), 2), dtype=np.int64)], axis=1)
-    key = (specs.tobytes(), rows_q, rows_k, device)
+    key = (specs.tobytes(), rows_q, rows_k, device, dtype)
     last = _last_layout[0]
     if last is not None and last[0] == key:
         return last[1]
@@ -449,13 +449,15 @@ def _bucket_groups(
         q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
         k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, table[:, 2:3])
         real = k_col < table[:, 3:4]
-        mask = _bucket_mask(table, real, q_col, device)
+        mask = _bucket_mask(table, real, q_col, device, dtype)
+        q_index_d = torch.from_numpy(q_index).to(device)
         groups.append(
             _BucketGroup(
                 len(table),
                 qb,
                 kb,
-                torch.from_numpy(q_index).to(device),
+                q_index_d,
+                q_index_d.view(-1),
                 torch.from_numpy(k_index).to(device),
                 mask,
             )
@@ -465,10 +467,15 @@ def _bucket_groups(
 
 
 def _bucket_mask(
-    table: np.ndarray, real: np.ndarray, q_col: np.ndarray, device: torch.device
+    table: np.ndarray,
+    real: np.ndarray,
+    q_col: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The mask of one bucket group (``table``: its members' specs; ``real``: ``[count,
-    k_len]`` which padded keys are real), on ``device``: the real keys, the same for every
+    """The additive mask of one bucket group (``table``: its members' specs; ``real``:
+    ``[count, k_len]`` which padded keys are real), on ``device`` in ``dtype``: 0 where a key
+    is seen, -inf where not. ``[1, count, 1, k_len]``, the real keys, the same for every
     query, unless a block-causal member's queries see different keys (:func:`_block_mask`: a
     key is seen when its block is not after the query's); then ``[1, count, q_len, k_len]``,
     one comparison on the device of each key's block with each query's (small host arrays:
@@ -479,15 +486,17 @@ def _bucket_mask(
     # A member's queries all see every real key when its first query's block is not before
     # its last key's (the common step: a block's queries over the blocks before it).
     differs = (block > 0) & (first_query // size < (table[:, 3] - 1) // size)
-    if not differs.any():
-        return torch.from_numpy(real[None, :, None, :]).to(device)
+    if not differs.any():  # built on the host: one copy to the device
+        additive = np.where(real, 0.0, -np.inf)[None, :, None, :]
+        return torch.from_numpy(additive).to(device, dtype)
     past = np.iinfo(np.int64).max
     key_block = np.where(real, np.arange(real.shape[1]) // size[:, None], past)
     query_pos = table[:, 5:6] + np.minimum(q_col, table[:, 1:2] - 1)  # [count, q_len]
     query_block = np.where(block[:, None] > 0, query_pos // size[:, None], past - 1)
     keys = torch.from_numpy(key_block).to(device)
     queries = torch.from_numpy(query_block).to(device)
-    return (keys[:, None, :] <= queries[:, :, None])[None]
+    seen = (keys[:, None, :] <= queries[:, :, None])[None]
+    return torch.full(seen.shape, -torch.inf, dtype=dtype, device=device).masked_fill_(seen, 0.0)
 
 
 def _bucketed(
@@ -505,11 +514,12 @@ def _bucketed(
     queries with a padding row after theirs, whose outputs go nowhere; a padding key reads its
     sequence's first key, masked), so that a group's gather is already SDPA's layout, with the
     call's batch ``[heads, count]`` (every pair independent, as with ``[count, heads]``: the
-    same numbers), and its output goes back with one indexed copy: six ops a group, where
-    transposing each gathered tensor took ten; and no copy of the keys and values to pad
-    them."""
+    same numbers), and its output goes back with one indexed copy; its mask is already
+    SDPA's additive one: six ops a group and layer, where the layout before took thirteen
+    (a transpose of each gathered tensor and of the output, and SDPA turning a boolean mask
+    into an additive one at every call); and no copy of the keys and values to pad them."""
     rows_q, rows_k = q.shape[0], k.shape[0]
-    groups = _bucket_groups(specs, rows_q, rows_k, q.device)
+    groups = _bucket_groups(specs, rows_q, rows_k, q.device, q.dtype)
     heads, dim = q.shape[1], q.shape[2]
     qp = torch.cat((q, q.new_zeros(1, *q.shape[1:]))).transpose(0, 1)
     kp, vp = k.transpose(0, 1), v.transpose(0, 1)
