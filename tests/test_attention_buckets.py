@@ -256,3 +256,40 @@ def test_each_bucket_group_adds_six_ops_a_layer() -> None:
 
     one, three = ops([20, 20, 20]), ops([20, 40, 70])  # buckets 32; 32, 64 and 128
     assert three - one == 2 * 6
+
+
+@pytest.mark.parametrize("lengths", [[4, 0], [0, 4], [4, 0, 3], [0]])
+def test_sequences_without_tokens_anywhere_in_the_pass(lengths) -> None:
+    """A sequence of no tokens, even the pass's last (whose padding keys would start past the
+    last row), takes no part and leaves the others as the exact path computes them."""
+    from foretell.models.attention import packed_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), 2, 8, generator=gen, dtype=torch.float64) for _ in "qkv")
+    bucketed = packed_attention(q, k, v, lengths, "sdpa_buckets")
+    torch.testing.assert_close(bucketed, packed_attention(q, k, v, lengths, "sdpa"))
+
+
+def test_an_sdpa_output_laid_out_transposed_goes_back_as_well(monkeypatch) -> None:
+    """CUDA's memory-efficient SDPA kernel (the one an additive mask selects there) returns
+    its output ``[batch, heads, length, dim]`` laid out as ``[batch, length, heads, dim]``:
+    the bucketed call writes it back the same as a contiguous one (a ``view`` of it would
+    fail for any bucket group of two or more sequences)."""
+    from foretell.models import attention
+
+    real = attention.F.scaled_dot_product_attention
+
+    def transposed_layout(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+
+    lengths = [20, 30, 25]  # one bucket group of three
+    starts = [0, 20, 50]
+    specs = [(s, n, s, n) for s, n in zip(starts, lengths, strict=True)]
+    q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in "qkv")
+    expected = torch.empty_like(q)
+    attention._bucketed(q, k, v, expected, specs)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", transposed_layout)
+    out = torch.empty_like(q)
+    attention._bucketed(q, k, v, out, specs)
+    assert torch.equal(out, expected)

@@ -447,7 +447,10 @@ def _bucket_groups(
         qb, kb = _bucket(int(table[0, 1])), _bucket(int(table[0, 3]))
         q_col, k_col = np.arange(qb), np.arange(kb)
         q_index = np.where(q_col < table[:, 1:2], table[:, 0:1] + q_col, rows_q)
-        k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, table[:, 2:3])
+        # A padding key reads its sequence's first key (masked; a row that exists even for a
+        # sequence without keys at the pass's end).
+        pad = np.minimum(table[:, 2:3], max(rows_k - 1, 0))
+        k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, pad)
         real = k_col < table[:, 3:4]
         mask = _bucket_mask(table, real, q_col, device, dtype)
         q_index_d = torch.from_numpy(q_index).to(device)
@@ -519,6 +522,8 @@ def _bucketed(
     (a transpose of each gathered tensor and of the output, and SDPA turning a boolean mask
     into an additive one at every call); and no copy of the keys and values to pad them."""
     rows_q, rows_k = q.shape[0], k.shape[0]
+    if rows_q == 0:  # no query: nothing to write
+        return
     groups = _bucket_groups(specs, rows_q, rows_k, q.device, q.dtype)
     heads, dim = q.shape[1], q.shape[2]
     qp = torch.cat((q, q.new_zeros(1, *q.shape[1:]))).transpose(0, 1)
@@ -528,7 +533,9 @@ def _bucketed(
         # [heads, count, padded length, head_dim] in one gather each.
         qs, ks, vs = qp[:, g.q_index], kp[:, g.k_index], vp[:, g.k_index]
         res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask)
-        outp.index_copy_(1, g.q_flat, res.view(heads, -1, dim))
+        # (``reshape``: a view of CPU SDPA's contiguous output; CUDA's memory-efficient kernel
+        # returns its output transposed, which needs the copy)
+        outp.index_copy_(1, g.q_flat, res.reshape(heads, -1, dim))
     out.copy_(outp[:, :rows_q].transpose(0, 1))
 
 
