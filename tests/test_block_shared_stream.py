@@ -175,3 +175,31 @@ def test_each_request_is_filtered_with_its_own_parameters(block_checkpoints, fam
     twins = [params(*s, seed=i) for i, s in enumerate(single)]
     seeded = engine.generate(prompts[:3], twins, use_tqdm=False)
     assert [o.token_ids for o in unseeded[:3]] == [o.token_ids for o in seeded]
+
+
+def test_a_row_of_nan_logits_draws_no_token() -> None:
+    """A row with a NaN logit has no distribution (the official multinomial refuses it): the
+    shared draw gives it token -1 and leaves every other row's draw as it is."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 12, generator=gen)
+    broken = logits.clone()
+    broken[1, 4] = float("nan")
+    temperature, top_k, top_p = _columns([(0.8, None, None)] * 3)
+    clean = sample_shared_rows(logits, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    drawn = sample_shared_rows(broken, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    assert float(drawn[0, 1]) == -1
+    assert torch.equal(drawn[0, [0, 2]], clean[0, [0, 2]])
+
+
+def test_a_request_whose_logits_are_nan_fails_alone(block_checkpoints) -> None:
+    """An unseeded sampled request whose logits turn NaN (a NaN embedding of a token only its
+    prompt holds) ends with an error that says so; the requests beside it in the shared draw
+    finish, and every page returns. Before, the draw took a NaN column's index as its token."""
+    engine = Engine(str(block_checkpoints["sdar"]), max_num_seqs=3)
+    with torch.no_grad():
+        engine.runner.model.embed.weight[39] = float("nan")
+    params = DecodeParams(gen_length=12, steps=4, temperature=0.8, ignore_eos=True)
+    outs = engine.generate([[5, 9], [6, 39, 7], [8]], params, use_tqdm=False)
+    assert [o.finish_reason for o in outs] == ["steps", "error", "steps"]
+    assert "NaN" in outs[1].error
+    assert engine.kv_pool.used_pages == 0

@@ -172,7 +172,8 @@ def sample_shared_rows(
     >= 1: none), in a fixed number of ops on the logits' device: each row is filtered exactly
     as :func:`filter_block_logits` filters it alone, and every row's token is drawn from the
     engine's shared ``generator`` by one ``[rows, vocab]`` uniform draw (Gumbel-max: a draw
-    from the same distribution as the multinomial's, not the same draw)."""
+    from the same distribution as the multinomial's, not the same draw). A row with a NaN
+    logit draws no token: -1."""
     gaps = score_rows(logits, False)[2]
     filtered = filter_logits_by_row(
         logits, temperature, top_p, top_k, top_k_first=True, fill=float("-inf")
@@ -182,6 +183,9 @@ def sample_shared_rows(
     )
     token = sample(filtered, 1.0, None, noise)  # the rows are divided by their temperature
     conf = filtered.softmax(-1).gather(-1, token[:, None])[:, 0]
+    # A row with a NaN logit has no distribution to draw from (the official decoders'
+    # multinomial refuses it): its token is -1, which fails its request (the runner).
+    token = token.masked_fill(logits.isnan().any(-1), -1)
     return torch.stack([token.double(), conf.float().double(), gaps])
 
 

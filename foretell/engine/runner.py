@@ -482,7 +482,15 @@ class ModelRunner:
             split = scored.split(counts[order].tolist(), dim=1)
             for k, part in zip(order.tolist(), split, strict=True):
                 scores[k] = part
-            if len(order) == len(blocks):
+            # A shared draw's row of NaN logits (token -1): its request fails alone, as its
+            # reference's multinomial would (looked for once, for all; per request only then).
+            nan_rows = bool((scored[0] < 0).any()) if shared.size else False
+            if nan_rows:
+                for k in shared.tolist():
+                    if bool((scores[k][0] < 0).any()):
+                        reqs[k].finish("error", "sampling failed: NaN in the logits")
+                        scores[k] = None
+            elif len(order) == len(blocks):
                 return list(zip(reqs, positions, scores, strict=True))
         for k in seeded.nonzero()[0].tolist():
             req, p = reqs[k], reqs[k].params
