@@ -210,6 +210,44 @@ def test_block_causal_sequences_are_bucketed_close_to_the_exact_path(sdar) -> No
         assert solo.generate([prompt], param, use_tqdm=False)[0].token_ids == out.token_ids
 
 
+def test_sdpa_buckets_builds_no_exact_path_block_masks(sdar, monkeypatch) -> None:
+    """The pool plan's per-call block masks serve the exact ``sdpa`` path (and tell flash-attn
+    it cannot run); ``sdpa_buckets`` masks its bucket groups from the plan's specs, so under
+    it the plan builds none, and the outputs are the same as when it did."""
+    from foretell.models import attention
+
+    built = []
+    real = attention._block_mask
+
+    def counting(*args, **kwargs):
+        built.append(args)
+        return real(*args, **kwargs)
+
+    model = sdar.model
+    pool = KVPool(model, torch.device("cpu"), 10**8, page_size=4)
+    slots = pool.slots(pool.allocate(pool.pages_for(24)), 24)
+    ids = torch.randint(4, 40, (24,), generator=torch.Generator().manual_seed(1))
+    uses = [CacheUse(slots, 0, 0, 15, 15, 4), CacheUse(slots, 0, 12, 4, 16, 4)]
+    pieces = [(torch.arange(15), uses[0]), (torch.arange(12, 16), uses[1])]
+    monkeypatch.setattr(attention, "_block_mask", counting)
+    outs, counts = [], []
+    with torch.no_grad():
+        for backend in ("sdpa", "sdpa_buckets"):
+            model.set_attention_backend(backend)
+            pool.storage.zero_()
+            pos = torch.cat([p for p, _ in pieces])
+            built.clear()
+            outs.append(
+                model.forward_packed(
+                    ids[pos], pos, [len(p) for p, _ in pieces], [u for _, u in pieces], pool.storage
+                )
+            )
+            counts.append(len(built))
+        model.set_attention_backend("sdpa")
+    assert counts[0] > 0 and counts[1] == 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+
+
 def test_block_causal_calls_do_not_grow_with_the_batch(sdar) -> None:
     """The first pass of 4 and of 12 block-causal requests (store sequences of several blocks
     and first blocks, of many lengths): the same number of attention calls a layer under

@@ -234,12 +234,15 @@ def plan_kv(
     seq_lens: list[int],
     caches: PoolUses | Sequence[CacheUse | None],
     varlen: bool = False,
+    group_masks: bool = True,
 ) -> KVPlan:
     """The :class:`KVPlan` of packed sequences ``seq_lens`` using ``caches`` (one entry per
     sequence), from array ops over the whole pass: the write rows and slots and the read slots
     are each one gather out of the page tables. Reading sequences of equal shapes that are
     neighbours share one call: the runner packs them so. ``varlen``: also lay out every
-    sequence's keys for one varlen call (flash-attn, xformers)."""
+    sequence's keys for one varlen call (flash-attn, xformers). ``group_masks``: build the
+    block-causal masks of those calls (``read_masks``; ``sdpa_buckets`` builds its own from
+    ``specs`` and reads none of them: all None then)."""
     uses = pool_uses(caches)
     device = storage.device
     lens = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
@@ -277,7 +280,10 @@ def plan_kv(
     g = seqs[heads]
     columns = (starts[g], counts, lens[g], read_at[g], uses.read_len[g], uses.block_size[g])
     groups = list(zip(*(c.tolist() for c in columns), strict=True))
-    masks = tuple(_block_mask(q, k, block, device) for _, _, q, _, k, block in groups)
+    if group_masks:
+        masks = tuple(_block_mask(q, k, block, device) for _, _, q, _, k, block in groups)
+    else:
+        masks = (None,) * len(groups)
 
     def to_device(index: np.ndarray) -> torch.Tensor | None:
         """A host index as one device tensor: one copy for the whole pass."""

@@ -305,7 +305,9 @@ class BlockCausalLM(CheckpointNames, nn.Module):
                 f"{self.family}: every packed sequence needs its KV pool use (block-causal "
                 "decoding always caches finished blocks)"
             )
-        plan = plan_kv(kv_storage, seq_lens, caches)
+        # ``sdpa_buckets`` masks its bucket groups itself (from the plan's specs).
+        group_masks = self.attention_backend != "sdpa_buckets"
+        plan = plan_kv(kv_storage, seq_lens, caches, group_masks=group_masks)
         x = self.embed(input_ids)[None]
         cos, sin = rotary_angles(positions[None], self.rotary_dim, self.rope_theta, x.dtype)
 

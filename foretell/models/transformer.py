@@ -328,7 +328,8 @@ class DiffusionLM(CheckpointNames, nn.Module):
             if kv_storage is None:
                 raise ValueError("kv_storage: required when a sequence uses the KV pool")
             varlen = backend in ("flash", "xformers")
-            plan = plan_kv(kv_storage, seq_lens, caches, varlen=varlen)
+            group_masks = backend != "sdpa_buckets"  # it masks its bucket groups itself
+            plan = plan_kv(kv_storage, seq_lens, caches, varlen=varlen, group_masks=group_masks)
 
         def attend_at(layer: int) -> AttendFn:
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
