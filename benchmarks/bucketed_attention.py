@@ -25,23 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_overhead import OpCounter
+
 from foretell.bench.report import machine_info, write_json
 from foretell.models import attention
 
 SHAPES = "2x16x64,2x16x16,8x64x64,32x128x16"  # heads x head_dim x sequences
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def batch(heads: int, dim: int, sequences: int, seed: int = 0):
@@ -84,7 +75,7 @@ def measure(heads: int, dim: int, sequences: int, calls: int, repeats: int, agai
     out = torch.empty_like(q)
     attention._bucketed(q, k, v, out, specs)  # builds the layout (kept for the pass)
     groups = len(attention._bucket_groups(specs, len(q), len(k), q.device))
-    ops = _Ops()
+    ops = OpCounter()  # host_overhead's: every op that reaches the dispatcher
     with ops:
         attention._bucketed(q, k, v, out, specs)
     modules = [attention] if against is None else [attention, against]

@@ -87,6 +87,14 @@ def _some_rows(wanted: np.ndarray, gathered: torch.Tensor) -> torch.Tensor | Non
     return torch.from_numpy(wanted.nonzero()[0]).to(gathered.device)
 
 
+def _entries_present(indices: np.ndarray) -> list[int]:
+    """The registry entries (``_variants``, ``_score_kinds``) ``indices`` name, in order, but
+    entry 0 (the default: none): ``np.unique`` of the others, without its Python-level call."""
+    present = np.bincount(indices, minlength=1)
+    present[0] = 0
+    return present.nonzero()[0].tolist()
+
+
 def _reads_stats(req: Request) -> bool:
     """Whether ``advance`` uses :class:`RowStats` for this request (Prophet's gap, or the
     greedy LLaDA reveal)."""
@@ -668,9 +676,7 @@ class ModelRunner:
             x0 = torch.where(torch.from_numpy(np.repeat(drawn, sizes)).to(device), sampled, x0)
         stats.argmax[index_d] = x0
         dream = reqs[0].family == "dream"  # one model, one family
-        present = np.bincount(kinds, minlength=1)  # the kinds of score present, in order
-        present[0] = 0
-        for kind in present.nonzero()[0].tolist():
+        for kind in _entries_present(kinds):
             rule, dtype, left_out = self._score_kinds[kind]
             same = (kinds == kind).nonzero()[0]
             at_np = concat_ranges(first[same], first[same] + sizes[same])
@@ -758,9 +764,7 @@ class ModelRunner:
         in ``reads_score`` are scored: the softmax over the vocabulary is the costly part."""
         first, end = bounds
         variants, covered = [], np.zeros(len(gathered), dtype=bool)
-        present = np.bincount(variant, minlength=1)  # the variants present, in order
-        present[0] = 0
-        for index in present.nonzero()[0].tolist():
+        for index in _entries_present(variant):
             dtype, left, rule = self._variants[index]
             held = variant == index
             rows = concat_ranges(first[held], end[held])

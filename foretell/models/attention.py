@@ -480,7 +480,7 @@ def _bucket_mask(
     real: np.ndarray,
     q_col: np.ndarray,
     device: torch.device,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """The additive mask of one bucket group (``table``: its members' specs; ``real``:
     ``[count, k_len]`` which padded keys are real), on ``device`` in ``dtype``: 0 where a key
