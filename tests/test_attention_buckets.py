@@ -18,6 +18,7 @@ from foretell import DecodeParams, Engine, Prophet
 from foretell.engine.kv_cache import KVPool
 from foretell.models.attention import CacheUse, _bucket
 from foretell.models.tiny import tiny_model
+from tests.shared_draws import OpNames
 
 PROMPTS = ["12+34=", "what is 7*8?", "a", "count: 1 2 3 4 5 6 7 8 9 10", "x=3, y=x+4, y?"]
 
@@ -173,30 +174,34 @@ def _block_cases() -> list[tuple[list[int], DecodeParams]]:
     return cases
 
 
+def _block_causal_pass(model, backend: str) -> torch.Tensor:
+    """The final hidden states of one pass of two block-causal sequences under ``backend``:
+    positions 0-14 written and read block-causally (three whole blocks and part of a fourth:
+    its queries see different keys), and the block [12, 16) over its pages (the engine's
+    passes: prompt stores, the window without the block cache)."""
+    pool = KVPool(model, torch.device("cpu"), 10**8, page_size=4)
+    slots = pool.slots(pool.allocate(pool.pages_for(24)), 24)
+    pool.storage.zero_()
+    ids = torch.randint(4, 40, (24,), generator=torch.Generator().manual_seed(1))
+    uses = [CacheUse(slots, 0, 0, 15, 15, 4), CacheUse(slots, 0, 12, 4, 16, 4)]
+    pieces = [torch.arange(15), torch.arange(12, 16)]
+    pos = torch.cat(pieces)
+    with torch.no_grad():
+        model.set_attention_backend(backend)
+        try:
+            return model.forward_packed(ids[pos], pos, [len(p) for p in pieces], uses, pool.storage)
+        finally:
+            model.set_attention_backend("sdpa")
+
+
 def test_block_causal_sequences_are_bucketed_close_to_the_exact_path(sdar) -> None:
     """Block-causal sequences (a store sequence spanning blocks, a block's queries over its
     pages) in buckets, with a mask per query where the queries see different keys: within
     1e-12 of the exact path in float64; and the decoded tokens equal the exact path's, batched
     and alone."""
-    model = sdar.model
-    pool = KVPool(model, torch.device("cpu"), 10**8, page_size=4)
-    slots = pool.slots(pool.allocate(pool.pages_for(24)), 24)
-    ids = torch.randint(4, 40, (24,), generator=torch.Generator().manual_seed(1))
-    # Positions 0-14 written and read block-causally (three whole blocks and part of a fourth:
-    # its queries see different keys), and the block [12, 16) over its pages; the engine's
-    # passes (prompt stores, the window without the block cache) run in the tokens below.
-    uses = [CacheUse(slots, 0, 0, 15, 15, 4), CacheUse(slots, 0, 12, 4, 16, 4)]
-    pieces = [(torch.arange(15), uses[0]), (torch.arange(12, 16), uses[1])]
-    outs = {}
-    with torch.no_grad():
-        for backend in ("sdpa", "sdpa_buckets"):
-            model.set_attention_backend(backend)
-            pool.storage.zero_()
-            pos = torch.cat([p for p, _ in pieces])
-            outs[backend] = model.forward_packed(
-                ids[pos], pos, [len(p) for p, _ in pieces], [u for _, u in pieces], pool.storage
-            )
-        model.set_attention_backend("sdpa")
+    outs = {
+        backend: _block_causal_pass(sdar.model, backend) for backend in ("sdpa", "sdpa_buckets")
+    }
     torch.testing.assert_close(outs["sdpa_buckets"], outs["sdpa"], rtol=0, atol=1e-12)
     cases = _block_cases()
     prompts, params = [c[0] for c in cases], [c[1] for c in cases]
@@ -223,27 +228,12 @@ def test_sdpa_buckets_builds_no_exact_path_block_masks(sdar, monkeypatch) -> Non
         built.append(args)
         return real(*args, **kwargs)
 
-    model = sdar.model
-    pool = KVPool(model, torch.device("cpu"), 10**8, page_size=4)
-    slots = pool.slots(pool.allocate(pool.pages_for(24)), 24)
-    ids = torch.randint(4, 40, (24,), generator=torch.Generator().manual_seed(1))
-    uses = [CacheUse(slots, 0, 0, 15, 15, 4), CacheUse(slots, 0, 12, 4, 16, 4)]
-    pieces = [(torch.arange(15), uses[0]), (torch.arange(12, 16), uses[1])]
     monkeypatch.setattr(attention, "_block_mask", counting)
     outs, counts = [], []
-    with torch.no_grad():
-        for backend in ("sdpa", "sdpa_buckets"):
-            model.set_attention_backend(backend)
-            pool.storage.zero_()
-            pos = torch.cat([p for p, _ in pieces])
-            built.clear()
-            outs.append(
-                model.forward_packed(
-                    ids[pos], pos, [len(p) for p, _ in pieces], [u for _, u in pieces], pool.storage
-                )
-            )
-            counts.append(len(built))
-        model.set_attention_backend("sdpa")
+    for backend in ("sdpa", "sdpa_buckets"):
+        built.clear()
+        outs.append(_block_causal_pass(sdar.model, backend))
+        counts.append(len(built))
     assert counts[0] > 0 and counts[1] == 0
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
 
@@ -268,18 +258,11 @@ def test_block_causal_calls_do_not_grow_with_the_batch(sdar) -> None:
 
 def test_each_bucket_group_adds_six_ops_a_layer() -> None:
     """The bucketed call's ops: a constant part (padding the queries, the copy back) and six
-    per bucket group (three gathers, the SDPA call, a view and the indexed copy back), since
-    the rows are read heads first; transposing each gathered tensor, as before, took ten."""
+    per bucket group (three gathers, the SDPA call with its additive mask made once per pass,
+    a reshape and the indexed copy back), since the rows are read heads first; transposing
+    each gathered tensor and turning a boolean mask into an additive one at every call, as
+    before, took thirteen."""
     from foretell.models import attention
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 1
-            return func(*args, **(kwargs or {}))
 
     def ops(lengths: list[int]) -> int:
         lens = torch.tensor(lengths)
@@ -288,9 +271,9 @@ def test_each_bucket_group_adds_six_ops_a_layer() -> None:
         q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
         out = torch.empty_like(q)
         attention._bucketed(q, k, v, out, specs)  # the layout, built once for the pass
-        with Ops() as counted:
+        with OpNames() as counted:
             attention._bucketed(q, k, v, out, specs)
-        return counted.count
+        return len(counted.names)
 
     one, three = ops([20, 20, 20]), ops([20, 40, 70])  # buckets 32; 32, 64 and 128
     assert three - one == 2 * 6

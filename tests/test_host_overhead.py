@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+from tests.benchmark_scripts import script_module
+
 SMALL, LARGE = 4, 16
 SMALL_GROWTH, LARGE_GROWTH = 16, 64  # issue #24's batch sizes
 WARMUP_STEPS, STEPS = 24, 12
@@ -24,14 +22,8 @@ WARMUP_STEPS, STEPS = 24, 12
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    try:
-        spec.loader.exec_module(module)
+    with script_module("host_overhead") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_phases.py"
+from tests.benchmark_scripts import script_module
 
 
 @pytest.fixture(scope="module")
 def phases():
-    spec = importlib.util.spec_from_file_location("step_phases", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("step_phases") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_parts_nest_within_the_host_time_and_are_unwrapped_after(phases, tmp_path) -> None:
