@@ -313,20 +313,28 @@ class BatchedStep:
         )
         lens = np.asarray(seq_lens)
         seq_of_token = np.arange(self.num_seqs).repeat(lens)
-        per_token = table[:, seq_of_token]
         self.seq_of_token_np = seq_of_token
         self.seq_of_token = torch.from_numpy(seq_of_token)
         self.ids_np = ids.numpy()
         self.positions_np = pos = positions.numpy()
         masked = self.ids_np == mask_token_id
-        generated = masked & (pos >= per_token[_PROMPT_END])
+        # Only masks and explicit spans can be in any of the sets below, so they are computed
+        # over those tokens alone (a pass's prompts and revealed tokens are most of it).
+        spans = table[_SPAN_END] > table[_SPAN_START]
+        at = (masked | spans[seq_of_token]).nonzero()[0] if spans.any() else masked.nonzero()[0]
+        per_token = table[:, seq_of_token[at]]
+        pos, masked_at = pos[at], masked[at]
+        generated_at = masked_at & (pos >= per_token[_PROMPT_END])
         # The reveal window (masked, up to the end of the current block), Prophet's answer
         # region (an explicit span, masked or not, or every masked generated position), the
         # current block's masks (its reveal schedule), and what a commit fills: host arrays.
-        window = masked & (pos >= per_token[_WINDOW_START]) & (pos < per_token[_WINDOW_END])
-        region = (pos >= per_token[_SPAN_START]) & (pos < per_token[_SPAN_END])
-        region |= generated & per_token[_REGION_IS_MASKED].astype(bool)
-        in_block = masked & (pos >= per_token[_BLOCK_START]) & (pos < per_token[_BLOCK_END])
+        window_at = masked_at & (pos >= per_token[_WINDOW_START]) & (pos < per_token[_WINDOW_END])
+        region_at = (pos >= per_token[_SPAN_START]) & (pos < per_token[_SPAN_END])
+        region_at |= generated_at & per_token[_REGION_IS_MASKED].astype(bool)
+        in_block_at = masked_at & (pos >= per_token[_BLOCK_START]) & (pos < per_token[_BLOCK_END])
+        sets = np.zeros((4, len(masked)), dtype=bool)
+        sets[:, at] = (generated_at, window_at, region_at, in_block_at)
+        generated, window, region, in_block = sets
         self.generated_np = generated
         self.window_np = window
         self.needed_np = window | region
@@ -1025,8 +1033,13 @@ class BatchedStep:
         random_rows = self.is_random[members].nonzero()[0]
         if not random_rows.size:
             return None
-        out = torch.empty(len(random_rows), longest)
         seeded = self.seeded_random[members[random_rows]]
+        if not seeded.any():  # the shared draw is every row's, in order: no copy into place
+            shared = torch.rand(
+                (len(random_rows), longest), generator=self.generator, device=device
+            )
+            return torch.from_numpy(random_rows), shared
+        out = torch.empty(len(random_rows), longest)
         unseeded = (~seeded).nonzero()[0].tolist()
         for n in seeded.nonzero()[0].tolist():  # each from its own stream, as alone
             i = int(random_rows[n])
