@@ -117,3 +117,32 @@ def test_row_stats_benchmark_checks_identity() -> None:
     spec.loader.exec_module(bench)
     record = bench.measure(rows=8, share=0.75, repeats=1, vocab=50)
     assert record["identical"] and record["rows"] == 8 and record["every_row_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("rows", "share", "subset"),
+    [
+        (1147, 0.1, True),
+        (1147, 0.25, True),
+        (4096, 0.5, False),
+        (4096, 0.7, False),
+        (128, 0.1, False),
+    ],
+)
+def test_row_statistics_take_a_subset_only_where_it_was_measured_to_pay(
+    rows: int, share: float, subset: bool
+) -> None:
+    """The runner scores only the rows that read a score (or a gap) when they are at most a
+    third of the pass's and leave out over 32k logits; otherwise every row (a gather and a
+    scatter back cost more). The cases are points of the measurement behind the rule."""
+    import numpy as np
+
+    from foretell.engine.runner import _some_rows
+
+    wanted = np.zeros(rows, dtype=bool)
+    wanted[:: round(1 / share)] = True
+    got = _some_rows(wanted, torch.zeros(rows, 51))
+    if subset:
+        assert torch.equal(got, torch.from_numpy(wanted.nonzero()[0]))
+    else:
+        assert got is None

@@ -73,16 +73,24 @@ def _index_in(registry: list, value: object) -> int:
     return len(registry) - 1
 
 
-# Logits left out below which every row is computed rather than the wanted ones gathered: a
-# gather and a scatter back are ops of their own (with the shipped model's 56-token
-# vocabulary they cost more than the softmax rows they save, in `foretell bench`).
-SOME_ROWS_MIN_SAVED = 1 << 16
+# When only the wanted rows of a pass's logits get a softmax or a gap: a gather, and a scatter
+# back, cost ops of their own and time in proportion to the rows kept, so the subset pays only
+# when it is a small share of the rows and leaves out many logits. Measured on this CPU (rows
+# of 51 and 56 logits, 128 to 4,096 rows, float32): the subset was faster at a tenth or a
+# third of the rows once it left out more than about 30,000 logits, and slower at half or more
+# of them even at 4,096 rows (docs/design.md, "Batched where it is the same work").
+SOME_ROWS_MAX_SHARE = 1 / 3
+SOME_ROWS_MIN_SAVED = 1 << 15
 
 
 def _some_rows(wanted: np.ndarray, gathered: torch.Tensor) -> torch.Tensor | None:
-    """The indices of the ``wanted`` rows, on the logits' device; or None (every row) when
-    the rows left out hold few logits (a small vocabulary, or nearly every row wanted)."""
-    if (len(wanted) - wanted.sum()) * gathered.shape[-1] < SOME_ROWS_MIN_SAVED:
+    """The indices of the ``wanted`` rows, on the logits' device; or None (every row) unless
+    they are few (``SOME_ROWS_MAX_SHARE``) and leave out many logits."""
+    count = int(wanted.sum())
+    left_out = len(wanted) - count
+    if count > SOME_ROWS_MAX_SHARE * len(wanted) or left_out * gathered.shape[-1] < (
+        SOME_ROWS_MIN_SAVED
+    ):
         return None
     return torch.from_numpy(wanted.nonzero()[0]).to(gathered.device)
 
