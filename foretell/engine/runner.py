@@ -75,10 +75,11 @@ def _index_in(registry: list, value: object) -> int:
 
 # When only the wanted rows of a pass's logits get a softmax or a gap: a gather, and a scatter
 # back, cost ops of their own and time in proportion to the rows kept, so the subset pays only
-# when it is a small share of the rows and leaves out many logits. Measured on this CPU (rows
-# of 51 and 56 logits, 128 to 4,096 rows, float32): the subset was faster at a tenth or a
-# third of the rows once it left out more than about 30,000 logits, and slower at half or more
-# of them even at 4,096 rows (docs/design.md, "Batched where it is the same work").
+# when it is a small share of the rows and leaves out many logits. Measured on this CPU, float32:
+# with rows of 51 and 56 logits (128 to 4,096 rows) the subset was faster at a tenth or a third
+# of the rows once it left out more than about 30,000 logits, and slower at half or more even at
+# 4,096 rows; with 4k, 32k and 126k logits a row, 0.88-0.94x the time at 30% of the rows, even
+# at half, slower at 70% (docs/design.md, "Batched where it is the same work").
 SOME_ROWS_MAX_SHARE = 1 / 3
 SOME_ROWS_MIN_SAVED = 1 << 15
 
