@@ -24,7 +24,14 @@ for each batch size it reports per engine step:
 - host microseconds per request-step: wall time of the ``step()`` calls less the time inside
   the model's forward (``engine.runner.forward_seconds``), over the request-steps run
   (``engine.metrics.sequences_in_passes``), from separate runs without the counting modes,
-  which inflate time. Only steps whose batch was full count.
+  which inflate time. Only steps whose batch was full count;
+- the same host time with the forward replayed: the steps run again with every call of the
+  model's methods answered from a recording of the first timed run (its outputs, copied; the
+  requests' outputs must come out the same, or the script fails). On this CPU the forward runs
+  on the host's own cores and through its caches, and the step's host work after it runs
+  with caches the forward has filled with its own data; on a GPU it runs on the device. What
+  the replay takes off is that interference, which the host time above includes. It is
+  reported beside it, for the reader; the target is read on the host time above.
 
 Targets (issue #24): ops and reads per step grow by at most 1.25x from the smallest batch to
 the largest; host time at most 30 us per request-step at the largest batch.
@@ -45,6 +52,7 @@ import random
 import statistics
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -114,11 +122,24 @@ MODEL_METHODS = ("forward_packed", "logits_at")  # what the runner calls of the 
 
 
 @contextlib.contextmanager
+def model_methods_wrapped(
+    model: torch.nn.Module, wrap: Callable[[Callable], Callable]
+) -> Iterator[None]:
+    """Shadow the model's own methods (``MODEL_METHODS``) on the instance with ``wrap(method)``
+    for the duration."""
+    for name in MODEL_METHODS:
+        setattr(model, name, wrap(getattr(model, name)))
+    try:
+        yield
+    finally:
+        for name in MODEL_METHODS:
+            delattr(model, name)
+
+
 def around_model_calls(
     model: torch.nn.Module, enter: Callable[[], object], leave: Callable[[], object]
-) -> Iterator[None]:
-    """Call ``enter`` before and ``leave`` after every call of the model's own methods
-    (``MODEL_METHODS``), by shadowing them on the instance for the duration."""
+) -> contextlib.AbstractContextManager[None]:
+    """Call ``enter`` before and ``leave`` after every call of the model's own methods."""
 
     def wrapped(method):
         @functools.wraps(method)
@@ -131,13 +152,42 @@ def around_model_calls(
 
         return call
 
-    for name in MODEL_METHODS:
-        setattr(model, name, wrapped(getattr(model, name)))
-    try:
-        yield
-    finally:
-        for name in MODEL_METHODS:
-            delattr(model, name)
+    return model_methods_wrapped(model, wrapped)
+
+
+@dataclass
+class ForwardTape:
+    """Every output of the model's methods in one run, in call order (copies), so that a run
+    of the same steps can take them instead of running the model (:func:`taped_model_calls`).
+    """
+
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    played: int = 0
+
+
+def taped_model_calls(
+    model: torch.nn.Module, tape: ForwardTape, replay: bool
+) -> contextlib.AbstractContextManager[None]:
+    """Record a copy of every output of the model's methods on ``tape``; or, with ``replay``,
+    answer each call with a copy of the next one recorded, without running the model (a copy:
+    the runner writes some logits in place)."""
+    tape.played = 0
+
+    def wrapped(method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            if not replay:
+                out = method(*args, **kwargs)
+                tape.outputs.append(out.clone())
+                return out
+            if tape.played == len(tape.outputs):
+                raise RuntimeError("the replayed run calls the model more often than recorded")
+            tape.played += 1
+            return tape.outputs[tape.played - 1].clone()
+
+        return call
+
+    return model_methods_wrapped(model, wrapped)
 
 
 def model_calls_marked(
@@ -357,6 +407,10 @@ class MixRun:
     c_calls: int = 0  # and calls of C functions
     ops_by_name: Counter[str] = field(default_factory=Counter)
     reads_by_kind: Counter[str] = field(default_factory=Counter)
+    # Every output of the run, measured or not: (request id, token ids, finish reason); and
+    # after every step, a checksum of every canvas (which a replay must give back).
+    outputs: list[tuple[str, tuple[int, ...], str | None]] = field(default_factory=list)
+    canvases: list[int] = field(default_factory=list)
 
     @property
     def ops_per_step(self) -> float:
@@ -386,6 +440,8 @@ def run_mix(
     backend: str = "auto",
     mix: str = "issue",
     profile: bool = False,
+    tape: ForwardTape | None = None,
+    replay: bool = False,
 ) -> MixRun:
     """Run the mix at ``batch_size`` and total the measured steps.
 
@@ -395,7 +451,27 @@ def run_mix(
     ``count`` the measured steps run under the op and read counters (their wall times are then
     inflated and mean nothing; the counter also times each op outside the model, see
     :class:`OpCounter`); without, only times are taken. With ``profile`` each measured step
-    runs under ``cProfile`` (outside the model's methods) and its calls are counted."""
+    runs under ``cProfile`` (outside the model's methods) and its calls are counted. With a
+    ``tape``, every step's model calls are recorded on it, or with ``replay`` answered from it
+    (:func:`taped_model_calls`)."""
+    taped = contextlib.nullcontext()
+    if tape is not None:
+        taped = taped_model_calls(loaded.model, tape, replay)
+    with taped:
+        return _run_mix(loaded, batch_size, warmup_steps, steps, seed, count, backend, mix, profile)
+
+
+def _run_mix(
+    loaded: LoadedModel,
+    batch_size: int,
+    warmup_steps: int,
+    steps: int,
+    seed: int,
+    count: bool,
+    backend: str,
+    mix: str,
+    profile: bool,
+) -> MixRun:
     engine = make_engine(loaded, batch_size, backend)
     stream = mix_stream(loaded, seed, mix)
     run = MixRun(batch_size)
@@ -429,6 +505,8 @@ def run_mix(
         if errors:
             raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
         live -= len(outputs)
+        run.outputs += [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
+        run.canvases.append(zlib.crc32(engine.runner.canvas_rows.tokens.tobytes()))
         if not measured:
             continue
         if steps1 - steps0 != 1 or seqs1 - seqs0 != batch_size:
@@ -470,15 +548,28 @@ def measure(
     mode_extra: float = 0.0,
 ) -> dict:
     """One counted run, one profiled run (Python calls), then ``repeats`` timed runs of the
-    same steps (median host time).
+    same steps (median host time), and ``repeats`` of them with the first's forward replayed.
     ``mode_extra``: :func:`mode_extra_us`."""
     kw = {"warmup_steps": warmup_steps, "steps": steps, "seed": seed, "backend": backend}
     kw["mix"] = mix
     counted = run_mix(loaded, batch_size, count=True, **kw)
     profiled = run_mix(loaded, batch_size, count=False, profile=True, **kw)
-    timed = [run_mix(loaded, batch_size, count=False, **kw) for _ in range(repeats)]
+    tape = ForwardTape()  # the first timed run's model outputs (a copy is not timed)
+    timed = [
+        run_mix(loaded, batch_size, count=False, tape=tape if i == 0 else None, **kw)
+        for i in range(repeats)
+    ]
     host_us = [run.host_us_per_request_step for run in timed]
     median = statistics.median(host_us)
+    replayed = [
+        run_mix(loaded, batch_size, count=False, tape=tape, replay=True, **kw)
+        for _ in range(repeats)
+    ]
+    if any(
+        run.outputs != timed[0].outputs or run.canvases != timed[0].canvases for run in replayed
+    ):
+        raise RuntimeError(f"B={batch_size}: the replayed run's outputs differ from the recorded")
+    replayed_us = [run.host_us_per_request_step for run in replayed]
     # The host time's share spent in ops outside the model (their execution, which a GPU
     # would overlap, and dispatch), from the counted run (the same steps) less what the timing
     # itself adds per op (``mode_extra``, us); the rest is Python.
@@ -504,6 +595,8 @@ def measure(
         "op_us_outside_model_per_request_step": op_us,
         "python_us_per_request_step": median - op_us,
         "host_us_per_request_step_runs": host_us,
+        "host_us_per_request_step_replayed": statistics.median(replayed_us),
+        "host_us_per_request_step_replayed_runs": replayed_us,
         "wall_ms_per_step": 1e3 * mid.wall_s / mid.steps,
         "forward_ms_per_step": 1e3 * mid.forward_s / mid.steps,
     }
@@ -590,7 +683,8 @@ def format_report(
 ) -> str:
     header = (
         f"{'B':>4} {'steps':>6} {'ops/step':>9} {'reads/step':>10} {'xfers/step':>10} "
-        f"{'host us/req-step':>16} {'of it ops':>9} {'python':>7} {'ops outside':>11} "
+        f"{'host us/req-step':>16} {'of it ops':>9} {'python':>7} {'replayed':>8} "
+        f"{'ops outside':>11} "
         f"{'py calls/step':>13} {'wall ms/step':>12} {'fwd ms/step':>11}"
     )
     lines = [header, "-" * len(header)]
@@ -600,7 +694,9 @@ def format_report(
             f"{r['reads_per_step']:>10.1f} {r['transfers_per_step']:>10.1f} "
             f"{r['host_us_per_request_step']:>16.1f} "
             f"{r['op_us_outside_model_per_request_step']:>9.1f} "
-            f"{r['python_us_per_request_step']:>7.1f} {r['ops_outside_model_per_step']:>11.1f} "
+            f"{r['python_us_per_request_step']:>7.1f} "
+            f"{r['host_us_per_request_step_replayed']:>8.1f} "
+            f"{r['ops_outside_model_per_step']:>11.1f} "
             f"{r['python_calls_per_step']:>13.1f} {r['wall_ms_per_step']:>12.2f} "
             f"{r['forward_ms_per_step']:>11.2f}"
         )
@@ -611,7 +707,10 @@ def format_report(
         "of it ops: the time of the ops dispatched outside the model's forward_packed and "
         "logits_at (counted run, less what timing adds per op: an estimate; execution and "
         "dispatch, which a GPU runs asynchronously); python: the rest (an estimate, with the "
-        "rare model calls outside the timed forward); ops outside: how many; py calls: "
+        "rare model calls outside the timed forward); replayed: host us of the same steps "
+        "with the model's outputs replayed from the first timed run (no forward on the host's "
+        "cores and caches, as on a GPU; for the reader, not the target); ops outside: how "
+        "many; py calls: "
         "Python function calls in step() outside the model's methods (cProfile, a run of its "
         "own)."
     )

@@ -183,3 +183,24 @@ def test_ops_per_step_do_not_depend_on_distinct_sampling_values(bench, micro) ->
     ops_per_step(distinct=False)  # the model's first pass builds its rotary tables
     shared, distinct = ops_per_step(distinct=False), ops_per_step(distinct=True)
     assert len(shared) == 8 and shared == distinct
+
+
+def test_a_replayed_forward_gives_the_recorded_run_back(bench, micro) -> None:
+    """The replayed host time is only meaningful if the replay runs the recorded steps: every
+    model call is answered from the tape, in order, and the outputs come out the same. A tape
+    of other steps must not pass for it."""
+    kw = {"warmup_steps": 4, "steps": 6, "count": False}
+    tape = bench.ForwardTape()
+    recorded = bench.run_mix(micro, SMALL, tape=tape, **kw)
+    assert tape.outputs and len(recorded.canvases) == 10
+    replayed = bench.run_mix(micro, SMALL, tape=tape, replay=True, **kw)
+    assert tape.played == len(tape.outputs)
+    assert replayed.outputs == recorded.outputs and replayed.canvases == recorded.canvases
+    assert replayed.steps == recorded.steps and replayed.wall_s > 0
+    # The recorded tensors stay as recorded: a second replay gives the same outputs again.
+    assert bench.run_mix(micro, SMALL, tape=tape, replay=True, **kw).canvases == recorded.canvases
+    other = bench.ForwardTape()
+    bench.run_mix(micro, SMALL, tape=other, seed=1, **kw)
+    with pytest.raises((RuntimeError, ValueError, IndexError)):
+        different = bench.run_mix(micro, SMALL, tape=other, replay=True, **kw)
+        assert different.canvases == recorded.canvases, "another run's tape replayed silently"
