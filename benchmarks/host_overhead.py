@@ -25,13 +25,17 @@ for each batch size it reports per engine step:
   the model's forward (``engine.runner.forward_seconds``), over the request-steps run
   (``engine.metrics.sequences_in_passes``), from separate runs without the counting modes,
   which inflate time. Only steps whose batch was full count;
-- the same host time with the forward replayed: the steps run again with every call of the
-  model's methods answered from a recording of the first timed run (its outputs, copied; the
-  requests' outputs must come out the same, or the script fails). On this CPU the forward runs
-  on the host's own cores and through its caches, and the step's host work after it runs
-  with caches the forward has filled with its own data; on a GPU it runs on the device. What
-  the replay takes off is that interference, which the host time above includes. It is
-  reported beside it, for the reader; the target is read on the host time above.
+- the host time less every call of the model's methods ("less model"): a step also calls
+  the model outside its pass's timed forward (a commit's read-only rows, a fill's rows not
+  gathered), which the host time above includes;
+- that time again with the model replayed ("replayed"): the steps run again with every call
+  of the model's methods answered from a recording made in a run of its own (its outputs,
+  copied; the requests' outputs and every step's canvases must come out the same, or the
+  script fails). On this CPU the model runs on the host's own cores and through its caches,
+  and the step's host work after it runs with caches the forward has filled with its own
+  data; on a GPU it runs on the device. What the replay takes off, against "less model", is
+  that interference. Both are reported for the reader; the target is read on the host time
+  as the issue defines it (above).
 
 Targets (issue #24): ops and reads per step grow by at most 1.25x from the smallest batch to
 the largest; host time at most 30 us per request-step at the largest batch.
@@ -156,10 +160,36 @@ def around_model_calls(
 
 
 @dataclass
-class ForwardTape:
+class ModelClock:
+    """Seconds spent inside the model's methods: the runner times its pass's forward
+    (``forward_seconds``), but a step also calls the model outside it (a commit's read-only
+    rows, a fill's rows not gathered), which the host time as the issue defines it includes."""
+
+    seconds: float = 0.0
+
+
+def model_calls_timed(
+    model: torch.nn.Module, clock: ModelClock
+) -> contextlib.AbstractContextManager[None]:
+    def wrapped(method):
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                clock.seconds += time.perf_counter() - start
+
+        return call
+
+    return model_methods_wrapped(model, wrapped)
+
+
+@dataclass
+class ForwardTape(ModelClock):
     """Every output of the model's methods in one run, in call order (copies), so that a run
-    of the same steps can take them instead of running the model (:func:`taped_model_calls`).
-    """
+    of the same steps can take them instead of running the model (:func:`taped_model_calls`);
+    and, as a :class:`ModelClock`, the time spent in those calls (recording or replaying)."""
 
     outputs: list[torch.Tensor] = field(default_factory=list)
     played: int = 0
@@ -170,20 +200,25 @@ def taped_model_calls(
 ) -> contextlib.AbstractContextManager[None]:
     """Record a copy of every output of the model's methods on ``tape``; or, with ``replay``,
     answer each call with a copy of the next one recorded, without running the model (a copy:
-    the runner writes some logits in place)."""
+    the runner writes some logits in place). Either way the call's time goes on the tape's
+    clock."""
     tape.played = 0
 
     def wrapped(method):
         @functools.wraps(method)
         def call(*args, **kwargs):
-            if not replay:
-                out = method(*args, **kwargs)
-                tape.outputs.append(out.clone())
-                return out
-            if tape.played == len(tape.outputs):
-                raise RuntimeError("the replayed run calls the model more often than recorded")
-            tape.played += 1
-            return tape.outputs[tape.played - 1].clone()
+            start = time.perf_counter()
+            try:
+                if not replay:
+                    out = method(*args, **kwargs)
+                    tape.outputs.append(out.clone())
+                    return out
+                if tape.played == len(tape.outputs):
+                    raise RuntimeError("the replayed run calls the model more often than recorded")
+                tape.played += 1
+                return tape.outputs[tape.played - 1].clone()
+            finally:
+                tape.seconds += time.perf_counter() - start
 
         return call
 
@@ -397,6 +432,7 @@ class MixRun:
     request_steps: int = 0
     wall_s: float = 0.0
     forward_s: float = 0.0
+    model_s: float = 0.0  # inside the model's methods (timed runs), forward or not
     ops: int = 0
     ops_outside: int = 0  # ops outside the model's methods
     op_seconds_outside: float = 0.0  # their time (execution and dispatch)
@@ -428,6 +464,11 @@ class MixRun:
     def host_us_per_request_step(self) -> float:
         return 1e6 * (self.wall_s - self.forward_s) / self.request_steps
 
+    @property
+    def host_us_less_model_calls(self) -> float:
+        """Wall time less every call of the model's methods, per request-step."""
+        return 1e6 * (self.wall_s - self.model_s) / self.request_steps
+
 
 def run_mix(
     loaded: LoadedModel,
@@ -454,11 +495,24 @@ def run_mix(
     runs under ``cProfile`` (outside the model's methods) and its calls are counted. With a
     ``tape``, every step's model calls are recorded on it, or with ``replay`` answered from it
     (:func:`taped_model_calls`)."""
-    taped = contextlib.nullcontext()
+    clock = None
+    timed = contextlib.nullcontext()
     if tape is not None:
-        taped = taped_model_calls(loaded.model, tape, replay)
-    with taped:
-        return _run_mix(loaded, batch_size, warmup_steps, steps, seed, count, backend, mix, profile)
+        if count or profile:  # their own wrappers of the model's methods would undo the tape's
+            raise ValueError("run_mix: a tape is for timed runs (count=False, profile=False)")
+        if not replay and tape.outputs:
+            raise ValueError("run_mix: record on an empty tape")
+        clock, timed = tape, taped_model_calls(loaded.model, tape, replay)
+    elif not (count or profile):
+        clock = ModelClock()
+        timed = model_calls_timed(loaded.model, clock)
+    with timed:
+        run = _run_mix(
+            loaded, batch_size, warmup_steps, steps, seed, count, backend, mix, profile, clock
+        )
+    if replay and tape.played != len(tape.outputs):
+        raise RuntimeError("the replayed run calls the model less often than recorded")
+    return run
 
 
 def _run_mix(
@@ -471,6 +525,7 @@ def _run_mix(
     backend: str,
     mix: str,
     profile: bool,
+    clock: ModelClock | None,
 ) -> MixRun:
     engine = make_engine(loaded, batch_size, backend)
     stream = mix_stream(loaded, seed, mix)
@@ -484,6 +539,7 @@ def _run_mix(
         measured = index >= warmup_steps
         ops, reads = OpCounter(), HostReadCounter()
         forward0, steps0, seqs0 = engine_counters(engine)
+        model0 = clock.seconds if clock is not None else 0.0
         start = time.perf_counter()
         profiler = None
         if measured and count:
@@ -516,6 +572,7 @@ def _run_mix(
         run.request_steps += seqs1 - seqs0
         run.wall_s += wall
         run.forward_s += forward1 - forward0
+        run.model_s += (clock.seconds if clock is not None else 0.0) - model0
         run.finished += len(outputs)
         run.ops += ops.count
         run.ops_outside += ops.outside
@@ -548,28 +605,28 @@ def measure(
     mode_extra: float = 0.0,
 ) -> dict:
     """One counted run, one profiled run (Python calls), then ``repeats`` timed runs of the
-    same steps (median host time), and ``repeats`` of them with the first's forward replayed.
+    same steps (median host time), then one recording the model's outputs and ``repeats``
+    replaying them.
     ``mode_extra``: :func:`mode_extra_us`."""
     kw = {"warmup_steps": warmup_steps, "steps": steps, "seed": seed, "backend": backend}
     kw["mix"] = mix
     counted = run_mix(loaded, batch_size, count=True, **kw)
     profiled = run_mix(loaded, batch_size, count=False, profile=True, **kw)
-    tape = ForwardTape()  # the first timed run's model outputs (a copy is not timed)
-    timed = [
-        run_mix(loaded, batch_size, count=False, tape=tape if i == 0 else None, **kw)
-        for i in range(repeats)
-    ]
+    timed = [run_mix(loaded, batch_size, count=False, **kw) for _ in range(repeats)]
     host_us = [run.host_us_per_request_step for run in timed]
     median = statistics.median(host_us)
+    # The model's outputs recorded in a run of their own (not timed), then replayed.
+    tape = ForwardTape()
+    recorded = run_mix(loaded, batch_size, count=False, tape=tape, **kw)
     replayed = [
         run_mix(loaded, batch_size, count=False, tape=tape, replay=True, **kw)
         for _ in range(repeats)
     ]
     if any(
-        run.outputs != timed[0].outputs or run.canvases != timed[0].canvases for run in replayed
+        run.outputs != recorded.outputs or run.canvases != recorded.canvases for run in replayed
     ):
         raise RuntimeError(f"B={batch_size}: the replayed run's outputs differ from the recorded")
-    replayed_us = [run.host_us_per_request_step for run in replayed]
+    replayed_us = [run.host_us_less_model_calls for run in replayed]
     # The host time's share spent in ops outside the model (their execution, which a GPU
     # would overlap, and dispatch), from the counted run (the same steps) less what the timing
     # itself adds per op (``mode_extra``, us); the rest is Python.
@@ -595,6 +652,9 @@ def measure(
         "op_us_outside_model_per_request_step": op_us,
         "python_us_per_request_step": median - op_us,
         "host_us_per_request_step_runs": host_us,
+        "host_us_less_model_calls": statistics.median(
+            run.host_us_less_model_calls for run in timed
+        ),
         "host_us_per_request_step_replayed": statistics.median(replayed_us),
         "host_us_per_request_step_replayed_runs": replayed_us,
         "wall_ms_per_step": 1e3 * mid.wall_s / mid.steps,
@@ -683,8 +743,8 @@ def format_report(
 ) -> str:
     header = (
         f"{'B':>4} {'steps':>6} {'ops/step':>9} {'reads/step':>10} {'xfers/step':>10} "
-        f"{'host us/req-step':>16} {'of it ops':>9} {'python':>7} {'replayed':>8} "
-        f"{'ops outside':>11} "
+        f"{'host us/req-step':>16} {'less model':>10} {'replayed':>8} {'of it ops':>9} "
+        f"{'python':>7} {'ops outside':>11} "
         f"{'py calls/step':>13} {'wall ms/step':>12} {'fwd ms/step':>11}"
     )
     lines = [header, "-" * len(header)]
@@ -692,10 +752,10 @@ def format_report(
         lines.append(
             f"{r['batch_size']:>4} {r['measured_steps']:>6} {r['ops_per_step']:>9.1f} "
             f"{r['reads_per_step']:>10.1f} {r['transfers_per_step']:>10.1f} "
-            f"{r['host_us_per_request_step']:>16.1f} "
+            f"{r['host_us_per_request_step']:>16.1f} {r['host_us_less_model_calls']:>10.1f} "
+            f"{r['host_us_per_request_step_replayed']:>8.1f} "
             f"{r['op_us_outside_model_per_request_step']:>9.1f} "
             f"{r['python_us_per_request_step']:>7.1f} "
-            f"{r['host_us_per_request_step_replayed']:>8.1f} "
             f"{r['ops_outside_model_per_step']:>11.1f} "
             f"{r['python_calls_per_step']:>13.1f} {r['wall_ms_per_step']:>12.2f} "
             f"{r['forward_ms_per_step']:>11.2f}"
@@ -704,13 +764,15 @@ def format_report(
         "ops: aten ops dispatched in step() (model forward included); reads: .item/.tolist/"
         ".cpu/.numpy/bool/float/int/index on a tensor; xfers: Tensor.to another device; host "
         "us: (wall - model forward) / request-steps, median of the timed runs (no counters); "
+        "less model: the same runs' wall less every call of the model's methods (the pass's "
+        "forward, and a commit's read-only rows or a fill's rows outside it); replayed: the "
+        "same as less model, of the same steps with the model's outputs replayed from a "
+        "recorded run (no model run on the host's cores and caches, as on a GPU; for the "
+        "reader, not the target); "
         "of it ops: the time of the ops dispatched outside the model's forward_packed and "
         "logits_at (counted run, less what timing adds per op: an estimate; execution and "
         "dispatch, which a GPU runs asynchronously); python: the rest (an estimate, with the "
-        "rare model calls outside the timed forward); replayed: host us of the same steps "
-        "with the model's outputs replayed from the first timed run (no forward on the host's "
-        "cores and caches, as on a GPU; for the reader, not the target); ops outside: how "
-        "many; py calls: "
+        "rare model calls outside the timed forward); ops outside: how many; py calls: "
         "Python function calls in step() outside the model's methods (cProfile, a run of its "
         "own)."
     )

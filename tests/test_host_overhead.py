@@ -187,20 +187,26 @@ def test_ops_per_step_do_not_depend_on_distinct_sampling_values(bench, micro) ->
 
 def test_a_replayed_forward_gives_the_recorded_run_back(bench, micro) -> None:
     """The replayed host time is only meaningful if the replay runs the recorded steps: every
-    model call is answered from the tape, in order, and the outputs come out the same. A tape
-    of other steps must not pass for it."""
-    kw = {"warmup_steps": 4, "steps": 6, "count": False}
+    model call is answered from the tape, in order, and the outputs and canvases come out the
+    same. The every-kind mix writes some requests' logits in place (guidance, suppressed
+    ids; at this size and length, in 16 of the recorded tensors): the tape must hand out
+    copies. A tape of other steps must not pass for it."""
+    kw = {"warmup_steps": 4, "steps": 12, "count": False, "mix": "every-kind-llada"}
     tape = bench.ForwardTape()
-    recorded = bench.run_mix(micro, SMALL, tape=tape, **kw)
-    assert tape.outputs and len(recorded.canvases) == 10
-    replayed = bench.run_mix(micro, SMALL, tape=tape, replay=True, **kw)
+    recorded = bench.run_mix(micro, LARGE, tape=tape, **kw)
+    assert tape.outputs and len(recorded.canvases) == 16 and recorded.model_s > 0
+    as_recorded = [t.clone() for t in tape.outputs]
+    replayed = bench.run_mix(micro, LARGE, tape=tape, replay=True, **kw)
     assert tape.played == len(tape.outputs)
     assert replayed.outputs == recorded.outputs and replayed.canvases == recorded.canvases
-    assert replayed.steps == recorded.steps and replayed.wall_s > 0
-    # The recorded tensors stay as recorded: a second replay gives the same outputs again.
-    assert bench.run_mix(micro, SMALL, tape=tape, replay=True, **kw).canvases == recorded.canvases
+    assert all(torch.equal(a, b) for a, b in zip(as_recorded, tape.outputs, strict=True))
+    assert bench.run_mix(micro, LARGE, tape=tape, replay=True, **kw).canvases == recorded.canvases
+    with pytest.raises(ValueError, match="empty tape"):
+        bench.run_mix(micro, LARGE, tape=tape, **kw)
+    with pytest.raises(ValueError, match="timed runs"):
+        bench.run_mix(micro, LARGE, tape=tape, replay=True, **{**kw, "count": True})
     other = bench.ForwardTape()
-    bench.run_mix(micro, SMALL, tape=other, seed=1, **kw)
+    bench.run_mix(micro, LARGE, tape=other, seed=1, **kw)
     with pytest.raises((RuntimeError, ValueError, IndexError)):
-        different = bench.run_mix(micro, SMALL, tape=other, replay=True, **kw)
+        different = bench.run_mix(micro, LARGE, tape=other, replay=True, **kw)
         assert different.canvases == recorded.canvases, "another run's tape replayed silently"

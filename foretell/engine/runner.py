@@ -770,7 +770,8 @@ class ModelRunner:
         """The rows whose confidence is not the default one (the model's dtype, nothing left
         out), one group per variant (``variant``: each request's index into the registry, 0
         for the default; ``bounds``: each request's first and end row); and the rows that do
-        take the default, unless that is nearly every row (see :func:`_some_rows`). Only rows
+        take the default, unless they are over a third of the rows or leave out few logits
+        (None: every row; see :func:`_some_rows`). Only rows
         in ``reads_score`` are scored: the softmax over the vocabulary is the costly part."""
         first, end = bounds
         variants, covered = [], np.zeros(len(gathered), dtype=bool)
