@@ -117,6 +117,11 @@ def test_row_stats_benchmark_checks_identity() -> None:
     spec.loader.exec_module(bench)
     record = bench.measure(rows=8, share=0.75, repeats=1, vocab=50)
     assert record["identical"] and record["rows"] == 8 and record["every_row_ms"] > 0
+    # --subset: the wanted rows' statistics are the same either way; the rule's choice shown.
+    few = bench.measure_subset(vocab=51, rows=1147, share=0.1, repeats=1)
+    assert few["identical"] and few["rule_takes_subset"] and few["default_subset_ratio"] > 0
+    assert few["logits_left_out"] == (1147 - 114) * 51
+    assert not bench.measure_subset(vocab=51, rows=1000, share=0.5, repeats=1)["rule_takes_subset"]
 
 
 @pytest.mark.parametrize(

@@ -75,12 +75,11 @@ def _index_in(registry: list, value: object) -> int:
 
 # When only the wanted rows of a pass's logits get a softmax or a gap: a gather, and a scatter
 # back, cost ops of their own and time in proportion to the rows kept, so the subset pays only
-# when it is a small share of the rows and leaves out many logits. Measured on this CPU, float32,
-# the subset's time against every row's: with rows of 51 and 56 logits, 0.74-0.92x at a tenth
-# of 1,147 or 4,096 rows, 0.85-1.03x at 30%, 0.95-1.04x at half of 4,096 and 1.08-1.13x at 70%
-# (0.92-1.38x at a tenth of 128 or 512 rows, which leave out under 26k logits); with 4k, 32k
-# and 126k logits a row, 0.88-0.94x at 30%, 1.01-1.22x at half, 1.12-1.26x at 70%
-# (docs/benchmarks.md, issue #24's eleventh round).
+# when it is a small share of the rows and leaves out many logits. Measured on this CPU, float32
+# (`benchmarks/row_stats.py --subset`), the subset's time against every row's: with rows of 51
+# and 56 logits, 0.72-0.90x at a tenth of 1,147 or 4,096 rows, 0.86-1.00x at 30%, 0.97-1.11x
+# at half, 1.01-1.20x at 70%, and 0.89-1.41x at 128 or 512 rows (under 26k logits left out);
+# with 4k, 32k and 126k logits a row, 0.87-1.05x at 30%, 0.98-1.14x at half, 1.10-1.21x at 70%.
 SOME_ROWS_MAX_SHARE = 1 / 3
 SOME_ROWS_MIN_SAVED = 1 << 15
 
