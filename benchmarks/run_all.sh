@@ -49,6 +49,12 @@ OMP_NUM_THREADS=1 python benchmarks/step_phases.py --batch-sizes 16,64 --repeats
 # The bucketed attention call alone: its time and ops per bucket group.
 OMP_NUM_THREADS=1 python benchmarks/bucketed_attention.py --repeats 8 \
   --out "$out/bucketed_attention.json" | tee "$out/bucketed_attention.txt"
+# The pass's row statistics: the default softmax over the rows no variant scores again, at
+# LLaDA-8B's vocabulary; and where scoring only the wanted rows pays (the runner's rule).
+OMP_NUM_THREADS=1 python benchmarks/row_stats.py --out "$out/row_stats.json" \
+  | tee "$out/row_stats.txt"
+OMP_NUM_THREADS=1 python benchmarks/row_stats.py --subset --repeats 31 \
+  --out "$out/row_stats_subset.json" | tee "$out/row_stats_subset.txt"
 # One block of 32 with low-confidence remasking: where the reference rule's mean lets an open
 # letter through, against the default min rule.
 foretell bench --modes static,engine-prophet --block-lengths 32 --step-budgets 32,24,16 \
