@@ -168,21 +168,24 @@ class ModelClock:
     seconds: float = 0.0
 
 
+def _clocked(method: Callable, clock: ModelClock) -> Callable:
+    """``method``, with the time of each call added to ``clock``."""
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            clock.seconds += time.perf_counter() - start
+
+    return call
+
+
 def model_calls_timed(
     model: torch.nn.Module, clock: ModelClock
 ) -> contextlib.AbstractContextManager[None]:
-    def wrapped(method):
-        @functools.wraps(method)
-        def call(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                clock.seconds += time.perf_counter() - start
-
-        return call
-
-    return model_methods_wrapped(model, wrapped)
+    return model_methods_wrapped(model, lambda method: _clocked(method, clock))
 
 
 @dataclass
@@ -204,25 +207,21 @@ def taped_model_calls(
     clock."""
     tape.played = 0
 
-    def wrapped(method):
+    def taped(method):
         @functools.wraps(method)
         def call(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                if not replay:
-                    out = method(*args, **kwargs)
-                    tape.outputs.append(out.clone())
-                    return out
-                if tape.played == len(tape.outputs):
-                    raise RuntimeError("the replayed run calls the model more often than recorded")
-                tape.played += 1
-                return tape.outputs[tape.played - 1].clone()
-            finally:
-                tape.seconds += time.perf_counter() - start
+            if not replay:
+                out = method(*args, **kwargs)
+                tape.outputs.append(out.clone())
+                return out
+            if tape.played == len(tape.outputs):
+                raise RuntimeError("the replayed run calls the model more often than recorded")
+            tape.played += 1
+            return tape.outputs[tape.played - 1].clone()
 
-        return call
+        return _clocked(call, tape)
 
-    return model_methods_wrapped(model, wrapped)
+    return model_methods_wrapped(model, taped)
 
 
 def model_calls_marked(

@@ -118,6 +118,24 @@ def measure_subset(vocab: int, rows: int, share: float, repeats: int) -> dict:
     }
 
 
+def _checked_and_written(records: list[dict], out: str | None) -> int:
+    """Exit status 1 if some record's statistics differ between the two ways; else 0, with
+    the records written to ``out`` as JSON when given."""
+    if not all(r["identical"] for r in records):
+        print("statistics differ", file=sys.stderr)
+        return 1
+    if out:
+        write_json(
+            out,
+            {
+                "records": records,
+                "machine": machine_info(),
+                "command": "python benchmarks/row_stats.py " + " ".join(sys.argv[1:]),
+            },
+        )
+    return 0
+
+
 def main_subset(args: argparse.Namespace) -> int:
     records = [
         measure_subset(vocab, rows, share, args.repeats)
@@ -136,19 +154,7 @@ def main_subset(args: argparse.Namespace) -> int:
             f"{r['default_subset_ratio']:>20.2f} {r['gap_subset_ratio']:>16.2f} {rule:>6} "
             f"{r['identical']}"
         )
-    if not all(r["identical"] for r in records):
-        print("statistics differ", file=sys.stderr)
-        return 1
-    if args.out:
-        write_json(
-            args.out,
-            {
-                "records": records,
-                "machine": machine_info(),
-                "command": "python benchmarks/row_stats.py " + " ".join(sys.argv[1:]),
-            },
-        )
-    return 0
+    return _checked_and_written(records, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,19 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['variant_share']:>12.0%} {r['every_row_ms']:>13.1f} "
             f"{r['default_rows_only_ms']:>21.1f} {ratio:>6.2f} {r['identical']}"
         )
-    if not all(r["identical"] for r in records):
-        print("statistics differ", file=sys.stderr)
-        return 1
-    if args.out:
-        write_json(
-            args.out,
-            {
-                "records": records,
-                "machine": machine_info(),
-                "command": "python benchmarks/row_stats.py " + " ".join(sys.argv[1:]),
-            },
-        )
-    return 0
+    return _checked_and_written(records, args.out)
 
 
 if __name__ == "__main__":

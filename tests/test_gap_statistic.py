@@ -108,20 +108,18 @@ def test_row_stats_score_default_rows_alone_identically() -> None:
 
 
 def test_row_stats_benchmark_checks_identity() -> None:
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmark_scripts import script_module
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "row_stats.py"
-    spec = importlib.util.spec_from_file_location("row_stats_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    record = bench.measure(rows=8, share=0.75, repeats=1, vocab=50)
-    assert record["identical"] and record["rows"] == 8 and record["every_row_ms"] > 0
-    # --subset: the wanted rows' statistics are the same either way; the rule's choice shown.
-    few = bench.measure_subset(vocab=51, rows=1147, share=0.1, repeats=1)
-    assert few["identical"] and few["rule_takes_subset"] and few["default_subset_ratio"] > 0
-    assert few["logits_left_out"] == (1147 - 114) * 51
-    assert not bench.measure_subset(vocab=51, rows=1000, share=0.5, repeats=1)["rule_takes_subset"]
+    with script_module("row_stats") as bench:
+        record = bench.measure(rows=8, share=0.75, repeats=1, vocab=50)
+        assert record["identical"] and record["rows"] == 8 and record["every_row_ms"] > 0
+        # --subset: the wanted rows' statistics are the same either way; the rule's choice shown.
+        few = bench.measure_subset(vocab=51, rows=1147, share=0.1, repeats=1)
+        assert few["identical"] and few["rule_takes_subset"] and few["default_subset_ratio"] > 0
+        assert few["logits_left_out"] == (1147 - 114) * 51
+        assert not bench.measure_subset(vocab=51, rows=1000, share=0.5, repeats=1)[
+            "rule_takes_subset"
+        ]
 
 
 @pytest.mark.parametrize(
