@@ -279,6 +279,34 @@ def test_each_bucket_group_adds_six_ops_a_layer() -> None:
     assert three - one == 2 * 6
 
 
+def test_a_pass_layout_goes_to_the_device_in_two_copies() -> None:
+    """Every bucket group's indices go to the device in one copy, and every additive mask in
+    another, each split there into views: the copies (on a GPU, one host-to-device transfer
+    each) do not grow with the groups; each group adds three views (its queries, keys and
+    mask). Before, each group made three copies of its own. A block-causal group whose
+    queries see different keys sends its block numbers in the indices' copy."""
+    from foretell.models import attention
+
+    def layout_ops(specs: list[tuple[int, ...]], rows: int) -> list[str]:
+        attention._last_layout[0] = None  # built again, not read from the last pass
+        with OpNames() as counted:
+            attention._bucket_groups(specs, rows, rows, torch.device("cpu"))
+        return counted.names
+
+    def plain(lengths: list[int]) -> list[tuple[int, ...]]:
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        return [(s, n, s, n) for s, n in zip(starts, lengths, strict=True)]
+
+    copies = {"aten.lift_fresh", "aten.to", "aten._to_copy", "aten.split_with_sizes"}
+    one, three = layout_ops(plain([20, 20, 20]), 60), layout_ops(plain([20, 40, 70]), 130)
+    assert [n for n in one if n in copies] == [n for n in three if n in copies]
+    assert sorted(set(three) - copies) == ["aten.view"]
+    assert three.count("aten.view") - one.count("aten.view") == 2 * 3
+    # A store sequence of blocks of 4 (its queries see different keys) beside a plain one.
+    mixed = layout_ops([(0, 15, 0, 15, 4, 0), (15, 40, 15, 40, 0, 0)], 55)
+    assert [n for n in mixed if n in copies] == [n for n in one if n in copies]
+
+
 @pytest.mark.parametrize("lengths", [[4, 0], [0, 4], [4, 0, 3], [0]])
 def test_sequences_without_tokens_anywhere_in_the_pass(lengths) -> None:
     """A sequence of no tokens, even the pass's last (whose padding keys would start past the

@@ -102,7 +102,7 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, recheck, monke
     members, fills, outside = [], [], []
     real_bind = batched_module.BatchedStep.bind
 
-    def counting(self, rows, stats, more, read_only=None, logits=None):
+    def counting(self, rows, rows_d, stats, more, read_only=None, logits=None):
         members.append(len(self.reqs))
 
         def counted_more(flat_rows):
@@ -113,7 +113,7 @@ def test_greedy_batch_equals_per_request_step(logit_scale, dtype, recheck, monke
             outside.append(len(reqs))
             return read_only(reqs, positions)
 
-        return real_bind(self, rows, stats, counted_more, counted_read_only, logits)
+        return real_bind(self, rows, rows_d, stats, counted_more, counted_read_only, logits)
 
     monkeypatch.setattr(batched_module.BatchedStep, "bind", counting)
     engines = [Engine(loaded, dtype=dtype, max_num_seqs=6) for _ in range(2)]

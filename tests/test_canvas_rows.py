@@ -226,7 +226,7 @@ def test_every_pass_packs_each_request_by_the_layout_rule(llada64) -> None:
 
     def checking(batch, canvas_rows):
         step = real(batch, canvas_rows)
-        ids, positions = step.ids.numpy(), step.positions.numpy()
+        ids, positions = step.ids, step.positions
         keys = []
         for i, req in enumerate(batch):
             pos, cache = _reference_sequence(req)
@@ -297,7 +297,7 @@ def test_every_pass_packs_each_block_causal_request_by_the_layout_rule() -> None
 
     def checking(batch, canvas_rows):
         step = real(batch, canvas_rows)
-        ids, positions = step.ids.numpy(), step.positions.numpy()
+        ids, positions = step.ids, step.positions
         starts = np.cumsum(step.seq_lens) - np.asarray(step.seq_lens)
         stores, queries = [], []
         for i, req in enumerate(batch):

@@ -206,8 +206,8 @@ class BatchedStep:
         seq_index: Sequence[int],
         starts: Sequence[int],
         seq_lens: Sequence[int],
-        ids: torch.Tensor,
-        positions: torch.Tensor,
+        ids: np.ndarray,
+        positions: np.ndarray,
         mask_token_id: int,
         row_offsets: Sequence[int] | None = None,
         uncond_at: np.ndarray | None = None,
@@ -233,13 +233,12 @@ class BatchedStep:
         # A guided request's unconditional copy's first flat token (-1: none).
         self.uncond_at = np.full(len(reqs), -1) if uncond_at is None else uncond_at
         self.num_seqs = len(seq_lens)
-        self.ids = ids
-        self.positions = positions
         self.mask_token_id = mask_token_id
         self.generator = generator  # the shared stream of requests without a seed
         self.logits_dtype = logits_dtype  # the model's: a confidence's dtype unless set
         self.canvas_rows = canvas_rows  # every request's canvas is a row of it
-        self._pass: tuple | None = None  # (rows, stats, more, read_only), once the pass has run
+        # (rows, device rows, stats, more, read_only), once the pass has run
+        self._pass: tuple | None = None
         self._logits: torch.Tensor | None = None
         # A seeded sampled request with Prophet: its generator's state before this step's draw
         # (by index into ``reqs``), restored if it commits (see ``_sampled_commits``).
@@ -314,9 +313,8 @@ class BatchedStep:
         lens = np.asarray(seq_lens)
         seq_of_token = np.arange(self.num_seqs).repeat(lens)
         self.seq_of_token_np = seq_of_token
-        self.seq_of_token = torch.from_numpy(seq_of_token)
-        self.ids_np = ids.numpy()
-        self.positions_np = pos = positions.numpy()
+        self.ids_np = ids
+        self.positions_np = pos = positions
         masked = self.ids_np == mask_token_id
         # Only masks and explicit spans can be in any of the sets below, so they are computed
         # over those tokens alone (a pass's prompts and revealed tokens are most of it).
@@ -343,26 +341,28 @@ class BatchedStep:
 
     def bind(
         self,
-        rows: torch.Tensor,
+        rows: np.ndarray,
+        rows_d: torch.Tensor,
         stats: RowStats,
         more: Callable[[torch.Tensor], torch.Tensor],
         read_only: ReadOnly | None = None,
         logits: torch.Tensor | None = None,
     ) -> None:
         """The pass's results: gathered ``rows`` (sorted flat token indices, including this
-        batch's ``needed``), their ``stats``, ``more(flat_rows)`` for rows not gathered,
-        ``read_only`` for canvas positions a cached step's pass did not hold, and the gathered
-        ``logits`` themselves (a sampled request's commit draws from them)."""
-        self._pass = (rows, stats, more, read_only)
+        batch's ``needed``; ``rows_d``, the same on the logits' device), their ``stats``,
+        ``more(flat_rows)`` for rows not gathered, ``read_only`` for canvas positions a cached
+        step's pass did not hold, and the gathered ``logits`` themselves (a sampled request's
+        commit draws from them)."""
+        self._pass = (rows, rows_d, stats, more, read_only)
         self._logits = logits
 
     def advance(self) -> None:
         """Step every request. A failure while planning (before any request changes, though
         random remasking has drawn) finishes every member with an error; a failure while one
         request's step is applied finishes only that one."""
-        rows, stats, more, read_only = self._pass
+        rows, rows_d, stats, more, read_only = self._pass
         try:
-            plan = self._plan(rows, stats, more, read_only)
+            plan = self._plan(rows, rows_d, stats, more, read_only)
         except Exception as err:  # not attributable to one request
             for req in self.reqs:
                 req.finish("error", f"decoding failed: {err!r}")
@@ -455,7 +455,8 @@ class BatchedStep:
     # -- planning: tensors only; no request changes except random remasking's draws --------
     def _plan(
         self,
-        rows: torch.Tensor,
+        rows: np.ndarray,
+        rows_d: torch.Tensor,
         stats: RowStats,
         more: Callable[[torch.Tensor], torch.Tensor],
         read_only: ReadOnly | None,
@@ -470,8 +471,7 @@ class BatchedStep:
         The reveal is computed for every request, also those whose gap will commit them
         (they discard it): so nothing waits for the gaps to reach the host first.
         """
-        seq_of_row = self.seq_of_token[rows]
-        gap = self._gaps(seq_of_row, rows, stats)
+        gap = self._gaps(rows, stats)
         # LLaDA's block schedule follows from the masks its block holds at its first step
         # (Dream's counts come from its grid; the threshold rules have none).
         at_start = self.block_masks_at_start_np.copy()
@@ -479,7 +479,7 @@ class BatchedStep:
         if starting.any():
             counts = np.bincount(self.seq_of_token_np[self.in_block_np], minlength=self.num_seqs)
             at_start[starting] = counts[self.seq_index_np[starting]]
-        ranking = self._reveal(rows, stats, at_start)
+        ranking = self._reveal(rows, rows_d, stats, at_start)
         origin = self.is_origin.nonzero()[0]  # (ndarray.nonzero: no Python call a step)
         if origin.size:
             transfer = self._origin_transfers(origin[~self.seeded[origin]], rows)
@@ -505,11 +505,10 @@ class BatchedStep:
             tied = ranking.can_tie & (kth == nxt) & (kth > -np.inf)
             tied &= ~ranking.threshold_rule | ~any_above
         gaps, commits = self._decide(gap, host[2 * n_rows + n_cut :], stats)
-        rows_np = rows.numpy()
         x0 = np.zeros(len(self.ids_np), dtype=np.int64)
-        x0[rows_np] = argmax
+        x0[rows] = argmax
         chosen = np.zeros(len(self.ids_np), dtype=bool)
-        chosen[rows_np[chosen_rows]] = True
+        chosen[rows[chosen_rows]] = True
         if ranking.draws_own is not None and ranking.draws_own.size:
             tied[ranking.draws_own] = False  # not ranked: drawn
             self._draw_reveals(ranking, chosen)
@@ -520,12 +519,12 @@ class BatchedStep:
         failed: dict[int, str] = {}
         if origin.size:
             own = origin[self.seeded[origin] & ~commits[origin]]
-            failed = self._origin_own(own.tolist(), rows_np, x0, chosen)
+            failed = self._origin_own(own.tolist(), rows, x0, chosen)
         new_ids = self.ids_np.copy()
         new_ids[chosen] = x0[chosen]
         plan = _Plan(new_ids, x0, chosen, gaps, commits, at_start, {}, failed=failed)
         self._fill_commits(plan, more, read_only)
-        self._sampled_commits(plan, rows_np, more)
+        self._sampled_commits(plan, rows, more)
         return plan
 
     def _sampled_commits(
@@ -713,7 +712,7 @@ class BatchedStep:
                     continue
                 plan.outside[j] = (pos, logits.argmax(dim=-1).cpu().numpy())
 
-    def _gaps(self, seq_of_row: torch.Tensor, rows: torch.Tensor, stats: RowStats) -> _Gaps | None:
+    def _gaps(self, rows: np.ndarray, stats: RowStats) -> _Gaps | None:
         """Prophet's statistic of every request with a policy, on the device, in a fixed
         number of ops: each request's region rows are a segment of the pass's gathered rows;
         one ``index_add_`` sums every segment in float64, row by row in order (the value a
@@ -727,8 +726,8 @@ class BatchedStep:
         members_np = holders[np.argsort(self.seq_index_np[holders], kind="stable")]
         members = members_np.tolist()
         member_of_seq[self.seq_index_np[members_np]] = np.arange(len(members))
-        segment_of_row = member_of_seq[seq_of_row.numpy()]
-        region_rows = (self.region_np[rows.numpy()] & (segment_of_row >= 0)).nonzero()[0]
+        segment_of_row = member_of_seq[self.seq_of_token_np[rows]]
+        region_rows = (self.region_np[rows] & (segment_of_row >= 0)).nonzero()[0]
         segment = segment_of_row[region_rows]
         counts = np.bincount(segment, minlength=len(members))
         if not counts.any():
@@ -762,7 +761,8 @@ class BatchedStep:
 
     def _reveal(
         self,
-        rows: torch.Tensor,
+        rows: np.ndarray,
+        rows_d: torch.Tensor,
         stats: RowStats,
         block_masks_at_start: np.ndarray,
     ) -> _Ranking:
@@ -776,10 +776,9 @@ class BatchedStep:
         ties are flagged, to be ranked again alone (:meth:`_rank_alone`).
         """
         device = stats.prob.device
-        total = len(self.ids)
-        rows_np = rows.numpy()
-        in_window_np = self.window_np[rows_np]
-        counts = np.bincount(self.seq_of_token_np[rows_np[in_window_np]], minlength=self.num_seqs)
+        total = len(self.ids_np)
+        in_window_np = self.window_np[rows]
+        counts = np.bincount(self.seq_of_token_np[rows[in_window_np]], minlength=self.num_seqs)
         sizes = counts[self.seq_index]
         # Fast-dLLM's Dream refresh reveals its window (the block's first position) whole; the
         # other threshold rules reveal one best row and those above their threshold.
@@ -817,7 +816,7 @@ class BatchedStep:
             wide = torch.float64
         prob_flat = stats.prob.new_full((total + 1,), float("-inf"), dtype=wide)
         window_d = torch.from_numpy(window_rows).to(device)
-        prob_flat[torch.from_numpy(rows_np[window_rows]).to(device)] = stats.prob[window_d].to(wide)
+        prob_flat[torch.from_numpy(rows[window_rows]).to(device)] = stats.prob[window_d].to(wide)
         row_start_np = self.starts_np[members_np] + self.row_offsets_np[members_np]
         row_len_np = self.row_lens_np[members_np]
         row_start, row_len = row_start_np.tolist(), row_len_np.tolist()
@@ -838,9 +837,9 @@ class BatchedStep:
             random_rows, random_scores = draws
             window_flat = np.zeros(total + 1, dtype=bool)
             window_flat[:total] = self.window_np
-            outside = torch.from_numpy(~window_flat[index[random_rows.numpy()]]).to(device)
+            outside = torch.from_numpy(~window_flat[index[random_rows]]).to(device)
             random_scores = random_scores.to(device, scores.dtype).masked_fill(outside, -torch.inf)
-            scores[random_rows.to(device)] = random_scores
+            scores[torch.from_numpy(random_rows).to(device)] = random_scores
         if shared.size:  # drawn without replacement as top-k of Gumbel-perturbed scores
             temps = torch.from_numpy(self.alg_temps[members_np[shared]]).to(device)
             at = torch.from_numpy(shared).to(device)
@@ -875,7 +874,7 @@ class BatchedStep:
             at[:, 0], at[:, 1] = ks - 1, np.minimum(ks, k_top - 1)
             cut = values.gather(1, torch.from_numpy(at).to(device))
             any_above = above.any(dim=1)
-        chosen = chosen_flat[rows.to(device)]
+        chosen = chosen_flat[rows_d]
         can_tie = ks < k_top
         ks = ks.tolist()
         own = (sampling & self.seeded[members_np]).nonzero()[0]
@@ -899,16 +898,19 @@ class BatchedStep:
         """Rank the requests whose cut tied over their own row, as the references do: the
         ``topk`` of ``k`` (threshold: of the window's size) over a row of the step's length,
         on the host (only these rows' scores cross). ``chosen`` is the host flat choice."""
-        scores = ranking.scores[torch.tensor(tied, device=ranking.scores.device)].cpu()
+        scores = ranking.scores[torch.tensor(tied, device=ranking.scores.device)].cpu().numpy()
         # Every tied request's whole row, as the reference ranks it: -inf outside the ranked
         # extent (one scatter for all; columns past a row's end go to a spare last column).
         lengths = np.asarray([ranking.row_len[i] for i in tied])
         cols = np.asarray([ranking.offset[i] for i in tied])[:, None] + np.arange(scores.shape[1])
         cols = np.where(cols < lengths[:, None], cols, lengths.max())
-        rows = scores.new_full((len(tied), int(lengths.max()) + 1), float("-inf"))
-        rows.scatter_(1, torch.from_numpy(cols), scores)
-        # Host tensors from here: each request's picks are gathered and read once for all.
-        finite = np.isfinite(rows.numpy())
+        rows_np = np.full((len(tied), int(lengths.max()) + 1), -np.inf, dtype=scores.dtype)
+        np.put_along_axis(rows_np, cols, scores, axis=1)
+        finite = np.isfinite(rows_np)
+        # Host tensors from here (views of host arrays: nothing more crosses), ranked with
+        # ``topk`` as the references rank; the picks are written into ``chosen`` through a
+        # view of it.
+        rows = torch.from_numpy(rows_np)
         picks = []
         for n, (row, i) in enumerate(zip(rows, tied, strict=True)):
             req = self.reqs[ranking.members[i]]
@@ -927,7 +929,7 @@ class BatchedStep:
             else:
                 picked = torch.topk(line, ranking.ks[i]).indices
             picks.append(picked + start)
-        chosen[torch.cat(picks).numpy()] = True
+        torch.from_numpy(chosen)[torch.cat(picks)] = True
 
     def _origin_p(self, members: np.ndarray) -> np.ndarray:
         """Dream's ``origin`` transfer probability of each of ``members`` at this step,
@@ -937,24 +939,23 @@ class BatchedStep:
         t, s = self._timesteps(members, step, steps)
         return np.where(step < steps - 1, np.float32(1) - s / t, np.float32(1))
 
-    def _origin_transfers(self, members: np.ndarray, rows: torch.Tensor) -> torch.Tensor | None:
+    def _origin_transfers(self, members: np.ndarray, rows: np.ndarray) -> torch.Tensor | None:
         """Unseeded ``origin`` requests' transfers, over the gathered rows: each window row of
         theirs with a uniform from one shared draw below its request's probability (Dream's
         rule, from the engine's stream). None without such a request or row."""
         if not members.size:
             return None
-        rows_np = rows.numpy()
         seq_p = np.zeros(self.num_seqs, dtype=np.float32)
         seq_p[self.seq_index_np[members]] = self._origin_p(members)
         theirs = np.zeros(self.num_seqs, dtype=bool)
         theirs[self.seq_index_np[members]] = True
-        at = (self.window_np[rows_np] & theirs[self.seq_of_token_np[rows_np]]).nonzero()[0]
+        at = (self.window_np[rows] & theirs[self.seq_of_token_np[rows]]).nonzero()[0]
         if not at.size:
             return None
         device = self._logits.device
         uniforms = torch.rand(len(at), generator=self.generator, device=device)
-        p = torch.from_numpy(seq_p[self.seq_of_token_np[rows_np[at]]]).to(device)
-        transfer = torch.zeros(len(rows_np), dtype=torch.bool, device=device)
+        p = torch.from_numpy(seq_p[self.seq_of_token_np[rows[at]]]).to(device)
+        transfer = torch.zeros(len(rows), dtype=torch.bool, device=device)
         transfer[torch.from_numpy(at).to(device)] = uniforms < p
         return transfer
 
@@ -1024,9 +1025,10 @@ class BatchedStep:
         offset: np.ndarray,
         longest: int,
         device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[np.ndarray, torch.Tensor] | None:
         """Random remasking's scores over the ranked extents (columns ``offset`` on of each
-        ranking row), ``[random members, longest]`` with the index of each among ``members``.
+        ranking row), ``[random members, longest]`` with the index of each among ``members``
+        (a host array).
         A seeded request draws its own from its generator, as its reference does (so it stays
         exact with it): LLaDA one uniform per ranking row, Dream one per window row, in order;
         the others share one draw from the engine's stream, over the extents alone."""
@@ -1038,7 +1040,7 @@ class BatchedStep:
             shared = torch.rand(
                 (len(random_rows), longest), generator=self.generator, device=device
             )
-            return torch.from_numpy(random_rows), shared
+            return random_rows, shared
         out = torch.empty(len(random_rows), longest)
         unseeded = (~seeded).nonzero()[0].tolist()
         for n in seeded.nonzero()[0].tolist():  # each from its own stream, as alone
@@ -1056,7 +1058,7 @@ class BatchedStep:
             shared = torch.rand((len(unseeded), longest), generator=self.generator, device=device)
             out = out.to(device)
             out[torch.tensor(unseeded, device=device)] = shared
-        return torch.from_numpy(random_rows), out
+        return random_rows, out
 
     def _counts(self, sizes: np.ndarray, block_masks_at_start: np.ndarray) -> np.ndarray:
         """Every request's reveal count this step, as one array: LLaDA's block schedule, or

@@ -127,23 +127,30 @@ class RowStats:
         else:
             prob = logits.new_zeros(len(logits))
             if len(default_rows):
-                rows = logits[default_rows]
-                prob[default_rows] = _greedy_prob(rows, argmax[default_rows], logits.dtype, ())
+                rows, best_of = _taken((logits, argmax), default_rows)
+                prob.index_copy_(0, default_rows, _greedy_prob(rows, best_of, logits.dtype, ()))
         if wide:
             prob = prob.double()
         for v in variants:
-            probs = confidence_probs(logits[v.rows], v.dtype, v.suppressed)
-            prob[v.rows] = confidence(probs, argmax[v.rows], v.rule).to(prob.dtype)
+            rows, best_of = _taken((logits, argmax), v.rows)
+            probs = confidence_probs(rows, v.dtype, v.suppressed)
+            prob.index_copy_(0, v.rows, confidence(probs, best_of, v.rule).to(prob.dtype))
         if gap_rows is None:
             gap = top2_gap(logits, argmax, best)
         else:
             gap = logits.new_full((len(logits),), float("nan"))
             if len(gap_rows):
-                gap[gap_rows] = top2_gap(logits[gap_rows], argmax[gap_rows], best[gap_rows])
+                gap.index_copy_(0, gap_rows, top2_gap(*_taken((logits, argmax, best), gap_rows)))
         return cls(argmax, prob, gap)
 
     def take(self, rows: torch.Tensor | slice) -> RowStats:
         return RowStats(self.argmax[rows], self.prob[rows], self.gap[rows])
+
+
+def _taken(tensors: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows ``rows`` (indices) of each of ``tensors``: ``index_select``, which copies whole
+    rows (on a CPU, 3-4x faster than indexing for ``[rows, vocab]`` logits; the same values)."""
+    return tuple(t.index_select(0, rows) for t in tensors)
 
 
 def _greedy_prob(

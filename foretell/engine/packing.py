@@ -30,11 +30,11 @@ CURSOR = 5
 
 @dataclass
 class StepInput:
-    """The packed pass. Host tensors (built from host arrays: no tensor op per request), and
-    their device copies once :meth:`to` has run."""
+    """The packed pass. Host arrays (the decoders read them as they are: no tensor op), and
+    the device copies of what the model reads once :meth:`to` has run."""
 
-    ids: torch.Tensor  # [tokens] the pass's token ids
-    positions: torch.Tensor  # [tokens] each token's canvas position (rotary angles)
+    ids: np.ndarray  # [tokens] the pass's token ids
+    positions: np.ndarray  # [tokens] each token's canvas position (rotary angles)
     seq_lens: list[int]  # packed sequences' lengths (a cfg request has two)
     caches: PoolUses | None  # every packed sequence's KV pool use (None: no sequence's)
     # Where each request's recomputed rows begin in its packed sequence: after a cached step's
@@ -78,7 +78,7 @@ class StepInput:
                 lens = np.asarray(self.seq_lens, dtype=np.int64)
                 self._in_seq = torch.from_numpy(concat_ranges(np.zeros_like(lens), lens))
             else:
-                self._in_seq = self.positions
+                self._in_seq = torch.from_numpy(self.positions)
         return self._in_seq
 
     def offsets(self, i: int) -> tuple[int, int | None]:
@@ -91,14 +91,14 @@ class StepInput:
         if not self.cached_step[i]:
             return None
         at = int(self.cond_at[i])
-        return self.positions.numpy()[at : at + int(self.lengths[i])]
+        return self.positions[at : at + int(self.lengths[i])]
 
     def to(self, device: torch.device, in_seq: bool = True) -> StepInput:
         """Copy what the model reads to ``device``, once (``in_seq``: and the rows within
         their sequences)."""
         if self.ids_d is None:
-            self.ids_d = self.ids.to(device)
-            self.positions_d = self.positions.to(device)
+            self.ids_d = torch.from_numpy(self.ids).to(device)
+            self.positions_d = torch.from_numpy(self.positions).to(device)
         if in_seq and self.in_seq_d is None:
             self.in_seq_d = self.in_seq.to(device)
         return self
@@ -224,8 +224,8 @@ class Packer:
                 seq_use = np.concatenate([stores, seq_use], axis=1)
             caches = PoolUses(canvas_rows.slots, *seq_use)
         return StepInput(
-            ids=torch.from_numpy(ids),
-            positions=torch.from_numpy(positions),
+            ids=ids,
+            positions=positions,
             seq_lens=all_lens.tolist(),
             caches=caches,
             row_offsets=write_row,

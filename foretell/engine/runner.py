@@ -350,7 +350,6 @@ class ModelRunner:
             needed_t[self._rows(wanted[i], offsets(i), spans.get(i))] = True
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
         rows_np = needed.nonzero()[0]
-        rows = torch.from_numpy(rows_np)
 
         start = time.perf_counter()
         # Only a model with shifted logits (Dream) reads each row's place in its sequence.
@@ -360,7 +359,8 @@ class ModelRunner:
         hidden = self._forward(step.ids_d, step.positions_d, seq_lens, step.pool_uses)
         # The gathered logits stay on the model's device, and so does everything computed from
         # them; decoding brings only token ids, counts and gaps to the host.
-        gathered = self.model.logits_at(hidden, in_seq_d, rows.to(self.device))
+        rows_d = torch.from_numpy(rows_np).to(self.device)
+        gathered = self.model.logits_at(hidden, in_seq_d, rows_d)
         self.forward_seconds += time.perf_counter() - start
         self.forward_passes += 1
         first_row = self._first_rows(rows_np, seq_lens)
@@ -386,8 +386,8 @@ class ModelRunner:
             scored[guided] = True
             # The rows anything reads a score or a gap of: the batched step's window rows
             # (scores) and Prophet's region rows (gaps); every row of a per-request one.
-            reads_score = np.zeros(len(rows), dtype=bool)
-            reads_gap = np.zeros(len(rows), dtype=bool)
+            reads_score = np.zeros(len(rows_np), dtype=bool)
+            reads_gap = np.zeros(len(rows_np), dtype=bool)
             if greedy is not None:
                 reads_score[:] = greedy.window_np[rows_np]
                 reads_gap[:] = greedy.region_np[rows_np]
@@ -449,8 +449,10 @@ class ModelRunner:
             drawn = group_np[(geo[group_np, _FILTERS] > 0) & ~own].tolist()
             bounds = (row_lo, own_hi)
             columns = (geo[:, _SCORE_KIND], step.values)
-            self._sampled_rows(batch, group, drawn, greedy, rows, gathered, stats, bounds, columns)
-            greedy.bind(rows, stats, more_flat, read_only, gathered)
+            self._sampled_rows(
+                batch, group, drawn, greedy, rows_np, gathered, stats, bounds, columns
+            )
+            greedy.bind(rows_np, rows_d, stats, more_flat, read_only, gathered)
         out.batched = greedy
         if blocks:
             row_bounds = (row_lo, row_hi)
@@ -600,7 +602,7 @@ class ModelRunner:
         group: list[int],
         members: list[int],
         greedy: BatchedStep,
-        rows: torch.Tensor,
+        rows: np.ndarray,
         gathered: torch.Tensor,
         stats: RowStats,
         bounds: tuple[np.ndarray, np.ndarray],
@@ -623,7 +625,7 @@ class ModelRunner:
         if not members:
             return
         own = concat_ranges(bounds[0][members], bounds[1][members])
-        keep = greedy.window_np[rows.numpy()[own]]
+        keep = greedy.window_np[rows[own]]
         member_of_row = np.repeat(np.arange(len(members)), bounds[1][members] - bounds[0][members])
         window_rows = own[keep]
         sizes = np.bincount(member_of_row[keep], minlength=len(members))

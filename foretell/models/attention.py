@@ -447,7 +447,12 @@ def _bucket_groups(
         return last[1]
     shape = _buckets(specs[:, 1]) * (1 << 32) + _buckets(specs[:, 3])
     _, first, which = np.unique(shape, return_index=True, return_inverse=True)
-    groups = []
+    # Every group's indices (and block-causal masks' block numbers) go to the device in one
+    # copy, every additive mask in another, each split into the groups' views there: a
+    # constant number of host-to-device copies per pass, however many groups.
+    ints: list[np.ndarray] = []
+    floats: list[np.ndarray] = []
+    layouts = []
     for pair in np.argsort(first, kind="stable").tolist():
         table = specs[which.reshape(-1) == pair]
         qb, kb = _bucket(int(table[0, 1])), _bucket(int(table[0, 3]))
@@ -458,54 +463,66 @@ def _bucket_groups(
         pad = np.minimum(table[:, 2:3], max(rows_k - 1, 0))
         k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, pad)
         real = k_col < table[:, 3:4]
-        mask = _bucket_mask(table, real, q_col, device, dtype)
-        q_index_d = torch.from_numpy(q_index).to(device)
-        groups.append(
-            _BucketGroup(
-                len(table),
-                qb,
-                kb,
-                q_index_d,
-                q_index_d.view(-1),
-                torch.from_numpy(k_index).to(device),
-                mask,
-            )
+        mask = _bucket_mask(table, real, q_col)
+        ints += [q_index, k_index]
+        if isinstance(mask, tuple):  # a block-causal member's queries see different keys
+            ints += list(mask)
+        else:
+            floats.append(mask)
+        layouts.append((len(table), qb, kb, isinstance(mask, tuple)))
+    int_pieces = iter(_uploaded(ints, device, torch.int64))
+    float_pieces = iter(_uploaded(floats, device, dtype))
+    groups = []
+    for count, qb, kb, per_query in layouts:
+        q_flat, k_flat = next(int_pieces), next(int_pieces)
+        if per_query:  # [1, count, q_len, k_len]: each key's block against each query's
+            keys, queries = next(int_pieces).view(count, kb), next(int_pieces).view(count, qb)
+            seen = (keys[:, None, :] <= queries[:, :, None])[None]
+            full = torch.full(seen.shape, -torch.inf, dtype=dtype, device=device)
+            mask = full.masked_fill_(seen, 0.0)
+        else:  # [1, count, 1, k_len]: the real keys
+            mask = next(float_pieces).view(1, count, 1, kb)
+        group = _BucketGroup(
+            count, qb, kb, q_flat.view(count, qb), q_flat, k_flat.view(count, kb), mask
         )
+        groups.append(group)
     _last_layout[0] = (key, groups)
     return groups
 
 
+def _uploaded(arrays: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> tuple:
+    """``arrays`` on ``device`` in ``dtype``, flattened: one copy for all, split there into
+    one view each."""
+    if not arrays:
+        return ()
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    return torch.from_numpy(flat).to(device, dtype).split([a.size for a in arrays])
+
+
 def _bucket_mask(
-    table: np.ndarray,
-    real: np.ndarray,
-    q_col: np.ndarray,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+    table: np.ndarray, real: np.ndarray, q_col: np.ndarray
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The additive mask of one bucket group (``table``: its members' specs; ``real``:
-    ``[count, k_len]`` which padded keys are real), on ``device`` in ``dtype``: 0 where a key
-    is seen, -inf where not. ``[1, count, 1, k_len]``, the real keys, the same for every
-    query, unless a block-causal member's queries see different keys (:func:`_block_mask`: a
-    key is seen when its block is not after the query's); then ``[1, count, q_len, k_len]``,
-    one comparison on the device of each key's block with each query's (small host arrays:
-    a padding key's block is past every query's, a member without blocks sees every key, and
-    a padding query sees what its sequence's last one sees, so no row is all masked)."""
+    ``[count, k_len]`` which padded keys are real), as host arrays: 0 where a key is seen,
+    -inf where not. ``[count, k_len]``, the real keys, the same for every query, unless a
+    block-causal member's queries see different keys (:func:`_block_mask`: a key is seen
+    when its block is not after the query's); then each key's block ``[count, k_len]`` and
+    each query's ``[count, q_len]``, compared on the device into ``[1, count, q_len, k_len]``
+    (small host arrays: a padding key's block is past every query's, a member without blocks
+    sees every key, and a padding query sees what its sequence's last one sees, so no row is
+    all masked)."""
     block, first_query = table[:, 4], table[:, 5]
     size = np.maximum(block, 1)
     # A member's queries all see every real key when its first query's block is not before
     # its last key's (the common step: a block's queries over the blocks before it).
     differs = (block > 0) & (first_query // size < (table[:, 3] - 1) // size)
-    if not differs.any():  # built on the host: one copy to the device
-        additive = np.where(real, 0.0, -np.inf)[None, :, None, :]
-        return torch.from_numpy(additive).to(device, dtype)
+    if not differs.any():
+        return np.where(real, 0.0, -np.inf)
     past = np.iinfo(np.int64).max
     key_block = np.where(real, np.arange(real.shape[1]) // size[:, None], past)
     query_pos = table[:, 5:6] + np.minimum(q_col, table[:, 1:2] - 1)  # [count, q_len]
     query_block = np.where(block[:, None] > 0, query_pos // size[:, None], past - 1)
-    keys = torch.from_numpy(key_block).to(device)
-    queries = torch.from_numpy(query_block).to(device)
-    seen = (keys[:, None, :] <= queries[:, :, None])[None]
-    return torch.full(seen.shape, -torch.inf, dtype=dtype, device=device).masked_fill_(seen, 0.0)
+    return key_block, query_block
 
 
 def _bucketed(
