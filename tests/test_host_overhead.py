@@ -147,10 +147,10 @@ def test_ops_and_reads_per_step_do_not_grow_with_the_batch(bench, micro) -> None
     )
     assert ops <= bench.OPS_GROWTH_GOAL and reads <= bench.OPS_GROWTH_GOAL, detail
     # What the step reads is its pass's one transfer (``.cpu()``, then ``.numpy()`` of the
-    # host copy): the arrays it builds on the host stay arrays, never wrapped in a tensor and
-    # read back (before, seven such reads a step: ids, positions, gathered rows, ...).
+    # host copy), and rarely an event's: the arrays it builds on the host stay arrays, never
+    # wrapped in a tensor and read back (before, seven such reads a step: ids, positions,
+    # gathered rows, ...).
     for run in (small, large):
-        assert run.reads_by_kind["cpu"] == run.reads_by_kind["numpy"] == run.steps, detail
         assert run.reads_per_step <= 2.1, (run.reads_by_kind, detail)
 
 

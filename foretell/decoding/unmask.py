@@ -82,7 +82,7 @@ class ProbVariant:
     the model's dtype, nothing suppressed): another softmax dtype, suppressed columns, or
     another rule's score (``margin``, ``entropy``: see :func:`confidence`)."""
 
-    rows: torch.Tensor  # indices into the gathered rows, on their device
+    rows: torch.Tensor  # indices into the gathered rows (unique, int64), on their device
     dtype: torch.dtype
     suppressed: tuple[int, ...] = ()
     rule: str = "low_confidence"
@@ -114,10 +114,11 @@ class RowStats:
     ) -> RowStats:
         """``prob`` is in the logits' dtype (the default confidence), or in float64 when a
         variant asks for it (the other rows' values are then exactly those of their dtype).
-        ``default_rows``: when given, the only rows that take the default confidence (the
-        others are a variant's or read no score: 0), so the default softmax runs over those
-        rows alone; a softmax is row by row, so their values are the same. ``gap_rows``: when
-        given, the only rows whose gap anything reads (the others: NaN), for the same reason.
+        ``default_rows``: when given (unique int64 indices), the only rows that take the
+        default confidence (the others are a variant's or read no score: 0), so the default
+        softmax runs over those rows alone; a softmax is row by row, so their values are the
+        same. ``gap_rows``: when given (likewise), the only rows whose gap anything reads (the
+        others: NaN), for the same reason.
         A pass gathers many rows that only a commit's fill reads (their argmax): Prophet's
         region outside a request's block."""
         best, argmax = logits.max(dim=-1)  # the first maximal index, as ``argmax``

@@ -492,7 +492,9 @@ def _bucket_groups(
 
 def _uploaded(arrays: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> tuple:
     """``arrays`` on ``device`` in ``dtype``, flattened: one copy for all, split there into
-    one view each."""
+    one view each. Each of the layout's pieces is a number of rows of a bucket's length (a
+    multiple of 16), so every view starts 16-element aligned, as CUDA's memory-efficient
+    attention wants of its mask."""
     if not arrays:
         return ()
     flat = np.concatenate([a.reshape(-1) for a in arrays])
