@@ -256,6 +256,12 @@ def test_block_causal_calls_do_not_grow_with_the_batch(sdar) -> None:
     assert counts["sdpa", 12] > counts["sdpa", 4]
 
 
+def _self_attending(lengths: list[int]) -> list[tuple[int, int, int, int]]:
+    """Bucket specs of packed sequences of ``lengths``, each attending to its own rows."""
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return [(s, n, s, n) for s, n in zip(starts, lengths, strict=True)]
+
+
 def test_each_bucket_group_adds_six_ops_a_layer() -> None:
     """The bucketed call's ops: a constant part (padding the queries, the copy back) and six
     per bucket group (three gathers, the SDPA call with its additive mask made once per pass,
@@ -265,9 +271,7 @@ def test_each_bucket_group_adds_six_ops_a_layer() -> None:
     from foretell.models import attention
 
     def ops(lengths: list[int]) -> int:
-        lens = torch.tensor(lengths)
-        starts = (torch.cumsum(lens, 0) - lens).tolist()
-        specs = [(s, n, s, n) for s, n in zip(starts, lengths, strict=True)]
+        specs = _self_attending(lengths)
         q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
         out = torch.empty_like(q)
         attention._bucketed(q, k, v, out, specs)  # the layout, built once for the pass
@@ -293,12 +297,9 @@ def test_a_pass_layout_goes_to_the_device_in_two_copies() -> None:
             attention._bucket_groups(specs, rows, rows, torch.device("cpu"))
         return counted.names
 
-    def plain(lengths: list[int]) -> list[tuple[int, ...]]:
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        return [(s, n, s, n) for s, n in zip(starts, lengths, strict=True)]
-
     copies = {"aten.lift_fresh", "aten.to", "aten._to_copy", "aten.split_with_sizes"}
-    one, three = layout_ops(plain([20, 20, 20]), 60), layout_ops(plain([20, 40, 70]), 130)
+    one = layout_ops(_self_attending([20, 20, 20]), 60)
+    three = layout_ops(_self_attending([20, 40, 70]), 130)
     assert [n for n in one if n in copies] == [n for n in three if n in copies]
     assert sorted(set(three) - copies) == ["aten.view"]
     assert three.count("aten.view") - one.count("aten.view") == 2 * 3

@@ -816,7 +816,7 @@ class BatchedStep:
             wide = torch.float64
         prob_flat = stats.prob.new_full((total + 1,), float("-inf"), dtype=wide)
         window_d = torch.from_numpy(window_rows).to(device)
-        prob_flat[torch.from_numpy(rows[window_rows]).to(device)] = stats.prob[window_d].to(wide)
+        prob_flat[rows_d[window_d]] = stats.prob[window_d].to(wide)
         row_start_np = self.starts_np[members_np] + self.row_offsets_np[members_np]
         row_len_np = self.row_lens_np[members_np]
         row_start, row_len = row_start_np.tolist(), row_len_np.tolist()

@@ -55,7 +55,6 @@ class StepInput:
     ids_d: torch.Tensor | None = field(default=None, repr=False)
     positions_d: torch.Tensor | None = field(default=None, repr=False)
     in_seq_d: torch.Tensor | None = field(default=None, repr=False)
-    _in_seq: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def total(self) -> int:
@@ -67,19 +66,6 @@ class StepInput:
     def pool_uses(self) -> PoolUses | None:
         """The sequences' KV pool uses, or None when no sequence uses the pool."""
         return self.caches if self.uses_pool else None
-
-    @property
-    def in_seq(self) -> torch.Tensor:
-        """[tokens] each token's row within its own sequence: only a model with shifted logits
-        (Dream) reads it, so it is made when asked. Only a cached step's span differs from its
-        canvas positions."""
-        if self._in_seq is None:
-            if self.cached_step.any():
-                lens = np.asarray(self.seq_lens, dtype=np.int64)
-                self._in_seq = torch.from_numpy(concat_ranges(np.zeros_like(lens), lens))
-            else:
-                self._in_seq = torch.from_numpy(self.positions)
-        return self._in_seq
 
     def offsets(self, i: int) -> tuple[int, int | None]:
         """Request ``i``'s (conditional, cfg copy or None) first flat token."""
@@ -94,13 +80,18 @@ class StepInput:
         return self.positions[at : at + int(self.lengths[i])]
 
     def to(self, device: torch.device, in_seq: bool = True) -> StepInput:
-        """Copy what the model reads to ``device``, once (``in_seq``: and the rows within
-        their sequences)."""
+        """Copy what the model reads to ``device``, once (``in_seq``: and each token's row
+        within its own sequence, which only a model with shifted logits, Dream, reads)."""
         if self.ids_d is None:
             self.ids_d = torch.from_numpy(self.ids).to(device)
             self.positions_d = torch.from_numpy(self.positions).to(device)
         if in_seq and self.in_seq_d is None:
-            self.in_seq_d = self.in_seq.to(device)
+            if self.cached_step.any():  # a cached step's span starts inside its canvas
+                lens = np.asarray(self.seq_lens, dtype=np.int64)
+                rows = concat_ranges(np.zeros_like(lens), lens)
+                self.in_seq_d = torch.from_numpy(rows).to(device)
+            else:  # every sequence is a whole canvas: its rows are its positions
+                self.in_seq_d = self.positions_d
         return self
 
 

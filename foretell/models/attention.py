@@ -464,12 +464,13 @@ def _bucket_groups(
         k_index = np.where(k_col < table[:, 3:4], table[:, 2:3] + k_col, pad)
         real = k_col < table[:, 3:4]
         mask = _bucket_mask(table, real, q_col)
+        per_query = isinstance(mask, tuple)  # a block-causal member's queries see different keys
         ints += [q_index, k_index]
-        if isinstance(mask, tuple):  # a block-causal member's queries see different keys
-            ints += list(mask)
+        if per_query:
+            ints += mask
         else:
             floats.append(mask)
-        layouts.append((len(table), qb, kb, isinstance(mask, tuple)))
+        layouts.append((len(table), qb, kb, per_query))
     int_pieces = iter(_uploaded(ints, device, torch.int64))
     float_pieces = iter(_uploaded(floats, device, dtype))
     groups = []
