@@ -123,18 +123,32 @@ class RequestLogits:
 
 
 @dataclass
+class QueryTally:
+    """Query tokens the model ran for a pass: canvases, cached spans and read-only rows (a
+    commit's read-only rows, asked for while decoding, are added then). The pass's callbacks
+    add to it; they hold this, never the :class:`PassOutput`, which holds them: a reference
+    cycle would keep the pass's hidden states and gathered logits alive until the garbage
+    collector ran, on a GPU device memory the allocator cannot reuse meanwhile."""
+
+    tokens: int = 0
+
+
+@dataclass
 class PassOutput:
     """A forward pass's results: per request for the general path, and the batchable
-    requests as one :class:`BatchedStep`, stepped together."""
+    requests as one :class:`BatchedStep`, stepped together. Freed by reference counting as
+    soon as the step is decoded (nothing it holds refers back to it)."""
 
     per_request: list[tuple[Request, RequestLogits]]
+    tally: QueryTally
     batched: BatchedStep | None = None
-    # Query tokens the model ran for this pass: canvases, cached spans and read-only rows
-    # (a commit's read-only rows, asked for while decoding, are added then).
-    query_tokens: int = 0
     # Block-causal requests: each one's needed positions and their host scores
     # (``foretell.decoding.block_step``).
     blocks: list[tuple[Request, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def query_tokens(self) -> int:
+        return self.tally.tokens
 
 
 # The CPU default of ``forward_chunk_tokens``: on the 2-core machine of docs/benchmarks.md a
@@ -398,7 +412,8 @@ class ModelRunner:
             bounds = (row_lo, own_hi)
             variants, default_rows = self._prob_variants(gathered, variant, bounds, reads_score)
             stats = RowStats.of(gathered, variants, default_rows, _some_rows(reads_gap, gathered))
-        out = PassOutput([], None, total)
+        tally = QueryTally(total)
+        out = PassOutput([], tally)
 
         def more_flat(flat_rows: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -423,7 +438,7 @@ class ModelRunner:
             if not bool(inside.all()):
                 (found,) = self._read_only_many([req], [pos[~inside]])
                 logits[(~inside).to(gathered.device)] = found
-                out.query_tokens += int((~inside).sum())
+                tally.tokens += int((~inside).sum())
             return suppress(logits, req.logits_suppress)
 
         for i in others:
@@ -440,7 +455,7 @@ class ModelRunner:
 
         def read_only(reqs: list[Request], pos: list[torch.Tensor]) -> list[torch.Tensor]:
             found = self._read_only_many(reqs, pos)
-            out.query_tokens += sum(len(p) for p in pos)
+            tally.tokens += sum(len(p) for p in pos)
             return found
 
         if greedy is not None:
