@@ -35,7 +35,10 @@ for each batch size it reports per engine step:
   and the step's host work after it runs with caches the forward has filled with its own
   data; on a GPU it runs on the device. What the replay takes off, against "less model", is
   that interference. Both are reported for the reader; the target is read on the host time
-  as the issue defines it (above).
+  as the issue defines it (above);
+- the cyclic garbage collector's work inside the timed steps (:class:`GcWatch`): collections,
+  their time, and the unreachable objects they found. A step that leaves reference cycles
+  keeps what they hold (on a GPU, device memory) until a collection finds it.
 
 Targets (issue #24): ops and reads per step grow by at most 1.25x from the smallest batch to
 the largest; host time at most 30 us per request-step at the largest batch.
@@ -52,6 +55,7 @@ import argparse
 import contextlib
 import cProfile
 import functools
+import gc
 import random
 import statistics
 import sys
@@ -258,6 +262,36 @@ def profiled_calls(profiler: cProfile.Profile) -> tuple[int, int]:
     return python, builtin
 
 
+class GcWatch:
+    """The cyclic garbage collector's work while ``active``: collections, their time and the
+    unreachable objects they found. A step that leaves reference cycles makes the collector
+    run more often and find its tensors (held until then: on a GPU, device memory)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.collections = 0
+        self.seconds = 0.0
+        self.unreachable = 0
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if not self.active:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        self.collections += 1
+        self.seconds += time.perf_counter() - self._start
+        self.unreachable += info["collected"] + info["uncollectable"]
+
+    def __enter__(self) -> GcWatch:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
 class HostReadCounter(TorchFunctionMode):
     """Counts host reads of tensor values (``HOST_READS``) and cross-device ``Tensor.to`` calls.
 
@@ -439,6 +473,9 @@ class MixRun:
     transfers: int = 0
     finished: int = 0
     python_calls: int = 0  # profiled runs: Python function calls outside the model
+    gc_collections: int = 0  # the garbage collector's, inside measured steps (GcWatch)
+    gc_seconds: float = 0.0
+    gc_unreachable: int = 0
     c_calls: int = 0  # and calls of C functions
     ops_by_name: Counter[str] = field(default_factory=Counter)
     reads_by_kind: Counter[str] = field(default_factory=Counter)
@@ -529,61 +566,68 @@ def _run_mix(
     engine = make_engine(loaded, batch_size, backend)
     stream = mix_stream(loaded, seed, mix)
     run = MixRun(batch_size)
-    live = 0
-    for index in range(warmup_steps + steps):
-        while live < 2 * batch_size:
-            prompt, params = next(stream)
-            engine.add_request(prompt, params)
-            live += 1
-        measured = index >= warmup_steps
-        ops, reads = OpCounter(), HostReadCounter()
-        forward0, steps0, seqs0 = engine_counters(engine)
-        model0 = clock.seconds if clock is not None else 0.0
-        start = time.perf_counter()
-        profiler = None
-        if measured and count:
-            with model_calls_marked(loaded.model, ops), reads, ops:
-                outputs = engine.step()
-        elif measured and profile:
-            profiler = cProfile.Profile()
-            with model_calls_unprofiled(loaded.model, profiler):
-                profiler.enable()
-                try:
+    with GcWatch() as watch:
+        live = 0
+        for index in range(warmup_steps + steps):
+            while live < 2 * batch_size:
+                prompt, params = next(stream)
+                engine.add_request(prompt, params)
+                live += 1
+            measured = index >= warmup_steps
+            ops, reads = OpCounter(), HostReadCounter()
+            forward0, steps0, seqs0 = engine_counters(engine)
+            model0 = clock.seconds if clock is not None else 0.0
+            gc0 = (watch.collections, watch.seconds, watch.unreachable)
+            watch.active = measured
+            start = time.perf_counter()
+            profiler = None
+            if measured and count:
+                with model_calls_marked(loaded.model, ops), reads, ops:
                     outputs = engine.step()
-                finally:
-                    profiler.disable()
-        else:
-            outputs = engine.step()
-        wall = time.perf_counter() - start
-        forward1, steps1, seqs1 = engine_counters(engine)
-        errors = [out for out in outputs if out.finish_reason == "error"]
-        if errors:
-            raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
-        live -= len(outputs)
-        run.outputs += [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
-        run.canvases.append(zlib.crc32(engine.runner.canvas_rows.tokens.tobytes()))
-        if not measured:
-            continue
-        if steps1 - steps0 != 1 or seqs1 - seqs0 != batch_size:
-            run.skipped_steps += 1
-            continue
-        run.steps += 1
-        run.request_steps += seqs1 - seqs0
-        run.wall_s += wall
-        run.forward_s += forward1 - forward0
-        run.model_s += (clock.seconds if clock is not None else 0.0) - model0
-        run.finished += len(outputs)
-        run.ops += ops.count
-        run.ops_outside += ops.outside
-        run.op_seconds_outside += ops.outside_seconds
-        run.reads += reads.reads
-        run.transfers += reads.transfers
-        run.ops_by_name.update(ops.by_op)
-        run.reads_by_kind.update(reads.by_kind)
-        if profiler is not None:
-            python, builtin = profiled_calls(profiler)
-            run.python_calls += python
-            run.c_calls += builtin
+            elif measured and profile:
+                profiler = cProfile.Profile()
+                with model_calls_unprofiled(loaded.model, profiler):
+                    profiler.enable()
+                    try:
+                        outputs = engine.step()
+                    finally:
+                        profiler.disable()
+            else:
+                outputs = engine.step()
+            wall = time.perf_counter() - start
+            watch.active = False
+            forward1, steps1, seqs1 = engine_counters(engine)
+            errors = [out for out in outputs if out.finish_reason == "error"]
+            if errors:
+                raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
+            live -= len(outputs)
+            run.outputs += [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
+            run.canvases.append(zlib.crc32(engine.runner.canvas_rows.tokens.tobytes()))
+            if not measured:
+                continue
+            if steps1 - steps0 != 1 or seqs1 - seqs0 != batch_size:
+                run.skipped_steps += 1
+                continue
+            run.steps += 1
+            run.request_steps += seqs1 - seqs0
+            run.wall_s += wall
+            run.forward_s += forward1 - forward0
+            run.model_s += (clock.seconds if clock is not None else 0.0) - model0
+            run.finished += len(outputs)
+            run.gc_collections += watch.collections - gc0[0]
+            run.gc_seconds += watch.seconds - gc0[1]
+            run.gc_unreachable += watch.unreachable - gc0[2]
+            run.ops += ops.count
+            run.ops_outside += ops.outside
+            run.op_seconds_outside += ops.outside_seconds
+            run.reads += reads.reads
+            run.transfers += reads.transfers
+            run.ops_by_name.update(ops.by_op)
+            run.reads_by_kind.update(reads.by_kind)
+            if profiler is not None:
+                python, builtin = profiled_calls(profiler)
+                run.python_calls += python
+                run.c_calls += builtin
     if run.steps == 0:
         raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
     if run.forward_s <= 0:
@@ -632,6 +676,7 @@ def measure(
     op_seconds = counted.op_seconds_outside - counted.ops_outside * mode_extra * 1e-6
     op_us = 1e6 * max(0.0, op_seconds) / counted.request_steps
     mid = min(timed, key=lambda run: abs(run.host_us_per_request_step - median))
+    timed_steps = sum(run.steps for run in timed)
     return {
         "batch_size": batch_size,
         "measured_steps": counted.steps,
@@ -656,6 +701,10 @@ def measure(
         ),
         "host_us_per_request_step_replayed": statistics.median(replayed_us),
         "host_us_per_request_step_replayed_runs": replayed_us,
+        # The collector's work inside the timed runs' measured steps, all runs together.
+        "gc_collections_per_100_steps": 100 * sum(r.gc_collections for r in timed) / timed_steps,
+        "gc_us_per_step": 1e6 * sum(r.gc_seconds for r in timed) / timed_steps,
+        "gc_unreachable_per_step": sum(r.gc_unreachable for r in timed) / timed_steps,
         "wall_ms_per_step": 1e3 * mid.wall_s / mid.steps,
         "forward_ms_per_step": 1e3 * mid.forward_s / mid.steps,
     }
@@ -779,6 +828,15 @@ def format_report(
     lines.append(
         f"per extra request per step: {slope['python']:.1f} Python calls, "
         f"{slope['c']:.1f} calls of C functions"
+    )
+    lines.append(
+        "garbage collector in the timed steps: "
+        + "; ".join(
+            f"B={r['batch_size']}: {r['gc_collections_per_100_steps']:.1f} collections per 100 "
+            f"steps, {r['gc_us_per_step']:.1f} us a step, {r['gc_unreachable_per_step']:.1f} "
+            "unreachable objects a step"
+            for r in records
+        )
     )
     lines.append(f"one trivial op (a + 1) costs {op_us:.1f} us on this machine now")
     lines.append(f"timing an op inside the counting mode adds {mode_extra:.1f} us (subtracted)")

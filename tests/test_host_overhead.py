@@ -58,6 +58,25 @@ def test_counters_count_ops_reads_and_transfers(bench) -> None:
     assert ops.count >= 4 and ops.by_op["aten.add"] == 1 and ops.by_op["aten.sum"] == 1
 
 
+def test_the_gc_watch_counts_collections_only_while_active(bench) -> None:
+    """The collector's work is counted inside measured steps only, unreachable objects with it."""
+
+    def make_cycle() -> None:
+        a: list = []
+        a.append(a)
+
+    with bench.GcWatch() as watch:
+        make_cycle()
+        gc.collect()  # not active: not counted
+        assert (watch.collections, watch.unreachable) == (0, 0)
+        watch.active = True
+        make_cycle()
+        gc.collect()
+        watch.active = False
+    assert watch.collections == 1 and watch.unreachable >= 1 and watch.seconds > 0
+    assert watch not in gc.callbacks
+
+
 def test_mix_is_seeded_and_valid(bench, micro) -> None:
     """Two streams from one seed give the same requests; the mix covers what the issue lists."""
     a, b = bench.mix_stream(micro, seed=3), bench.mix_stream(micro, seed=3)
