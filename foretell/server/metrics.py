@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,7 +15,8 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 
 def render_metrics(stats: dict[str, Any], connections: ConnectionStats | None = None) -> str:
     """Prometheus text exposition (version 0.0.4) of ``AsyncEngine.stats()``, the process's
-    torch threads and, under ``run_server``, what the connection guard did."""
+    torch threads and garbage collector (a full collection stalls every request in flight)
+    and, under ``run_server``, what the connection guard did."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
@@ -93,6 +95,18 @@ def render_metrics(stats: dict[str, Any], connections: ConnectionStats | None = 
         "gauge",
         "torch intra-op threads of the serving process (--threads).",
         [("", torch.get_num_threads())],
+    )
+    metric(
+        "gc_collections_total",
+        "counter",
+        "Garbage collections of the serving process, by generation (2: full).",
+        [(f'{{generation="{g}"}}', st["collections"]) for g, st in enumerate(gc.get_stats())],
+    )
+    metric(
+        "gc_frozen_objects",
+        "gauge",
+        "Objects the garbage collector skips: those alive once run_server had loaded.",
+        [("", gc.get_freeze_count())],
     )
     if connections is not None:
         metric("connections_open", "gauge", "Open client connections.", [("", connections.open)])
