@@ -378,11 +378,11 @@ def _quiet_logs() -> None:
 def freeze_startup_heap() -> int:
     """Take every object alive once the server has loaded (its libraries, the model, the
     tokenizer: 358k objects with the shipped model) out of the garbage collector's reach, as
-    vLLM's engine process does: a full collection would otherwise walk them all (161 ms with
-    the shipped model on the 2-core machine of docs/benchmarks.md), a stall for every request
-    in flight. The server owns its process; a library call (``Engine``, ``AsyncEngine``) must
-    not change its caller's collector, so only :func:`run_server` does this. Returns the
-    number of objects frozen."""
+    vLLM's engine process does: a full collection would otherwise walk them all (171 ms with
+    the shipped model on the 2-core machine of docs/benchmarks.md: ``benchmarks/gc_pause.py``),
+    a stall for every request in flight. The server owns its process; a library call
+    (``Engine``, ``AsyncEngine``) must not change its caller's collector, so only
+    :func:`run_server` does this. Returns the number of objects frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
