@@ -1,7 +1,8 @@
 """``foretell serve`` as a process (issue 26): ``--threads`` reaches the serving process, SIGTERM
 drains and exits 0, ``--shutdown-grace 0`` aborts at once, and a flood of half-open connections
 past the open-file limit leaves the server answering (a reduced form of the full-size
-measurement in docs/serving.md). Loopback only; every loop bounded."""
+measurement in docs/serving.md), and the server's startup heap is frozen while it serves and
+given back when ``run_server`` returns. Loopback only; every loop bounded."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import contextlib
 import itertools
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from server_process import foretell_serve, half_open_flood, metrics
+from server_process import foretell_serve, free_port, half_open_flood, metrics
 
 BODY = {"model": "tiny", "prompt": "12+34=", "max_tokens": 32, "block_length": 8}
 
@@ -83,3 +86,41 @@ def test_half_open_flood_past_the_file_limit_leaves_the_server_answering(tiny_ch
     assert values['foretell_connections_closed_total{reason="evicted"}'] >= 200
     assert values["foretell_connections_open"] <= 100
     assert "Traceback" not in log, log
+
+
+RUN_SERVER_THEN_REPORT = """
+import gc, os, signal, socket, sys, threading, time
+from foretell.server.app import run_server
+
+port = int(sys.argv[2])
+served = []
+
+def interrupt_once_serving():
+    for _ in range(600):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                served.append(gc.get_freeze_count())
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+        time.sleep(0.1)
+
+threading.Thread(target=interrupt_once_serving, daemon=True).start()
+run_server(sys.argv[1], port=port, threads=1, log_level="warning")
+print(served[0], gc.get_freeze_count())
+"""
+
+
+def test_run_server_freezes_its_heap_while_serving_and_gives_it_back(tiny_checkpoint) -> None:
+    """Called from Python, ``run_server`` serves with its startup heap frozen, and returns the
+    caller's collector as it was: the app, engine and model it leaves behind are then garbage
+    that a frozen heap would never free."""
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_SERVER_THEN_REPORT, str(tiny_checkpoint), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    frozen_while_serving, frozen_after = map(int, done.stdout.split()[-2:])
+    assert frozen_while_serving > 10_000
+    assert frozen_after == 0

@@ -380,9 +380,9 @@ def freeze_startup_heap() -> int:
     tokenizer: 358k objects with the shipped model) out of the garbage collector's reach, as
     vLLM's engine process does: a full collection would otherwise walk them all (171 ms with
     the shipped model on the 2-core machine of docs/benchmarks.md: ``benchmarks/gc_pause.py``),
-    a stall for every request in flight. The server owns its process; a library call
-    (``Engine``, ``AsyncEngine``) must not change its caller's collector, so only
-    :func:`run_server` does this. Returns the number of objects frozen."""
+    a stall for every request in flight. A library call (``Engine``, ``AsyncEngine``) must
+    not change its caller's collector, so only :func:`run_server` does this, while it serves.
+    Returns the number of objects frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
@@ -493,5 +493,13 @@ def run_server(
             finally:
                 watcher.cancel()
 
-    freeze_startup_heap()  # loaded: what is alive now lives as long as the server
-    asyncio.run(serve())
+    # Loaded: what is alive now lives as long as the server. A caller that goes on after
+    # run_server returns gets its collector back as it was (the app, the engine and the model
+    # then become garbage that a frozen heap would never free).
+    froze = gc.get_freeze_count() == 0
+    freeze_startup_heap()
+    try:
+        asyncio.run(serve())
+    finally:
+        if froze:
+            gc.unfreeze()

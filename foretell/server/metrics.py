@@ -105,7 +105,7 @@ def render_metrics(stats: dict[str, Any], connections: ConnectionStats | None = 
     metric(
         "gc_frozen_objects",
         "gauge",
-        "Objects the garbage collector skips: those alive once run_server had loaded.",
+        "Objects frozen out of garbage collection: run_server freezes its startup heap.",
         [("", gc.get_freeze_count())],
     )
     if connections is not None:
