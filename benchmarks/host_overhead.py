@@ -203,6 +203,9 @@ class ForwardTape(ModelClock):
 
     outputs: list[torch.Tensor] = field(default_factory=list)
     played: int = 0
+    # Work to run after each replayed forward pass, on the model's clock: what running it in
+    # the forward's place does to the host work after (benchmarks/forward_interference.py).
+    after_forward: Callable[[], object] | None = None
 
 
 def taped_model_calls(
@@ -224,7 +227,10 @@ def taped_model_calls(
             if tape.played == len(tape.outputs):
                 raise RuntimeError("the replayed run calls the model more often than recorded")
             tape.played += 1
-            return tape.outputs[tape.played - 1].clone()
+            out = tape.outputs[tape.played - 1].clone()
+            if tape.after_forward is not None and method.__name__ == "forward_packed":
+                tape.after_forward()
+            return out
 
         return _clocked(call, tape)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import gc
+import time
 
 import pytest
 import torch
@@ -271,3 +272,31 @@ def test_a_step_leaves_no_reference_cycles(bench, mix: str) -> None:
             gc.enable()
     assert finished > 0
     assert unreachable == 0
+
+
+def test_work_after_a_replayed_forward_runs_on_the_models_clock(bench, micro) -> None:
+    """``ForwardTape.after_forward`` (benchmarks/forward_interference.py) runs after each
+    replayed forward pass, its time on the model's clock, and the replay still gives the
+    recording back."""
+    kw = {"warmup_steps": 2, "steps": 3, "count": False, "backend": "sdpa_buckets"}
+    tape = bench.ForwardTape()
+    recorded = bench.run_mix(micro, SMALL, tape=tape, **kw)
+    calls = []
+
+    def after() -> None:
+        calls.append(time.perf_counter())
+        time.sleep(0.002)
+
+    tape.after_forward = after
+    run = bench.run_mix(micro, SMALL, tape=tape, replay=True, **kw)
+    assert len(calls) >= 5  # a forward pass each step at least
+    assert run.outputs == recorded.outputs and run.canvases == recorded.canvases
+    assert run.model_s >= 3 * 0.002  # the measured steps' work is the model's time
+
+
+def test_forward_interference_runs_every_kind(bench) -> None:
+    with script_module("forward_interference") as script:
+        result = script.measure(batch_size=SMALL, rounds=1, warmup_steps=2, steps=2)
+    medians = result["host_us_per_request_step"]
+    assert set(medians) == {"live", "none", "read", "write", "alloc", "matmul", "sdpa"}
+    assert all(value > 0 for value in medians.values())
