@@ -7,26 +7,31 @@
 model's forward) and with the model's outputs replayed from a recording, the model not run
 ("replayed"). On this CPU the first is well above the second: the forward runs on the same
 core as the host work that follows it. This script replays the same steps with other work in
-the forward's place, after each replayed forward pass and on the model's clock (so its own
-time is not host time), to tell which kind of work slows what follows:
+the forward's place, before each replayed forward pass's output is handed back and on the
+model's clock (so its own time is not host time), to tell which kind of work slows what
+follows:
 
 - ``none``: nothing (the replayed figure);
-- ``read``: a sum over a 16 MB array, which evicts the data caches;
-- ``write``: 16 MB filled;
-- ``alloc``: six ``[4559, 128]`` float32 tensors allocated and filled (12 MB, about a forward's
-  intermediates at B=64);
-- ``matmul``: 20 rounds of ``[4559, 32] @ [32, 128]``, relu, ``@ [128, 32]`` (the micro
-  model's MLP shapes at B=64's token count);
-- ``sdpa``: one ``scaled_dot_product_attention`` over ``[64, 2, 200, 16]``;
+- ``read16``, ``read64``: a sum over a 16 MB or a 64 MB array (this machine's L2 is 1 MB a
+  core, its L3 32 MB);
+- ``write16``: 16 MB filled;
+- ``alloc``: six ``[4559, 128]`` float32 tensors allocated and filled (14 MB);
+- ``mlp``: the micro model's MLP once over a pass's 4,559 tokens (SwiGLU, width 32, inner 64:
+  what one forward runs of it);
+- ``mlp20``: the same 20 times;
+- ``sdpa``: one ``scaled_dot_product_attention`` over ``[64, 2, 72, 16]`` (64 sequences of a
+  pass's mean length, the micro model's heads);
 
 and, for reference, the live run's host time less every call of the model ("live"). Each round
-runs every kind once, interleaved; the table gives the median over ``--rounds``. A replay's
-outputs must equal the recording's, or the script fails.
+runs every kind once, in an order shuffled per round (seeded); the table gives the median over
+``--rounds`` and each kind's own time a step (model time less the replay's). A replay's outputs
+must equal the recording's, or the script fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 from collections.abc import Callable
@@ -40,58 +45,80 @@ import host_overhead
 
 from foretell.bench.report import machine_info, write_json
 
-TOKENS, WIDTH, INNER = 4559, 32, 128  # the issue's mix at B=64: tokens a pass, micro widths
+TOKENS, WIDTH, INNER = 4559, 32, 64  # the issue's mix at B=64: tokens a pass; micro widths
+HEADS, HEAD_DIM, SEQS, SEQ_LEN = 2, 16, 64, 72  # 64 sequences of 72 tokens: about a pass
+ALLOC_WIDTH = 128
 
 
 def kinds() -> dict[str, Callable[[], object] | None]:
     """Each kind of work, on inputs made once."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(TOKENS, WIDTH, generator=gen)
-    w1 = torch.randn(WIDTH, INNER, generator=gen) / WIDTH**0.5
-    w2 = torch.randn(INNER, WIDTH, generator=gen) / INNER**0.5
-    q = torch.randn(64, 2, 200, 16, generator=gen)
-    array = np.ones(2 * 2**20)  # 16 MB of float64
-    block = torch.empty(4 * 2**20)  # 16 MB of float32
+    gate, up = (torch.randn(WIDTH, INNER, generator=gen) / WIDTH**0.5 for _ in range(2))
+    down = torch.randn(INNER, WIDTH, generator=gen) / INNER**0.5
+    q = torch.randn(SEQS, HEADS, SEQ_LEN, HEAD_DIM, generator=gen)
+    array16, array64 = np.ones(2 * 2**20), np.ones(8 * 2**20)  # float64: 16 and 64 MB
+    block = torch.empty(4 * 2**20)  # float32: 16 MB
 
-    def matmul() -> torch.Tensor:
-        h = x
-        for _ in range(20):
-            h = (h @ w1).relu() @ w2
-        return h
+    def mlp(times: int) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            h = x
+            for _ in range(times):
+                h = (torch.nn.functional.silu(h @ gate) * (h @ up)) @ down
+            return h
+
+        return run
 
     return {
         "none": None,
-        "read": array.sum,
-        "write": lambda: block.fill_(1.0),
-        "alloc": lambda: [torch.empty(TOKENS, INNER).fill_(1.0) for _ in range(6)],
-        "matmul": matmul,
+        "read16": array16.sum,
+        "read64": array64.sum,
+        "write16": lambda: block.fill_(1.0),
+        "alloc": lambda: [torch.empty(TOKENS, ALLOC_WIDTH).fill_(1.0) for _ in range(6)],
+        "mlp": mlp(1),
+        "mlp20": mlp(20),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
     }
 
 
-def measure(batch_size: int, rounds: int, warmup_steps: int, steps: int) -> dict:
+def measure(batch_size: int, rounds: int, warmup_steps: int, steps: int, seed: int = 0) -> dict:
     loaded = host_overhead.micro_model(0, "llada")
     kw = {"warmup_steps": warmup_steps, "steps": steps, "backend": "sdpa_buckets"}
     tape = host_overhead.ForwardTape()
     recorded = host_overhead.run_mix(loaded, batch_size, count=False, tape=tape, **kw)
     work = kinds()
-    runs: dict[str, list[float]] = {kind: [] for kind in ("live", *work)}
+    names = ["live", *work]
+    runs: dict[str, list[float]] = {kind: [] for kind in names}
+    model_ms: dict[str, list[float]] = {kind: [] for kind in names}  # model clock, a step
+    orders = []
+    shuffle = random.Random(seed)
     for _ in range(rounds):
-        live = host_overhead.run_mix(loaded, batch_size, count=False, **kw)
-        runs["live"].append(live.host_us_less_model_calls)
-        for kind, fn in work.items():
-            tape.after_forward = fn
-            run = host_overhead.run_mix(
-                loaded, batch_size, count=False, tape=tape, replay=True, **kw
-            )
-            tape.after_forward = None
-            if run.outputs != recorded.outputs or run.canvases != recorded.canvases:
-                raise RuntimeError(f"{kind}: the replayed run's outputs differ from the recorded")
+        order = shuffle.sample(names, len(names))
+        orders.append(order)
+        for kind in order:
+            if kind == "live":
+                run = host_overhead.run_mix(loaded, batch_size, count=False, **kw)
+            else:
+                tape.after_forward = work[kind]
+                try:
+                    run = host_overhead.run_mix(
+                        loaded, batch_size, count=False, tape=tape, replay=True, **kw
+                    )
+                finally:
+                    tape.after_forward = None
+                if run.outputs != recorded.outputs or run.canvases != recorded.canvases:
+                    raise RuntimeError(f"{kind}: the replay's outputs differ from the recorded")
             runs[kind].append(run.host_us_less_model_calls)
+            model_ms[kind].append(1e3 * run.model_s / run.steps)
+    medians = {kind: statistics.median(v) for kind, v in model_ms.items()}
     return {
         "batch_size": batch_size,
         "host_us_per_request_step": {kind: statistics.median(v) for kind, v in runs.items()},
         "host_us_per_request_step_runs": runs,
+        # What each kind adds to a step's model time (its own time), against the plain replay.
+        "work_ms_per_step": {k: v - medians["none"] for k, v in medians.items() if k != "live"},
+        "model_ms_per_step": medians,
+        "orders": orders,
     }
 
 
@@ -110,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.batch_size, args.rounds, args.warmup_steps, args.steps)
     medians = result["host_us_per_request_step"]
     print(f"B={args.batch_size}, issue's mix, median of {args.rounds} interleaved rounds")
-    print(f"{'in the forward place':>22} {'host us/request-step':>21} {'vs none':>8}")
+    work = result["work_ms_per_step"]
+    print(f"{'in the forward place':>22} {'host us/request-step':>21} {'vs none':>8} {'its ms':>7}")
     for kind, value in medians.items():
-        print(f"{kind:>22} {value:>21.1f} {value / medians['none']:>7.2f}x")
+        own = f"{work[kind]:>7.2f}" if kind in work else f"{'':>7}"
+        print(f"{kind:>22} {value:>21.1f} {value / medians['none']:>7.2f}x {own}")
+    print("its ms: the work's own time a step (model time less the plain replay's); live: the")
+    print("model's own forward, host time less every call of the model")
     if args.out:
         write_json(args.out, {"machine": machine_info(), "rounds": args.rounds, **result})
     return 0

@@ -227,10 +227,9 @@ def taped_model_calls(
             if tape.played == len(tape.outputs):
                 raise RuntimeError("the replayed run calls the model more often than recorded")
             tape.played += 1
-            out = tape.outputs[tape.played - 1].clone()
             if tape.after_forward is not None and method.__name__ == "forward_packed":
-                tape.after_forward()
-            return out
+                tape.after_forward()  # before the output is made, as a forward's work is
+            return tape.outputs[tape.played - 1].clone()
 
         return _clocked(call, tape)
 

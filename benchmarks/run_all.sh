@@ -56,7 +56,7 @@ OMP_NUM_THREADS=1 python benchmarks/row_stats.py --out "$out/row_stats.json" \
 OMP_NUM_THREADS=1 python benchmarks/row_stats.py --subset --repeats 31 \
   --out "$out/row_stats_subset.json" | tee "$out/row_stats_subset.txt"
 # What slows the host work after a forward on this CPU: other work in the forward's place.
-OMP_NUM_THREADS=1 python benchmarks/forward_interference.py --rounds 7 \
+OMP_NUM_THREADS=1 python benchmarks/forward_interference.py --rounds 9 \
   --out "$out/forward_interference.json" | tee "$out/forward_interference.txt"
 # A full garbage collection in a loaded server, before and after run_server's freeze.
 OMP_NUM_THREADS=1 python benchmarks/gc_pause.py --out "$out/gc_pause.json" | tee "$out/gc_pause.txt"

@@ -279,24 +279,26 @@ def test_work_after_a_replayed_forward_runs_on_the_models_clock(bench, micro) ->
     replayed forward pass, its time on the model's clock, and the replay still gives the
     recording back."""
     kw = {"warmup_steps": 2, "steps": 3, "count": False, "backend": "sdpa_buckets"}
-    tape = bench.ForwardTape()
-    recorded = bench.run_mix(micro, SMALL, tape=tape, **kw)
     calls = []
 
     def after() -> None:
         calls.append(time.perf_counter())
         time.sleep(0.002)
 
-    tape.after_forward = after
+    tape = bench.ForwardTape(after_forward=after)
+    recorded = bench.run_mix(micro, SMALL, tape=tape, **kw)
+    assert not calls  # never while recording
     run = bench.run_mix(micro, SMALL, tape=tape, replay=True, **kw)
     assert len(calls) >= 5  # a forward pass each step at least
     assert run.outputs == recorded.outputs and run.canvases == recorded.canvases
-    assert run.model_s >= 3 * 0.002  # the measured steps' work is the model's time
+    assert run.steps == 3 and run.model_s >= run.steps * 0.002  # the work is the model's time
 
 
 def test_forward_interference_runs_every_kind(bench) -> None:
     with script_module("forward_interference") as script:
         result = script.measure(batch_size=SMALL, rounds=1, warmup_steps=2, steps=2)
-    medians = result["host_us_per_request_step"]
-    assert set(medians) == {"live", "none", "read", "write", "alloc", "matmul", "sdpa"}
+        medians = result["host_us_per_request_step"]
+        assert set(medians) == {"live", *script.kinds()}
+        assert set(result["work_ms_per_step"]) == set(script.kinds())
     assert all(value > 0 for value in medians.values())
+    assert sorted(result["orders"][0]) == sorted(medians)
