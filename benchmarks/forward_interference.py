@@ -85,7 +85,7 @@ def measure(batch_size: int, rounds: int, warmup_steps: int, steps: int, seed: i
     loaded = host_overhead.micro_model(0, "llada")
     kw = {"warmup_steps": warmup_steps, "steps": steps, "backend": "sdpa_buckets"}
     tape = host_overhead.ForwardTape()
-    recorded = host_overhead.run_mix(loaded, batch_size, count=False, tape=tape, **kw)
+    host_overhead.run_mix(loaded, batch_size, count=False, tape=tape, **kw)
     work = kinds()
     names = ["live", *work]
     runs: dict[str, list[float]] = {kind: [] for kind in names}
@@ -104,10 +104,8 @@ def measure(batch_size: int, rounds: int, warmup_steps: int, steps: int, seed: i
                     run = host_overhead.run_mix(
                         loaded, batch_size, count=False, tape=tape, replay=True, **kw
                     )
-                finally:
+                finally:  # run_mix checked the replay against the recording
                     tape.after_forward = None
-                if run.outputs != recorded.outputs or run.canvases != recorded.canvases:
-                    raise RuntimeError(f"{kind}: the replay's outputs differ from the recorded")
             runs[kind].append(run.host_us_less_model_calls)
             model_ms[kind].append(1e3 * run.model_s / run.steps)
     medians = {kind: statistics.median(v) for kind, v in model_ms.items()}

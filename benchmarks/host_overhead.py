@@ -203,6 +203,9 @@ class ForwardTape(ModelClock):
 
     outputs: list[torch.Tensor] = field(default_factory=list)
     played: int = 0
+    # The recording run's outputs and canvases (``MixRun.outputs``, ``MixRun.canvases``): a
+    # replay must give them back (``run_mix`` fails otherwise).
+    recorded: tuple[list, list[int]] | None = None
     # Work to run after each replayed forward pass, on the model's clock: what running it in
     # the forward's place does to the host work after (benchmarks/forward_interference.py).
     after_forward: Callable[[], object] | None = None
@@ -540,7 +543,8 @@ def run_mix(
     :class:`OpCounter`); without, only times are taken. With ``profile`` each measured step
     runs under ``cProfile`` (outside the model's methods) and its calls are counted. With a
     ``tape``, every step's model calls are recorded on it, or with ``replay`` answered from it
-    (:func:`taped_model_calls`)."""
+    (:func:`taped_model_calls`), and the replay must give the recording's outputs and canvases
+    back."""
     clock = None
     timed = contextlib.nullcontext()
     if tape is not None:
@@ -556,8 +560,12 @@ def run_mix(
         run = _run_mix(
             loaded, batch_size, warmup_steps, steps, seed, count, backend, mix, profile, clock
         )
+    if tape is not None and not replay:
+        tape.recorded = (run.outputs, run.canvases)
     if replay and tape.played != len(tape.outputs):
         raise RuntimeError("the replayed run calls the model less often than recorded")
+    if replay and (run.outputs, run.canvases) != tape.recorded:
+        raise RuntimeError(f"B={batch_size}: the replayed run's outputs differ from the recorded")
     return run
 
 
@@ -670,15 +678,11 @@ def measure(
     median = statistics.median(host_us)
     # The model's outputs recorded in a run of their own (not timed), then replayed.
     tape = ForwardTape()
-    recorded = run_mix(loaded, batch_size, count=False, tape=tape, **kw)
-    replayed = [
+    run_mix(loaded, batch_size, count=False, tape=tape, **kw)
+    replayed = [  # each checked to give the recording's outputs and canvases back
         run_mix(loaded, batch_size, count=False, tape=tape, replay=True, **kw)
         for _ in range(repeats)
     ]
-    if any(
-        run.outputs != recorded.outputs or run.canvases != recorded.canvases for run in replayed
-    ):
-        raise RuntimeError(f"B={batch_size}: the replayed run's outputs differ from the recorded")
     replayed_us = [run.host_us_less_model_calls for run in replayed]
     # The host time's share spent in ops outside the model (their execution, which a GPU
     # would overlap, and dispatch), from the counted run (the same steps) less what the timing
