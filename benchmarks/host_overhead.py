@@ -295,6 +295,12 @@ class GcWatch:
         self.seconds += time.perf_counter() - self._start
         self.unreachable += info["collected"] + info["uncollectable"]
 
+    def take(self) -> tuple[int, float, int]:
+        """(collections, seconds, unreachable) counted since the last take; then zero again."""
+        taken = (self.collections, self.seconds, self.unreachable)
+        self.collections, self.seconds, self.unreachable = 0, 0.0, 0
+        return taken
+
     def __enter__(self) -> GcWatch:
         gc.callbacks.append(self)
         return self
@@ -595,7 +601,6 @@ def _run_mix(
             ops, reads = OpCounter(), HostReadCounter()
             forward0, steps0, seqs0 = engine_counters(engine)
             model0 = clock.seconds if clock is not None else 0.0
-            gc0 = (watch.collections, watch.seconds, watch.unreachable)
             watch.active = measured
             start = time.perf_counter()
             profiler = None
@@ -614,6 +619,7 @@ def _run_mix(
                 outputs = engine.step()
             wall = time.perf_counter() - start
             watch.active = False
+            collections, gc_seconds, unreachable = watch.take()  # this step's (if measured)
             forward1, steps1, seqs1 = engine_counters(engine)
             errors = [out for out in outputs if out.finish_reason == "error"]
             if errors:
@@ -632,9 +638,9 @@ def _run_mix(
             run.forward_s += forward1 - forward0
             run.model_s += (clock.seconds if clock is not None else 0.0) - model0
             run.finished += len(outputs)
-            run.gc_collections += watch.collections - gc0[0]
-            run.gc_seconds += watch.seconds - gc0[1]
-            run.gc_unreachable += watch.unreachable - gc0[2]
+            run.gc_collections += collections
+            run.gc_seconds += gc_seconds
+            run.gc_unreachable += unreachable
             run.ops += ops.count
             run.ops_outside += ops.outside
             run.op_seconds_outside += ops.outside_seconds

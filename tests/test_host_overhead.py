@@ -75,6 +75,9 @@ def test_the_gc_watch_counts_collections_only_while_active(bench) -> None:
         gc.collect()
         watch.active = False
     assert watch.collections == 1 and watch.unreachable >= 1 and watch.seconds > 0
+    collections, seconds, unreachable = watch.take()
+    assert collections == 1 and unreachable >= 1 and seconds > 0
+    assert (watch.collections, watch.seconds, watch.unreachable) == (0, 0.0, 0)
     assert watch not in gc.callbacks
 
 
