@@ -21,6 +21,10 @@ follows:
 - ``mlp20``: the same 20 times;
 - ``sdpa``: one ``scaled_dot_product_attention`` over ``[64, 2, 72, 16]`` (64 sequences of a
   pass's mean length, the micro model's heads);
+- ``spin1``, ``spin``: a Python loop that reads the clock until 1.1 ms (about ``mlp``'s time)
+  or ``--gap-ms`` (default 13, about the live forward at B=64) have passed: time on the core
+  with almost no data touched;
+- ``sleep``: ``time.sleep`` for ``--gap-ms``: the core idle for as long;
 
 and, for reference, the live run's host time less every call of the model ("live"). Each round
 runs every kind once, in an order shuffled per round (seeded); the table gives the median over
@@ -34,6 +38,7 @@ import argparse
 import random
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,10 +53,24 @@ from foretell.bench.report import machine_info, write_json
 TOKENS, WIDTH, INNER = 4559, 32, 64  # the issue's mix at B=64: tokens a pass; micro widths
 HEADS, HEAD_DIM, SEQS, SEQ_LEN = 2, 16, 64, 72  # 64 sequences of 72 tokens: about a pass
 ALLOC_WIDTH = 128
+GAP_MS = 13.0  # about the live forward's time a step at B=64 (the issue's mix)
+SPIN1_MS = 1.1  # about ``mlp``'s
 
 
-def kinds() -> dict[str, Callable[[], object] | None]:
-    """Each kind of work, on inputs made once."""
+def _spin(ms: float) -> Callable[[], None]:
+    """Busy for ``ms`` milliseconds, touching next to no memory: what time alone does."""
+
+    def run() -> None:
+        end = time.perf_counter() + ms / 1e3
+        while time.perf_counter() < end:
+            pass
+
+    return run
+
+
+def kinds(gap_ms: float = GAP_MS) -> dict[str, Callable[[], object] | None]:
+    """Each kind of work, on inputs made once; ``gap_ms``: how long ``spin`` and ``sleep``
+    last."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(TOKENS, WIDTH, generator=gen)
     gate, up = (torch.randn(WIDTH, INNER, generator=gen) / WIDTH**0.5 for _ in range(2))
@@ -78,15 +97,25 @@ def kinds() -> dict[str, Callable[[], object] | None]:
         "mlp": mlp(1),
         "mlp20": mlp(20),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
+        "spin1": _spin(SPIN1_MS),
+        "spin": _spin(gap_ms),
+        "sleep": lambda: time.sleep(gap_ms / 1e3),
     }
 
 
-def measure(batch_size: int, rounds: int, warmup_steps: int, steps: int, seed: int = 0) -> dict:
+def measure(
+    batch_size: int,
+    rounds: int,
+    warmup_steps: int,
+    steps: int,
+    seed: int = 0,
+    gap_ms: float = GAP_MS,
+) -> dict:
     loaded = host_overhead.micro_model(0, "llada")
     kw = {"warmup_steps": warmup_steps, "steps": steps, "backend": "sdpa_buckets"}
     tape = host_overhead.ForwardTape()
     host_overhead.run_mix(loaded, batch_size, count=False, tape=tape, **kw)
-    work = kinds()
+    work = kinds(gap_ms)
     names = ["live", *work]
     runs: dict[str, list[float]] = {kind: [] for kind in names}
     model_ms: dict[str, list[float]] = {kind: [] for kind in names}  # model clock, a step
@@ -117,6 +146,7 @@ def measure(batch_size: int, rounds: int, warmup_steps: int, steps: int, seed: i
         "work_ms_per_step": {k: v - medians["none"] for k, v in medians.items() if k != "live"},
         "model_ms_per_step": medians,
         "orders": orders,
+        "gap_ms": gap_ms,
     }
 
 
@@ -127,12 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=64)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--gap-ms", type=float, default=GAP_MS, help="how long spin and sleep last (ms)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.batch_size < 1:
         p.error("--rounds and --batch-size: must be >= 1")
+    if not args.gap_ms > 0:
+        p.error("--gap-ms: must be > 0")
     torch.set_num_threads(args.threads)
-    result = measure(args.batch_size, args.rounds, args.warmup_steps, args.steps)
+    result = measure(
+        args.batch_size, args.rounds, args.warmup_steps, args.steps, gap_ms=args.gap_ms
+    )
     medians = result["host_us_per_request_step"]
     print(f"B={args.batch_size}, issue's mix, median of {args.rounds} interleaved rounds")
     work = result["work_ms_per_step"]

@@ -298,10 +298,15 @@ def test_work_after_a_replayed_forward_runs_on_the_models_clock(bench, micro) ->
 
 
 def test_forward_interference_runs_every_kind(bench) -> None:
+    gap_ms = 3.0
     with script_module("forward_interference") as script:
-        result = script.measure(batch_size=SMALL, rounds=1, warmup_steps=2, steps=2)
+        result = script.measure(batch_size=SMALL, rounds=1, warmup_steps=2, steps=2, gap_ms=gap_ms)
         medians = result["host_us_per_request_step"]
         assert set(medians) == {"live", *script.kinds()}
         assert set(result["work_ms_per_step"]) == set(script.kinds())
     assert all(value > 0 for value in medians.values())
     assert sorted(result["orders"][0]) == sorted(medians)
+    # A step runs a forward pass at least: the gap kinds last at least their time in each.
+    work = result["work_ms_per_step"]
+    assert work["spin"] >= 0.9 * gap_ms and work["sleep"] >= 0.9 * gap_ms
+    assert result["gap_ms"] == gap_ms
