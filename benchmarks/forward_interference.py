@@ -26,7 +26,15 @@ follows:
   with almost no data touched;
 - ``sleep``: ``time.sleep`` for ``--gap-ms``: the core idle for as long;
 
-and, for reference, the live run's host time less every call of the model ("live"). Each round
+and, for reference, live runs (the model run; their host time less every call of the model):
+
+- ``live``: as the engine runs it;
+- ``worker``: each call of the model's methods on a worker thread of its own, the host's
+  thread waiting for it (so the host's core waits through the forward);
+- ``worker-pinned``: the same, the worker pinned to one core and the host's thread to another
+  (where the process may use two cores).
+
+A live run's outputs and canvases must equal the recording's too. Each round
 runs every kind once, in an order shuffled per round (seeded); the table gives the median over
 ``--rounds`` and each kind's own time a step (model time less the replay's). A replay's outputs
 must equal the recording's, or the script fails.
@@ -35,11 +43,15 @@ must equal the recording's, or the script fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +115,47 @@ def kinds(gap_ms: float = GAP_MS) -> dict[str, Callable[[], object] | None]:
     }
 
 
+def live_kinds() -> list[str]:
+    """The live runs this process can make (``worker-pinned`` needs two cores to pin to)."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    return ["live", "worker"] + (["worker-pinned"] if len(cores) >= 2 else [])
+
+
+@contextlib.contextmanager
+def model_on_worker(model: torch.nn.Module, pinned: bool) -> Iterator[None]:
+    """Every call of the model's methods runs on a worker thread of its own while the calling
+    thread waits for it; with ``pinned``, the worker on the first core this process may use
+    and the calling thread on the second, for the duration."""
+    cores = sorted(os.sched_getaffinity(0)) if pinned else []
+    allowed = set(cores)
+
+    def start() -> None:
+        if pinned:
+            os.sched_setaffinity(0, {cores[0]})  # this thread's own affinity
+
+    def wrap(method: Callable) -> Callable:
+        def run(*args, **kwargs):
+            with torch.inference_mode():  # per thread: the runner's does not reach the worker
+                return method(*args, **kwargs)
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            return worker.submit(run, *args, **kwargs).result()
+
+        return call
+
+    with ThreadPoolExecutor(1, initializer=start) as worker:
+        worker.submit(int).result()  # started (and pinned) before the first call
+        if pinned:
+            os.sched_setaffinity(0, {cores[1]})
+        try:
+            with host_overhead.model_methods_wrapped(model, wrap):
+                yield
+        finally:
+            if pinned:
+                os.sched_setaffinity(0, allowed)
+
+
 def measure(
     batch_size: int,
     rounds: int,
@@ -116,7 +169,8 @@ def measure(
     tape = host_overhead.ForwardTape()
     host_overhead.run_mix(loaded, batch_size, count=False, tape=tape, **kw)
     work = kinds(gap_ms)
-    names = ["live", *work]
+    live = live_kinds()
+    names = [*live, *work]
     runs: dict[str, list[float]] = {kind: [] for kind in names}
     model_ms: dict[str, list[float]] = {kind: [] for kind in names}  # model clock, a step
     orders = []
@@ -125,8 +179,14 @@ def measure(
         order = shuffle.sample(names, len(names))
         orders.append(order)
         for kind in order:
-            if kind == "live":
-                run = host_overhead.run_mix(loaded, batch_size, count=False, **kw)
+            if kind in live:
+                on_worker = contextlib.nullcontext()
+                if kind != "live":
+                    on_worker = model_on_worker(loaded.model, pinned=kind == "worker-pinned")
+                with on_worker:
+                    run = host_overhead.run_mix(loaded, batch_size, count=False, **kw)
+                if (run.outputs, run.canvases) != tape.recorded:
+                    raise RuntimeError(f"{kind}: the run's outputs differ from the recorded")
             else:
                 tape.after_forward = work[kind]
                 try:
@@ -143,7 +203,7 @@ def measure(
         "host_us_per_request_step": {kind: statistics.median(v) for kind, v in runs.items()},
         "host_us_per_request_step_runs": runs,
         # What each kind adds to a step's model time (its own time), against the plain replay.
-        "work_ms_per_step": {k: v - medians["none"] for k, v in medians.items() if k != "live"},
+        "work_ms_per_step": {k: v - medians["none"] for k, v in medians.items() if k in work},
         "model_ms_per_step": medians,
         "orders": orders,
         "gap_ms": gap_ms,
@@ -175,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind, value in medians.items():
         own = f"{work[kind]:>7.2f}" if kind in work else f"{'':>7}"
         print(f"{kind:>22} {value:>21.1f} {value / medians['none']:>7.2f}x {own}")
-    print("its ms: the work's own time a step (model time less the plain replay's); live: the")
-    print("model's own forward, host time less every call of the model")
+    print("its ms: the work's own time a step (model time less the plain replay's); live,")
+    print("worker, worker-pinned: the model's own forward (inline; on a worker thread; that")
+    print("thread pinned to another core), host time less every call of the model")
     if args.out:
         write_json(args.out, {"machine": machine_info(), "rounds": args.rounds, **result})
     return 0

@@ -137,14 +137,19 @@ def model_methods_wrapped(
     model: torch.nn.Module, wrap: Callable[[Callable], Callable]
 ) -> Iterator[None]:
     """Shadow the model's own methods (``MODEL_METHODS``) on the instance with ``wrap(method)``
-    for the duration."""
+    for the duration. Nests: a method already shadowed is wrapped as it is, and shadowed
+    again as it was afterwards."""
+    before = {name: model.__dict__.get(name) for name in MODEL_METHODS}
     for name in MODEL_METHODS:
         setattr(model, name, wrap(getattr(model, name)))
     try:
         yield
     finally:
-        for name in MODEL_METHODS:
-            delattr(model, name)
+        for name, shadow in before.items():
+            if shadow is None:
+                delattr(model, name)
+            else:
+                setattr(model, name, shadow)
 
 
 def around_model_calls(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import gc
+import os
+import threading
 import time
 
 import pytest
@@ -302,7 +304,8 @@ def test_forward_interference_runs_every_kind(bench) -> None:
     with script_module("forward_interference") as script:
         result = script.measure(batch_size=SMALL, rounds=1, warmup_steps=2, steps=2, gap_ms=gap_ms)
         medians = result["host_us_per_request_step"]
-        assert set(medians) == {"live", *script.kinds()}
+        assert set(medians) == {*script.live_kinds(), *script.kinds()}
+        assert {"live", "worker"} <= set(medians)
         assert set(result["work_ms_per_step"]) == set(script.kinds())
     assert all(value > 0 for value in medians.values())
     assert sorted(result["orders"][0]) == sorted(medians)
@@ -310,3 +313,63 @@ def test_forward_interference_runs_every_kind(bench) -> None:
     work = result["work_ms_per_step"]
     assert work["spin"] >= 0.9 * gap_ms and work["sleep"] >= 0.9 * gap_ms
     assert result["gap_ms"] == gap_ms
+
+
+def test_shadowing_the_models_methods_nests(bench, micro) -> None:
+    """A wrapper of the model's methods inside another (the interference script's worker
+    inside ``run_mix``'s clock) leaves the outer one in place when it ends, and the model's
+    own methods once both have."""
+    outer_calls, inner_calls = [], []
+
+    def counting(calls: list):
+        def wrap(method):
+            def call(*args, **kwargs):
+                calls.append(method.__name__)
+                return method(*args, **kwargs)
+
+            call.__name__ = method.__name__
+            return call
+
+        return wrap
+
+    with bench.model_methods_wrapped(micro.model, counting(outer_calls)):
+        outer = {name: micro.model.__dict__[name] for name in bench.MODEL_METHODS}
+        with bench.model_methods_wrapped(micro.model, counting(inner_calls)):
+            bench.run_mix(micro, SMALL, warmup_steps=1, steps=1, count=False)
+        assert {name: micro.model.__dict__[name] for name in bench.MODEL_METHODS} == outer
+        assert inner_calls and outer_calls  # the inner wrapper called through the outer one
+        seen = len(inner_calls)
+        bench.run_mix(micro, SMALL, warmup_steps=1, steps=1, count=False)
+        assert len(inner_calls) == seen and len(outer_calls) > seen
+    assert not set(bench.MODEL_METHODS) & set(micro.model.__dict__)
+
+
+def test_the_models_calls_run_on_the_worker_and_give_the_same_run(bench, micro) -> None:
+    """``worker`` and ``worker-pinned`` (benchmarks/forward_interference.py) run every call of
+    the model's methods on a thread of their own, with the same outputs; pinning is undone."""
+    kw = {"warmup_steps": 2, "steps": 3, "count": False, "backend": "sdpa_buckets"}
+    inline = bench.run_mix(micro, SMALL, **kw)
+    threads = set()
+
+    def where_run(method):
+        def call(*args, **kwargs):
+            threads.add(threading.get_ident())
+            return method(*args, **kwargs)
+
+        call.__name__ = method.__name__
+        return call
+
+    with script_module("forward_interference") as script:
+        for pinned in (False, True) if "worker-pinned" in script.live_kinds() else (False,):
+            affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+            threads.clear()
+            with (
+                bench.model_methods_wrapped(micro.model, where_run),
+                script.model_on_worker(micro.model, pinned=pinned),
+            ):
+                run = bench.run_mix(micro, SMALL, **kw)
+            assert run.outputs == inline.outputs and run.canvases == inline.canvases
+            assert threads and threading.get_ident() not in threads
+            if affinity is not None:
+                assert os.sched_getaffinity(0) == affinity
+            assert not set(bench.MODEL_METHODS) & set(micro.model.__dict__)
