@@ -96,9 +96,19 @@ def test_the_batched_block_step_equals_each_request_stepped_alone(
     alone_calls, reductions = [], []
     real_alone, real_reduce = block_step.advance_block, block_step.reduce_gaps
 
-    def counting_alone(req, positions, scores):
+    # Ties whose Prophet gap the plan measured, which the step takes as planned: each with
+    # what the request measures alone (its test must not fire), before its step.
+    planned_gaps = []
+
+    def counting_alone(req, positions, scores, *planned):
         alone_calls.append(req.request_id)
-        return real_alone(req, positions, scores)
+        policy = req.params.early_commit
+        lo, hi = req.block_bounds()
+        if planned and policy is not None and req.masked_count(lo, hi):
+            gaps = scores[2].float()
+            assert not block_step._prophet_fires(req, policy, positions, gaps, lo, hi)
+            planned_gaps.append((req.last_gap, planned[0]))
+        return real_alone(req, positions, scores, *planned)
 
     def counting_reduce(gaps, statistic):
         reductions.append(statistic)
@@ -108,6 +118,9 @@ def test_the_batched_block_step_equals_each_request_stepped_alone(
     monkeypatch.setattr(block_step, "reduce_gaps", counting_reduce)
     batched = engine.generate(prompts, params, use_tqdm=False)
     assert alone_calls and reductions  # ties were ranked alone; close means were reduced
+    assert any(alone is not None for alone, _ in planned_gaps)
+    for alone, planned in planned_gaps:
+        assert planned == alone if alone is not None else planned != planned  # NaN: none
     monkeypatch.setattr(engine_module, "advance_blocks", _per_request)
     alone = engine.generate(prompts, params, use_tqdm=False)
 

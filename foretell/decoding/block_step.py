@@ -189,9 +189,13 @@ def sample_shared_rows(
     return torch.stack([token.double(), conf.float().double(), gaps])
 
 
-def advance_block(req: Request, positions: torch.Tensor, scores: torch.Tensor) -> None:
+def advance_block(
+    req: Request, positions: torch.Tensor, scores: torch.Tensor, gap: float | None = None
+) -> None:
     """Apply one step to ``req`` given its rows' host ``scores`` (:func:`score_rows`'s, the
-    rows of ``positions``)."""
+    rows of ``positions``). ``gap``: Prophet's reported gap when the batch's plan measured it
+    and its test did not fire (a request ranked alone after a tie, :func:`advance_blocks`; NaN:
+    no rows measured), so that it is not measured again."""
     p = req.params
     req.global_step += 1
     req.revealed_last_step = _NOTHING
@@ -204,7 +208,9 @@ def advance_block(req: Request, positions: torch.Tensor, scores: torch.Tensor) -
     rows = torch.searchsorted(positions, masked)
     policy = p.early_commit
     fires = policy is not None and len(masked) > 0
-    if fires and _prophet_fires(req, policy, positions, scores[2].float(), lo, hi):
+    if fires and gap is not None:
+        req.last_gap = None if gap != gap else gap  # the plan's; its test did not fire
+    elif fires and _prophet_fires(req, policy, positions, scores[2].float(), lo, hi):
         _write(req, masked, x0[rows])
         req.commit_step = req.global_step  # the step of the latest block committed
         _block_done(req)
@@ -505,9 +511,9 @@ def _apply_blocks(items, canvas_rows: CanvasRows, plan: _BlockPlan) -> None:
     done |= moved & ((cursor[plan.row, STEP_IN_BLOCK] >= plan.steps) | (plan.left == 0))
     for i in np.flatnonzero(done).tolist():
         _call(reqs[i], _block_done)
-    for i in plan.ties:  # ranked as the reference ranks, alone
+    for i in plan.ties:  # ranked as the reference ranks, alone; Prophet's test as planned
         req, positions, scores = items[i]
-        _call(req, advance_block, positions, scores)
+        _call(req, advance_block, positions, scores, float(plan.gap[i]))
 
 
 def _call(req: Request, fn, *args) -> bool:
