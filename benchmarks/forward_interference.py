@@ -5,11 +5,10 @@
 
 ``host_overhead.py`` times a step's host work twice: as the issue defines it (wall less the
 model's forward) and with the model's outputs replayed from a recording, the model not run
-("replayed"). On this CPU the first is well above the second: the forward runs on the same
-core as the host work that follows it. This script replays the same steps with other work in
-the forward's place, before each replayed forward pass's output is handed back and on the
-model's clock (so its own time is not host time), to tell which kind of work slows what
-follows:
+("replayed"). On this CPU the first is well above the second. This script replays the same
+steps with something else in the forward's place, before each replayed forward pass's output
+is handed back and on the model's clock (so its own time is not host time), to tell what in
+the gap slows the host work that follows: the work, its length, or the core waiting:
 
 - ``none``: nothing (the replayed figure);
 - ``read16``, ``read64``: a sum over a 16 MB or a 64 MB array (this machine's L2 is 1 MB a
@@ -125,7 +124,9 @@ def live_kinds() -> list[str]:
 def model_on_worker(model: torch.nn.Module, pinned: bool) -> Iterator[None]:
     """Every call of the model's methods runs on a worker thread of its own while the calling
     thread waits for it; with ``pinned``, the worker on the first core this process may use
-    and the calling thread on the second, for the duration."""
+    and the calling thread on the second, for the duration. It tells whether the forward
+    slows the host work after it by running on the host's own core. The hand-over to the
+    worker and back is on the model's clock (``run_mix`` times the calls from outside)."""
     cores = sorted(os.sched_getaffinity(0)) if pinned else []
     allowed = set(cores)
 
@@ -164,6 +165,10 @@ def measure(
     seed: int = 0,
     gap_ms: float = GAP_MS,
 ) -> dict:
+    """``rounds`` rounds at ``batch_size`` on the issue's mix, each running every kind once in
+    a shuffled order (seeded by ``seed``): the median host time of each kind, the model's
+    time a step of each (whatever stood in its place), and each replayed kind's own time.
+    ``gap_ms``: how long ``spin`` and ``sleep`` last."""
     loaded = host_overhead.micro_model(0, "llada")
     kw = {"warmup_steps": warmup_steps, "steps": steps, "backend": "sdpa_buckets"}
     tape = host_overhead.ForwardTape()
@@ -230,14 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     medians = result["host_us_per_request_step"]
     print(f"B={args.batch_size}, issue's mix, median of {args.rounds} interleaved rounds")
-    work = result["work_ms_per_step"]
-    print(f"{'in the forward place':>22} {'host us/request-step':>21} {'vs none':>8} {'its ms':>7}")
+    work, model = result["work_ms_per_step"], result["model_ms_per_step"]
+    print(
+        f"{'in the forward place':>22} {'host us/request-step':>21} {'vs none':>8} "
+        f"{'its ms':>7} {'model ms':>9}"
+    )
     for kind, value in medians.items():
         own = f"{work[kind]:>7.2f}" if kind in work else f"{'':>7}"
-        print(f"{kind:>22} {value:>21.1f} {value / medians['none']:>7.2f}x {own}")
-    print("its ms: the work's own time a step (model time less the plain replay's); live,")
-    print("worker, worker-pinned: the model's own forward (inline; on a worker thread; that")
-    print("thread pinned to another core), host time less every call of the model")
+        print(
+            f"{kind:>22} {value:>21.1f} {value / medians['none']:>7.2f}x {own} {model[kind]:>9.2f}"
+        )
+    print("its ms: the work's own time a step (model time less the plain replay's); model ms:")
+    print("the time a step in the model's calls, whatever stood in them (the replay's copies,")
+    print("the work, the forward and its hand-over to a worker); live, worker, worker-pinned:")
+    print("the model's own forward (inline; on a worker thread; that thread pinned to another")
+    print("core), host time less every call of the model")
     if args.out:
         write_json(args.out, {"machine": machine_info(), "rounds": args.rounds, **result})
     return 0

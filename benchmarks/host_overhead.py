@@ -31,11 +31,11 @@ for each batch size it reports per engine step:
 - that time again with the model replayed ("replayed"): the steps run again with every call
   of the model's methods answered from a recording made in a run of its own (its outputs,
   copied; the requests' outputs and every step's canvases must come out the same, or the
-  script fails). On this CPU the model runs on the host's own cores and through its caches,
-  and the step's host work after it runs with caches the forward has filled with its own
-  data; on a GPU it runs on the device. What the replay takes off, against "less model", is
-  that interference. Both are reported for the reader; the target is read on the host time
-  as the issue defines it (above);
+  script fails). On this CPU the host work after a forward runs slower than the same work
+  run back to back, as it is replayed (``forward_interference.py`` measures what the gap
+  does). What the replay takes off, against "less model", is that slowdown. Both are
+  reported for the reader; the target is read on the host time as the issue defines it
+  (above);
 - the cyclic garbage collector's work inside the timed steps (:class:`GcWatch`): collections,
   their time, and the unreachable objects they found. A step that leaves reference cycles
   keeps what they hold (on a GPU, device memory) until a collection finds it. A collection
@@ -137,17 +137,19 @@ def model_methods_wrapped(
     model: torch.nn.Module, wrap: Callable[[Callable], Callable]
 ) -> Iterator[None]:
     """Shadow the model's own methods (``MODEL_METHODS``) on the instance with ``wrap(method)``
-    for the duration. Nests: a method already shadowed is wrapped as it is, and shadowed
-    again as it was afterwards."""
+    for the duration, so that a run can time, count or replay the model's calls. Nests when
+    the inner one ends first (a ``with`` inside a ``with``): a method already shadowed is
+    wrapped as it is, and shadowed again as it was afterwards. If ``wrap`` fails, the methods
+    already wrapped are put back."""
     before = {name: model.__dict__.get(name) for name in MODEL_METHODS}
-    for name in MODEL_METHODS:
-        setattr(model, name, wrap(getattr(model, name)))
     try:
+        for name in MODEL_METHODS:
+            setattr(model, name, wrap(getattr(model, name)))
         yield
     finally:
         for name, shadow in before.items():
             if shadow is None:
-                delattr(model, name)
+                model.__dict__.pop(name, None)
             else:
                 setattr(model, name, shadow)
 
@@ -841,8 +843,8 @@ def format_report(
         "less model: the same runs' wall less every call of the model's methods (the pass's "
         "forward, and a commit's read-only rows or a fill's rows outside it); replayed: the "
         "same as less model, of the same steps with the model's outputs replayed from a "
-        "recorded run (no model run on the host's cores and caches, as on a GPU; for the "
-        "reader, not the target); "
+        "recorded run (no gap between one step's host work and the next; for the reader, "
+        "not the target); "
         "of it ops: the time of the ops dispatched outside the model's forward_packed and "
         "logits_at (counted run, less what timing adds per op: an estimate; execution and "
         "dispatch, which a GPU runs asynchronously); python: the rest (an estimate, with the "

@@ -299,10 +299,19 @@ def test_work_after_a_replayed_forward_runs_on_the_models_clock(bench, micro) ->
     assert run.steps == 3 and run.model_s >= run.steps * 0.002  # the work is the model's time
 
 
-def test_forward_interference_runs_every_kind(bench) -> None:
+def test_forward_interference_runs_every_kind(bench, monkeypatch) -> None:
     gap_ms = 3.0
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     with script_module("forward_interference") as script:
+        on_worker, real = [], script.model_on_worker
+
+        def spied(model, pinned: bool):
+            on_worker.append(pinned)
+            return real(model, pinned)
+
+        monkeypatch.setattr(script, "model_on_worker", spied)
         result = script.measure(batch_size=SMALL, rounds=1, warmup_steps=2, steps=2, gap_ms=gap_ms)
+        assert sorted(on_worker) == sorted(k == "worker-pinned" for k in script.live_kinds()[1:])
         medians = result["host_us_per_request_step"]
         assert set(medians) == {*script.live_kinds(), *script.kinds()}
         assert {"live", "worker"} <= set(medians)
@@ -313,6 +322,8 @@ def test_forward_interference_runs_every_kind(bench) -> None:
     work = result["work_ms_per_step"]
     assert work["spin"] >= 0.9 * gap_ms and work["sleep"] >= 0.9 * gap_ms
     assert result["gap_ms"] == gap_ms
+    if affinity is not None:  # a pinned run gives the host's thread its cores back
+        assert os.sched_getaffinity(0) == affinity
 
 
 def test_shadowing_the_models_methods_nests(bench, micro) -> None:
