@@ -116,3 +116,29 @@ def test_greedy_steps_transfer_a_constant_number_of_times(policy, monkeypatch) -
     # pass's ids, gaps and (for span commits) the fills of masks outside the gathered rows.
     assert min(small + large) >= 1
     assert max(large) == max(small) <= 3, (small, large)
+
+
+def test_sampled_commits_come_to_the_host_in_one_transfer(monkeypatch) -> None:
+    """Every sampled request that commits in a step draws its fill on the device; the draws
+    of all of them cross in one transfer, not one per request."""
+    loaded = tiny_model("llada", seed=31, dtype="float32")
+    commit_at_once = Prophet(thresholds=(0.0, 0.0, 0.0))  # any gap reaches 0: the first step
+
+    def batch(n: int) -> list[DecodeParams]:
+        return [
+            DecodeParams(
+                gen_length=16,
+                block_length=8,
+                steps=8,
+                temperature=1.0,
+                top_k=None if i % 2 else 5,
+                early_commit=commit_at_once,
+                seed=i if i % 4 else None,
+            )
+            for i in range(n)
+        ]
+
+    small = _transfers_per_step(loaded, batch(2), monkeypatch)
+    large = _transfers_per_step(loaded, batch(16), monkeypatch)
+    assert len(small) == len(large) == 1  # every request committed at its first step
+    assert large == small == [2], (small, large)  # the pass's, and the commits' draws

@@ -533,14 +533,27 @@ class BatchedStep:
         """A committing sampled (or filtered) request fills every mask with a draw, not the
         argmax, as the per-request step does: from the logits of all its masks in position
         order (gathered, or asked for), with its stream back where it stood before this
-        step's reveal draw (a seeded request) or a fresh draw from the shared stream."""
+        step's reveal draw (a seeded request) or a fresh draw from the shared stream.
+        Every such request's draws come to the host in one transfer."""
+        drawn: list[tuple[int, torch.Tensor, Callable[[np.ndarray], None]]] = []
         for j in plan.commits.nonzero()[0].tolist():
             req = self.reqs[j]
             if filters(req.params) and j not in plan.failed:
                 try:
-                    self._sampled_commit(j, req, plan, rows, more)
+                    drawn.append((j, *self._sampled_commit(j, req, plan, rows, more)))
                 except Exception as err:  # this request only
                     plan.failed[j] = f"decoding failed: {err!r}"
+        if not drawn:
+            return
+        try:
+            host = torch.cat([x0 for _, x0, _ in drawn]).cpu().numpy()
+        except Exception as err:  # the transfer: every one of them
+            for j, _, _ in drawn:
+                plan.failed[j] = f"decoding failed: {err!r}"
+            return
+        ends = np.cumsum([len(x0) for _, x0, _ in drawn]).tolist()
+        for (_, _, write), start, end in zip(drawn, [0, *ends[:-1]], ends, strict=True):
+            write(host[start:end])
 
     def _sampled_commit(
         self,
@@ -549,11 +562,12 @@ class BatchedStep:
         plan: _Plan,
         rows: np.ndarray,
         more: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
+    ) -> tuple[torch.Tensor, Callable[[np.ndarray], None]]:
         """One committing sampled request's fill (see :meth:`_sampled_commits`): over every
         mask of its canvas in position order, as alone. An uncached pass holds them all; a
         cached step's pass holds its span and Prophet's region, and the read-only pass gave
-        the others (``plan.outside_logits``)."""
+        the others (``plan.outside_logits``). Returns its draws, on the logits' device, and
+        what writes them into the plan once they are on the host."""
         p = req.params
         start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
         fill = self.generated_np[start:end].nonzero()[0] + start
@@ -597,12 +611,15 @@ class BatchedStep:
             generator=None,
             noise=noise,
         )
-        x0 = x0.cpu().numpy()
-        if outside is None:
-            plan.x0[fill] = x0
-            return
-        plan.x0[fill] = x0[in_pass]
-        plan.outside[j] = (pos, x0[others])
+
+        def write(host: np.ndarray) -> None:
+            if outside is None:
+                plan.x0[fill] = host
+                return
+            plan.x0[fill] = host[in_pass]
+            plan.outside[j] = (pos, host[others])
+
+        return x0, write
 
     def _more_own(
         self, j: int, flat: np.ndarray, more: Callable[[torch.Tensor], torch.Tensor]
