@@ -104,11 +104,15 @@ def test_the_batched_block_step_equals_each_request_stepped_alone(
         alone_calls.append(req.request_id)
         policy = req.params.early_commit
         lo, hi = req.block_bounds()
-        if planned and policy is not None and req.masked_count(lo, hi):
-            gaps = scores[2].float()
-            assert not block_step._prophet_fires(req, policy, positions, gaps, lo, hi)
-            planned_gaps.append((req.last_gap, planned[0]))
-        return real_alone(req, positions, scores, *planned)
+        if not (planned and policy is not None and req.masked_count(lo, hi)):
+            return real_alone(req, positions, scores, *planned)
+        before = req.last_gap
+        gaps = scores[2].float()
+        assert not block_step._prophet_fires(req, policy, positions, gaps, lo, hi)
+        alone, req.last_gap = req.last_gap, before  # measured alone; then as it was
+        real_alone(req, positions, scores, *planned)
+        planned_gaps.append((alone, planned[0], req.last_gap))
+        return None
 
     def counting_reduce(gaps, statistic):
         reductions.append(statistic)
@@ -118,9 +122,10 @@ def test_the_batched_block_step_equals_each_request_stepped_alone(
     monkeypatch.setattr(block_step, "reduce_gaps", counting_reduce)
     batched = engine.generate(prompts, params, use_tqdm=False)
     assert alone_calls and reductions  # ties were ranked alone; close means were reduced
-    assert any(alone is not None for alone, _ in planned_gaps)
-    for alone, planned in planned_gaps:
+    assert any(alone is not None for alone, _, _ in planned_gaps)
+    for alone, planned, stored in planned_gaps:  # the gap measured alone is the one stored
         assert planned == alone if alone is not None else planned != planned  # NaN: none
+        assert stored == alone
     monkeypatch.setattr(engine_module, "advance_blocks", _per_request)
     alone = engine.generate(prompts, params, use_tqdm=False)
 

@@ -125,6 +125,16 @@ def batchable(req: Request) -> bool:
 
 
 @dataclass
+class _Fill:
+    """Token ids a commit fills in, still on the logits' device, and what writes them into the
+    plan once every commit's have crossed to the host together (:meth:`BatchedStep._flush`)."""
+
+    owners: list[int]  # the requests (indices into ``reqs``) it fills: a failure fails them
+    tokens: torch.Tensor  # int64 ids, on the logits' device
+    write: Callable[[np.ndarray], None]
+
+
+@dataclass
 class _Plan:
     """A pass's decisions for every request of the group, before any request changes. Host
     arrays over the pass's flat tokens: the request-by-request part of the step reads and
@@ -140,6 +150,7 @@ class _Plan:
     # A sampled cached commit's other masks and their logits (suppressed), to draw from.
     outside_logits: dict[int, tuple[np.ndarray, torch.Tensor]] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)  # requests whose own part failed
+    fills: list[_Fill] = field(default_factory=list)  # commits' fills, before they cross
     # (flat rows, each request's first and end index into them): revealed rows.
     picked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     # Per request: the masks left in its block and its generation once every reveal is
@@ -465,8 +476,8 @@ class BatchedStep:
         one transfer for the whole pass, whatever its size (greedy tokens, reveals, ties and
         gaps); one more when some request's ranking ties at its cut (its scores), when a
         request's mean gap is too close to its threshold to decide in float64 (its rows'
-        reference reduction), and when a commit fills masks whose rows were not gathered
-        (one for the greedy unguided ones; one per guided or sampled one).
+        reference reduction), and when some request commits with masks whose rows were not
+        gathered, or with draws (one for every such commit's fill: :meth:`_flush`).
 
         The reveal is computed for every request, also those whose gap will commit them
         (they discard it): so nothing waits for the gaps to reach the host first.
@@ -525,7 +536,31 @@ class BatchedStep:
         plan = _Plan(new_ids, x0, chosen, gaps, commits, at_start, {}, failed=failed)
         self._fill_commits(plan, more, read_only)
         self._sampled_commits(plan, rows, more)
+        self._flush(plan)
         return plan
+
+    @staticmethod
+    def _flush(plan: _Plan) -> None:
+        """Every commit's fill to the host in one transfer, whatever the number of commits (on
+        a GPU each ``.cpu()`` is a synchronisation), then into the plan. A failed transfer
+        fails every request it fills; a failed write, its own."""
+        fills, plan.fills = plan.fills, []
+        if not fills:
+            return
+        try:
+            host = torch.cat([fill.tokens for fill in fills]).cpu().numpy()
+        except Exception as err:
+            for fill in fills:
+                for j in fill.owners:
+                    plan.failed.setdefault(j, f"decoding failed: {err!r}")
+            return
+        ends = np.cumsum([len(fill.tokens) for fill in fills]).tolist()
+        for fill, start, end in zip(fills, [0, *ends[:-1]], ends, strict=True):
+            try:
+                fill.write(host[start:end])
+            except Exception as err:  # its requests only
+                for j in fill.owners:
+                    plan.failed.setdefault(j, f"decoding failed: {err!r}")
 
     def _sampled_commits(
         self, plan: _Plan, rows: np.ndarray, more: Callable[[torch.Tensor], torch.Tensor]
@@ -533,27 +568,15 @@ class BatchedStep:
         """A committing sampled (or filtered) request fills every mask with a draw, not the
         argmax, as the per-request step does: from the logits of all its masks in position
         order (gathered, or asked for), with its stream back where it stood before this
-        step's reveal draw (a seeded request) or a fresh draw from the shared stream.
-        Every such request's draws come to the host in one transfer."""
-        drawn: list[tuple[int, torch.Tensor, Callable[[np.ndarray], None]]] = []
+        step's reveal draw (a seeded request) or a fresh draw from the shared stream. The
+        draws stay on the device until :meth:`_flush` takes every commit's at once."""
         for j in plan.commits.nonzero()[0].tolist():
             req = self.reqs[j]
             if filters(req.params) and j not in plan.failed:
                 try:
-                    drawn.append((j, *self._sampled_commit(j, req, plan, rows, more)))
+                    plan.fills.append(self._sampled_commit(j, req, plan, rows, more))
                 except Exception as err:  # this request only
                     plan.failed[j] = f"decoding failed: {err!r}"
-        if not drawn:
-            return
-        try:
-            host = torch.cat([x0 for _, x0, _ in drawn]).cpu().numpy()
-        except Exception as err:  # the transfer: every one of them
-            for j, _, _ in drawn:
-                plan.failed[j] = f"decoding failed: {err!r}"
-            return
-        ends = np.cumsum([len(x0) for _, x0, _ in drawn]).tolist()
-        for (_, _, write), start, end in zip(drawn, [0, *ends[:-1]], ends, strict=True):
-            write(host[start:end])
 
     def _sampled_commit(
         self,
@@ -562,12 +585,11 @@ class BatchedStep:
         plan: _Plan,
         rows: np.ndarray,
         more: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor, Callable[[np.ndarray], None]]:
+    ) -> _Fill:
         """One committing sampled request's fill (see :meth:`_sampled_commits`): over every
         mask of its canvas in position order, as alone. An uncached pass holds them all; a
         cached step's pass holds its span and Prophet's region, and the read-only pass gave
-        the others (``plan.outside_logits``). Returns its draws, on the logits' device, and
-        what writes them into the plan once they are on the host."""
+        the others (``plan.outside_logits``)."""
         p = req.params
         start, end = self.starts[j], self.starts[j] + self.seq_lens[j]
         fill = self.generated_np[start:end].nonzero()[0] + start
@@ -619,7 +641,7 @@ class BatchedStep:
             plan.x0[fill] = host[in_pass]
             plan.outside[j] = (pos, host[others])
 
-        return x0, write
+        return _Fill([j], x0, write)
 
     def _more_own(
         self, j: int, flat: np.ndarray, more: Callable[[torch.Tensor], torch.Tensor]
@@ -673,8 +695,9 @@ class BatchedStep:
         suppressed ids) and one per guided one (both copies, guided: :meth:`_more_own`); a
         sampled one asks for its own when it draws (:meth:`_sampled_commit`). For cached
         steps, the masks outside their pass, from one read-only pass for all: their argmax,
-        or a sampled one's logits, to draw from with its other masks."""
-        missing, cells = [], []
+        or a sampled one's logits, to draw from with its other masks. The argmaxes stay on
+        the device until :meth:`_flush` takes every commit's fill at once."""
+        missing, missing_of, cells = [], [], []
         outside_reqs, outside_pos, outside_of = [], [], []
         at = 0
         for j in plan.commits.nonzero()[0].tolist():
@@ -688,10 +711,11 @@ class BatchedStep:
                 try:
                     own = [(0, rows.size, t) for t in req.logits_suppress]
                     logits = suppress_cells(self._more_own(j, rows, more), own)
-                    plan.x0[rows] = logits.argmax(dim=-1).cpu().numpy()
+                    plan.fills.append(_Fill([j], logits.argmax(dim=-1), _writer(plan.x0, rows)))
                 except Exception as err:  # this request only
                     plan.failed[j] = f"decoding failed: {err!r}"
             else:
+                missing_of.append(j)
                 missing.append(rows)
                 cells += [(at, at + rows.size, t) for t in req.logits_suppress]
                 at += rows.size
@@ -706,7 +730,7 @@ class BatchedStep:
         if missing:
             flat = np.concatenate(missing)
             logits = suppress_cells(more(torch.from_numpy(flat)), cells)
-            plan.x0[flat] = logits.argmax(dim=-1).cpu().numpy()
+            plan.fills.append(_Fill(missing_of, logits.argmax(dim=-1), _writer(plan.x0, flat)))
         if outside_reqs:
             try:
                 found = read_only(outside_reqs, outside_pos)
@@ -727,7 +751,8 @@ class BatchedStep:
                 if filters(req.params):  # drawn with its other masks (``_sampled_commit``)
                     plan.outside_logits[j] = (pos, logits)
                     continue
-                plan.outside[j] = (pos, logits.argmax(dim=-1).cpu().numpy())
+                tokens = logits.argmax(dim=-1)
+                plan.fills.append(_Fill([j], tokens, functools.partial(_outside, plan, j, pos)))
 
     def _gaps(self, rows: np.ndarray, stats: RowStats) -> _Gaps | None:
         """Prophet's statistic of every request with a policy, on the device, in a fixed
@@ -1138,3 +1163,17 @@ class BatchedStep:
 def in_dtype(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype`` (a threshold compared in a confidence's dtype), once."""
     return float(torch.tensor(value, dtype=dtype))
+
+
+def _writer(x0: np.ndarray, at: np.ndarray) -> Callable[[np.ndarray], None]:
+    """What writes a fill's host tokens into ``x0`` at the flat rows ``at``."""
+
+    def write(tokens: np.ndarray) -> None:
+        x0[at] = tokens
+
+    return write
+
+
+def _outside(plan: _Plan, j: int, pos: np.ndarray, tokens: np.ndarray) -> None:
+    """A cached commit's tokens at its masks outside its pass (``pos``), for ``_commit``."""
+    plan.outside[j] = (pos, tokens)

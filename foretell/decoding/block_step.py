@@ -209,7 +209,7 @@ def advance_block(
     policy = p.early_commit
     fires = policy is not None and len(masked) > 0
     if fires and gap is not None:
-        req.last_gap = None if gap != gap else gap  # the plan's; its test did not fire
+        req.last_gap = gap  # the plan's (NaN: none); its test did not fire
     elif fires and _prophet_fires(req, policy, positions, scores[2].float(), lo, hi):
         _write(req, masked, x0[rows])
         req.commit_step = req.global_step  # the step of the latest block committed
@@ -367,9 +367,10 @@ def advance_blocks(
     """:func:`advance_block` for every block-causal request of a pass at once, as array work
     over their canvas rows: the reveal counts, Prophet's gaps and test, the threshold rule's
     picks, the best ``k`` of each block, the writes and the cursors. Per request only what
-    happens to one: a tie at its ``k``-th score, or a mean gap too close to its threshold (both
-    settled by :func:`advance_block`'s own reduction), a revealed stop id (LLaDA2's early
-    stop), and a finished block. If planning fails, nothing has changed and every request
+    happens to one: a mean gap too close to its threshold (settled by the reference's own
+    reduction), a tie at its ``k``-th score (the request then takes :func:`advance_block`,
+    with the gap the plan measured), a revealed stop id (LLaDA2's early stop), and a finished
+    block. If planning fails, nothing has changed and every request
     takes :func:`advance_block` on its own."""
     if not items:
         return
