@@ -118,36 +118,11 @@ def test_greedy_steps_transfer_a_constant_number_of_times(policy, monkeypatch) -
     assert max(large) == max(small) <= 3, (small, large)
 
 
-def test_sampled_commits_come_to_the_host_in_one_transfer(monkeypatch) -> None:
-    """Every sampled request that commits in a step draws its fill on the device; the draws
-    of all of them cross in one transfer, not one per request."""
-    loaded = tiny_model("llada", seed=31, dtype="float32")
-    commit_at_once = Prophet(thresholds=(0.0, 0.0, 0.0))  # any gap reaches 0: the first step
-
-    def batch(n: int) -> list[DecodeParams]:
-        return [
-            DecodeParams(
-                gen_length=16,
-                block_length=8,
-                steps=8,
-                temperature=1.0,
-                top_k=None if i % 2 else 5,
-                early_commit=commit_at_once,
-                seed=i if i % 4 else None,
-            )
-            for i in range(n)
-        ]
-
-    small = _transfers_per_step(loaded, batch(2), monkeypatch)
-    large = _transfers_per_step(loaded, batch(16), monkeypatch)
-    assert len(small) == len(large) == 1  # every request committed at its first step
-    assert large == small == [2], (small, large)  # the pass's, and the commits' draws
-
-
 def test_every_commit_fill_of_a_step_comes_to_the_host_in_one_transfer(monkeypatch) -> None:
     """A commit fills masks the pass did not gather: a greedy one's from one LM-head call for
     all, a guided one's from its own, a cached one's outside its pass from a read-only pass,
-    a sampled one's with draws. Whatever their number, all of a step's fills cross at once."""
+    a sampled one's with draws (seeded, or from the shared stream). Whatever their number,
+    all of a step's fills cross at once."""
     loaded = tiny_model("llada", seed=31, dtype="float32")
     # An answer span (the pass gathers it and the block, not the later block's masks), and a
     # test that fires once a third of the steps are done: in the first block, at a cached step.
@@ -158,17 +133,18 @@ def test_every_commit_fill_of_a_step_comes_to_the_host_in_one_transfer(monkeypat
         {"kv_cache": "dual"},
         {"kv_cache": "prefix"},
         {"temperature": 1.0, "seed": 5},
+        {"temperature": 1.0, "top_k": 5},  # drawn from the shared stream
     ]
 
     def batch(n: int) -> list[DecodeParams]:
         return [
             DecodeParams(
-                gen_length=16, block_length=8, steps=8, early_commit=policy, **kinds[i % 5]
+                gen_length=16, block_length=8, steps=8, early_commit=policy, **kinds[i % 6]
             )
             for i in range(n)
         ]
 
-    small = _transfers_per_step(loaded, batch(5), monkeypatch)
-    large = _transfers_per_step(loaded, batch(20), monkeypatch)
+    small = _transfers_per_step(loaded, batch(6), monkeypatch)
+    large = _transfers_per_step(loaded, batch(24), monkeypatch)
     assert len(small) == len(large) < 8  # every request committed early, all at one step
     assert max(large) == max(small) == 2, (small, large)  # the pass's, and the fills
