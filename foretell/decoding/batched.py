@@ -474,10 +474,10 @@ class BatchedStep:
     ) -> _Plan:
         """Every request's Prophet statistic and reveal, computed on the logits' device; then
         one transfer for the whole pass, whatever its size (greedy tokens, reveals, ties and
-        gaps); one more when some request's ranking ties at its cut (its scores), when a
-        request's mean gap is too close to its threshold to decide in float64 (its rows'
-        reference reduction), and when some request commits with masks whose rows were not
-        gathered, or with draws (one for every such commit's fill: :meth:`_flush`).
+        gaps); one more when some request's ranking ties at its cut (every tied request's
+        scores), one per request whose mean gap is too close to its threshold to decide in
+        float64 (its rows' reference reduction), and one when some request commits with masks
+        whose rows were not gathered, or with draws (the fills of all of them: :meth:`_flush`).
 
         The reveal is computed for every request, also those whose gap will commit them
         (they discard it): so nothing waits for the gaps to reach the host first.
