@@ -126,12 +126,26 @@ def batchable(req: Request) -> bool:
 
 @dataclass
 class _Fill:
-    """Token ids a commit fills in, still on the logits' device, and what writes them into the
-    plan once every commit's have crossed to the host together (:meth:`BatchedStep._flush`)."""
+    """Token ids a commit fills in, still on the logits' device, and where they go in the plan
+    once every commit's have crossed to the host together (:meth:`BatchedStep._flush`): the
+    flat rows ``rows`` of ``x0`` take ``tokens[in_rows]``; a cached commit's masks outside its
+    pass (``outside``: the request and their canvas positions) take ``tokens[in_outside]``
+    (None: all of ``tokens``)."""
 
     owners: list[int]  # the requests (indices into ``reqs``) it fills: a failure fails them
     tokens: torch.Tensor  # int64 ids, on the logits' device
-    write: Callable[[np.ndarray], None]
+    rows: np.ndarray | None = None
+    in_rows: np.ndarray | None = None
+    outside: tuple[int, np.ndarray] | None = None
+    in_outside: np.ndarray | None = None
+
+    def write(self, plan: _Plan, tokens: np.ndarray) -> None:
+        """Put the host ``tokens`` (these ``self.tokens``) into ``plan``."""
+        if self.rows is not None:
+            plan.x0[self.rows] = tokens if self.in_rows is None else tokens[self.in_rows]
+        if self.outside is not None:
+            j, pos = self.outside
+            plan.outside[j] = (pos, tokens if self.in_outside is None else tokens[self.in_outside])
 
 
 @dataclass
@@ -557,7 +571,7 @@ class BatchedStep:
         ends = np.cumsum([len(fill.tokens) for fill in fills]).tolist()
         for fill, start, end in zip(fills, [0, *ends[:-1]], ends, strict=True):
             try:
-                fill.write(host[start:end])
+                fill.write(plan, host[start:end])
             except Exception as err:  # its requests only
                 for j in fill.owners:
                     plan.failed.setdefault(j, f"decoding failed: {err!r}")
@@ -633,15 +647,9 @@ class BatchedStep:
             generator=None,
             noise=noise,
         )
-
-        def write(host: np.ndarray) -> None:
-            if outside is None:
-                plan.x0[fill] = host
-                return
-            plan.x0[fill] = host[in_pass]
-            plan.outside[j] = (pos, host[others])
-
-        return _Fill([j], x0, write)
+        if outside is None:
+            return _Fill([j], x0, rows=fill)
+        return _Fill([j], x0, rows=fill, in_rows=in_pass, outside=(j, pos), in_outside=others)
 
     def _more_own(
         self, j: int, flat: np.ndarray, more: Callable[[torch.Tensor], torch.Tensor]
@@ -711,7 +719,7 @@ class BatchedStep:
                 try:
                     own = [(0, rows.size, t) for t in req.logits_suppress]
                     logits = suppress_cells(self._more_own(j, rows, more), own)
-                    plan.fills.append(_Fill([j], logits.argmax(dim=-1), _writer(plan.x0, rows)))
+                    plan.fills.append(_Fill([j], logits.argmax(dim=-1), rows=rows))
                 except Exception as err:  # this request only
                     plan.failed[j] = f"decoding failed: {err!r}"
             else:
@@ -730,7 +738,7 @@ class BatchedStep:
         if missing:
             flat = np.concatenate(missing)
             logits = suppress_cells(more(torch.from_numpy(flat)), cells)
-            plan.fills.append(_Fill(missing_of, logits.argmax(dim=-1), _writer(plan.x0, flat)))
+            plan.fills.append(_Fill(missing_of, logits.argmax(dim=-1), rows=flat))
         if outside_reqs:
             try:
                 found = read_only(outside_reqs, outside_pos)
@@ -751,8 +759,7 @@ class BatchedStep:
                 if filters(req.params):  # drawn with its other masks (``_sampled_commit``)
                     plan.outside_logits[j] = (pos, logits)
                     continue
-                tokens = logits.argmax(dim=-1)
-                plan.fills.append(_Fill([j], tokens, functools.partial(_outside, plan, j, pos)))
+                plan.fills.append(_Fill([j], logits.argmax(dim=-1), outside=(j, pos)))
 
     def _gaps(self, rows: np.ndarray, stats: RowStats) -> _Gaps | None:
         """Prophet's statistic of every request with a policy, on the device, in a fixed
@@ -1163,17 +1170,3 @@ class BatchedStep:
 def in_dtype(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype`` (a threshold compared in a confidence's dtype), once."""
     return float(torch.tensor(value, dtype=dtype))
-
-
-def _writer(x0: np.ndarray, at: np.ndarray) -> Callable[[np.ndarray], None]:
-    """What writes a fill's host tokens into ``x0`` at the flat rows ``at``."""
-
-    def write(tokens: np.ndarray) -> None:
-        x0[at] = tokens
-
-    return write
-
-
-def _outside(plan: _Plan, j: int, pos: np.ndarray, tokens: np.ndarray) -> None:
-    """A cached commit's tokens at its masks outside its pass (``pos``), for ``_commit``."""
-    plan.outside[j] = (pos, tokens)
