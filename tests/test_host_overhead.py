@@ -238,6 +238,10 @@ def test_a_replayed_forward_gives_the_recorded_run_back(bench, micro) -> None:
         bench.run_mix(micro, LARGE, tape=tape, **kw)
     with pytest.raises(ValueError, match="timed runs"):
         bench.run_mix(micro, LARGE, tape=tape, replay=True, **{**kw, "count": True})
+    as_expected = bench.run_mix(micro, LARGE, expect=tape.recorded, **kw)  # live, the same steps
+    assert as_expected.canvases == recorded.canvases
+    with pytest.raises(RuntimeError, match="differ from the recorded"):  # live, other steps
+        bench.run_mix(micro, LARGE, seed=1, expect=tape.recorded, **kw)
     other = bench.ForwardTape()
     bench.run_mix(micro, LARGE, tape=other, seed=1, **kw)
     with pytest.raises((RuntimeError, ValueError, IndexError)):
