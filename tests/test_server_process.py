@@ -50,11 +50,12 @@ def test_threads_reach_the_server_and_sigterm_drains_then_exits_0(tiny_checkpoin
     drain = args(tiny_checkpoint, "--threads", "1", "--shutdown-grace", "-1")
     abort = args(tiny_checkpoint, "--threads", "2", "--shutdown-grace", "0")
     with foretell_serve(drain, env=env) as waits, foretell_serve(abort, env=env) as aborts:
-        assert metrics(waits.base)["foretell_torch_threads"] == 1
+        loaded = metrics(waits.base)
+        assert loaded["foretell_torch_threads"] == 1
         assert metrics(aborts.base)["foretell_torch_threads"] == 2
         # Loaded, the server froze its startup objects out of full collections' reach.
-        assert metrics(waits.base)["foretell_gc_frozen_objects"] > 10_000
-        assert 'foretell_gc_collections_total{generation="2"}' in metrics(waits.base)
+        assert loaded["foretell_gc_frozen_objects"] > 10_000
+        assert 'foretell_gc_collections_total{generation="2"}' in loaded
         slow = {**BODY, "max_tokens": 128, "steps": 128}
         with stream(waits.base, slow) as events:
             waits.process.send_signal(signal.SIGTERM)
