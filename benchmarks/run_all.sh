@@ -46,6 +46,8 @@ done
 # Where that host time goes, part by part (the mix, B = 16 and 64).
 OMP_NUM_THREADS=1 python benchmarks/step_phases.py --batch-sizes 16,64 --repeats 3 \
   --out "$out/step_phases.json" | tee "$out/step_phases.txt"
+OMP_NUM_THREADS=1 python benchmarks/step_phases.py --batch-sizes 16,64 --repeats 3 --replay \
+  --out "$out/step_phases_replay.json" | tee "$out/step_phases_replay.txt"
 # The bucketed attention call alone: its time and ops per bucket group.
 OMP_NUM_THREADS=1 python benchmarks/bucketed_attention.py --repeats 8 \
   --out "$out/bucketed_attention.json" | tee "$out/bucketed_attention.txt"

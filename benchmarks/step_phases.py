@@ -13,6 +13,12 @@ close to the uninstrumented ones, and two revisions can be compared part by part
 this script with each one first on ``PYTHONPATH``. A part missing from a revision is reported
 as such.
 
+With ``--replay`` each run is made twice with the same steps: live, recording the model's
+outputs, then with the model's outputs replayed from that recording (``host_overhead.py``'s
+tape: no forward pass, so no gap between one step's host work and the next), which must give
+the same outputs. Each part is then shown both ways: what a forward in the step does to each
+part of the host work, those before it in the step as well as those after.
+
 Times are inclusive: a part holds the parts it calls (``run`` holds ``pack``,
 ``BatchedStep.__init__`` and ``RowStats.of``, less the model's forward; ``advance`` holds
 ``_plan``, which holds ``_gaps`` and ``_reveal``). Only steps whose batch was full count.
@@ -21,6 +27,7 @@ Times are inclusive: a part holds the parts it calls (``run`` holds ``pack``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import inspect
@@ -101,14 +108,27 @@ def measure(
     warmup_steps: int,
     steps: int,
     seed: int,
+    tape: host_overhead.ForwardTape | None = None,
+    replay: bool = False,
 ) -> dict:
-    """One run of ``mix`` at ``batch_size``: each part's milliseconds per measured step."""
+    """One run of ``mix`` at ``batch_size``: each part's milliseconds per measured step.
+
+    With a ``tape``, the model's outputs are recorded on it (an empty tape), or with
+    ``replay`` answered from it; a replay must give the recording's outputs."""
     loaded = host_overhead.micro_model(seed, host_overhead.mix_family(mix))
     engine = host_overhead.make_engine(loaded, batch_size, backend)
     stream = host_overhead.mix_stream(loaded, seed, mix)
     seconds: Counter[str] = Counter()
     measured, forward, live = 0, 0.0, 0
-    with timed_phases(seconds) as missing:
+    finished: list[tuple[str, tuple[int, ...], str | None]] = []
+    if tape is not None and not replay and tape.outputs:
+        raise ValueError("measure: record on an empty tape")
+    taped = (
+        contextlib.nullcontext()
+        if tape is None
+        else host_overhead.taped_model_calls(loaded.model, tape, replay)
+    )
+    with taped, timed_phases(seconds) as missing:
         for index in range(warmup_steps + steps):
             while live < 2 * batch_size:
                 prompt, params = next(stream)
@@ -119,6 +139,7 @@ def measure(
             outputs = engine.step()
             forward1, steps1, seqs1 = host_overhead.engine_counters(engine)
             live -= len(outputs)
+            finished += [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
             full = steps1 - steps0 == 1 and seqs1 - seqs0 == batch_size
             if index < warmup_steps or not full:  # not counted: take its times back out
                 seconds.clear()
@@ -128,6 +149,13 @@ def measure(
             forward += forward1 - forward0
     if not measured:
         raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
+    if tape is not None and not replay:
+        tape.recorded = (finished, [])
+    if replay:
+        if tape.played != len(tape.outputs):
+            raise RuntimeError("the replayed run calls the model less often than recorded")
+        if tape.recorded != (finished, []):
+            raise RuntimeError(f"B={batch_size}: the replayed run's outputs differ from the live")
     ms = {name: 1e3 * seconds[name] / measured for name, *_ in PHASES if name not in missing}
     forward_ms = 1e3 * forward / measured
     if FORWARD_PHASE in ms:
@@ -153,17 +181,41 @@ def format_report(records: list[dict]) -> str:
             f"request-step (forward {r['forward_ms_per_step']:.2f} ms, "
             f"{r['measured_steps']} steps)"
         )
-        lines.append(
-            f"  {'part (inclusive)':<24} {'ms/step':>9} {'us/req-step':>12} {'of host':>8}"
-        )
+        replayed = r.get("replayed")
+        if replayed is not None:
+            lines.append(
+                f"  replayed: host {replayed['host_ms_per_step']:.3f} ms a step = "
+                f"{replayed['host_us_per_request_step']:.1f} us a request-step "
+                f"(live/replayed {host / replayed['host_ms_per_step']:.2f}x)"
+            )
+        head = f"  {'part (inclusive)':<24} {'ms/step':>9} {'us/req-step':>12} {'of host':>8}"
+        if replayed is not None:
+            head += f" {'replayed ms':>12} {'live/replayed':>14}"
+        lines.append(head)
         for name, value in r["phase_ms_per_step"].items():
             if name == "step":
                 continue
             share = value / host if host > 0 else float("nan")
-            lines.append(f"  {name:<24} {value:>9.3f} {1e3 * value / b:>12.1f} {share:>8.0%}")
+            line = f"  {name:<24} {value:>9.3f} {1e3 * value / b:>12.1f} {share:>8.0%}"
+            if replayed is not None:
+                again = replayed["phase_ms_per_step"][name]
+                ratio = value / again if again > 0 else float("nan")
+                line += f" {again:>12.3f} {ratio:>13.2f}x"
+            lines.append(line)
         for name in r["missing_phases"]:
             lines.append(f"  {name:<24} {'(not in this revision)':>31}")
     return "\n".join(lines)
+
+
+def measure_replayed(batch_size: int, **kw) -> dict:
+    """A live run (recorded) and the same steps replayed: the live record, with the replay's
+    host and part times under ``replayed``."""
+    tape = host_overhead.ForwardTape()
+    live = measure(batch_size, tape=tape, **kw)
+    again = measure(batch_size, tape=tape, replay=True, **kw)
+    keys = ("host_ms_per_step", "host_us_per_request_step", "phase_ms_per_step")
+    live["replayed"] = {key: again[key] for key in keys}
+    return live
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,13 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--attention-backend", default="sdpa_buckets", help="the engine's backend")
     p.add_argument("--mix", default="issue", choices=host_overhead.MIXES, help="the request mix")
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="also replay each run's steps with the model's outputs recorded (no forward)",
+    )
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     records = []
     for size in (int(b) for b in args.batch_sizes.split(",")):
+        measure_one = measure_replayed if args.replay else measure
         runs = [
-            measure(
+            measure_one(
                 size,
                 mix=args.mix,
                 backend=args.attention_backend,
@@ -195,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(run["host_ms_per_step"] for run in runs)
         record = min(runs, key=lambda run: abs(run["host_ms_per_step"] - median))
         record["host_ms_per_step_runs"] = [run["host_ms_per_step"] for run in runs]
+        if args.replay:
+            replays = [run["replayed"]["host_ms_per_step"] for run in runs]
+            record["replayed"]["host_ms_per_step_runs"] = replays
         records.append(record)
     print(format_report(records))
     if args.out:

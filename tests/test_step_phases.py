@@ -47,3 +47,34 @@ def test_a_part_missing_from_a_revision_is_reported(phases, monkeypatch) -> None
     record = phases.measure(4, mix="issue", backend="sdpa", warmup_steps=4, steps=6, seed=0)
     assert record["missing_phases"] == ["gone"]
     assert "gone" in phases.format_report([record])
+
+
+def test_replay_times_every_part_both_ways(phases, tmp_path) -> None:
+    """``--replay``: each part's time live and with the model's outputs replayed, side by side
+    in the table and the JSON; the replay ran the same steps (it checks its outputs)."""
+    out = tmp_path / "phases.json"
+    argv = ["--batch-sizes", "4", "--warmup-steps", "6", "--steps", "8", "--replay"]
+    assert phases.main([*argv, "--out", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    replayed = record["replayed"]
+    assert set(replayed["phase_ms_per_step"]) == set(record["phase_ms_per_step"])
+    assert 0 < replayed["host_ms_per_step"] < replayed["phase_ms_per_step"]["step"]
+    assert len(replayed["host_ms_per_step_runs"]) == 1
+    assert "live/replayed" in phases.format_report([record])
+
+
+def test_a_replay_must_give_the_recorded_outputs(phases) -> None:
+    """A replay whose outputs are not the recording's fails rather than report its times; so
+    does recording on a tape that holds a run already."""
+    import host_overhead
+
+    kw = {"mix": "issue", "backend": "sdpa", "warmup_steps": 4, "steps": 6, "seed": 0}
+    tape = host_overhead.ForwardTape()
+    phases.measure(4, tape=tape, **kw)
+    with pytest.raises(ValueError, match="empty tape"):
+        phases.measure(4, tape=tape, **kw)
+    assert phases.measure(4, tape=tape, replay=True, **kw)["measured_steps"] > 0
+    finished, canvases = tape.recorded
+    tape.recorded = ([*finished, ("never-finished", (), "steps")], canvases)
+    with pytest.raises(RuntimeError, match="differ from the live"):
+        phases.measure(4, tape=tape, replay=True, **kw)
