@@ -34,10 +34,12 @@ import inspect
 import statistics
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,15 +116,22 @@ def measure(
     """One run of ``mix`` at ``batch_size``: each part's milliseconds per measured step.
 
     With a ``tape``, the model's outputs are recorded on it (an empty tape), or with
-    ``replay`` answered from it; a replay must give the recording's outputs."""
+    ``replay`` answered from it. A replay must give the recording's outputs and canvases after
+    every step, so that its times are known to be of the same steps; any request ending in an
+    error fails the run (the engine would otherwise retry its pass and carry on). The host
+    time takes out the forward pass only: model calls outside it (a cached commit's read-only
+    rows, in the every-kind mixes) stay in the parts that make them, live or replayed."""
+    if replay and (tape is None or tape.recorded is None):
+        raise ValueError("measure: a replay needs a tape recorded by a live run")
+    if tape is not None and not replay and tape.outputs:
+        raise ValueError("measure: record on an empty tape")
     loaded = host_overhead.micro_model(seed, host_overhead.mix_family(mix))
     engine = host_overhead.make_engine(loaded, batch_size, backend)
     stream = host_overhead.mix_stream(loaded, seed, mix)
     seconds: Counter[str] = Counter()
     measured, forward, live = 0, 0.0, 0
     finished: list[tuple[str, tuple[int, ...], str | None]] = []
-    if tape is not None and not replay and tape.outputs:
-        raise ValueError("measure: record on an empty tape")
+    canvases: list[int] = []
     taped = (
         contextlib.nullcontext()
         if tape is None
@@ -139,7 +148,12 @@ def measure(
             outputs = engine.step()
             forward1, steps1, seqs1 = host_overhead.engine_counters(engine)
             live -= len(outputs)
+            errors = [out for out in outputs if out.finish_reason == "error"]
+            if errors:
+                raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
             finished += [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
+            if tape is not None:  # outside the timed parts
+                canvases.append(zlib.crc32(engine.runner.canvas_rows.tokens.tobytes()))
             full = steps1 - steps0 == 1 and seqs1 - seqs0 == batch_size
             if index < warmup_steps or not full:  # not counted: take its times back out
                 seconds.clear()
@@ -150,11 +164,13 @@ def measure(
     if not measured:
         raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
     if tape is not None and not replay:
-        tape.recorded = (finished, [])
+        tape.recorded = (finished, canvases)
     if replay:
         if tape.played != len(tape.outputs):
-            raise RuntimeError("the replayed run calls the model less often than recorded")
-        if tape.recorded != (finished, []):
+            raise RuntimeError(
+                f"B={batch_size}: the replayed run calls the model less often than recorded"
+            )
+        if tape.recorded != (finished, canvases):
             raise RuntimeError(f"B={batch_size}: the replayed run's outputs differ from the live")
     ms = {name: 1e3 * seconds[name] / measured for name, *_ in PHASES if name not in missing}
     forward_ms = 1e3 * forward / measured
@@ -186,8 +202,12 @@ def format_report(records: list[dict]) -> str:
             lines.append(
                 f"  replayed: host {replayed['host_ms_per_step']:.3f} ms a step = "
                 f"{replayed['host_us_per_request_step']:.1f} us a request-step "
-                f"(live/replayed {host / replayed['host_ms_per_step']:.2f}x)"
+                f"(live/replayed {r['live_over_replayed']:.2f}x)"
             )
+            ratios = r.get("live_over_replayed_runs", [r["live_over_replayed"]])
+            if len(ratios) > 1:
+                shown = ", ".join(f"{x:.2f}x" for x in ratios)
+                lines.append(f"  live/replayed of each run: {shown} (the median one below)")
         head = f"  {'part (inclusive)':<24} {'ms/step':>9} {'us/req-step':>12} {'of host':>8}"
         if replayed is not None:
             head += f" {'replayed ms':>12} {'live/replayed':>14}"
@@ -207,15 +227,44 @@ def format_report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measure_replayed(batch_size: int, **kw) -> dict:
-    """A live run (recorded) and the same steps replayed: the live record, with the replay's
-    host and part times under ``replayed``."""
+def measure_replayed(batch_size: int, **kw: Any) -> dict:
+    """A live run (recorded) and the same steps replayed right after it: the live record with
+    the replay's times under ``replayed`` and their ratio, so that a pair measured in the same
+    minute stays together however many runs are made (the machine's speed drifts between
+    runs more than within one)."""
     tape = host_overhead.ForwardTape()
     live = measure(batch_size, tape=tape, **kw)
     again = measure(batch_size, tape=tape, replay=True, **kw)
-    keys = ("host_ms_per_step", "host_us_per_request_step", "phase_ms_per_step")
+    keys = (
+        "host_ms_per_step",
+        "host_us_per_request_step",
+        "phase_ms_per_step",
+        "forward_ms_per_step",
+        "measured_steps",
+    )
     live["replayed"] = {key: again[key] for key in keys}
+    live["live_over_replayed"] = live["host_ms_per_step"] / again["host_ms_per_step"]
     return live
+
+
+def pick_record(runs: list[dict], replayed: bool) -> dict:
+    """The run a table shows: the median one by host time, or with replays by the ratio of
+    live to replayed host time (each run's pair); the record lists every run's times."""
+    key = "live_over_replayed" if replayed else "host_ms_per_step"
+    median = statistics.median(run[key] for run in runs)
+    record = min(runs, key=lambda run: abs(run[key] - median))
+    record["host_ms_per_step_runs"] = [run["host_ms_per_step"] for run in runs]
+    if replayed:
+        record["live_over_replayed_runs"] = [run["live_over_replayed"] for run in runs]
+        record["runs"] = [
+            {
+                "host_ms_per_step": run["host_ms_per_step"],
+                "phase_ms_per_step": run["phase_ms_per_step"],
+                "replayed": run["replayed"],
+            }
+            for run in runs
+        ]
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,13 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for _ in range(args.repeats)
         ]
-        median = statistics.median(run["host_ms_per_step"] for run in runs)
-        record = min(runs, key=lambda run: abs(run["host_ms_per_step"] - median))
-        record["host_ms_per_step_runs"] = [run["host_ms_per_step"] for run in runs]
-        if args.replay:
-            replays = [run["replayed"]["host_ms_per_step"] for run in runs]
-            record["replayed"]["host_ms_per_step_runs"] = replays
-        records.append(record)
+        records.append(pick_record(runs, args.replay))
     print(format_report(records))
     if args.out:
         loaded = host_overhead.micro_model(args.seed, host_overhead.mix_family(args.mix))

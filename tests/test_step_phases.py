@@ -51,30 +51,66 @@ def test_a_part_missing_from_a_revision_is_reported(phases, monkeypatch) -> None
 
 def test_replay_times_every_part_both_ways(phases, tmp_path) -> None:
     """``--replay``: each part's time live and with the model's outputs replayed, side by side
-    in the table and the JSON; the replay ran the same steps (it checks its outputs)."""
+    in the table and the JSON; the replay ran the same steps without the forward."""
     out = tmp_path / "phases.json"
     argv = ["--batch-sizes", "4", "--warmup-steps", "6", "--steps", "8", "--replay"]
     assert phases.main([*argv, "--out", str(out)]) == 0
     (record,) = json.loads(out.read_text())["records"]
     replayed = record["replayed"]
     assert set(replayed["phase_ms_per_step"]) == set(record["phase_ms_per_step"])
-    assert 0 < replayed["host_ms_per_step"] < replayed["phase_ms_per_step"]["step"]
-    assert len(replayed["host_ms_per_step_runs"]) == 1
+    assert replayed["measured_steps"] == record["measured_steps"]
+    assert 0 < replayed["forward_ms_per_step"] < 0.5 * record["forward_ms_per_step"]
+    assert 0 < replayed["host_ms_per_step"] != record["host_ms_per_step"]
+    ratio = record["host_ms_per_step"] / replayed["host_ms_per_step"]
+    assert record["live_over_replayed"] == pytest.approx(ratio)
+    assert record["live_over_replayed_runs"] == [record["live_over_replayed"]]
     assert "live/replayed" in phases.format_report([record])
 
 
+def test_the_table_shows_the_run_of_median_ratio_with_its_own_replay(phases) -> None:
+    """With repeats, the run shown is the one whose live/replayed ratio is the median, with the
+    replay made right after it; every run's times are kept."""
+
+    def run(live: float, replayed: float) -> dict:
+        return {
+            "host_ms_per_step": live,
+            "phase_ms_per_step": {"step": live},
+            "replayed": {"host_ms_per_step": replayed},
+            "live_over_replayed": live / replayed,
+        }
+
+    runs = [run(3.0, 2.0), run(4.0, 2.0), run(2.0, 1.9)]  # ratios 1.5, 2.0, 1.05
+    record = phases.pick_record(runs, replayed=True)
+    assert record["host_ms_per_step"] == 3.0 and record["replayed"]["host_ms_per_step"] == 2.0
+    assert record["live_over_replayed_runs"] == [1.5, 2.0, 2.0 / 1.9]
+    assert [r["replayed"]["host_ms_per_step"] for r in record["runs"]] == [2.0, 2.0, 1.9]
+    plain = phases.pick_record([run(3.0, 2.0), run(4.0, 2.0), run(2.0, 1.9)], replayed=False)
+    assert plain["host_ms_per_step"] == 3.0 and "runs" not in plain
+
+
 def test_a_replay_must_give_the_recorded_outputs(phases) -> None:
-    """A replay whose outputs are not the recording's fails rather than report its times; so
-    does recording on a tape that holds a run already."""
+    """A replay of other model outputs than recorded fails rather than report its times, as do
+    a replay without a recording and recording on a tape that holds a run already."""
     import host_overhead
 
     kw = {"mix": "issue", "backend": "sdpa", "warmup_steps": 4, "steps": 6, "seed": 0}
+    with pytest.raises(ValueError, match="recorded by a live run"):
+        phases.measure(4, tape=host_overhead.ForwardTape(), replay=True, **kw)
     tape = host_overhead.ForwardTape()
     phases.measure(4, tape=tape, **kw)
     with pytest.raises(ValueError, match="empty tape"):
         phases.measure(4, tape=tape, **kw)
     assert phases.measure(4, tape=tape, replay=True, **kw)["measured_steps"] > 0
-    finished, canvases = tape.recorded
-    tape.recorded = ([*finished, ("never-finished", (), "steps")], canvases)
+    # The last step's gathered logits changed (a pass's second call, ``logits_at``): it reveals
+    # other tokens, and nothing after it asks the model for anything, so only the check of the
+    # canvases after every step can tell.
+    assert [t.shape[-1] for t in tape.outputs[1::2]] == [51] * (len(tape.outputs) // 2)
+    last = tape.outputs[-1]
+    tape.outputs[-1] = -last
     with pytest.raises(RuntimeError, match="differ from the live"):
+        phases.measure(4, tape=tape, replay=True, **kw)
+    # An earlier one: the run goes its own way and fails (the recorded outputs no longer fit).
+    tape.outputs[-1] = last
+    tape.outputs[3] = -tape.outputs[3]
+    with pytest.raises(RuntimeError, match="failed"):
         phases.measure(4, tape=tape, replay=True, **kw)
