@@ -217,6 +217,34 @@ class ForwardTape(ModelClock):
     # the forward's place does to the host work after (benchmarks/forward_interference.py).
     after_forward: Callable[[], object] | None = None
 
+    def settle(self, replay: bool, batch_size: int, outputs: list, canvases: list[int]) -> None:
+        """After a run on this tape: a recording keeps the run's outputs and canvases
+        (:func:`step_results`); a replay must have answered every recorded call and given them
+        back, or its times are not of the recorded steps."""
+        if not replay:
+            self.recorded = (outputs, canvases)
+            return
+        if self.played != len(self.outputs):
+            raise RuntimeError(
+                f"B={batch_size}: the replayed run calls the model less often than recorded"
+            )
+        if (outputs, canvases) != self.recorded:
+            raise RuntimeError(
+                f"B={batch_size}: the replayed run's outputs differ from the recorded"
+            )
+
+
+def step_results(engine: Engine, outputs: list) -> tuple[list[tuple], int]:
+    """What a run keeps of one step to compare it with another run of the same steps: the
+    finished outputs (request id, token ids, finish reason) and a checksum of every canvas.
+    A request that failed fails the run: the engine retries a failed pass in halves and
+    carries on, so a timed run would otherwise report a broken run's times."""
+    errors = [out for out in outputs if out.finish_reason == "error"]
+    if errors:
+        raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
+    finished = [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
+    return finished, zlib.crc32(engine.runner.canvas_rows.tokens.tobytes())
+
 
 def taped_model_calls(
     model: torch.nn.Module, tape: ForwardTape, replay: bool
@@ -224,7 +252,12 @@ def taped_model_calls(
     """Record a copy of every output of the model's methods on ``tape``; or, with ``replay``,
     answer each call with a copy of the next one recorded, without running the model (a copy:
     the runner writes some logits in place). Either way the call's time goes on the tape's
-    clock."""
+    clock. A recording needs an empty tape; a replay, one a live run has settled
+    (:meth:`ForwardTape.settle`)."""
+    if replay and tape.recorded is None:
+        raise ValueError("a replay needs a tape recorded by a live run")
+    if not replay and tape.outputs:
+        raise ValueError("record on an empty tape")
     tape.played = 0
 
     def taped(method):
@@ -565,8 +598,6 @@ def run_mix(
     if tape is not None:
         if count or profile:  # their own wrappers of the model's methods would undo the tape's
             raise ValueError("run_mix: a tape is for timed runs (count=False, profile=False)")
-        if not replay and tape.outputs:
-            raise ValueError("run_mix: record on an empty tape")
         clock, timed = tape, taped_model_calls(loaded.model, tape, replay)
     elif not (count or profile):
         clock = ModelClock()
@@ -575,12 +606,8 @@ def run_mix(
         run = _run_mix(
             loaded, batch_size, warmup_steps, steps, seed, count, backend, mix, profile, clock
         )
-    if tape is not None and not replay:
-        tape.recorded = (run.outputs, run.canvases)
-    if replay and tape.played != len(tape.outputs):
-        raise RuntimeError("the replayed run calls the model less often than recorded")
-    if replay:
-        expect = tape.recorded
+    if tape is not None:
+        tape.settle(replay, batch_size, run.outputs, run.canvases)
     if expect is not None and (run.outputs, run.canvases) != expect:
         raise RuntimeError(f"B={batch_size}: the run's outputs differ from the recorded")
     return run
@@ -632,12 +659,10 @@ def _run_mix(
             watch.active = False
             collections, gc_seconds, unreachable = watch.take()  # this step's (if measured)
             forward1, steps1, seqs1 = engine_counters(engine)
-            errors = [out for out in outputs if out.finish_reason == "error"]
-            if errors:
-                raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
+            finished, canvas = step_results(engine, outputs)
             live -= len(outputs)
-            run.outputs += [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
-            run.canvases.append(zlib.crc32(engine.runner.canvas_rows.tokens.tobytes()))
+            run.outputs += finished
+            run.canvases.append(canvas)
             if not measured:
                 continue
             if steps1 - steps0 != 1 or seqs1 - seqs0 != batch_size:

@@ -34,7 +34,6 @@ import inspect
 import statistics
 import sys
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,10 +120,8 @@ def measure(
     error fails the run (the engine would otherwise retry its pass and carry on). The host
     time takes out the forward pass only: model calls outside it (a cached commit's read-only
     rows, in the every-kind mixes) stay in the parts that make them, live or replayed."""
-    if replay and (tape is None or tape.recorded is None):
+    if replay and tape is None:
         raise ValueError("measure: a replay needs a tape recorded by a live run")
-    if tape is not None and not replay and tape.outputs:
-        raise ValueError("measure: record on an empty tape")
     loaded = host_overhead.micro_model(seed, host_overhead.mix_family(mix))
     engine = host_overhead.make_engine(loaded, batch_size, backend)
     stream = host_overhead.mix_stream(loaded, seed, mix)
@@ -148,12 +145,9 @@ def measure(
             outputs = engine.step()
             forward1, steps1, seqs1 = host_overhead.engine_counters(engine)
             live -= len(outputs)
-            errors = [out for out in outputs if out.finish_reason == "error"]
-            if errors:
-                raise RuntimeError(f"request {errors[0].request_id} failed: {errors[0].error}")
-            finished += [(o.request_id, tuple(o.token_ids), o.finish_reason) for o in outputs]
-            if tape is not None:  # outside the timed parts
-                canvases.append(zlib.crc32(engine.runner.canvas_rows.tokens.tobytes()))
+            done, canvas = host_overhead.step_results(engine, outputs)  # outside the parts
+            finished += done
+            canvases.append(canvas)
             full = steps1 - steps0 == 1 and seqs1 - seqs0 == batch_size
             if index < warmup_steps or not full:  # not counted: take its times back out
                 seconds.clear()
@@ -163,15 +157,8 @@ def measure(
             forward += forward1 - forward0
     if not measured:
         raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
-    if tape is not None and not replay:
-        tape.recorded = (finished, canvases)
-    if replay:
-        if tape.played != len(tape.outputs):
-            raise RuntimeError(
-                f"B={batch_size}: the replayed run calls the model less often than recorded"
-            )
-        if tape.recorded != (finished, canvases):
-            raise RuntimeError(f"B={batch_size}: the replayed run's outputs differ from the live")
+    if tape is not None:
+        tape.settle(replay, batch_size, finished, canvases)
     ms = {name: 1e3 * seconds[name] / measured for name, *_ in PHASES if name not in missing}
     forward_ms = 1e3 * forward / measured
     if FORWARD_PHASE in ms:

@@ -107,7 +107,7 @@ def test_a_replay_must_give_the_recorded_outputs(phases) -> None:
     assert [t.shape[-1] for t in tape.outputs[1::2]] == [51] * (len(tape.outputs) // 2)
     last = tape.outputs[-1]
     tape.outputs[-1] = -last
-    with pytest.raises(RuntimeError, match="differ from the live"):
+    with pytest.raises(RuntimeError, match="differ from the recorded"):
         phases.measure(4, tape=tape, replay=True, **kw)
     # An earlier one: the run goes its own way and fails (the recorded outputs no longer fit).
     tape.outputs[-1] = last
