@@ -9,9 +9,9 @@ overlap a GPU's work with the host's) leaves only the host work that outlasts th
 as long as the two do not slow each other much. This script measures that on this machine,
 without building such an engine: it replays ``host_overhead.py``'s steps of the issue's mix
 (the model's outputs from a recording, so the host work is the engine's own, checked to give
-the recording's outputs and canvases), and at each replayed forward it waits for a model
-pass started at the previous one, then starts the next. So every step's host work runs while
-a pass runs:
+the recording's outputs and canvases), and at each step's first replayed forward (a
+commit's read-only passes start none) it waits for the model pass started at the previous
+step's, then starts the next. So every step's host work runs while a pass runs:
 
 - ``serial``: the pass runs in the forward's place, the host waiting (the engine as it is,
   with this pass as its forward);
@@ -20,12 +20,17 @@ a pass runs:
 - ``process``: in another process, this script run with ``--pass-server`` (POSIX only);
 - ``none``: no pass (the replay alone, for the host work's own time).
 
-The pass is the micro model's forward and LM head over ``SEQS`` uncached sequences of
-``SEQ_LEN`` tokens (about the issue's mix at B=64, ~4,600 tokens a pass) with every fourth
-row's logits, in the engine's attention backend here (``sdpa_buckets``); the other process
-must give this process's logits (a checksum when it starts). Each run also times the pass
-alone just before it. The issue's measure for each kind is its wall time a step less the
-pass's time a step (beside the host work), per request-step.
+The pass stands in for the forward: the micro model's forward and LM head over ``SEQS``
+uncached sequences of ``SEQ_LEN`` tokens (about the issue's mix at B=64, ~4,600 tokens a
+pass) with every fourth row's logits, in the engine's attention backend here
+(``sdpa_buckets``); the other process must give this process's logits (a checksum when it
+starts), and only a line crosses between them a pass. Each run also times the pass alone just
+before it. Per kind: a step's period (its start to the next step's: the caller's work
+between steps in), its wall time, the pass beside and alone, the host work (wall less the
+waits for passes), the issue's measure (wall less the pass: it reads below zero once the
+host work is shorter than the pass, whatever the pass's own slowdown) and the period less
+the pass alone; and each overlapped kind's period against ``serial`` in the same round,
+which is what overlap saves.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -98,6 +104,16 @@ def timed_alone(work: Callable[[], object], calls: int = ALONE_CALLS) -> float:
     return 1e3 * statistics.median(timed_once(work) for _ in range(calls))
 
 
+class Pass(Protocol):
+    """Where a kind runs the pass: ``start`` begins one, ``finish`` waits for it and gives
+    its seconds (raising its failure); one at a time."""
+
+    def alone(self, calls: int = ALONE_CALLS) -> float: ...
+    def start(self) -> None: ...
+    def finish(self) -> float: ...
+    def close(self) -> None: ...
+
+
 class PassInline:
     """The pass run at once by ``start``, in the caller's thread (the ``serial`` kind)."""
 
@@ -112,7 +128,8 @@ class PassInline:
         self.last_s = timed_once(self.work)
 
     def finish(self) -> float:
-        """The seconds of the pass ``start`` ran."""
+        if self.last_s is None:
+            raise RuntimeError("no pass to finish")
         seconds, self.last_s = self.last_s, None
         return seconds
 
@@ -120,20 +137,25 @@ class PassInline:
         pass
 
 
-class PassThread(PassInline):
-    """The pass on a thread of its own, one at a time (the ``thread`` kind): ``start`` hands
-    it over, ``finish`` waits for it and raises its failure."""
+class PassThread:
+    """The pass on a thread of its own (the ``thread`` kind): ``start`` hands it over,
+    ``finish`` waits for it. Timed alone on the caller's thread (the same pass, one thread)."""
 
     def __init__(self, work: Callable[[], object], timeout_s: float = 120.0) -> None:
-        super().__init__(work)
+        self.work = work
         self.timeout_s = timeout_s
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pass")
         self.pending: Future[float] | None = None
+
+    def alone(self, calls: int = ALONE_CALLS) -> float:
+        return timed_alone(self.work, calls)
 
     def start(self) -> None:
         self.pending = self.pool.submit(timed_once, self.work)
 
     def finish(self) -> float:
+        if self.pending is None:
+            raise RuntimeError("no pass to finish")
         pending, self.pending = self.pending, None
         return pending.result(timeout=self.timeout_s)
 
@@ -152,14 +174,18 @@ class PassProcess:
         # Its errors go to a file: a full pipe would stall it. Closed by ``close``.
         self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115
         script = str(Path(__file__).resolve())
-        self.process = subprocess.Popen(
-            [sys.executable, script, "--pass-server", "--threads", str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.errors,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, script, "--pass-server", "--threads", str(threads)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.errors,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
+        except BaseException:
+            self.errors.close()
+            raise
         try:
             got = self._answer("ready")
             if got != expect:
@@ -242,9 +268,7 @@ def serve_pass(threads: int) -> int:
     return 0
 
 
-def pass_beside(
-    kind: str, work: Callable[[], torch.Tensor], threads: int = 1
-) -> PassInline | PassProcess | None:
+def pass_beside(kind: str, work: Callable[[], torch.Tensor], threads: int = 1) -> Pass | None:
     """Where ``kind`` runs the pass (None: it runs none)."""
     if kind == "none":
         return None
@@ -257,75 +281,124 @@ def pass_beside(
     raise ValueError(f"kind: one of {KINDS}, got {kind!r}")
 
 
-@contextlib.contextmanager
-def step_starts() -> Iterator[list[bool]]:
-    """A flag that each ``Engine.step`` call raises as it starts (read and lowered by the
-    caller), so that a hook on the model's calls can tell a step's first forward pass from a
-    commit's read-only ones."""
-    flag = [False]
-    original = Engine.step
+class StepClock:
+    """While in use, ``Engine.step`` raises ``new_step`` and records its start time as each
+    call starts: so a hook on the model's calls can tell a step's first forward pass from a
+    commit's read-only ones, and a step's period (start to next start) takes in the work a
+    caller does between steps, which the step's own wall time leaves out."""
 
-    @functools.wraps(original)
-    def step(self: Engine, *args: object, **kwargs: object) -> object:
-        flag[0] = True
-        return original(self, *args, **kwargs)
+    def __init__(self) -> None:
+        self.new_step = False
+        self.starts: list[float] = []
 
-    Engine.step = step
-    try:
-        yield flag
-    finally:
-        Engine.step = original
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StepClock]:
+        original = Engine.step
+
+        @functools.wraps(original)
+        def step(engine: Engine, *args: object, **kwargs: object) -> object:
+            self.starts.append(time.perf_counter())
+            self.new_step = True
+            return original(engine, *args, **kwargs)
+
+        Engine.step = step
+        try:
+            yield self
+        finally:
+            Engine.step = original
+
+
+class PassSchedule:
+    """A pass started at each step's first forward, the one started at the previous step's
+    finished first: so each step's host work runs beside a pass. ``seconds[k]`` is the pass
+    started at step ``k``. A pass's failure is kept (``error``) and no pass starts after it:
+    raised from the model's call, the engine would take it for a failed forward."""
+
+    def __init__(self, beside: Pass, clock: StepClock) -> None:
+        self.beside = beside
+        self.clock = clock
+        self.seconds: list[float] = []
+        self.pending = False
+        self.error: BaseException | None = None
+
+    def at_forward(self) -> None:
+        if not self.clock.new_step or self.error is not None:  # a read-only pass, or failed
+            return
+        self.clock.new_step = False
+        try:
+            self.finish()
+            self.beside.start()
+            self.pending = True
+        except BaseException as err:  # raised by ``settle`` (after the run), not here
+            self.error = err
+
+    def finish(self) -> None:
+        """Finish the pending pass, if any."""
+        if self.pending:
+            self.pending = False
+            self.seconds.append(self.beside.finish())
+
+    def settle(self) -> None:
+        """After the run: finish the last pass; raise a pass's failure."""
+        if self.error is None:
+            try:
+                self.finish()
+            except BaseException as err:
+                self.error = err
+        if self.error is not None:
+            raise RuntimeError(f"a pass beside the steps failed: {self.error!r}") from self.error
 
 
 def replay_beside(
     loaded: LoadedModel,
     tape: host_overhead.ForwardTape,
     batch_size: int,
-    beside: PassInline | PassProcess | None,
+    beside: Pass | None,
     *,
     warmup_steps: int,
     steps: int,
 ) -> dict:
-    """One replay of the recorded steps with a pass started at each step's first forward
-    (the one started at the previous step's finished first), so that each step's host work
-    runs beside a pass; the run's times."""
-    seconds: list[float] = []  # seconds[k]: the pass started at step k
-
-    def at_forward() -> None:
-        if not new_step[0]:  # a commit's read-only pass
-            return
-        new_step[0] = False
-        if len(seconds) < started[0]:
-            seconds.append(beside.finish())
-        beside.start()
-        started[0] += 1
-
-    started = [0]
+    """One replay of the recorded steps with a pass beside each step's host work
+    (:class:`PassSchedule`; none without ``beside``); the run's times."""
+    clock = StepClock()
+    schedule = PassSchedule(beside, clock) if beside is not None else None
     alone_ms = beside.alone() if beside is not None else 0.0
-    tape.after_forward = at_forward if beside is not None else None
+    previous = tape.after_forward
+    tape.after_forward = schedule.at_forward if schedule is not None else previous
     kw = {"warmup_steps": warmup_steps, "steps": steps, "backend": BACKEND}
     try:
-        with step_starts() as new_step:
+        with clock.installed():
             run = host_overhead.run_mix(
                 loaded, batch_size, count=False, tape=tape, replay=True, **kw
             )
     finally:  # run_mix checked the replay against the recording
-        tape.after_forward = None
-        if len(seconds) < started[0]:
-            seconds.append(beside.finish())
-    if beside is not None and len(seconds) != warmup_steps + steps:
-        raise RuntimeError(f"{len(seconds)} passes ran beside {warmup_steps + steps} steps")
+        tape.after_forward = previous
+        if schedule is not None:
+            schedule.settle()
+    total = warmup_steps + steps
+    if run.skipped_steps:  # the wall would then cover fewer steps than the passes
+        raise RuntimeError(f"{run.skipped_steps} steps ran short of a full batch")
+    if schedule is not None and len(schedule.seconds) != total:
+        raise RuntimeError(f"{len(schedule.seconds)} passes ran beside {total} steps")
+    if len(clock.starts) != total:
+        raise RuntimeError(f"{len(clock.starts)} steps started, not {total}")
     wall_ms = 1e3 * run.wall_s / run.steps
-    # The passes beside the measured steps (each started at one and finished at the next).
-    measured = seconds[warmup_steps:]
+    # From the first measured step's start to the last's: the steps and the caller's work
+    # between them.
+    period_ms = 1e3 * (clock.starts[-1] - clock.starts[warmup_steps]) / max(steps - 1, 1)
+    # The passes beside the measured steps: a measured step waits for the one started at the
+    # step before it (the first measured one, for the warm-up's last): the same passes but
+    # one, in the mean.
+    measured = schedule.seconds[warmup_steps:] if schedule is not None else []
     pass_ms = 1e3 * statistics.fmean(measured) if measured else 0.0
     return {
         "wall_ms_per_step": wall_ms,
+        "period_ms_per_step": period_ms,
         "pass_ms": pass_ms,  # beside the host work (the mean over the measured steps)
         "pass_alone_ms": alone_ms,  # just before the run
         # The host work itself: wall less the time in the model's calls (the waits for passes).
         "host_us_per_request_step": run.host_us_less_model_calls,
-        # The issue's measure: wall less the forward (the pass), a request-step.
+        # The issue's measure: wall less the forward (the pass beside), a request-step.
         "wall_less_pass_us_per_request_step": 1e3 * (wall_ms - pass_ms) / batch_size,
     }
 
@@ -369,32 +442,62 @@ def measure(
             finally:
                 if beside is not None:
                     beside.close()
+    for kind_runs in runs.values():
+        for run in kind_runs:
+            # The step's time beyond its pass alone: host work not hidden, and what running
+            # beside the host work added to the pass.
+            beyond = run["period_ms_per_step"] - run["pass_alone_ms"]
+            run["period_less_pass_alone_us_per_request_step"] = 1e3 * beyond / batch_size
     medians = {
         kind: {key: statistics.median(run[key] for run in kind_runs) for key in kind_runs[0]}
         for kind, kind_runs in runs.items()
     }
-    return {"batch_size": batch_size, "medians": medians, "runs": runs, "orders": orders}
+    # Each overlapped kind against ``serial`` in the same round: the period it saves a step.
+    saved = {
+        kind: [
+            serial["period_ms_per_step"] - run["period_ms_per_step"]
+            for serial, run in zip(runs["serial"], runs[kind], strict=True)
+        ]
+        for kind in ("thread", "process")
+    }
+    return {
+        "batch_size": batch_size,
+        "medians": medians,
+        "period_saved_ms_per_step_runs": saved,
+        "runs": runs,
+        "orders": orders,
+    }
 
 
 def format_report(result: dict) -> str:
+    """The medians as a table, and each overlapped kind's saving against ``serial``."""
     b = result["batch_size"]
     medians = result["medians"]
     lines = [
         f"B={b}, issue's mix replayed, a pass of {SEQS}x{SEQ_LEN} tokens beside each step",
-        f"{'kind':>8} {'wall ms/step':>13} {'pass ms':>8} {'alone':>7} {'host us/rs':>11} "
-        f"{'wall less pass us/rs':>21}",
+        f"{'kind':>8} {'period ms':>10} {'wall ms':>8} {'pass ms':>8} {'alone':>6} "
+        f"{'host us/rs':>11} {'wall-pass us/rs':>16} {'period-alone us/rs':>19}",
     ]
     for kind, m in medians.items():
         lines.append(
-            f"{kind:>8} {m['wall_ms_per_step']:>13.2f} {m['pass_ms']:>8.2f} "
-            f"{m['pass_alone_ms']:>7.2f} {m['host_us_per_request_step']:>11.1f} "
-            f"{m['wall_less_pass_us_per_request_step']:>21.1f}"
+            f"{kind:>8} {m['period_ms_per_step']:>10.2f} {m['wall_ms_per_step']:>8.2f} "
+            f"{m['pass_ms']:>8.2f} {m['pass_alone_ms']:>6.2f} "
+            f"{m['host_us_per_request_step']:>11.1f} "
+            f"{m['wall_less_pass_us_per_request_step']:>16.1f} "
+            f"{m['period_less_pass_alone_us_per_request_step']:>19.1f}"
+        )
+    for kind, saved in result["period_saved_ms_per_step_runs"].items():
+        shown = ", ".join(f"{v:.2f}" for v in saved)
+        lines.append(
+            f"{kind} against serial, the same round: {statistics.median(saved):.2f} ms a step "
+            f"saved (median; each round: {shown})"
         )
     lines += [
-        "pass ms: a pass beside the host work (the measured steps' mean); alone: before the run;",
-        "host us/rs: the host work itself (wall less the waits for passes) a request-step;",
-        "wall less pass: the issue's measure (wall less the forward, here the pass) a",
-        "request-step. Medians of each kind's runs.",
+        "period: a step's start to the next one's (the caller's work between steps in);",
+        "wall: the step() call alone; pass: beside the host work (the measured steps' mean);",
+        "alone: the pass just before the run; host: wall less the waits for passes;",
+        "wall-pass: the issue's measure with the pass as the forward; period-alone: a step's",
+        "time beyond its pass alone. Medians of each kind's runs, a request-step where /rs.",
     ]
     return "\n".join(lines)
 
@@ -413,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_pass(args.threads)
     if min(args.rounds, args.batch_size, args.steps, args.threads) < 1:
         p.error("--rounds, --batch-size, --steps and --threads: must be >= 1")
+    if args.warmup_steps < 0:
+        p.error("--warmup-steps: must be >= 0")
     torch.set_num_threads(args.threads)
     result = measure(
         args.batch_size, args.rounds, args.warmup_steps, args.steps, threads=args.threads

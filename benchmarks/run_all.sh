@@ -61,7 +61,7 @@ OMP_NUM_THREADS=1 python benchmarks/row_stats.py --subset --repeats 31 \
 OMP_NUM_THREADS=1 python benchmarks/forward_interference.py --rounds 9 \
   --out "$out/forward_interference.json" | tee "$out/forward_interference.txt"
 # Whether a model pass beside each step's host work hides it (an overlapped step, simulated).
-OMP_NUM_THREADS=1 python benchmarks/forward_beside.py --rounds 7 \
+OMP_NUM_THREADS=1 python benchmarks/forward_beside.py --rounds 9 \
   --out "$out/forward_beside.json" | tee "$out/forward_beside.txt"
 # A full garbage collection in a loaded server, before and after run_server's freeze.
 OMP_NUM_THREADS=1 python benchmarks/gc_pause.py --out "$out/gc_pause.json" | tee "$out/gc_pause.txt"
