@@ -89,6 +89,7 @@ def _engine(args: argparse.Namespace):
         dtype=args.dtype,
         attention_backend=args.attention_backend,
         forward_chunk_tokens=args.forward_chunk_tokens,
+        overlap=args.overlap,
     )
 
 
@@ -168,6 +169,7 @@ def _generate_on_ray(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "attention_backend": args.attention_backend,
             "forward_chunk_tokens": args.forward_chunk_tokens,
+            "overlap": args.overlap,
         },
         chat_template=not args.raw,
         threads=args.threads,
@@ -291,6 +293,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         attention_backend=args.attention_backend,
         forward_chunk_tokens=args.forward_chunk_tokens,
+        overlap=args.overlap,
     )
     return 0
 
@@ -313,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="float32")
         p.add_argument("--attention-backend", default="auto")
         add_forward_chunk_argument(p)
+        p.add_argument(
+            "--overlap",
+            action="store_true",
+            help="run one group's forward pass while the other group's step is decoded "
+            "(two groups of --max-num-seqs / 2; the same tokens)",
+        )
         p.add_argument(
             "--threads",
             type=int,

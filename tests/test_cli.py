@@ -61,6 +61,32 @@ def test_generate_on_a_block_causal_model(tmp_path, capsys) -> None:
     assert captured.out.strip() == engine.tokenizer.decode(cut, skip_special_tokens=True).strip()
 
 
+def test_generate_with_overlap_gives_the_same_text(checkpoint, tmp_path, monkeypatch) -> None:
+    """``--overlap`` reaches the engine (two groups take turns) and changes no token."""
+    from foretell.engine import Engine
+
+    built = []
+    init = Engine.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(self.overlap)
+
+    monkeypatch.setattr(Engine, "__init__", recorded)
+    rows = [{"prompt": f"{a}+{b}=", "params": {"seed": a}} for a, b in ((12, 34), (5, 6), (7, 80))]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = ["generate", "--file", str(source), "--model", str(checkpoint), "--gen-length", "16"]
+    base += ["--steps", "8", "--max-num-seqs", "2"]
+    outputs = []
+    for extra in ([], ["--overlap"]):
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        outputs.append([json.loads(line)["text"] for line in out.read_text().splitlines()])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 3
+    assert built == [False, True]
+
+
 def test_generate_with_a_kv_cache(checkpoint, capsys) -> None:
     """``--kv-cache`` reaches DecodeParams: a cached request runs to the end, and a combination
     the cache does not support is refused naming the field."""

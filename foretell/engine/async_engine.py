@@ -477,6 +477,7 @@ class AsyncEngine:
                 with self._cond:
                     if not self._commands:
                         self._closed = True
+                        engine.close()  # no pass is in flight now: stops the forward worker
                         return
 
     def _fail(self, rid: str, err: BaseException) -> None:

@@ -8,11 +8,14 @@ backfills its slot.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +27,14 @@ from foretell.engine import kv_cache
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
 from foretell.engine.requests import Prompt, RequestBuilder
-from foretell.engine.runner import ModelRunner, resolve_forward_chunk_tokens
+from foretell.engine.runner import (
+    ForwardResult,
+    ForwardWork,
+    ModelRunner,
+    PassOutput,
+    finish_phases,
+    resolve_forward_chunk_tokens,
+)
 from foretell.models.attention import CacheUse
 from foretell.models.registry import LoadedModel, load_model, resolve_dtype
 from foretell.models.transformer import DiffusionLM
@@ -92,6 +102,18 @@ def _is_block_default(path: object) -> bool:
         return False
 
 
+@dataclass
+class _InFlight:
+    """An overlapped engine's pass whose forward runs on the worker: its requests (and their
+    ids), its phases (``ModelRunner.run_phases``, waiting for the forward's result) and the
+    forward itself."""
+
+    batch: list[Request]
+    request_ids: set[str]
+    phases: Generator[ForwardWork, ForwardResult, PassOutput]
+    future: Future[ForwardResult]
+
+
 class Engine:
     """Offline and embedded generation over one model.
 
@@ -120,6 +142,13 @@ class Engine:
     cap but the model's and ``max_num_batched_tokens`` (for a block-causal model, whose pass
     is about two blocks, the model's length alone when it is known). Every limit is checked
     before a request allocates anything.
+    ``overlap`` (off by default) hides the host's work of a step behind a forward pass: the
+    running requests form two groups of at most half ``max_num_seqs`` that take turns, and
+    each step starts one group's forward on a worker thread (torch gives up the interpreter's
+    lock while an op computes; on a GPU the device runs it) while it decodes the other's
+    pass. Each request's tokens are the same as without it (a seeded request's draws are its
+    own); an abort of a request whose pass is running takes effect once that pass is decoded,
+    a step later. :meth:`close` waits for a pass in flight.
     """
 
     def __init__(
@@ -138,7 +167,12 @@ class Engine:
         max_head_wait: int = DEFAULT_MAX_HEAD_WAIT,
         max_gen_length: int | None = None,
         max_model_len: int | None = None,
+        overlap: bool = False,
     ) -> None:
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap: must be True or False, got {overlap!r}")
+        if overlap and max_num_seqs < 2:
+            raise ValueError(f"overlap: needs max_num_seqs >= 2 (two groups), got {max_num_seqs}")
         for name, value in (("max_gen_length", max_gen_length), ("max_model_len", max_model_len)):
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 2
@@ -198,6 +232,13 @@ class Engine:
         self.scheduler = Scheduler(
             max_num_seqs, max_num_batched_tokens, self.kv_pool, max_head_wait=max_head_wait
         )
+        # Overlap: each group's pass holds at most half the requests; the pass in flight (its
+        # requests, its phases, its forward's future) and the aborts that wait for it.
+        self.overlap = overlap
+        self._group_size = -(-max_num_seqs // 2)
+        self._in_flight: _InFlight | None = None
+        self._aborts_after_pass: set[str] = set()
+        self._forward_worker: ThreadPoolExecutor | None = None
         limits = [budget, self.max_model_len, max_gen_length]
         self.max_gen_length: int = min(x for x in limits if x is not None)
         self.requests = RequestBuilder(
@@ -255,8 +296,15 @@ class Engine:
         return req.request_id
 
     def abort(self, request_id: str) -> None:
-        """Stop a request wherever it is; its slot is free at the next step. Idempotent."""
-        req = self.scheduler.abort(str(request_id))
+        """Stop a request wherever it is; its slot is free at the next step. Idempotent. With
+        ``overlap``, a request whose pass is running is stopped once that pass is decoded (the
+        forward writes its KV pages until then), a step later."""
+        request_id = str(request_id)
+        flight = self._in_flight
+        if flight is not None and request_id in flight.request_ids:
+            self._aborts_after_pass.add(request_id)
+            return
+        req = self.scheduler.abort(request_id)
         if req is not None:
             self._live.pop(req.request_id, None)
             self.metrics.finished[req.finish_reason] += 1
@@ -276,18 +324,22 @@ class Engine:
         return None if req is None or req.is_finished else self.output(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._ready)
+        return self.scheduler.has_unfinished() or bool(self._ready) or bool(self._in_flight)
 
     # -- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass for the whole batch; returns the requests that finished."""
+        """Run one forward pass for the whole batch (with ``overlap``: decode one group's pass
+        while the other group's runs); returns the requests that finished."""
         start = time.perf_counter()
         ready, self._ready = self._ready, []
-        batch = self.scheduler.schedule()
-        if batch:
-            self._step_batch(batch)
-            # Peak: while the pass's caches are all alive, before the finished ones are freed.
-            self._track_kv_cache()
+        if self.overlap:
+            self._step_overlapped()
+        else:
+            batch = self.scheduler.schedule()
+            if batch:
+                self._step_batch(batch)
+                # Peak: while the pass's caches are all alive, before the finished are freed.
+                self._track_kv_cache()
         for req in self.scheduler.update():
             self._live.pop(req.request_id, None)
             self.metrics.finished[req.finish_reason] += 1
@@ -297,6 +349,76 @@ class Engine:
         self._track_kv_cache()
         self.metrics.step_seconds += time.perf_counter() - start
         return ready
+
+    def _step_overlapped(self) -> None:
+        """Take the pass in flight (group X), start the other group's (Y: the requests not
+        in X, and those admitted now) on the forward worker, then decode X while Y's forward
+        runs. X's requests take no part in Y's schedule: their canvases are a step behind
+        until X is decoded. A pass whose preparation, forward or finish fails is run again
+        here, in halves as :meth:`_run_group` does, so that only a request that fails alone
+        ends with an error."""
+        flight, self._in_flight = self._in_flight, None
+        result, failed = None, False
+        if flight is not None:
+            try:
+                result = flight.future.result()
+            except Exception:  # run again below, in halves
+                failed = True
+        batch = self.scheduler.schedule(flight.batch if flight else (), self._group_size)
+        if batch:
+            self._start_pass(batch)
+        if flight is None:
+            return
+        self.metrics.steps += 1
+        self.metrics.sequences_in_passes += len(flight.batch)
+        output = None
+        if not failed:
+            try:
+                output = finish_phases(flight.phases, result)
+            except Exception:
+                failed = True
+        del result
+        if failed:
+            flight.phases.close()
+            self._run_group(flight.batch)
+        else:
+            self._decode(output)
+        del output
+        self._track_kv_cache()  # peak: before the finished are freed
+        for request_id in flight.request_ids & self._aborts_after_pass:
+            self._aborts_after_pass.discard(request_id)
+            self.abort(request_id)
+
+    def close(self) -> None:
+        """Wait for the pass in flight (``overlap``), if any, and stop the forward worker: an
+        engine dropped with a pass in flight would leave its forward running on the model,
+        which another engine may share. Its requests stay where they are (the pass is run
+        again at the next step), and the engine can step again (a new worker starts)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            with contextlib.suppress(Exception):  # its pass runs again at the next step
+                flight.future.result()
+            flight.phases.close()
+        if self._forward_worker is not None:
+            self._forward_worker.shutdown(wait=True)
+            self._forward_worker = None
+        for request_id in list(self._aborts_after_pass):
+            self._aborts_after_pass.discard(request_id)
+            self.abort(request_id)
+
+    def _start_pass(self, batch: list[Request]) -> None:
+        """Prepare ``batch``'s pass here and start its forward on the worker; a preparation
+        that fails runs the batch's step now, as without overlap."""
+        try:
+            phases = self.runner.run_phases(batch)
+            work = next(phases)
+        except Exception:
+            self._step_batch(batch)
+            return
+        if self._forward_worker is None:
+            self._forward_worker = ThreadPoolExecutor(1, thread_name_prefix="foretell-forward")
+        ids = {req.request_id for req in batch}
+        self._in_flight = _InFlight(batch, ids, phases, self._forward_worker.submit(work))
 
     def _step_batch(self, batch: list[Request]) -> None:
         self.metrics.steps += 1
@@ -321,6 +443,10 @@ class Engine:
             self._run_group(group[:half])
             self._run_group(group[half:])
             return
+        self._decode(result)
+
+    def _decode(self, result: PassOutput) -> None:
+        """A pass's decoding step, for each of its requests."""
         for req, res in result.per_request:
             try:
                 advance(req, res.positions, res.logits, res.more, res.stats)

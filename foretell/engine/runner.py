@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +53,7 @@ from foretell.decoding.unmask import (
     suppress_cells,
 )
 from foretell.engine.kv_cache import KVPool
-from foretell.engine.packing import Packer
+from foretell.engine.packing import Packer, StepInput
 from foretell.models.attention import CacheUse, PoolUses
 from foretell.models.transformer import DiffusionLM
 from foretell.ranges import concat_ranges
@@ -149,6 +149,25 @@ class PassOutput:
     @property
     def query_tokens(self) -> int:
         return self.tally.tokens
+
+
+# A pass's device work (``ModelRunner.run_phases`` yields it) and its result: the rows'
+# places in their sequences, the hidden states, the gathered rows and their logits, all on the
+# model's device.
+ForwardResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+ForwardWork = Callable[[], ForwardResult]
+
+
+def finish_phases(
+    phases: Generator[ForwardWork, ForwardResult, PassOutput], result: ForwardResult
+) -> PassOutput:
+    """Hand a pass's forward ``result`` to its :meth:`ModelRunner.run_phases` and return the
+    pass's output (the generator's return value)."""
+    try:
+        phases.send(result)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("run_phases yielded more than the forward's work")
 
 
 # The CPU default of ``forward_chunk_tokens``: on the 2-core machine of docs/benchmarks.md a
@@ -294,8 +313,19 @@ class ModelRunner:
         alg_temp = (p.alg_temp or 0.0) if draws_reveal(req) else 0.0
         return (threshold, p.temperature, top_p, top_k, p.cfg_scale + 1, alg_temp)
 
-    @torch.inference_mode()
     def run(self, batch: list[Request]) -> PassOutput:
+        """One pass for ``batch``: prepared, run and finished in a row (:meth:`run_phases`)."""
+        phases = self.run_phases(batch)
+        return finish_phases(phases, next(phases)())
+
+    @torch.inference_mode()
+    def run_phases(self, batch: list[Request]) -> Generator[ForwardWork, ForwardResult, PassOutput]:
+        """One pass for ``batch`` in three phases, so that a caller can run the forward apart
+        from the host work around it (``Engine(overlap=True)`` runs it on a worker thread
+        while it decodes another group's pass): the host's preparation (the requests' rows,
+        the layout, the batched step's plan), then it yields the forward as work to run (it
+        touches the model's device and the KV pool only) and takes that work's result back,
+        then it finishes (scores, the decoding callbacks) and returns the pass's output."""
         joined = is_none(batch, "canvas_row")
         for req in where(batch, joined) if joined.any() else ():  # its first pass
             self.canvas_rows.add(req)
@@ -365,18 +395,8 @@ class ModelRunner:
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
         rows_np = needed.nonzero()[0]
 
-        start = time.perf_counter()
-        # Only a model with shifted logits (Dream) reads each row's place in its sequence.
-        shifted = self.model.shifted_logits
-        step.to(self.device, in_seq=shifted)
-        in_seq_d = step.in_seq_d if shifted else step.positions_d
-        hidden = self._forward(step.ids_d, step.positions_d, seq_lens, step.pool_uses)
-        # The gathered logits stay on the model's device, and so does everything computed from
-        # them; decoding brings only token ids, counts and gaps to the host.
-        rows_d = torch.from_numpy(rows_np).to(self.device)
-        gathered = self.model.logits_at(hidden, in_seq_d, rows_d)
-        self.forward_seconds += time.perf_counter() - start
-        self.forward_passes += 1
+        work = functools.partial(self._forward_pass, step, seq_lens, rows_np)
+        in_seq_d, hidden, rows_d, gathered = yield work
         first_row = self._first_rows(rows_np, seq_lens)
         # Each request's gathered rows: conditional copy, then the cfg copy when there is one.
         row_lo, row_hi = first_row[seq_of], first_row[seq_of + num_seqs]
@@ -728,6 +748,26 @@ class ModelRunner:
         )
         logits = self.model.logits_at(hidden, pos_d, torch.arange(len(pos_d), device=self.device))
         return list(logits.split(lens))
+
+    @torch.inference_mode()  # per thread: a worker's call does not inherit the caller's
+    def _forward_pass(
+        self, step: StepInput, seq_lens: list[int], rows_np: np.ndarray
+    ) -> ForwardResult:
+        """The pass's device work: its inputs to the device, the forward, and the logits of
+        the gathered rows ``rows_np``. They stay on the model's device, and so does
+        everything computed from them; decoding brings only token ids, counts and gaps to the
+        host."""
+        start = time.perf_counter()
+        # Only a model with shifted logits (Dream) reads each row's place in its sequence.
+        shifted = self.model.shifted_logits
+        step.to(self.device, in_seq=shifted)
+        in_seq_d = step.in_seq_d if shifted else step.positions_d
+        hidden = self._forward(step.ids_d, step.positions_d, seq_lens, step.pool_uses)
+        rows_d = torch.from_numpy(rows_np).to(self.device)
+        gathered = self.model.logits_at(hidden, in_seq_d, rows_d)
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_passes += 1
+        return in_seq_d, hidden, rows_d, gathered
 
     def _forward(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, getitem
 from typing import TYPE_CHECKING
@@ -51,6 +52,7 @@ class Scheduler:
         if max_head_wait < 0:
             raise ValueError(f"max_head_wait: need an integer >= 0, got {max_head_wait!r}")
         self.max_num_seqs = max_num_seqs
+        self._max_seqs = max_num_seqs  # this schedule's bound (``schedule``'s group)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_pool = kv_pool
         self.max_head_wait = max_head_wait
@@ -90,14 +92,43 @@ class Scheduler:
         self.check_fits(req)
         self.waiting.append(req)
 
-    def schedule(self) -> list[Request]:
+    def schedule(
+        self, in_flight: Sequence[Request] = (), group_size: int | None = None
+    ) -> list[Request]:
         """The batch for the next forward pass.
 
         Running requests come first, those that waited longest for a step first, while their
         next pass's tokens fit (one always does: each fits alone). If every running request
         fits, waiting requests join in arrival order, each one that fits (see the module's
         docstring for the head's age bound).
+
+        ``in_flight``: running requests whose pass is still running (an overlapped engine's
+        other group): they are left out of this batch, their pages are neither grown nor
+        taken back by a preemption, and they count against ``max_num_seqs``. ``group_size``
+        caps this batch's requests, admitted ones included.
         """
+        if not in_flight and group_size is None:
+            return self._schedule(self.max_num_seqs)
+        limit = self.max_num_seqs - len(in_flight)
+        if group_size is not None:
+            limit = min(limit, group_size)
+        aside = set(map(id, in_flight))
+        kept = [req for req in self.running if id(req) in aside]
+        self.running = [req for req in self.running if id(req) not in aside]
+        for req in kept:
+            self._stop_running(req)
+        try:
+            return self._schedule(limit)
+        finally:
+            for req in kept:  # back, charged as they were
+                self.running.append(req)
+                self._running_cost += req.charged_cost
+                self._growing += bool(req.kv_pages_max)
+
+    def _schedule(self, max_seqs: int) -> list[Request]:
+        """:meth:`schedule` over ``self.running``, at most ``max_seqs`` requests running with
+        the admitted."""
+        self._max_seqs = max_seqs
         self._grow_failed = False
         self._recharge_swapped()
         preempted = self._grow_block_caches() if self._growing else False
@@ -145,7 +176,7 @@ class Scheduler:
         seqs = len(self.running)
         head = self.waiting[0] if self.waiting else None
         for req in list(self.waiting):
-            if seqs + 1 > self.max_num_seqs:
+            if seqs + 1 > self._max_seqs:
                 break
             if req is not head and head.steps_waited >= self.max_head_wait:
                 break  # the head has waited long enough: the room freed is kept for it

@@ -1,0 +1,176 @@
+"""``Engine(overlap=True)``: one group's forward runs on a worker while the other's is decoded.
+
+Each request's tokens do not depend on which requests share its pass (the batched step is
+exact against each request alone), so an overlapped engine must give every seeded request the
+tokens the engine gives it without overlap; these tests check that, and the page lifetimes
+and failures that overlap changes (issue #24).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+
+import pytest
+
+from foretell.engine.engine import Engine
+from foretell.models.registry import LoadedModel
+from tests.benchmark_scripts import script_module
+
+MIXES = ("every-kind-llada", "every-kind-dream", "every-kind-block")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with script_module("host_overhead") as module:
+        yield module
+
+
+def seeded_requests(bench, loaded: LoadedModel, mix: str, count: int) -> list[tuple]:
+    """``count`` requests of one of host_overhead.py's every-kind mixes, each with a seed of
+    its own (so that its draws are its own, whichever pass it shares)."""
+    stream = bench.mix_stream(loaded, seed=1, mix=mix)
+    return [
+        (prompt, dataclasses.replace(params, seed=index))
+        for index, (prompt, params) in enumerate(itertools.islice(stream, count))
+    ]
+
+
+def engine_for(loaded: LoadedModel, overlap: bool, max_num_seqs: int = 8) -> Engine:
+    return Engine(
+        LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, path=loaded.path),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=1 << 20,
+        kv_cache_memory=None,
+        forward_chunk_tokens=None,
+        overlap=overlap,
+    )
+
+
+def tokens_of(outputs) -> list[tuple]:
+    return [(out.finish_reason, tuple(out.token_ids)) for out in outputs]
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_overlap_gives_every_seeded_request_the_same_tokens(bench, mix) -> None:
+    loaded = bench.micro_model(0, bench.mix_family(mix))
+    requests = seeded_requests(bench, loaded, mix, 20)
+    prompts, params = [p for p, _ in requests], [q for _, q in requests]
+    alone = engine_for(loaded, overlap=False).generate(prompts, params, use_tqdm=False)
+    overlapped = engine_for(loaded, overlap=True)
+    outputs = overlapped.generate(prompts, params, use_tqdm=False)
+    assert tokens_of(outputs) == tokens_of(alone)
+    assert all(out.finish_reason != "error" for out in outputs)
+    assert overlapped.kv_pool.used_bytes == 0 and not overlapped.has_unfinished_requests()
+
+
+def test_the_groups_take_turns_and_the_forward_runs_on_a_worker(bench) -> None:
+    """Each pass holds at most half of ``max_num_seqs``; a pass is scheduled while the one
+    before it is in flight and shares none of its requests (their canvases are a step
+    behind until it is decoded); the forward runs on another thread than the engine's."""
+    loaded = bench.micro_model(0, "llada")
+    requests = seeded_requests(bench, loaded, "every-kind-llada", 16)
+    engine = engine_for(loaded, overlap=True, max_num_seqs=8)
+    passes, threads = [], set()
+    model = loaded.model
+    original = type(model).forward_packed
+
+    def spied(self, input_ids, positions, seq_lens, *args, **kwargs):
+        threads.add(threading.get_ident())
+        return original(self, input_ids, positions, seq_lens, *args, **kwargs)
+
+    schedule = engine.scheduler.schedule
+
+    def recorded(in_flight=(), group_size=None):
+        batch = schedule(in_flight, group_size)
+        flying = {req.request_id for req in in_flight}
+        passes.append(({req.request_id for req in batch}, flying))
+        return batch
+
+    engine.scheduler.schedule = recorded
+    type(model).forward_packed = spied
+    try:
+        for prompt, params in requests:
+            engine.add_request(prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        type(model).forward_packed = original
+    batches = [batch for batch, _ in passes if batch]
+    assert len(batches) > 10 and all(len(batch) <= 4 for batch in batches)
+    # Scheduled beside the pass in flight, never with its requests; and mostly beside one.
+    assert all(not (batch & flying) for batch, flying in passes)
+    assert sum(bool(batch and flying) for batch, flying in passes) > len(batches) // 2
+    # The pass before it (the one in flight then) was the other group's.
+    for (before, _), (_, flying) in itertools.pairwise(passes):
+        assert not before or flying == before
+    assert threads and threading.get_ident() not in threads
+    assert engine.kv_pool.used_bytes == 0
+
+
+def test_an_abort_in_flight_waits_for_its_pass(bench) -> None:
+    """An abort of a request whose forward is running takes effect once that pass is
+    decoded: its KV pages stay its own until then (the forward writes them), then every
+    page comes back; the other requests get the tokens they get without the abort."""
+    loaded = bench.micro_model(0, "llada")
+    requests = seeded_requests(bench, loaded, "every-kind-llada", 12)
+    cached = [i for i, (_, p) in enumerate(requests) if p.kv_cache is not None]
+    assert cached  # the mix has cached requests
+    engine = engine_for(loaded, overlap=True, max_num_seqs=8)
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    engine.step()  # the first group's forward starts
+    flight = engine._in_flight
+    victim = next(i for i in ids if i in flight.request_ids)
+    req = next(r for r in flight.batch if r.request_id == victim)
+    engine.abort(victim)
+    assert not req.is_finished and req.canvas_row is not None  # still its own
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert outputs[victim].finish_reason == "aborted"
+    assert engine.kv_pool.used_bytes == 0 and not engine._aborts_after_pass
+    reference = engine_for(loaded, overlap=False)
+    others = [i for i in ids if i != victim]
+    kept = [requests[ids.index(i)] for i in others]
+    expect = reference.generate([p for p, _ in kept], [q for _, q in kept], use_tqdm=False)
+    assert tokens_of(outputs[i] for i in others) == tokens_of(expect)
+
+
+def test_a_forward_that_fails_on_the_worker_fails_only_its_request(bench) -> None:
+    """A pass whose forward fails on the worker is run again in halves, as without overlap:
+    only the request that fails alone ends with an error."""
+    loaded = bench.micro_model(0, "llada")
+    requests = seeded_requests(bench, loaded, "every-kind-llada", 10)
+    # Request 3's canvas alone reaches position FAR: a pass that holds it fails.
+    far = max(len(p) + q.gen_length for p, q in requests) + 16
+    prompts = [p for p, _ in requests]
+    prompts[3] = (prompts[3] * far)[:far]
+    params = [q for _, q in requests]
+    model = loaded.model
+    original = type(model).forward_packed
+
+    def failing(self, input_ids, positions, *args, **kwargs):
+        if bool((positions >= far).any()):
+            raise RuntimeError("injected")
+        return original(self, input_ids, positions, *args, **kwargs)
+
+    type(model).forward_packed = failing
+    try:
+        alone = engine_for(loaded, overlap=False).generate(prompts, params, use_tqdm=False)
+        overlapped = engine_for(loaded, overlap=True)
+        outputs = overlapped.generate(prompts, params, use_tqdm=False)
+    finally:
+        type(model).forward_packed = original
+    assert outputs[3].finish_reason == "error" and "forward pass failed" in outputs[3].error
+    assert tokens_of(outputs) == tokens_of(alone)
+    assert overlapped.kv_pool.used_bytes == 0
+
+
+def test_overlap_takes_only_a_bool_and_two_groups(bench) -> None:
+    loaded = bench.micro_model(0, "llada")
+    with pytest.raises(ValueError, match="overlap: must be True or False"):
+        engine_for(loaded, overlap="yes")
+    with pytest.raises(ValueError, match="overlap: needs max_num_seqs >= 2"):
+        engine_for(loaded, overlap=True, max_num_seqs=1)
