@@ -300,7 +300,7 @@ def test_overlapped_timed_runs_keep_every_pass_full(bench, micro) -> None:
     goals = bench.targets([record])
     assert [g["target"] for g in goals][-2:] == [
         f"host us per request-step at B={SMALL}",
-        f"host us per request-step at B={SMALL}, overlapped",
+        f"host us per request-step at B={SMALL}, overlapped (period less forward)",
     ]
 
 

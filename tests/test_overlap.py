@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from foretell import DecodeParams
 from foretell.engine.engine import Engine
 from foretell.models.registry import LoadedModel
 from tests.benchmark_scripts import script_module
@@ -37,15 +38,38 @@ def seeded_requests(bench, loaded: LoadedModel, mix: str, count: int) -> list[tu
     ]
 
 
-def engine_for(loaded: LoadedModel, overlap: bool, max_num_seqs: int = 8) -> Engine:
+def engine_for(loaded: LoadedModel, overlap: bool, max_num_seqs: int = 8, **kw) -> Engine:
+    kw = {"max_num_batched_tokens": 1 << 20, "kv_cache_memory": None, **kw}
     return Engine(
         LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, path=loaded.path),
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=1 << 20,
-        kv_cache_memory=None,
         forward_chunk_tokens=None,
         overlap=overlap,
+        **kw,
     )
+
+
+def run_all(engine: Engine, requests: list[tuple], passes: list | None = None) -> list[tuple]:
+    """Step ``engine`` through ``requests``; each one's finish and tokens, in order. With
+    ``passes``, each scheduled batch's size is appended to it."""
+    if passes is not None:
+        schedule = engine.scheduler.schedule
+
+        def recorded(*args, **kwargs):
+            batch = schedule(*args, **kwargs)
+            passes.append(len(batch))
+            return batch
+
+        engine.scheduler.schedule = recorded
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    done = {}
+    for _ in range(5000):  # bounded: a scheduler that goes round in circles fails, not hangs
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+    assert not engine.has_unfinished_requests(), f"{len(done)} of {len(ids)} finished"
+    return [done[i] for i in ids]
 
 
 def tokens_of(outputs) -> list[tuple]:
@@ -121,10 +145,14 @@ def test_an_abort_in_flight_waits_for_its_pass(bench) -> None:
     ids = [engine.add_request(prompt, params) for prompt, params in requests]
     engine.step()  # the first group's forward starts
     flight = engine._in_flight
-    victim = next(i for i in ids if i in flight.request_ids)
-    req = next(r for r in flight.batch if r.request_id == victim)
+    held = [r for r in flight.batch if r.kv_pages]
+    assert held  # a cached request is in flight
+    req = held[0]
+    victim = req.request_id
+    used = engine.kv_pool.used_bytes
     engine.abort(victim)
     assert not req.is_finished and req.canvas_row is not None  # still its own
+    assert req.kv_pages and engine.kv_pool.used_bytes == used  # its pages too
     outputs = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -174,3 +202,73 @@ def test_overlap_takes_only_a_bool_and_two_groups(bench) -> None:
         engine_for(loaded, overlap="yes")
     with pytest.raises(ValueError, match="overlap: needs max_num_seqs >= 2"):
         engine_for(loaded, overlap=True, max_num_seqs=1)
+
+
+def test_an_abort_of_a_request_in_its_last_pass_leaves_it_finished(bench) -> None:
+    """A request aborted while its last pass is in flight ends on its own when that pass is
+    decoded: its output and its tokens are counted as any finished request's."""
+    loaded = bench.micro_model(0, "llada")
+    engine = engine_for(loaded, overlap=True, max_num_seqs=4)
+    params = DecodeParams(gen_length=8, steps=1, block_length=8, seed=3)
+    victim = engine.add_request([5, 6, 7], params)
+    engine.step()  # its one pass is in flight
+    assert victim in engine._in_flight.request_ids
+    engine.abort(victim)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [(victim, "steps")]
+    assert engine.metrics.generated_tokens == 8 and not engine._aborts_after_pass
+
+
+def test_block_requests_short_of_pages_all_finish_with_overlap(bench) -> None:
+    """Block-causal requests whose pages grow a block at a time, in a pool too small for all:
+    a request that needs pages held by younger requests in flight waits a step for them
+    rather than preempt itself (which could go on forever), and every request gets the
+    tokens it gets without overlap, in about as many passes."""
+    loaded = bench.micro_model(0, bench.mix_family("every-kind-block"))
+    requests = seeded_requests(bench, loaded, "every-kind-block", 24)
+    tight = {"kv_cache_memory": 19 * 2048, "max_num_seqs": 8}
+    alone = engine_for(loaded, overlap=False, **tight)
+    expect = run_all(alone, requests)
+    overlapped = engine_for(loaded, overlap=True, **tight)
+    passes: list[int] = []
+    assert run_all(overlapped, requests, passes) == expect
+    assert overlapped.scheduler.num_preemptions > 0  # the pool was short
+    assert overlapped.metrics.steps <= 3 * alone.metrics.steps
+    assert max(passes) <= 4 and overlapped.kv_pool.used_bytes == 0
+
+
+def test_a_group_stays_within_its_size_under_a_token_budget_and_after_close(bench) -> None:
+    """Every pass holds at most half of ``max_num_seqs``, when the token budget leaves
+    requests out and after ``close()`` (which merges the groups for a step); the tokens are
+    those without overlap."""
+    loaded = bench.micro_model(0, "llada")
+    requests = seeded_requests(bench, loaded, "every-kind-llada", 16)
+    expect = run_all(engine_for(loaded, overlap=False), requests)
+    budget = engine_for(loaded, overlap=True, max_num_batched_tokens=820)
+    passes: list[int] = []
+    assert run_all(budget, requests, passes) == expect
+    assert max(passes) <= 4
+    engine = engine_for(loaded, overlap=True)
+    passes = []
+    schedule = engine.scheduler.schedule
+
+    def recorded(*args, **kwargs):
+        batch = schedule(*args, **kwargs)
+        passes.append(len(batch))
+        return batch
+
+    engine.scheduler.schedule = recorded
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    done = {}
+    for _ in range(5):
+        for out in engine.step():
+            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+    engine.close()  # the pass in flight is dropped: its requests run it again
+    assert engine._in_flight is None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+    assert [done[i] for i in ids] == expect
+    assert max(passes) <= 4 and sum(1 for n in passes[5:] if n) > 10

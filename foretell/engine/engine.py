@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Generator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,7 +324,7 @@ class Engine:
         return None if req is None or req.is_finished else self.output(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._ready) or bool(self._in_flight)
+        return self.scheduler.has_unfinished() or bool(self._ready) or self._in_flight is not None
 
     # -- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -354,57 +354,75 @@ class Engine:
         """Take the pass in flight (group X), start the other group's (Y: the requests not
         in X, and those admitted now) on the forward worker, then decode X while Y's forward
         runs. X's requests take no part in Y's schedule: their canvases are a step behind
-        until X is decoded. A pass whose preparation, forward or finish fails is run again
-        here, in halves as :meth:`_run_group` does, so that only a request that fails alone
-        ends with an error."""
-        flight, self._in_flight = self._in_flight, None
-        result, failed = None, False
-        if flight is not None:
-            try:
-                result = flight.future.result()
-            except Exception:  # run again below, in halves
-                failed = True
-        batch = self.scheduler.schedule(flight.batch if flight else (), self._group_size)
-        if batch:
-            self._start_pass(batch)
+        until X is decoded. A pass whose forward failed is run again first, in halves as
+        :meth:`_run_group` does (so that only a request that fails alone ends with an error),
+        with no other forward running beside it; one whose finish fails, once Y's forward
+        has ended."""
+        flight = self._in_flight
         if flight is None:
+            batch = self.scheduler.schedule((), self._group_size)
+            if batch:
+                self._start_pass(batch)
             return
-        self.metrics.steps += 1
-        self.metrics.sequences_in_passes += len(flight.batch)
-        output = None
-        if not failed:
+        try:
+            result = flight.future.result()
+            failed = False
+        except Exception:  # run again below, in halves
+            result, failed = None, True
+        self._in_flight = None
+        try:
+            self.metrics.steps += 1
+            self.metrics.sequences_in_passes += len(flight.batch)
+            if failed:
+                flight.phases.close()
+                self._run_group(flight.batch)  # nothing else in flight: X is done after it
+                batch = self.scheduler.schedule((), self._group_size)
+                if batch:
+                    self._start_pass(batch)
+                return
+            batch = self.scheduler.schedule(flight.batch, self._group_size)
+            if batch:
+                self._start_pass(batch)
             try:
                 output = finish_phases(flight.phases, result)
             except Exception:
-                failed = True
-        del result
-        if failed:
-            flight.phases.close()
-            self._run_group(flight.batch)
-        else:
-            self._decode(output)
-        del output
-        self._track_kv_cache()  # peak: before the finished are freed
+                output = None
+            del result
+            if output is None:
+                if self._in_flight is not None:  # one forward at a time on the model
+                    wait([self._in_flight.future])
+                self._run_group(flight.batch)
+            else:
+                self._decode(output)
+            del output
+            self._track_kv_cache()  # peak: before the finished are freed
+        finally:
+            self._abort_after(flight)
+
+    def _abort_after(self, flight: _InFlight) -> None:
+        """The aborts that waited for ``flight``'s pass: a request that finished in it is left
+        to ``update()`` (it ended on its own)."""
         for request_id in flight.request_ids & self._aborts_after_pass:
             self._aborts_after_pass.discard(request_id)
-            self.abort(request_id)
+            req = self._live.get(request_id)
+            if req is not None and not req.is_finished:
+                self.abort(request_id)
 
     def close(self) -> None:
         """Wait for the pass in flight (``overlap``), if any, and stop the forward worker: an
         engine dropped with a pass in flight would leave its forward running on the model,
         which another engine may share. Its requests stay where they are (the pass is run
         again at the next step), and the engine can step again (a new worker starts)."""
-        flight, self._in_flight = self._in_flight, None
+        flight = self._in_flight
         if flight is not None:
             with contextlib.suppress(Exception):  # its pass runs again at the next step
                 flight.future.result()
+            self._in_flight = None
             flight.phases.close()
+            self._abort_after(flight)
         if self._forward_worker is not None:
             self._forward_worker.shutdown(wait=True)
             self._forward_worker = None
-        for request_id in list(self._aborts_after_pass):
-            self._aborts_after_pass.discard(request_id)
-            self.abort(request_id)
 
     def _start_pass(self, batch: list[Request]) -> None:
         """Prepare ``batch``'s pass here and start its forward on the worker; a preparation

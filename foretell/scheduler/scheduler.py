@@ -53,6 +53,8 @@ class Scheduler:
             raise ValueError(f"max_head_wait: need an integer >= 0, got {max_head_wait!r}")
         self.max_num_seqs = max_num_seqs
         self._max_seqs = max_num_seqs  # this schedule's bound (``schedule``'s group)
+        self._aside: list[Request] = []  # the requests in flight, set aside (``schedule``)
+        self._held: set[int] = set()  # ids of requests left out of this pass for pages
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_pool = kv_pool
         self.max_head_wait = max_head_wait
@@ -117,9 +119,11 @@ class Scheduler:
         self.running = [req for req in self.running if id(req) not in aside]
         for req in kept:
             self._stop_running(req)
+        self._aside = kept
         try:
             return self._schedule(limit)
         finally:
+            self._aside = []
             for req in kept:  # back, charged as they were
                 self.running.append(req)
                 self._running_cost += req.charged_cost
@@ -129,10 +133,17 @@ class Scheduler:
         """:meth:`schedule` over ``self.running``, at most ``max_seqs`` requests running with
         the admitted."""
         self._max_seqs = max_seqs
+        self._held = set()
         self._grow_failed = False
         self._recharge_swapped()
         preempted = self._grow_block_caches() if self._growing else False
-        if not preempted and not self._some_waited and self._fits_by_cost():
+        if (
+            not preempted
+            and not self._held
+            and not self._some_waited
+            and len(self.running) <= max_seqs
+            and self._fits_by_cost()
+        ):
             # Every running request fits even charged its largest pass: all run, in the order
             # the loop below would give (no one has waited), each charged what it runs only
             # when an admission needs the exact sum (``tokens`` is None until then).
@@ -143,8 +154,11 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: -r.steps_waited):
             if req.is_finished:  # failed to grow its pages: update() outputs it
                 continue
+            if id(req) in self._held:  # waits for pages a request in flight holds
+                skipped.append(req)
+                continue
             need = req.step_tokens
-            if batch and tokens + need > self.max_num_batched_tokens:
+            if len(batch) >= max_seqs or (batch and tokens + need > self.max_num_batched_tokens):
                 skipped.append(req)
                 req.steps_waited += 1
                 continue
@@ -287,6 +301,15 @@ class Scheduler:
                 self._preempt(max(younger, key=lambda r: r.arrival_time))
                 preempted = True
             if want > pool.free_pages:
+                if any(
+                    r.kv_pages_max and r.kv_pages and r.arrival_time > req.arrival_time
+                    for r in self._aside
+                ):
+                    # Younger requests in flight hold the pages: it waits a step, when they
+                    # can be preempted for it, rather than preempt itself for them.
+                    self._held.add(id(req))
+                    req.steps_waited += 1
+                    continue
                 self._preempt(req)
                 preempted = True
                 continue
