@@ -40,10 +40,10 @@ def seeded_requests(bench, loaded: LoadedModel, mix: str, count: int) -> list[tu
 
 def engine_for(loaded: LoadedModel, overlap: bool, max_num_seqs: int = 8, **kw) -> Engine:
     kw = {"max_num_batched_tokens": 1 << 20, "kv_cache_memory": None, **kw}
+    kw.setdefault("forward_chunk_tokens", None)
     return Engine(
         LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, path=loaded.path),
         max_num_seqs=max_num_seqs,
-        forward_chunk_tokens=None,
         overlap=overlap,
         **kw,
     )
@@ -87,6 +87,16 @@ def test_overlap_gives_every_seeded_request_the_same_tokens(bench, mix) -> None:
     assert tokens_of(outputs) == tokens_of(alone)
     assert all(out.finish_reason != "error" for out in outputs)
     assert overlapped.kv_pool.used_bytes == 0 and not overlapped.has_unfinished_requests()
+
+
+def test_overlap_with_the_forward_in_chunks_gives_the_same_tokens(bench) -> None:
+    """The worker runs a pass in chunks of whole sequences as the engine's own thread does."""
+    loaded = bench.micro_model(0, "llada")
+    requests = seeded_requests(bench, loaded, "every-kind-llada", 12)
+    chunked = {"forward_chunk_tokens": 96}
+    alone = engine_for(loaded, overlap=False, **chunked)
+    overlapped = engine_for(loaded, overlap=True, **chunked)
+    assert run_all(overlapped, requests) == run_all(alone, requests)
 
 
 def test_the_groups_take_turns_and_the_forward_runs_on_a_worker(bench) -> None:
