@@ -658,113 +658,85 @@ def _run_mix(
     clock: ModelClock | None,
     overlap: bool = False,
 ) -> MixRun:
-    engine = make_engine(loaded, batch_size, backend, overlap)
-    try:
-        return _run_steps(
-            engine,
-            loaded,
-            batch_size,
-            warmup_steps,
-            steps,
-            seed,
-            count,
-            mix,
-            profile,
-            clock,
-            overlap,
-        )
-    finally:
-        engine.close()  # a pass in flight would run on beside the next run's engine
-
-
-def _run_steps(
-    engine: Engine,
-    loaded: LoadedModel,
-    batch_size: int,
-    warmup_steps: int,
-    steps: int,
-    seed: int,
-    count: bool,
-    mix: str,
-    profile: bool,
-    clock: ModelClock | None,
-    overlap: bool,
-) -> MixRun:
-    queued = (3 if overlap else 2) * batch_size
-    stream = mix_stream(loaded, seed, mix)
-    run = MixRun(batch_size)
-    with GcWatch() as watch:
-        live = 0
-        counted_start = None  # the start of the last step counted, until the next starts
-        for index in range(warmup_steps + steps):
-            while live < queued:
-                prompt, params = next(stream)
-                engine.add_request(prompt, params)
-                live += 1
-            measured = index >= warmup_steps
-            ops, reads = OpCounter(), HostReadCounter()
-            forward0, steps0, seqs0 = engine_counters(engine)
-            model0 = clock.seconds if clock is not None else 0.0
-            watch.active = measured
-            start = time.perf_counter()
-            if counted_start is not None:
-                run.period_s += start - counted_start
-                counted_start = None
-            profiler = None
-            if measured and count:
-                with model_calls_marked(loaded.model, ops), reads, ops:
-                    outputs = engine.step()
-            elif measured and profile:
-                profiler = cProfile.Profile()
-                with model_calls_unprofiled(loaded.model, profiler):
-                    profiler.enable()
-                    try:
+    # Closed at the end: a pass in flight would run on beside the next run's engine.
+    with contextlib.closing(make_engine(loaded, batch_size, backend, overlap)) as engine:
+        queued = (3 if overlap else 2) * batch_size
+        stream = mix_stream(loaded, seed, mix)
+        run = MixRun(batch_size)
+        with GcWatch() as watch:
+            live = 0
+            counted_start = None  # the start of the last step counted, until the next starts
+            for index in range(warmup_steps + steps):
+                while live < queued:
+                    prompt, params = next(stream)
+                    engine.add_request(prompt, params)
+                    live += 1
+                measured = index >= warmup_steps
+                ops, reads = OpCounter(), HostReadCounter()
+                forward0, steps0, seqs0 = engine_counters(engine)
+                model0 = clock.seconds if clock is not None else 0.0
+                watch.active = measured
+                start = time.perf_counter()
+                if counted_start is not None:
+                    run.period_s += start - counted_start
+                    counted_start = None
+                profiler = None
+                if measured and count:
+                    with model_calls_marked(loaded.model, ops), reads, ops:
                         outputs = engine.step()
-                    finally:
-                        profiler.disable()
-            else:
-                outputs = engine.step()
-            wall = time.perf_counter() - start
-            watch.active = False
-            collections, gc_seconds, unreachable = watch.take()  # this step's (if measured)
-            forward1, steps1, seqs1 = engine_counters(engine)
-            finished, canvas = step_results(engine, outputs)
-            live -= len(outputs)
-            run.outputs += finished
-            run.canvases.append(canvas)
-            if not measured:
-                continue
-            if steps1 - steps0 != 1 or seqs1 - seqs0 != batch_size:
-                run.skipped_steps += 1
-                continue
-            run.steps += 1
-            run.request_steps += seqs1 - seqs0
-            run.wall_s += wall
-            counted_start = start
-            run.forward_s += forward1 - forward0
-            run.model_s += (clock.seconds if clock is not None else 0.0) - model0
-            run.finished += len(outputs)
-            run.gc_collections += collections
-            run.gc_seconds += gc_seconds
-            run.gc_unreachable += unreachable
-            run.ops += ops.count
-            run.ops_outside += ops.outside
-            run.op_seconds_outside += ops.outside_seconds
-            run.reads += reads.reads
-            run.transfers += reads.transfers
-            run.ops_by_name.update(ops.by_op)
-            run.reads_by_kind.update(reads.by_kind)
-            if profiler is not None:
-                python, builtin = profiled_calls(profiler)
-                run.python_calls += python
-                run.c_calls += builtin
-    if counted_start is not None:
-        run.period_s += time.perf_counter() - counted_start
-    if run.steps == 0:
-        raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
-    if run.forward_s <= 0:
-        raise RuntimeError("engine.runner.forward_seconds did not move: it no longer times a pass")
-    return run
+                elif measured and profile:
+                    profiler = cProfile.Profile()
+                    with model_calls_unprofiled(loaded.model, profiler):
+                        profiler.enable()
+                        try:
+                            outputs = engine.step()
+                        finally:
+                            profiler.disable()
+                else:
+                    outputs = engine.step()
+                wall = time.perf_counter() - start
+                watch.active = False
+                collections, gc_seconds, unreachable = watch.take()  # this step's (if measured)
+                forward1, steps1, seqs1 = engine_counters(engine)
+                finished, canvas = step_results(engine, outputs)
+                live -= len(outputs)
+                run.outputs += finished
+                run.canvases.append(canvas)
+                if not measured:
+                    continue
+                if steps1 - steps0 != 1 or seqs1 - seqs0 != batch_size:
+                    run.skipped_steps += 1
+                    continue
+                run.steps += 1
+                run.request_steps += seqs1 - seqs0
+                run.wall_s += wall
+                counted_start = start
+                run.forward_s += forward1 - forward0
+                run.model_s += (clock.seconds if clock is not None else 0.0) - model0
+                run.finished += len(outputs)
+                run.gc_collections += collections
+                run.gc_seconds += gc_seconds
+                run.gc_unreachable += unreachable
+                run.ops += ops.count
+                run.ops_outside += ops.outside
+                run.op_seconds_outside += ops.outside_seconds
+                run.reads += reads.reads
+                run.transfers += reads.transfers
+                run.ops_by_name.update(ops.by_op)
+                run.reads_by_kind.update(reads.by_kind)
+                if profiler is not None:
+                    python, builtin = profiled_calls(profiler)
+                    run.python_calls += python
+                    run.c_calls += builtin
+        if counted_start is not None:
+            run.period_s += time.perf_counter() - counted_start
+        if run.steps == 0:
+            raise RuntimeError(f"B={batch_size}: no measured step ran a full batch")
+        if run.forward_s <= 0:
+            raise RuntimeError(
+                "engine.runner.forward_seconds did not move: it no longer times a pass"
+            )
+        return run
 
 
 def measure(

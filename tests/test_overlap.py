@@ -49,25 +49,36 @@ def engine_for(loaded: LoadedModel, overlap: bool, max_num_seqs: int = 8, **kw) 
     )
 
 
+def record_passes(engine: Engine, passes: list[int]) -> None:
+    """Append each batch ``engine``'s scheduler hands out to ``passes`` (its size)."""
+    schedule = engine.scheduler.schedule
+
+    def recorded(*args, **kwargs):
+        batch = schedule(*args, **kwargs)
+        passes.append(len(batch))
+        return batch
+
+    engine.scheduler.schedule = recorded
+
+
+def step_outputs(engine: Engine, done: dict, steps: int = 5000) -> None:
+    """Step ``engine`` until it has nothing left, or ``steps`` steps, putting each finished
+    request's finish and tokens in ``done``."""
+    for _ in range(steps):  # bounded: a scheduler that goes round in circles fails, not hangs
+        if not engine.has_unfinished_requests():
+            return
+        for out in engine.step():
+            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+
+
 def run_all(engine: Engine, requests: list[tuple], passes: list | None = None) -> list[tuple]:
     """Step ``engine`` through ``requests``; each one's finish and tokens, in order. With
     ``passes``, each scheduled batch's size is appended to it."""
     if passes is not None:
-        schedule = engine.scheduler.schedule
-
-        def recorded(*args, **kwargs):
-            batch = schedule(*args, **kwargs)
-            passes.append(len(batch))
-            return batch
-
-        engine.scheduler.schedule = recorded
+        record_passes(engine, passes)
     ids = [engine.add_request(prompt, params) for prompt, params in requests]
-    done = {}
-    for _ in range(5000):  # bounded: a scheduler that goes round in circles fails, not hangs
-        if not engine.has_unfinished_requests():
-            break
-        for out in engine.step():
-            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+    done: dict = {}
+    step_outputs(engine, done)
     assert not engine.has_unfinished_requests(), f"{len(done)} of {len(ids)} finished"
     return [done[i] for i in ids]
 
@@ -262,23 +273,13 @@ def test_a_group_stays_within_its_size_under_a_token_budget_and_after_close(benc
     assert max(passes) <= 4
     engine = engine_for(loaded, overlap=True)
     passes = []
-    schedule = engine.scheduler.schedule
-
-    def recorded(*args, **kwargs):
-        batch = schedule(*args, **kwargs)
-        passes.append(len(batch))
-        return batch
-
-    engine.scheduler.schedule = recorded
+    record_passes(engine, passes)
     ids = [engine.add_request(prompt, params) for prompt, params in requests]
-    done = {}
-    for _ in range(5):
-        for out in engine.step():
-            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+    done: dict = {}
+    step_outputs(engine, done, steps=5)
     engine.close()  # the pass in flight is dropped: its requests run it again
     assert engine._in_flight is None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
+    step_outputs(engine, done)
+    assert not engine.has_unfinished_requests()
     assert [done[i] for i in ids] == expect
     assert max(passes) <= 4 and sum(1 for n in passes[5:] if n) > 10

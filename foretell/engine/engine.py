@@ -360,9 +360,7 @@ class Engine:
         has ended."""
         flight = self._in_flight
         if flight is None:
-            batch = self.scheduler.schedule((), self._group_size)
-            if batch:
-                self._start_pass(batch)
+            self._start_group(())
             return
         try:
             result = flight.future.result()
@@ -371,18 +369,13 @@ class Engine:
             result, failed = None, True
         self._in_flight = None
         try:
-            self.metrics.steps += 1
-            self.metrics.sequences_in_passes += len(flight.batch)
             if failed:
                 flight.phases.close()
-                self._run_group(flight.batch)  # nothing else in flight: X is done after it
-                batch = self.scheduler.schedule((), self._group_size)
-                if batch:
-                    self._start_pass(batch)
+                self._step_batch(flight.batch)  # nothing else in flight: X is done after it
+                self._start_group(())
                 return
-            batch = self.scheduler.schedule(flight.batch, self._group_size)
-            if batch:
-                self._start_pass(batch)
+            self._count_pass(flight.batch)
+            self._start_group(flight.batch)
             try:
                 output = finish_phases(flight.phases, result)
             except Exception:
@@ -398,6 +391,12 @@ class Engine:
             self._track_kv_cache()  # peak: before the finished are freed
         finally:
             self._abort_after(flight)
+
+    def _start_group(self, in_flight: Sequence[Request]) -> None:
+        """Schedule the group beside the requests ``in_flight`` and start its pass."""
+        batch = self.scheduler.schedule(in_flight, self._group_size)
+        if batch:
+            self._start_pass(batch)
 
     def _abort_after(self, flight: _InFlight) -> None:
         """The aborts that waited for ``flight``'s pass: a request that finished in it is left
@@ -439,9 +438,12 @@ class Engine:
         self._in_flight = _InFlight(batch, ids, phases, self._forward_worker.submit(work))
 
     def _step_batch(self, batch: list[Request]) -> None:
+        self._count_pass(batch)
+        self._run_group(batch)
+
+    def _count_pass(self, batch: list[Request]) -> None:
         self.metrics.steps += 1
         self.metrics.sequences_in_passes += len(batch)
-        self._run_group(batch)
 
     def _run_group(self, group: list[Request]) -> None:
         """One forward pass for ``group`` and its decoding step. If the pass fails, its halves

@@ -52,7 +52,6 @@ class Scheduler:
         if max_head_wait < 0:
             raise ValueError(f"max_head_wait: need an integer >= 0, got {max_head_wait!r}")
         self.max_num_seqs = max_num_seqs
-        self._max_seqs = max_num_seqs  # this schedule's bound (``schedule``'s group)
         self._aside: list[Request] = []  # the requests in flight, set aside (``schedule``)
         self._held: set[int] = set()  # ids of requests left out of this pass for pages
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -132,7 +131,6 @@ class Scheduler:
     def _schedule(self, max_seqs: int) -> list[Request]:
         """:meth:`schedule` over ``self.running``, at most ``max_seqs`` requests running with
         the admitted."""
-        self._max_seqs = max_seqs
         self._held = set()
         self._grow_failed = False
         self._recharge_swapped()
@@ -147,7 +145,7 @@ class Scheduler:
             # Every running request fits even charged its largest pass: all run, in the order
             # the loop below would give (no one has waited), each charged what it runs only
             # when an admission needs the exact sum (``tokens`` is None until then).
-            return self._admit(list(self.running), None)
+            return self._admit(list(self.running), None, max_seqs)
         tokens = 0
         batch: list[Request] = []
         skipped: list[Request] = []
@@ -168,16 +166,17 @@ class Scheduler:
         self._some_waited = bool(skipped)
         if skipped or preempted:
             return batch
-        return self._admit(batch, tokens)
+        return self._admit(batch, tokens, max_seqs)
 
     def _fits_by_cost(self) -> bool:
         """Whether every running request fits charged its cost, and none has finished (after
         ``update()`` only a block-causal request failing to grow its pages can have)."""
         return self._running_cost <= self.max_num_batched_tokens and not self._grow_failed
 
-    def _admit(self, batch: list[Request], tokens: int | None) -> list[Request]:
+    def _admit(self, batch: list[Request], tokens: int | None, max_seqs: int) -> list[Request]:
         """Waiting requests join ``batch`` (whose pass runs ``tokens``, or when None at most
-        the running requests' summed cost) in arrival order, each one that fits."""
+        the running requests' summed cost) in arrival order, each one that fits, while at
+        most ``max_seqs`` run."""
         bound = self._running_cost if tokens is None else tokens
         running_part = len(batch)
         admitted = 0  # the costs of the requests admitted so far
@@ -190,7 +189,7 @@ class Scheduler:
         seqs = len(self.running)
         head = self.waiting[0] if self.waiting else None
         for req in list(self.waiting):
-            if seqs + 1 > self._max_seqs:
+            if seqs + 1 > max_seqs:
                 break
             if req is not head and head.steps_waited >= self.max_head_wait:
                 break  # the head has waited long enough: the room freed is kept for it
