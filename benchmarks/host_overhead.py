@@ -74,6 +74,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from foretell import DecodeParams, Engine, Prophet
 from foretell.bench.report import machine_info, model_info, write_json
+from foretell.engine.engine import OVERLAP_MODES
 from foretell.models.registry import LoadedModel
 from foretell.models.tiny import tiny_model
 
@@ -483,11 +484,15 @@ def every_kind(rng: random.Random, family: str, gen: int, index: int) -> DecodeP
 
 
 def make_engine(
-    loaded: LoadedModel, batch_size: int, backend: str = "auto", overlap: bool = False
+    loaded: LoadedModel,
+    batch_size: int,
+    backend: str = "auto",
+    overlap: str | None = None,
+    forward_threads: int | None = None,
 ) -> Engine:
     """A fresh engine over the shared micro model, bounded by ``max_num_seqs`` alone. With
-    ``overlap``, two groups of ``batch_size`` take turns (``max_num_seqs`` is twice it), so
-    that every pass still holds ``batch_size`` requests."""
+    ``overlap`` (a mode of ``Engine(overlap=...)``), two groups of ``batch_size`` take turns
+    (``max_num_seqs`` is twice it), so that every pass still holds ``batch_size`` requests."""
     return Engine(
         LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, path=loaded.path),
         attention_backend=backend,
@@ -495,7 +500,8 @@ def make_engine(
         max_num_batched_tokens=UNLIMITED_TOKENS,
         kv_cache_memory=None,
         forward_chunk_tokens=None,
-        overlap=overlap,
+        overlap=overlap or False,
+        forward_threads=forward_threads,
     )
 
 
@@ -594,7 +600,8 @@ def run_mix(
     tape: ForwardTape | None = None,
     replay: bool = False,
     expect: tuple[list, list[int]] | None = None,
-    overlap: bool = False,
+    overlap: str | None = None,
+    forward_threads: int | None = None,
 ) -> MixRun:
     """Run the mix at ``batch_size`` and total the measured steps.
 
@@ -610,9 +617,12 @@ def run_mix(
     (:func:`taped_model_calls`), and the replay must give the recording's outputs and canvases
     back. ``expect``: outputs and canvases (``MixRun.outputs``, ``MixRun.canvases``) any other
     run must give, or it fails (a live run against a tape's recording). ``overlap``: the
-    engine overlaps its two groups' passes (:func:`make_engine`; timed runs only: the forward
-    then runs on a worker thread, which the counters, the profiler and a tape's order of calls
-    do not follow), with 3B live requests so that both groups stay full."""
+    engine overlaps its two groups' passes in this mode (:func:`make_engine`; timed runs only:
+    the forward then runs on a worker, which the counters, the profiler and a tape's order of
+    calls do not follow), with 3B live requests so that both groups stay full. In
+    ``"process"`` the model's calls here are not timed (its process maps the model, which must
+    not carry this process's timing wrappers); the forward's time is the engine's own count,
+    as in every mode; ``forward_threads``: that process's torch threads."""
     if overlap and (count or profile or tape is not None):
         raise ValueError("run_mix: overlap is for timed runs (no counters, profile or tape)")
     clock = None
@@ -621,7 +631,7 @@ def run_mix(
         if count or profile:  # their own wrappers of the model's methods would undo the tape's
             raise ValueError("run_mix: a tape is for timed runs (count=False, profile=False)")
         clock, timed = tape, taped_model_calls(loaded.model, tape, replay)
-    elif not (count or profile):
+    elif not (count or profile) and overlap != "process":
         clock = ModelClock()
         timed = model_calls_timed(loaded.model, clock)
     with timed:
@@ -637,6 +647,7 @@ def run_mix(
             profile,
             clock,
             overlap,
+            forward_threads,
         )
     if tape is not None:
         tape.settle(replay, batch_size, run.outputs, run.canvases)
@@ -656,10 +667,12 @@ def _run_mix(
     mix: str,
     profile: bool,
     clock: ModelClock | None,
-    overlap: bool = False,
+    overlap: str | None = None,
+    forward_threads: int | None = None,
 ) -> MixRun:
     # Closed at the end: a pass in flight would run on beside the next run's engine.
-    with contextlib.closing(make_engine(loaded, batch_size, backend, overlap)) as engine:
+    engine = make_engine(loaded, batch_size, backend, overlap, forward_threads)
+    with contextlib.closing(engine):
         queued = (3 if overlap else 2) * batch_size
         stream = mix_stream(loaded, seed, mix)
         run = MixRun(batch_size)
@@ -750,12 +763,13 @@ def measure(
     backend: str = "auto",
     mix: str = "issue",
     mode_extra: float = 0.0,
-    overlap: bool = False,
+    overlap: str | None = None,
 ) -> dict:
     """One counted run, one profiled run (Python calls), then ``repeats`` timed runs of the
     same steps (median host time), then one recording the model's outputs and ``repeats``
-    replaying them. With ``overlap``, each timed run is followed by one of the same mix with
-    the engine overlapping its groups' passes (the issue's measure side by side).
+    replaying them. With ``overlap`` (a mode), each timed run is followed by one of the same
+    mix with the engine overlapping its groups' passes in that mode (the issue's measure side
+    by side).
     ``mode_extra``: :func:`mode_extra_us`."""
     kw = {"warmup_steps": warmup_steps, "steps": steps, "seed": seed, "backend": backend}
     kw["mix"] = mix
@@ -765,7 +779,7 @@ def measure(
     for _ in range(repeats):
         timed.append(run_mix(loaded, batch_size, count=False, **kw))
         if overlap:
-            overlapped.append(run_mix(loaded, batch_size, count=False, overlap=True, **kw))
+            overlapped.append(run_mix(loaded, batch_size, count=False, overlap=overlap, **kw))
     host_us = [run.host_us_per_request_step for run in timed]
     median = statistics.median(host_us)
     # The model's outputs recorded in a run of their own (not timed), then replayed.
@@ -820,16 +834,17 @@ def measure(
         "host_us_per_request_step_period_runs": [
             run.host_us_per_request_step_period for run in timed
         ],
-        **(overlapped_record(overlapped) if overlap else {}),
+        **(overlapped_record(overlapped, overlap) if overlap else {}),
     }
 
 
-def overlapped_record(runs: list[MixRun]) -> dict:
+def overlapped_record(runs: list[MixRun], mode: str) -> dict:
     """The overlapped timed runs' part of a record: the issue's measure (wall less the
     forward, which ran on the worker), and each run's wall and forward a step."""
     host_us = [run.host_us_per_request_step for run in runs]
     period_us = [run.host_us_per_request_step_period for run in runs]
     return {
+        "overlap": mode,
         # The issue's measure for an overlapped engine: the period less the forward.
         "host_us_per_request_step_overlapped": statistics.median(period_us),
         "host_us_per_request_step_overlapped_runs": period_us,
@@ -970,7 +985,8 @@ def format_report(
 
             value = r["host_us_per_request_step_overlapped"]
             lines.append(
-                f"B={r['batch_size']} overlapped (Engine(overlap=True), two groups of "
+                f"B={r['batch_size']} overlapped (Engine(overlap={r.get('overlap', 'thread')!r}), "
+                f"two groups of "
                 f"{r['batch_size']}): host us/req-step {value:.1f}, period less forward (runs "
                 f"{shown('host_us_per_request_step_overlapped_runs')}; wall less forward "
                 f"{shown('host_us_per_request_step_overlapped_wall_runs')}); serial, period "
@@ -1024,8 +1040,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--overlap",
-        action="store_true",
-        help="also time each run with Engine(overlap=True), two groups of B taking turns",
+        nargs="?",
+        const="thread",
+        choices=OVERLAP_MODES,
+        help="also time each run with Engine(overlap=MODE) (thread when no mode is given), "
+        "two groups of B taking turns",
     )
     p.add_argument("--out", help="write JSON here")
     args = p.parse_args(argv)

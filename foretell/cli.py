@@ -89,7 +89,8 @@ def _engine(args: argparse.Namespace):
         dtype=args.dtype,
         attention_backend=args.attention_backend,
         forward_chunk_tokens=args.forward_chunk_tokens,
-        overlap=args.overlap,
+        overlap=args.overlap or False,
+        forward_threads=args.forward_threads,
     )
 
 
@@ -169,7 +170,8 @@ def _generate_on_ray(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "attention_backend": args.attention_backend,
             "forward_chunk_tokens": args.forward_chunk_tokens,
-            "overlap": args.overlap,
+            "overlap": args.overlap or False,
+            "forward_threads": args.forward_threads,
         },
         chat_template=not args.raw,
         threads=args.threads,
@@ -293,7 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         attention_backend=args.attention_backend,
         forward_chunk_tokens=args.forward_chunk_tokens,
-        overlap=args.overlap,
+        overlap=args.overlap or False,
+        forward_threads=args.forward_threads,
     )
     return 0
 
@@ -306,6 +309,7 @@ def _unbounded(value):
 def build_parser() -> argparse.ArgumentParser:
     from foretell.bench.cli import add_arguments as add_bench_arguments
     from foretell.bench.cli import add_forward_chunk_argument
+    from foretell.engine.engine import OVERLAP_MODES
 
     parser = argparse.ArgumentParser(prog="foretell", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,9 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_forward_chunk_argument(p)
         p.add_argument(
             "--overlap",
-            action="store_true",
+            choices=OVERLAP_MODES,
             help="run one group's forward pass while the other group's step is decoded "
-            "(two groups of --max-num-seqs / 2; the same tokens)",
+            "(two groups of --max-num-seqs / 2; the same tokens): on a worker thread, or in "
+            "a process of its own (CPU only; see --forward-threads)",
+        )
+        p.add_argument(
+            "--forward-threads",
+            type=int,
+            help="with --overlap process: torch threads of the model's process (default: "
+            "--threads); on a CPU give it the cores and this process --threads 1",
         )
         p.add_argument(
             "--threads",

@@ -54,26 +54,31 @@ def test_generate_equals_offline(llada64) -> None:
     assert outs[1].finish_reason == "early_commit"  # the policy does fire here
 
 
-def test_overlap_serves_the_offline_results_and_aborts(llada64) -> None:
-    """Over ``Engine(overlap=True)``: concurrent callers get the offline results, a request
-    aborted while its passes run ends "aborted", and shutting down stops the forward worker."""
+@pytest.mark.parametrize("overlap", [True, "process"])
+def test_overlap_serves_the_offline_results_and_aborts(llada64, overlap) -> None:
+    """Over ``Engine(overlap=True)`` and ``"process"``: concurrent callers get the offline
+    results, a request aborted while its passes run ends "aborted", and shutting down stops
+    the forward worker (the thread, or the model's process)."""
     prompts = ["12+34=", "what is 7*8?", "a", "hello"]
     params = [SHORT, COMMITS_MIDWAY, SHORT, SHORT]
 
     async def main():
-        async with AsyncEngine(llada64, dtype="float64", max_num_seqs=4, overlap=True) as engine:
+        async with AsyncEngine(llada64, dtype="float64", max_num_seqs=4, overlap=overlap) as engine:
             long = asyncio.ensure_future(engine.generate("hello", LONG, request_id="long"))
             outs = await asyncio.gather(
                 *(engine.generate(p, q) for p, q in zip(prompts, params, strict=True))
             )
             await engine.abort("long")
-            return outs, await long, engine
+            process = engine.engine._forward_process
+            return outs, await long, engine, process and process._process
 
-    outs, aborted, engine = asyncio.run(main())
+    outs, aborted, engine, process = asyncio.run(main())
     for out, ref in zip(outs, offline(llada64, prompts, params), strict=True):
         same_result(out, ref)
     assert aborted.finish_reason == "aborted" and aborted.num_forward_passes < 256
     assert engine.engine.overlap and engine.engine._forward_worker is None
+    assert (process is None) == (overlap is True)  # the model's process, as it ran
+    assert process is None or not process.is_alive()
 
 
 def test_stream_updates_step_by_step(llada64) -> None:

@@ -62,7 +62,8 @@ def test_generate_on_a_block_causal_model(tmp_path, capsys) -> None:
 
 
 def test_generate_with_overlap_gives_the_same_text(checkpoint, tmp_path, monkeypatch) -> None:
-    """``--overlap`` reaches the engine (two groups take turns) and changes no token."""
+    """``--overlap thread`` and ``--overlap process`` with its ``--forward-threads`` reach the
+    engine (two groups take turns) and change no token."""
     from foretell.engine import Engine
 
     built = []
@@ -70,7 +71,8 @@ def test_generate_with_overlap_gives_the_same_text(checkpoint, tmp_path, monkeyp
 
     def recorded(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        built.append(self.overlap)
+        process = self._forward_process
+        built.append((self.overlap, None if process is None else process.threads))
 
     monkeypatch.setattr(Engine, "__init__", recorded)
     rows = [{"prompt": f"{a}+{b}=", "params": {"seed": a}} for a, b in ((12, 34), (5, 6), (7, 80))]
@@ -79,12 +81,12 @@ def test_generate_with_overlap_gives_the_same_text(checkpoint, tmp_path, monkeyp
     base = ["generate", "--file", str(source), "--model", str(checkpoint), "--gen-length", "16"]
     base += ["--steps", "8", "--max-num-seqs", "2"]
     outputs = []
-    for extra in ([], ["--overlap"]):
+    for extra in ([], ["--overlap", "thread"], ["--overlap", "process", "--forward-threads", "2"]):
         out = tmp_path / f"out{len(extra)}.jsonl"
         assert main([*base, *extra, "--out", str(out)]) == 0
         outputs.append([json.loads(line)["text"] for line in out.read_text().splitlines()])
-    assert outputs[0] == outputs[1] and len(outputs[0]) == 3
-    assert built == [False, True]
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == 3
+    assert built == [(None, None), ("thread", None), ("process", 2)]
 
 
 def test_generate_with_a_kv_cache(checkpoint, capsys) -> None:

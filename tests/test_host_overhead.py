@@ -283,20 +283,22 @@ def test_a_step_leaves_no_reference_cycles(bench, mix: str) -> None:
     assert unreachable == 0
 
 
-def test_overlapped_timed_runs_keep_every_pass_full(bench, micro) -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_overlapped_timed_runs_keep_every_pass_full(bench, micro, mode) -> None:
     """``overlap``: two groups of B take turns, each pass still holds B requests, and the
-    forward's time (on the worker) is counted; the counters, the profiler and a tape refuse
-    it (they do not follow the worker thread)."""
+    forward's time (on the worker: a thread, or the model's process) is counted; the
+    counters, the profiler and a tape refuse it (they do not follow the worker)."""
     kw = {"warmup_steps": 6, "steps": 8, "count": False, "backend": "sdpa_buckets"}
-    run = bench.run_mix(micro, SMALL, overlap=True, **kw)
+    run = bench.run_mix(micro, SMALL, overlap=mode, **kw)
     assert run.steps == 8 and run.skipped_steps == 0 and run.request_steps == 8 * SMALL
     assert run.forward_s > 0 and run.wall_s > 0
     with pytest.raises(ValueError, match="overlap is for timed runs"):
-        bench.run_mix(micro, SMALL, overlap=True, **{**kw, "count": True})
+        bench.run_mix(micro, SMALL, overlap=mode, **{**kw, "count": True})
     with pytest.raises(ValueError, match="overlap is for timed runs"):
-        bench.run_mix(micro, SMALL, overlap=True, tape=bench.ForwardTape(), **kw)
-    record = bench.measure(micro, SMALL, warmup_steps=4, steps=4, seed=0, repeats=2, overlap=True)
+        bench.run_mix(micro, SMALL, overlap=mode, tape=bench.ForwardTape(), **kw)
+    record = bench.measure(micro, SMALL, warmup_steps=4, steps=4, seed=0, repeats=2, overlap=mode)
     assert len(record["host_us_per_request_step_overlapped_runs"]) == 2
+    assert record["overlap"] == mode
     goals = bench.targets([record])
     assert [g["target"] for g in goals][-2:] == [
         f"host us per request-step at B={SMALL}",

@@ -68,6 +68,22 @@ def test_pool_pages_and_slots(llada) -> None:
     assert pool.storage.shape[2] == 20 and bool((pool.storage[0, 0, 8] == 7.0).all())
 
 
+def test_a_pool_calls_before_grow_only_when_it_replaces_a_stored_tensor(llada) -> None:
+    """``before_grow`` (an overlapped engine waits there for its forward in flight) runs
+    before a tensor that holds pages is copied into a larger one, not at the first page nor
+    when the pages fit."""
+    pool = KVPool(llada.model, torch.device("cpu"), 10**9, page_size=4, max_pages=8)
+    calls = []
+    pool.before_grow = lambda: calls.append(pool.capacity)
+    pool.allocate(1)
+    assert calls == [] and pool.capacity == 1
+    pool.allocate(1)  # 1 page held -> 2
+    pool.allocate(2)  # 2 -> 4
+    pool.free([0])
+    pool.allocate(1)  # page 0 again: it fits
+    assert calls == [1, 2] and pool.capacity == 4
+
+
 def test_a_pool_without_a_byte_limit_holds_only_what_is_used(llada) -> None:
     """None means no limit but what the engine could use: the tensor still grows only with
     the pages its requests hold (an unlimited token budget would otherwise ask for terabytes)."""

@@ -38,7 +38,7 @@ def seeded_requests(bench, loaded: LoadedModel, mix: str, count: int) -> list[tu
     ]
 
 
-def engine_for(loaded: LoadedModel, overlap: bool, max_num_seqs: int = 8, **kw) -> Engine:
+def engine_for(loaded: LoadedModel, overlap: bool | str, max_num_seqs: int = 8, **kw) -> Engine:
     kw = {"max_num_batched_tokens": 1 << 20, "kv_cache_memory": None, **kw}
     kw.setdefault("forward_chunk_tokens", None)
     return Engine(
@@ -217,10 +217,12 @@ def test_a_forward_that_fails_on_the_worker_fails_only_its_request(bench) -> Non
     assert overlapped.kv_pool.used_bytes == 0
 
 
-def test_overlap_takes_only_a_bool_and_two_groups(bench) -> None:
+def test_overlap_takes_only_its_modes_and_two_groups(bench) -> None:
     loaded = bench.micro_model(0, "llada")
-    with pytest.raises(ValueError, match="overlap: must be True or False"):
+    with pytest.raises(ValueError, match="overlap: must be False, True, 'thread' or 'process'"):
         engine_for(loaded, overlap="yes")
+    assert engine_for(loaded, overlap=True).overlap == "thread"
+    assert engine_for(loaded, overlap=False).overlap is None
     with pytest.raises(ValueError, match="overlap: needs max_num_seqs >= 2"):
         engine_for(loaded, overlap=True, max_num_seqs=1)
 

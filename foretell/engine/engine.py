@@ -13,10 +13,12 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Generator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -24,13 +26,14 @@ from tqdm.auto import tqdm
 from foretell.decoding import advance
 from foretell.decoding.block_step import advance_blocks
 from foretell.engine import kv_cache
+from foretell.engine.forward_process import ForwardProcess
 from foretell.engine.metrics import EngineMetrics
 from foretell.engine.outputs import RequestOutput
 from foretell.engine.requests import Prompt, RequestBuilder
 from foretell.engine.runner import (
     ForwardResult,
-    ForwardWork,
     ModelRunner,
+    PassForward,
     PassOutput,
     finish_phases,
     resolve_forward_chunk_tokens,
@@ -102,16 +105,60 @@ def _is_block_default(path: object) -> bool:
         return False
 
 
+class _Pending(Protocol):
+    """A forward running on the worker: a thread's ``Future`` or a ``PendingForward``."""
+
+    def result(self) -> ForwardResult: ...
+
+
 @dataclass
 class _InFlight:
-    """An overlapped engine's pass whose forward runs on the worker: its requests (and their
-    ids), its phases (``ModelRunner.run_phases``, waiting for the forward's result) and the
-    forward itself."""
+    """An overlapped engine's pass whose forward runs on the worker (a thread, or the model's
+    process): its requests (and their ids), its phases (``ModelRunner.run_phases``, waiting for
+    the forward's result) and the forward itself."""
 
     batch: list[Request]
     request_ids: set[str]
-    phases: Generator[ForwardWork, ForwardResult, PassOutput]
-    future: Future[ForwardResult]
+    phases: Generator[PassForward, ForwardResult, PassOutput]
+    future: _Pending
+
+    def wait(self) -> None:
+        """Until the forward has ended, whatever its outcome."""
+        with contextlib.suppress(Exception):
+            self.future.result()
+
+
+def check_forward_threads(value: object, overlap: str | None) -> None:
+    """``forward_threads``: None, or an integer >= 1 with ``overlap="process"``."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"forward_threads: must be an integer >= 1, got {value!r}")
+    if overlap != "process":
+        raise ValueError(
+            "forward_threads: sets the model's process's threads, so only with "
+            f"overlap='process' (got overlap={overlap!r})"
+        )
+
+
+# ``Engine(overlap=...)``: where the forward in flight runs (True is "thread").
+OVERLAP_MODES = ("thread", "process")
+
+
+def resolve_overlap(value: object, device: torch.device) -> str | None:
+    """``overlap`` as a mode (None: off), or a ValueError naming the field."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "thread"
+    if value not in OVERLAP_MODES:
+        raise ValueError(f"overlap: must be False, True, 'thread' or 'process', got {value!r}")
+    if value == "process" and device.type != "cpu":
+        raise ValueError(
+            "overlap: 'process' runs the model in a CPU process of its own; on "
+            f"{device.type} use 'thread' (the device runs the forward)"
+        )
+    return value
 
 
 class Engine:
@@ -144,11 +191,18 @@ class Engine:
     before a request allocates anything.
     ``overlap`` (off by default) hides the host's work of a step behind a forward pass: the
     running requests form two groups of at most half ``max_num_seqs`` that take turns, and
-    each step starts one group's forward on a worker thread (torch gives up the interpreter's
-    lock while an op computes; on a GPU the device runs it) while it decodes the other's
-    pass. Each request's tokens are the same as without it (a seeded request's draws are its
-    own); an abort of a request whose pass is running takes effect once that pass is decoded,
-    a step later. :meth:`close` waits for a pass in flight.
+    each step starts one group's forward while it decodes the other's pass. ``"thread"`` (or
+    True) runs the forward on a worker thread (torch gives up the interpreter's lock while an
+    op computes, but the host work beside it slows it on a CPU; on a GPU the device runs it);
+    ``"process"`` (CPU only) runs it in a process of its own that maps the weights and the KV
+    pool from shared memory, started with the engine and using ``forward_threads`` torch
+    threads (None: as many as the engine's process uses; on a CPU, run the engine's process
+    on one thread and give the model's the cores). Each request's tokens are the same as
+    without it (a seeded request's draws are its own); an abort of a request whose pass is
+    running takes effect once that pass is decoded, a step later. A forward that fails on the
+    worker is run again here, in halves, as without overlap; a model process that ended is
+    started again at the next pass. :meth:`close` waits for a pass in flight and stops the
+    worker.
     """
 
     def __init__(
@@ -167,10 +221,11 @@ class Engine:
         max_head_wait: int = DEFAULT_MAX_HEAD_WAIT,
         max_gen_length: int | None = None,
         max_model_len: int | None = None,
-        overlap: bool = False,
+        overlap: bool | str = False,
+        forward_threads: int | None = None,
     ) -> None:
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap: must be True or False, got {overlap!r}")
+        overlap = resolve_overlap(overlap, torch.device(device))
+        check_forward_threads(forward_threads, overlap)
         if overlap and max_num_seqs < 2:
             raise ValueError(f"overlap: needs max_num_seqs >= 2 (two groups), got {max_num_seqs}")
         for name, value in (("max_gen_length", max_gen_length), ("max_model_len", max_model_len)):
@@ -234,11 +289,12 @@ class Engine:
         )
         # Overlap: each group's pass holds at most half the requests; the pass in flight (its
         # requests, its phases, its forward's future) and the aborts that wait for it.
-        self.overlap = overlap
+        self.overlap: str | None = overlap
         self._group_size = -(-max_num_seqs // 2)
         self._in_flight: _InFlight | None = None
         self._aborts_after_pass: set[str] = set()
         self._forward_worker: ThreadPoolExecutor | None = None
+        self._forward_process: ForwardProcess | None = None
         limits = [budget, self.max_model_len, max_gen_length]
         self.max_gen_length: int = min(x for x in limits if x is not None)
         self.requests = RequestBuilder(
@@ -252,6 +308,25 @@ class Engine:
         self.runner = ModelRunner(
             self.model, device, forward_chunk_tokens=chunk_tokens, kv_pool=self.kv_pool
         )
+        # A forward in flight writes the pool's tensor: one that must grow waits for it (a
+        # weak reference: the pool must not keep a dropped engine, and its process, alive).
+        wait_in_flight = weakref.WeakMethod(self._wait_in_flight)
+        self.kv_pool.before_grow = lambda: (wait := wait_in_flight()) and wait()
+        if overlap == "process":
+            own = torch.get_num_threads()
+            threads = forward_threads or own
+            cores = os.cpu_count() or 1
+            if own > 1 and own + threads > cores:
+                logger.warning(
+                    "overlap='process': this process's %d torch threads and the model "
+                    "process's %d on %d cores will slow each other; run this one on 1 "
+                    "(torch.set_num_threads(1), --threads 1) and give the model's the cores "
+                    "(forward_threads, --forward-threads)",
+                    own,
+                    threads,
+                    cores,
+                )
+            self._forward_process = ForwardProcess(self.model, chunk_tokens, threads)
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self._live: dict[str, Request] = {}
@@ -351,17 +426,18 @@ class Engine:
         return ready
 
     def _step_overlapped(self) -> None:
-        """Take the pass in flight (group X), start the other group's (Y: the requests not
-        in X, and those admitted now) on the forward worker, then decode X while Y's forward
-        runs. X's requests take no part in Y's schedule: their canvases are a step behind
-        until X is decoded. A pass whose forward failed is run again first, in halves as
-        :meth:`_run_group` does (so that only a request that fails alone ends with an error),
-        with no other forward running beside it; one whose finish fails, once Y's forward
-        has ended."""
+        """Schedule and prepare the next group's pass (Y: the requests not in the pass in
+        flight, X, and those admitted now) while X's forward runs, take X's result, start Y's
+        forward on the worker, then decode X while Y's forward runs. X's requests take no part
+        in Y's schedule: their canvases are a step behind until X is decoded. A pass whose
+        forward failed is run again first, in halves as :meth:`_run_group` does (so that only
+        a request that fails alone ends with an error), with no other forward running beside
+        it; one whose finish fails, once Y's forward has ended."""
         flight = self._in_flight
         if flight is None:
             self._start_group(())
             return
+        group = self._prepare_group(flight.batch)
         try:
             result = flight.future.result()
             failed = False
@@ -372,10 +448,10 @@ class Engine:
             if failed:
                 flight.phases.close()
                 self._step_batch(flight.batch)  # nothing else in flight: X is done after it
-                self._start_group(())
+                self._start_prepared(*group)
                 return
             self._count_pass(flight.batch)
-            self._start_group(flight.batch)
+            self._start_prepared(*group)
             try:
                 output = finish_phases(flight.phases, result)
             except Exception:
@@ -383,7 +459,7 @@ class Engine:
             del result
             if output is None:
                 if self._in_flight is not None:  # one forward at a time on the model
-                    wait([self._in_flight.future])
+                    self._in_flight.wait()
                 self._run_group(flight.batch)
             else:
                 self._decode(output)
@@ -394,9 +470,62 @@ class Engine:
 
     def _start_group(self, in_flight: Sequence[Request]) -> None:
         """Schedule the group beside the requests ``in_flight`` and start its pass."""
+        self._start_prepared(*self._prepare_group(in_flight))
+
+    def _prepare_group(
+        self, in_flight: Sequence[Request]
+    ) -> tuple[list[Request], tuple[Generator, PassForward] | None]:
+        """Schedule the group beside the requests ``in_flight`` and prepare its pass (its
+        phases, waiting at the forward, and the forward's work); None for a preparation that
+        failed (nothing has changed: the batch's step runs as without overlap). A forward in
+        flight does not stop it: it touches only the group's requests (their canvas rows and
+        pages) and the runner's append-only registries, and the KV pool's tensor is never
+        replaced while a forward may write it (``KVPool.before_grow``)."""
         batch = self.scheduler.schedule(in_flight, self._group_size)
-        if batch:
-            self._start_pass(batch)
+        if not batch:
+            return batch, None
+        try:
+            phases = self.runner.run_phases(batch)
+            return batch, (phases, next(phases))
+        except Exception:
+            logger.exception("a pass could not be prepared; stepping it without overlap")
+            return batch, None
+
+    def _start_prepared(
+        self, batch: list[Request], prepared: tuple[Generator, PassForward] | None
+    ) -> None:
+        """Start ``batch``'s prepared forward on the worker (nothing else is in flight); a
+        batch whose preparation failed, or that the model's process cannot take, takes its
+        step here, now."""
+        if not batch:
+            return
+        if prepared is None:
+            self._step_batch(batch)
+            return
+        phases, work = prepared
+        if self._forward_process is not None:
+            storage = self.kv_pool.storage if work.step.pool_uses is not None else None
+            try:
+                future = self._forward_process.submit(work, storage)
+            except Exception:
+                logger.exception("the model's process could not take a pass; running it here")
+                if self._forward_process.start_failed:  # not again at every pass
+                    logger.error("overlap='process': the forward runs on a thread from now on")
+                    self._forward_process.close()
+                    self._forward_process, self.overlap = None, "thread"
+                phases.close()
+                self._step_batch(batch)
+                return
+        else:
+            if self._forward_worker is None:
+                self._forward_worker = ThreadPoolExecutor(1, thread_name_prefix="foretell-forward")
+            future = self._forward_worker.submit(work)
+        ids = {req.request_id for req in batch}
+        self._in_flight = _InFlight(batch, ids, phases, future)
+
+    def _wait_in_flight(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.wait()
 
     def _abort_after(self, flight: _InFlight) -> None:
         """The aborts that waited for ``flight``'s pass: a request that finished in it is left
@@ -408,34 +537,22 @@ class Engine:
                 self.abort(request_id)
 
     def close(self) -> None:
-        """Wait for the pass in flight (``overlap``), if any, and stop the forward worker: an
-        engine dropped with a pass in flight would leave its forward running on the model,
-        which another engine may share. Its requests stay where they are (the pass is run
-        again at the next step), and the engine can step again (a new worker starts)."""
+        """Wait for the pass in flight (``overlap``), if any, and stop the forward worker (the
+        thread, or the model's process): an engine dropped with a pass in flight would leave
+        its forward running on the model, which another engine may share. Its requests stay
+        where they are (the pass is run again at the next step), and the engine can step
+        again (a new worker starts)."""
         flight = self._in_flight
         if flight is not None:
-            with contextlib.suppress(Exception):  # its pass runs again at the next step
-                flight.future.result()
+            flight.wait()  # its pass runs again at the next step
             self._in_flight = None
             flight.phases.close()
             self._abort_after(flight)
         if self._forward_worker is not None:
             self._forward_worker.shutdown(wait=True)
             self._forward_worker = None
-
-    def _start_pass(self, batch: list[Request]) -> None:
-        """Prepare ``batch``'s pass here and start its forward on the worker; a preparation
-        that fails runs the batch's step now, as without overlap."""
-        try:
-            phases = self.runner.run_phases(batch)
-            work = next(phases)
-        except Exception:
-            self._step_batch(batch)
-            return
-        if self._forward_worker is None:
-            self._forward_worker = ThreadPoolExecutor(1, thread_name_prefix="foretell-forward")
-        ids = {req.request_id for req in batch}
-        self._in_flight = _InFlight(batch, ids, phases, self._forward_worker.submit(work))
+        if self._forward_process is not None:
+            self._forward_process.close()
 
     def _step_batch(self, batch: list[Request]) -> None:
         self._count_pass(batch)

@@ -17,6 +17,7 @@ reading sequence's keys with one indexed read per layer (``foretell.models.atten
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -126,6 +127,9 @@ class KVPool:
         self._used = 0
         self._storage: torch.Tensor | None = None
         self._capacity = 0  # pages the tensor holds
+        # Called before the tensor is replaced by a larger one: an overlapped engine waits
+        # there for the forward in flight, which writes the tensor being copied.
+        self.before_grow: Callable[[], None] | None = None
 
     @property
     def storage(self) -> torch.Tensor:
@@ -141,6 +145,8 @@ class KVPool:
         capacity = min(self.num_pages, max(pages, 2 * self._capacity))
         if self.device.type == "cuda":
             capacity = self.num_pages
+        if self._storage is not None and self.before_grow is not None:
+            self.before_grow()
         layers, kv, heads, dim = self._shape
         shape = (layers, kv, capacity * self.page_size, heads, dim)
         grown = torch.empty(shape, dtype=self._dtype, device=self.device)

@@ -151,15 +151,59 @@ class PassOutput:
         return self.tally.tokens
 
 
-# A pass's device work (``ModelRunner.run_phases`` yields it) and its result: the rows'
-# places in their sequences, the hidden states, the gathered rows and their logits, all on the
-# model's device.
+# A pass's forward result: the rows' places in their sequences, the hidden states, the
+# gathered rows and their logits, all on the model's device.
 ForwardResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-ForwardWork = Callable[[], ForwardResult]
+
+
+@dataclass
+class PassForward:
+    """A pass's device work, as ``ModelRunner.run_phases`` yields it: calling it runs the
+    forward here; its fields are what a forward elsewhere needs (``Engine(overlap="process")``
+    sends them to the model's own process)."""
+
+    runner: ModelRunner
+    step: StepInput
+    seq_lens: list[int]
+    rows: np.ndarray  # the flat rows whose logits the pass gathers
+
+    def __call__(self) -> ForwardResult:
+        return self.runner._forward_pass(self.step, self.seq_lens, self.rows)
+
+
+def packed_forward(
+    model: DiffusionLM,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    seq_lens: list[int],
+    caches: PoolUses | None,
+    storage: torch.Tensor | None,
+    chunk_tokens: int | None,
+) -> torch.Tensor:
+    """Hidden states of a packed batch, in chunks of whole sequences of at most
+    ``chunk_tokens`` (see ``forward_chunk_tokens``); a function of its arguments alone, so
+    that the model's own process runs the same code as the engine's."""
+    bounds = chunk_bounds(seq_lens, chunk_tokens)
+    if len(bounds) == 1:
+        return model.forward_packed(ids, positions, seq_lens, caches, storage)
+    parts, start = [], 0
+    for i, j in bounds:
+        end = start + sum(seq_lens[i:j])
+        parts.append(
+            model.forward_packed(
+                ids[start:end],
+                positions[start:end],
+                seq_lens[i:j],
+                None if caches is None else caches[i:j],
+                storage,
+            )
+        )
+        start = end
+    return torch.cat(parts)
 
 
 def finish_phases(
-    phases: Generator[ForwardWork, ForwardResult, PassOutput], result: ForwardResult
+    phases: Generator[PassForward, ForwardResult, PassOutput], result: ForwardResult
 ) -> PassOutput:
     """Hand a pass's forward ``result`` to its :meth:`ModelRunner.run_phases` and return the
     pass's output (the generator's return value)."""
@@ -319,13 +363,14 @@ class ModelRunner:
         return finish_phases(phases, next(phases)())
 
     @torch.inference_mode()
-    def run_phases(self, batch: list[Request]) -> Generator[ForwardWork, ForwardResult, PassOutput]:
+    def run_phases(self, batch: list[Request]) -> Generator[PassForward, ForwardResult, PassOutput]:
         """One pass for ``batch`` in three phases, so that a caller can run the forward apart
-        from the host work around it (``Engine(overlap=True)`` runs it on a worker thread
-        while it decodes another group's pass): the host's preparation (the requests' rows,
-        the layout, the batched step's plan), then it yields the forward as work to run (it
-        touches the model's device and the KV pool only) and takes that work's result back,
-        then it finishes (scores, the decoding callbacks) and returns the pass's output."""
+        from the host work around it (``Engine(overlap=...)`` runs it on a worker thread or
+        in the model's process while it decodes another group's pass): the host's
+        preparation (the requests' rows, the layout, the batched step's plan), then it yields
+        the forward as work to run (:class:`PassForward`: it touches the model's device and
+        the KV pool only) and takes that work's result back, then it finishes (scores, the
+        decoding callbacks) and returns the pass's output."""
         joined = is_none(batch, "canvas_row")
         for req in where(batch, joined) if joined.any() else ():  # its first pass
             self.canvas_rows.add(req)
@@ -395,7 +440,7 @@ class ModelRunner:
         # Rows in packed order: each request's rows are contiguous, conditional copy first.
         rows_np = needed.nonzero()[0]
 
-        work = functools.partial(self._forward_pass, step, seq_lens, rows_np)
+        work = PassForward(self, step, seq_lens, rows_np)
         in_seq_d, hidden, rows_d, gathered = yield work
         first_row = self._first_rows(rows_np, seq_lens)
         # Each request's gathered rows: conditional copy, then the cfg copy when there is one.
@@ -778,23 +823,9 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Hidden states of the packed batch, chunk by chunk (see ``forward_chunk_tokens``)."""
         storage = None if caches is None else self.kv_pool.storage
-        bounds = chunk_bounds(seq_lens, self.forward_chunk_tokens)
-        if len(bounds) == 1:
-            return self.model.forward_packed(ids, positions, seq_lens, caches, storage)
-        parts, start = [], 0
-        for i, j in bounds:
-            end = start + sum(seq_lens[i:j])
-            parts.append(
-                self.model.forward_packed(
-                    ids[start:end],
-                    positions[start:end],
-                    seq_lens[i:j],
-                    None if caches is None else caches[i:j],
-                    storage,
-                )
-            )
-            start = end
-        return torch.cat(parts)
+        return packed_forward(
+            self.model, ids, positions, seq_lens, caches, storage, self.forward_chunk_tokens
+        )
 
     @staticmethod
     def _first_rows(rows: np.ndarray, seq_lens: list[int]) -> np.ndarray:
