@@ -43,9 +43,16 @@ for mix in issue every-kind-llada every-kind-dream every-kind-block; do
   OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
     --attention-backend sdpa_buckets --mix "$mix" --out "$out/host_overhead_$mix.json"
 done
-# The same, each run also timed with Engine(overlap=True) (two groups of B taking turns).
+# The same, each run also timed overlapped (two groups of B taking turns): the forward on a
+# thread, then in the model's own process.
 OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
-  --attention-backend sdpa_buckets --mix issue --overlap --out "$out/host_overhead_overlap_issue.json"
+  --attention-backend sdpa_buckets --mix issue --overlap thread --out "$out/host_overhead_overlap_issue.json"
+OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --batch-sizes 16,64 --repeats 3 \
+  --attention-backend sdpa_buckets --mix issue --overlap process \
+  --out "$out/host_overhead_overlap_process_issue.json"
+# What overlap buys in throughput against the serial engine on one and two torch threads.
+OMP_NUM_THREADS=1 python benchmarks/overlap_throughput.py --rounds 3 \
+  --out "$out/overlap_throughput.json" | tee "$out/overlap_throughput.txt"
 # Where that host time goes, part by part (the issue's mix, B = 16 and 64).
 OMP_NUM_THREADS=1 python benchmarks/step_phases.py --batch-sizes 16,64 --repeats 3 \
   --out "$out/step_phases.json" | tee "$out/step_phases.txt"
