@@ -403,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from foretell.engine.forward_process import ForwardProcessError
+
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, ForwardProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from foretell.engine.forward_process import ForwardProcess, ForwardProcessError
+from foretell.engine.forward_process import MAX_DEATHS, ForwardProcess, ForwardProcessError
 from foretell.models.llada import LLaDAModelLM
 from tests.benchmark_scripts import script_module
 from tests.test_overlap import MIXES, engine_for, run_all, seeded_requests, tokens_of
@@ -128,6 +128,19 @@ def test_a_forward_that_fails_in_the_process_fails_only_its_request(bench) -> No
         engine.close()
 
 
+def record_batches_run_here(engine) -> list[list[str]]:
+    """The request ids of each batch ``engine`` steps in its own process from now on."""
+    batches: list[list[str]] = []
+    step_batch = engine._step_batch
+
+    def recorded(batch):
+        batches.append([req.request_id for req in batch])
+        return step_batch(batch)
+
+    engine._step_batch = recorded
+    return batches
+
+
 def step_into(engine, done: dict, steps: int = 5000) -> None:
     for _ in range(steps):
         if not engine.has_unfinished_requests():
@@ -149,16 +162,17 @@ def test_a_process_that_dies_is_replaced_and_no_request_is_lost(bench, tmp_path)
         ids = [engine.add_request(p, q) for p, q in requests]
         done: dict = {}
         step_into(engine, done, 3)
+        engine._wait_in_flight()  # that pass is over: the next one starts held
         hold.touch()
-        step_into(engine, done, 1)  # collects the pass started before, starts a held one
+        step_into(engine, done, 1)  # collects the pass before, starts a held one
         flight = engine._in_flight
         assert flight is not None and flight.future._result is None
-        CALLS_HERE.clear()
+        here = record_batches_run_here(engine)
         os.kill(engine._forward_process.pid, signal.SIGKILL)
         hold.unlink()
         step_into(engine, done)
         assert [done[i] for i in ids] == expect
-        assert CALLS_HERE  # the held pass ran here
+        assert here[0] == [req.request_id for req in flight.batch]  # the held pass, here
         process = engine._forward_process
         assert process.starts == 2 and process.alive
         assert process.passes < engine.metrics.steps
@@ -166,32 +180,74 @@ def test_a_process_that_dies_is_replaced_and_no_request_is_lost(bench, tmp_path)
         engine.close()
 
 
-def test_a_process_that_cannot_start_again_leaves_the_forward_on_a_thread(
-    bench, monkeypatch
-) -> None:
-    """When the model's process died and a new one cannot start, the engine says so once
-    and runs the forward on a thread from then on: every request still gets its tokens."""
+class NoStartContext:
+    """A spawn context whose processes fail to start (as with no room in /dev/shm)."""
+
+    def __init__(self, context) -> None:
+        self.context = context
+        self.tries = 0
+
+    def Pipe(self):
+        return self.context.Pipe()
+
+    def Process(self, *args, **kwargs):
+        process = self.context.Process(*args, **kwargs)
+
+        def fail() -> None:
+            self.tries += 1
+            raise OSError("injected: no room in /dev/shm")
+
+        process.start = fail
+        return process
+
+
+def test_a_process_that_cannot_start_again_leaves_the_forward_on_a_thread(bench) -> None:
+    """The model's process dies and a new one cannot start: the engine says so once and runs
+    the forward on a thread from then on, and every request still gets its tokens."""
     loaded = bench.micro_model(0, "llada")
     requests = seeded_requests(bench, loaded, "every-kind-llada", 12)
     expect = run_all(engine_for(loaded, overlap=False), requests)
     engine = engine_for(loaded, overlap="process")
     process = engine._forward_process
-    starts = []
-
-    def cannot_start() -> None:
-        starts.append(1)
-        process.start_failed = True
-        raise ForwardProcessError("injected: no shared memory")
-
     ids = [engine.add_request(p, q) for p, q in requests]
     done: dict = {}
     step_into(engine, done, 2)
-    monkeypatch.setattr(process, "_start", cannot_start)
-    process.close()  # as good as dead: the next pass must start a new one
-    process._closed = False
+    engine._wait_in_flight()
+    process._context = context = NoStartContext(process._context)
+    os.kill(process.pid, signal.SIGKILL)
+    process._process.join()
     step_into(engine, done)
     assert [done[i] for i in ids] == expect
-    assert starts == [1] and engine.overlap == "thread" and engine._forward_process is None
+    assert context.tries == 1 and process.unusable and not process.alive
+    assert engine.overlap == "thread" and engine._forward_process is None
+    assert engine._forward_worker is not None  # the thread took over
+    engine.close()
+
+
+class DyingLLaDA(LLaDAModelLM):
+    """The micro LLaDA model, whose forward ends its process anywhere but in ``home``."""
+
+    def forward_packed(self, *args, **kwargs):
+        if os.getpid() != self.home:
+            os._exit(3)
+        return super().forward_packed(*args, **kwargs)
+
+
+def test_a_process_that_dies_at_every_pass_is_given_up(bench) -> None:
+    """A model process that dies at every pass is replaced MAX_DEATHS - 1 times, then given
+    up for a thread; every pass it held runs here, and no request is lost."""
+    loaded = bench.micro_model(0, "llada")
+    requests = seeded_requests(bench, loaded, "every-kind-llada", 12)
+    expect = run_all(engine_for(loaded, overlap=False), requests)
+    loaded.model.__class__, loaded.model.home = DyingLLaDA, os.getpid()
+    engine = engine_for(loaded, overlap="process")
+    process = engine._forward_process
+    ids = [engine.add_request(p, q) for p, q in requests]
+    done: dict = {}
+    step_into(engine, done)
+    assert [done[i] for i in ids] == expect
+    assert process.starts == MAX_DEATHS and process.passes == 0 and process.unusable
+    assert engine.overlap == "thread" and engine._forward_process is None
     engine.close()
 
 
@@ -269,29 +325,39 @@ def test_forward_threads_is_refused_where_it_means_nothing(bench) -> None:
             engine_for(loaded, overlap=overlap, forward_threads=2)
 
 
-def test_a_forward_process_runs_one_pass_at_a_time(bench) -> None:
-    """A second pass submitted before the first is collected is refused (the shared buffers
-    hold one pass's results); an error over there comes back as ForwardProcessError."""
+def test_a_forward_process_answers_each_pass_once_and_in_order(bench) -> None:
+    """A pass gives the forward's results here, bitwise, once (later calls give the same);
+    a pass sent before the last was collected starts a new process, and the uncollected one
+    then fails rather than take another pass's results; an error over there comes back as
+    ForwardProcessError and the process serves the next pass from fresh buffers."""
     loaded = bench.micro_model(0, "llada")
     engine = engine_for(loaded, overlap=False)
     engine.add_request([5, 6, 7], seeded_requests(bench, loaded, "every-kind-llada", 1)[0][1])
     batch = engine.scheduler.schedule()
     phases = engine.runner.run_phases(batch)
     work = next(phases)
-    process = ForwardProcess(loaded.model, None, 1)
+    expect = work()
+    process = ForwardProcess(loaded.model, None, torch.get_num_threads())
+
+    def same(result) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(result, expect, strict=True))
+
     try:
         pending = process.submit(work, None)
-        with pytest.raises(RuntimeError, match="one pass at a time"):
-            process.submit(work, None)
-        in_seq, hidden, rows, gathered = pending.result()
-        in_seq_here, hidden_here, rows_here, gathered_here = work()
-        assert torch.equal(in_seq, in_seq_here) and torch.equal(rows, rows_here)
-        assert torch.equal(hidden, hidden_here) and torch.equal(gathered, gathered_here)
-        assert pending.result()[1] is hidden  # once: later calls give the same result
+        assert same(pending.result())
+        assert pending.result()[1] is pending.result()[1]  # once
+        stale = process.submit(work, None)
+        fresh = process.submit(work, None)  # the first was never collected
+        assert process.starts == 2
+        with pytest.raises(ForwardProcessError, match="stopped before this pass ended"):
+            stale.result()
+        assert same(fresh.result())
+        lens = work.seq_lens
         work.seq_lens = [len(work.step.ids) + 1]  # lengths that do not add up
         with pytest.raises(ForwardProcessError, match="forward failed in the model's process"):
             process.submit(work, None).result()
-        assert process.alive  # the process serves the next pass
+        work.seq_lens = lens
+        assert same(process.submit(work, None).result()) and process.starts == 2
     finally:
         process.close()
         phases.close()

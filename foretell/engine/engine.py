@@ -509,7 +509,7 @@ class Engine:
                 future = self._forward_process.submit(work, storage)
             except Exception:
                 logger.exception("the model's process could not take a pass; running it here")
-                if self._forward_process.start_failed:  # not again at every pass
+                if self._forward_process.unusable:  # not again at every pass
                     logger.error("overlap='process': the forward runs on a thread from now on")
                     self._forward_process.close()
                     self._forward_process, self.overlap = None, "thread"

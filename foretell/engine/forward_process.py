@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # How long the model's process may take to start (importing torch, mapping the weights).
 START_TIMEOUT_S = 120.0
+# Processes that may die in a row, each replaced, before the engine stops using one.
+MAX_DEATHS = 3
 
 
 class ForwardProcessError(RuntimeError):
@@ -48,6 +50,7 @@ class _Call:
     shared input buffer (pickling and piping them cost about a millisecond a pass at B=64),
     and what is sent only when it is new: the input buffer, the KV pool's tensor."""
 
+    number: int  # the pass's, echoed in its reply: the two sides never take another's
     arrays: dict[str, tuple[int, tuple[int, ...]] | np.ndarray]  # (offset, shape) or itself
     seq_lens: list[int]
     has_caches: bool
@@ -103,7 +106,7 @@ def _serve(
     torch.set_num_threads(threads)
     storage = inputs = None
     hidden_buf = logits_buf = None
-    conn.send(("ready", torch.get_num_threads()))
+    conn.send(("ready", 0, torch.get_num_threads()))
     while True:
         try:
             call = conn.recv()
@@ -148,9 +151,13 @@ def _serve(
         except Exception as err:  # the engine runs the pass again itself, in halves
             # New buffers may not have reached the engine: both are made and sent anew.
             hidden_buf = logits_buf = None
-            conn.send(("error", f"{type(err).__name__}: {err}"))
-            continue
-        conn.send(("ok", (len(hidden), len(gathered), seconds, grown)))
+            reply = ("error", call.number, f"{type(err).__name__}: {err}")
+        else:
+            reply = ("ok", call.number, (len(hidden), len(gathered), seconds, grown))
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):  # the engine has gone
+            return
 
 
 def _fits(buffer: torch.Tensor, value: torch.Tensor) -> bool:
@@ -204,8 +211,11 @@ class PendingForward:
     """A forward the model's process is running; :meth:`result` waits for it (once: later
     calls return the same result or raise the same error)."""
 
-    def __init__(self, owner: ForwardProcess, work: PassForward, in_seq_d: torch.Tensor) -> None:
+    def __init__(
+        self, owner: ForwardProcess, number: int, work: PassForward, in_seq_d: torch.Tensor
+    ) -> None:
         self._owner = owner
+        self._number = number
         self._work = work
         self._in_seq_d = in_seq_d
         self._result: ForwardResult | None = None
@@ -214,7 +224,7 @@ class PendingForward:
     def result(self) -> ForwardResult:
         if self._result is None and self._error is None:
             try:
-                self._result = self._owner._receive(self._work, self._in_seq_d)
+                self._result = self._owner._receive(self._number, self._work, self._in_seq_d)
             except Exception as err:
                 self._error = err
             self._work = None  # the pass's inputs are no longer needed here
@@ -246,28 +256,34 @@ class ForwardProcess:
         self._busy = False
         self._closed = False
         self._finalizer: weakref.finalize | None = None
+        self._number = 0  # the last pass sent
+        self._deaths = 0  # processes that died in a row, with no pass collected between
         self.starts = 0  # processes started (more than one: one ended and was replaced)
-        self.start_failed = False  # the last start failed
+        # The process cannot be started or fed (no shared memory, dying at every pass): the
+        # engine stops using it.
+        self.unusable = False
         self.passes = 0  # passes the process ran
         self.storages_sent = 0  # KV pool tensors sent (the pool grew in between)
         self.process_threads: int | None = None  # torch threads, as the process reports
         self._start()
 
     def _start(self) -> None:
-        parent, child = self._context.Pipe()
-        process = self._context.Process(
-            target=_serve,
-            args=(child, self.model, self.chunk_tokens, self.threads),
-            name="foretell-forward",
-            daemon=True,
-        )
-        self.start_failed = True  # until it has started
+        self.unusable = True  # until it has started
+        parent = child = None
         try:
+            parent, child = self._context.Pipe()
+            process = self._context.Process(
+                target=_serve,
+                args=(child, self.model, self.chunk_tokens, self.threads),
+                name="foretell-forward",
+                daemon=True,
+            )
             self.model.share_memory()  # mapped there: the weights are not copied per process
             process.start()
         except Exception as err:  # an unpicklable model, a daemonic parent, no /dev/shm
-            parent.close()
-            child.close()
+            for end in (parent, child):
+                if end is not None:
+                    end.close()
             raise ForwardProcessError(
                 f"overlap='process': the model's process could not start ({err!r}); "
                 "overlap='thread' runs the forward in this process"
@@ -280,20 +296,23 @@ class ForwardProcess:
         self._busy = self._closed = False
         self.starts += 1
         failure = None
-        if not parent.poll(START_TIMEOUT_S):
-            failure = f"did not start in {START_TIMEOUT_S}s"
-        else:
-            try:
-                _, self.process_threads = parent.recv()
-            except (EOFError, OSError):
-                failure = "ended at start"
+        try:
+            if not parent.poll(START_TIMEOUT_S):
+                failure = f"did not start in {START_TIMEOUT_S}s"
+            else:
+                _, _, self.process_threads = parent.recv()
+        except (EOFError, OSError):
+            failure = "ended at start"
+        except BaseException:  # interrupted: its "ready" would be read as a pass's reply
+            self._stop()
+            raise
         if failure is not None:
             self._stop()
             raise ForwardProcessError(
                 f"overlap='process': the model's process {failure} (exit {process.exitcode}); "
                 "overlap='thread' runs the forward in this process"
             )
-        self.start_failed = False
+        self.unusable = False
 
     @property
     def alive(self) -> bool:
@@ -306,10 +325,17 @@ class ForwardProcess:
     def submit(self, work: PassForward, storage: torch.Tensor | None) -> PendingForward:
         """Send ``work``'s inputs (and the KV pool's tensor ``storage`` when it is a new one)
         and return at once; the pass runs while the caller goes on."""
-        if self._busy:
-            raise RuntimeError("a forward process runs one pass at a time")
+        if self._busy:  # a pass sent, never collected: its reply would pass for this one's
+            logger.warning("the model's process has a pass nobody collected; starting a new one")
+            self.close()  # stopped here, not dead: no death counted
         if not self.alive:
-            if not self._closed:
+            if not self._closed and self.starts:
+                self._deaths += 1
+                if self._deaths >= MAX_DEATHS:
+                    self.unusable = True
+                    raise ForwardProcessError(
+                        f"the model's process died {self._deaths} times in a row"
+                    )
                 logger.warning("the model's process ended; starting a new one")
             self._stop()
             self._start()
@@ -321,13 +347,21 @@ class ForwardProcess:
         send_storage = None
         sent = None if self._storage_sent is None else self._storage_sent()
         if caches is not None and storage is not None and storage is not sent:
-            storage.share_memory_()  # in place: the pool keeps the same tensor
+            try:
+                storage.share_memory_()  # in place: the pool keeps the same tensor
+            except Exception as err:  # no room in /dev/shm for the (grown) pool
+                self.unusable = True
+                raise ForwardProcessError(f"the KV pool cannot be shared: {err!r}") from err
             send_storage = storage
         arrays = _pass_arrays(step.ids, step.positions, in_seq_d.numpy(), work.rows, caches)
+        number = self._number + 1
         try:
             inputs, send_inputs = self._input_buffer(arrays)
             places = _place(arrays, inputs)
-            call = _Call(places, list(work.seq_lens), caches is not None, send_inputs, send_storage)
+            seq_lens = list(work.seq_lens)
+            has_caches = caches is not None
+            call = _Call(number, places, seq_lens, has_caches, send_inputs, send_storage)
+            self._busy = True
             self._conn.send(call)
         except BaseException as err:
             # Whatever the process has now is unknown: a new one starts at the next pass.
@@ -335,13 +369,13 @@ class ForwardProcess:
             if isinstance(err, Exception):
                 raise ForwardProcessError(f"the pass could not be sent: {err!r}") from err
             raise
+        self._number = number
         if send_inputs is not None:
             self._inputs = inputs
         if send_storage is not None:
             self._storage_sent = weakref.ref(send_storage)
             self.storages_sent += 1
-        self._busy = True
-        return PendingForward(self, work, in_seq_d)
+        return PendingForward(self, number, work, in_seq_d)
 
     def _input_buffer(
         self, arrays: dict[str, np.ndarray]
@@ -355,9 +389,11 @@ class ForwardProcess:
         new = torch.empty(max(size, 2 * old, 1), dtype=torch.int64).share_memory_()
         return new.numpy(), new
 
-    def _receive(self, work: PassForward, in_seq_d: torch.Tensor) -> ForwardResult:
+    def _receive(self, number: int, work: PassForward, in_seq_d: torch.Tensor) -> ForwardResult:
+        if self._conn is None or number != self._number or not self._busy:
+            raise ForwardProcessError("the model's process was stopped before this pass ended")
         try:
-            kind, payload = self._conn.recv()
+            kind, replied, payload = self._conn.recv()
         except (EOFError, OSError) as err:
             process = self._process
             self._stop()
@@ -367,6 +403,10 @@ class ForwardProcess:
             self._stop()
             raise
         self._busy = False
+        if replied != number:  # cannot happen while every pass is collected: never trust it
+            self._stop()
+            raise ForwardProcessError(f"the model's process answered pass {replied} for {number}")
+        self._deaths = 0
         if kind == "error":
             raise ForwardProcessError(f"forward failed in the model's process: {payload}")
         tokens, rows, seconds, grown = payload
