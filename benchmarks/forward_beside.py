@@ -504,20 +504,15 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
-    p.add_argument("--warmup-steps", type=int, default=64)
-    p.add_argument("--steps", type=int, default=64)
+    host_overhead.add_run_arguments(p, rounds=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads, in each process")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--pass-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.pass_server:
         return serve_pass(args.threads)
-    if min(args.rounds, args.batch_size, args.steps, args.threads) < 1:
-        p.error("--rounds, --batch-size, --steps and --threads: must be >= 1")
-    if args.warmup_steps < 0:
-        p.error("--warmup-steps: must be >= 0")
+    host_overhead.check_run_arguments(p, args)
+    if args.threads < 1:
+        p.error("--threads: must be >= 1")
     torch.set_num_threads(args.threads)
     result = measure(
         args.batch_size, args.rounds, args.warmup_steps, args.steps, threads=args.threads

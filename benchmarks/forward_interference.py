@@ -217,16 +217,11 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    p.add_argument("--warmup-steps", type=int, default=64)
-    p.add_argument("--steps", type=int, default=64)
+    host_overhead.add_run_arguments(p, rounds=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--gap-ms", type=float, default=GAP_MS, help="how long spin and sleep last (ms)")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.batch_size < 1:
-        p.error("--rounds and --batch-size: must be >= 1")
+    host_overhead.check_run_arguments(p, args)
     if not args.gap_ms > 0:
         p.error("--gap-ms: must be > 0")
     torch.set_num_threads(args.threads)

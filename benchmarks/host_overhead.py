@@ -1017,6 +1017,24 @@ def format_report(
     return "\n".join(lines)
 
 
+def add_run_arguments(p: argparse.ArgumentParser, *, rounds: int, warmup_steps: int = 64) -> None:
+    """The options of the scripts that run this mix at one batch size in interleaved rounds
+    (forward_beside.py, forward_interference.py, overlap_throughput.py); check them with
+    :func:`check_run_arguments`."""
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median)")
+    p.add_argument("--warmup-steps", type=int, default=warmup_steps)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+
+
+def check_run_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if min(args.rounds, args.batch_size, args.steps) < 1:
+        p.error("--rounds, --batch-size and --steps: must be >= 1")
+    if args.warmup_steps < 0:
+        p.error("--warmup-steps: must be >= 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="16,64", help="comma-separated max_num_seqs values")

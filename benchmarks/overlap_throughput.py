@@ -140,13 +140,10 @@ def format_table(model: str, batch_size: int, summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="micro,default", help=f"comma-separated, of {MODELS}")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    p.add_argument("--warmup-steps", type=int, default=48)
-    p.add_argument("--steps", type=int, default=64)
+    host_overhead.add_run_arguments(p, rounds=3, warmup_steps=48)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
+    host_overhead.check_run_arguments(p, args)
     names = args.model.split(",")
     for name in names:
         if name not in MODELS:

@@ -19,7 +19,14 @@ import torch
 from foretell.engine.forward_process import MAX_DEATHS, ForwardProcess, ForwardProcessError
 from foretell.models.llada import LLaDAModelLM
 from tests.benchmark_scripts import script_module
-from tests.test_overlap import MIXES, engine_for, run_all, seeded_requests, tokens_of
+from tests.test_overlap import (
+    MIXES,
+    engine_for,
+    run_all,
+    seeded_requests,
+    step_outputs,
+    tokens_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +148,6 @@ def record_batches_run_here(engine) -> list[list[str]]:
     return batches
 
 
-def step_into(engine, done: dict, steps: int = 5000) -> None:
-    for _ in range(steps):
-        if not engine.has_unfinished_requests():
-            return
-        for out in engine.step():
-            done[out.request_id] = (out.finish_reason, tuple(out.token_ids))
-
-
 def test_a_process_that_dies_is_replaced_and_no_request_is_lost(bench, tmp_path) -> None:
     """The model's process killed while a pass is held there: that pass runs again here,
     the next one starts a new process, and every request gets its tokens."""
@@ -161,16 +160,16 @@ def test_a_process_that_dies_is_replaced_and_no_request_is_lost(bench, tmp_path)
     try:
         ids = [engine.add_request(p, q) for p, q in requests]
         done: dict = {}
-        step_into(engine, done, 3)
+        step_outputs(engine, done, 3)
         engine._wait_in_flight()  # that pass is over: the next one starts held
         hold.touch()
-        step_into(engine, done, 1)  # collects the pass before, starts a held one
+        step_outputs(engine, done, 1)  # collects the pass before, starts a held one
         flight = engine._in_flight
         assert flight is not None and flight.future._result is None
         here = record_batches_run_here(engine)
         os.kill(engine._forward_process.pid, signal.SIGKILL)
         hold.unlink()
-        step_into(engine, done)
+        step_outputs(engine, done)
         assert [done[i] for i in ids] == expect
         assert here[0] == [req.request_id for req in flight.batch]  # the held pass, here
         process = engine._forward_process
@@ -211,12 +210,12 @@ def test_a_process_that_cannot_start_again_leaves_the_forward_on_a_thread(bench)
     process = engine._forward_process
     ids = [engine.add_request(p, q) for p, q in requests]
     done: dict = {}
-    step_into(engine, done, 2)
+    step_outputs(engine, done, 2)
     engine._wait_in_flight()
     process._context = context = NoStartContext(process._context)
     os.kill(process.pid, signal.SIGKILL)
     process._process.join()
-    step_into(engine, done)
+    step_outputs(engine, done)
     assert [done[i] for i in ids] == expect
     assert context.tries == 1 and process.unusable and not process.alive
     assert engine.overlap == "thread" and engine._forward_process is None
@@ -244,7 +243,7 @@ def test_a_process_that_dies_at_every_pass_is_given_up(bench) -> None:
     process = engine._forward_process
     ids = [engine.add_request(p, q) for p, q in requests]
     done: dict = {}
-    step_into(engine, done)
+    step_outputs(engine, done)
     assert [done[i] for i in ids] == expect
     assert process.starts == MAX_DEATHS and process.passes == 0 and process.unusable
     assert engine.overlap == "thread" and engine._forward_process is None
@@ -266,7 +265,7 @@ def test_close_stops_the_process_and_a_dropped_engine_stops_it_too(bench) -> Non
     first.join(timeout=10)
     assert not first.is_alive() and first.exitcode == 0 and engine._in_flight is None
     done: dict = {}
-    step_into(engine, done)
+    step_outputs(engine, done)
     assert [done[i] for i in ids] == expect and engine._forward_process.starts == 2
     process = engine._forward_process._process
     del engine

@@ -53,7 +53,6 @@ class _Call:
     number: int  # the pass's, echoed in its reply: the two sides never take another's
     arrays: dict[str, tuple[int, tuple[int, ...]] | np.ndarray]  # (offset, shape) or itself
     seq_lens: list[int]
-    has_caches: bool
     inputs: torch.Tensor | None  # the shared input buffer, when it is a new one
     storage: torch.Tensor | None  # the KV pool's tensor, when it is a new one
 
@@ -122,7 +121,7 @@ def _serve(
                 inputs = call.inputs.numpy()
             arrays = _read_arrays(call, inputs)
             caches = None
-            if call.has_caches:
+            if "pool.table" in arrays:  # some sequence uses the KV pool
                 caches = PoolUses(*(arrays[f"pool.{name}"] for name in _POOL_FIELDS))
             with torch.inference_mode():
                 hidden = packed_forward(
@@ -339,10 +338,8 @@ class ForwardProcess:
                 logger.warning("the model's process ended; starting a new one")
             self._stop()
             self._start()
-        step, runner = work.step, work.runner
-        shifted = runner.model.shifted_logits
-        step.to(torch.device("cpu"), in_seq=shifted)
-        in_seq_d = step.in_seq_d if shifted else step.positions_d
+        step = work.step
+        in_seq_d = step.places_on(torch.device("cpu"), work.runner.model.shifted_logits)
         caches = step.pool_uses
         send_storage = None
         sent = None if self._storage_sent is None else self._storage_sent()
@@ -358,9 +355,7 @@ class ForwardProcess:
         try:
             inputs, send_inputs = self._input_buffer(arrays)
             places = _place(arrays, inputs)
-            seq_lens = list(work.seq_lens)
-            has_caches = caches is not None
-            call = _Call(number, places, seq_lens, has_caches, send_inputs, send_storage)
+            call = _Call(number, places, list(work.seq_lens), send_inputs, send_storage)
             self._busy = True
             self._conn.send(call)
         except BaseException as err:

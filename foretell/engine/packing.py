@@ -79,6 +79,13 @@ class StepInput:
         at = int(self.cond_at[i])
         return self.positions[at : at + int(self.lengths[i])]
 
+    def places_on(self, device: torch.device, shifted: bool) -> torch.Tensor:
+        """Copy what the model reads to ``device`` and return what ``logits_at`` reads as each
+        token's place: its row within its own sequence for a model with ``shifted`` logits
+        (Dream, the only one that reads it), else its canvas position."""
+        self.to(device, in_seq=shifted)
+        return self.in_seq_d if shifted else self.positions_d
+
     def to(self, device: torch.device, in_seq: bool = True) -> StepInput:
         """Copy what the model reads to ``device``, once (``in_seq``: and each token's row
         within its own sequence, which only a model with shifted logits, Dream, reads)."""

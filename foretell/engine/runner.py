@@ -803,10 +803,7 @@ class ModelRunner:
         everything computed from them; decoding brings only token ids, counts and gaps to the
         host."""
         start = time.perf_counter()
-        # Only a model with shifted logits (Dream) reads each row's place in its sequence.
-        shifted = self.model.shifted_logits
-        step.to(self.device, in_seq=shifted)
-        in_seq_d = step.in_seq_d if shifted else step.positions_d
+        in_seq_d = step.places_on(self.device, self.model.shifted_logits)
         hidden = self._forward(step.ids_d, step.positions_d, seq_lens, step.pool_uses)
         rows_d = torch.from_numpy(rows_np).to(self.device)
         gathered = self.model.logits_at(hidden, in_seq_d, rows_d)
